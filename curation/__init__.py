@@ -1,0 +1,1 @@
+"""Curation filters (issue 3)."""

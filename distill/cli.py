@@ -1,0 +1,127 @@
+"""The `distill` command: one table of subcommands, each a typed Python function and its config
+model. Flags derive from the config fields (their docs are the help text) and a `--config
+FILE.yaml` gives any of them; flags win. Stages are imported only when their command runs, so
+`distill --help` stays instant."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from distill.config import GenerateConfig, ScoreConfig, format_validation_error
+
+# name -> (function "module:attr", config model, one-line help)
+COMMANDS: dict[str, tuple[str, type[BaseModel] | None, str]] = {
+    "generate": ("generate.job:generate", GenerateConfig, "Run the teacher over prompts: responses + top-k logprobs."),
+    "score": ("generate.job:score", ScoreConfig, "Teacher top-k logprobs along existing responses."),
+    "inspect": ("distill.inspect:inspect", None, "Summary of a corpus and one decoded record."),
+}
+# Contracts in DESIGN.md that later issues implement; the command says so instead of pretending.
+PLANNED = {
+    "curate": (3, "Filter teacher outputs, keeping every rejection with its reason."),
+    "train": (4, "Train a student: SFT + token-level KL on the stored top-k."),
+    "eval": (5, "Measure a student against its teacher."),
+    "serve": (5, "Serve a student behind an OpenAI-compatible endpoint."),
+    "chat": (5, "Terminal chat with a served model."),
+    "run": (6, "All stages from one YAML config, resumable."),
+    "demo": (6, "The offline end-to-end demo."),
+}
+# Errors a user causes: printed as one line, no traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """One flag per field; unset flags stay absent so YAML values and field defaults apply."""
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if typing.get_origin(ann) in (typing.Union, types.UnionType):
+            ann = next(a for a in typing.get_args(ann) if a is not type(None))
+        origin = typing.get_origin(ann)
+        help_text = field.description or ""
+        if field.is_required():
+            help_text += " (required)"
+        elif field.default_factory is None and field.default is not None:
+            help_text += f" [default: {field.default}]"
+        kwargs: dict = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
+        if ann is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is list:
+            kwargs.update(action="append", metavar=name.upper())
+        elif origin is dict or ann is dict:
+            kwargs.update(type=json.loads, metavar="JSON")
+        elif origin is typing.Literal:
+            kwargs.update(choices=typing.get_args(ann))
+        else:
+            kwargs["metavar"] = name.upper()
+        parser.add_argument(_flag(name), **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill", description="Distil a large chat model into a small one and serve it.")
+    parser.add_argument("--version", action="version", version=f"distill {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, model, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=(model.__doc__ or help_text) if model else help_text)
+        if model is None:
+            p.add_argument("path", type=Path, help="A corpus directory.")
+            p.add_argument("--record", type=int, default=0, help="Index of the record to decode.")
+            p.add_argument("--tokens", type=int, default=12, help="Response tokens to show with their top-k.")
+        else:
+            p.add_argument("--config", type=Path, help="YAML file with any of the fields below; flags override it.")
+            add_model_arguments(p, model)
+    for name, (issue, help_text) in PLANNED.items():
+        p = sub.add_parser(name, help=f"{help_text} [not yet implemented: issue {issue}]",
+                           description=f"{help_text} Not yet implemented: issue {issue} brings it.")
+        p.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _version() -> str:
+    from distill import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    command = args.pop("command")
+    if command in PLANNED:
+        print(f"distill {command}: not yet implemented (issue {PLANNED[command][0]}).", file=sys.stderr)
+        return 2
+    target, model, _ = COMMANDS[command]
+    module, attr = target.split(":")
+    try:
+        if model is None:
+            result = getattr(importlib.import_module(module), attr)(**args)
+        else:
+            config_file = args.pop("config", None)
+            try:
+                cfg = model.from_yaml(config_file, **args) if config_file else model(**args)
+            except ValidationError as e:
+                print(format_validation_error(e, f"distill {command}: "), file=sys.stderr)
+                return 2
+            result = getattr(importlib.import_module(module), attr)(cfg)
+    except USER_ERRORS as e:
+        print(f"distill {command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"distill {command}: interrupted; rerun the same command to resume.", file=sys.stderr)
+        return 130
+    if isinstance(result, Path):
+        print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""One pydantic model per stage. Field docs are the only help text: the CLI flags and the
+YAML keys both derive from these fields (see `distill.cli`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PromptFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt"]
+
+
+class StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @classmethod
+    def from_yaml(cls, path: Path, **overrides: Any) -> "StageConfig":
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"`{path}`: expected a YAML mapping of {cls.__name__} fields")
+        return cls(**{**data, **overrides})
+
+
+class TeacherConfig(StageConfig):
+    """How the teacher runs under vLLM; the same settings serve offline `LLM` and a server."""
+
+    teacher: str = Field(description="Teacher model: a local directory or a hub id.")
+    revision: str | None = Field(None, description="Model revision (hub branch, tag or commit).")
+    dtype: str = Field("auto", description="Weights/activations dtype for vLLM (`auto` = float32 on CPU, the checkpoint's on GPU).")
+    max_model_len: int | None = Field(None, description="Context length (prompt + response); default: the model's.")
+    trust_remote_code: bool = Field(False, description="Allow the model repo to run its own Python code.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description='Extra vLLM engine arguments as JSON, e.g. \'{"tensor_parallel_size": 2}\'.')
+
+
+class CorpusJobConfig(TeacherConfig):
+    """Fields shared by the stages that write a teacher corpus."""
+
+    out: Path = Field(description="Output corpus directory.")
+    format: PromptFormat = Field("auto", description="Input format; `auto` detects it from the first record.")
+    top_k: int = Field(20, ge=1, le=100, description="Teacher top-k logprobs stored per response token.")
+    chunk_size: int = Field(1024, ge=1, description="Requests per durable shard (the unit of resume).")
+    skip_bad: bool = Field(False, description="Skip bad input records (reasons recorded in the manifest) instead of failing.")
+    overwrite: bool = Field(False, description="Discard an existing corpus in `out` made with other settings.")
+    logprob_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="Storage dtype of `topk_logprobs` (float16: relative error <= 2^-11).")
+
+
+class GenerateConfig(CorpusJobConfig):
+    """`distill generate`: the teacher answers every prompt; responses + top-k logprobs are stored."""
+
+    prompts: Path = Field(description="Prompt file: JSONL, JSON, Parquet or CSV.")
+    samples: int = Field(1, ge=1, description="Responses sampled per prompt.")
+    max_tokens: int = Field(1024, ge=1, description="Maximum response tokens.")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
+    seed: int = Field(0, description="Base seed; each sample's seed derives from it and the record id.")
+    endpoint: list[str] = Field(
+        default_factory=list,
+        description="URL of a running vLLM OpenAI server to use instead of an in-process engine; repeat to spread load.")
+    api_key: str | None = Field(None, description="API key for `endpoint` (default: $OPENAI_API_KEY).")
+    concurrency: int = Field(64, ge=1, description="Requests in flight per endpoint.")
+
+    @model_validator(mode="after")
+    def _check_max_tokens(self) -> "GenerateConfig":
+        if self.max_model_len is not None and self.max_tokens >= self.max_model_len:
+            raise ValueError(f"`max_tokens` ({self.max_tokens}) must be below `max_model_len` ({self.max_model_len})")
+        return self
+
+
+class ScoreConfig(CorpusJobConfig):
+    """`distill score`: teacher top-k logprobs along existing responses (teacher forcing)."""
+
+    data: Path = Field(description="Conversations whose last turn is the assistant response to score.")
+
+
+def format_validation_error(err: ValidationError, source: str = "") -> str:
+    """One line per problem, each naming the field (`a.b`) the way the YAML/flag spells it."""
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        lines.append(f"{source}`{where}`: {e['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,270 @@
+"""The corpus: the contract between stages (see DESIGN.md, "The corpus").
+
+A corpus is a directory holding `manifest.json` and zstd Parquet shards under `data/`
+(curation adds `rejected/`). Shards are written atomically (temp file, fsync, rename) and
+carry their own record/token counts in the Parquet footer, so a reader never sees half a
+shard and the manifest's stats can always be recomputed from the shards alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+SCHEMA = "distill.corpus/v1"
+MANIFEST = "manifest.json"
+STATS_KEY = b"distill.stats"
+COLUMNS = (
+    "id", "prompt_id", "messages", "response", "prompt_token_ids", "response_token_ids",
+    "response_logprobs", "topk_token_ids", "topk_logprobs", "finish_reason",
+)
+OPTIONAL_COLUMNS = ("loss_mask",)
+# Per-token columns: each must have one entry per response token.
+TOKEN_COLUMNS = ("response_logprobs", "topk_token_ids", "topk_logprobs", "loss_mask")
+LOGPROB_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+# float16 keeps 11 significant bits: a stored logprob x differs from the float32 value by at
+# most |x| * 2**-11 (0.005 nats at x = -10). benchmarks/generate_throughput.py measures it.
+FLOAT16_RELATIVE_ERROR = 2.0**-11
+
+
+class CorpusError(ValueError):
+    """A corpus directory violates the contract of DESIGN.md."""
+
+
+def arrow_schema(logprob_dtype: str = "float16", loss_mask: bool = False) -> pa.Schema:
+    lp = LOGPROB_DTYPES[logprob_dtype]
+    fields = [
+        pa.field("id", pa.string()),
+        pa.field("prompt_id", pa.string()),
+        pa.field("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        pa.field("response", pa.string()),
+        pa.field("prompt_token_ids", pa.list_(pa.int32())),
+        pa.field("response_token_ids", pa.list_(pa.int32())),
+        pa.field("response_logprobs", pa.list_(pa.float32())),
+        pa.field("topk_token_ids", pa.list_(pa.list_(pa.int32()))),
+        pa.field("topk_logprobs", pa.list_(pa.list_(lp))),
+        pa.field("finish_reason", pa.string()),
+    ]
+    if loss_mask:
+        fields.append(pa.field("loss_mask", pa.list_(pa.bool_())))
+    return pa.schema(fields)
+
+
+def _nested(rows: Sequence[np.ndarray], k: int, dtype: pa.DataType) -> pa.Array:
+    """`[T_i, k]` arrays -> list<list<dtype>> without a Python loop per token."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int32, count=len(rows))
+    flat = np.concatenate([np.asarray(r).reshape(-1, k) for r in rows]) if rows else np.zeros((0, k))
+    inner_offsets = np.arange(0, flat.shape[0] * k + 1, k, dtype=np.int32)
+    outer_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    values = pa.array(flat.reshape(-1).astype(dtype.to_pandas_dtype()), type=dtype)
+    return pa.ListArray.from_arrays(outer_offsets, pa.ListArray.from_arrays(inner_offsets, values))
+
+
+def records_to_table(records: Sequence[dict[str, Any]], k: int, logprob_dtype: str = "float16") -> pa.Table:
+    """Records as produced by the stages (top-k as `[T, k]` numpy arrays) -> an Arrow table."""
+    has_mask = any(r.get("loss_mask") is not None for r in records)
+    schema = arrow_schema(logprob_dtype, loss_mask=has_mask)
+    columns = {}
+    for name in schema.names:
+        field = schema.field(name)
+        if name == "topk_token_ids":
+            columns[name] = _nested([r[name] for r in records], k, pa.int32())
+        elif name == "topk_logprobs":
+            columns[name] = _nested([r[name] for r in records], k, field.type.value_type.value_type)
+        elif name == "loss_mask":
+            columns[name] = pa.array(
+                [r.get(name) if r.get(name) is not None else [True] * len(r["response_token_ids"])
+                 for r in records], type=field.type)
+        else:
+            columns[name] = pa.array([_plain(r[name]) for r in records], type=field.type)
+    stats = {"records": len(records), "response_tokens": int(sum(len(r["response_token_ids"]) for r in records))}
+    return pa.table(columns, schema=schema.with_metadata({STATS_KEY: json.dumps(stats).encode()}))
+
+
+def _plain(value: Any) -> Any:
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_shard(root: Path, index: int, table: pa.Table, subdir: str = "data") -> Path:
+    """Write one shard atomically: readers see the whole shard or none of it."""
+    folder = Path(root) / subdir
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"part-{index:05d}.parquet"
+    tmp = folder / f".{path.name}.tmp-{os.getpid()}"
+    # Byte-stream split makes float columns compress ~2x better under zstd.
+    pq.write_table(table, tmp, compression="zstd", compression_level=3,
+                   use_byte_stream_split=["response_logprobs", "topk_logprobs"]
+                   if table.schema.field("topk_logprobs").type.value_type.value_type != pa.float16() else
+                   ["response_logprobs"])
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(folder)
+    return path
+
+
+def remove_partial_files(root: Path) -> None:
+    """Delete temp files a killed writer left behind (complete shards are never touched)."""
+    for tmp in Path(root).rglob(".*.tmp-*"):
+        tmp.unlink()
+
+
+def shard_paths(root: Path, subdir: str = "data") -> list[Path]:
+    return sorted((Path(root) / subdir).glob("part-*.parquet"))
+
+
+def shard_index(path: Path) -> int:
+    return int(path.stem.split("-")[1])
+
+
+def shard_stats(path: Path) -> dict[str, int]:
+    meta = pq.read_schema(path).metadata or {}
+    if STATS_KEY in meta:
+        return json.loads(meta[STATS_KEY])
+    ids = pq.read_table(path, columns=["response_token_ids"]).column(0)
+    return {"records": len(ids), "response_tokens": int(pc.sum(pc.list_value_length(ids)).as_py() or 0)}
+
+
+def corpus_stats(root: Path, subdir: str = "data") -> dict[str, int]:
+    total = {"records": 0, "response_tokens": 0, "shards": 0, "bytes": 0}
+    for path in shard_paths(root, subdir):
+        s = shard_stats(path)
+        total["records"] += s["records"]
+        total["response_tokens"] += s["response_tokens"]
+        total["shards"] += 1
+        total["bytes"] += path.stat().st_size
+    return total
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    path = Path(root) / MANIFEST
+    if not path.exists():
+        raise CorpusError(f"`{path}` does not exist: not a distill corpus")
+    return json.loads(path.read_text())
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    Path(root).mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(Path(root) / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def iter_batches(root: Path, subdir: str = "data", columns: Sequence[str] | None = None,
+                 batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
+    for path in shard_paths(root, subdir):
+        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns)
+
+
+def iter_records(root: Path, subdir: str = "data", columns: Sequence[str] | None = None) -> Iterator[dict]:
+    """Records as plain Python dicts, shard by shard (memory stays at one batch)."""
+    for batch in iter_batches(root, subdir, columns):
+        yield from batch.to_pylist()
+
+
+def read_table(root: Path, subdir: str = "data", columns: Sequence[str] | None = None) -> pa.Table:
+    paths = shard_paths(root, subdir)
+    if not paths:
+        raise CorpusError(f"`{root}/{subdir}` holds no shards")
+    return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths], promote_options="permissive")
+
+
+def load_dataset(root: Path, subdir: str = "data"):
+    """The corpus as a `datasets.Dataset` (memory-mapped Arrow cache, like any HF dataset)."""
+    import datasets
+
+    return datasets.Dataset.from_parquet([str(p) for p in shard_paths(root, subdir)])
+
+
+def validate(root: Path, subdir: str = "data", max_problems: int = 20) -> dict[str, int]:
+    """Check every invariant of DESIGN.md; return the stats or raise `CorpusError` listing problems."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    problems: list[str] = []
+    if manifest.get("schema") != SCHEMA:
+        problems.append(f"manifest `schema` is {manifest.get('schema')!r}, expected {SCHEMA!r}")
+    k = manifest.get("generation", {}).get("top_k")
+    if not isinstance(k, int) or k < 1:
+        problems.append(f"manifest `generation.top_k` is {k!r}, expected a positive integer")
+    seen: set[str] = set()
+    records = tokens = 0
+    for path in shard_paths(root, subdir):
+        table = pq.read_table(path)
+        where = f"{path.relative_to(root)}"
+        missing = [c for c in COLUMNS if c not in table.column_names]
+        if missing:
+            problems.append(f"{where}: missing columns {missing}")
+            continue
+        records += table.num_rows
+        n_tokens = pc.list_value_length(table["response_token_ids"])
+        tokens += int(pc.sum(n_tokens).as_py() or 0)
+        for col in TOKEN_COLUMNS:
+            if col in table.column_names:
+                bad = pc.not_equal(pc.list_value_length(table[col]), n_tokens)
+                problems += _rows(table, bad, f"{where}: `{col}` length differs from `response_token_ids`")
+        for col in ("topk_token_ids", "topk_logprobs"):
+            rows = pc.list_flatten(table[col])
+            widths = pc.list_value_length(rows)
+            if isinstance(k, int) and len(widths) and pc.any(pc.not_equal(widths, k)).as_py():
+                problems.append(f"{where}: `{col}` has rows with {pc.min_max(widths).as_py()} entries, expected k={k}")
+        problems += _rows(table, pc.equal(pc.list_value_length(table["prompt_token_ids"]), 0),
+                          f"{where}: empty `prompt_token_ids`")
+        problems += _unsorted_topk(table, where)
+        for rid in table["id"].to_pylist():
+            if rid in seen:
+                problems.append(f"{where}: duplicate id {rid!r}")
+            seen.add(rid)
+        if len(problems) >= max_problems:
+            break
+    stats = manifest.get("stats", {})
+    for key, actual in (("records", records), ("response_tokens", tokens)):
+        if stats.get(key) != actual:
+            problems.append(f"manifest `stats.{key}` is {stats.get(key)!r} but the shards hold {actual}")
+    if problems:
+        more = f"\n  ... and more" if len(problems) > max_problems else ""
+        raise CorpusError(f"`{root}` is not a valid corpus:\n  " + "\n  ".join(problems[:max_problems]) + more)
+    return {"records": records, "response_tokens": tokens}
+
+
+def _rows(table: pa.Table, mask: pa.ChunkedArray, message: str) -> list[str]:
+    bad = pc.filter(table["id"], mask).to_pylist()
+    return [f"{message} (record ids {bad[:3]}{' ...' if len(bad) > 3 else ''})"] if bad else []
+
+
+def _unsorted_topk(table: pa.Table, where: str) -> list[str]:
+    rows = pc.list_flatten(table["topk_logprobs"])
+    values = pc.list_flatten(rows).to_numpy(zero_copy_only=False).astype(np.float32)
+    widths = pc.list_value_length(rows).to_numpy()
+    if len(values) == 0 or widths.min() != widths.max():
+        return []
+    grid = values.reshape(-1, widths[0])
+    problems = []
+    if (np.diff(grid, axis=1) > 1e-3).any():
+        problems.append(f"{where}: `topk_logprobs` rows are not sorted best first")
+    if (grid > 1e-3).any():
+        problems.append(f"{where}: `topk_logprobs` holds positive log-probabilities")
+    return problems

@@ -1,0 +1,66 @@
+"""`distill inspect DIR`: what made a corpus, what it holds, and one record decoded token by
+token beside the teacher's top-k."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from distill import corpus
+
+
+def _tokenizer(model: str):
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model)
+    except Exception:  # not available here (hub id offline, moved dir): show ids only
+        return None
+
+
+def inspect(path: Path, record: int = 0, tokens: int = 12, console: Console | None = None) -> None:
+    console = console or Console()
+    manifest = corpus.read_manifest(path)
+    stats = manifest.get("stats", {})
+    teacher = manifest.get("teacher", {})
+    gen = manifest.get("generation", {})
+    source = manifest.get("source", {})
+    summary = Table(title=f"corpus {path}", show_header=False)
+    summary.add_row("teacher", f"{teacher.get('model')} (tokenizer {str(teacher.get('tokenizer_sha256'))[:12]})")
+    summary.add_row("generation", ", ".join(f"{k}={v}" for k, v in gen.items()))
+    summary.add_row("source", f"{source.get('file')} ({source.get('format')}), {source.get('prompts')} prompts, "
+                    f"{source.get('skipped', 0)} skipped {source.get('skipped_by_kind') or ''}")
+    summary.add_row("records", f"{stats.get('records', 0):,} in {stats.get('shards', 0)} shards"
+                    + ("" if stats.get("complete") else "  [incomplete: rerun the command to resume]"))
+    tok_count = stats.get("response_tokens", 0)
+    summary.add_row("tokens", f"{tok_count:,} response tokens, {stats.get('bytes', 0) / max(tok_count, 1):.1f} bytes/token")
+    for h in manifest.get("history", []):
+        summary.add_row("history", f"{h.get('stage')} at {h.get('finished_at')} ({h.get('wall_time_s')} s)")
+    console.print(summary)
+
+    rows = corpus.iter_records(path)
+    rec = next((r for i, r in enumerate(rows) if i == record), None)
+    if rec is None:
+        console.print(f"(no record {record})")
+        return
+    console.print(f"[bold]record {rec['id']}[/] prompt {rec['prompt_id']}, finish_reason={rec['finish_reason']}, "
+                  f"{len(rec['prompt_token_ids'])} prompt + {len(rec['response_token_ids'])} response tokens")
+    for m in rec["messages"]:
+        console.print(f"[cyan]{m['role']}:[/] {m['content'][:300]}", markup=True, highlight=False)
+    console.print(f"[green]assistant (teacher):[/] {rec['response'][:500]}", highlight=False)
+    tok = _tokenizer(teacher.get("model", ""))
+    show = (lambda i: repr(tok.convert_ids_to_tokens(int(i)))) if tok is not None else str
+    table = Table(title=f"first {tokens} response tokens with the teacher's top-5")
+    table.add_column("pos", justify="right")
+    table.add_column("token")
+    table.add_column("logprob", justify="right")
+    table.add_column("top-k (token: logprob)")
+    for pos, (tid, lp, top_ids, top_lps) in enumerate(zip(rec["response_token_ids"], rec["response_logprobs"],
+                                                         rec["topk_token_ids"], rec["topk_logprobs"])):
+        if pos >= tokens:
+            break
+        table.add_row(str(pos), show(tid), f"{lp:.3f}",
+                      "  ".join(f"{show(i)}: {v:.2f}" for i, v in zip(top_ids[:5], top_lps[:5])))
+    console.print(table)

@@ -1,0 +1,291 @@
+"""`generate()` and `score()`: prompts in, a resumable teacher corpus out.
+
+Requests are numbered in input order (prompt by prompt, sample by sample) and chunk `c` holds
+requests `[c * chunk_size, (c + 1) * chunk_size)`. A chunk becomes shard `data/part-{c}` the
+moment its last request finishes, so an interrupted job loses at most the chunks in flight,
+and a rerun skips every chunk whose shard exists. The job's identity (teacher, sampling,
+prompt file hash, chunking) is stored in the manifest; a rerun with another identity is
+refused unless `overwrite` is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from distill import corpus, versions
+from distill.config import CorpusJobConfig, GenerateConfig, ScoreConfig
+from generate.prompts import BadRecord, Prompt, PromptError, iter_prompts, resolve_format
+from generate.requests import Completion, Request, Sampling
+from generate.templating import (ChatTokenizer, load_tokenizer, model_max_len, stop_token_ids,
+                                 tokenizer_fingerprint)
+
+MAX_RECORDED_SKIPS = 1000
+
+
+def generate(cfg: GenerateConfig, teacher=None) -> Path:
+    """Run the teacher over `cfg.prompts` into the corpus `cfg.out`; returns `cfg.out`.
+    `teacher`: an already started backend (`VLLMTeacher` / `EndpointTeacher`) to reuse."""
+    return CorpusJob(cfg, cfg.prompts, scoring=False).run(teacher)
+
+
+def score(cfg: ScoreConfig, teacher=None) -> Path:
+    """Teacher top-k along the existing answers of `cfg.data` into the corpus `cfg.out`."""
+    return CorpusJob(cfg, cfg.data, scoring=True).run(teacher)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def request_id(prompt_id: str, sample: int) -> str:
+    return hashlib.sha256(f"{prompt_id}:{sample}".encode()).hexdigest()[:16]
+
+
+def request_seed(base: int, rid: str) -> int:
+    return int(hashlib.sha256(f"{base}:{rid}".encode()).hexdigest()[:15], 16)
+
+
+@dataclass
+class Chunks:
+    """Finished requests grouped by chunk until the chunk is whole."""
+    expected: Counter = field(default_factory=Counter)
+    closed: set = field(default_factory=set)
+    buffers: dict = field(default_factory=lambda: defaultdict(list))
+
+    def ready(self, chunk: int) -> bool:
+        return chunk in self.closed and len(self.buffers[chunk]) == self.expected[chunk]
+
+
+class CorpusJob:
+    def __init__(self, cfg: CorpusJobConfig, source: Path, scoring: bool):
+        self.cfg, self.source, self.scoring = cfg, Path(source), scoring
+        self.samples = 1 if scoring else cfg.samples
+        self.out = Path(cfg.out)
+
+    # -- validation, before any model loads ---------------------------------------------
+    def _prepare(self) -> None:
+        cfg = self.cfg
+        if not self.source.is_file():
+            raise FileNotFoundError(f"`{self.source}`: prompt file not found")
+        self.format = resolve_format(self.source, cfg.format)
+        tokenizer = load_tokenizer(cfg)
+        self.chat = ChatTokenizer(tokenizer, stop_token_ids(cfg, tokenizer))
+        self.fingerprint = tokenizer_fingerprint(tokenizer)
+        self.identity = self._identity()
+        self._check_resume()
+
+    def _identity(self) -> dict:
+        cfg = self.cfg
+        generation = {"mode": "score" if self.scoring else "sample", "top_k": cfg.top_k,
+                      "logprobs": "raw_logprobs", "logprob_dtype": cfg.logprob_dtype}
+        if not self.scoring:
+            generation |= {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
+                           "samples_per_prompt": cfg.samples, "seed": cfg.seed}
+        return {
+            "teacher": {"model": cfg.teacher, "revision": cfg.revision, **self.fingerprint},
+            "generation": generation,
+            "source": {"file": str(self.source), "sha256": file_sha256(self.source), "format": self.format,
+                       "chunk_size": cfg.chunk_size, "skip_bad": cfg.skip_bad},
+        }
+
+    def _check_resume(self) -> None:
+        path = self.out / corpus.MANIFEST
+        if self.cfg.overwrite:
+            shutil.rmtree(self.out, ignore_errors=True)
+            return
+        if not path.exists():
+            if self.out.exists() and any(self.out.iterdir()):
+                raise FileExistsError(f"`{self.out}` exists and is not a corpus: choose another `out` or pass `--overwrite`")
+            return
+        old = corpus.read_manifest(self.out)
+        changed = [f"{section}.{key}" for section, values in self.identity.items()
+                   for key, value in values.items() if old.get(section, {}).get(key) != value]
+        if changed:
+            raise FileExistsError(
+                f"`{self.out}` holds a corpus made with other settings ({', '.join(changed)} differ): "
+                "rerun with the same settings to resume, or pass `--overwrite` to discard it")
+
+    def _scan(self, max_len: int) -> tuple[int, list[BadRecord]]:
+        """One pass over the input: how many good prompts, and every bad record."""
+        good, bad = 0, []
+        for item in self._items(max_len):
+            if isinstance(item, BadRecord):
+                bad.append(item)
+            else:
+                good += 1
+        if bad and not self.cfg.skip_bad:
+            more = f" (and {len(bad) - 1} more bad records)" if len(bad) > 1 else ""
+            raise PromptError(f"{bad[0]}{more}; fix the input or pass `--skip-bad` to skip them")
+        return good, bad
+
+    def _items(self, max_len: int) -> Iterator[BadRecord | tuple[Prompt, list[int], list[int]]]:
+        for item in iter_prompts(self.source, self.format, with_response=self.scoring):
+            if isinstance(item, BadRecord):
+                yield item
+                continue
+            try:
+                if self.scoring:
+                    prompt_ids, response_ids = self.chat.prompt_and_response_ids(item.messages)
+                else:
+                    prompt_ids, response_ids = self.chat.prompt_ids(item.messages), []
+            except Exception as e:  # a template raising on this conversation (e.g. role order)
+                yield BadRecord(item.where, f"chat template failed: {e}", "malformed")
+                continue
+            length = len(prompt_ids) + len(response_ids)
+            if length + (0 if self.scoring else 1) > max_len:
+                yield BadRecord(item.where, f"{'conversation' if self.scoring else 'prompt'} has {length} tokens; "
+                                f"the context (`max_model_len`) holds {max_len}", "too_long")
+                continue
+            yield item, prompt_ids, response_ids
+
+    # -- the run ----------------------------------------------------------------------------
+    def run(self, teacher=None) -> Path:
+        start = time.time()
+        cfg = self.cfg
+        self._prepare()
+        endpoint = getattr(cfg, "endpoint", None)
+        if teacher is None and endpoint:
+            from generate.endpoint import EndpointTeacher
+
+            teacher = EndpointTeacher(endpoint, cfg.teacher, cfg.api_key, cfg.concurrency)
+        max_len = teacher.max_model_len if teacher is not None and teacher.max_model_len else model_max_len(cfg)
+        good, bad = self._scan(max_len)
+        total = good * self.samples
+        n_chunks = -(-total // cfg.chunk_size)
+        self.out.mkdir(parents=True, exist_ok=True)
+        corpus.remove_partial_files(self.out)
+        done = {corpus.shard_index(p) for p in corpus.shard_paths(self.out)}
+        self.manifest = {"schema": corpus.SCHEMA, **self.identity, "stats": {}, "history": []}
+        old_history = corpus.read_manifest(self.out).get("history", []) if (self.out / corpus.MANIFEST).exists() else []
+        self.manifest["history"] = old_history
+        self.manifest["source"] |= {"prompts": good, "requests": total, "skipped": len(bad),
+                                    "skipped_by_kind": dict(Counter(b.kind for b in bad)),
+                                    "skipped_records": [str(b) for b in bad[:MAX_RECORDED_SKIPS]]}
+        self._update_stats(complete=False)
+        todo = [c for c in range(n_chunks) if c not in done]
+        done_requests = sum(min(cfg.chunk_size, total - c * cfg.chunk_size) for c in done if c < n_chunks)
+        if todo:
+            if teacher is None:
+                from generate.engine import VLLMTeacher
+
+                teacher = VLLMTeacher(cfg, max_logprobs=cfg.top_k, max_model_len=max_len)
+            self._generate(teacher, max_len, set(todo), total, done_requests)
+        stats = self._update_stats(complete=True, wall_time=time.time() - start)
+        self._summary(stats, len(bad), time.time() - start, resumed=len(done))
+        return self.out
+
+    def _generate(self, teacher, max_len: int, todo: set[int], total: int, done_requests: int) -> None:
+        cfg = self.cfg
+        chunks = Chunks()
+        bar = tqdm(total=total, initial=done_requests, unit="req", desc="score" if self.scoring else "generate",
+                   dynamic_ncols=True, file=sys.stderr)
+        tokens, t0, last = 0, time.time(), [0.0]
+
+        def requests() -> Iterator[Request]:
+            index, current = 0, None
+            for item in self._items(max_len):
+                if isinstance(item, BadRecord):
+                    continue
+                prompt, prompt_ids, response_ids = item
+                messages = prompt.messages[:-1] if self.scoring else prompt.messages
+                for sample in range(self.samples):
+                    chunk = index // cfg.chunk_size
+                    if chunk in todo:
+                        if current is not None and current != chunk:
+                            self._close(chunks, current)
+                        current = chunk
+                        rid = request_id(prompt.prompt_id, prompt.occurrence if self.scoring else sample)
+                        chunks.expected[chunk] += 1
+                        yield Request(index, rid, prompt.prompt_id, messages, prompt_ids,
+                                      seed=request_seed(getattr(cfg, "seed", 0), rid),
+                                      response_token_ids=response_ids,
+                                      response=prompt.messages[-1]["content"] if self.scoring else None)
+                    index += 1
+            for chunk in todo:
+                self._close(chunks, chunk)
+
+        def on_done(req: Request, completion: Completion) -> None:
+            nonlocal tokens
+            chunk = req.index // cfg.chunk_size
+            chunks.buffers[chunk].append((req, completion))
+            tokens += len(completion.response_token_ids)
+            bar.update(1)
+            now = time.time()
+            if now - last[0] > 0.5:
+                bar.set_postfix_str(f"{tokens / max(now - t0, 1e-9):,.0f} tok/s")
+                last[0] = now
+            if chunks.ready(chunk):
+                self._flush(chunks, chunk)
+
+        sampling = Sampling(cfg.top_k, getattr(cfg, "max_tokens", 1), getattr(cfg, "temperature", 1.0),
+                            getattr(cfg, "top_p", 1.0))
+        try:
+            if self.scoring:
+                teacher.score(requests(), cfg.top_k, on_done, window=2 * cfg.chunk_size)
+            else:
+                teacher.generate(requests(), sampling, on_done, window=2 * cfg.chunk_size)
+        finally:
+            bar.close()
+        unfinished = [c for c in todo if chunks.buffers.get(c)]
+        if unfinished:
+            raise RuntimeError(f"chunks {unfinished} did not complete")
+
+    def _close(self, chunks: Chunks, chunk: int) -> None:
+        if chunk not in chunks.closed:
+            chunks.closed.add(chunk)
+            if chunks.ready(chunk):
+                self._flush(chunks, chunk)
+
+    def _flush(self, chunks: Chunks, chunk: int) -> None:
+        done = sorted(chunks.buffers.pop(chunk), key=lambda rc: rc[0].index)
+        records = [self._record(req, c) for req, c in done]
+        corpus.write_shard(self.out, chunk, corpus.records_to_table(records, self.cfg.top_k, self.cfg.logprob_dtype))
+        self._update_stats(complete=False)
+
+    def _record(self, req: Request, c: Completion) -> dict:
+        return {
+            "id": req.id, "prompt_id": req.prompt_id, "messages": req.messages,
+            "response": req.response if req.response is not None else self.chat.decode(c.response_token_ids),
+            "prompt_token_ids": req.prompt_token_ids, "response_token_ids": c.response_token_ids,
+            "response_logprobs": c.response_logprobs, "topk_token_ids": c.topk_token_ids,
+            "topk_logprobs": c.topk_logprobs, "finish_reason": c.finish_reason,
+        }
+
+    def _update_stats(self, complete: bool, wall_time: float | None = None) -> dict:
+        stats = corpus.corpus_stats(self.out) | {"complete": complete}
+        self.manifest["stats"] = stats
+        if wall_time is not None:
+            self.manifest["history"].append({
+                "stage": "score" if self.scoring else "generate", "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "wall_time_s": round(wall_time, 2), "config": json.loads(self.cfg.model_dump_json()),
+                "versions": versions()})
+        corpus.write_manifest(self.out, self.manifest)
+        return stats
+
+    def _summary(self, stats: dict, skipped: int, wall: float, resumed: int) -> None:
+        tokens = stats["response_tokens"]
+        lines = [
+            f"corpus      {self.out}",
+            f"records     {stats['records']:,} in {stats['shards']} shards"
+            + (f" ({resumed} shards kept from an earlier run)" if resumed else ""),
+            f"tokens      {tokens:,} response tokens",
+            f"throughput  {tokens / max(wall, 1e-9):,.0f} tok/s, {stats['records'] / max(wall, 1e-9):,.1f} records/s",
+            f"storage     {stats['bytes'] / max(tokens, 1):.1f} bytes per response token ({stats['bytes'] / 2**20:.1f} MiB)",
+            f"skipped     {skipped} bad input records" + (" (see manifest `source.skipped_records`)" if skipped else ""),
+            f"wall time   {wall:.1f} s",
+        ]
+        print("\n".join(lines), file=sys.stderr)

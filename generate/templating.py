@@ -1,0 +1,86 @@
+"""Chat template -> token ids, exactly once, the way the teacher sees them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from distill.config import TeacherConfig
+
+
+def load_tokenizer(cfg: TeacherConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(cfg.teacher, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+
+
+def model_max_len(cfg: TeacherConfig) -> int:
+    """The context length vLLM will be given: `max_model_len` or the model's own."""
+    if cfg.max_model_len is not None:
+        return cfg.max_model_len
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(cfg.teacher, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    length = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if length is None:
+        raise ValueError(f"`{cfg.teacher}` does not state its context length: set `max_model_len`")
+    return int(length)
+
+
+def stop_token_ids(cfg: TeacherConfig, tokenizer) -> set[int]:
+    from transformers import GenerationConfig
+
+    ids = {tokenizer.eos_token_id} - {None}
+    try:
+        eos = GenerationConfig.from_pretrained(cfg.teacher, revision=cfg.revision).eos_token_id
+    except OSError:  # no generation_config.json
+        eos = None
+    ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids
+
+
+class ChatTokenizer:
+    """Applies the chat template once and encodes without adding special tokens again, so a
+    template that writes BOS itself does not get a second one."""
+
+    def __init__(self, tokenizer, stop_ids: set[int]):
+        if not tokenizer.chat_template:
+            raise ValueError("the teacher's tokenizer has no chat template; set one in its tokenizer_config.json")
+        self.tokenizer = tokenizer
+        self.stop_ids = stop_ids
+
+    def _encode(self, messages, add_generation_prompt: bool) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_ids(self, messages) -> list[int]:
+        return self._encode(messages, add_generation_prompt=True)
+
+    def prompt_and_response_ids(self, messages) -> tuple[list[int], list[int]]:
+        """Split a conversation ending in an assistant turn into prompt ids and that turn's ids
+        (through its end-of-turn token; template text after it is not part of the answer)."""
+        prompt = self.prompt_ids(messages[:-1])
+        full = self._encode(messages, add_generation_prompt=False)
+        if full[: len(prompt)] != prompt:
+            raise ValueError("the chat template renders the prompt differently with and without the answer")
+        response = full[len(prompt):]
+        ends = [i for i, t in enumerate(response) if t in self.stop_ids]
+        return prompt, response[: ends[-1] + 1] if ends else response
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def tokenizer_fingerprint(tokenizer) -> dict[str, str]:
+    """Hashes that identify a vocabulary (vocab + merges + added tokens) and a chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        vocab = json.dumps([spec.get("model"), spec.get("added_tokens")], sort_keys=True)
+    else:
+        vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    template = tokenizer.chat_template or ""
+    return {
+        "tokenizer_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+    }

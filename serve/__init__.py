@@ -1,0 +1,1 @@
+"""Serving a student behind vLLM's OpenAI server (issue 5)."""

@@ -1,0 +1,1 @@
+"""Student training: KD losses, data, TRL trainer (issue 4)."""
