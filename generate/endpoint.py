@@ -82,6 +82,19 @@ class EndpointTeacher:
             raise EndpointError(f"endpoints serve different models: {dict(zip(self.urls, found))}")
         return found[0]
 
+    def check_tokenizer(self, text: str, ids: list[int]) -> None:
+        """Refuse a server whose tokenizer differs from the local one: prompt ids are made
+        locally, so a mismatch would silently feed the teacher garbage."""
+        import httpx
+
+        for url, args in zip(self.urls, self._client_args):
+            response = httpx.post(f"{url}/tokenize", json={"model": self.model, "prompt": text, "add_special_tokens": False},
+                                  headers={"Authorization": f"Bearer {args['api_key']}"}, timeout=60)
+            response.raise_for_status()
+            if response.json()["tokens"] != ids:
+                raise EndpointError(f"endpoint {url}: its tokenizer encodes text differently from the local "
+                                    "`teacher` tokenizer; point `teacher` at the served model")
+
     def generate(self, requests: Iterable[Request], sampling: Sampling,
                  on_done: Callable[[Request, Completion], None], window: int) -> None:
         asyncio.run(self._generate(requests, sampling, on_done))

@@ -162,6 +162,9 @@ class CorpusJob:
             from generate.endpoint import EndpointTeacher
 
             teacher = EndpointTeacher(endpoint, cfg.teacher, cfg.api_key, cfg.concurrency)
+            probe = self.chat.render([{"role": "system", "content": "Tokenizer check."},
+                                      {"role": "user", "content": "Héllo, wörld! 12 345 + 6 = ? 😀"}])
+            teacher.check_tokenizer(probe, self.chat.encode(probe))
         max_len = teacher.max_model_len if teacher is not None and teacher.max_model_len else model_max_len(cfg)
         good, bad = self._scan(max_len)
         total = good * self.samples

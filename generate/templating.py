@@ -49,9 +49,14 @@ class ChatTokenizer:
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
 
-    def _encode(self, messages, add_generation_prompt: bool) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    def render(self, messages, add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _encode(self, messages, add_generation_prompt: bool) -> list[int]:
+        return self.encode(self.render(messages, add_generation_prompt))
 
     def prompt_ids(self, messages) -> list[int]:
         return self._encode(messages, add_generation_prompt=True)

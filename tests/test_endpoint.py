@@ -1,0 +1,91 @@
+"""`--endpoint`: the same corpus from a real vLLM OpenAI server started here (loopback only)."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from distill import corpus
+from distill.config import GenerateConfig
+from generate import generate
+from generate.endpoint import EndpointError, EndpointTeacher
+from tests.conftest import MAX_MODEL_LEN, PROMPTS
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_models["llama-teacher"]),
+           "--served-model-name", "teacher", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--max-model-len", str(MAX_MODEL_LEN), "--max-logprobs", "20", "--logprobs-mode", "raw_logprobs",
+           "--no-enable-chunked-prefill"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 400
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("vLLM server did not start:\n" + log.read_text()[-3000:])
+                time.sleep(1)
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=60)
+
+
+def test_endpoint_corpus_equals_in_process_corpus(tmp_path, tiny_models, teacher, server, prompts_file):
+    common = dict(teacher=str(tiny_models["llama-teacher"]), prompts=prompts_file, max_tokens=16, temperature=0.0,
+                  chunk_size=4)
+    # The same server twice: requests spread over both "endpoints" (least outstanding first).
+    remote = generate(GenerateConfig(out=tmp_path / "remote", endpoint=[server, server], concurrency=3, **common))
+    local = generate(GenerateConfig(out=tmp_path / "local", **common), teacher=teacher)
+    assert corpus.validate(remote)["records"] == len(PROMPTS)
+    assert corpus.read_table(remote).schema == corpus.read_table(local).schema
+    for r, l in zip(corpus.iter_records(remote), corpus.iter_records(local)):
+        assert (r["id"], r["prompt_token_ids"], r["response_token_ids"], r["response"], r["finish_reason"]) == \
+               (l["id"], l["prompt_token_ids"], l["response_token_ids"], l["response"], l["finish_reason"])
+        assert r["topk_token_ids"] == l["topk_token_ids"]
+        np.testing.assert_allclose(r["topk_logprobs"], l["topk_logprobs"], atol=1e-3)
+        np.testing.assert_allclose(r["response_logprobs"], l["response_logprobs"], atol=1e-3)
+
+
+def test_endpoint_sampled_with_seeds_is_reproducible(tmp_path, tiny_models, server, prompts_file):
+    cfg = GenerateConfig(teacher=str(tiny_models["llama-teacher"]), prompts=prompts_file, max_tokens=12,
+                         endpoint=[server], samples=2, out=tmp_path / "a")
+    a = generate(cfg)
+    b = generate(cfg.model_copy(update={"out": tmp_path / "b"}))
+    tokens = lambda d: [r["response_token_ids"] for r in corpus.iter_records(d)]
+    assert tokens(a) == tokens(b) and corpus.validate(a)["records"] == 2 * len(PROMPTS)
+
+
+def test_unreachable_endpoint_is_a_clear_error(tiny_models):
+    with pytest.raises(EndpointError, match=r"endpoint http://127.0.0.1:\d+: cannot list models"):
+        EndpointTeacher([f"http://127.0.0.1:{free_port()}"], "teacher", None, 4)
+
+
+def test_endpoint_with_another_tokenizer_is_refused(tmp_path, server):
+    from distill.tiny import build_tokenizer
+
+    other = build_tokenizer(tmp_path / "other", vocab_size=300)
+    teacher = EndpointTeacher([server], "teacher", None, 4)
+    assert teacher.model == "teacher" and teacher.max_model_len == MAX_MODEL_LEN
+    text = "Hello there, how are you? 12345"
+    with pytest.raises(EndpointError, match="tokenizer encodes text differently"):
+        teacher.check_tokenizer(text, other(text, add_special_tokens=False)["input_ids"])
