@@ -30,8 +30,9 @@ OPTIONAL_COLUMNS = ("loss_mask",)
 # Per-token columns: each must have one entry per response token.
 TOKEN_COLUMNS = ("response_logprobs", "topk_token_ids", "topk_logprobs", "loss_mask")
 LOGPROB_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
-# float16 keeps 11 significant bits: a stored logprob x differs from the float32 value by at
-# most |x| * 2**-11 (0.005 nats at x = -10). benchmarks/generate_throughput.py measures it.
+# Storage dtype of `response_logprobs` and `topk_logprobs`. float16 keeps 11 significant bits:
+# a stored logprob x differs from the float32 value by at most |x| * 2**-11 (0.005 nats at
+# x = -10) and halves the corpus. benchmarks/generate_throughput.py measures both.
 FLOAT16_RELATIVE_ERROR = 2.0**-11
 
 
@@ -48,7 +49,7 @@ def arrow_schema(logprob_dtype: str = "float16", loss_mask: bool = False) -> pa.
         pa.field("response", pa.string()),
         pa.field("prompt_token_ids", pa.list_(pa.int32())),
         pa.field("response_token_ids", pa.list_(pa.int32())),
-        pa.field("response_logprobs", pa.list_(pa.float32())),
+        pa.field("response_logprobs", pa.list_(lp)),
         pa.field("topk_token_ids", pa.list_(pa.list_(pa.int32()))),
         pa.field("topk_logprobs", pa.list_(pa.list_(lp))),
         pa.field("finish_reason", pa.string()),
@@ -58,14 +59,16 @@ def arrow_schema(logprob_dtype: str = "float16", loss_mask: bool = False) -> pa.
     return pa.schema(fields)
 
 
-def _nested(rows: Sequence[np.ndarray], k: int, dtype: pa.DataType) -> pa.Array:
-    """`[T_i, k]` arrays -> list<list<dtype>> without a Python loop per token."""
-    lengths = np.fromiter((len(r) for r in rows), dtype=np.int32, count=len(rows))
-    flat = np.concatenate([np.asarray(r).reshape(-1, k) for r in rows]) if rows else np.zeros((0, k))
-    inner_offsets = np.arange(0, flat.shape[0] * k + 1, k, dtype=np.int32)
-    outer_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+def _lists(rows: Sequence[Any], dtype: pa.DataType, k: int | None = None) -> pa.Array:
+    """Per-record `[T_i]` (or `[T_i, k]` when `k` is given) arrays -> list<dtype> (or
+    list<list<dtype>>), built from one concatenated numpy buffer instead of per-token objects."""
+    arrays = [np.asarray(r).reshape(-1, k) if k else np.asarray(r).reshape(-1) for r in rows]
+    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+    flat = np.concatenate(arrays) if arrays else np.zeros((0, k) if k else 0)
     values = pa.array(flat.reshape(-1).astype(dtype.to_pandas_dtype()), type=dtype)
-    return pa.ListArray.from_arrays(outer_offsets, pa.ListArray.from_arrays(inner_offsets, values))
+    if k:
+        values = pa.ListArray.from_arrays(np.arange(0, flat.shape[0] * k + 1, k, dtype=np.int32), values)
+    return pa.ListArray.from_arrays(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32), values)
 
 
 def records_to_table(records: Sequence[dict[str, Any]], k: int, logprob_dtype: str = "float16") -> pa.Table:
@@ -75,22 +78,18 @@ def records_to_table(records: Sequence[dict[str, Any]], k: int, logprob_dtype: s
     columns = {}
     for name in schema.names:
         field = schema.field(name)
-        if name == "topk_token_ids":
-            columns[name] = _nested([r[name] for r in records], k, pa.int32())
-        elif name == "topk_logprobs":
-            columns[name] = _nested([r[name] for r in records], k, field.type.value_type.value_type)
+        if name in ("topk_token_ids", "topk_logprobs"):
+            columns[name] = _lists([r[name] for r in records], field.type.value_type.value_type, k)
+        elif name in ("prompt_token_ids", "response_token_ids", "response_logprobs"):
+            columns[name] = _lists([r[name] for r in records], field.type.value_type)
         elif name == "loss_mask":
             columns[name] = pa.array(
                 [r.get(name) if r.get(name) is not None else [True] * len(r["response_token_ids"])
                  for r in records], type=field.type)
         else:
-            columns[name] = pa.array([_plain(r[name]) for r in records], type=field.type)
+            columns[name] = pa.array([r[name] for r in records], type=field.type)
     stats = {"records": len(records), "response_tokens": int(sum(len(r["response_token_ids"]) for r in records))}
     return pa.table(columns, schema=schema.with_metadata({STATS_KEY: json.dumps(stats).encode()}))
-
-
-def _plain(value: Any) -> Any:
-    return value.tolist() if isinstance(value, np.ndarray) else value
 
 
 def _fsync_dir(path: Path) -> None:
@@ -117,11 +116,7 @@ def write_shard(root: Path, index: int, table: pa.Table, subdir: str = "data") -
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"part-{index:05d}.parquet"
     tmp = folder / f".{path.name}.tmp-{os.getpid()}"
-    # Byte-stream split makes float columns compress ~2x better under zstd.
-    pq.write_table(table, tmp, compression="zstd", compression_level=3,
-                   use_byte_stream_split=["response_logprobs", "topk_logprobs"]
-                   if table.schema.field("topk_logprobs").type.value_type.value_type != pa.float16() else
-                   ["response_logprobs"])
+    pq.write_table(table, tmp, compression="zstd", compression_level=6)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -11,6 +11,7 @@ refused unless `overwrite` is set.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 import sys
@@ -30,6 +31,7 @@ from generate.templating import (ChatTokenizer, load_tokenizer, model_max_len, s
                                  tokenizer_fingerprint)
 
 MAX_RECORDED_SKIPS = 1000
+TOKENIZE_BATCH = 256
 
 
 def generate(cfg: GenerateConfig, teacher=None) -> Path:
@@ -133,24 +135,26 @@ class CorpusJob:
         return good, bad
 
     def _items(self, max_len: int) -> Iterator[BadRecord | tuple[Prompt, list[int], list[int]]]:
-        for item in iter_prompts(self.source, self.format, with_response=self.scoring):
-            if isinstance(item, BadRecord):
-                yield item
-                continue
-            try:
-                if self.scoring:
-                    prompt_ids, response_ids = self.chat.prompt_and_response_ids(item.messages)
-                else:
-                    prompt_ids, response_ids = self.chat.prompt_ids(item.messages), []
-            except Exception as e:  # a template raising on this conversation (e.g. role order)
-                yield BadRecord(item.where, f"chat template failed: {e}", "malformed")
-                continue
-            length = len(prompt_ids) + len(response_ids)
-            if length + (0 if self.scoring else 1) > max_len:
-                yield BadRecord(item.where, f"{'conversation' if self.scoring else 'prompt'} has {length} tokens; "
-                                f"the context (`max_model_len`) holds {max_len}", "too_long")
-                continue
-            yield item, prompt_ids, response_ids
+        """Input records in order, each bad or tokenised (in batches: the tokenizer is Rust)."""
+        records = iter_prompts(self.source, self.format, with_response=self.scoring)
+        while batch := list(itertools.islice(records, TOKENIZE_BATCH)):
+            prompts = [item for item in batch if isinstance(item, Prompt)]
+            encoded = iter(self.chat.tokenize_many([p.messages for p in prompts], self.scoring))
+            for item in batch:
+                if isinstance(item, BadRecord):
+                    yield item
+                    continue
+                result = next(encoded)
+                if isinstance(result, Exception):  # the template raised (e.g. on the order of roles)
+                    yield BadRecord(item.where, f"chat template failed: {result}", "malformed")
+                    continue
+                prompt_ids, response_ids = result
+                length = len(prompt_ids) + len(response_ids)
+                if length + (0 if self.scoring else 1) > max_len:
+                    yield BadRecord(item.where, f"{'conversation' if self.scoring else 'prompt'} has {length} "
+                                    f"tokens; the context (`max_model_len`) holds {max_len}", "too_long")
+                    continue
+                yield item, prompt_ids, response_ids
 
     # -- the run ----------------------------------------------------------------------------
     def run(self, teacher=None) -> Path:
@@ -255,20 +259,28 @@ class CorpusJob:
 
     def _flush(self, chunks: Chunks, chunk: int) -> None:
         done = sorted(chunks.buffers.pop(chunk), key=lambda rc: rc[0].index)
-        records = [self._record(req, c) for req, c in done]
-        corpus.write_shard(self.out, chunk, corpus.records_to_table(records, self.cfg.top_k, self.cfg.logprob_dtype))
-        self._update_stats(complete=False)
+        texts = self.chat.decode_many([c.response_token_ids for _, c in done])
+        records = [self._record(req, c, text) for (req, c), text in zip(done, texts)]
+        table = corpus.records_to_table(records, self.cfg.top_k, self.cfg.logprob_dtype)
+        path = corpus.write_shard(self.out, chunk, table)
+        stats = self.manifest["stats"]
+        stats["records"] += table.num_rows
+        stats["response_tokens"] += corpus.shard_stats(path)["response_tokens"]
+        stats["shards"] += 1
+        stats["bytes"] += path.stat().st_size
+        corpus.write_manifest(self.out, self.manifest)
 
-    def _record(self, req: Request, c: Completion) -> dict:
+    def _record(self, req: Request, c: Completion, text: str) -> dict:
         return {
             "id": req.id, "prompt_id": req.prompt_id, "messages": req.messages,
-            "response": req.response if req.response is not None else self.chat.decode(c.response_token_ids),
+            "response": req.response if req.response is not None else text,
             "prompt_token_ids": req.prompt_token_ids, "response_token_ids": c.response_token_ids,
             "response_logprobs": c.response_logprobs, "topk_token_ids": c.topk_token_ids,
             "topk_logprobs": c.topk_logprobs, "finish_reason": c.finish_reason,
         }
 
     def _update_stats(self, complete: bool, wall_time: float | None = None) -> dict:
+        """Recount from the shards (at start and end; in between, `_flush` adds each shard)."""
         stats = corpus.corpus_stats(self.out) | {"complete": complete}
         self.manifest["stats"] = stats
         if wall_time is not None:

@@ -72,8 +72,25 @@ class ChatTokenizer:
         ends = [i for i, t in enumerate(response) if t in self.stop_ids]
         return prompt, response[: ends[-1] + 1] if ends else response
 
-    def decode(self, ids) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    def tokenize_many(self, conversations, scoring: bool) -> list[tuple[list[int], list[int]] | Exception]:
+        """`(prompt_ids, response_ids)` per conversation (response empty unless `scoring`), or the
+        exception its template raised; prompts are encoded in one batch call."""
+        if scoring:
+            return [_capture(self.prompt_and_response_ids, m) for m in conversations]
+        texts = [_capture(self.render, m) for m in conversations]
+        ok = [t for t in texts if not isinstance(t, Exception)]
+        ids = iter(self.tokenizer(ok, add_special_tokens=False)["input_ids"] if ok else [])
+        return [t if isinstance(t, Exception) else (next(ids), []) for t in texts]
+
+    def decode_many(self, sequences) -> list[str]:
+        return self.tokenizer.batch_decode([list(s) for s in sequences], skip_special_tokens=True)
+
+
+def _capture(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # reported per record by the caller
+        return e
 
 
 def tokenizer_fingerprint(tokenizer) -> dict[str, str]:
