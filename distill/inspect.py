@@ -33,7 +33,7 @@ def inspect(path: Path, record: int = 0, tokens: int = 12, console: Console | No
     summary.add_row("source", f"{source.get('file')} ({source.get('format')}), {source.get('prompts')} prompts, "
                     f"{source.get('skipped', 0)} skipped {source.get('skipped_by_kind') or ''}")
     summary.add_row("records", f"{stats.get('records', 0):,} in {stats.get('shards', 0)} shards"
-                    + ("" if stats.get("complete") else "  [incomplete: rerun the command to resume]"))
+                    + ("" if stats.get("complete") else "  (incomplete: rerun the command to resume)"))
     tok_count = stats.get("response_tokens", 0)
     summary.add_row("tokens", f"{tok_count:,} response tokens, {stats.get('bytes', 0) / max(tok_count, 1):.1f} bytes/token")
     for h in manifest.get("history", []):
