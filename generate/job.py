@@ -76,6 +76,8 @@ class CorpusJob:
     def __init__(self, cfg: CorpusJobConfig, source: Path, scoring: bool):
         self.cfg, self.source, self.scoring = cfg, Path(source), scoring
         self.samples = 1 if scoring else cfg.samples
+        self.seed = 0 if scoring else cfg.seed
+        self.sampling = None if scoring else Sampling(cfg.top_k, cfg.max_tokens, cfg.temperature, cfg.top_p)
         self.out = Path(cfg.out)
 
     # -- validation, before any model loads ---------------------------------------------
@@ -100,15 +102,15 @@ class CorpusJob:
         return {
             "teacher": {"model": cfg.teacher, "revision": cfg.revision, **self.fingerprint},
             "generation": generation,
-            "source": {"file": str(self.source), "sha256": file_sha256(self.source), "format": self.format,
+            # the file's hash, not its path: a moved prompt file still resumes
+            "source": {"sha256": file_sha256(self.source), "format": self.format,
                        "chunk_size": cfg.chunk_size, "skip_bad": cfg.skip_bad},
         }
 
     def _check_resume(self) -> None:
         path = self.out / corpus.MANIFEST
         if self.cfg.overwrite:
-            shutil.rmtree(self.out, ignore_errors=True)
-            return
+            return  # `run` discards the old corpus once the input has been checked
         if not path.exists():
             if self.out.exists() and any(self.out.iterdir()):
                 raise FileExistsError(f"`{self.out}` exists and is not a corpus: choose another `out` or pass `--overwrite`")
@@ -124,7 +126,8 @@ class CorpusJob:
     def _scan(self, max_len: int) -> tuple[int, list[BadRecord]]:
         """One pass over the input: how many good prompts, and every bad record."""
         good, bad = 0, []
-        for item in self._items(max_len):
+        for item in tqdm(self._items(max_len), desc="checking prompts", unit="prompt", file=sys.stderr,
+                         dynamic_ncols=True, mininterval=1.0, leave=False, disable=None):
             if isinstance(item, BadRecord):
                 bad.append(item)
             else:
@@ -171,6 +174,8 @@ class CorpusJob:
             teacher.check_tokenizer(probe, self.chat.encode(probe))
         max_len = teacher.max_model_len if teacher is not None and teacher.max_model_len else model_max_len(cfg)
         good, bad = self._scan(max_len)
+        if cfg.overwrite:
+            shutil.rmtree(self.out, ignore_errors=True)
         total = good * self.samples
         n_chunks = -(-total // cfg.chunk_size)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -179,7 +184,7 @@ class CorpusJob:
         self.manifest = {"schema": corpus.SCHEMA, **self.identity, "stats": {}, "history": []}
         old_history = corpus.read_manifest(self.out).get("history", []) if (self.out / corpus.MANIFEST).exists() else []
         self.manifest["history"] = old_history
-        self.manifest["source"] |= {"prompts": good, "requests": total, "skipped": len(bad),
+        self.manifest["source"] |= {"file": str(self.source), "prompts": good, "requests": total, "skipped": len(bad),
                                     "skipped_by_kind": dict(Counter(b.kind for b in bad)),
                                     "skipped_records": [str(b) for b in bad[:MAX_RECORDED_SKIPS]]}
         self._update_stats(complete=False)
@@ -218,7 +223,7 @@ class CorpusJob:
                         rid = request_id(prompt.prompt_id, prompt.occurrence if self.scoring else sample)
                         chunks.expected[chunk] += 1
                         yield Request(index, rid, prompt.prompt_id, messages, prompt_ids,
-                                      seed=request_seed(getattr(cfg, "seed", 0), rid),
+                                      seed=request_seed(self.seed, rid),
                                       response_token_ids=response_ids,
                                       response=prompt.messages[-1]["content"] if self.scoring else None)
                     index += 1
@@ -238,13 +243,11 @@ class CorpusJob:
             if chunks.ready(chunk):
                 self._flush(chunks, chunk)
 
-        sampling = Sampling(cfg.top_k, getattr(cfg, "max_tokens", 1), getattr(cfg, "temperature", 1.0),
-                            getattr(cfg, "top_p", 1.0))
         try:
             if self.scoring:
                 teacher.score(requests(), cfg.top_k, on_done, window=2 * cfg.chunk_size)
             else:
-                teacher.generate(requests(), sampling, on_done, window=2 * cfg.chunk_size)
+                teacher.generate(requests(), self.sampling, on_done, window=2 * cfg.chunk_size)
         finally:
             bar.close()
         unfinished = [c for c in todo if chunks.buffers.get(c)]

@@ -56,6 +56,15 @@ def test_bad_prompt_file_is_one_line_before_the_model_loads(capsys, tmp_path, ti
     assert "none.jsonl`: prompt file not found" in capsys.readouterr().err
 
 
+def test_overwrite_keeps_the_old_corpus_when_the_new_input_is_bad(capsys, tmp_path, tiny_models):
+    old = make_corpus(tmp_path / "out", [record(0)])
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": ""}]}])
+    code = main(["generate", "--teacher", str(tiny_models["llama-teacher"]), "--prompts", str(prompts),
+                 "--out", str(old), "--overwrite"])
+    assert code == 1 and "line 1: empty prompt" in capsys.readouterr().err
+    assert (old / "data" / "part-00000.parquet").exists()
+
+
 def test_yaml_config_with_flag_override(tmp_path):
     path = tmp_path / "gen.yaml"
     path.write_text(yaml.safe_dump({"teacher": "t", "prompts": "p.jsonl", "out": "o", "top_k": 5,
