@@ -77,6 +77,20 @@ class ScoreConfig(CorpusJobConfig):
     data: Path = Field(description="Conversations whose last turn is the assistant response to score.")
 
 
+class CurateConfig(StageConfig):
+    """`distill curate`: filter a corpus; kept records in `out/data`, rejected ones with their
+    reason in `out/rejected`, a report beside them."""
+
+    corpus: Path = Field(description="Input corpus directory.")
+    out: Path = Field(description="Output corpus directory.")
+    filters: list[dict[str, Any] | str] | None = Field(
+        None, description="Filters in order, each `{name: FILTER, PARAM: VALUE}` or `{name: N, plugin: "
+        "'module:callable', params: {...}}` (default: finish_reason, length, repetition, refusal, pii, "
+        "dedup_exact, dedup_near, teacher_confidence).")
+    batch_size: int = Field(1024, ge=1, description="Records per filtering batch.")
+    overwrite: bool = Field(False, description="Replace an existing `out`.")
+
+
 def format_validation_error(err: ValidationError, source: str = "") -> str:
     """One line per problem, each naming the field (`a.b`) the way the YAML/flag spells it."""
     lines = []

@@ -235,7 +235,7 @@ def validate(root: Path, subdir: str = "data", max_problems: int = 20) -> dict[s
             seen.add(rid)
         if len(problems) >= max_problems:
             break
-    stats = manifest.get("stats", {})
+    stats = manifest.get("stats" if subdir == "data" else f"{subdir}_stats", {})
     for key, actual in (("records", records), ("response_tokens", tokens)):
         if stats.get(key) != actual:
             problems.append(f"manifest `stats.{key}` is {stats.get(key)!r} but the shards hold {actual}")

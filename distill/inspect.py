@@ -3,6 +3,7 @@ token beside the teacher's top-k."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from rich.console import Console
@@ -39,6 +40,12 @@ def inspect(path: Path, record: int = 0, tokens: int = 12, console: Console | No
     for h in manifest.get("history", []):
         summary.add_row("history", f"{h.get('stage')} at {h.get('finished_at')} ({h.get('wall_time_s')} s)")
     console.print(summary)
+    report = Path(path) / "report.json"
+    if report.exists():
+        from curation.report import table
+
+        console.print("[bold]curation[/]")
+        console.print(table(json.loads(report.read_text())), highlight=False, markup=False)
 
     rows = corpus.iter_records(path)
     rec = next((r for i, r in enumerate(rows) if i == record), None)

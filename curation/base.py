@@ -1,0 +1,54 @@
+"""What a curation filter is.
+
+A filter is a small pydantic model: its fields are its parameters (typed, with defaults; `None`
+switches a check off), `name` is what the YAML calls it, and `check(record)` returns `None` to
+keep a record or a short detail saying why it fails. The pipeline prefixes the detail with the
+filter's name, so every rejection reads `filter_name: detail`.
+
+Filters that can look at a whole Arrow batch at once override `check_batch` (vectorised);
+`columns` lists the corpus columns a filter reads, so only those are converted to Python.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+
+class Filter(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    name: ClassVar[str]
+    columns: ClassVar[tuple[str, ...]] = ("response",)
+    registry: ClassVar[dict[str, type["Filter"]]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            Filter.registry[cls.name] = cls
+
+    def check(self, record: dict[str, Any]) -> str | None:
+        raise NotImplementedError
+
+    def check_batch(self, batch: pa.RecordBatch, rows: list[int]) -> dict[int, str]:
+        """Reasons for the failing rows among `rows` (indices into `batch`)."""
+        data = {c: batch.column(c).to_pylist() for c in self.columns} if rows else {}
+        failed = {}
+        for i in rows:
+            detail = self.check({c: data[c][i] for c in self.columns})
+            if detail is not None:
+                failed[i] = detail
+        return failed
+
+    def params(self) -> dict[str, Any]:
+        return {"name": self.name, **self.model_dump(mode="json")}
+
+
+def response_text(record: dict) -> str:
+    return record.get("response") or ""
+
+
+def prompt_text(record: dict) -> str:
+    return "\n".join(m["content"] for m in record.get("messages") or [])

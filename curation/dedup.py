@@ -1,0 +1,91 @@
+"""Duplicates across the corpus: exact (normalised hash) and near (MinHash LSH). The first record
+seen is kept; later ones are rejected naming the id they duplicate."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import zlib
+from typing import Literal
+
+import numpy as np
+
+from curation.base import Filter, prompt_text, response_text
+
+_SPACE = re.compile(r"\s+")
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def normalise(text: str) -> str:
+    return _SPACE.sub(" ", text.lower()).strip()
+
+
+class ExactDedupFilter(Filter):
+    name = "dedup_exact"
+    columns = ("id", "messages", "response")
+    key: Literal["response", "prompt_response"] = "response"
+
+    def model_post_init(self, _):
+        self._seen: dict[bytes, str] = {}
+
+    def check(self, record):
+        text = normalise(response_text(record))
+        if self.key == "prompt_response":
+            text = normalise(prompt_text(record)) + "\x00" + text
+        digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
+        first = self._seen.setdefault(digest, record["id"])
+        return None if first == record["id"] else f"duplicate of {first}"
+
+
+class NearDedupFilter(Filter):
+    """Word n-gram shingles -> MinHash signature (`num_perm` hashes) -> LSH with `bands` bands;
+    a candidate counts as a duplicate when its estimated Jaccard similarity >= `threshold`."""
+    name = "dedup_near"
+    columns = ("id", "response")
+    threshold: float = 0.8
+    shingle: int = 5
+    num_perm: int = 128
+    bands: int = 16
+    seed: int = 0
+
+    def model_post_init(self, _):
+        if self.num_perm % self.bands:
+            raise ValueError(f"`num_perm` ({self.num_perm}) must be a multiple of `bands` ({self.bands})")
+        rng = np.random.default_rng(self.seed)
+        # Multiply-shift hashing: h(x) = ((a * x + b) mod 2^64) >> 32 with odd a; uint64
+        # arithmetic wraps, which is the mod.
+        self._a = rng.integers(0, 2**63, size=self.num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        self._b = rng.integers(0, 2**63, size=self.num_perm, dtype=np.uint64)
+        self._buckets: list[dict[bytes, list[int]]] = [{} for _ in range(self.bands)]
+        self._signatures: list[np.ndarray] = []
+        self._ids: list[str] = []
+
+    def signature(self, text: str) -> np.ndarray | None:
+        words = _WORD.findall(text.lower())
+        if not words:
+            return None
+        n = min(self.shingle, len(words))
+        word_hashes = np.fromiter((zlib.crc32(w.encode()) for w in words), dtype=np.uint64, count=len(words))
+        shingles = np.zeros(len(words) - n + 1, dtype=np.uint64)
+        for j in range(n):  # polynomial combination of the n word hashes
+            shingles = shingles * np.uint64(1_000_003) + word_hashes[j: len(words) - n + 1 + j]
+        shingles = np.unique(shingles)
+        return ((self._a[:, None] * shingles[None, :] + self._b[:, None]) >> np.uint64(32)).min(axis=1)  # [num_perm]
+
+    def check(self, record):
+        sig = self.signature(response_text(record))
+        if sig is None:
+            return None
+        rows = self.num_perm // self.bands
+        keys = [sig[b * rows:(b + 1) * rows].tobytes() for b in range(self.bands)]
+        candidates = {c for band, key in zip(self._buckets, keys) for c in band.get(key, ())}
+        for c in sorted(candidates):
+            similarity = float(np.mean(self._signatures[c] == sig))
+            if similarity >= self.threshold:
+                return f"near duplicate of {self._ids[c]} (Jaccard ~{similarity:.2f})"
+        index = len(self._ids)
+        self._signatures.append(sig)
+        self._ids.append(record["id"])
+        for band, key in zip(self._buckets, keys):
+            band.setdefault(key, []).append(index)
+        return None

@@ -1,0 +1,78 @@
+"""Personal data and secrets: e-mails, phone numbers, IPs, card numbers (Luhn), API keys.
+
+`mode: drop` rejects the record; `mode: mask` keeps it and sets `loss_mask` false on the
+response tokens that overlap the match, so training never learns them while the rest counts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Literal
+
+from curation.base import Filter, response_text
+
+PATTERNS = {
+    "email": r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[a-zA-Z]{2,}\b",
+    "phone": r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}\b",
+    "ipv4": r"\b(?:\d{1,3}\.){3}\d{1,3}\b",
+    "credit_card": r"\b(?:\d[ -]?){12,18}\d\b",
+    "secret": r"\b(?:sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{36,}|xox[baprs]-[A-Za-z0-9-]{10,}"
+              r"|AIza[0-9A-Za-z_-]{35})\b",
+}
+
+
+def luhn_ok(digits: str) -> bool:
+    total, parity = 0, len(digits) % 2
+    for i, ch in enumerate(digits):
+        d = int(ch)
+        if i % 2 == parity:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _valid(kind: str, text: str) -> bool:
+    if kind == "credit_card":
+        digits = re.sub(r"\D", "", text)
+        return 13 <= len(digits) <= 19 and luhn_ok(digits)
+    if kind == "ipv4":
+        try:
+            return not ipaddress.ip_address(text).is_private and text.count(".") == 3 and text != "0.0.0.0"
+        except ValueError:
+            return False
+    return True
+
+
+def find_pii(text: str, kinds: list[str]) -> list[tuple[str, int, int]]:
+    """(kind, start, end) of each match in `text`."""
+    found = []
+    for kind in kinds:
+        for m in re.finditer(PATTERNS[kind], text):
+            if _valid(kind, m.group(0)):
+                found.append((kind, m.start(), m.end()))
+    return sorted(found, key=lambda f: f[1])
+
+
+class PIIFilter(Filter):
+    name = "pii"
+    mode: Literal["drop", "mask"] = "drop"
+    kinds: list[Literal["email", "phone", "ipv4", "credit_card", "secret"]] = list(PATTERNS)
+
+    def check(self, record):
+        found = find_pii(response_text(record), list(self.kinds))
+        if not found:
+            return None
+        kinds = sorted({k for k, _, _ in found})
+        return f"{len(found)} match(es): {', '.join(kinds)}"
+
+
+def token_mask(token_ids: list[int], spans: list[tuple[int, int]], decode) -> list[bool]:
+    """`loss_mask` for a response: False on every token whose decoded characters overlap a span.
+    Token i covers `[len(decode(ids[:i])), len(decode(ids[:i+1])))` of the decoded response."""
+    mask, start = [], 0
+    for i in range(len(token_ids)):
+        end = len(decode(token_ids[: i + 1]))
+        mask.append(not any(s < max(end, start + 1) and e > start for s, e in spans))
+        start = end
+    return mask

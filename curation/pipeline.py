@@ -1,0 +1,194 @@
+"""`curate()`: a corpus in, a corpus of kept records out, plus every rejected record with its
+reason. Streams shard by shard, batch by batch; each filter sees only the records that every
+filter before it kept, so a record failing several filters is charged to the first."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from curation import confidence, contamination, dedup, language, pii, quality, refusal  # noqa: F401 (registry)
+from curation.base import Filter
+from curation.report import Report
+from distill import corpus, versions
+from distill.config import CurateConfig
+
+DEFAULT_PIPELINE = ["finish_reason", "length", "repetition", "refusal", "pii", "dedup_exact", "dedup_near",
+                    "teacher_confidence"]
+
+
+class PluginFilter(Filter):
+    """A user filter `module:callable(record, **params)`: falsy or None keeps the record, a
+    string (the reason) or False rejects it. It sees the whole record as a dict."""
+    label: str
+    plugin: str
+    params: dict[str, Any] = {}
+
+    def model_post_init(self, _):
+        module, _, attr = self.plugin.partition(":")
+        try:
+            self._fn: Callable = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"cannot load plug-in `{self.plugin}` ({e})") from None
+
+    def check_batch(self, batch, rows):
+        records = batch.to_pylist()
+        failed = {}
+        for i in rows:
+            try:
+                verdict = self._fn(records[i], **self.params)
+            except Exception as e:
+                raise RuntimeError(f"plug-in `{self.label}` ({self.plugin}) failed on record "
+                                   f"{records[i]['id']!r}: {type(e).__name__}: {e}") from e
+            if verdict is False or isinstance(verdict, str):
+                failed[i] = verdict or "rejected"
+        return failed
+
+
+def label(f: Filter) -> str:
+    return f.label if isinstance(f, PluginFilter) else f.name
+
+
+def build_filters(specs: list[dict[str, Any] | str] | None) -> list[Filter]:
+    """Filters from the `filters` list of the config; errors name the YAML key."""
+    filters = []
+    for i, spec in enumerate(DEFAULT_PIPELINE if specs is None else specs):
+        spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+        where = f"filters[{i}]"
+        try:
+            if "plugin" in spec:
+                filters.append(PluginFilter(label=spec.pop("name", spec["plugin"]), **spec))
+                continue
+            name = spec.pop("name", None)
+            if name not in Filter.registry:
+                known = ", ".join(sorted(n for n in Filter.registry if n))
+                raise ValueError(f"`{where}.name`: unknown filter {name!r} (known: {known}; or `plugin: module:callable`)")
+            filters.append(Filter.registry[name](**spec))
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise ValueError(f"`{where}.{'.'.join(map(str, err['loc']))}`: {err['msg']}") from None
+        except ValueError as e:
+            raise ValueError(str(e) if str(e).startswith("`filters[") else f"`{where}`: {e}") from None
+    names = [label(f) for f in filters]
+    if len(set(names)) != len(names):
+        raise ValueError(f"`filters`: each filter may appear once, got {names}")
+    return filters
+
+
+def curate(cfg: CurateConfig) -> Path:
+    start = time.time()
+    filters = build_filters(cfg.filters)
+    corpus.validate(cfg.corpus)  # refuse a broken corpus with the reason, before any work
+    manifest = corpus.read_manifest(cfg.corpus)
+    out = Path(cfg.out)
+    if out.exists():
+        if not cfg.overwrite:
+            raise FileExistsError(f"`{out}` exists: choose another `out` or pass `--overwrite`")
+        shutil.rmtree(out)
+    masker = next((f for f in filters if isinstance(f, pii.PIIFilter) and f.mode == "mask"), None)
+    decode = _decoder(manifest) if masker else None
+    report = Report([label(f) for f in filters])
+    total = manifest["stats"]["records"]
+    bar = tqdm(total=total, unit="rec", desc="curate", file=sys.stderr, dynamic_ncols=True)
+    for path in corpus.shard_paths(cfg.corpus):
+        kept, rejected = [], []
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=cfg.batch_size):
+            k, r = _curate_batch(batch, filters, masker, decode, report)
+            kept.append(k)
+            rejected.append(r)
+            bar.update(batch.num_rows)
+        index = corpus.shard_index(path)
+        for subdir, tables in (("data", kept), ("rejected", rejected)):
+            table = pa.concat_tables(tables, promote_options="permissive")
+            if table.num_rows:
+                corpus.write_shard(out, index, _with_stats(table), subdir)
+    bar.close()
+    manifest["stats"] = corpus.corpus_stats(out) | {"complete": True}
+    manifest["rejected_stats"] = corpus.corpus_stats(out, "rejected")
+    manifest["curation"] = {"filters": [f.params() if not isinstance(f, PluginFilter) else
+                                        {"name": f.label, "plugin": f.plugin, "params": f.params} for f in filters],
+                            "source": str(cfg.corpus)}
+    manifest.setdefault("history", []).append({
+        "stage": "curate", "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wall_time_s": round(time.time() - start, 2), "config": json.loads(cfg.model_dump_json()),
+        "versions": versions()})
+    corpus.write_manifest(out, manifest)
+    summary = report.write(out)
+    print(summary, file=sys.stderr)
+    return out
+
+
+def _curate_batch(batch: pa.RecordBatch, filters: list[Filter], masker, decode, report: Report):
+    reasons: list[str | None] = [None] * batch.num_rows
+    alive = list(range(batch.num_rows))
+    masks: dict[int, list[bool]] = {}
+    for f in filters:
+        if not alive:
+            break
+        failed = f.check_batch(batch, alive)
+        if f is masker:  # keep the record, exclude the PII tokens from every loss
+            masks.update(_pii_masks(batch, list(failed), masker, decode))
+            report.masked += len(failed)
+            continue
+        for i, detail in failed.items():
+            reasons[i] = f"{label(f)}: {detail}"
+        alive = [i for i in alive if i not in failed]
+    keep = np.array([r is None for r in reasons])
+    report.add(batch, keep, reasons)
+    table = pa.Table.from_batches([batch])
+    if masker is not None or "loss_mask" in table.column_names:  # every shard gets the same schema
+        table = _set_loss_mask(table, masks)
+    kept = table.filter(pa.array(keep))
+    rejected = table.filter(pa.array(~keep))
+    rejected = rejected.append_column("reject_reason", pa.array([r for r in reasons if r is not None], pa.string()))
+    return kept, rejected
+
+
+def _pii_masks(batch, rows, masker: pii.PIIFilter, decode) -> dict[int, list[bool]]:
+    text = batch.column("response").to_pylist()
+    ids = batch.column("response_token_ids").to_pylist()
+    return {i: pii.token_mask(ids[i], [(s, e) for _, s, e in pii.find_pii(text[i], list(masker.kinds))], decode)
+            for i in rows}
+
+
+def _set_loss_mask(table: pa.Table, masks: dict[int, list[bool]]) -> pa.Table:
+    lengths = [len(x) for x in table.column("response_token_ids").to_pylist()]
+    old = table.column("loss_mask").to_pylist() if "loss_mask" in table.column_names else [None] * table.num_rows
+    merged = []
+    for i, n in enumerate(lengths):
+        base = old[i] if old[i] is not None else [True] * n
+        new = masks.get(i)
+        merged.append([a and b for a, b in zip(base, new)] if new is not None else base)
+    column = pa.array(merged, pa.list_(pa.bool_()))
+    if "loss_mask" in table.column_names:
+        return table.set_column(table.column_names.index("loss_mask"), "loss_mask", column)
+    return table.append_column("loss_mask", column)
+
+
+def _with_stats(table: pa.Table) -> pa.Table:
+    tokens = int(pc.sum(pc.list_value_length(table.column("response_token_ids"))).as_py() or 0)
+    stats = json.dumps({"records": table.num_rows, "response_tokens": tokens}).encode()
+    return table.replace_schema_metadata({corpus.STATS_KEY: stats})
+
+
+def _decoder(manifest: dict):
+    from transformers import AutoTokenizer
+
+    model = manifest.get("teacher", {}).get("model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except Exception as e:
+        raise ValueError(f"`pii.mode: mask` needs the teacher's tokenizer (`{model}`): {e}") from None
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)

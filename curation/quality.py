@@ -1,0 +1,145 @@
+"""Shape of the answer: finished, sized sensibly, not a degenerate loop, in the required format."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation.base import Filter, response_text
+
+
+class FinishReasonFilter(Filter):
+    """Drop generations that did not end on their own (`length` = cut at max_tokens, `abort`)."""
+    name = "finish_reason"
+    columns = ("finish_reason",)
+    allowed: list[str] = ["stop"]
+
+    def check(self, record):
+        reason = record["finish_reason"]
+        return None if reason in self.allowed else f"finish_reason is {reason!r}"
+
+
+class LengthFilter(Filter):
+    """Bounds on response tokens and characters; blank responses always fail."""
+    name = "length"
+    columns = ("response", "response_token_ids")
+    min_tokens: int | None = 1
+    max_tokens: int | None = None
+    min_chars: int | None = 1
+    max_chars: int | None = None
+
+    def check(self, record):
+        return self._verdict(record["response"] or "", len(record["response_token_ids"]))
+
+    def check_batch(self, batch: pa.RecordBatch, rows: list[int]) -> dict[int, str]:
+        # token counts from the list offsets: the token ids never become Python objects
+        tokens = pc.list_value_length(batch.column("response_token_ids")).to_numpy(zero_copy_only=False)
+        text = batch.column("response").to_pylist()
+        failed = {i: self._verdict(text[i] or "", int(tokens[i])) for i in rows}
+        return {i: v for i, v in failed.items() if v is not None}
+
+    def _verdict(self, text: str, tokens: int) -> str | None:
+        stripped = text.strip()
+        if not stripped:
+            return "empty or whitespace-only response"
+        if self.min_tokens is not None and tokens < self.min_tokens:
+            return f"{tokens} tokens < min_tokens {self.min_tokens}"
+        if self.max_tokens is not None and tokens > self.max_tokens:
+            return f"{tokens} tokens > max_tokens {self.max_tokens}"
+        if self.min_chars is not None and len(stripped) < self.min_chars:
+            return f"{len(stripped)} chars < min_chars {self.min_chars}"
+        if self.max_chars is not None and len(stripped) > self.max_chars:
+            return f"{len(stripped)} chars > max_chars {self.max_chars}"
+        return None
+
+
+WORD = re.compile(r"\w+", re.UNICODE)
+
+
+class RepetitionFilter(Filter):
+    """Gopher repetition checks (Rae et al. 2021, thresholds as in datatrove), adapted to chat
+    answers: a top n-gram only counts when it actually repeats, so a short answer without any
+    repetition can never trip it (see shared/notes/curation.md); loops still do."""
+    name = "repetition"
+    dup_line_frac: float | None = 0.30
+    dup_para_frac: float | None = 0.30
+    dup_line_char_frac: float | None = 0.20
+    dup_para_char_frac: float | None = 0.20
+    top_ngram_frac: dict[int, float] = {2: 0.20, 3: 0.18, 4: 0.16}
+    dup_ngram_frac: dict[int, float] = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+
+    def check(self, record):
+        text = response_text(record)
+        for unit, parts in (("line", [p.strip() for p in text.split("\n") if p.strip()]),
+                            ("para", [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()])):
+            frac, char_frac = _duplicates(parts)
+            limit, char_limit = getattr(self, f"dup_{unit}_frac"), getattr(self, f"dup_{unit}_char_frac")
+            if limit is not None and frac > limit:
+                return f"duplicate {unit} fraction {frac:.2f} > {limit}"
+            if char_limit is not None and char_frac > char_limit:
+                return f"duplicate {unit} char fraction {char_frac:.2f} > {char_limit}"
+        words = WORD.findall(text.lower())
+        total = sum(len(w) for w in words)
+        if not total:
+            return None
+        for n, limit in self.top_ngram_frac.items():
+            grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+            if grams:
+                gram, count = grams.most_common(1)[0]
+                frac = sum(len(w) for w in gram) * count / total
+                if count > 1 and frac > limit:
+                    return f"top {n}-gram {' '.join(gram)!r} covers {frac:.2f} > {limit}"
+        for n, limit in self.dup_ngram_frac.items():
+            frac = _duplicated_ngram_chars(words, n) / total
+            if frac > limit:
+                return f"duplicated {n}-grams cover {frac:.2f} > {limit}"
+        return None
+
+
+def _duplicates(parts: list[str]) -> tuple[float, float]:
+    if not parts:
+        return 0.0, 0.0
+    seen, dup, dup_chars = set(), 0, 0
+    for p in parts:
+        if p in seen:
+            dup += 1
+            dup_chars += len(p)
+        seen.add(p)
+    return dup / len(parts), dup_chars / max(sum(len(p) for p in parts), 1)
+
+
+def _duplicated_ngram_chars(words: list[str], n: int) -> int:
+    """Characters of words inside an n-gram seen earlier (each word counted once)."""
+    seen, covered = set(), np.zeros(len(words), dtype=bool)
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i:i + n])
+        if gram in seen:
+            covered[i:i + n] = True
+        seen.add(gram)
+    return sum(len(w) for w, c in zip(words, covered) if c)
+
+
+class FormatFilter(Filter):
+    """Answers that must follow a format: a regex (searched, or matched whole) and/or valid JSON."""
+    name = "format"
+    regex: str | None = None
+    fullmatch: bool = False
+    valid_json: bool = False
+
+    def check(self, record):
+        text = response_text(record).strip()
+        if self.regex is not None:
+            pattern = re.compile(self.regex, re.DOTALL)
+            if not (pattern.fullmatch(text) if self.fullmatch else pattern.search(text)):
+                return f"does not match {self.regex!r}"
+        if self.valid_json:
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as e:
+                return f"invalid JSON ({e.msg})"
+        return None

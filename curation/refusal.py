@@ -1,0 +1,36 @@
+"""Refusals, AI self-identification and knowledge-cutoff boilerplate the student should not copy."""
+
+from __future__ import annotations
+
+import re
+
+from curation.base import Filter, response_text
+
+DEFAULT_PHRASES = [
+    r"as an ai(?: language)? model",
+    r"as a large language model",
+    r"i(?: a|')m (?:just )?an ai",
+    r"i(?: am|'m) sorry,? but i (?:can(?:no|')t|am unable to|won't)",
+    r"i (?:cannot|can't|can not|won't|am unable to|am not able to) (?:help|assist|comply|provide|fulfill)",
+    r"i(?:'m| am) not able to (?:help|assist)",
+    r"my (?:knowledge|training data) (?:cutoff|cut-off|only goes up to|is limited to)",
+    r"as of my (?:last )?(?:knowledge |training )?(?:update|cutoff|cut-off)",
+    r"i was (?:created|developed|trained) by (?:openai|anthropic|google|meta)",
+]
+
+
+class RefusalFilter(Filter):
+    """Regexes searched case-insensitively, with any run of whitespace matching any other."""
+    name = "refusal"
+    phrases: list[str] = DEFAULT_PHRASES
+    extra_phrases: list[str] = []
+
+    def model_post_init(self, _):
+        patterns = [re.sub(r"(?:\\ | )+", r"\\s+", p) for p in self.phrases + self.extra_phrases]
+        self._pattern = re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE) if patterns else None
+
+    def check(self, record):
+        if self._pattern is None:
+            return None
+        match = self._pattern.search(response_text(record))
+        return None if match is None else f"matched {match.group(0)!r}"

@@ -1,0 +1,168 @@
+"""`distill curate` on a hand-built corpus with planted bad records: each is rejected by the
+right filter with the right reason, every clean record survives, nothing is lost."""
+
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from curation.pipeline import build_filters, curate
+from curation.quality import RepetitionFilter
+from distill import corpus
+from distill.cli import main
+from distill.config import CurateConfig
+
+K = 5
+LONG = ("Sorting a list means putting its elements in order. A simple method compares neighbouring "
+        "numbers and swaps them when they are in the wrong order, then repeats the pass until nothing "
+        "changes. This is called bubble sort and it is easy to follow by hand. Faster methods such as "
+        "merge sort split the list into halves, sort each half and merge the results, which takes far "
+        "fewer comparisons on long lists. For the list five three one the sorted result is one three five.")
+EVAL_TEXT = ("The quick brown fox jumps over the lazy dog while the farmer counts thirteen sheep near the old "
+             "stone bridge at dawn")
+CLEAN = {
+    "c0": "The capital of Australia is Canberra.",
+    "c1": LONG,
+    "c2": "Paris is the capital of France, and it lies on the river Seine.",
+    "c3": "An old silent pond. A frog jumps into the pond. Splash! Silence again.",  # short, no repetition
+    "c4": "Photosynthesis turns light into chemical energy stored in sugar.",
+    "c5": "Yes.",
+    "c6": "Here is the list:\n1. apples\n2. pears\n3. plums",
+}
+PLANTED = {  # id -> (response, expected filter, overrides)
+    "truncated": ("The answer begins with a long explanation that never", "finish_reason", {"finish_reason": "length"}),
+    "blank": ("   ", "length", {}),
+    "loop": ("I like trains. " * 40, "repetition", {}),
+    "refusal": ("As an AI language model, I cannot help with that request.", "refusal", {}),
+    "german": ("Das ist eine sehr gute Frage über die Geschichte der Stadt Berlin und ihre Menschen.", "language", {}),
+    "pii": ("You can reach the author at jane.doe@example.com for details.", "pii", {}),
+    "exact_dup": ("the capital of   Australia is CANBERRA.", "dedup_exact", {}),
+    "near_dup": (LONG.replace("easy to follow", "simple to follow"), "dedup_near", {}),
+    "unsure": ("Maybe the moon is made of green cheese and rock.", "teacher_confidence", {"logprob": -4.0}),
+    "contaminated": (f"Well: {EVAL_TEXT}.", "decontaminate", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_models):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_models["tokenizer"])
+
+
+def make_record(rid, text, tokenizer, finish_reason="stop", logprob=-0.3):
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    top = np.tile(np.linspace(logprob, logprob - 4, K, dtype=np.float32), (len(ids), 1))
+    return {"id": rid, "prompt_id": f"p-{rid}", "messages": [{"role": "user", "content": f"question {rid}"}],
+            "response": text, "prompt_token_ids": [1, 2, 3], "response_token_ids": ids,
+            "response_logprobs": np.full(len(ids), logprob, np.float32),
+            "topk_token_ids": np.tile(np.arange(K, dtype=np.int32), (len(ids), 1)), "topk_logprobs": top,
+            "finish_reason": finish_reason}
+
+
+@pytest.fixture
+def planted(tmp_path, tokenizer, tiny_models):
+    records = [make_record(rid, text, tokenizer) for rid, text in CLEAN.items()]
+    records += [make_record(rid, text, tokenizer, **over) for rid, (text, _, over) in PLANTED.items()]
+    root = tmp_path / "corpus"
+    corpus.write_shard(root, 0, corpus.records_to_table(records[:9], K))
+    corpus.write_shard(root, 1, corpus.records_to_table(records[9:], K))
+    corpus.write_manifest(root, {"schema": corpus.SCHEMA, "teacher": {"model": str(tiny_models["llama-teacher"])},
+                                 "generation": {"top_k": K}, "stats": corpus.corpus_stats(root)})
+    (tmp_path / "eval.jsonl").write_text(f'{{"question": "{EVAL_TEXT}", "answer": "no"}}\n')
+    return root
+
+
+def filters_with(tmp_path, **pii):
+    return ["finish_reason", "length", "repetition", "refusal", {"name": "language", "languages": ["en"]},
+            {"name": "pii", **pii}, "dedup_exact", "dedup_near", "teacher_confidence",
+            {"name": "decontaminate", "eval_files": [str(tmp_path / "eval.jsonl")]}]
+
+
+def reasons(out):
+    return {r["id"]: r["reject_reason"] for r in corpus.iter_records(out, "rejected")}
+
+
+def test_each_planted_record_is_rejected_by_its_filter(tmp_path, planted):
+    out = curate(CurateConfig(corpus=planted, out=tmp_path / "out", filters=filters_with(tmp_path), batch_size=4))
+    got = reasons(out)
+    assert {rid: r.split(":")[0] for rid, r in got.items()} == {rid: f for rid, (_, f, _) in PLANTED.items()}
+    assert got["exact_dup"] == "dedup_exact: duplicate of c0"
+    assert got["near_dup"].startswith("dedup_near: near duplicate of c1 (Jaccard ~0.")
+    assert got["truncated"] == "finish_reason: finish_reason is 'length'"
+    assert got["pii"] == "pii: 1 match(es): email"
+    assert got["unsure"] == "teacher_confidence: mean logprob -4.00 < -2.5"
+    assert got["contaminated"] == "decontaminate: response shares a 13-gram with eval.jsonl"
+    kept = [r["id"] for r in corpus.iter_records(out)]
+    assert sorted(kept) == sorted(CLEAN)
+    assert sorted(kept + list(got)) == sorted(list(CLEAN) + list(PLANTED))  # nothing lost, nothing twice
+    assert corpus.validate(out)["records"] == len(CLEAN)
+    assert corpus.validate(out, "rejected")["records"] == len(PLANTED)
+    report = (out / "report.md").read_text()
+    assert "| dedup_near | 1 |" in report and (out / "response_length.png").stat().st_size > 1000
+    assert corpus.read_manifest(out)["history"][-1]["stage"] == "curate"
+
+    again = curate(CurateConfig(corpus=out, out=tmp_path / "again", filters=filters_with(tmp_path)))
+    assert reasons(again) == {} and corpus.validate(again)["records"] == len(CLEAN)  # idempotent
+
+
+def test_default_pipeline_from_the_cli(tmp_path, planted, capsys):
+    assert main(["curate", "--corpus", str(planted), "--out", str(tmp_path / "out")]) == 0
+    got = reasons(tmp_path / "out")
+    # language and decontaminate are off by default: those two records pass
+    assert set(got) == set(PLANTED) - {"german", "contaminated"}
+    assert main(["inspect", str(tmp_path / "out")]) == 0
+    assert "dedup_exact" in capsys.readouterr().out
+
+
+def test_pii_mask_keeps_the_record_and_masks_only_its_tokens(tmp_path, planted, tokenizer):
+    out = curate(CurateConfig(corpus=planted, out=tmp_path / "out", filters=filters_with(tmp_path, mode="mask")))
+    rec = next(r for r in corpus.iter_records(out) if r["id"] == "pii")
+    masked = [t for t, keep in zip(rec["response_token_ids"], rec["loss_mask"]) if not keep]
+    assert masked and "jane.doe@example.com" in tokenizer.decode(masked).replace(" ", "")
+    assert sum(rec["loss_mask"]) >= len(rec["loss_mask"]) - len(masked) > 5  # the rest still counts
+    assert all(all(r["loss_mask"]) for r in corpus.iter_records(out) if r["id"] != "pii")
+    assert corpus.validate(out)["records"] == len(CLEAN) + 1
+
+
+def test_plugin_filter_from_yaml(tmp_path, planted, monkeypatch):
+    (tmp_path / "myfilters.py").write_text(
+        "def no_france(record, word):\n    return f'mentions {word}' if word in record['response'] else None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tmp_path / "curate.yaml"
+    config.write_text(yaml.safe_dump({"corpus": str(planted), "out": str(tmp_path / "out"), "filters": [
+        "length", {"name": "verifier", "plugin": "myfilters:no_france", "params": {"word": "France"}}]}))
+    assert main(["curate", "--config", str(config)]) == 0
+    got = reasons(tmp_path / "out")
+    assert got == {"blank": "length: empty or whitespace-only response", "c2": "verifier: mentions France"}
+
+
+def test_bad_configs_name_the_yaml_key(tmp_path, planted, monkeypatch):
+    with pytest.raises(ValueError, match=r"`filters\[1\]\.name`: unknown filter 'nope'"):
+        build_filters(["length", {"name": "nope"}])
+    with pytest.raises(ValueError, match=r"`filters\[0\]\.min_tokens`: Input should be a valid integer"):
+        build_filters([{"name": "length", "min_tokens": "many"}])
+    with pytest.raises(ValueError, match=r"`filters\[0\]\.typo`: Extra inputs are not permitted"):
+        build_filters([{"name": "refusal", "typo": 1}])
+    (tmp_path / "boom.py").write_text("def check(record):\n    raise KeyError('missing field')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"plug-in `boom` \(boom:check\) failed on record 'c0': KeyError"):
+        curate(CurateConfig(corpus=planted, out=tmp_path / "o", filters=[{"name": "boom", "plugin": "boom:check"}]))
+
+
+def test_a_corpus_that_fails_validation_is_refused(tmp_path, planted):
+    manifest = corpus.read_manifest(planted)
+    manifest["stats"]["records"] += 1
+    corpus.write_manifest(planted, manifest)
+    with pytest.raises(corpus.CorpusError, match="`stats.records`"):
+        curate(CurateConfig(corpus=planted, out=tmp_path / "out"))
+
+
+def test_repetition_spares_short_answers_and_catches_loops():
+    rep = RepetitionFilter()
+    haiku = "An old silent pond, a frog jumps into the pond, splash! Silence again and again."
+    assert rep.check({"response": haiku}) is None
+    assert rep.check({"response": "The capital of Australia is Canberra."}) is None
+    assert rep.check({"response": "I am done. " * 40}) is not None
+    assert rep.check({"response": "\n".join(["same line here"] * 5 + ["other"])}).startswith("duplicate line fraction")
