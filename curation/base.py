@@ -42,7 +42,7 @@ class Filter(BaseModel):
                 failed[i] = detail
         return failed
 
-    def params(self) -> dict[str, Any]:
+    def settings(self) -> dict[str, Any]:
         return {"name": self.name, **self.model_dump(mode="json")}
 
 

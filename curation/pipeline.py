@@ -117,7 +117,7 @@ def curate(cfg: CurateConfig) -> Path:
     bar.close()
     manifest["stats"] = corpus.corpus_stats(out) | {"complete": True}
     manifest["rejected_stats"] = corpus.corpus_stats(out, "rejected")
-    manifest["curation"] = {"filters": [f.params() if not isinstance(f, PluginFilter) else
+    manifest["curation"] = {"filters": [f.settings() if not isinstance(f, PluginFilter) else
                                         {"name": f.label, "plugin": f.plugin, "params": f.params} for f in filters],
                             "source": str(cfg.corpus)}
     manifest.setdefault("history", []).append({

@@ -85,19 +85,21 @@ class RepetitionFilter(Filter):
                 return f"duplicate {unit} char fraction {char_frac:.2f} > {char_limit}"
         words = WORD.findall(text.lower())
         total = sum(len(w) for w in words)
-        if not total:
-            return None
+        if not total or len(set(zip(words, words[1:]))) == len(words) - 1:
+            return None  # no word pair repeats, so no n-gram (n >= 2) does: the common case, fast
         for n, limit in self.top_ngram_frac.items():
-            grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+            grams = Counter(zip(*(words[i:] for i in range(n))))
             if grams:
                 gram, count = grams.most_common(1)[0]
                 frac = sum(len(w) for w in gram) * count / total
                 if count > 1 and frac > limit:
                     return f"top {n}-gram {' '.join(gram)!r} covers {frac:.2f} > {limit}"
-        for n, limit in self.dup_ngram_frac.items():
-            frac = _duplicated_ngram_chars(words, n) / total
-            if frac > limit:
-                return f"duplicated {n}-grams cover {frac:.2f} > {limit}"
+        for n, limit in sorted(self.dup_ngram_frac.items()):
+            chars = _duplicated_ngram_chars(words, n)
+            if chars is None:
+                break  # nothing repeats at this n, so nothing longer does
+            if chars / total > limit:
+                return f"duplicated {n}-grams cover {chars / total:.2f} > {limit}"
         return None
 
 
@@ -113,11 +115,14 @@ def _duplicates(parts: list[str]) -> tuple[float, float]:
     return dup / len(parts), dup_chars / max(sum(len(p) for p in parts), 1)
 
 
-def _duplicated_ngram_chars(words: list[str], n: int) -> int:
-    """Characters of words inside an n-gram seen earlier (each word counted once)."""
+def _duplicated_ngram_chars(words: list[str], n: int) -> int | None:
+    """Characters of words inside an n-gram seen earlier (each word counted once); None when
+    no n-gram repeats."""
+    grams = list(zip(*(words[i:] for i in range(n))))
+    if len(set(grams)) == len(grams):
+        return None
     seen, covered = set(), np.zeros(len(words), dtype=bool)
-    for i in range(len(words) - n + 1):
-        gram = tuple(words[i:i + n])
+    for i, gram in enumerate(grams):
         if gram in seen:
             covered[i:i + n] = True
         seen.add(gram)

@@ -166,3 +166,38 @@ def test_repetition_spares_short_answers_and_catches_loops():
     assert rep.check({"response": "The capital of Australia is Canberra."}) is None
     assert rep.check({"response": "I am done. " * 40}) is not None
     assert rep.check({"response": "\n".join(["same line here"] * 5 + ["other"])}).startswith("duplicate line fraction")
+
+
+@pytest.mark.parametrize("text, kind", [
+    ("mail me: a.b+c@mail.example.org", "email"),
+    ("call +1 415-555-0134 today", "phone"),
+    ("or (020) 7946 0958", "phone"),
+    ("server at 93.184.216.34 is up", "ipv4"),
+    ("card 4111 1111 1111 1111 exp 12/29", "credit_card"),
+    ("key sk-abcdefghijklmnopqrstuvwxyz123456", "secret"),
+    ("aws AKIAIOSFODNN7EXAMPLE here", "secret"),
+])
+def test_pii_kinds(text, kind):
+    from curation.pii import find_pii, PATTERNS
+
+    assert [k for k, _, _ in find_pii(text, list(PATTERNS))] == [kind]
+
+
+@pytest.mark.parametrize("text", ["The years 2023-2024 were good.", "Version 1.2.3 of the tool.",
+                                  "Private host 192.168.1.10.", "Card-like 4111 1111 1111 1112 fails Luhn.",
+                                  "Sum: 12 345 + 678 = 13 023"])
+def test_pii_ignores_lookalikes(text):
+    from curation.pii import find_pii, PATTERNS
+
+    assert find_pii(text, list(PATTERNS)) == []
+
+
+def test_vectorised_checks_equal_per_record_checks(planted):
+    from curation.confidence import TeacherConfidenceFilter
+    from curation.quality import LengthFilter
+
+    batch = next(corpus.iter_batches(planted))
+    records = batch.to_pylist()
+    for f in (TeacherConfidenceFilter(min_mean_logprob=-1.0, max_mean_entropy=1.0), LengthFilter(min_tokens=8)):
+        rows = list(range(batch.num_rows))
+        assert f.check_batch(batch, rows) == {i: v for i in rows if (v := f.check(records[i])) is not None}
