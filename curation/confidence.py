@@ -9,28 +9,28 @@ import pyarrow.compute as pc
 from curation.base import Filter
 
 
-def per_record_stats(batch: pa.RecordBatch) -> dict[str, np.ndarray]:
-    """Mean and min response-token logprob and mean top-k entropy per record, vectorised."""
+def per_record_stats(batch: pa.RecordBatch, entropy: bool = True) -> dict[str, np.ndarray]:
+    """Mean and min response-token logprob and (if asked) mean top-k entropy per record, vectorised."""
     lengths = pc.list_value_length(batch.column("response_logprobs")).to_numpy(zero_copy_only=False).astype(np.int64)
     lp = pc.list_flatten(batch.column("response_logprobs")).to_numpy(zero_copy_only=False).astype(np.float64)
-    rows = pc.list_flatten(batch.column("topk_logprobs"))
-    k = int(pc.list_value_length(rows)[0].as_py()) if len(rows) else 1
-    top = pc.list_flatten(rows).to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, k)
-    p = np.exp(top)
-    p /= np.maximum(p.sum(axis=1, keepdims=True), 1e-12)  # renormalised over the top-k
-    entropy = -(p * np.log(np.maximum(p, 1e-12))).sum(axis=1)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    empty = lengths == 0
-    safe = np.where(empty, 0, starts)
+    filled = lengths > 0  # reduceat over the non-empty records only: their starts strictly increase
     n = np.maximum(lengths, 1)
 
     def reduce(values, ufunc, fill):
-        if not len(values):
-            return np.full(len(lengths), fill)
-        return np.where(empty, fill, ufunc.reduceat(values, np.minimum(safe, len(values) - 1)))
+        out = np.full(len(lengths), fill, dtype=np.float64)
+        if filled.any():
+            out[filled] = ufunc.reduceat(values, starts[filled])
+        return out
 
-    return {"mean_logprob": reduce(lp, np.add, 0.0) / n, "min_logprob": reduce(lp, np.minimum, 0.0),
-            "mean_entropy": reduce(entropy, np.add, 0.0) / n}
+    stats = {"mean_logprob": reduce(lp, np.add, 0.0) / n, "min_logprob": reduce(lp, np.minimum, 0.0)}
+    if entropy:
+        rows = pc.list_flatten(batch.column("topk_logprobs"))
+        k = int(pc.list_value_length(rows)[0].as_py()) if len(rows) else 1
+        p = np.exp(pc.list_flatten(rows).to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, k))
+        p /= np.maximum(p.sum(axis=1, keepdims=True), 1e-12)  # renormalised over the top-k
+        stats["mean_entropy"] = reduce(-(p * np.log(np.maximum(p, 1e-12))).sum(axis=1), np.add, 0.0) / n
+    return stats
 
 
 class TeacherConfidenceFilter(Filter):
@@ -52,8 +52,9 @@ class TeacherConfidenceFilter(Filter):
                              entropy.mean() if len(lp) else 0.0)
 
     def check_batch(self, batch: pa.RecordBatch, rows: list[int]) -> dict[int, str]:
-        s = per_record_stats(batch)
-        failed = {i: self._verdict(s["mean_logprob"][i], s["min_logprob"][i], s["mean_entropy"][i]) for i in rows}
+        s = per_record_stats(batch, entropy=self.max_mean_entropy is not None)
+        entropy = s.get("mean_entropy", np.zeros(batch.num_rows))
+        failed = {i: self._verdict(s["mean_logprob"][i], s["min_logprob"][i], entropy[i]) for i in rows}
         return {i: v for i, v in failed.items() if v is not None}
 
     def _verdict(self, mean_lp: float, min_lp: float, entropy: float) -> str | None:

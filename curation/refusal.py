@@ -19,6 +19,11 @@ DEFAULT_PHRASES = [
 ]
 
 
+def _lower_literals(pattern: str) -> str:
+    """Lower-case a regex except escapes (`\\S` must stay `\\S`)."""
+    return re.sub(r"\\.|[^\\]+", lambda m: m.group(0) if m.group(0).startswith("\\") else m.group(0).lower(), pattern)
+
+
 class RefusalFilter(Filter):
     """Regexes searched case-insensitively, with any run of whitespace matching any other."""
     name = "refusal"
@@ -26,11 +31,12 @@ class RefusalFilter(Filter):
     extra_phrases: list[str] = []
 
     def model_post_init(self, _):
-        patterns = [re.sub(r"(?:\\ | )+", r"\\s+", p) for p in self.phrases + self.extra_phrases]
-        self._pattern = re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE) if patterns else None
+        patterns = [re.sub(r"(?:\\ | )+", r"\\s+", _lower_literals(p)) for p in self.phrases + self.extra_phrases]
+        # matched against the lower-cased text: much faster than re.IGNORECASE
+        self._pattern = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
 
     def check(self, record):
         if self._pattern is None:
             return None
-        match = self._pattern.search(response_text(record))
+        match = self._pattern.search(response_text(record).lower())
         return None if match is None else f"matched {match.group(0)!r}"

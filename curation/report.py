@@ -30,7 +30,7 @@ class Report:
     def add(self, batch: pa.RecordBatch, keep: np.ndarray, reasons: list[str | None]) -> None:
         lengths = pc.list_value_length(batch.column("response_token_ids")).to_numpy(zero_copy_only=False)
         self.lengths.append(lengths)
-        self.mean_logprobs.append(per_record_stats(batch)["mean_logprob"])
+        self.mean_logprobs.append(per_record_stats(batch, entropy=False)["mean_logprob"])
         self.kept.append(keep)
         ids, texts = batch.column("id"), batch.column("response")
         for i, reason in enumerate(reasons):

@@ -201,3 +201,15 @@ def test_vectorised_checks_equal_per_record_checks(planted):
     for f in (TeacherConfidenceFilter(min_mean_logprob=-1.0, max_mean_entropy=1.0), LengthFilter(min_tokens=8)):
         rows = list(range(batch.num_rows))
         assert f.check_batch(batch, rows) == {i: v for i in rows if (v := f.check(records[i])) is not None}
+
+
+def test_confidence_stats_with_empty_responses():
+    import pyarrow as pa
+
+    from curation.confidence import per_record_stats
+
+    batch = pa.RecordBatch.from_pydict({
+        "response_logprobs": pa.array([[-1.0, -3.0], [], [-2.0], []], pa.list_(pa.float32())),
+        "topk_logprobs": pa.array([[[-1.0, -2.0]] * 2, [], [[-0.5, -1.0]], []], pa.list_(pa.list_(pa.float32())))})
+    s = per_record_stats(batch)
+    assert s["mean_logprob"].tolist() == [-2.0, 0.0, -2.0, 0.0] and s["min_logprob"].tolist() == [-3.0, 0.0, -2.0, 0.0]
