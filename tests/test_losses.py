@@ -1,0 +1,142 @@
+"""KD losses against independent dense references (float64), chunked == plain in value and
+gradient, and invariance to how a batch is split for gradient accumulation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from train.losses import KINDS, TAILS, chunked_distill_loss, kd_per_position, topk_kd_loss
+
+torch.manual_seed(0)
+B, T, V, H = 2, 5, 11, 8
+
+
+def dense_reference(student_logits, teacher_logits, kind, temperature, beta=0.5):
+    """Full-vocabulary divergence per position via F.kl_div (independent of train.losses)."""
+    lq = torch.log_softmax(student_logits / temperature, -1)
+    lp = torch.log_softmax(teacher_logits / temperature, -1)
+    kl = lambda target, inp: F.kl_div(inp, target, log_target=True, reduction="none").sum(-1)  # KL(target||inp)
+    if kind == "forward_kl":
+        out = kl(lp, lq)
+    elif kind == "reverse_kl":
+        out = kl(lq, lp)
+    else:
+        lm = torch.log(beta * lp.exp() + (1 - beta) * lq.exp())
+        out = beta * kl(lp, lm) + (1 - beta) * kl(lq, lm)
+    return out * temperature**2
+
+
+def teacher_topk(teacher_logits, k):
+    lp = torch.log_softmax(teacher_logits, -1)  # stored: raw, temperature 1
+    values, ids = lp.topk(k, dim=-1)
+    return ids, values
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_full_vocab_topk_equals_dense_kl(kind, tail, temperature):
+    student, teacher = torch.randn(B, T, V, dtype=torch.float64) * 3, torch.randn(B, T, V, dtype=torch.float64) * 3
+    ids, lps = teacher_topk(teacher, V)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 3:] = False
+    got = topk_kd_loss(student, ids, lps, mask, kind=kind, temperature=temperature, tail=tail)
+    want = dense_reference(student, teacher, kind, temperature)[mask].mean()
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bucket_is_the_exact_kl_on_k_plus_one_bins(kind):
+    k = 4
+    student, teacher = torch.randn(7, V, dtype=torch.float64) * 2, torch.randn(7, V, dtype=torch.float64) * 2
+    ids, lps = teacher_topk(teacher, k)
+    p, q = torch.softmax(teacher, -1), torch.softmax(student, -1)
+    coarse = lambda d: torch.cat([d.gather(-1, ids), 1 - d.gather(-1, ids).sum(-1, keepdim=True)], -1).log()
+    want = dense_reference(coarse(q), coarse(p), kind, 1.0)  # log-probs are valid logits
+    got = kd_per_position(student, ids, lps, kind=kind, tail="bucket")
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_renormalize_is_the_kl_of_the_restricted_distributions(kind, temperature):
+    k = 4
+    student, teacher = torch.randn(7, V, dtype=torch.float64), torch.randn(7, V, dtype=torch.float64)
+    ids, lps = teacher_topk(teacher, k)
+    want = dense_reference(student.gather(-1, ids), teacher.gather(-1, ids), kind, temperature)
+    got = kd_per_position(student, ids, lps, kind=kind, tail="renormalize", temperature=temperature)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tail", TAILS)
+def test_student_equal_to_teacher_has_zero_loss_and_a_different_one_does_not(kind, tail):
+    logits = torch.randn(6, V, dtype=torch.float64) * 2
+    ids, lps = teacher_topk(logits, 5)
+    assert kd_per_position(logits, ids, lps, kind=kind, tail=tail).abs().max() < 1e-10
+    assert kd_per_position(torch.randn(6, V, dtype=torch.float64), ids, lps, kind=kind, tail=tail).min() > 1e-3
+
+
+def test_masked_positions_do_not_count():
+    student, teacher = torch.randn(B, T, V), torch.randn(B, T, V)
+    ids, lps = teacher_topk(teacher, 4)
+    mask = torch.rand(B, T) > 0.4
+    changed = student.clone()
+    changed[~mask] = torch.randn_like(changed[~mask]) * 10
+    assert topk_kd_loss(student, ids, lps, mask) == topk_kd_loss(changed, ids, lps, mask)
+
+
+def plain_distill_loss(hidden, weight, labels, ids, lps, mask, alpha, **kw):
+    logits = hidden @ weight.T
+    kd = topk_kd_loss(logits, ids, lps, mask, **kw)
+    ce = F.cross_entropy(logits[mask], labels[mask])
+    return alpha * kd + (1 - alpha) * ce
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tail", TAILS)
+def test_chunked_equals_plain_in_value_and_gradient(kind, tail):
+    hidden = torch.randn(B, T, H, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    ids, lps = teacher_topk(torch.randn(B, T, V, dtype=torch.float64), 4)
+    labels = torch.randint(0, V, (B, T))
+    mask = torch.rand(B, T) > 0.3
+    kw = dict(kind=kind, tail=tail, temperature=2.0)
+    plain = plain_distill_loss(hidden, weight, labels, ids, lps, mask, 0.3, **kw)
+    g_plain = torch.autograd.grad(plain, (hidden, weight))
+    chunked, parts = chunked_distill_loss(hidden, weight, labels, ids, lps, mask, alpha=0.3, chunk_size=3, **kw)
+    g_chunked = torch.autograd.grad(chunked, (hidden, weight))
+    torch.testing.assert_close(chunked, plain, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g_chunked, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert set(parts) == {"kd", "ce"} and not parts["kd"].requires_grad
+
+
+def test_one_batch_of_4_equals_accumulation_2x2():
+    torch.manual_seed(1)
+    weight = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    hidden = torch.randn(4, T, H, dtype=torch.float64)
+    ids, lps = teacher_topk(torch.randn(4, T, V, dtype=torch.float64), 4)
+    labels = torch.randint(0, V, (4, T))
+    mask = torch.rand(4, T) > 0.3
+    mask[0, :] = True  # uneven target counts per micro-batch: a per-micro-batch mean would differ
+    mask[3, 1:] = False
+    whole, _ = chunked_distill_loss(hidden, weight, labels, ids, lps, mask)
+    (g_whole,) = torch.autograd.grad(whole, weight)
+    total = int(mask.sum())
+    g_acc = torch.zeros_like(weight)
+    for half in (slice(0, 2), slice(2, 4)):
+        part, _ = chunked_distill_loss(hidden[half], weight, labels[half], ids[half], lps[half], mask[half],
+                                       num_items=total)
+        g_acc += torch.autograd.grad(part, weight)[0]
+    torch.testing.assert_close(g_acc, g_whole, rtol=1e-10, atol=1e-12)
+
+
+def test_bad_arguments_are_named():
+    logits, ids, lps = torch.randn(2, V), torch.zeros(2, 3, dtype=torch.long), torch.full((2, 3), -2.0)
+    with pytest.raises(ValueError, match="`kind` must be one of"):
+        kd_per_position(logits, ids, lps, kind="kl")
+    with pytest.raises(ValueError, match="`tail` must be one of"):
+        kd_per_position(logits, ids, lps, tail="drop")
+    with pytest.raises(ValueError, match="`beta` must be in"):
+        kd_per_position(logits, ids, lps, kind="jsd", beta=1.0)

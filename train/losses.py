@@ -1,0 +1,138 @@
+"""Token-level distillation losses against a teacher's stored top-k distribution.
+
+At each response position the teacher left k token ids with their log-probabilities (raw,
+temperature 1). The student's full-vocabulary distribution is compared with it on a partition
+the teacher fully describes:
+
+- `tail="bucket"`: the k tokens plus one extra bin holding everything else (teacher: the
+  missing mass 1 - sum p_k; student: its mass outside those k). This is the exact KL between
+  the two distributions coarsened to k+1 outcomes; with k = V it is the full KL.
+- `tail="renormalize"`: both distributions restricted to the k tokens and renormalised.
+
+Temperature T (Hinton et al.): the student's logits are divided by T; the teacher is
+re-tempered over what is stored (p_i^(1/T), renormalised over the k tokens, or over the k+1
+bins with the tail bin treated as one token: exact for `renormalize`, an approximation for
+`bucket` since the tail's own shape is unknown); the loss is multiplied by T^2 so gradient
+magnitudes stay comparable across temperatures.
+
+Kinds, with P the teacher and Q the student on the partition:
+`forward_kl` KL(P||Q) (mean-seeking), `reverse_kl` KL(Q||P) (mode-seeking), and `jsd`:
+beta KL(P||M) + (1-beta) KL(Q||M) with M = beta P + (1-beta) Q (beta = 0.5: symmetric JSD).
+
+`topk_kd_loss` works on `[B, T, V]` logits and is the reference. `chunked_distill_loss` is what
+training uses: it takes the last hidden states and the LM head weight and computes logits for
+a chunk of positions at a time under activation checkpointing, so `[B*T, V]` logits are never
+held at once (forward or backward); it also returns the CE term on the same logits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+Kind = Literal["forward_kl", "reverse_kl", "jsd"]
+Tail = Literal["bucket", "renormalize"]
+KINDS, TAILS = ("forward_kl", "reverse_kl", "jsd"), ("bucket", "renormalize")
+_TINY = 1e-30
+TAIL_FLOOR = 1e-6
+EMPTY_LOG = -1e4  # log of an empty bin: exp() is exactly 0, and 0 * finite stays 0
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _log1mexp(log_x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(log_x)) for log_x <= 0, stable near 0, floored so that log(0) stays finite."""
+    x = log_x.clamp(max=0.0)
+    near_zero = torch.log((-torch.expm1(x)).clamp(min=_TINY))
+    return torch.where(x > -0.6931, near_zero, torch.log1p(-torch.exp(x))).clamp(min=math.log(_TINY))
+
+
+def _partition(student_logprobs_k: torch.Tensor, teacher_logprobs_k: torch.Tensor, tail: Tail, temperature: float):
+    """Both distributions on the same outcomes, as log-probabilities `[N, K(+1)]`.
+    `student_logprobs_k`: the student's tempered log-softmax gathered at the teacher's ids."""
+    if tail == "renormalize":
+        return (torch.log_softmax(student_logprobs_k, dim=-1),
+                torch.log_softmax(teacher_logprobs_k / temperature, dim=-1))
+    if tail != "bucket":
+        raise ValueError(f"`tail` must be one of {TAILS}, got {tail!r}")
+    s_tail = _log1mexp(torch.logsumexp(student_logprobs_k, dim=-1, keepdim=True))
+    t_tail = _log1mexp(torch.logsumexp(teacher_logprobs_k, dim=-1, keepdim=True))
+    # A teacher tail below 1e-6 is rounding noise of the stored values (float16 alone is ~1e-3):
+    # count it as empty, or re-tempering would inflate it (1e-16 ** (1/2) = 1e-8).
+    t_tail = torch.where(t_tail < math.log(TAIL_FLOOR), torch.full_like(t_tail, EMPTY_LOG), t_tail)
+    teacher = torch.cat([teacher_logprobs_k, t_tail], dim=-1)
+    if temperature != 1.0:
+        teacher = torch.log_softmax(teacher / temperature, dim=-1)
+    return torch.cat([student_logprobs_k, s_tail], dim=-1), teacher
+
+
+def _divergence(lq: torch.Tensor, lp: torch.Tensor, kind: Kind, beta: float) -> torch.Tensor:
+    """Per row: divergence between teacher P = exp(lp) and student Q = exp(lq) `[N, K'] -> [N]`."""
+    if kind == "forward_kl":
+        return (lp.exp() * (lp - lq)).sum(-1)
+    if kind == "reverse_kl":
+        return (lq.exp() * (lq - lp)).sum(-1)
+    if kind == "jsd":
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"`beta` must be in (0, 1) for jsd, got {beta}")
+        lm = torch.logsumexp(torch.stack([lp + torch.log(torch.tensor(beta, dtype=lp.dtype)),
+                                          lq + torch.log(torch.tensor(1 - beta, dtype=lq.dtype))]), dim=0)
+        return beta * (lp.exp() * (lp - lm)).sum(-1) + (1 - beta) * (lq.exp() * (lq - lm)).sum(-1)
+    raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}")
+
+
+def kd_per_position(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, *,
+                    kind: Kind = "forward_kl", temperature: float = 1.0, tail: Tail = "bucket",
+                    beta: float = 0.5) -> torch.Tensor:
+    """`logits [N, V]`, `topk_ids [N, K]`, `topk_logprobs [N, K]` -> KD loss per position `[N]`
+    (already multiplied by T^2)."""
+    student = torch.log_softmax(_upcast(logits) / temperature, dim=-1)  # over ~150k entries: >= float32
+    lq, lp = _partition(student.gather(-1, topk_ids.long()), topk_logprobs.to(student.dtype), tail, temperature)
+    return _divergence(lq, lp, kind, beta) * temperature**2
+
+
+def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                 mask: torch.Tensor, *, kind: Kind = "forward_kl", temperature: float = 1.0,
+                 tail: Tail = "bucket", beta: float = 0.5) -> torch.Tensor:
+    """Mean KD loss over the masked positions. `student_logits [B, T, V]` (position t already
+    predicts the token whose teacher top-k is row t), `topk_* [B, T, K]`, `mask [B, T]` bool."""
+    m = mask.bool()
+    per = kd_per_position(student_logits[m], topk_ids[m], topk_logprobs[m], kind=kind,
+                          temperature=temperature, tail=tail, beta=beta)
+    return per.sum() / m.sum().clamp(min=1)
+
+
+def _chunk_sums(hidden, weight, bias, labels, topk_ids, topk_logprobs, kind, temperature, tail, beta):
+    logits = F.linear(hidden, weight, bias)  # [c, V]: only this chunk's
+    kd = kd_per_position(logits, topk_ids, topk_logprobs, kind=kind, temperature=temperature, tail=tail, beta=beta)
+    ce = F.cross_entropy(_upcast(logits), labels, reduction="sum")
+    return kd.sum(), ce
+
+
+def chunked_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, mask: torch.Tensor, *,
+                         alpha: float = 0.5, kind: Kind = "forward_kl", temperature: float = 1.0,
+                         tail: Tail = "bucket", beta: float = 0.5, bias: torch.Tensor | None = None,
+                         chunk_size: int = 1024, num_items: int | torch.Tensor | None = None):
+    """alpha * KD + (1 - alpha) * CE over the masked positions, from `hidden [B, T, H]` and the
+    LM head `weight [V, H]` (+ `bias`). `labels [B, T]`: the token each position must predict.
+    Sums are divided by `num_items` (the target count of the whole accumulated batch, as TRL /
+    transformers pass it) or else by this batch's masked count, so gradients do not depend on
+    how a batch is split. Returns `(loss, {"kd": mean KD, "ce": mean CE})`, both detached."""
+    m = mask.bool()
+    h, y, ids, lps = hidden[m], labels[m], topk_ids[m], topk_logprobs[m]  # [N, ...]: masked rows only
+    kd_sum = ce_sum = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+    for start in range(0, h.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        args = (h[sl], weight, bias, y[sl], ids[sl], lps[sl], kind, temperature, tail, beta)
+        kd, ce = checkpoint(_chunk_sums, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_sums(*args)
+        kd_sum, ce_sum = kd_sum + kd, ce_sum + ce
+    denominator = num_items if num_items is not None else m.sum().clamp(min=1)
+    loss = (alpha * kd_sum + (1 - alpha) * ce_sum) / denominator
+    return loss, {"kd": (kd_sum / denominator).detach(), "ce": (ce_sum / denominator).detach()}
