@@ -190,17 +190,19 @@ class CorpusJob:
         self._update_stats(complete=False)
         todo = [c for c in range(n_chunks) if c not in done]
         done_requests = sum(min(cfg.chunk_size, total - c * cfg.chunk_size) for c in done if c < n_chunks)
+        generated = (0, 0.0)
         if todo:
             if teacher is None:
                 from generate.engine import VLLMTeacher
 
                 teacher = VLLMTeacher(cfg, max_logprobs=cfg.top_k, max_model_len=max_len)
-            self._generate(teacher, max_len, set(todo), total, done_requests)
+            generated = self._generate(teacher, max_len, set(todo), total, done_requests)
         stats = self._update_stats(complete=True, wall_time=time.time() - start)
-        self._summary(stats, len(bad), time.time() - start, resumed=len(done))
+        self._summary(stats, len(bad), time.time() - start, resumed=len(done), generated=generated)
         return self.out
 
-    def _generate(self, teacher, max_len: int, todo: set[int], total: int, done_requests: int) -> None:
+    def _generate(self, teacher, max_len: int, todo: set[int], total: int, done_requests: int) -> tuple[int, float]:
+        """Run the missing chunks; returns (response tokens produced, seconds)."""
         cfg = self.cfg
         chunks = Chunks()
         bar = tqdm(total=total, initial=done_requests, unit="req", desc="score" if self.scoring else "generate",
@@ -253,6 +255,7 @@ class CorpusJob:
         unfinished = [c for c in todo if chunks.buffers.get(c)]
         if unfinished:
             raise RuntimeError(f"chunks {unfinished} did not complete")
+        return tokens, time.time() - t0
 
     def _close(self, chunks: Chunks, chunk: int) -> None:
         if chunk not in chunks.closed:
@@ -294,14 +297,16 @@ class CorpusJob:
         corpus.write_manifest(self.out, self.manifest)
         return stats
 
-    def _summary(self, stats: dict, skipped: int, wall: float, resumed: int) -> None:
+    def _summary(self, stats: dict, skipped: int, wall: float, resumed: int, generated: tuple[int, float]) -> None:
         tokens = stats["response_tokens"]
+        new_tokens, seconds = generated
         lines = [
             f"corpus      {self.out}",
             f"records     {stats['records']:,} in {stats['shards']} shards"
             + (f" ({resumed} shards kept from an earlier run)" if resumed else ""),
             f"tokens      {tokens:,} response tokens",
-            f"throughput  {tokens / max(wall, 1e-9):,.0f} tok/s, {stats['records'] / max(wall, 1e-9):,.1f} records/s",
+            f"throughput  {new_tokens / max(seconds, 1e-9):,.0f} tok/s while generating ({new_tokens:,} new tokens "
+            f"in {seconds:.1f} s); {tokens / max(wall, 1e-9):,.0f} tok/s over the whole run",
             f"storage     {stats['bytes'] / max(tokens, 1):.1f} bytes per response token ({stats['bytes'] / 2**20:.1f} MiB)",
             f"skipped     {skipped} bad input records" + (" (see manifest `source.skipped_records`)" if skipped else ""),
             f"wall time   {wall:.1f} s",
