@@ -1,0 +1,78 @@
+"""The collator aligns tokens, labels and teacher top-k rows, truncates them together and
+honours `loss_mask`."""
+
+import numpy as np
+import pytest
+import torch
+
+from train.data import DistillCollator, trainable
+
+K = 3
+
+
+def record(rid, prompt, response, loss_mask=None):
+    n = len(response)
+    # row j is recognisable: ids [100j, 100j+1, 100j+2], logprobs [-j, -j-1, -j-2]
+    topk_ids = [[100 * j + c for c in range(K)] for j in range(n)]
+    topk_lps = [[-float(j) - c for c in range(K)] for j in range(n)]
+    return {"id": rid, "prompt_token_ids": prompt, "response_token_ids": response, "topk_token_ids": topk_ids,
+            "topk_logprobs": topk_lps, "loss_mask": loss_mask}
+
+
+def test_alignment_padding_and_masks():
+    recs = [record("a", [1, 2, 3], [10, 11, 12, 13]), record("b", [1, 2], [20, 21], loss_mask=[True, False])]
+    batch = DistillCollator(pad_token_id=0, max_length=64, top_k=K)(recs)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 10, 11, 12, 13], [1, 2, 20, 21, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1] * 7, [1, 1, 1, 1, 0, 0, 0]]
+    # position t predicts token t + 1: labels are the next tokens on response positions only
+    assert batch["labels"].tolist() == [[-100, -100, 10, 11, 12, 13, -100], [-100, 20, -100, -100, -100, -100, -100]]
+    for i, r in enumerate(recs):
+        p = len(r["prompt_token_ids"])
+        for t in torch.nonzero(batch["target_mask"][i]).flatten().tolist():
+            j = t + 1 - p  # the response token predicted at t
+            assert batch["input_ids"][i, t + 1] == r["response_token_ids"][j] == batch["labels"][i, t]
+            assert batch["topk_ids"][i, t].tolist() == r["topk_token_ids"][j]
+            np.testing.assert_allclose(batch["topk_logprobs"][i, t].numpy(), r["topk_logprobs"][j])
+    assert batch["target_mask"].sum().item() == 4 + 1  # "b"'s second token is masked out by loss_mask
+
+
+def test_truncation_cuts_tokens_and_topk_rows_together():
+    rec = record("a", [1, 2, 3], [10, 11, 12, 13, 14])
+    batch = DistillCollator(pad_token_id=0, max_length=5, top_k=K)([rec])
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 10, 11]]
+    assert batch["labels"].tolist() == [[-100, -100, 10, 11, -100]]
+    assert batch["topk_ids"][0, 3].tolist() == [100, 101, 102]  # row of response token 1 (11)
+    assert batch["topk_ids"][0, 4].tolist() == [0, 0, 0]  # no target past the cut
+
+
+def test_a_prompt_that_fills_the_context_is_refused_by_name():
+    rec = record("long", list(range(8)), [10])
+    assert not trainable(rec, 8) and trainable(rec, 9)
+    with pytest.raises(ValueError, match="record 'long': prompt of 8 tokens leaves no room"):
+        DistillCollator(pad_token_id=0, max_length=8, top_k=K)([rec])
+
+
+def test_teacher_copy_has_zero_kd_loss_on_its_own_corpus_and_a_random_student_does_not(tmp_path, tiny_models,
+                                                                                        teacher, prompts_file):
+    """End to end: vLLM corpus -> collator -> chunked loss on a transformers model."""
+    from transformers import AutoModelForCausalLM
+
+    from distill import corpus
+    from distill.config import GenerateConfig
+    from generate import generate
+    from train.losses import chunked_distill_loss
+
+    out = generate(GenerateConfig(teacher=str(tiny_models["llama-teacher"]), prompts=prompts_file, out=tmp_path / "c",
+                                  max_tokens=16, top_k=20, logprob_dtype="float32"), teacher=teacher)
+    batch = DistillCollator(pad_token_id=0, max_length=512, top_k=20)(list(corpus.iter_records(out)))
+
+    def kd(model_dir):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        with torch.no_grad():
+            hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            _, parts = chunked_distill_loss(hidden, model.lm_head.weight, batch["labels"].clamp(min=0),
+                                            batch["topk_ids"], batch["topk_logprobs"], batch["target_mask"])
+        return parts["kd"].item()
+
+    assert kd(tiny_models["llama-teacher"]) < 1e-3
+    assert kd(tiny_models["llama-student"]) > 0.1
