@@ -11,6 +11,7 @@ Filters that can look at a whole Arrow batch at once override `check_batch` (vec
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -44,6 +45,9 @@ class Filter(BaseModel):
 
     def settings(self) -> dict[str, Any]:
         return {"name": self.name, **self.model_dump(mode="json")}
+
+
+WORD = re.compile(r"\w+", re.UNICODE)
 
 
 def response_text(record: dict) -> str:

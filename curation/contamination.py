@@ -4,16 +4,12 @@ evaluation text, in the prompt or in the response."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
-from curation.base import Filter, prompt_text, response_text
-
-_WORD = re.compile(r"\w+", re.UNICODE)
-
+from curation.base import WORD, Filter, prompt_text, response_text
 
 def ngrams(text: str, n: int) -> set[int]:
-    words = _WORD.findall(text.lower())
+    words = WORD.findall(text.lower())
     return {hash(tuple(words[i:i + n])) for i in range(len(words) - n + 1)}
 
 

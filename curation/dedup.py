@@ -10,10 +10,9 @@ from typing import Literal
 
 import numpy as np
 
-from curation.base import Filter, prompt_text, response_text
+from curation.base import WORD, Filter, prompt_text, response_text
 
 _SPACE = re.compile(r"\s+")
-_WORD = re.compile(r"\w+", re.UNICODE)
 
 
 def normalise(text: str) -> str:
@@ -61,7 +60,7 @@ class NearDedupFilter(Filter):
         self._ids: list[str] = []
 
     def signature(self, text: str) -> np.ndarray | None:
-        words = _WORD.findall(text.lower())
+        words = WORD.findall(text.lower())
         if not words:
             return None
         n = min(self.shingle, len(words))

@@ -5,7 +5,6 @@ filter before it kept, so a record failing several filters is charged to the fir
 from __future__ import annotations
 
 import importlib
-import json
 import shutil
 import sys
 import time
@@ -14,7 +13,6 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 from tqdm import tqdm
@@ -22,7 +20,7 @@ from tqdm import tqdm
 from curation import confidence, contamination, dedup, language, pii, quality, refusal  # noqa: F401 (registry)
 from curation.base import Filter
 from curation.report import Report
-from distill import corpus, versions
+from distill import corpus
 from distill.config import CurateConfig
 
 DEFAULT_PIPELINE = ["finish_reason", "length", "repetition", "refusal", "pii", "dedup_exact", "dedup_near",
@@ -113,17 +111,14 @@ def curate(cfg: CurateConfig) -> Path:
         for subdir, tables in (("data", kept), ("rejected", rejected)):
             table = pa.concat_tables(tables, promote_options="permissive")
             if table.num_rows:
-                corpus.write_shard(out, index, _with_stats(table), subdir)
+                corpus.write_shard(out, index, table, subdir)
     bar.close()
     manifest["stats"] = corpus.corpus_stats(out) | {"complete": True}
     manifest["rejected_stats"] = corpus.corpus_stats(out, "rejected")
     manifest["curation"] = {"filters": [f.settings() if not isinstance(f, PluginFilter) else
                                         {"name": f.label, "plugin": f.plugin, "params": f.params} for f in filters],
                             "source": str(cfg.corpus)}
-    manifest.setdefault("history", []).append({
-        "stage": "curate", "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "wall_time_s": round(time.time() - start, 2), "config": json.loads(cfg.model_dump_json()),
-        "versions": versions()})
+    manifest.setdefault("history", []).append(corpus.history_entry("curate", cfg, time.time() - start))
     corpus.write_manifest(out, manifest)
     summary = report.write(out)
     print(summary, file=sys.stderr)
@@ -175,12 +170,6 @@ def _set_loss_mask(table: pa.Table, masks: dict[int, list[bool]]) -> pa.Table:
     if "loss_mask" in table.column_names:
         return table.set_column(table.column_names.index("loss_mask"), "loss_mask", column)
     return table.append_column("loss_mask", column)
-
-
-def _with_stats(table: pa.Table) -> pa.Table:
-    tokens = int(pc.sum(pc.list_value_length(table.column("response_token_ids"))).as_py() or 0)
-    stats = json.dumps({"records": table.num_rows, "response_tokens": tokens}).encode()
-    return table.replace_schema_metadata({corpus.STATS_KEY: stats})
 
 
 def _decoder(manifest: dict):

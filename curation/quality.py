@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curation.base import Filter, response_text
+from curation.base import WORD, Filter, response_text
 
 
 class FinishReasonFilter(Filter):
@@ -56,9 +56,6 @@ class LengthFilter(Filter):
         if self.max_chars is not None and len(stripped) > self.max_chars:
             return f"{len(stripped)} chars > max_chars {self.max_chars}"
         return None
-
-
-WORD = re.compile(r"\w+", re.UNICODE)
 
 
 class RepetitionFilter(Filter):

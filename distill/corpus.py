@@ -88,8 +88,7 @@ def records_to_table(records: Sequence[dict[str, Any]], k: int, logprob_dtype: s
                  for r in records], type=field.type)
         else:
             columns[name] = pa.array([r[name] for r in records], type=field.type)
-    stats = {"records": len(records), "response_tokens": int(sum(len(r["response_token_ids"]) for r in records))}
-    return pa.table(columns, schema=schema.with_metadata({STATS_KEY: json.dumps(stats).encode()}))
+    return pa.table(columns, schema=schema)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -111,7 +110,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_shard(root: Path, index: int, table: pa.Table, subdir: str = "data") -> Path:
-    """Write one shard atomically: readers see the whole shard or none of it."""
+    """Write one shard atomically: readers see the whole shard or none of it. Its record and
+    token counts go into the Parquet footer, so stats never need a scan."""
+    tokens = int(pc.sum(pc.list_value_length(table.column("response_token_ids"))).as_py() or 0)
+    stats = json.dumps({"records": table.num_rows, "response_tokens": tokens}).encode()
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), STATS_KEY: stats})
     folder = Path(root) / subdir
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"part-{index:05d}.parquet"
@@ -155,6 +158,16 @@ def corpus_stats(root: Path, subdir: str = "data") -> dict[str, int]:
         total["shards"] += 1
         total["bytes"] += path.stat().st_size
     return total
+
+
+def history_entry(stage: str, config: Any, wall_time: float) -> dict[str, Any]:
+    """One `manifest.history` item: what ran, with which resolved config and package versions."""
+    import time
+
+    from distill import versions
+
+    return {"stage": stage, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_time_s": round(wall_time, 2),
+            "config": json.loads(config.model_dump_json()), "versions": versions()}
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
@@ -240,7 +253,7 @@ def validate(root: Path, subdir: str = "data", max_problems: int = 20) -> dict[s
         if stats.get(key) != actual:
             problems.append(f"manifest `stats.{key}` is {stats.get(key)!r} but the shards hold {actual}")
     if problems:
-        more = f"\n  ... and more" if len(problems) > max_problems else ""
+        more = "\n  ... and more" if len(problems) > max_problems else ""
         raise CorpusError(f"`{root}` is not a valid corpus:\n  " + "\n  ".join(problems[:max_problems]) + more)
     return {"records": records, "response_tokens": tokens}
 

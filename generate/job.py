@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import shutil
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from distill import corpus, versions
+from distill import corpus
 from distill.config import CorpusJobConfig, GenerateConfig, ScoreConfig
 from generate.prompts import BadRecord, Prompt, PromptError, iter_prompts, resolve_format
 from generate.requests import Completion, Request, Sampling
@@ -290,10 +289,8 @@ class CorpusJob:
         stats = corpus.corpus_stats(self.out) | {"complete": complete}
         self.manifest["stats"] = stats
         if wall_time is not None:
-            self.manifest["history"].append({
-                "stage": "score" if self.scoring else "generate", "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "wall_time_s": round(wall_time, 2), "config": json.loads(self.cfg.model_dump_json()),
-                "versions": versions()})
+            self.manifest["history"].append(
+                corpus.history_entry("score" if self.scoring else "generate", self.cfg, wall_time))
         corpus.write_manifest(self.out, self.manifest)
         return stats
 

@@ -1,7 +1,6 @@
 """`distill curate` on a hand-built corpus with planted bad records: each is rejected by the
 right filter with the right reason, every clean record survives, nothing is lost."""
 
-import sys
 
 import numpy as np
 import pytest
