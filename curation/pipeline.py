@@ -41,6 +41,9 @@ class PluginFilter(Filter):
         except (ImportError, AttributeError) as e:
             raise ValueError(f"cannot load plug-in `{self.plugin}` ({e})") from None
 
+    def settings(self) -> dict[str, Any]:
+        return {"name": self.label, "plugin": self.plugin, "params": self.params}
+
     def check_batch(self, batch, rows):
         records = batch.to_pylist()
         failed = {}
@@ -91,6 +94,8 @@ def curate(cfg: CurateConfig) -> Path:
     corpus.validate(cfg.corpus)  # refuse a broken corpus with the reason, before any work
     manifest = corpus.read_manifest(cfg.corpus)
     out = Path(cfg.out)
+    if out.resolve() == Path(cfg.corpus).resolve():
+        raise ValueError(f"`out` must differ from `corpus` (`{out}`): curation writes a new corpus")
     if out.exists():
         if not cfg.overwrite:
             raise FileExistsError(f"`{out}` exists: choose another `out` or pass `--overwrite`")
@@ -115,9 +120,7 @@ def curate(cfg: CurateConfig) -> Path:
     bar.close()
     manifest["stats"] = corpus.corpus_stats(out) | {"complete": True}
     manifest["rejected_stats"] = corpus.corpus_stats(out, "rejected")
-    manifest["curation"] = {"filters": [f.settings() if not isinstance(f, PluginFilter) else
-                                        {"name": f.label, "plugin": f.plugin, "params": f.params} for f in filters],
-                            "source": str(cfg.corpus)}
+    manifest["curation"] = {"filters": [f.settings() for f in filters], "source": str(cfg.corpus)}
     manifest.setdefault("history", []).append(corpus.history_entry("curate", cfg, time.time() - start))
     corpus.write_manifest(out, manifest)
     summary = report.write(out)

@@ -212,3 +212,9 @@ def test_confidence_stats_with_empty_responses():
         "topk_logprobs": pa.array([[[-1.0, -2.0]] * 2, [], [[-0.5, -1.0]], []], pa.list_(pa.list_(pa.float32())))})
     s = per_record_stats(batch)
     assert s["mean_logprob"].tolist() == [-2.0, 0.0, -2.0, 0.0] and s["min_logprob"].tolist() == [-3.0, 0.0, -2.0, 0.0]
+
+
+def test_curating_into_the_input_directory_is_refused(planted):
+    with pytest.raises(ValueError, match="`out` must differ from `corpus`"):
+        curate(CurateConfig(corpus=planted, out=planted, overwrite=True))
+    assert corpus.validate(planted)["records"] == len(CLEAN) + len(PLANTED)
