@@ -15,18 +15,18 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from distill.config import CurateConfig, GenerateConfig, ScoreConfig, format_validation_error
+from distill.config import CurateConfig, GenerateConfig, ScoreConfig, TrainConfig, format_validation_error
 
 # name -> (function "module:attr", config model, one-line help)
 COMMANDS: dict[str, tuple[str, type[BaseModel] | None, str]] = {
     "generate": ("generate.job:generate", GenerateConfig, "Run the teacher over prompts: responses + top-k logprobs."),
     "score": ("generate.job:score", ScoreConfig, "Teacher top-k logprobs along existing responses."),
     "curate": ("curation.pipeline:curate", CurateConfig, "Filter teacher outputs, keeping every rejection with its reason."),
+    "train": ("train.trainer:train", TrainConfig, "Train a student: SFT + token-level KL on the stored top-k."),
     "inspect": ("distill.inspect:inspect", None, "Summary of a corpus and one decoded record."),
 }
 # Contracts in DESIGN.md that later issues implement; the command says so instead of pretending.
 PLANNED = {
-    "train": (4, "Train a student: SFT + token-level KL on the stored top-k."),
     "eval": (5, "Measure a student against its teacher."),
     "serve": (5, "Serve a student behind an OpenAI-compatible endpoint."),
     "chat": (5, "Terminal chat with a served model."),

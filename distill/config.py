@@ -91,6 +91,36 @@ class CurateConfig(StageConfig):
     overwrite: bool = Field(False, description="Replace an existing `out`.")
 
 
+class TrainConfig(StageConfig):
+    """`distill train`: a student learns the teacher's tokens (CE) and its top-k distributions (KL)."""
+
+    corpus: Path = Field(description="Training corpus directory (from generate / curate).")
+    student: str = Field(description="Student model: a local directory or a hub id (same tokenizer family).")
+    out: Path = Field(description="Output directory: merged model, adapter, metrics, model card.")
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field("forward_kl", description="KD divergence.")
+    tail: Literal["bucket", "renormalize"] = Field("bucket", description="How the teacher's mass outside its top-k is treated.")
+    beta: float = Field(0.5, gt=0.0, lt=1.0, description="JSD interpolation (`loss: jsd`).")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of KD; 1 - alpha weighs CE on the teacher's tokens.")
+    kd_temperature: float = Field(1.0, gt=0.0, description="KD temperature (loss scaled by T^2).")
+    lora: bool = Field(True, description="Train LoRA adapters (`--no-lora`: full fine-tuning).")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    epochs: float = Field(1.0, gt=0.0, description="Training epochs (ignored when `max_steps` is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    learning_rate: float = Field(2e-4, gt=0.0, description="Peak learning rate.")
+    batch_size: int = Field(8, ge=1, description="Sequences per device per step.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    max_length: int = Field(2048, ge=2, description="Truncate prompt + response to this many tokens.")
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of records held out for eval loss / KL / agreement.")
+    chunk_size: int = Field(1024, ge=1, description="Positions per chunk of the KD loss (memory vs speed).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    save_steps: int = Field(500, ge=1, description="Checkpoint every this many steps.")
+    logging_steps: int = Field(10, ge=1, description="Log metrics every this many steps.")
+    seed: int = Field(0, description="Seed for init, data order and the eval split.")
+    resume: bool = Field(False, description="Continue from the newest checkpoint in `out`.")
+
+
 def format_validation_error(err: ValidationError, source: str = "") -> str:
     """One line per problem, each naming the field (`a.b`) the way the YAML/flag spells it."""
     lines = []

@@ -1,0 +1,76 @@
+"""`distill train` end to end on a vLLM-generated corpus with the real TRL trainer."""
+
+import json
+
+import pytest
+import torch
+
+from distill.config import GenerateConfig, TrainConfig
+from generate import generate
+from tests.conftest import write_jsonl
+from train.trainer import train
+
+
+@pytest.fixture(scope="module")
+def teacher_corpus(tiny_models, teacher, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    prompts = write_jsonl(root / "p.jsonl", [{"prompt": f"Sort the numbers {i} {i * 3 % 7} {i % 4}"} for i in range(24)])
+    return generate(GenerateConfig(teacher=str(tiny_models["llama-teacher"]), prompts=prompts, out=root / "corpus",
+                                   max_tokens=24, samples=2, top_k=20), teacher=teacher)
+
+
+def test_lora_student_learns_and_is_saved_for_serving(tmp_path, tiny_models, teacher_corpus):
+    from transformers import AutoModelForCausalLM
+
+    out = train(TrainConfig(corpus=teacher_corpus, student=str(tiny_models["llama-student"]), out=tmp_path / "s",
+                            max_steps=30, batch_size=8, learning_rate=5e-3, logging_steps=5, save_steps=15,
+                            eval_fraction=0.2, chunk_size=16))
+    card = json.loads((out / "distill.json").read_text())
+    assert card["steps"] == 30 and card["last_loss"] < card["first_loss"]
+    assert 0.0 <= card["final"]["eval_top1_agreement"] <= 1.0 and card["final"]["eval_tokens"] > 0
+    assert card["teacher"]["model"] == str(tiny_models["llama-teacher"]) and card["history"][-1]["stage"] == "train"
+    metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("kd" in m and "ce" in m for m in metrics)
+    assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "model.safetensors").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out)  # plain model dir: what vLLM serves
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert "Distilled student" in (out / "README.md").read_text()
+
+
+def test_a_copy_of_the_teacher_has_zero_kl_and_full_agreement(tmp_path, tiny_models, teacher_corpus):
+    out = train(TrainConfig(corpus=teacher_corpus, student=str(tiny_models["llama-teacher"]), out=tmp_path / "copy",
+                            lora=False, max_steps=1, learning_rate=1e-12, eval_fraction=0.25, batch_size=4))
+    final = json.loads((out / "distill.json").read_text())["final"]
+    assert final["eval_kl"] < 1e-2 and final["eval_top1_agreement"] > 0.97
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path, tiny_models, teacher_corpus):
+    common = dict(corpus=teacher_corpus, student=str(tiny_models["llama-student"]), out=tmp_path / "r",
+                  batch_size=8, save_steps=2, eval_fraction=0.0, logging_steps=1)
+    train(TrainConfig(max_steps=2, **common))
+    out = train(TrainConfig(max_steps=4, resume=True, **common))
+    logs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in logs if "loss" in m]
+    assert steps == [1, 2, 3, 4]  # steps 3-4 continued from checkpoint-2, not from scratch
+
+
+def test_student_with_another_vocabulary_is_refused(tmp_path, tiny_models, teacher_corpus):
+    import shutil
+
+    from distill.tiny import build_model, build_tokenizer
+
+    swapped = tmp_path / "swapped"  # the student's tokenizer with ids 100 and 101 exchanged
+    shutil.copytree(tiny_models["llama-student"], swapped)
+    spec = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = sorted((t for t, i in vocab.items() if i in (100, 101)), key=vocab.get)
+    vocab[a], vocab[b] = 101, 100
+    (swapped / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=rf"vocabularies differ on 2 of the corpus's ids \(id 100: teacher {a!r} "
+                                         rf"vs student {b!r}"):
+        train(TrainConfig(corpus=teacher_corpus, student=str(swapped), out=tmp_path / "x", max_steps=1))
+
+    build_tokenizer(tmp_path / "tok", vocab_size=300)
+    small = build_model(tmp_path / "small", tmp_path / "tok", size="student")
+    with pytest.raises(ValueError, match=r"the corpus uses token id \d+ but the student has 300 embeddings"):
+        train(TrainConfig(corpus=teacher_corpus, student=str(small), out=tmp_path / "y", max_steps=1))

@@ -1,0 +1,181 @@
+"""`train()`: a student from a teacher corpus with TRL's `SFTTrainer`, one method overridden.
+
+`DistillTrainer.compute_loss` runs the student for its last hidden states only
+(`logits_to_keep=1`), then `chunked_distill_loss` computes alpha * KD + (1 - alpha) * CE chunk
+by chunk, never holding `[B, T, V]` logits. Everything else (optimizer, schedule, gradient
+accumulation, checkpoints, resume, PEFT, DDP) is TRL / transformers as shipped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from distill import corpus
+from distill.config import TrainConfig
+from train.data import DistillCollator, trainable
+from train.losses import chunked_distill_loss
+
+
+class DistillTrainer(SFTTrainer):
+    def __init__(self, *args, distill: TrainConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.distill = distill
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                    output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        cfg = self.distill
+        loss, parts = chunked_distill_loss(
+            out.hidden_states[-1], head.weight, inputs["labels"].clamp(min=0), inputs["topk_ids"],
+            inputs["topk_logprobs"], inputs["target_mask"], bias=head.bias, alpha=cfg.alpha, kind=cfg.loss,
+            temperature=cfg.kd_temperature, tail=cfg.tail, beta=cfg.beta, chunk_size=cfg.chunk_size,
+            num_items=num_items_in_batch)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: the token count is global
+        if model.training:
+            self._metrics["train"]["kd"].append(parts["kd"].item())
+            self._metrics["train"]["ce"].append(parts["ce"].item())
+        return (loss, out) if return_outputs else loss
+
+
+class JsonlMetrics(TrainerCallback):
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def check_vocabulary(manifest: dict, student_tokenizer, embedding_rows: int, max_teacher_id: int) -> None:
+    """Refuse a student whose vocabulary differs from the teacher's on the ids the corpus uses."""
+    if max_teacher_id >= embedding_rows:
+        raise ValueError(f"the corpus uses token id {max_teacher_id} but the student has {embedding_rows} embeddings")
+    from generate.templating import tokenizer_fingerprint  # the same hash the corpus manifest holds
+
+    if tokenizer_fingerprint(student_tokenizer)["tokenizer_sha256"] == manifest["teacher"].get("tokenizer_sha256"):
+        return
+    from transformers import AutoTokenizer
+
+    teacher = AutoTokenizer.from_pretrained(manifest["teacher"]["model"])
+    ids = range(min(max_teacher_id + 1, len(teacher)))
+    theirs, ours = teacher.convert_ids_to_tokens(list(ids)), student_tokenizer.convert_ids_to_tokens(list(ids))
+    diff = [(i, a, b) for i, a, b in zip(ids, theirs, ours) if a != b]
+    if diff:
+        shown = ", ".join(f"id {i}: teacher {a!r} vs student {b!r}" for i, a, b in diff[:3])
+        raise ValueError(f"student and teacher vocabularies differ on {len(diff)} of the corpus's ids ({shown}); "
+                         "distil into a student of the same tokenizer family")
+
+
+def train(cfg: TrainConfig) -> Path:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.time()
+    corpus.validate(cfg.corpus)
+    manifest = corpus.read_manifest(cfg.corpus)
+    k = manifest["generation"]["top_k"]
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.student)
+    gpu = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.bfloat16 if gpu else torch.float32)
+    table = corpus.read_table(cfg.corpus)
+    max_id = max((max(max(row) for row in rec) for rec in table.column("topk_token_ids").to_pylist() if rec), default=0)
+    check_vocabulary(manifest, tokenizer, model.get_output_embeddings().weight.shape[0], max_id)
+
+    data = Dataset.from_list([r for r in table.to_pylist() if trainable(r, cfg.max_length)])
+    if len(data) < table.num_rows:
+        print(f"skipped {table.num_rows - len(data)} records whose prompt fills max_length {cfg.max_length}")
+    split = data.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed) if cfg.eval_fraction else None
+    train_data, eval_data = (split["train"], split["test"]) if split else (data, None)
+
+    peft_config = None
+    if cfg.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+    args = SFTConfig(
+        output_dir=str(out / "checkpoints"), per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, learning_rate=cfg.learning_rate,
+        logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, eval_strategy="steps" if eval_data else "no",
+        eval_steps=cfg.save_steps, seed=cfg.seed, bf16=gpu, gradient_checkpointing=cfg.gradient_checkpointing,
+        remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, report_to=[],
+        max_length=None)
+    collator = DistillCollator(pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                               else tokenizer.eos_token_id, max_length=cfg.max_length, top_k=k)
+    trainer = DistillTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+                             processing_class=tokenizer, data_collator=collator, peft_config=peft_config,
+                             callbacks=[JsonlMetrics(out / "metrics.jsonl")], distill=cfg)
+    resume = cfg.resume and any((out / "checkpoints").glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    final = evaluate(trainer, eval_data, collator, cfg) if eval_data else {}
+    _save(trainer, tokenizer, out, cfg)
+    _write_card(out, cfg, manifest, trainer, final, time.time() - start)
+    return out
+
+
+@torch.no_grad()
+def evaluate(trainer: DistillTrainer, data, collator: DistillCollator, cfg: TrainConfig) -> dict[str, float]:
+    """Held-out KL to the teacher (forward KL on the stored top-k), CE, and top-1 agreement."""
+    model = trainer.model.eval()
+    device = next(model.parameters()).device
+    kd = ce = agree = n = 0.0
+    head = model.get_output_embeddings()
+    for start in range(0, len(data), cfg.batch_size):
+        batch = {k: v.to(device) for k, v in collator([data[i] for i in range(start, min(len(data), start + cfg.batch_size))]).items()}
+        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        m = batch["target_mask"]
+        count = int(m.sum())
+        _, parts = chunked_distill_loss(hidden, head.weight, batch["labels"].clamp(min=0), batch["topk_ids"],
+                                        batch["topk_logprobs"], m, bias=head.bias, alpha=1.0, kind="forward_kl",
+                                        tail=cfg.tail, chunk_size=cfg.chunk_size)
+        kd, ce = kd + parts["kd"].item() * count, ce + parts["ce"].item() * count
+        predicted = torch.nn.functional.linear(hidden[m], head.weight, head.bias).argmax(-1)
+        agree += (predicted == batch["topk_ids"][m][:, 0]).sum().item()
+        n += count
+    return {"eval_kl": kd / max(n, 1), "eval_ce": ce / max(n, 1), "eval_top1_agreement": agree / max(n, 1),
+            "eval_tokens": int(n)}
+
+
+def _save(trainer: DistillTrainer, tokenizer, out: Path, cfg: TrainConfig) -> None:
+    """The model vLLM serves goes to `out` (merged safetensors); LoRA's adapter to `out/adapter`."""
+    model = trainer.model
+    if cfg.lora:
+        model.save_pretrained(out / "adapter")
+        model = model.merge_and_unload()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _write_card(out: Path, cfg: TrainConfig, manifest: dict, trainer, final: dict, wall: float) -> None:
+    import hashlib
+
+    logs = [l for l in trainer.state.log_history if "loss" in l]
+    manifest_hash = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    card = {"teacher": manifest.get("teacher"), "corpus": str(cfg.corpus), "corpus_manifest_sha256": manifest_hash,
+            "curation": manifest.get("curation"), "config": json.loads(cfg.model_dump_json()),
+            "steps": trainer.state.global_step, "final": final,
+            "first_loss": logs[0]["loss"] if logs else None, "last_loss": logs[-1]["loss"] if logs else None,
+            "history": manifest.get("history", []) + [corpus.history_entry("train", cfg, wall)]}
+    (out / "distill.json").write_text(json.dumps(card, indent=2) + "\n")
+    lines = ["# Distilled student", "", f"- student base: `{cfg.student}`",
+             f"- teacher: `{(manifest.get('teacher') or {}).get('model')}`",
+             f"- corpus: `{cfg.corpus}` (manifest sha256 `{manifest_hash[:16]}`)",
+             f"- loss: {cfg.alpha} x {cfg.loss} (tail {cfg.tail}, T={cfg.kd_temperature}) + {1 - cfg.alpha:g} x CE; "
+             f"{'LoRA r=' + str(cfg.lora_r) if cfg.lora else 'full fine-tuning'}",
+             f"- steps: {trainer.state.global_step}; loss {card['first_loss']} -> {card['last_loss']}",
+             *(f"- {key}: {value:.4f}" if isinstance(value, float) else f"- {key}: {value}" for key, value in final.items()),
+             "", "Full provenance: `distill.json`. Metrics per logging step: `metrics.jsonl`."]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
