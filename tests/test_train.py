@@ -19,15 +19,28 @@ def teacher_corpus(tiny_models, teacher, tmp_path_factory):
                                    max_tokens=24, samples=2, top_k=20), teacher=teacher)
 
 
-def test_lora_student_learns_and_is_saved_for_serving(tmp_path, tiny_models, teacher_corpus):
+def test_student_learns_the_teacher(tmp_path, tiny_models, teacher_corpus):
+    out = train(TrainConfig(corpus=teacher_corpus, student=str(tiny_models["llama-student"]), out=tmp_path / "s",
+                            lora=False, max_steps=200, batch_size=8, learning_rate=1e-2, logging_steps=20,
+                            save_steps=100, eval_fraction=0.2, chunk_size=16))
+    card = json.loads((out / "distill.json").read_text())
+    before, after = card["initial"], card["final"]
+    print("held-out before/after:", before, after)
+    assert card["steps"] == 200 and card["last_loss"] < card["first_loss"]
+    assert after["eval_kl"] < 0.8 * before["eval_kl"]  # direction, with margin
+    # the random-weight teacher answers with token soup: little to generalise, so a small margin
+    assert after["eval_top1_agreement"] > before["eval_top1_agreement"] + 0.02
+    assert (out / "loss.png").stat().st_size > 1000
+
+
+def test_lora_student_is_saved_for_serving(tmp_path, tiny_models, teacher_corpus):
     from transformers import AutoModelForCausalLM
 
     out = train(TrainConfig(corpus=teacher_corpus, student=str(tiny_models["llama-student"]), out=tmp_path / "s",
-                            max_steps=30, batch_size=8, learning_rate=5e-3, logging_steps=5, save_steps=15,
+                            max_steps=20, batch_size=8, learning_rate=5e-3, logging_steps=5, save_steps=10,
                             eval_fraction=0.2, chunk_size=16))
     card = json.loads((out / "distill.json").read_text())
-    assert card["steps"] == 30 and card["last_loss"] < card["first_loss"]
-    assert 0.0 <= card["final"]["eval_top1_agreement"] <= 1.0 and card["final"]["eval_tokens"] > 0
+    assert card["steps"] == 20 and card["last_loss"] < card["first_loss"]
     assert card["teacher"]["model"] == str(tiny_models["llama-teacher"]) and card["history"][-1]["stage"] == "train"
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("kd" in m and "ce" in m for m in metrics)

@@ -118,17 +118,21 @@ def train(cfg: TrainConfig) -> Path:
                              processing_class=tokenizer, data_collator=collator, peft_config=peft_config,
                              callbacks=[JsonlMetrics(out / "metrics.jsonl")], distill=cfg)
     resume = cfg.resume and any((out / "checkpoints").glob("checkpoint-*"))
+    initial = evaluate(trainer, eval_data, collator, cfg) if eval_data else {}
     trainer.train(resume_from_checkpoint=True if resume else None)
     final = evaluate(trainer, eval_data, collator, cfg) if eval_data else {}
     _save(trainer, tokenizer, out, cfg)
-    _write_card(out, cfg, manifest, trainer, final, time.time() - start)
+    _plot(out)
+    _write_card(out, cfg, manifest, trainer, {"initial": initial, "final": final}, time.time() - start)
     return out
 
 
 @torch.no_grad()
 def evaluate(trainer: DistillTrainer, data, collator: DistillCollator, cfg: TrainConfig) -> dict[str, float]:
     """Held-out KL to the teacher (forward KL on the stored top-k), CE, and top-1 agreement."""
-    model = trainer.model.eval()
+    model = trainer.model
+    was_training = model.training
+    model.eval()
     device = next(model.parameters()).device
     kd = ce = agree = n = 0.0
     head = model.get_output_embeddings()
@@ -145,6 +149,7 @@ def evaluate(trainer: DistillTrainer, data, collator: DistillCollator, cfg: Trai
         predicted = torch.nn.functional.linear(hidden[m], head.weight, head.bias).argmax(-1)
         agree += (predicted == batch["topk_ids"][m][:, 0]).sum().item()
         n += count
+    model.train(was_training)
     return {"eval_kl": kd / max(n, 1), "eval_ce": ce / max(n, 1), "eval_top1_agreement": agree / max(n, 1),
             "eval_tokens": int(n)}
 
@@ -159,14 +164,42 @@ def _save(trainer: DistillTrainer, tokenizer, out: Path, cfg: TrainConfig) -> No
     tokenizer.save_pretrained(out)
 
 
-def _write_card(out: Path, cfg: TrainConfig, manifest: dict, trainer, final: dict, wall: float) -> None:
+def _curation_summary(corpus_dir: Path, manifest: dict) -> dict | None:
+    report = Path(corpus_dir) / "report.json"
+    if not report.exists():
+        return manifest.get("curation")
+    summary = json.loads(report.read_text())
+    return {**(manifest.get("curation") or {}), "kept": summary["kept"], "rejected": summary["rejected"],
+            "rejected_by_filter": {f["name"]: f["rejected"] for f in summary["filters"]}}
+
+
+def _plot(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in ("loss", "kd", "ce", "eval_loss"):
+        points = [(m["step"], float(m[key])) for m in logs if key in m]
+        if points:
+            ax.plot(*zip(*points), label=key, marker="." if key == "eval_loss" else None)
+    ax.set_xlabel("step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=100)
+    plt.close(fig)
+
+
+def _write_card(out: Path, cfg: TrainConfig, manifest: dict, trainer, evals: dict, wall: float) -> None:
     import hashlib
 
     logs = [l for l in trainer.state.log_history if "loss" in l]
     manifest_hash = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
     card = {"teacher": manifest.get("teacher"), "corpus": str(cfg.corpus), "corpus_manifest_sha256": manifest_hash,
-            "curation": manifest.get("curation"), "config": json.loads(cfg.model_dump_json()),
-            "steps": trainer.state.global_step, "final": final,
+            "curation": _curation_summary(cfg.corpus, manifest), "config": json.loads(cfg.model_dump_json()),
+            "steps": trainer.state.global_step, **evals,
             "first_loss": logs[0]["loss"] if logs else None, "last_loss": logs[-1]["loss"] if logs else None,
             "history": manifest.get("history", []) + [corpus.history_entry("train", cfg, wall)]}
     (out / "distill.json").write_text(json.dumps(card, indent=2) + "\n")
@@ -176,6 +209,7 @@ def _write_card(out: Path, cfg: TrainConfig, manifest: dict, trainer, final: dic
              f"- loss: {cfg.alpha} x {cfg.loss} (tail {cfg.tail}, T={cfg.kd_temperature}) + {1 - cfg.alpha:g} x CE; "
              f"{'LoRA r=' + str(cfg.lora_r) if cfg.lora else 'full fine-tuning'}",
              f"- steps: {trainer.state.global_step}; loss {card['first_loss']} -> {card['last_loss']}",
-             *(f"- {key}: {value:.4f}" if isinstance(value, float) else f"- {key}: {value}" for key, value in final.items()),
-             "", "Full provenance: `distill.json`. Metrics per logging step: `metrics.jsonl`."]
+             *(f"- {key}: {evals['initial'].get(key, float('nan')):.4f} before training -> {value:.4f}"
+               for key, value in evals["final"].items() if isinstance(value, float)),
+             "", "Full provenance: `distill.json`. Metrics per logging step: `metrics.jsonl`, `loss.png`."]
     (out / "README.md").write_text("\n".join(lines) + "\n")
