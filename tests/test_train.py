@@ -87,3 +87,24 @@ def test_student_with_another_vocabulary_is_refused(tmp_path, tiny_models, teach
     small = build_model(tmp_path / "small", tmp_path / "tok", size="student")
     with pytest.raises(ValueError, match=r"the corpus uses token id \d+ but the student has 300 embeddings"):
         train(TrainConfig(corpus=teacher_corpus, student=str(small), out=tmp_path / "y", max_steps=1))
+
+
+def test_two_process_cpu_ddp_matches_single_process_direction(tmp_path, tiny_models, teacher_corpus):
+    import subprocess
+    import sys
+
+    def run(name, launcher):
+        args = ["-m", "distill.cli", "train", "--corpus", str(teacher_corpus), "--student",
+                str(tiny_models["llama-student"]), "--out", str(tmp_path / name), "--no-lora", "--max-steps", "12",
+                "--batch-size", "4", "--learning-rate", "5e-3", "--logging-steps", "1", "--eval-fraction", "0"]
+        done = subprocess.run(launcher + args, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return [json.loads(l)["loss"] for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                if "loss" in json.loads(l)]
+
+    ddp = run("ddp", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"])
+    single = run("single", [sys.executable])
+    assert len(ddp) == len(single) == 12
+    for losses in (ddp, single):
+        assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # both go down
+    assert abs(ddp[0] - single[0]) < 0.2 * single[0]  # same scale: per-token loss over the global batch

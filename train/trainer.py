@@ -9,6 +9,7 @@ accumulation, checkpoints, resume, PEFT, DDP) is TRL / transformers as shipped.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -37,11 +38,13 @@ class DistillTrainer(SFTTrainer):
             inputs["topk_logprobs"], inputs["target_mask"], bias=head.bias, alpha=cfg.alpha, kind=cfg.loss,
             temperature=cfg.kd_temperature, tail=cfg.tail, beta=cfg.beta, chunk_size=cfg.chunk_size,
             num_items=num_items_in_batch)
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: the token count is global
+        # As Trainer.compute_loss: `num_items_in_batch` counts the targets of every process.
+        scale = self.accelerator.num_processes if num_items_in_batch is not None and \
+            self.args.average_tokens_across_devices else 1
+        loss = loss * scale
         if model.training:
-            self._metrics["train"]["kd"].append(parts["kd"].item())
-            self._metrics["train"]["ce"].append(parts["ce"].item())
+            self._metrics["train"]["kd"].append(parts["kd"].item() * scale)
+            self._metrics["train"]["ce"].append(parts["ce"].item() * scale)
         return (loss, out) if return_outputs else loss
 
 
@@ -109,7 +112,9 @@ def train(cfg: TrainConfig) -> Path:
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, learning_rate=cfg.learning_rate,
         logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, eval_strategy="steps" if eval_data else "no",
-        eval_steps=cfg.save_steps, seed=cfg.seed, bf16=gpu, gradient_checkpointing=cfg.gradient_checkpointing,
+        eval_steps=cfg.save_steps, seed=cfg.seed, bf16=gpu, use_cpu=not gpu,
+        ddp_backend="gloo" if not gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        gradient_checkpointing=cfg.gradient_checkpointing,
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, report_to=[],
         max_length=None)
     collator = DistillCollator(pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
@@ -121,9 +126,10 @@ def train(cfg: TrainConfig) -> Path:
     initial = evaluate(trainer, eval_data, collator, cfg) if eval_data else {}
     trainer.train(resume_from_checkpoint=True if resume else None)
     final = evaluate(trainer, eval_data, collator, cfg) if eval_data else {}
-    _save(trainer, tokenizer, out, cfg)
-    _plot(out)
-    _write_card(out, cfg, manifest, trainer, {"initial": initial, "final": final}, time.time() - start)
+    if trainer.is_world_process_zero():  # under torchrun / accelerate launch, one process writes
+        _save(trainer, tokenizer, out, cfg)
+        _plot(out)
+        _write_card(out, cfg, manifest, trainer, {"initial": initial, "final": final}, time.time() - start)
     return out
 
 
