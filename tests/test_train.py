@@ -33,12 +33,17 @@ def test_student_learns_the_teacher(tmp_path, tiny_models, teacher_corpus):
     assert (out / "loss.png").stat().st_size > 1000
 
 
-def test_lora_student_is_saved_for_serving(tmp_path, tiny_models, teacher_corpus):
+@pytest.fixture(scope="module")
+def lora_student(tiny_models, teacher_corpus, tmp_path_factory):
+    return train(TrainConfig(corpus=teacher_corpus, student=str(tiny_models["llama-student"]),
+                             out=tmp_path_factory.mktemp("lora") / "s", max_steps=20, batch_size=8, learning_rate=2e-2,
+                             logging_steps=5, save_steps=10, eval_fraction=0.2, chunk_size=16, lora_r=8))
+
+
+def test_lora_student_is_saved_for_serving(tiny_models, lora_student):
     from transformers import AutoModelForCausalLM
 
-    out = train(TrainConfig(corpus=teacher_corpus, student=str(tiny_models["llama-student"]), out=tmp_path / "s",
-                            max_steps=20, batch_size=8, learning_rate=5e-3, logging_steps=5, save_steps=10,
-                            eval_fraction=0.2, chunk_size=16))
+    out = lora_student
     card = json.loads((out / "distill.json").read_text())
     assert card["steps"] == 20 and card["last_loss"] < card["first_loss"]
     assert card["teacher"]["model"] == str(tiny_models["llama-teacher"]) and card["history"][-1]["stage"] == "train"
@@ -108,3 +113,34 @@ def test_two_process_cpu_ddp_matches_single_process_direction(tmp_path, tiny_mod
     for losses in (ddp, single):
         assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # both go down
     assert abs(ddp[0] - single[0]) < 0.2 * single[0]  # same scale: per-token loss over the global batch
+
+
+def test_lora_adapter_and_merged_model_generate_the_same_in_vllm(tiny_models, lora_student):
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    from distill import corpus
+
+    prompts = [TokensPrompt(prompt_token_ids=r["prompt_token_ids"])
+               for r in list(corpus.iter_records(json.loads((lora_student / "distill.json").read_text())["corpus"]))[:4]]
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    settings = dict(dtype="float32", max_model_len=512, enable_chunked_prefill=False)
+
+    def tokens(outputs):
+        return [o.outputs[0].token_ids for o in outputs]
+
+    base = LLM(model=str(tiny_models["llama-student"]), enable_lora=True, max_lora_rank=8, **settings)
+    try:
+        adapted = tokens(base.generate(prompts, greedy, use_tqdm=False,
+                                       lora_request=LoRARequest("student", 1, str(lora_student / "adapter"))))
+        untouched = tokens(base.generate(prompts, greedy, use_tqdm=False))
+    finally:
+        base.llm_engine.engine_core.shutdown()
+    merged = LLM(model=str(lora_student), **settings)
+    try:
+        from_merged = tokens(merged.generate(prompts, greedy, use_tqdm=False))
+    finally:
+        merged.llm_engine.engine_core.shutdown()
+    assert adapted == from_merged  # the merged weights are the adapter applied
+    assert adapted != untouched  # and the adapter did change the student
