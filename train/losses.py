@@ -20,9 +20,9 @@ Kinds, with P the teacher and Q the student on the partition:
 beta KL(P||M) + (1-beta) KL(Q||M) with M = beta P + (1-beta) Q (beta = 0.5: symmetric JSD).
 
 `topk_kd_loss` works on `[B, T, V]` logits and is the reference. `chunked_distill_loss` is what
-training uses: it takes the last hidden states and the LM head weight and computes logits for
-a chunk of positions at a time under activation checkpointing, so `[B*T, V]` logits are never
-held at once (forward or backward); it also returns the CE term on the same logits.
+training uses: it takes the last hidden states and the LM head weight and, a chunk of positions
+at a time, builds that chunk's logits and takes their gradients at once (fused), so `[B*T, V]`
+logits are never held and never recomputed; it also returns the CE term on the same logits.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 Kind = Literal["forward_kl", "reverse_kl", "jsd"]
 Tail = Literal["bucket", "renormalize"]
@@ -115,6 +114,47 @@ def _chunk_sums(hidden, weight, bias, labels, topk_ids, topk_logprobs, kind, tem
     return kd.sum(), ce
 
 
+class _FusedChunkedLoss(torch.autograd.Function):
+    """Forward and backward of each chunk happen together in `forward` (like a fused linear
+    cross-entropy): the chunk's logits are built once, their gradients taken at once, and only
+    gradients of the size of the inputs are kept for `backward`. No logits are recomputed."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, labels, topk_ids, topk_logprobs, coefficients, options):
+        alpha, denominator = coefficients
+        needs = (h.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        grads = [torch.zeros(t.shape, dtype=torch.promote_types(t.dtype, torch.float32), device=t.device)
+                 if need else None for t, need in zip((h, weight, bias), needs)]
+        kd_sum = ce_sum = torch.zeros((), dtype=grads[0].dtype if grads[0] is not None else torch.float32,
+                                      device=h.device)
+        for start in range(0, h.shape[0], options["chunk_size"]):
+            sl = slice(start, start + options["chunk_size"])
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_(need) if t is not None else None
+                          for t, need in zip((h[sl], weight, bias), needs)]
+                kd, ce = _chunk_sums(*leaves, labels[sl], topk_ids[sl], topk_logprobs[sl], options["kind"],
+                                     options["temperature"], options["tail"], options["beta"])
+                wanted = [(i, t) for i, (t, need) in enumerate(zip(leaves, needs)) if need]
+                if wanted:
+                    loss = (alpha * kd + (1 - alpha) * ce) / denominator
+                    for (i, _), g in zip(wanted, torch.autograd.grad(loss, [t for _, t in wanted])):
+                        if i == 0:
+                            grads[0][sl] += g
+                        else:
+                            grads[i] += g
+            kd_sum, ce_sum = kd_sum + kd.detach(), ce_sum + ce.detach()
+        ctx.save_for_backward(*[g if g is not None else torch.empty(0) for g in grads])
+        ctx.needs, ctx.dtypes = needs, [t.dtype if t is not None else None for t in (h, weight, bias)]
+        ctx.mark_non_differentiable(kd_sum, ce_sum)
+        return (alpha * kd_sum + (1 - alpha) * ce_sum) / denominator, kd_sum, ce_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kd, _grad_ce):
+        out = [(g * grad_loss).to(dtype) if need else None
+               for g, need, dtype in zip(ctx.saved_tensors, ctx.needs, ctx.dtypes)]
+        return (*out, None, None, None, None, None)
+
+
 def chunked_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, mask: torch.Tensor, *,
                          alpha: float = 0.5, kind: Kind = "forward_kl", temperature: float = 1.0,
@@ -125,14 +165,19 @@ def chunked_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     Sums are divided by `num_items` (the target count of the whole accumulated batch, as TRL /
     transformers pass it) or else by this batch's masked count, so gradients do not depend on
     how a batch is split. Returns `(loss, {"kd": mean KD, "ce": mean CE})`, both detached."""
+    if kind not in KINDS or tail not in TAILS:
+        raise ValueError(f"`kind` must be one of {KINDS} and `tail` one of {TAILS}, got {kind!r}, {tail!r}")
     m = mask.bool()
     h, y, ids, lps = hidden[m], labels[m], topk_ids[m], topk_logprobs[m]  # [N, ...]: masked rows only
-    kd_sum = ce_sum = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
-    for start in range(0, h.shape[0], chunk_size):
-        sl = slice(start, start + chunk_size)
-        args = (h[sl], weight, bias, y[sl], ids[sl], lps[sl], kind, temperature, tail, beta)
-        kd, ce = checkpoint(_chunk_sums, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_sums(*args)
-        kd_sum, ce_sum = kd_sum + kd, ce_sum + ce
     denominator = num_items if num_items is not None else m.sum().clamp(min=1)
-    loss = (alpha * kd_sum + (1 - alpha) * ce_sum) / denominator
+    options = dict(kind=kind, temperature=temperature, tail=tail, beta=beta, chunk_size=chunk_size)
+    if torch.is_grad_enabled():
+        loss, kd_sum, ce_sum = _FusedChunkedLoss.apply(h, weight, bias, y, ids, lps, (alpha, denominator), options)
+    else:
+        kd_sum = ce_sum = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+        for start in range(0, h.shape[0], chunk_size):
+            sl = slice(start, start + chunk_size)
+            kd, ce = _chunk_sums(h[sl], weight, bias, y[sl], ids[sl], lps[sl], kind, temperature, tail, beta)
+            kd_sum, ce_sum = kd_sum + kd, ce_sum + ce
+        loss = (alpha * kd_sum + (1 - alpha) * ce_sum) / denominator
     return loss, {"kd": (kd_sum / denominator).detach(), "ce": (ce_sum / denominator).detach()}
