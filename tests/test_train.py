@@ -37,7 +37,8 @@ def test_student_learns_the_teacher(tmp_path, tiny_models, teacher_corpus):
 def lora_student(tiny_models, teacher_corpus, tmp_path_factory):
     return train(TrainConfig(corpus=teacher_corpus, student=str(tiny_models["llama-student"]),
                              out=tmp_path_factory.mktemp("lora") / "s", max_steps=20, batch_size=8, learning_rate=2e-2,
-                             logging_steps=5, save_steps=10, eval_fraction=0.2, chunk_size=16, lora_r=8))
+                             logging_steps=5, save_steps=10, eval_fraction=0.2, chunk_size=16, lora_r=8,
+                             gradient_checkpointing=True))
 
 
 def test_lora_student_is_saved_for_serving(tiny_models, lora_student):
