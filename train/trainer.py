@@ -79,7 +79,7 @@ def check_vocabulary(manifest: dict, student_tokenizer, embedding_rows: int, max
 
 
 def train(cfg: TrainConfig) -> Path:
-    from datasets import Dataset
+    import pyarrow.compute as pc
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.time()
@@ -91,13 +91,14 @@ def train(cfg: TrainConfig) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(cfg.student)
     gpu = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.bfloat16 if gpu else torch.float32)
-    table = corpus.read_table(cfg.corpus)
-    max_id = max((max(max(row) for row in rec) for rec in table.column("topk_token_ids").to_pylist() if rec), default=0)
+    max_id = max((pc.max(pc.list_flatten(pc.list_flatten(batch.column(0)))).as_py() or 0
+                  for batch in corpus.iter_batches(cfg.corpus, columns=["topk_token_ids"])), default=0)
     check_vocabulary(manifest, tokenizer, model.get_output_embeddings().weight.shape[0], max_id)
 
-    data = Dataset.from_list([r for r in table.to_pylist() if trainable(r, cfg.max_length)])
-    if len(data) < table.num_rows:
-        print(f"skipped {table.num_rows - len(data)} records whose prompt fills max_length {cfg.max_length}")
+    everything = corpus.load_dataset(cfg.corpus)  # memory-mapped Arrow, not Python objects
+    data = everything.filter(lambda r: trainable(r, cfg.max_length))
+    if len(data) < len(everything):
+        print(f"skipped {len(everything) - len(data)} records whose prompt fills max_length {cfg.max_length}")
     split = data.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed) if cfg.eval_fraction else None
     train_data, eval_data = (split["train"], split["test"]) if split else (data, None)
 
