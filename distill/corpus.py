@@ -8,6 +8,7 @@ shard and the manifest's stats can always be recomputed from the shards alone.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -158,6 +159,21 @@ def corpus_stats(root: Path, subdir: str = "data") -> dict[str, int]:
         total["shards"] += 1
         total["bytes"] += path.stat().st_size
     return total
+
+
+def tokenizer_fingerprint(tokenizer) -> dict[str, str]:
+    """Hashes that identify a vocabulary (vocab + merges + added tokens) and a chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        vocab = json.dumps([spec.get("model"), spec.get("added_tokens")], sort_keys=True)
+    else:
+        vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    template = tokenizer.chat_template or ""
+    return {
+        "tokenizer_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+    }
 
 
 def history_entry(stage: str, config: Any, wall_time: float) -> dict[str, Any]:

@@ -26,8 +26,7 @@ from distill import corpus
 from distill.config import CorpusJobConfig, GenerateConfig, ScoreConfig
 from generate.prompts import BadRecord, Prompt, PromptError, iter_prompts, resolve_format
 from generate.requests import Completion, Request, Sampling
-from generate.templating import (ChatTokenizer, load_tokenizer, model_max_len, stop_token_ids,
-                                 tokenizer_fingerprint)
+from generate.templating import ChatTokenizer, load_tokenizer, model_max_len, stop_token_ids
 
 MAX_RECORDED_SKIPS = 1000
 TOKENIZE_BATCH = 256
@@ -87,7 +86,7 @@ class CorpusJob:
         self.format = resolve_format(self.source, cfg.format)
         tokenizer = load_tokenizer(cfg)
         self.chat = ChatTokenizer(tokenizer, stop_token_ids(cfg, tokenizer))
-        self.fingerprint = tokenizer_fingerprint(tokenizer)
+        self.fingerprint = corpus.tokenizer_fingerprint(tokenizer)
         self.identity = self._identity()
         self._check_resume()
 

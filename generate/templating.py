@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 from distill.config import TeacherConfig
 
 
@@ -91,18 +88,3 @@ def _capture(fn, *args):
         return fn(*args)
     except Exception as e:  # reported per record by the caller
         return e
-
-
-def tokenizer_fingerprint(tokenizer) -> dict[str, str]:
-    """Hashes that identify a vocabulary (vocab + merges + added tokens) and a chat template."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        spec = json.loads(backend.to_str())
-        vocab = json.dumps([spec.get("model"), spec.get("added_tokens")], sort_keys=True)
-    else:
-        vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
-    template = tokenizer.chat_template or ""
-    return {
-        "tokenizer_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
-        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
-    }

@@ -62,9 +62,7 @@ def check_vocabulary(manifest: dict, student_tokenizer, embedding_rows: int, max
     """Refuse a student whose vocabulary differs from the teacher's on the ids the corpus uses."""
     if max_teacher_id >= embedding_rows:
         raise ValueError(f"the corpus uses token id {max_teacher_id} but the student has {embedding_rows} embeddings")
-    from generate.templating import tokenizer_fingerprint  # the same hash the corpus manifest holds
-
-    if tokenizer_fingerprint(student_tokenizer)["tokenizer_sha256"] == manifest["teacher"].get("tokenizer_sha256"):
+    if corpus.tokenizer_fingerprint(student_tokenizer)["tokenizer_sha256"] == manifest["teacher"].get("tokenizer_sha256"):
         return
     from transformers import AutoTokenizer
 
