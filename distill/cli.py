@@ -15,7 +15,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from distill.config import CurateConfig, GenerateConfig, ScoreConfig, TrainConfig, format_validation_error
+from distill.config import (ChatConfig, CurateConfig, EvalConfig, GenerateConfig, ScoreConfig, ServeConfig, TrainConfig,
+                            format_validation_error)
+from distill.engine import ServerError
 
 # name -> (function "module:attr", config model, one-line help)
 COMMANDS: dict[str, tuple[str, type[BaseModel] | None, str]] = {
@@ -23,18 +25,20 @@ COMMANDS: dict[str, tuple[str, type[BaseModel] | None, str]] = {
     "score": ("generate.job:score", ScoreConfig, "Teacher top-k logprobs along existing responses."),
     "curate": ("curation.pipeline:curate", CurateConfig, "Filter teacher outputs, keeping every rejection with its reason."),
     "train": ("train.trainer:train", TrainConfig, "Train a student: SFT + token-level KL on the stored top-k."),
+    "eval": ("evaluation.job:evaluate", EvalConfig, "Measure a student against its teacher: fidelity, answers, cost."),
+    "serve": ("serve.server:serve", ServeConfig, "Serve a model behind vLLM's OpenAI-compatible endpoint."),
+    "chat": ("serve.chat:chat", ChatConfig, "Terminal chat with a served model."),
     "inspect": ("distill.inspect:inspect", None, "Summary of a corpus and one decoded record."),
 }
 # Contracts in DESIGN.md that later issues implement; the command says so instead of pretending.
 PLANNED = {
-    "eval": (5, "Measure a student against its teacher."),
-    "serve": (5, "Serve a student behind an OpenAI-compatible endpoint."),
-    "chat": (5, "Terminal chat with a served model."),
     "run": (6, "All stages from one YAML config, resumable."),
     "demo": (6, "The offline end-to-end demo."),
 }
 # Errors a user causes: printed as one line, no traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError, ServerError)
+# Commands that pass everything after `--` through to the program they launch (their `vllm_args`).
+PASSTHROUGH_FIELD = "vllm_args"
 
 
 def _flag(name: str) -> str:
@@ -94,8 +98,16 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = vars(build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv))
     command = args.pop("command")
+    if passthrough:
+        model = COMMANDS.get(command, (None, None))[1]
+        if model is None or PASSTHROUGH_FIELD not in model.model_fields:
+            print(f"distill {command}: arguments after `--` are not accepted", file=sys.stderr)
+            return 2
+        args[PASSTHROUGH_FIELD] = passthrough
     if command in PLANNED:
         print(f"distill {command}: not yet implemented (issue {PLANNED[command][0]}).", file=sys.stderr)
         return 2
@@ -120,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if isinstance(result, Path):
         print(result)
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

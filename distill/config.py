@@ -23,10 +23,10 @@ class StageConfig(BaseModel):
         return cls(**{**data, **overrides})
 
 
-class TeacherConfig(StageConfig):
-    """How the teacher runs under vLLM; the same settings serve offline `LLM` and a server."""
+class EngineConfig(StageConfig):
+    """How a model runs under vLLM; the same settings feed offline `LLM` and a launched server
+    (`distill.engine`)."""
 
-    teacher: str = Field(description="Teacher model: a local directory or a hub id.")
     revision: str | None = Field(None, description="Model revision (hub branch, tag or commit).")
     dtype: str = Field("auto", description="Weights/activations dtype for vLLM (`auto` = float32 on CPU, the checkpoint's on GPU).")
     max_model_len: int | None = Field(None, description="Context length (prompt + response); default: the model's.")
@@ -34,6 +34,10 @@ class TeacherConfig(StageConfig):
     engine_args: dict[str, Any] = Field(
         default_factory=dict,
         description='Extra vLLM engine arguments as JSON, e.g. \'{"tensor_parallel_size": 2}\'.')
+
+
+class TeacherConfig(EngineConfig):
+    teacher: str = Field(description="Teacher model: a local directory or a hub id.")
 
 
 class CorpusJobConfig(TeacherConfig):
@@ -109,6 +113,9 @@ class TrainConfig(StageConfig):
     epochs: float = Field(1.0, gt=0.0, description="Training epochs (ignored when `max_steps` is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     learning_rate: float = Field(2e-4, gt=0.0, description="Peak learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = Field("linear", description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of the steps spent warming the learning rate up linearly.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     batch_size: int = Field(8, ge=1, description="Sequences per device per step.")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
     max_length: int = Field(2048, ge=2, description="Truncate prompt + response to this many tokens.")
@@ -119,6 +126,56 @@ class TrainConfig(StageConfig):
     logging_steps: int = Field(10, ge=1, description="Log metrics every this many steps.")
     seed: int = Field(0, description="Seed for init, data order and the eval split.")
     resume: bool = Field(False, description="Continue from the newest checkpoint in `out`.")
+
+
+class ServeConfig(EngineConfig):
+    """`distill serve`: a model behind vLLM's OpenAI-compatible server, until Ctrl-C / SIGTERM."""
+
+    model: str = Field(description="Model directory (a trained student) or hub id; with `lora`, the base model.")
+    lora: Path | None = Field(None, description="LoRA adapter directory to serve on top of `model` (e.g. STUDENT/adapter).")
+    served_model_name: str | None = Field(None, description="Name clients request (default: the model's directory name).")
+    host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 exposes the server to the network).")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    api_key: str | None = Field(None, description="Require this bearer key (default: $VLLM_API_KEY; unset = no key).")
+    startup_timeout: float = Field(600.0, gt=0, description="Seconds to wait for the server to answer /health.")
+    vllm_args: list[str] = Field(default_factory=list, description="Extra vLLM server flags (on the command line: after `--`).")
+
+
+class EvalConfig(EngineConfig):
+    """`distill eval`: the student against its teacher on held-out prompts: fidelity (KL, top-1
+    agreement, perplexity on teacher text), answers (lengths, exact match, a task scorer) and
+    cost (throughput, latency, size), as `out/report.md`, `report.json` and plots."""
+
+    student: str = Field(description="Student model directory (`distill train` output) or hub id.")
+    teacher: str = Field(description="Teacher model: a local directory or a hub id.")
+    prompts: Path = Field(description="Held-out prompt file (never the training prompts).")
+    out: Path = Field(description="Output directory: report, plots, both models' answers.")
+    corpus: Path | None = Field(None, description="Existing teacher corpus of these prompts to reuse instead of generating one.")
+    format: PromptFormat = Field("auto", description="Prompt file format; `auto` detects it.")
+    max_tokens: int = Field(256, ge=1, description="Maximum answer tokens (both models).")
+    temperature: float = Field(0.0, ge=0.0, description="Sampling temperature for both models (0 = greedy).")
+    top_k: int = Field(20, ge=1, le=100, description="Teacher top-k stored for the KL measurement.")
+    seed: int = Field(0, description="Sampling seed (both models).")
+    scorer: str | None = Field(None, description="Task scorer plug-in `module:callable(prompt, answer) -> float` (e.g. 1.0 = correct).")
+    latency: bool = Field(True, description="Measure throughput and latency of both models behind vLLM's server.")
+    concurrency: list[int] = Field(default_factory=lambda: [1, 8, 32], description="Concurrent requests per latency level.")
+    latency_requests: int = Field(64, ge=1, description="Requests per concurrency level (at least the level itself).")
+    latency_tokens: int = Field(64, ge=1, description="Output tokens per latency request (`ignore_eos`: equal work for both).")
+    allow_overlap: bool = Field(False, description="Evaluate even if prompts overlap the student's training corpus.")
+    batch_size: int = Field(16, ge=1, description="Sequences per teacher-forced scoring batch.")
+    overwrite: bool = Field(False, description="Discard answers in `out` made with other settings.")
+
+
+class ChatConfig(StageConfig):
+    """`distill chat`: chat in the terminal with a served model (streaming, multi-turn)."""
+
+    url: str = Field(description="Server base URL, e.g. http://127.0.0.1:8000/v1.")
+    model: str | None = Field(None, description="Model name (default: the first one the server lists).")
+    api_key: str | None = Field(None, description="Bearer key (default: $VLLM_API_KEY).")
+    system: str | None = Field(None, description="System prompt for the conversation.")
+    max_tokens: int = Field(512, ge=1, description="Maximum tokens per reply.")
+    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature.")
+    timeout: float = Field(120.0, gt=0, description="Seconds to wait for a reply.")
 
 
 def format_validation_error(err: ValidationError, source: str = "") -> str:

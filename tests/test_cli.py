@@ -23,7 +23,7 @@ def test_help_lists_every_subcommand():
         assert f"\n    {name} " in out, name
 
 
-@pytest.mark.parametrize("name, issue", [("eval", 5), ("serve", 5), ("chat", 5), ("demo", 6)])
+@pytest.mark.parametrize("name, issue", [("run", 6), ("demo", 6)])
 def test_unimplemented_commands_say_which_issue_brings_them(capsys, name, issue):
     assert main([name]) == 2
     assert f"not yet implemented (issue {issue})" in capsys.readouterr().err

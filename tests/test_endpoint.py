@@ -1,53 +1,22 @@
 """`--endpoint`: the same corpus from a real vLLM OpenAI server started here (loopback only)."""
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-
 import numpy as np
 import pytest
 
 from distill import corpus
-from distill.config import GenerateConfig
+from distill.config import EngineConfig, GenerateConfig
 from generate import generate
 from generate.endpoint import EndpointError, EndpointTeacher
+from serve.server import free_port, start_server
 from tests.conftest import MAX_MODEL_LEN, PROMPTS
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tiny_models, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_models["llama-teacher"]),
-           "--served-model-name", "teacher", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--max-model-len", str(MAX_MODEL_LEN), "--max-logprobs", "20", "--logprobs-mode", "raw_logprobs",
-           "--no-enable-chunked-prefill"]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 400
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("vLLM server did not start:\n" + log.read_text()[-3000:])
-                time.sleep(1)
-        yield url
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=60)
+def server(tiny_models):
+    """The teacher behind vLLM's OpenAI server, launched the way `distill serve` does."""
+    settings = EngineConfig(max_model_len=MAX_MODEL_LEN, engine_args={"max_logprobs": 20})
+    with start_server(str(tiny_models["llama-teacher"]), settings, name="teacher") as srv:
+        yield srv.url.removesuffix("/v1")
 
 
 def test_endpoint_corpus_equals_in_process_corpus(tmp_path, tiny_models, teacher, server, prompts_file):

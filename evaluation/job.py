@@ -1,0 +1,155 @@
+"""`evaluate()`: teacher and student answer the same held-out prompts; the student is read
+along the teacher's answers (fidelity); both are served the same way and timed (cost)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from distill import corpus
+from distill.config import EvalConfig, GenerateConfig
+from evaluation.report import write_report
+
+
+def evaluate(cfg: EvalConfig, teacher_engine=None, student_engine=None) -> Path:
+    """`teacher_engine` / `student_engine`: already-running in-process engines to reuse (tests)."""
+    from generate.job import generate
+    from generate.prompts import BadRecord, iter_prompts
+
+    start = time.time()
+    out = Path(cfg.out)
+    prompts = list(iter_prompts(cfg.prompts, cfg.format))
+    bad = [p for p in prompts if isinstance(p, BadRecord)]
+    if bad:
+        raise ValueError(f"{bad[0]}" + (f" (and {len(bad) - 1} more bad records)" if len(bad) > 1 else ""))
+    ids = {p.prompt_id for p in prompts}
+    check_overlap(cfg, ids)
+    scorer = load_scorer(cfg.scorer) if cfg.scorer else None  # fail before any model loads
+    out.mkdir(parents=True, exist_ok=True)
+
+    def answers(model: str, where: str, top_k: int, engine) -> Path:
+        return generate(GenerateConfig(
+            teacher=model, prompts=cfg.prompts, out=out / where, format=cfg.format, top_k=top_k,
+            max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed, dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len, engine_args=cfg.engine_args, overwrite=cfg.overwrite), teacher=engine)
+
+    teacher_corpus = cfg.corpus or answers(cfg.teacher, "teacher-answers", cfg.top_k, teacher_engine)
+    student_corpus = answers(cfg.student, "student-answers", 1, student_engine)
+    from evaluation.fidelity import teacher_forced
+
+    fidelity = teacher_forced(cfg.student, teacher_corpus, ids, batch_size=cfg.batch_size)
+    report = {
+        "teacher": {"model": cfg.teacher, **model_size(cfg.teacher)},
+        "student": {"model": cfg.student, **model_size(cfg.student)},
+        "prompts": {"file": str(cfg.prompts), "count": len(ids)},
+        "fidelity": {k: v for k, v in fidelity.items() if k != "per_record_kl"},
+        "answers": compare_answers(teacher_corpus, student_corpus, ids, scorer),
+        "cost": measure_cost(cfg, prompts) if cfg.latency else None,
+        "config": json.loads(cfg.model_dump_json()),
+    }
+    report["headline"] = headline(report)
+    report["wall_seconds"] = time.time() - start
+    write_report(out, report, fidelity["per_record_kl"])
+    return out
+
+
+def check_overlap(cfg: EvalConfig, ids: set[str]) -> None:
+    """Refuse prompts the student was trained on (its distill.json names the training corpus)."""
+    card = Path(cfg.student) / "distill.json"
+    if cfg.allow_overlap or not card.is_file():
+        return
+    trained_on = Path(json.loads(card.read_text())["corpus"])
+    if not (trained_on / corpus.MANIFEST).is_file():
+        return
+    seen = set(corpus.read_table(trained_on, columns=["prompt_id"]).column("prompt_id").to_pylist())
+    overlap = ids & seen
+    if overlap:
+        raise ValueError(f"{len(overlap)} of {len(ids)} prompts in `{cfg.prompts}` are in the student's training corpus "
+                         f"`{trained_on}` (e.g. prompt_id {sorted(overlap)[0]!r}): evaluate on held-out prompts, "
+                         "or pass `--allow-overlap`")
+
+
+def load_scorer(spec: str) -> Callable[[str, str], float]:
+    module, _, attr = spec.partition(":")
+    if not attr:
+        raise ValueError(f"`scorer`: expected `module:callable`, got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"`scorer`: cannot load {spec!r}: {e}") from None
+
+
+def _answers(corpus_dir: Path, ids: set[str]) -> dict[str, dict]:
+    columns = ["prompt_id", "messages", "response", "response_token_ids", "finish_reason"]
+    return {r["prompt_id"]: r for r in corpus.iter_records(corpus_dir, columns=columns) if r["prompt_id"] in ids}
+
+
+def compare_answers(teacher_corpus: Path, student_corpus: Path, ids: set[str], scorer) -> dict:
+    teacher, student = _answers(teacher_corpus, ids), _answers(student_corpus, ids)
+    both = sorted(set(teacher) & set(student))
+    result = {"compared": len(both),
+              "exact_match": float(np.mean([teacher[i]["response"].strip() == student[i]["response"].strip()
+                                            for i in both])) if both else None}
+    for name, answers in (("teacher", teacher), ("student", student)):
+        lengths = np.array([len(answers[i]["response_token_ids"]) for i in both])
+        stats = {"mean_tokens": float(lengths.mean()), "p50_tokens": float(np.median(lengths)),
+                 "max_tokens": int(lengths.max()),
+                 "truncated": float(np.mean([answers[i]["finish_reason"] == "length" for i in both]))}
+        if scorer:
+            scores = [float(scorer(answers[i]["messages"][-1]["content"], answers[i]["response"])) for i in both]
+            stats["score"] = float(np.mean(scores))
+        result[name] = stats
+    return result
+
+
+def measure_cost(cfg: EvalConfig, prompts) -> dict:
+    from serve.load import measure
+    from serve.server import start_server
+
+    conversations = [p.messages for p in prompts]
+    cost = {}
+    for role, model in (("teacher", cfg.teacher), ("student", cfg.student)):
+        with start_server(model, cfg, name=role) as server:
+            cost[role] = measure(server.url, server.model, conversations, cfg.concurrency, cfg.latency_requests,
+                                 cfg.latency_tokens)
+    return cost
+
+
+def model_size(model: str) -> dict:
+    """Parameters and bytes on disk of a local safetensors checkpoint (None for a hub id)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model).glob("*.safetensors")) if Path(model).is_dir() else []
+    if not files:
+        return {"parameters": None, "bytes": None}
+    params = 0
+    for f in files:
+        with safe_open(str(f), "np") as st:
+            params += sum(int(np.prod(st.get_slice(k).get_shape())) for k in st.keys())
+    return {"parameters": params, "bytes": sum(f.stat().st_size for f in files)}
+
+
+def headline(report: dict) -> dict:
+    """Quality retained (the student's task score over the teacher's, else its top-1 agreement)
+    and speedup (output tokens/s at the highest concurrency, student over teacher)."""
+    answers, cost = report["answers"], report["cost"]
+    if "score" in answers["student"] and answers["teacher"]["score"]:
+        quality = {"quality_retained": answers["student"]["score"] / answers["teacher"]["score"],
+                   "quality_measure": "task score, student / teacher"}
+    else:
+        quality = {"quality_retained": report["fidelity"]["top1_agreement"],
+                   "quality_measure": "top-1 agreement with the teacher"}
+    speed = {}
+    if cost:
+        t, s = cost["teacher"][-1], cost["student"][-1]
+        speed = {"speedup": s["tokens_per_s"] / t["tokens_per_s"], "speedup_concurrency": s["concurrency"],
+                 "ttft_p50_ratio": s["ttft_ms_p50"] / t["ttft_ms_p50"]}
+    sizes = {}
+    if report["teacher"]["parameters"] and report["student"]["parameters"]:
+        sizes = {"size_ratio": report["student"]["parameters"] / report["teacher"]["parameters"]}
+    return {**quality, **speed, **sizes}
