@@ -28,12 +28,9 @@ COMMANDS: dict[str, tuple[str, type[BaseModel] | None, str]] = {
     "eval": ("evaluation.job:evaluate", EvalConfig, "Measure a student against its teacher: fidelity, answers, cost."),
     "serve": ("serve.server:serve", ServeConfig, "Serve a model behind vLLM's OpenAI-compatible endpoint."),
     "chat": ("serve.chat:chat", ChatConfig, "Terminal chat with a served model."),
+    "run": ("distill.pipeline:main", None, "All stages from one YAML config into one run directory, resumable."),
+    "demo": ("distill.demo.run:main", None, "The offline end-to-end demo: teacher -> KD and SFT students -> report."),
     "inspect": ("distill.inspect:inspect", None, "Summary of a corpus and one decoded record."),
-}
-# Contracts in DESIGN.md that later issues implement; the command says so instead of pretending.
-PLANNED = {
-    "run": (6, "All stages from one YAML config, resumable."),
-    "demo": (6, "The offline end-to-end demo."),
 }
 # Errors a user causes: printed as one line, no traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError, ServerError)
@@ -71,6 +68,36 @@ def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel])
         parser.add_argument(_flag(name), **kwargs)
 
 
+def _inspect_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", type=Path, help="A corpus directory.")
+    p.add_argument("--record", type=int, default=0, help="Index of the record to decode.")
+    p.add_argument("--tokens", type=int, default=12, help="Response tokens to show with their top-k.")
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    from distill.pipeline import STAGES
+
+    p.add_argument("config", type=Path, help="Run config YAML (sections: teacher, prompts, student, generate, "
+                   "curate, train, eval, serve); see examples/demo.yaml.")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="Override a config value, e.g. --set train.max_steps=10 (repeatable).")
+    p.add_argument("--only", choices=STAGES, help="Run only this stage (its inputs must be complete).")
+    p.add_argument("--from", dest="start_from", choices=STAGES, help="Re-run this stage and every later one.")
+    p.add_argument("--serve", action="store_true", help="Serve the student when the run is done (until Ctrl-C).")
+
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="Demo directory [default: runs/demo].")
+    p.add_argument("--seeds", type=int, default=3, help="Students per arm (KD, SFT-only) [default: 3].")
+    p.add_argument("--serve", action="store_true", help="Keep the KD student's server running at the end.")
+    p.add_argument("--build-teacher", action="store_true",
+                   help="Instead: retrain the shipped demo teacher from scratch (about an hour on 2 cores).")
+
+
+# Commands without a stage config: their own arguments.
+ARGUMENTS = {"inspect": _inspect_arguments, "run": _run_arguments, "demo": _demo_arguments}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description="Distil a large chat model into a small one and serve it.")
     parser.add_argument("--version", action="version", version=f"distill {_version()}")
@@ -78,16 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, model, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=(model.__doc__ or help_text) if model else help_text)
         if model is None:
-            p.add_argument("path", type=Path, help="A corpus directory.")
-            p.add_argument("--record", type=int, default=0, help="Index of the record to decode.")
-            p.add_argument("--tokens", type=int, default=12, help="Response tokens to show with their top-k.")
+            ARGUMENTS[name](p)
         else:
             p.add_argument("--config", type=Path, help="YAML file with any of the fields below; flags override it.")
             add_model_arguments(p, model)
-    for name, (issue, help_text) in PLANNED.items():
-        p = sub.add_parser(name, help=f"{help_text} [not yet implemented: issue {issue}]",
-                           description=f"{help_text} Not yet implemented: issue {issue} brings it.")
-        p.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -108,9 +129,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"distill {command}: arguments after `--` are not accepted", file=sys.stderr)
             return 2
         args[PASSTHROUGH_FIELD] = passthrough
-    if command in PLANNED:
-        print(f"distill {command}: not yet implemented (issue {PLANNED[command][0]}).", file=sys.stderr)
-        return 2
     target, model, _ = COMMANDS[command]
     module, attr = target.split(":")
     try:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 PromptFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt"]
 
@@ -176,6 +176,48 @@ class ChatConfig(StageConfig):
     max_tokens: int = Field(512, ge=1, description="Maximum tokens per reply.")
     temperature: float = Field(0.7, ge=0.0, description="Sampling temperature.")
     timeout: float = Field(120.0, gt=0, description="Seconds to wait for a reply.")
+
+
+def section(model: type[StageConfig], owned: set[str], doc: str) -> type[StageConfig]:
+    """`model` without the fields `distill run` fills in itself (paths between stages, the teacher)."""
+    fields = {name: (f.annotation, f) for name, f in model.model_fields.items() if name not in owned}
+    return create_model(f"{model.__name__}Section", __base__=StageConfig, __doc__=doc, **fields)
+
+
+ENGINE_FIELDS = set(EngineConfig.model_fields)
+
+
+class TeacherSection(EngineConfig):
+    """The teacher and how vLLM runs it (generate and eval)."""
+
+    model: str = Field(description="Teacher model: a local directory or a hub id.")
+
+
+class PromptsSection(StageConfig):
+    train: Path = Field(description="Prompts the teacher answers for the training corpus.")
+    eval: Path = Field(description="Held-out prompts for `eval` (disjoint from `train`).")
+    format: PromptFormat = Field("auto", description="Format of both prompt files; `auto` detects it.")
+
+
+class StudentSection(StageConfig):
+    model: str = Field(description="Student base model: a local directory or a hub id (same tokenizer family).")
+
+
+class RunConfig(StageConfig):
+    """`distill run`: every stage from one YAML file into one run directory. Each stage section
+    takes its stage's fields except those the run fills in (paths between stages, the teacher)."""
+
+    out: Path = Field(description="Run directory: corpus/, curated/, student/, eval/, run.json.")
+    teacher: TeacherSection
+    prompts: PromptsSection
+    student: StudentSection
+    generate: section(GenerateConfig, {"teacher", "prompts", "format", "out", *ENGINE_FIELDS},
+                      "`generate` fields; the teacher section says how vLLM runs the teacher.") = Field(default_factory=dict)
+    curate: section(CurateConfig, {"corpus", "out"}, "`curate` fields.") = Field(default_factory=dict)
+    train: section(TrainConfig, {"corpus", "student", "out", "resume"}, "`train` fields.") = Field(default_factory=dict)
+    eval: section(EvalConfig, {"student", "teacher", "prompts", "format", "out"},
+                  "`eval` fields; engine settings default to the teacher section's.") = Field(default_factory=dict)
+    serve: section(ServeConfig, {"model", "lora"}, "`serve` fields (`distill run --serve`).") = Field(default_factory=dict)
 
 
 def format_validation_error(err: ValidationError, source: str = "") -> str:

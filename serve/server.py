@@ -139,7 +139,7 @@ def start_server(model: str, cfg: EngineConfig | None = None, *, lora: Path | No
 def serve(cfg: ServeConfig) -> int:
     """`distill serve`: start, print how to call it, then run until SIGINT/SIGTERM or a crash."""
     api_key = cfg.api_key or os.environ.get("VLLM_API_KEY")
-    print(f"starting vLLM for {cfg.lora or cfg.model} (startup log: see below on failure) ...", file=sys.stderr)
+    print(f"starting vLLM for {cfg.lora or cfg.model}: waiting until it answers /health ...", file=sys.stderr)
     # SIGTERM takes the same path as Ctrl-C: stop the server's whole process group, then exit.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     server = start_server(cfg.model, cfg, lora=cfg.lora, name=cfg.served_model_name, host=cfg.host, port=cfg.port,

@@ -81,3 +81,10 @@ def check(prompt: str, answer: str) -> float:
     """1.0 if `answer` solves the skill prompt, else 0.0: the verifier and the task scorer."""
     skill, payload = parse(prompt)
     return float(answer.strip() == SKILLS[skill][1](payload))
+
+
+def verify(record: dict) -> str | None:
+    """Curation plug-in: the reason a teacher answer is wrong, or None to keep it."""
+    if not check(record["messages"][-1]["content"], record["response"]):
+        return f"wrong answer {record['response'].strip()!r}"
+    return None

