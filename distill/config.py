@@ -203,6 +203,15 @@ class StudentSection(StageConfig):
     model: str = Field(description="Student base model: a local directory or a hub id (same tokenizer family).")
 
 
+GenerateSection = section(GenerateConfig, {"teacher", "prompts", "format", "out", *ENGINE_FIELDS},
+                          "`generate` fields; the teacher section says how vLLM runs the teacher.")
+CurateSection = section(CurateConfig, {"corpus", "out"}, "`curate` fields.")
+TrainSection = section(TrainConfig, {"corpus", "student", "out", "resume"}, "`train` fields.")
+EvalSection = section(EvalConfig, {"student", "teacher", "prompts", "format", "out"},
+                      "`eval` fields; engine settings default to the teacher section's.")
+ServeSection = section(ServeConfig, {"model", "lora"}, "`serve` fields (`distill run --serve`).")
+
+
 class RunConfig(StageConfig):
     """`distill run`: every stage from one YAML file into one run directory. Each stage section
     takes its stage's fields except those the run fills in (paths between stages, the teacher)."""
@@ -211,13 +220,11 @@ class RunConfig(StageConfig):
     teacher: TeacherSection
     prompts: PromptsSection
     student: StudentSection
-    generate: section(GenerateConfig, {"teacher", "prompts", "format", "out", *ENGINE_FIELDS},
-                      "`generate` fields; the teacher section says how vLLM runs the teacher.") = Field(default_factory=dict)
-    curate: section(CurateConfig, {"corpus", "out"}, "`curate` fields.") = Field(default_factory=dict)
-    train: section(TrainConfig, {"corpus", "student", "out", "resume"}, "`train` fields.") = Field(default_factory=dict)
-    eval: section(EvalConfig, {"student", "teacher", "prompts", "format", "out"},
-                  "`eval` fields; engine settings default to the teacher section's.") = Field(default_factory=dict)
-    serve: section(ServeConfig, {"model", "lora"}, "`serve` fields (`distill run --serve`).") = Field(default_factory=dict)
+    generate: GenerateSection = Field(default_factory=GenerateSection)
+    curate: CurateSection = Field(default_factory=CurateSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    serve: ServeSection = Field(default_factory=ServeSection)
 
 
 def format_validation_error(err: ValidationError, source: str = "") -> str:
