@@ -70,9 +70,8 @@ def serve_naive(model_dir: str, port: int, ready) -> None:
                 # Greedy whatever `temperature` says: measure() asks for 0.
                 model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, streamer=streamer,
                                min_new_tokens=max_tokens if body.get("ignore_eos") else 0)
-            self.send_chunk([{"index": 0, "delta": {}, "finish_reason": "length"}])
-            prompt = inputs["input_ids"].shape[1]
-            n = len(streamer.tokens)
+            prompt, n = inputs["input_ids"].shape[1], len(streamer.tokens)
+            self.send_chunk([{"index": 0, "delta": {}, "finish_reason": "length" if n == max_tokens else "stop"}])
             self.send_chunk([], usage={"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n})
             self.wfile.write(b"data: [DONE]\n\n")
 

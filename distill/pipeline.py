@@ -89,7 +89,8 @@ def _run_train(cfg: TrainConfig) -> str:
     from train.trainer import train
 
     card = json.loads((train(cfg) / "distill.json").read_text())
-    return f"{card['steps']} steps, loss {card['first_loss']:.3f} -> {card['last_loss']:.3f}"
+    loss = f", loss {card['first_loss']:.3f} -> {card['last_loss']:.3f}" if card["last_loss"] is not None else ""
+    return f"{card['steps']} steps{loss}"
 
 
 def _run_eval(cfg: EvalConfig) -> str:
@@ -176,6 +177,7 @@ def run(cfg: RunConfig, only: str | None = None, start_from: str | None = None, 
         state["stages"][name].update(status="resumed" if resuming else "ran", result=result,
                                      wall_seconds=round(time.time() - start, 1))
         save()
+    save()
     log(summary(state["stages"]))
     return state["stages"]
 
