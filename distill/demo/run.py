@@ -11,6 +11,7 @@ with more seeds, evaluates every student on the same held-out prompts, and write
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -26,18 +27,22 @@ STUDENT_INIT = HERE / "student-init"
 # ~0.45M parameters: a quarter of the teacher's 1.85M.
 STUDENT_SIZE = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=4)
-N_TRAIN, N_EVAL = 1000, 300
+N_TRAIN, N_EVAL = 500, 300  # data-limited: where the teacher's distributions should matter most
 
 
 def build_inputs(seed: int = 0) -> None:
     """The shipped prompt files and the student's random initialisation (deterministic)."""
+    skills.write_prompts(PROMPTS / "train.jsonl", "distill", N_TRAIN, seed)
+    skills.write_prompts(PROMPTS / "eval.jsonl", "eval", N_EVAL, seed + 1)
+    student_init(STUDENT_INIT, seed)
+
+
+def student_init(out: Path, seed: int) -> Path:
     from distill import tiny
     from distill.demo.teacher import MAX_POSITIONS, SHIPPED
 
-    skills.write_prompts(PROMPTS / "train.jsonl", "distill", N_TRAIN, seed)
-    skills.write_prompts(PROMPTS / "eval.jsonl", "eval", N_EVAL, seed + 1)
-    tiny.build_model(STUDENT_INIT, SHIPPED, "llama", STUDENT_SIZE, seed=seed, max_position_embeddings=MAX_POSITIONS,
-                     init_std=0.02, tie_word_embeddings=True)
+    return tiny.build_model(out, SHIPPED, "llama", STUDENT_SIZE, seed=seed, max_position_embeddings=MAX_POSITIONS,
+                            init_std=0.02, tie_word_embeddings=True)
 
 
 def main(out: Path, seeds: int = 3, serve: bool = False, build_teacher: bool = False) -> int:
@@ -53,6 +58,7 @@ def main(out: Path, seeds: int = 3, serve: bool = False, build_teacher: bool = F
         return 0
     start = time.time()
     out = Path(out)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the demo's models are tiny
     cfg = pipeline.load_config(CONFIG, [f"out={out}", f"teacher.model={SHIPPED}", f"student.model={STUDENT_INIT}",
                                         f"prompts.train={PROMPTS / 'train.jsonl'}", f"prompts.eval={PROMPTS / 'eval.jsonl'}"])
     pipeline.run(cfg)
@@ -60,27 +66,29 @@ def main(out: Path, seeds: int = 3, serve: bool = False, build_teacher: bool = F
     arms = {"student_kd": [], "student_sft": []}
     for arm, alpha in (("student_kd", cfg.train.alpha), ("student_sft", 0.0)):
         for seed in range(seeds):
-            if arm == "student_kd" and seed == cfg.train.seed:
+            if arm == "student_kd" and seed == 0:
                 student, report = out / "student", out / "eval"  # the run's own student
             else:
                 student = out / "students" / f"{arm.removeprefix('student_')}-seed{seed}"
                 report = student / "eval"
                 train_and_eval(configs, student, report, alpha=alpha, seed=seed, teacher_answers=out / "eval" / "teacher-answers")
             arms[arm].append(student_metrics(student, report, seed))
-    results = summarise(out, arms, time.time() - start)
+    summarise(out, arms, time.time() - start)
     print((out / "report.md").read_text())
     chat(out / "student", configs["eval"], keep_serving=serve)
-    return 0 if results else 1
+    return 0
 
 
 def train_and_eval(configs: dict, student: Path, report: Path, alpha: float, seed: int, teacher_answers: Path) -> None:
-    """Skipped when both are already there (a rerun of the demo resumes)."""
+    """Seed s: the student initialised with seed s (seed 0 is the shipped init), data order s.
+    Skipped when both are already there (a rerun of the demo resumes)."""
     from evaluation.job import evaluate
     from train.trainer import train
 
     if not (student / "distill.json").exists():
         print(f"[demo] training {student.name} (alpha {alpha}, seed {seed})")
-        train(configs["train"].model_copy(update={"out": student, "alpha": alpha, "seed": seed}))
+        init = STUDENT_INIT if seed == 0 else student_init(student.parent / f"init-seed{seed}", seed)
+        train(configs["train"].model_copy(update={"out": student, "alpha": alpha, "seed": seed, "student": str(init)}))
     if not (report / "report.json").exists():
         evaluate(configs["eval"].model_copy(update={"student": str(student), "out": report, "corpus": teacher_answers,
                                                     "latency": False}))
@@ -106,8 +114,8 @@ def _mean_std(values: list[float]) -> dict:
     return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
 
 
-def summarise(out: Path, arms: dict[str, list[dict]], wall: float) -> bool:
-    """Writes report.json / report.md; True if KD beat SFT-only by more than the seeds' spread."""
+def summarise(out: Path, arms: dict[str, list[dict]], wall: float) -> None:
+    """report.json / report.md: teacher, both arms (mean ± std over seeds), KD - SFT, cost."""
     run_report = json.loads((out / "eval" / "report.json").read_text())
     cost = run_report["cost"]
     report = {
@@ -131,7 +139,6 @@ def summarise(out: Path, arms: dict[str, list[dict]], wall: float) -> bool:
     report["wall_seconds"] = round(wall)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(_markdown(report))
-    return report["kd_minus_sft"]["beyond_spread"]
 
 
 def _markdown(r: dict) -> str:
