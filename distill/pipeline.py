@@ -107,7 +107,7 @@ RUNNERS: dict[str, Callable[[Any], str]] = {"generate": _run_generate, "curate":
 DONE_MARKERS = {"generate": "manifest.json", "curate": "report.json", "train": "distill.json", "eval": "report.json"}
 
 
-def stage_hashes(run: RunConfig, configs: dict[str, StageConfig]) -> dict[str, str]:
+def stage_hashes(configs: dict[str, StageConfig]) -> dict[str, str]:
     hashes, upstream = {}, ""
     for name in STAGES:
         cfg = configs[name]
@@ -139,7 +139,7 @@ def run(cfg: RunConfig, only: str | None = None, start_from: str | None = None, 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     configs = stage_configs(cfg)
-    hashes = stage_hashes(cfg, configs)
+    hashes = stage_hashes(configs)
     state_path = out / STATE
     previous = json.loads(state_path.read_text())["stages"] if state_path.exists() else {}
     state = {"config": json.loads(cfg.model_dump_json()), "versions": versions(), "stages": dict(previous)}
@@ -159,7 +159,7 @@ def run(cfg: RunConfig, only: str | None = None, start_from: str | None = None, 
         for upstream in STAGES[:STAGES.index(name)]:
             if state["stages"].get(upstream, {}).get("hash") != hashes[upstream] or \
                     state["stages"][upstream].get("status") == "running":
-                raise ValueError(f"stage `{name}` needs `{upstream}` to be complete and current: run without --only")
+                raise ValueError(f"stage `{name}` needs `{upstream}` to be complete and current: run without --only / --from")
         same = before.get("hash") == hashes[name]
         if same and before.get("status") != "running" and (stage_out / DONE_MARKERS[name]).exists() \
                 and name not in forced:
