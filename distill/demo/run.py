@@ -181,7 +181,7 @@ def chat(student: Path, engine_cfg, keep_serving: bool) -> None:
         serve(ServeConfig(model=str(student), served_model_name="demo-student",
                           **engine_cfg.model_dump(include={"dtype", "max_model_len", "engine_args"})))
         return
-    example = next(skills.examples("eval", 1, seed=7))
+    example = next(e for e in skills.examples("eval", 8, seed=7) if e["skill"] == "max")
     with start_server(str(student), engine_cfg, name="demo-student") as server:
         reply = OpenAI(base_url=server.url, api_key="EMPTY").chat.completions.create(
             model=server.model, messages=example["messages"], max_tokens=16, temperature=0)

@@ -68,7 +68,7 @@ def build_teacher(work: Path, steps: int = 5000, examples: int = 250_000, seed: 
     for f in trained.iterdir():
         if f.is_file() and f.name not in ("README.md", "distill.json", "metrics.jsonl", "loss.png"):
             shutil.copy2(f, out / f.name)
-    build = {"command": f"distill demo --build-teacher --steps {steps} --examples {examples} --seed {seed}",
+    build = {"command": "distill demo --build-teacher",  # build_teacher()'s defaults: steps, examples, seed below
              "seed": seed, "steps": steps, "examples": examples, "size": TEACHER_SIZE, "vocab_size": len(tokenizer),
              "train": json.loads(cfg.model_dump_json(exclude={"corpus", "student", "out"})),
              "params": _params(trained), "eval_prompts": eval_prompts,
