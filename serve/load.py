@@ -66,8 +66,11 @@ async def _level(url: str, api_key: str | None, model: str, conversations: Seque
 
 
 def measure(url: str, model: str, conversations: Sequence[list[dict]], concurrency: Sequence[int] = (1, 8, 32),
-            requests: int = 64, max_tokens: int = 64, api_key: str | None = None, warmup: int = 2) -> list[dict]:
-    """One row per concurrency level; each level sends `max(requests, concurrency)` requests."""
-    asyncio.run(_level(url, api_key, model, conversations, 1, warmup, max_tokens))  # compile / cache warm-up
-    return [asyncio.run(_level(url, api_key, model, conversations, c, max(requests, c), max_tokens))
-            for c in concurrency]
+            requests: int = 64, max_tokens: int = 64, api_key: str | None = None) -> list[dict]:
+    """One row per concurrency level; each level sends `max(requests, concurrency)` requests,
+    after one unmeasured wave of `concurrency` requests (first-batch-size costs stay out)."""
+    rows = []
+    for c in concurrency:
+        asyncio.run(_level(url, api_key, model, conversations, c, c, max_tokens))
+        rows.append(asyncio.run(_level(url, api_key, model, conversations, c, max(requests, c), max_tokens)))
+    return rows
