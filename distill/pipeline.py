@@ -53,13 +53,14 @@ def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
     return cfg
 
 
+def given(section: StageConfig) -> dict[str, Any]:
+    """The fields the YAML set: the rest keep the stage model's own defaults."""
+    return section.model_dump(include=section.model_fields_set)
+
+
 def stage_configs(run: RunConfig) -> dict[str, StageConfig]:
     out = Path(run.out)
     engine = run.teacher.model_dump(exclude={"model"})
-
-    def given(section: StageConfig) -> dict[str, Any]:
-        return section.model_dump(include=section.model_fields_set)
-
     return {
         "generate": GenerateConfig(teacher=run.teacher.model, prompts=run.prompts.train, format=run.prompts.format,
                                    out=out / "corpus", **engine, **given(run.generate)),
@@ -197,6 +198,5 @@ def main(config: Path, set: list[str] | None = None, only: str | None = None, st
     if serve:
         from serve.server import serve as serve_model
 
-        return serve_model(ServeConfig(model=str(Path(cfg.out) / "student"),
-                                       **cfg.serve.model_dump(include=cfg.serve.model_fields_set)))
+        return serve_model(ServeConfig(model=str(Path(cfg.out) / "student"), **given(cfg.serve)))
     return 0

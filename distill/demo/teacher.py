@@ -44,6 +44,7 @@ def build_teacher(work: Path, steps: int = 5000, examples: int = 250_000, seed: 
                   eval_prompts: int = 1000, out: Path = SHIPPED) -> dict:
     from distill import tiny
     from distill.config import ScoreConfig, TrainConfig
+    from evaluation.job import model_size
     from generate.job import score
     from train.trainer import train
 
@@ -71,16 +72,10 @@ def build_teacher(work: Path, steps: int = 5000, examples: int = 250_000, seed: 
     build = {"command": "distill demo --build-teacher",  # build_teacher()'s defaults: steps, examples, seed below
              "seed": seed, "steps": steps, "examples": examples, "size": TEACHER_SIZE, "vocab_size": len(tokenizer),
              "train": json.loads(cfg.model_dump_json(exclude={"corpus", "student", "out"})),
-             "params": _params(trained), "eval_prompts": eval_prompts,
+             "params": model_size(str(trained))["parameters"], "eval_prompts": eval_prompts,
              "accuracy": accuracy, "wall_seconds": round(time.time() - start)}
     (out / "build.json").write_text(json.dumps(build, indent=2) + "\n")
     return build
-
-
-def _params(model_dir: Path) -> int:
-    from safetensors.numpy import load_file
-
-    return int(sum(v.size for v in load_file(Path(model_dir) / "model.safetensors").values()))
 
 
 def exact_match(model_dir: Path, examples: Iterable[dict], batch_size: int = 256) -> dict:
