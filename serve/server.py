@@ -20,8 +20,7 @@ import urllib.request
 from collections import deque
 from pathlib import Path
 
-from distill.config import EngineConfig
-from distill.config import ServeConfig
+from distill.config import EngineConfig, ServeConfig
 from distill.engine import ServerError, engine_kwargs, server_flags
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's `--max-lora-rank` accepts

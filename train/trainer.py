@@ -110,6 +110,7 @@ def train(cfg: TrainConfig) -> Path:
         output_dir=str(out / "checkpoints"), per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, learning_rate=cfg.learning_rate,
+        # transformers >= 5 reads a warmup_steps below 1 as a share of the steps (warmup_ratio is gone)
         lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
         logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, eval_strategy="steps" if eval_data else "no",
         eval_steps=cfg.save_steps, seed=cfg.seed, bf16=gpu, use_cpu=not gpu,
