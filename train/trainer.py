@@ -123,9 +123,12 @@ def train(cfg: TrainConfig) -> Path:
     trainer = DistillTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                              processing_class=tokenizer, data_collator=collator, peft_config=peft_config,
                              callbacks=[JsonlMetrics(out / "metrics.jsonl")], distill=cfg)
-    resume = cfg.resume and any((out / "checkpoints").glob("checkpoint-*"))
+    # A kill can leave the newest checkpoint half written: resume from the newest complete one.
+    complete = sorted((c for c in (out / "checkpoints").glob("checkpoint-*") if (c / "trainer_state.json").exists()),
+                      key=lambda c: int(c.name.split("-")[-1]))
+    resume = str(complete[-1]) if cfg.resume and complete else None
     initial = evaluate(trainer, eval_data, collator, cfg) if eval_data else {}
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.train(resume_from_checkpoint=resume)
     final = evaluate(trainer, eval_data, collator, cfg) if eval_data else {}
     if trainer.is_world_process_zero():  # under torchrun / accelerate launch, one process writes
         _save(trainer, tokenizer, out, cfg)
