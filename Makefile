@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-fast demo bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# No vLLM engine or server, no long training: losses, corpus, prompts, config, curation, CLI parsing.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not engine and not slow"
 
 demo: install
 	$(BIN)/distill demo

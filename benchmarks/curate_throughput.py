@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from distill.curation.pipeline import build_filters, curate_batch
+from distill.curation.report import Report
 
-from curation.pipeline import _curate_batch, build_filters
-from curation.report import Report
 from distill import corpus
 from distill.tiny import WORDS
 
@@ -56,8 +56,8 @@ def synthetic_corpus(root: Path, n: int, shard: int = 2000, seed: int = 0) -> Pa
                 "response_logprobs": top[:, 0].copy(), "topk_token_ids": np_rng.integers(0, 50000, size=(t, K)),
                 "topk_logprobs": top, "finish_reason": "stop" if rng.random() > 0.02 else "length"})
         corpus.write_shard(root, start // shard, corpus.records_to_table(records, K))
-    corpus.write_manifest(root, {"schema": corpus.SCHEMA, "generation": {"top_k": K},
-                                 "stats": corpus.corpus_stats(root)})
+    corpus.write_manifest(root, corpus.Manifest(teacher={"model": "synthetic"}, generation={"top_k": K},
+                                                stats=corpus.corpus_stats(root)))
     return root
 
 
@@ -67,7 +67,7 @@ def run_pipeline(root: Path, names: list[str]) -> tuple[float, int]:
     t = time.perf_counter()
     kept = 0
     for batch in corpus.iter_batches(root, batch_size=1024):
-        k, _ = _curate_batch(batch, filters, None, None, report)
+        k, _ = curate_batch(batch, filters, None, None, report)
         kept += k.num_rows
     return time.perf_counter() - t, kept
 

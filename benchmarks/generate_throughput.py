@@ -63,14 +63,14 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
+    from distill.generate import generate
+    from distill.generate.engine import VLLMTeacher
+    from distill.generate.templating import ChatTokenizer, load_tokenizer, model_max_len
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from distill import corpus
     from distill.config import GenerateConfig
-    from generate import generate
-    from generate.engine import VLLMTeacher
-    from generate.templating import ChatTokenizer, load_tokenizer, model_max_len
 
     work = Path(tempfile.mkdtemp(prefix="distill-bench-"))
     model = args.model
@@ -99,7 +99,7 @@ def main() -> None:
     llm = teacher.llm
 
     def run_raw(**fast) -> tuple[float, int]:
-        from generate.job import request_id, request_seed
+        from distill.generate.job import request_id, request_seed
 
         params = [SamplingParams(max_tokens=args.max_tokens, temperature=1.0, logprobs=args.top_k,
                                  seed=request_seed(0, request_id(str(r["id"]), 0)), **fast) for r in kept]
@@ -111,7 +111,7 @@ def main() -> None:
         c = cfg.model_copy(update={"out": work / name, **update})
         t = time.perf_counter()
         generate(c, teacher=teacher)
-        return time.perf_counter() - t, corpus.corpus_stats(c.out)["response_tokens"], c.out
+        return time.perf_counter() - t, corpus.corpus_stats(c.out).response_tokens, c.out
 
     # What distill asks of vLLM: logprobs as flat arrays, no per-token detokenisation.
     fast = dict(flat_logprobs=True, detokenize=False)
@@ -141,10 +141,10 @@ def main() -> None:
     b = corpus.read_table(out32, columns=["topk_logprobs"]).column(0).combine_chunks().flatten().flatten()
     a, b = a.to_numpy(zero_copy_only=False).astype(np.float64), b.to_numpy(zero_copy_only=False).astype(np.float64)
     err = np.abs(a - b)
-    print(f"\nstorage at k={args.top_k} ({s16['response_tokens']:,} response tokens)")
+    print(f"\nstorage at k={args.top_k} ({s16.response_tokens:,} response tokens)")
     print(f"{'logprob dtype':<16}{'bytes':>12}{'B/token':>10}")
     for name, s in (("float16", s16), ("float32", s32)):
-        print(f"{name:<16}{s['bytes']:>12,}{s['bytes'] / s['response_tokens']:>10.1f}")
+        print(f"{name:<16}{s.bytes:>12,}{s.bytes / s.response_tokens:>10.1f}")
     print(f"float16 top-k logprob error: max {err.max():.2e}, mean {err.mean():.2e} nats; "
           f"max relative {np.max(err / np.maximum(np.abs(b), 1e-9)):.2e} (bound 2^-11 = {2**-11:.2e})")
 

@@ -20,8 +20,7 @@ import time
 
 def run(variant: str, vocab: int, tokens: int, hidden: int, k: int, chunk: int) -> dict:
     import torch
-
-    from train.losses import chunked_distill_loss, topk_kd_loss
+    from distill.train.losses import chunked_distill_loss, topk_kd_loss
 
     torch.manual_seed(0)
     h = torch.randn(1, tokens, hidden, requires_grad=True)

@@ -1,6 +1,6 @@
 """What does serving the student buy: over serving the teacher, and over serving it without vLLM?
 
-One run, one prompt set, the same load (`serve.load.measure`: streaming chat requests, every
+One run, one prompt set, the same load (`distill.evaluation.load.measure`: streaming chat requests, every
 reply exactly `--max-tokens` long via `ignore_eos`) at each concurrency level, against:
 
   1. the teacher and the student behind vLLM's OpenAI server with the same settings;
@@ -102,8 +102,9 @@ def serve_naive(model_dir: str, port: int, ready) -> None:
 
 
 def measure_naive(model_dir: Path, conversations, args) -> list[dict]:
-    from serve.load import measure
-    from serve.server import free_port
+    from distill.evaluation.load import measure
+
+    from distill.launcher import free_port
 
     port, ready = free_port(), multiprocessing.Event()
     # Its own process, as vLLM's server is: in this one it would fight the client for the GIL.
@@ -120,11 +121,12 @@ def measure_naive(model_dir: Path, conversations, args) -> list[dict]:
 
 
 def measure_vllm(model_dir: Path, conversations, args) -> list[dict]:
-    from distill.config import EngineConfig
-    from serve.load import measure
-    from serve.server import start_server
+    from distill.evaluation.load import measure
 
-    with start_server(str(model_dir), EngineConfig(max_model_len=args.max_model_len)) as server:
+    from distill.config import ServeConfig
+    from distill.launcher import start_server
+
+    with start_server(ServeConfig(model=str(model_dir), port=0, max_model_len=args.max_model_len)) as server:
         return measure(server.url, server.model, conversations, args.concurrency, args.requests, args.max_tokens)
 
 

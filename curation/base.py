@@ -3,7 +3,9 @@
 A filter is a small pydantic model: its fields are its parameters (typed, with defaults; `None`
 switches a check off), `name` is what the YAML calls it, and `check(record)` returns `None` to
 keep a record or a short detail saying why it fails. The pipeline prefixes the detail with the
-filter's name, so every rejection reads `filter_name: detail`.
+filter's name, so every rejection reads `filter_name: detail`; the report counts each rejection
+against the filter that made it, never by parsing that string (a plug-in's label, its YAML
+`name` or else `module:callable`, may itself contain a colon).
 
 Filters that can look at a whole Arrow batch at once override `check_batch` (vectorised);
 `columns` lists the corpus columns a filter reads, so only those are converted to Python.

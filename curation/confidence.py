@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from curation.base import Filter
+from distill.curation.base import Filter
 
 
 def per_record_stats(batch: pa.RecordBatch, entropy: bool = True) -> dict[str, np.ndarray]:

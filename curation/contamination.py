@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from curation.base import WORD, Filter, prompt_text, response_text
+from distill.curation.base import WORD, Filter, prompt_text, response_text
+
 
 def ngrams(text: str, n: int) -> set[int]:
     words = WORD.findall(text.lower())

@@ -3,7 +3,7 @@ package; nothing is downloaded at run time)."""
 
 from __future__ import annotations
 
-from curation.base import Filter, response_text
+from distill.curation.base import Filter, response_text
 
 
 class LanguageFilter(Filter):

@@ -11,7 +11,7 @@ import ipaddress
 import re
 from typing import Literal
 
-from curation.base import Filter, response_text
+from distill.curation.base import Filter, response_text
 
 PATTERNS = {
     "secret": r"\b(?:sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{36,}|xox[baprs]-[A-Za-z0-9-]{10,}"

@@ -4,24 +4,33 @@ filter before it kept, so a record failing several filters is charged to the fir
 
 from __future__ import annotations
 
-import importlib
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from distill.curation import (  # noqa: F401 (registry)
+    confidence,
+    contamination,
+    dedup,
+    language,
+    pii,
+    quality,
+    refusal,
+)
+from distill.curation.base import Filter
+from distill.curation.report import Report
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from curation import confidence, contamination, dedup, language, pii, quality, refusal  # noqa: F401 (registry)
-from curation.base import Filter
-from curation.report import Report
 from distill import corpus
 from distill.config import CurateConfig
+from distill.plugins import load_callable
 
 DEFAULT_PIPELINE = ["finish_reason", "length", "repetition", "refusal", "pii", "dedup_exact", "dedup_near",
                     "teacher_confidence"]
@@ -35,11 +44,7 @@ class PluginFilter(Filter):
     params: dict[str, Any] = {}
 
     def model_post_init(self, _):
-        module, _, attr = self.plugin.partition(":")
-        try:
-            self._fn: Callable = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"cannot load plug-in `{self.plugin}` ({e})") from None
+        self._fn = load_callable(self.plugin, "plugin")
 
     def settings(self) -> dict[str, Any]:
         return {"name": self.label, "plugin": self.plugin, "params": self.params}
@@ -59,6 +64,8 @@ class PluginFilter(Filter):
 
 
 def label(f: Filter) -> str:
+    """What `reject_reason` and the report call a filter: its `name`; a plug-in's YAML `name`,
+    else its `module:callable`."""
     return f.label if isinstance(f, PluginFilter) else f.name
 
 
@@ -70,6 +77,7 @@ def build_filters(specs: list[dict[str, Any] | str] | None) -> list[Filter]:
         where = f"filters[{i}]"
         try:
             if "plugin" in spec:
+                load_callable(spec["plugin"], f"{where}.plugin")  # its error names the YAML key
                 filters.append(PluginFilter(label=spec.pop("name", spec["plugin"]), **spec))
                 continue
             name = spec.pop("name", None)
@@ -88,7 +96,19 @@ def build_filters(specs: list[dict[str, Any] | str] | None) -> list[Filter]:
     return filters
 
 
-def curate(cfg: CurateConfig) -> Path:
+@dataclass(frozen=True)
+class CurateResult:
+    path: Path  # the curated corpus: kept records in data/, rejected ones with their reason in rejected/
+    kept: int
+    rejected: int
+    rejected_by_filter: dict[str, int]  # filter label -> records it dropped (each charged to the first)
+
+    @property
+    def kept_percent(self) -> float:
+        return round(100.0 * self.kept / max(self.kept + self.rejected, 1), 2)
+
+
+def curate(cfg: CurateConfig) -> CurateResult:
     start = time.time()
     filters = build_filters(cfg.filters)
     corpus.validate(cfg.corpus)  # refuse a broken corpus with the reason, before any work
@@ -103,12 +123,12 @@ def curate(cfg: CurateConfig) -> Path:
     masker = next((f for f in filters if isinstance(f, pii.PIIFilter) and f.mode == "mask"), None)
     decode = _decoder(manifest) if masker else None
     report = Report([label(f) for f in filters])
-    total = manifest["stats"]["records"]
+    total = manifest.stats.records
     bar = tqdm(total=total, unit="rec", desc="curate", file=sys.stderr, dynamic_ncols=True)
     for path in corpus.shard_paths(cfg.corpus):
         kept, rejected = [], []
         for batch in pq.ParquetFile(path).iter_batches(batch_size=cfg.batch_size):
-            k, r = _curate_batch(batch, filters, masker, decode, report)
+            k, r = curate_batch(batch, filters, masker, decode, report)
             kept.append(k)
             rejected.append(r)
             bar.update(batch.num_rows)
@@ -118,21 +138,27 @@ def curate(cfg: CurateConfig) -> Path:
             if table.num_rows:
                 corpus.write_shard(out, index, table, subdir)
     bar.close()
-    manifest["stats"] = corpus.corpus_stats(out) | {"complete": True}
-    manifest["rejected_stats"] = corpus.corpus_stats(out, "rejected")
-    manifest["curation"] = {"filters": [f.settings() for f in filters], "source": str(cfg.corpus)}
-    manifest.setdefault("history", []).append(corpus.history_entry("curate", cfg, time.time() - start))
+    summary = report.summary()
+    result = CurateResult(out, kept=summary["kept"]["records"], rejected=summary["rejected"]["records"],
+                          rejected_by_filter={f["name"]: f["rejected"] for f in summary["filters"]})
+    manifest.stats = corpus.corpus_stats(out)
+    manifest.stats.complete = True
+    manifest.rejected_stats = corpus.corpus_stats(out, "rejected")
+    manifest.curation = {"filters": [f.settings() for f in filters], "source": str(cfg.corpus),
+                         "kept": summary["kept"], "rejected": summary["rejected"],
+                         "rejected_by_filter": result.rejected_by_filter}
+    manifest.history.append(corpus.history_entry("curate", cfg, time.time() - start))
     corpus.write_manifest(out, manifest)
-    summary = report.write(out)
-    print(summary, file=sys.stderr)
-    return out
+    print(report.write(out), file=sys.stderr)
+    return result
 
 
-def _curate_batch(batch: pa.RecordBatch, filters: list[Filter], masker, decode, report: Report):
+def curate_batch(batch: pa.RecordBatch, filters: list[Filter], masker, decode, report: Report):
     reasons: list[str | None] = [None] * batch.num_rows
+    rejected_by: list[int | None] = [None] * batch.num_rows  # per row: index of the filter that dropped it
     alive = list(range(batch.num_rows))
     masks: dict[int, list[bool]] = {}
-    for f in filters:
+    for n, f in enumerate(filters):
         if not alive:
             break
         failed = f.check_batch(batch, alive)
@@ -141,10 +167,11 @@ def _curate_batch(batch: pa.RecordBatch, filters: list[Filter], masker, decode, 
             report.masked += len(failed)
             continue
         for i, detail in failed.items():
+            rejected_by[i] = n
             reasons[i] = f"{label(f)}: {detail}"
         alive = [i for i in alive if i not in failed]
-    keep = np.array([r is None for r in reasons])
-    report.add(batch, keep, reasons)
+    keep = np.array([n is None for n in rejected_by])
+    report.add(batch, rejected_by, reasons)
     table = pa.Table.from_batches([batch])
     if masker is not None or "loss_mask" in table.column_names:  # every shard gets the same schema
         table = _set_loss_mask(table, masks)
@@ -175,10 +202,10 @@ def _set_loss_mask(table: pa.Table, masks: dict[int, list[bool]]) -> pa.Table:
     return table.append_column("loss_mask", column)
 
 
-def _decoder(manifest: dict):
+def _decoder(manifest: corpus.Manifest):
     from transformers import AutoTokenizer
 
-    model = manifest.get("teacher", {}).get("model")
+    model = manifest.teacher.model
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
     except Exception as e:

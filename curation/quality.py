@@ -9,8 +9,7 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from curation.base import WORD, Filter, response_text
+from distill.curation.base import WORD, Filter, response_text
 
 
 class FinishReasonFilter(Filter):
@@ -61,7 +60,7 @@ class LengthFilter(Filter):
 class RepetitionFilter(Filter):
     """Gopher repetition checks (Rae et al. 2021, thresholds as in datatrove), adapted to chat
     answers: a top n-gram only counts when it actually repeats, so a short answer without any
-    repetition can never trip it (see shared/notes/curation.md); loops still do."""
+    repetition can never trip it (README, "`distill curate`", the `repetition` row); loops still do."""
     name = "repetition"
     dup_line_frac: float | None = 0.30
     dup_para_frac: float | None = 0.30

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from curation.base import Filter, response_text
+from distill.curation.base import Filter, response_text
 
 DEFAULT_PHRASES = [
     r"as an ai(?: language)? model",

@@ -3,45 +3,50 @@ before/after histograms, as `report.json`, `report.md` and PNGs."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from distill.curation.confidence import per_record_stats
 
-from curation.confidence import per_record_stats
+from distill.files import write_json
 
 EXAMPLES_PER_FILTER = 3
 EXAMPLE_CHARS = 200
 
 
 class Report:
+    """Counts per filter, in pipeline order: `filter_names[n]` labels the n-th filter, and
+    `add` is told which filter dropped each row by that index (never by parsing the reason)."""
+
     def __init__(self, filter_names: list[str]):
         self.names = filter_names
-        self.rejected = {n: 0 for n in filter_names}
-        self.rejected_tokens = {n: 0 for n in filter_names}
-        self.examples: dict[str, list[dict]] = {n: [] for n in filter_names}
+        self.rejected = [0] * len(filter_names)
+        self.rejected_tokens = [0] * len(filter_names)
+        self.examples: list[list[dict]] = [[] for _ in filter_names]
         self.masked = 0
         self.lengths: list[np.ndarray] = []
         self.mean_logprobs: list[np.ndarray] = []
         self.kept: list[np.ndarray] = []
 
-    def add(self, batch: pa.RecordBatch, keep: np.ndarray, reasons: list[str | None]) -> None:
+    def add(self, batch: pa.RecordBatch, rejected_by: list[int | None], reasons: list[str | None]) -> None:
+        """`rejected_by[i]`: index of the filter that dropped row i (None = kept); `reasons[i]` its
+        `reject_reason`."""
+        keep = np.array([n is None for n in rejected_by], dtype=bool)
         lengths = pc.list_value_length(batch.column("response_token_ids")).to_numpy(zero_copy_only=False)
         self.lengths.append(lengths)
         self.mean_logprobs.append(per_record_stats(batch, entropy=False)["mean_logprob"])
         self.kept.append(keep)
         ids, texts = batch.column("id"), batch.column("response")
-        for i, reason in enumerate(reasons):
-            if reason is None:
+        for i, n in enumerate(rejected_by):
+            if n is None:
                 continue
-            name = reason.split(":", 1)[0]
-            self.rejected[name] += 1
-            self.rejected_tokens[name] += int(lengths[i])
-            if len(self.examples[name]) < EXAMPLES_PER_FILTER:
+            self.rejected[n] += 1
+            self.rejected_tokens[n] += int(lengths[i])
+            if len(self.examples[n]) < EXAMPLES_PER_FILTER:
                 text = texts[i].as_py() or ""
-                self.examples[name].append({"id": ids[i].as_py(), "reason": reason,
+                self.examples[n].append({"id": ids[i].as_py(), "reason": reasons[i],
                                             "response": text[:EXAMPLE_CHARS] + ("..." if len(text) > EXAMPLE_CHARS else "")})
 
     def summary(self) -> dict:
@@ -53,17 +58,16 @@ class Report:
             "kept": {"records": int(keep.sum()), "percent": pct(keep.sum()), "response_tokens": int(lengths[keep].sum())},
             "rejected": {"records": int((~keep).sum()), "percent": pct((~keep).sum())},
             "pii_masked_records": self.masked,
-            "filters": [{"name": name, "rejected": self.rejected[name], "percent": pct(self.rejected[name]),
-                         "rejected_tokens": self.rejected_tokens[name], "examples": self.examples[name]}
-                        for name in self.names],
+            "filters": [{"name": name, "rejected": self.rejected[n], "percent": pct(self.rejected[n]),
+                         "rejected_tokens": self.rejected_tokens[n], "examples": self.examples[n]}
+                        for n, name in enumerate(self.names)],
         }
 
     def write(self, out: Path) -> str:
         summary = self.summary()
         summary["plots"] = self._plots(Path(out))
-        (Path(out) / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
-        md = markdown(summary)
-        (Path(out) / "report.md").write_text(md)
+        (Path(out) / "report.md").write_text(markdown(summary))
+        write_json(Path(out) / "report.json", summary)  # written last: `distill run` trusts it as "done"
         return table(summary)
 
     def _plots(self, out: Path) -> list[str]:

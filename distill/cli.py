@@ -15,19 +15,27 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from distill.config import (ChatConfig, CurateConfig, EvalConfig, GenerateConfig, ScoreConfig, ServeConfig, TrainConfig,
-                            format_validation_error)
-from distill.engine import ServerError
+from distill.config import (
+    ChatConfig,
+    CurateConfig,
+    EvalConfig,
+    GenerateConfig,
+    ScoreConfig,
+    ServeConfig,
+    TrainConfig,
+    format_validation_error,
+)
+from distill.launcher import ServerError
 
 # name -> (function "module:attr", config model, one-line help)
 COMMANDS: dict[str, tuple[str, type[BaseModel] | None, str]] = {
-    "generate": ("generate.job:generate", GenerateConfig, "Run the teacher over prompts: responses + top-k logprobs."),
-    "score": ("generate.job:score", ScoreConfig, "Teacher top-k logprobs along existing responses."),
-    "curate": ("curation.pipeline:curate", CurateConfig, "Filter teacher outputs, keeping every rejection with its reason."),
-    "train": ("train.trainer:train", TrainConfig, "Train a student: SFT + token-level KL on the stored top-k."),
-    "eval": ("evaluation.job:evaluate", EvalConfig, "Measure a student against its teacher: fidelity, answers, cost."),
-    "serve": ("serve.server:serve", ServeConfig, "Serve a model behind vLLM's OpenAI-compatible endpoint."),
-    "chat": ("serve.chat:chat", ChatConfig, "Terminal chat with a served model."),
+    "generate": ("distill.generate.job:generate", GenerateConfig, "Run the teacher over prompts: responses + top-k logprobs."),
+    "score": ("distill.generate.job:score", ScoreConfig, "Teacher top-k logprobs along existing responses."),
+    "curate": ("distill.curation.pipeline:curate", CurateConfig, "Filter teacher outputs, keeping every rejection with its reason."),
+    "train": ("distill.train.trainer:train", TrainConfig, "Train a student: SFT + token-level KL on the stored top-k."),
+    "eval": ("distill.evaluation.job:evaluate", EvalConfig, "Measure a student against its teacher: fidelity, answers, cost."),
+    "serve": ("distill.serve.server:serve", ServeConfig, "Serve a model behind vLLM's OpenAI-compatible endpoint."),
+    "chat": ("distill.serve.chat:chat", ChatConfig, "Terminal chat with a served model."),
     "run": ("distill.pipeline:main", None, "All stages from one YAML config into one run directory, resumable."),
     "demo": ("distill.demo.run:main", None, "The offline end-to-end demo: teacher -> KD and SFT students -> report."),
     "inspect": ("distill.inspect:inspect", None, "Summary of a corpus and one decoded record."),
@@ -36,6 +44,8 @@ COMMANDS: dict[str, tuple[str, type[BaseModel] | None, str]] = {
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError, ServerError)
 # Commands that pass everything after `--` through to the program they launch (their `vllm_args`).
 PASSTHROUGH_FIELD = "vllm_args"
+# Boolean fields with a second name for their `--no-` form (DESIGN's `--lora|--full`).
+NEGATIVE_ALIASES = {"lora": "full"}
 
 
 def _flag(name: str) -> str:
@@ -57,6 +67,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel])
         kwargs: dict = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
         if ann is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+            if name in NEGATIVE_ALIASES:
+                parser.add_argument(_flag(NEGATIVE_ALIASES[name]), dest=name, action="store_false",
+                                    default=argparse.SUPPRESS, help=f"Same as --no-{name.replace('_', '-')}.")
         elif origin is list:
             kwargs.update(action="append", metavar=name.upper())
         elif origin is dict or ann is dict:
@@ -148,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"distill {command}: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
-    if isinstance(result, Path):
-        print(result)
+    if model is not None and "out" in model.model_fields:
+        print(cfg.out)  # where the stage wrote its result
     return result if isinstance(result, int) else 0
 
 

@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
 PromptFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt"]
 
@@ -34,6 +41,10 @@ class EngineConfig(StageConfig):
     engine_args: dict[str, Any] = Field(
         default_factory=dict,
         description='Extra vLLM engine arguments as JSON, e.g. \'{"tensor_parallel_size": 2}\'.')
+
+    def engine_settings(self) -> dict[str, Any]:
+        """Just the engine fields, to build another stage's config that runs a model the same way."""
+        return self.model_dump(include=set(EngineConfig.model_fields))
 
 
 class TeacherConfig(EngineConfig):
@@ -106,7 +117,7 @@ class TrainConfig(StageConfig):
     beta: float = Field(0.5, gt=0.0, lt=1.0, description="JSD interpolation (`loss: jsd`).")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of KD; 1 - alpha weighs CE on the teacher's tokens.")
     kd_temperature: float = Field(1.0, gt=0.0, description="KD temperature (loss scaled by T^2).")
-    lora: bool = Field(True, description="Train LoRA adapters (`--no-lora`: full fine-tuning).")
+    lora: bool = Field(True, description="Train LoRA adapters (`--no-lora` or `--full`: full fine-tuning).")
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
@@ -135,7 +146,7 @@ class ServeConfig(EngineConfig):
     lora: Path | None = Field(None, description="LoRA adapter directory to serve on top of `model` (e.g. STUDENT/adapter).")
     served_model_name: str | None = Field(None, description="Name clients request (default: the model's directory name).")
     host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 exposes the server to the network).")
-    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
     api_key: str | None = Field(None, description="Require this bearer key (default: $VLLM_API_KEY; unset = no key).")
     startup_timeout: float = Field(600.0, gt=0, description="Seconds to wait for the server to answer /health.")
     vllm_args: list[str] = Field(default_factory=list, description="Extra vLLM server flags (on the command line: after `--`).")

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from distill.files import atomic_path, write_json
 
 SCHEMA = "distill.corpus/v1"
 MANIFEST = "manifest.json"
@@ -27,8 +30,8 @@ COLUMNS = (
     "id", "prompt_id", "messages", "response", "prompt_token_ids", "response_token_ids",
     "response_logprobs", "topk_token_ids", "topk_logprobs", "finish_reason",
 )
-OPTIONAL_COLUMNS = ("loss_mask",)
-# Per-token columns: each must have one entry per response token.
+# Per-token columns: each must have one entry per response token (`loss_mask` is optional:
+# absent means every token trains).
 TOKEN_COLUMNS = ("response_logprobs", "topk_token_ids", "topk_logprobs", "loss_mask")
 LOGPROB_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 # Storage dtype of `response_logprobs` and `topk_logprobs`. float16 keeps 11 significant bits:
@@ -92,46 +95,16 @@ def records_to_table(records: Sequence[dict[str, Any]], k: int, logprob_dtype: s
     return pa.table(columns, schema=schema)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def write_shard(root: Path, index: int, table: pa.Table, subdir: str = "data") -> Path:
     """Write one shard atomically: readers see the whole shard or none of it. Its record and
     token counts go into the Parquet footer, so stats never need a scan."""
     tokens = int(pc.sum(pc.list_value_length(table.column("response_token_ids"))).as_py() or 0)
     stats = json.dumps({"records": table.num_rows, "response_tokens": tokens}).encode()
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), STATS_KEY: stats})
-    folder = Path(root) / subdir
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"part-{index:05d}.parquet"
-    tmp = folder / f".{path.name}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp, compression="zstd", compression_level=6)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(folder)
+    path = Path(root) / subdir / f"part-{index:05d}.parquet"
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", compression_level=6)
     return path
-
-
-def remove_partial_files(root: Path) -> None:
-    """Delete temp files a killed writer left behind (complete shards are never touched)."""
-    for tmp in Path(root).rglob(".*.tmp-*"):
-        tmp.unlink()
 
 
 def shard_paths(root: Path, subdir: str = "data") -> list[Path]:
@@ -150,14 +123,14 @@ def shard_stats(path: Path) -> dict[str, int]:
     return {"records": len(ids), "response_tokens": int(pc.sum(pc.list_value_length(ids)).as_py() or 0)}
 
 
-def corpus_stats(root: Path, subdir: str = "data") -> dict[str, int]:
-    total = {"records": 0, "response_tokens": 0, "shards": 0, "bytes": 0}
+def corpus_stats(root: Path, subdir: str = "data") -> "CorpusStats":
+    total = CorpusStats()
     for path in shard_paths(root, subdir):
         s = shard_stats(path)
-        total["records"] += s["records"]
-        total["response_tokens"] += s["response_tokens"]
-        total["shards"] += 1
-        total["bytes"] += path.stat().st_size
+        total.records += s["records"]
+        total.response_tokens += s["response_tokens"]
+        total.shards += 1
+        total.bytes += path.stat().st_size
     return total
 
 
@@ -186,16 +159,90 @@ def history_entry(stage: str, config: Any, wall_time: float) -> dict[str, Any]:
             "config": json.loads(config.model_dump_json()), "versions": versions()}
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
+class _Section(BaseModel):
+    # Unknown keys are kept: a manifest written by a newer distill still reads and round-trips.
+    model_config = ConfigDict(extra="allow")
+
+
+class TeacherInfo(_Section):
+    model: str
+    revision: str | None = None
+    tokenizer_sha256: str | None = None
+    chat_template_sha256: str | None = None
+
+
+class GenerationInfo(_Section):
+    mode: Literal["sample", "score"] = "sample"
+    top_k: int = Field(ge=1)
+    logprobs: str = "raw_logprobs"
+    logprob_dtype: str = "float16"
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    samples_per_prompt: int | None = None
+    seed: int | None = None
+
+
+class CorpusStats(_Section):
+    records: int = 0
+    response_tokens: int = 0
+    shards: int = 0
+    bytes: int = 0
+    complete: bool | None = None  # False while a generate job runs or after it was interrupted
+
+
+class Manifest(_Section):
+    """`manifest.json`: what made a corpus (DESIGN.md); every reader and writer goes through it."""
+
+    schema_: str = Field(SCHEMA, alias="schema")
+    teacher: TeacherInfo
+    generation: GenerationInfo
+    source: dict[str, Any] = Field(default_factory=dict)
+    stats: CorpusStats = Field(default_factory=CorpusStats)
+    history: list[dict[str, Any]] = Field(default_factory=list)
+    curation: dict[str, Any] | None = None  # curated corpora: filters and source corpus
+    rejected_stats: CorpusStats | None = None
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.dump(), sort_keys=True).encode()).hexdigest()
+
+
+def read_manifest(root: Path) -> Manifest:
     path = Path(root) / MANIFEST
     if not path.exists():
         raise CorpusError(f"`{path}` does not exist: not a distill corpus")
-    return json.loads(path.read_text())
+    try:
+        return Manifest.model_validate_json(path.read_bytes())
+    except ValidationError as e:
+        problems = "; ".join(f"`{'.'.join(map(str, err['loc']))}`: {err['msg']}" for err in e.errors())
+        raise CorpusError(f"`{path}` is not a valid manifest: {problems}") from None
 
 
-def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    Path(root).mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(Path(root) / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+def write_manifest(root: Path, manifest: Manifest) -> None:
+    write_json(Path(root) / MANIFEST, manifest.dump())
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A corpus directory and its manifest: what the corpus-writing stages return."""
+
+    path: Path
+    manifest: Manifest
+
+    @classmethod
+    def open(cls, path: Path) -> "Corpus":
+        return cls(Path(path), read_manifest(path))
+
+    @property
+    def top_k(self) -> int:
+        return self.manifest.generation.top_k
+
+    def __fspath__(self) -> str:
+        return str(self.path)
 
 
 def iter_batches(root: Path, subdir: str = "data", columns: Sequence[str] | None = None,
@@ -229,11 +276,9 @@ def validate(root: Path, subdir: str = "data", max_problems: int = 20) -> dict[s
     root = Path(root)
     manifest = read_manifest(root)
     problems: list[str] = []
-    if manifest.get("schema") != SCHEMA:
-        problems.append(f"manifest `schema` is {manifest.get('schema')!r}, expected {SCHEMA!r}")
-    k = manifest.get("generation", {}).get("top_k")
-    if not isinstance(k, int) or k < 1:
-        problems.append(f"manifest `generation.top_k` is {k!r}, expected a positive integer")
+    if manifest.schema_ != SCHEMA:
+        problems.append(f"manifest `schema` is {manifest.schema_!r}, expected {SCHEMA!r}")
+    k = manifest.generation.top_k
     seen: set[str] = set()
     records = tokens = 0
     for path in shard_paths(root, subdir):
@@ -253,7 +298,7 @@ def validate(root: Path, subdir: str = "data", max_problems: int = 20) -> dict[s
         for col in ("topk_token_ids", "topk_logprobs"):
             rows = pc.list_flatten(table[col])
             widths = pc.list_value_length(rows)
-            if isinstance(k, int) and len(widths) and pc.any(pc.not_equal(widths, k)).as_py():
+            if len(widths) and pc.any(pc.not_equal(widths, k)).as_py():
                 problems.append(f"{where}: `{col}` has rows with {pc.min_max(widths).as_py()} entries, expected k={k}")
         problems += _rows(table, pc.equal(pc.list_value_length(table["prompt_token_ids"]), 0),
                           f"{where}: empty `prompt_token_ids`")
@@ -264,10 +309,10 @@ def validate(root: Path, subdir: str = "data", max_problems: int = 20) -> dict[s
             seen.add(rid)
         if len(problems) >= max_problems:
             break
-    stats = manifest.get("stats" if subdir == "data" else f"{subdir}_stats", {})
+    stats = manifest.stats if subdir == "data" else manifest.rejected_stats or CorpusStats()
     for key, actual in (("records", records), ("response_tokens", tokens)):
-        if stats.get(key) != actual:
-            problems.append(f"manifest `stats.{key}` is {stats.get(key)!r} but the shards hold {actual}")
+        if getattr(stats, key) != actual:
+            problems.append(f"manifest `stats.{key}` is {getattr(stats, key)!r} but the shards hold {actual}")
     if problems:
         more = "\n  ... and more" if len(problems) > max_problems else ""
         raise CorpusError(f"`{root}` is not a valid corpus:\n  " + "\n  ".join(problems[:max_problems]) + more)

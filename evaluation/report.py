@@ -1,57 +1,136 @@
-"""report.json (everything measured), report.md (headline first), kl_histogram.png, latency.png."""
+"""The eval report: `EvalReport` (what `evaluate` returns; report.json is its dump), report.md
+(headline first), kl_histogram.png, latency.png."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from distill.files import write_json
+
+REPORT = "report.json"
+
+
+class ModelInfo(BaseModel):
+    model: str
+    parameters: int | None = None  # None for a hub id (nothing on disk to count)
+    bytes: int | None = None
+
+
+class PromptSet(BaseModel):
+    file: str
+    count: int
+
+
+class Fidelity(BaseModel):
+    """Teacher-forced on the teacher's answers (`distill.train.scoring`), per token."""
+    records: int
+    tokens: int
+    kl: float
+    top1_agreement: float
+    nll: float
+    perplexity: float
+
+
+class AnswerStats(BaseModel):
+    mean_tokens: float
+    p50_tokens: float
+    max_tokens: int
+    truncated: float  # share of answers cut at max_tokens
+    score: float | None = None  # mean task score, when a scorer is set
+
+
+class Answers(BaseModel):
+    compared: int
+    exact_match: float | None  # share of prompts where the student's answer is the teacher's
+    teacher: AnswerStats
+    student: AnswerStats
+
+
+class LoadLevel(BaseModel):
+    """One concurrency level of `distill.evaluation.load.measure`."""
+    model_config = {"extra": "allow"}
+    concurrency: int
+    tokens_per_s: float
+    ttft_ms_p50: float
+    ttft_ms_p95: float
+    tpot_ms_p50: float
+    tpot_ms_p95: float
+    failures: int
+
+
+class Headline(BaseModel):
+    quality_retained: float
+    quality_measure: str
+    speedup: float | None = None  # output tokens/s at the highest concurrency, student / teacher
+    speedup_concurrency: int | None = None
+    ttft_p50_ratio: float | None = None
+    size_ratio: float | None = None  # parameters, student / teacher
+
+
+class EvalReport(BaseModel):
+    teacher: ModelInfo
+    student: ModelInfo
+    prompts: PromptSet
+    fidelity: Fidelity
+    answers: Answers
+    cost: dict[str, list[LoadLevel]] | None  # role -> one row per concurrency level
+    config: dict[str, Any]
+    headline: Headline
+    wall_seconds: float
+
+    @classmethod
+    def load(cls, out: Path) -> "EvalReport":
+        return cls.model_validate_json((Path(out) / REPORT).read_bytes())
 
 
 def _fmt(x, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def write_report(out: Path, report: dict, per_record_kl: list[float]) -> None:
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+def write_report(out: Path, report: EvalReport, per_record_kl: list[float]) -> None:
+    write_json(out / REPORT, report.model_dump(mode="json", exclude_none=True))
     plots = _plots(out, report, per_record_kl)
-    h, f, a = report["headline"], report["fidelity"], report["answers"]
-    t, s = report["teacher"], report["student"]
+    h, f, a = report.headline, report.fidelity, report.answers
+    t, s = report.teacher, report.student
     lines = [
         "# Student vs teacher", "",
-        f"student `{s['model']}` vs teacher `{t['model']}` on {report['prompts']['count']} held-out prompts "
-        f"(`{report['prompts']['file']}`)", "",
+        f"student `{s.model}` vs teacher `{t.model}` on {report.prompts.count} held-out prompts "
+        f"(`{report.prompts.file}`)", "",
         "| quality retained | speedup (output tok/s) | TTFT p50, student / teacher | size, student / teacher |",
         "|---|---|---|---|",
-        f"| {_fmt(h['quality_retained'])} ({h['quality_measure']}) | "
-        + (f"{h['speedup']:.2f}x at concurrency {h['speedup_concurrency']} | {h['ttft_p50_ratio']:.2f} |"
-           if "speedup" in h else "not measured | not measured |")
-        + f" {_fmt(h.get('size_ratio'))} |", "",
+        f"| {_fmt(h.quality_retained)} ({h.quality_measure}) | "
+        + (f"{h.speedup:.2f}x at concurrency {h.speedup_concurrency} | {h.ttft_p50_ratio:.2f} |"
+           if h.speedup is not None else "not measured | not measured |")
+        + f" {_fmt(h.size_ratio)} |", "",
         "## Fidelity (teacher-forced on the teacher's answers)", "",
-        f"- KL(teacher || student) per token: {f['kl']:.4f} nats (top-k + tail bucket)",
-        f"- top-1 agreement: {f['top1_agreement']:.3f}",
-        f"- student perplexity on teacher text: {f['perplexity']:.3f} ({f['tokens']:,} tokens, {f['records']} answers)",
+        f"- KL(teacher || student) per token: {f.kl:.4f} nats (top-k + tail bucket)",
+        f"- top-1 agreement: {f.top1_agreement:.3f}",
+        f"- student perplexity on teacher text: {f.perplexity:.3f} ({f.tokens:,} tokens, {f.records} answers)",
         "", "## Answers (same prompts, same sampling)", "",
         "| | mean tokens | p50 tokens | max tokens | truncated | task score |", "|---|---|---|---|---|---|",
-        *(f"| {role} | {a[role]['mean_tokens']:.1f} | {a[role]['p50_tokens']:.0f} | {a[role]['max_tokens']} | "
-          f"{a[role]['truncated']:.3f} | {_fmt(a[role].get('score'))} |" for role in ("teacher", "student")),
-        "", f"Student answer identical to the teacher's: {_fmt(a['exact_match'])} of {a['compared']} prompts.", "",
+        *(f"| {role} | {x.mean_tokens:.1f} | {x.p50_tokens:.0f} | {x.max_tokens} | {x.truncated:.3f} | {_fmt(x.score)} |"
+          for role, x in (("teacher", a.teacher), ("student", a.student))),
+        "", f"Student answer identical to the teacher's: {_fmt(a.exact_match)} of {a.compared} prompts.", "",
     ]
-    if report["cost"]:
+    if report.cost:
         lines += ["## Cost (both behind vLLM's OpenAI server, same settings)", "",
                   "| model | concurrency | output tok/s | TTFT p50 / p95 (ms) | TPOT p50 / p95 (ms) | failures |",
                   "|---|---|---|---|---|---|"]
-        for role in ("teacher", "student"):
-            for row in report["cost"][role]:
-                lines.append(f"| {role} | {row['concurrency']} | {row['tokens_per_s']:,.0f} | {row['ttft_ms_p50']:.1f} / "
-                             f"{row['ttft_ms_p95']:.1f} | {row['tpot_ms_p50']:.2f} / {row['tpot_ms_p95']:.2f} | "
-                             f"{row['failures']} |")
+        for role, rows in report.cost.items():
+            for row in rows:
+                lines.append(f"| {role} | {row.concurrency} | {row.tokens_per_s:,.0f} | {row.ttft_ms_p50:.1f} / "
+                             f"{row.ttft_ms_p95:.1f} | {row.tpot_ms_p50:.2f} / {row.tpot_ms_p95:.2f} | {row.failures} |")
         lines.append("")
-    lines += [f"- parameters: teacher {_fmt(t['parameters'], ',')}, student {_fmt(s['parameters'], ',')}; "
-              f"on disk: teacher {_fmt(t['bytes'], ',')} B, student {_fmt(s['bytes'], ',')} B", "",
+    lines += [f"- parameters: teacher {_fmt(t.parameters, ',')}, student {_fmt(s.parameters, ',')}; "
+              f"on disk: teacher {_fmt(t.bytes, ',')} B, student {_fmt(s.bytes, ',')} B", "",
               *(f"![{p.stem}]({p.name})" for p in plots), ""]
     (out / "report.md").write_text("\n".join(lines))
 
 
-def _plots(out: Path, report: dict, per_record_kl: list[float]) -> list[Path]:
+def _plots(out: Path, report: EvalReport, per_record_kl: list[float]) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,13 +145,13 @@ def _plots(out: Path, report: dict, per_record_kl: list[float]) -> list[Path]:
     paths.append(out / "kl_histogram.png")
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
-    if report["cost"]:
+    if report.cost:
         fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-        for role, rows in report["cost"].items():
-            c = [r["concurrency"] for r in rows]
-            left.plot(c, [r["tokens_per_s"] for r in rows], marker="o", label=role)
-            right.plot(c, [r["ttft_ms_p50"] for r in rows], marker="o", label=f"{role} p50")
-            right.plot(c, [r["ttft_ms_p95"] for r in rows], marker="x", linestyle="--", label=f"{role} p95")
+        for role, rows in report.cost.items():
+            c = [r.concurrency for r in rows]
+            left.plot(c, [r.tokens_per_s for r in rows], marker="o", label=role)
+            right.plot(c, [r.ttft_ms_p50 for r in rows], marker="o", label=f"{role} p50")
+            right.plot(c, [r.ttft_ms_p95 for r in rows], marker="x", linestyle="--", label=f"{role} p95")
         left.set(xlabel="concurrency", ylabel="output tokens/s", xscale="log")
         right.set(xlabel="concurrency", ylabel="time to first token (ms)", xscale="log")
         left.legend()

@@ -1,5 +1,5 @@
 """Teacher corpora: prompts -> vLLM teacher -> responses with top-k logprobs per token."""
 
-from generate.job import generate, score
+from distill.generate.job import generate, score
 
 __all__ = ["generate", "score"]

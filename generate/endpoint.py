@@ -15,8 +15,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 import numpy as np
-
-from generate.requests import Completion, Request, Sampling
+from distill.generate.requests import Completion, Request, Sampling
 
 log = logging.getLogger(__name__)
 TOKEN_PREFIX = "token_id:"

@@ -20,25 +20,36 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distill.generate.prompts import (
+    BadRecord,
+    Prompt,
+    PromptError,
+    iter_prompts,
+    resolve_format,
+)
+from distill.generate.requests import Completion, Request, Sampling
+from distill.generate.templating import (
+    ChatTokenizer,
+    load_tokenizer,
+    model_max_len,
+    stop_token_ids,
+)
 from tqdm import tqdm
 
-from distill import corpus
+from distill import corpus, files
 from distill.config import CorpusJobConfig, GenerateConfig, ScoreConfig
-from generate.prompts import BadRecord, Prompt, PromptError, iter_prompts, resolve_format
-from generate.requests import Completion, Request, Sampling
-from generate.templating import ChatTokenizer, load_tokenizer, model_max_len, stop_token_ids
 
 MAX_RECORDED_SKIPS = 1000
 TOKENIZE_BATCH = 256
 
 
-def generate(cfg: GenerateConfig, teacher=None) -> Path:
-    """Run the teacher over `cfg.prompts` into the corpus `cfg.out`; returns `cfg.out`.
+def generate(cfg: GenerateConfig, teacher=None) -> corpus.Corpus:
+    """Run the teacher over `cfg.prompts` into the corpus `cfg.out`.
     `teacher`: an already started backend (`VLLMTeacher` / `EndpointTeacher`) to reuse."""
     return CorpusJob(cfg, cfg.prompts, scoring=False).run(teacher)
 
 
-def score(cfg: ScoreConfig, teacher=None) -> Path:
+def score(cfg: ScoreConfig, teacher=None) -> corpus.Corpus:
     """Teacher top-k along the existing answers of `cfg.data` into the corpus `cfg.out`."""
     return CorpusJob(cfg, cfg.data, scoring=True).run(teacher)
 
@@ -113,7 +124,7 @@ class CorpusJob:
             if self.out.exists() and any(self.out.iterdir()):
                 raise FileExistsError(f"`{self.out}` exists and is not a corpus: choose another `out` or pass `--overwrite`")
             return
-        old = corpus.read_manifest(self.out)
+        old = corpus.read_manifest(self.out).dump()
         changed = [f"{section}.{key}" for section, values in self.identity.items()
                    for key, value in values.items() if old.get(section, {}).get(key) != value]
         if changed:
@@ -158,13 +169,13 @@ class CorpusJob:
                 yield item, prompt_ids, response_ids
 
     # -- the run ----------------------------------------------------------------------------
-    def run(self, teacher=None) -> Path:
+    def run(self, teacher=None) -> corpus.Corpus:
         start = time.time()
         cfg = self.cfg
         self._prepare()
         endpoint = getattr(cfg, "endpoint", None)
         if teacher is None and endpoint:
-            from generate.endpoint import EndpointTeacher
+            from distill.generate.endpoint import EndpointTeacher
 
             teacher = EndpointTeacher(endpoint, cfg.teacher, cfg.api_key, cfg.concurrency)
             probe = self.chat.render([{"role": "system", "content": "Tokenizer check."},
@@ -177,27 +188,26 @@ class CorpusJob:
         total = good * self.samples
         n_chunks = -(-total // cfg.chunk_size)
         self.out.mkdir(parents=True, exist_ok=True)
-        corpus.remove_partial_files(self.out)
+        files.remove_partial_files(self.out)
         done = {corpus.shard_index(p) for p in corpus.shard_paths(self.out)}
-        self.manifest = {"schema": corpus.SCHEMA, **self.identity, "stats": {}, "history": []}
-        old_history = corpus.read_manifest(self.out).get("history", []) if (self.out / corpus.MANIFEST).exists() else []
-        self.manifest["history"] = old_history
-        self.manifest["source"] |= {"file": str(self.source), "prompts": good, "requests": total, "skipped": len(bad),
-                                    "skipped_by_kind": dict(Counter(b.kind for b in bad)),
-                                    "skipped_records": [str(b) for b in bad[:MAX_RECORDED_SKIPS]]}
+        old_history = corpus.read_manifest(self.out).history if (self.out / corpus.MANIFEST).exists() else []
+        self.manifest = corpus.Manifest(**self.identity, history=old_history)
+        self.manifest.source |= {"file": str(self.source), "prompts": good, "requests": total, "skipped": len(bad),
+                                 "skipped_by_kind": dict(Counter(b.kind for b in bad)),
+                                 "skipped_records": [str(b) for b in bad[:MAX_RECORDED_SKIPS]]}
         self._update_stats(complete=False)
         todo = [c for c in range(n_chunks) if c not in done]
         done_requests = sum(min(cfg.chunk_size, total - c * cfg.chunk_size) for c in done if c < n_chunks)
         generated = (0, 0.0)
         if todo:
             if teacher is None:
-                from generate.engine import VLLMTeacher
+                from distill.generate.engine import VLLMTeacher
 
                 teacher = VLLMTeacher(cfg, max_logprobs=cfg.top_k, max_model_len=max_len)
             generated = self._generate(teacher, max_len, set(todo), total, done_requests)
         stats = self._update_stats(complete=True, wall_time=time.time() - start)
         self._summary(stats, len(bad), time.time() - start, resumed=len(done), generated=generated)
-        return self.out
+        return corpus.Corpus(self.out, self.manifest)
 
     def _generate(self, teacher, max_len: int, todo: set[int], total: int, done_requests: int) -> tuple[int, float]:
         """Run the missing chunks; returns (response tokens produced, seconds)."""
@@ -267,11 +277,11 @@ class CorpusJob:
         records = [self._record(req, c, text) for (req, c), text in zip(done, texts)]
         table = corpus.records_to_table(records, self.cfg.top_k, self.cfg.logprob_dtype)
         path = corpus.write_shard(self.out, chunk, table)
-        stats = self.manifest["stats"]
-        stats["records"] += table.num_rows
-        stats["response_tokens"] += corpus.shard_stats(path)["response_tokens"]
-        stats["shards"] += 1
-        stats["bytes"] += path.stat().st_size
+        stats = self.manifest.stats
+        stats.records += table.num_rows
+        stats.response_tokens += corpus.shard_stats(path)["response_tokens"]
+        stats.shards += 1
+        stats.bytes += path.stat().st_size
         corpus.write_manifest(self.out, self.manifest)
 
     def _record(self, req: Request, c: Completion, text: str) -> dict:
@@ -283,27 +293,28 @@ class CorpusJob:
             "topk_logprobs": c.topk_logprobs, "finish_reason": c.finish_reason,
         }
 
-    def _update_stats(self, complete: bool, wall_time: float | None = None) -> dict:
+    def _update_stats(self, complete: bool, wall_time: float | None = None) -> corpus.CorpusStats:
         """Recount from the shards (at start and end; in between, `_flush` adds each shard)."""
-        stats = corpus.corpus_stats(self.out) | {"complete": complete}
-        self.manifest["stats"] = stats
+        stats = corpus.corpus_stats(self.out)
+        stats.complete = complete
+        self.manifest.stats = stats
         if wall_time is not None:
-            self.manifest["history"].append(
+            self.manifest.history.append(
                 corpus.history_entry("score" if self.scoring else "generate", self.cfg, wall_time))
         corpus.write_manifest(self.out, self.manifest)
         return stats
 
-    def _summary(self, stats: dict, skipped: int, wall: float, resumed: int, generated: tuple[int, float]) -> None:
-        tokens = stats["response_tokens"]
+    def _summary(self, stats: corpus.CorpusStats, skipped: int, wall: float, resumed: int, generated: tuple[int, float]) -> None:
+        tokens = stats.response_tokens
         new_tokens, seconds = generated
         lines = [
             f"corpus      {self.out}",
-            f"records     {stats['records']:,} in {stats['shards']} shards"
+            f"records     {stats.records:,} in {stats.shards} shards"
             + (f" ({resumed} shards kept from an earlier run)" if resumed else ""),
             f"tokens      {tokens:,} response tokens",
             f"throughput  {new_tokens / max(seconds, 1e-9):,.0f} tok/s while generating ({new_tokens:,} new tokens "
             f"in {seconds:.1f} s); {tokens / max(wall, 1e-9):,.0f} tok/s over the whole run",
-            f"storage     {stats['bytes'] / max(tokens, 1):.1f} bytes per response token ({stats['bytes'] / 2**20:.1f} MiB)",
+            f"storage     {stats.bytes / max(tokens, 1):.1f} bytes per response token ({stats.bytes / 2**20:.1f} MiB)",
             f"skipped     {skipped} bad input records" + (" (see manifest `source.skipped_records`)" if skipped else ""),
             f"wall time   {wall:.1f} s",
         ]

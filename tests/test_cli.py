@@ -1,7 +1,6 @@
 """The `distill` command: every DESIGN.md subcommand listed, flags from the config fields,
 user errors as one clear line (before any model loads), shipped YAML valid."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,10 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from distill import corpus
 from distill.cli import main
 from distill.config import CurateConfig, GenerateConfig
 from tests.conftest import ROOT, write_jsonl
-from tests.test_corpus import make_corpus, record
+from tests.helpers import make_corpus, record
 
 DESIGN_COMMANDS = ["generate", "score", "curate", "train", "eval", "serve", "chat", "run", "demo", "inspect"]
 
@@ -73,14 +73,15 @@ def test_yaml_config_with_flag_override(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     if isinstance(yaml.safe_load(path.read_text()).get("teacher"), dict):  # a `distill run` config
-        from curation.pipeline import build_filters
+        from distill.curation.pipeline import build_filters
+
         from distill.pipeline import load_config
 
         build_filters(load_config(path).curate.filters)
     elif path.name.startswith("generate"):
         GenerateConfig.from_yaml(path)
     elif path.name.startswith("curate"):
-        from curation.pipeline import build_filters
+        from distill.curation.pipeline import build_filters
 
         cfg = CurateConfig.from_yaml(path)
         # every filter but decontaminate (its eval file is the user's) builds from the YAML
@@ -91,9 +92,9 @@ def test_shipped_configs_validate(path):
 
 def test_inspect_prints_summary_and_a_decoded_record(tmp_path, capsys, tiny_models):
     root = make_corpus(tmp_path / "c", [record(0), record(1)])
-    manifest = json.loads((root / "manifest.json").read_text())
-    manifest["teacher"] = {"model": str(tiny_models["llama-teacher"])}
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    manifest = corpus.read_manifest(root)
+    manifest.teacher.model = str(tiny_models["llama-teacher"])
+    corpus.write_manifest(root, manifest)
     assert main(["inspect", str(root), "--record", "1"]) == 0
     out = capsys.readouterr().out
     assert "2 in 1 shards" in out and "record r1" in out and "top-5" in out

@@ -6,27 +6,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from distill import corpus
-
-K = 4
-
-
-def record(i: int, n_tokens: int = 3, k: int = K) -> dict:
-    rng = np.random.default_rng(i)
-    top = np.sort(rng.uniform(-8, 0, size=(n_tokens, k)).astype(np.float32), axis=1)[:, ::-1]
-    return {
-        "id": f"r{i}", "prompt_id": f"p{i}", "messages": [{"role": "user", "content": f"q{i}"}],
-        "response": f"a{i}", "prompt_token_ids": [1, 2, 3], "response_token_ids": list(range(n_tokens)),
-        "response_logprobs": top[:, 0].copy(), "topk_token_ids": rng.integers(0, 500, size=(n_tokens, k)),
-        "topk_logprobs": top, "finish_reason": "stop",
-    }
-
-
-def make_corpus(root, records, k=K, logprob_dtype="float16"):
-    corpus.write_shard(root, 0, corpus.records_to_table(records, k, logprob_dtype))
-    stats = corpus.corpus_stats(root)
-    corpus.write_manifest(root, {"schema": corpus.SCHEMA, "generation": {"top_k": k}, "stats": stats})
-    return root
+from distill import corpus, files
+from tests.helpers import K, make_corpus, record
 
 
 def test_roundtrip_and_validate(tmp_path):
@@ -71,8 +52,8 @@ def test_validate_names_each_broken_invariant(tmp_path, break_it, message):
 def test_validate_checks_k_and_manifest_stats(tmp_path):
     root = make_corpus(tmp_path / "c", [record(0), record(1)])
     manifest = corpus.read_manifest(root)
-    manifest["generation"]["top_k"] = K + 1
-    manifest["stats"]["records"] = 3
+    manifest.generation.top_k = K + 1
+    manifest.stats.records = 3
     corpus.write_manifest(root, manifest)
     with pytest.raises(corpus.CorpusError) as err:
         corpus.validate(root)
@@ -87,6 +68,6 @@ def test_not_a_corpus(tmp_path):
 def test_partial_files_are_removed_but_shards_kept(tmp_path):
     root = make_corpus(tmp_path / "c", [record(0)])
     (root / "data" / ".part-00001.parquet.tmp-123").write_bytes(b"half a shard")
-    corpus.remove_partial_files(root)
+    files.remove_partial_files(root)
     assert [p.name for p in (root / "data").iterdir()] == ["part-00000.parquet"]
     assert json.loads((root / "manifest.json").read_text())["stats"]["records"] == 1

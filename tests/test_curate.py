@@ -2,15 +2,18 @@
 right filter with the right reason, every clean record survives, nothing is lost."""
 
 
+import json
+
 import numpy as np
 import pytest
 import yaml
+from distill.curation.pipeline import build_filters, curate
+from distill.curation.quality import RepetitionFilter
 
-from curation.pipeline import build_filters, curate
-from curation.quality import RepetitionFilter
 from distill import corpus
 from distill.cli import main
 from distill.config import CurateConfig
+from distill.plugins import load_callable
 
 K = 5
 LONG = ("Sorting a list means putting its elements in order. A simple method compares neighbouring "
@@ -67,8 +70,8 @@ def planted(tmp_path, tokenizer, tiny_models):
     root = tmp_path / "corpus"
     corpus.write_shard(root, 0, corpus.records_to_table(records[:9], K))
     corpus.write_shard(root, 1, corpus.records_to_table(records[9:], K))
-    corpus.write_manifest(root, {"schema": corpus.SCHEMA, "teacher": {"model": str(tiny_models["llama-teacher"])},
-                                 "generation": {"top_k": K}, "stats": corpus.corpus_stats(root)})
+    corpus.write_manifest(root, corpus.Manifest(teacher={"model": str(tiny_models["llama-teacher"])},
+                                                generation={"top_k": K}, stats=corpus.corpus_stats(root)))
     (tmp_path / "eval.jsonl").write_text(f'{{"question": "{EVAL_TEXT}", "answer": "no"}}\n')
     return root
 
@@ -84,9 +87,16 @@ def reasons(out):
 
 
 def test_each_planted_record_is_rejected_by_its_filter(tmp_path, planted):
-    out = curate(CurateConfig(corpus=planted, out=tmp_path / "out", filters=filters_with(tmp_path), batch_size=4))
+    result = curate(CurateConfig(corpus=planted, out=tmp_path / "out", filters=filters_with(tmp_path), batch_size=4))
+    out = result.path
+    assert (result.kept, result.rejected) == (len(CLEAN), len(PLANTED))
+    assert result.rejected_by_filter["dedup_near"] == 1 and sum(result.rejected_by_filter.values()) == len(PLANTED)
     got = reasons(out)
     assert {rid: r.split(":")[0] for rid, r in got.items()} == {rid: f for rid, (_, f, _) in PLANTED.items()}
+    assert got["blank"] == "length: empty or whitespace-only response"
+    assert got["loop"] == "repetition: top 2-gram 'i like' covers 0.45 > 0.2"
+    assert got["refusal"] == "refusal: matched 'as an ai language model'"
+    assert got["german"] == "language: language 'de' (p=1.00) not in ['en']"
     assert got["exact_dup"] == "dedup_exact: duplicate of c0"
     assert got["near_dup"].startswith("dedup_near: near duplicate of c1 (Jaccard ~0.")
     assert got["truncated"] == "finish_reason: finish_reason is 'length'"
@@ -100,9 +110,9 @@ def test_each_planted_record_is_rejected_by_its_filter(tmp_path, planted):
     assert corpus.validate(out, "rejected")["records"] == len(PLANTED)
     report = (out / "report.md").read_text()
     assert "| dedup_near | 1 |" in report and (out / "response_length.png").stat().st_size > 1000
-    assert corpus.read_manifest(out)["history"][-1]["stage"] == "curate"
+    assert corpus.read_manifest(out).history[-1]["stage"] == "curate"
 
-    again = curate(CurateConfig(corpus=out, out=tmp_path / "again", filters=filters_with(tmp_path)))
+    again = curate(CurateConfig(corpus=out, out=tmp_path / "again", filters=filters_with(tmp_path))).path
     assert reasons(again) == {} and corpus.validate(again)["records"] == len(CLEAN)  # idempotent
 
 
@@ -116,7 +126,7 @@ def test_default_pipeline_from_the_cli(tmp_path, planted, capsys):
 
 
 def test_pii_mask_keeps_the_record_and_masks_only_its_tokens(tmp_path, planted, tokenizer):
-    out = curate(CurateConfig(corpus=planted, out=tmp_path / "out", filters=filters_with(tmp_path, mode="mask")))
+    out = curate(CurateConfig(corpus=planted, out=tmp_path / "out", filters=filters_with(tmp_path, mode="mask"))).path
     rec = next(r for r in corpus.iter_records(out) if r["id"] == "pii")
     masked = [t for t, keep in zip(rec["response_token_ids"], rec["loss_mask"]) if not keep]
     assert masked and "jane.doe@example.com" in tokenizer.decode(masked).replace(" ", "")
@@ -137,6 +147,45 @@ def test_plugin_filter_from_yaml(tmp_path, planted, monkeypatch):
     assert got == {"blank": "length: empty or whitespace-only response", "c2": "verifier: mentions France"}
 
 
+def test_reasons_of_the_filters_not_planted_above():
+    from distill.curation.quality import FormatFilter, LengthFilter
+
+    short = {"response": "Yes it is.", "response_token_ids": [1, 2]}
+    assert LengthFilter(min_tokens=8).check(short) == "2 tokens < min_tokens 8"
+    assert LengthFilter(max_tokens=1).check(short) == "2 tokens > max_tokens 1"
+    assert LengthFilter(min_chars=20).check(short) == "10 chars < min_chars 20"
+    assert LengthFilter(max_chars=3).check(short) == "10 chars > max_chars 3"
+    assert FormatFilter(regex=r"\d+", fullmatch=True).check({"response": "12 apples"}) == r"does not match '\\d+'"
+    assert FormatFilter(valid_json=True).check({"response": "{a: 1}"}) == (
+        "invalid JSON (Expecting property name enclosed in double quotes)")
+
+
+def test_plugin_without_a_name_is_labelled_by_its_spec(tmp_path, planted, monkeypatch):
+    (tmp_path / "wordfilters.py").write_text(
+        "def no_word(record, word):\n    return f'mentions {word}' if word in record['response'] else None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = curate(CurateConfig(corpus=planted, out=tmp_path / "out",
+                              filters=["length", {"plugin": "wordfilters:no_word", "params": {"word": "capital"}}])).path
+    got = reasons(out)
+    assert got == {"blank": "length: empty or whitespace-only response",
+                   **{rid: "wordfilters:no_word: mentions capital" for rid in ("c0", "c2", "exact_dup")}}
+    counts = {f["name"]: f["rejected"] for f in json.loads((out / "report.json").read_text())["filters"]}
+    assert counts == {"length": 1, "wordfilters:no_word": 3}
+    assert "| wordfilters:no_word | 3 |" in (out / "report.md").read_text()
+
+
+def test_load_callable_names_the_field():
+    assert load_callable("json:JSONDecoder.decode", "scorer") is json.JSONDecoder.decode
+    with pytest.raises(ValueError, match=r"^`scorer`: expected `module:callable`, got 'x'$"):
+        load_callable("x", "scorer")
+    with pytest.raises(ValueError, match=r"^`scorer`: cannot load 'a_missing_module:b' \(ModuleNotFoundError: "):
+        load_callable("a_missing_module:b", "scorer")
+    with pytest.raises(ValueError, match=r"^`scorer`: 'json:__name__' is a str, not a callable$"):
+        load_callable("json:__name__", "scorer")
+    with pytest.raises(ValueError, match=r"^`filters\[1\]\.plugin`: cannot load 'json:nope' \(AttributeError: "):
+        build_filters(["length", {"name": "mine", "plugin": "json:nope"}])
+
+
 def test_bad_configs_name_the_yaml_key(tmp_path, planted, monkeypatch):
     with pytest.raises(ValueError, match=r"`filters\[1\]\.name`: unknown filter 'nope'"):
         build_filters(["length", {"name": "nope"}])
@@ -152,7 +201,7 @@ def test_bad_configs_name_the_yaml_key(tmp_path, planted, monkeypatch):
 
 def test_a_corpus_that_fails_validation_is_refused(tmp_path, planted):
     manifest = corpus.read_manifest(planted)
-    manifest["stats"]["records"] += 1
+    manifest.stats.records += 1
     corpus.write_manifest(planted, manifest)
     with pytest.raises(corpus.CorpusError, match="`stats.records`"):
         curate(CurateConfig(corpus=planted, out=tmp_path / "out"))
@@ -177,7 +226,7 @@ def test_repetition_spares_short_answers_and_catches_loops():
     ("aws AKIAIOSFODNN7EXAMPLE here", "secret"),
 ])
 def test_pii_kinds(text, kind):
-    from curation.pii import find_pii, PATTERNS
+    from distill.curation.pii import PATTERNS, find_pii
 
     assert [k for k, _, _ in find_pii(text, list(PATTERNS))] == [kind]
 
@@ -186,14 +235,14 @@ def test_pii_kinds(text, kind):
                                   "Private host 192.168.1.10.", "Card-like 4111 1111 1111 1112 fails Luhn.",
                                   "Sum: 12 345 + 678 = 13 023"])
 def test_pii_ignores_lookalikes(text):
-    from curation.pii import find_pii, PATTERNS
+    from distill.curation.pii import PATTERNS, find_pii
 
     assert find_pii(text, list(PATTERNS)) == []
 
 
 def test_vectorised_checks_equal_per_record_checks(planted):
-    from curation.confidence import TeacherConfidenceFilter
-    from curation.quality import LengthFilter
+    from distill.curation.confidence import TeacherConfidenceFilter
+    from distill.curation.quality import LengthFilter
 
     batch = next(corpus.iter_batches(planted))
     records = batch.to_pylist()
@@ -204,8 +253,7 @@ def test_vectorised_checks_equal_per_record_checks(planted):
 
 def test_confidence_stats_with_empty_responses():
     import pyarrow as pa
-
-    from curation.confidence import per_record_stats
+    from distill.curation.confidence import per_record_stats
 
     batch = pa.RecordBatch.from_pydict({
         "response_logprobs": pa.array([[-1.0, -3.0], [], [-2.0], []], pa.list_(pa.float32())),

@@ -2,23 +2,25 @@
 
 import numpy as np
 import pytest
+from distill.generate import generate
+from distill.generate.endpoint import EndpointError, EndpointTeacher
 
 from distill import corpus
-from distill.config import EngineConfig, GenerateConfig
-from generate import generate
-from generate.endpoint import EndpointError, EndpointTeacher
-from serve.server import free_port, start_server
+from distill.config import GenerateConfig, ServeConfig
+from distill.launcher import free_port, start_server
 from tests.conftest import MAX_MODEL_LEN, PROMPTS
 
 
 @pytest.fixture(scope="module")
 def server(tiny_models):
     """The teacher behind vLLM's OpenAI server, launched the way `distill serve` does."""
-    settings = EngineConfig(max_model_len=MAX_MODEL_LEN, engine_args={"max_logprobs": 20})
-    with start_server(str(tiny_models["llama-teacher"]), settings, name="teacher") as srv:
+    settings = ServeConfig(model=str(tiny_models["llama-teacher"]), served_model_name="teacher", port=0,
+                           max_model_len=MAX_MODEL_LEN, engine_args={"max_logprobs": 20})
+    with start_server(settings) as srv:
         yield srv.url.removesuffix("/v1")
 
 
+@pytest.mark.engine
 def test_endpoint_corpus_equals_in_process_corpus(tmp_path, tiny_models, teacher, server, prompts_file):
     common = dict(teacher=str(tiny_models["llama-teacher"]), prompts=prompts_file, max_tokens=16, temperature=0.0,
                   chunk_size=4)
@@ -36,6 +38,7 @@ def test_endpoint_corpus_equals_in_process_corpus(tmp_path, tiny_models, teacher
         np.testing.assert_allclose(r["response_logprobs"], l["response_logprobs"], rtol=2**-10, atol=1e-3)
 
 
+@pytest.mark.engine
 def test_endpoint_sampled_with_seeds_is_reproducible(tmp_path, tiny_models, server, prompts_file):
     cfg = GenerateConfig(teacher=str(tiny_models["llama-teacher"]), prompts=prompts_file, max_tokens=12,
                          endpoint=[server], samples=2, out=tmp_path / "a")
@@ -50,6 +53,7 @@ def test_unreachable_endpoint_is_a_clear_error(tiny_models):
         EndpointTeacher([f"http://127.0.0.1:{free_port()}"], "teacher", None, 4)
 
 
+@pytest.mark.engine
 def test_endpoint_with_another_tokenizer_is_refused(tmp_path, server):
     from distill.tiny import build_tokenizer
 

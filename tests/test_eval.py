@@ -5,9 +5,11 @@ import json
 import shutil
 
 import pytest
+from distill.evaluation.job import evaluate
+from distill.evaluation.report import EvalReport
+from distill.train.card import StudentCard
 
 from distill.config import EvalConfig
-from evaluation.job import evaluate
 from tests.conftest import MAX_MODEL_LEN, write_jsonl
 
 HELD_OUT = [{"id": f"held-{i}", "messages": [{"role": "user", "content": f"Sort {i} {i + 3} {i + 1} please"}]}
@@ -25,12 +27,14 @@ def eval_config(tmp_path, student, teacher, **overrides) -> EvalConfig:
                       engine_args={"max_logprobs": 20}, **overrides)
 
 
+@pytest.mark.engine
 def test_copy_of_teacher_matches_teacher(tmp_path, tiny_models, teacher, copy_of_teacher):
     cfg = eval_config(tmp_path, copy_of_teacher, tiny_models["llama-teacher"], concurrency=[1, 4],
                       latency_requests=4, latency_tokens=8, scorer="tests.test_eval:answer_length")
-    out = evaluate(cfg, teacher_engine=teacher, student_engine=teacher)
-
+    returned = evaluate(cfg, teacher_engine=teacher, student_engine=teacher)
+    out = cfg.out
     report = json.loads((out / "report.json").read_text())
+    assert EvalReport.load(out) == returned  # report.json is the returned model
     fidelity, answers = report["fidelity"], report["answers"]
     assert fidelity["records"] == len(HELD_OUT) and fidelity["tokens"] > len(HELD_OUT)
     assert abs(fidelity["kl"]) < 1e-3
@@ -55,22 +59,24 @@ def answer_length(prompt: str, answer: str) -> float:
     return float(len(answer))
 
 
+@pytest.mark.engine
 def test_student_trained_on_the_prompts_is_refused(tmp_path, tiny_models, teacher, copy_of_teacher):
+    from distill.generate.job import generate
+
     from distill.config import GenerateConfig
-    from generate.job import generate
 
     cfg = eval_config(tmp_path, copy_of_teacher, tiny_models["llama-teacher"], latency=False)
     trained_on = generate(GenerateConfig(teacher=str(tiny_models["llama-teacher"]), prompts=cfg.prompts,
                                          out=tmp_path / "train-corpus", max_tokens=4), teacher=teacher)
     student = shutil.copytree(copy_of_teacher, tmp_path / "trained")
-    (student / "distill.json").write_text(json.dumps({"corpus": str(trained_on)}))
+    StudentCard(corpus=str(trained_on.path)).write(student)
 
     with pytest.raises(ValueError, match=r"12 of 12 prompts .* training corpus"):
         evaluate(cfg.model_copy(update={"student": str(student)}), teacher_engine=teacher, student_engine=teacher)
     assert not (tmp_path / "eval").exists()
-    out = evaluate(cfg.model_copy(update={"student": str(student), "allow_overlap": True}),
-                   teacher_engine=teacher, student_engine=teacher)
-    assert json.loads((out / "report.json").read_text())["cost"] is None
+    report = evaluate(cfg.model_copy(update={"student": str(student), "allow_overlap": True}),
+                      teacher_engine=teacher, student_engine=teacher)
+    assert report.cost is None and "cost" not in json.loads((cfg.out / "report.json").read_text())
 
 
 def test_bad_scorer_fails_before_any_model_loads(tmp_path, tiny_models, copy_of_teacher):

@@ -12,12 +12,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from distill.generate import generate, score
+from distill.generate.prompts import PromptError
 
 from distill import corpus
 from distill.config import GenerateConfig, ScoreConfig
-from generate import generate, score
-from generate.prompts import PromptError
 from tests.conftest import PROMPTS, write_jsonl
+
+pytestmark = pytest.mark.engine  # every test runs the vLLM teacher
 
 ATOL = 2e-3
 
@@ -64,9 +66,10 @@ def test_generated_corpus_validates_and_matches_transformers(tmp_path, tiny_mode
     stats = corpus.validate(out)
     assert stats["records"] == 2 * len(PROMPTS)
     manifest = corpus.read_manifest(out)
-    assert manifest["stats"]["complete"] and manifest["stats"]["shards"] == 3  # 12 requests / chunk 5
-    assert manifest["generation"]["samples_per_prompt"] == 2 and manifest["source"]["format"] == "messages"
-    assert manifest["teacher"]["tokenizer_sha256"] and manifest["history"][-1]["stage"] == "generate"
+    assert manifest == out.manifest  # what generate returns is what it wrote
+    assert manifest.stats.complete and manifest.stats.shards == 3  # 12 requests / chunk 5
+    assert manifest.generation.samples_per_prompt == 2 and manifest.source["format"] == "messages"
+    assert manifest.teacher.tokenizer_sha256 and manifest.history[-1]["stage"] == "generate"
     assert assert_matches_transformers(out, tiny_models["llama-teacher"]) >= 100
     records = list(corpus.iter_records(out))
     bos = hf_model(str(tiny_models["llama-teacher"])).config.bos_token_id
@@ -107,7 +110,7 @@ def test_score_existing_answers_matches_transformers(tmp_path, tiny_models, teac
     assert len({r["id"] for r in records}) == 2
     eos = hf_model(str(tiny_models["llama-teacher"])).config.eos_token_id
     assert all(r["response_token_ids"][-1] == eos for r in records)  # through the end-of-turn token
-    assert corpus.read_manifest(out)["generation"]["mode"] == "score"
+    assert corpus.read_manifest(out).generation.mode == "score"
     assert assert_matches_transformers(out, tiny_models["llama-teacher"]) > 0
 
 
@@ -120,7 +123,7 @@ def test_bad_prompts_fail_with_location_or_are_skipped_and_recorded(tmp_path, ti
         generate(cfg, teacher=teacher)
     assert not (tmp_path / "corpus" / "data").exists()  # refused before any work
     out = generate(cfg.model_copy(update={"skip_bad": True}), teacher=teacher)
-    source = corpus.read_manifest(out)["source"]
+    source = corpus.read_manifest(out).source
     assert corpus.validate(out)["records"] == 2
     assert source["skipped"] == 3 and source["skipped_by_kind"] == {"malformed": 1, "empty": 1, "too_long": 1}
     assert any(r.startswith(f"{prompts} line 4: prompt has ") and "holds 512" in r for r in source["skipped_records"])
@@ -135,13 +138,14 @@ def test_changed_settings_are_refused_unless_overwrite(tmp_path, tiny_models, te
     with pytest.raises(FileExistsError, match=r"generation\.temperature.*differ.*--overwrite"):
         generate(cfg.model_copy(update={"temperature": 0.5}), teacher=teacher)
     generate(cfg.model_copy(update={"temperature": 0.5, "overwrite": True}), teacher=teacher)
-    assert corpus.read_manifest(out)["generation"]["temperature"] == 0.5
+    assert corpus.read_manifest(out).generation.temperature == 0.5
     assert corpus.validate(out)["records"] == len(PROMPTS)
 
 
 def test_qwen2_teacher(tmp_path, tiny_models, prompts_file):
+    from distill.generate.engine import VLLMTeacher
+
     from distill.config import TeacherConfig
-    from generate.engine import VLLMTeacher
 
     path = tiny_models["qwen2-teacher"]
     engine = VLLMTeacher(TeacherConfig(teacher=str(path)), max_logprobs=20, max_model_len=512)

@@ -4,8 +4,13 @@ gradient, and invariance to how a batch is split for gradient accumulation."""
 import pytest
 import torch
 import torch.nn.functional as F
-
-from train.losses import KINDS, TAILS, chunked_distill_loss, kd_per_position, topk_kd_loss
+from distill.train.losses import (
+    KINDS,
+    TAILS,
+    chunked_distill_loss,
+    kd_per_position,
+    topk_kd_loss,
+)
 
 torch.manual_seed(0)
 B, T, V, H = 2, 5, 11, 8

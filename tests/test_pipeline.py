@@ -40,6 +40,7 @@ def statuses(stages: dict) -> dict[str, str]:
     return {name: s["status"] for name, s in stages.items()}
 
 
+@pytest.mark.engine
 def test_run_completes_and_records_what_it_did(first_run, reduced):
     out, _ = reduced
     assert statuses(first_run) == dict.fromkeys(pipeline.STAGES, "ran")
@@ -51,12 +52,14 @@ def test_run_completes_and_records_what_it_did(first_run, reduced):
     assert json.loads((out / "student" / "distill.json").read_text())["steps"] == 4
 
 
+@pytest.mark.engine
 def test_shipped_teacher_answers_held_out_skill_prompts_in_vllm(first_run, reduced):
     out, _ = reduced
     answers = json.loads((out / "eval" / "report.json").read_text())["answers"]
     assert answers["compared"] == 24 and answers["teacher"]["score"] >= 0.9
 
 
+@pytest.mark.engine
 def test_second_run_skips_every_stage(first_run, reduced):
     out, overrides = reduced
     manifest = out / "corpus" / "manifest.json"
@@ -67,6 +70,8 @@ def test_second_run_skips_every_stage(first_run, reduced):
         **dict.fromkeys(pipeline.STAGES, "skipped"), "curate": "ran"}
 
 
+@pytest.mark.engine
+@pytest.mark.slow
 def test_changed_train_section_reruns_train_and_eval_only_and_resumes_after_a_kill(first_run, reduced):
     """The train section changes; the run is killed mid-training and rerun: generate and curate
     are never redone, train continues from its checkpoint, eval follows."""

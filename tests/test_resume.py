@@ -6,10 +6,14 @@ import subprocess
 import sys
 import time
 
+import pytest
+from distill.generate import generate
+
 from distill import corpus
 from distill.config import GenerateConfig
-from generate import generate
 from tests.conftest import write_jsonl
+
+pytestmark = pytest.mark.engine
 
 N_PROMPTS, CHUNK, MAX_TOKENS = 240, 16, 48
 
@@ -43,7 +47,7 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path, tiny_models, teach
     kept = {p.name: p.stat().st_mtime_ns for p in corpus.shard_paths(out)}
     total_shards = -(-N_PROMPTS // CHUNK)
     assert 0 < len(kept) < total_shards
-    assert not corpus.read_manifest(out)["stats"]["complete"]
+    assert not corpus.read_manifest(out).stats.complete
 
     resumed = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -15,8 +15,10 @@ import urllib.request
 import psutil
 import pytest
 
-from serve.server import free_port
+from distill.launcher import free_port
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.engine  # `distill serve` starts vLLM's OpenAI server
 
 KEY = "sk-distill-test"
 

@@ -3,12 +3,13 @@
 import json
 
 import pytest
-import torch
+from distill.generate import generate
+from distill.train.trainer import train
 
 from distill.config import GenerateConfig, TrainConfig
-from generate import generate
 from tests.conftest import write_jsonl
-from train.trainer import train
+
+pytestmark = pytest.mark.engine  # the corpus comes from the vLLM teacher
 
 
 @pytest.fixture(scope="module")
@@ -16,13 +17,14 @@ def teacher_corpus(tiny_models, teacher, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     prompts = write_jsonl(root / "p.jsonl", [{"prompt": f"Sort the numbers {i} {i * 3 % 7} {i % 4}"} for i in range(24)])
     return generate(GenerateConfig(teacher=str(tiny_models["llama-teacher"]), prompts=prompts, out=root / "corpus",
-                                   max_tokens=24, samples=2, top_k=20), teacher=teacher)
+                                   max_tokens=24, samples=2, top_k=20), teacher=teacher).path
 
 
+@pytest.mark.slow
 def test_student_learns_the_teacher(tmp_path, tiny_models, teacher_corpus):
     out = train(TrainConfig(corpus=teacher_corpus, student=str(tiny_models["llama-student"]), out=tmp_path / "s",
                             lora=False, max_steps=200, batch_size=8, learning_rate=1e-2, logging_steps=20,
-                            save_steps=100, eval_fraction=0.2, chunk_size=16))
+                            save_steps=100, eval_fraction=0.2, chunk_size=16)).path
     card = json.loads((out / "distill.json").read_text())
     before, after = card["initial"], card["final"]
     print("held-out before/after:", before, after)
@@ -41,6 +43,7 @@ def lora_student(tiny_models, teacher_corpus, tmp_path_factory):
                              gradient_checkpointing=True))
 
 
+@pytest.mark.slow
 def test_lora_student_is_saved_for_serving(tiny_models, lora_student):
     from transformers import AutoModelForCausalLM
 
@@ -58,7 +61,7 @@ def test_lora_student_is_saved_for_serving(tiny_models, lora_student):
 
 def test_a_copy_of_the_teacher_has_zero_kl_and_full_agreement(tmp_path, tiny_models, teacher_corpus):
     out = train(TrainConfig(corpus=teacher_corpus, student=str(tiny_models["llama-teacher"]), out=tmp_path / "copy",
-                            lora=False, max_steps=1, learning_rate=1e-12, eval_fraction=0.25, batch_size=4))
+                            lora=False, max_steps=1, learning_rate=1e-12, eval_fraction=0.25, batch_size=4)).path
     final = json.loads((out / "distill.json").read_text())["final"]
     assert final["eval_kl"] < 1e-2 and final["eval_top1_agreement"] > 0.97
 
@@ -67,7 +70,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path, tiny_models, teacher_cor
     common = dict(corpus=teacher_corpus, student=str(tiny_models["llama-student"]), out=tmp_path / "r",
                   batch_size=8, save_steps=2, eval_fraction=0.0, logging_steps=1)
     train(TrainConfig(max_steps=2, **common))
-    out = train(TrainConfig(max_steps=4, resume=True, **common))
+    out = train(TrainConfig(max_steps=4, resume=True, **common)).path
     logs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [m["step"] for m in logs if "loss" in m]
     assert steps == [1, 2, 3, 4]  # steps 3-4 continued from checkpoint-2, not from scratch
@@ -95,6 +98,7 @@ def test_student_with_another_vocabulary_is_refused(tmp_path, tiny_models, teach
         train(TrainConfig(corpus=teacher_corpus, student=str(small), out=tmp_path / "y", max_steps=1))
 
 
+@pytest.mark.slow
 def test_two_process_cpu_ddp_matches_single_process_direction(tmp_path, tiny_models, teacher_corpus):
     import subprocess
     import sys
@@ -116,6 +120,7 @@ def test_two_process_cpu_ddp_matches_single_process_direction(tmp_path, tiny_mod
     assert abs(ddp[0] - single[0]) < 0.2 * single[0]  # same scale: per-token loss over the global batch
 
 
+@pytest.mark.slow
 def test_lora_adapter_and_merged_model_generate_the_same_in_vllm(tiny_models, lora_student):
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt

@@ -4,8 +4,7 @@ honours `loss_mask`."""
 import numpy as np
 import pytest
 import torch
-
-from train.data import DistillCollator, trainable
+from distill.train.data import DistillCollator, trainable
 
 K = 3
 
@@ -52,18 +51,19 @@ def test_a_prompt_that_fills_the_context_is_refused_by_name():
         DistillCollator(pad_token_id=0, max_length=8, top_k=K)([rec])
 
 
+@pytest.mark.engine
 def test_teacher_copy_has_zero_kd_loss_on_its_own_corpus_and_a_random_student_does_not(tmp_path, tiny_models,
                                                                                         teacher, prompts_file):
     """End to end: vLLM corpus -> collator -> chunked loss on a transformers model."""
+    from distill.generate import generate
+    from distill.train.losses import chunked_distill_loss
     from transformers import AutoModelForCausalLM
 
     from distill import corpus
     from distill.config import GenerateConfig
-    from generate import generate
-    from train.losses import chunked_distill_loss
 
     out = generate(GenerateConfig(teacher=str(tiny_models["llama-teacher"]), prompts=prompts_file, out=tmp_path / "c",
-                                  max_tokens=16, top_k=20, logprob_dtype="float32"), teacher=teacher)
+                                  max_tokens=16, top_k=20, logprob_dtype="float32"), teacher=teacher).path
     batch = DistillCollator(pad_token_id=0, max_length=512, top_k=20)(list(corpus.iter_records(out)))
 
     def kd(model_dir):

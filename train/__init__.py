@@ -1,1 +1,3 @@
-"""Student training: KD losses, data, TRL trainer (issue 4)."""
+"""Student training: top-k KD losses (`losses`), corpus records -> aligned tensors (`data`), the
+TRL trainer with its one overridden `compute_loss` (`trainer`), teacher-forced scoring shared with
+eval (`scoring`) and the student's provenance card (`card`)."""

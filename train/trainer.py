@@ -14,13 +14,18 @@ import time
 from pathlib import Path
 
 import torch
+from distill.train.card import StudentCard, TrainResult
+from distill.train.data import DistillCollator, trainable
+from distill.train.losses import chunked_distill_loss
+from distill.train.scoring import pad_token_id, teacher_forced
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from distill import corpus
+from distill import corpus, files
 from distill.config import TrainConfig
-from train.data import DistillCollator, trainable
-from train.losses import chunked_distill_loss
+
+# Written (atomically) into a checkpoint folder once it is whole: only such checkpoints resume.
+CHECKPOINT_DONE = "distill-checkpoint-complete"
 
 
 class DistillTrainer(SFTTrainer):
@@ -48,6 +53,12 @@ class DistillTrainer(SFTTrainer):
         return (loss, out) if return_outputs else loss
 
 
+class MarkCompleteCheckpoints(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            files.atomic_write(Path(args.output_dir) / f"checkpoint-{state.global_step}" / CHECKPOINT_DONE, "")
+
+
 class JsonlMetrics(TrainerCallback):
     def __init__(self, path: Path):
         self.path = path
@@ -58,15 +69,15 @@ class JsonlMetrics(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
-def check_vocabulary(manifest: dict, student_tokenizer, embedding_rows: int, max_teacher_id: int) -> None:
+def check_vocabulary(manifest: corpus.Manifest, student_tokenizer, embedding_rows: int, max_teacher_id: int) -> None:
     """Refuse a student whose vocabulary differs from the teacher's on the ids the corpus uses."""
     if max_teacher_id >= embedding_rows:
         raise ValueError(f"the corpus uses token id {max_teacher_id} but the student has {embedding_rows} embeddings")
-    if corpus.tokenizer_fingerprint(student_tokenizer)["tokenizer_sha256"] == manifest["teacher"].get("tokenizer_sha256"):
+    if corpus.tokenizer_fingerprint(student_tokenizer)["tokenizer_sha256"] == manifest.teacher.tokenizer_sha256:
         return
     from transformers import AutoTokenizer
 
-    teacher = AutoTokenizer.from_pretrained(manifest["teacher"]["model"])
+    teacher = AutoTokenizer.from_pretrained(manifest.teacher.model)
     ids = range(min(max_teacher_id + 1, len(teacher)))
     theirs, ours = teacher.convert_ids_to_tokens(list(ids)), student_tokenizer.convert_ids_to_tokens(list(ids))
     diff = [(i, a, b) for i, a, b in zip(ids, theirs, ours) if a != b]
@@ -76,14 +87,14 @@ def check_vocabulary(manifest: dict, student_tokenizer, embedding_rows: int, max
                          "distil into a student of the same tokenizer family")
 
 
-def train(cfg: TrainConfig) -> Path:
+def train(cfg: TrainConfig) -> TrainResult:
     import pyarrow.compute as pc
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.time()
     corpus.validate(cfg.corpus)
     manifest = corpus.read_manifest(cfg.corpus)
-    k = manifest["generation"]["top_k"]
+    k = manifest.generation.top_k
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(cfg.student)
@@ -118,50 +129,31 @@ def train(cfg: TrainConfig) -> Path:
         gradient_checkpointing=cfg.gradient_checkpointing,
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, report_to=[],
         max_length=None)
-    collator = DistillCollator(pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                               else tokenizer.eos_token_id, max_length=cfg.max_length, top_k=k)
+    collator = DistillCollator(pad_token_id=pad_token_id(tokenizer), max_length=cfg.max_length, top_k=k)
     trainer = DistillTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                              processing_class=tokenizer, data_collator=collator, peft_config=peft_config,
-                             callbacks=[JsonlMetrics(out / "metrics.jsonl")], distill=cfg)
+                             callbacks=[JsonlMetrics(out / "metrics.jsonl"), MarkCompleteCheckpoints()], distill=cfg)
     # A kill can leave the newest checkpoint half written: resume from the newest complete one.
-    complete = sorted((c for c in (out / "checkpoints").glob("checkpoint-*") if (c / "trainer_state.json").exists()),
+    complete = sorted((c for c in (out / "checkpoints").glob("checkpoint-*") if (c / CHECKPOINT_DONE).exists()),
                       key=lambda c: int(c.name.split("-")[-1]))
     resume = str(complete[-1]) if cfg.resume and complete else None
-    initial = evaluate(trainer, eval_data, collator, cfg) if eval_data else {}
+    initial = held_out_metrics(trainer, eval_data, collator, cfg) if eval_data else {}
     trainer.train(resume_from_checkpoint=resume)
-    final = evaluate(trainer, eval_data, collator, cfg) if eval_data else {}
+    final = held_out_metrics(trainer, eval_data, collator, cfg) if eval_data else {}
+    card = _card(cfg, manifest, trainer, initial, final, time.time() - start)
     if trainer.is_world_process_zero():  # under torchrun / accelerate launch, one process writes
         _save(trainer, tokenizer, out, cfg)
         _plot(out)
-        _write_card(out, cfg, manifest, trainer, {"initial": initial, "final": final}, time.time() - start)
-    return out
+        card.write(out)
+        _write_readme(out, cfg, card)
+    return TrainResult(out, card)
 
 
-@torch.no_grad()
-def evaluate(trainer: DistillTrainer, data, collator: DistillCollator, cfg: TrainConfig) -> dict[str, float]:
+def held_out_metrics(trainer: DistillTrainer, data, collator: DistillCollator, cfg: TrainConfig) -> dict[str, float]:
     """Held-out KL to the teacher (forward KL on the stored top-k), CE, and top-1 agreement."""
-    model = trainer.model
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    kd = ce = agree = n = 0.0
-    head = model.get_output_embeddings()
-    for start in range(0, len(data), cfg.batch_size):
-        batch = {k: v.to(device) for k, v in collator([data[i] for i in range(start, min(len(data), start + cfg.batch_size))]).items()}
-        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-        m = batch["target_mask"]
-        count = int(m.sum())
-        _, parts = chunked_distill_loss(hidden, head.weight, batch["labels"].clamp(min=0), batch["topk_ids"],
-                                        batch["topk_logprobs"], m, bias=head.bias, alpha=1.0, kind="forward_kl",
-                                        tail=cfg.tail, chunk_size=cfg.chunk_size)
-        kd, ce = kd + parts["kd"].item() * count, ce + parts["ce"].item() * count
-        predicted = torch.nn.functional.linear(hidden[m], head.weight, head.bias).argmax(-1)
-        agree += (predicted == batch["topk_ids"][m][:, 0]).sum().item()
-        n += count
-    model.train(was_training)
-    return {"eval_kl": kd / max(n, 1), "eval_ce": ce / max(n, 1), "eval_top1_agreement": agree / max(n, 1),
-            "eval_tokens": int(n)}
+    scored = teacher_forced(trainer.model, data, collator, cfg.batch_size, tail=cfg.tail, chunk_size=cfg.chunk_size)
+    return {"eval_kl": scored.kl, "eval_ce": scored.nll, "eval_top1_agreement": scored.top1_agreement,
+            "eval_tokens": scored.tokens}
 
 
 def _save(trainer: DistillTrainer, tokenizer, out: Path, cfg: TrainConfig) -> None:
@@ -172,15 +164,6 @@ def _save(trainer: DistillTrainer, tokenizer, out: Path, cfg: TrainConfig) -> No
         model = model.merge_and_unload()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-
-
-def _curation_summary(corpus_dir: Path, manifest: dict) -> dict | None:
-    report = Path(corpus_dir) / "report.json"
-    if not report.exists():
-        return manifest.get("curation")
-    summary = json.loads(report.read_text())
-    return {**(manifest.get("curation") or {}), "kept": summary["kept"], "rejected": summary["rejected"],
-            "rejected_by_filter": {f["name"]: f["rejected"] for f in summary["filters"]}}
 
 
 def _plot(out: Path) -> None:
@@ -202,24 +185,23 @@ def _plot(out: Path) -> None:
     plt.close(fig)
 
 
-def _write_card(out: Path, cfg: TrainConfig, manifest: dict, trainer, evals: dict, wall: float) -> None:
-    import hashlib
-
+def _card(cfg: TrainConfig, manifest: corpus.Manifest, trainer, initial: dict, final: dict, wall: float) -> StudentCard:
     logs = [l for l in trainer.state.log_history if "loss" in l]
-    manifest_hash = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-    card = {"teacher": manifest.get("teacher"), "corpus": str(cfg.corpus), "corpus_manifest_sha256": manifest_hash,
-            "curation": _curation_summary(cfg.corpus, manifest), "config": json.loads(cfg.model_dump_json()),
-            "steps": trainer.state.global_step, **evals,
-            "first_loss": logs[0]["loss"] if logs else None, "last_loss": logs[-1]["loss"] if logs else None,
-            "history": manifest.get("history", []) + [corpus.history_entry("train", cfg, wall)]}
-    (out / "distill.json").write_text(json.dumps(card, indent=2) + "\n")
+    return StudentCard(
+        corpus=str(cfg.corpus), teacher=manifest.teacher, corpus_manifest_sha256=manifest.sha256(),
+        curation=manifest.curation, config=json.loads(cfg.model_dump_json()), steps=trainer.state.global_step,
+        initial=initial, final=final, first_loss=logs[0]["loss"] if logs else None,
+        last_loss=logs[-1]["loss"] if logs else None, history=manifest.history + [corpus.history_entry("train", cfg, wall)])
+
+
+def _write_readme(out: Path, cfg: TrainConfig, card: StudentCard) -> None:
     lines = ["# Distilled student", "", f"- student base: `{cfg.student}`",
-             f"- teacher: `{(manifest.get('teacher') or {}).get('model')}`",
-             f"- corpus: `{cfg.corpus}` (manifest sha256 `{manifest_hash[:16]}`)",
+             f"- teacher: `{card.teacher.model if card.teacher else None}`",
+             f"- corpus: `{cfg.corpus}` (manifest sha256 `{card.corpus_manifest_sha256[:16]}`)",
              f"- loss: {cfg.alpha} x {cfg.loss} (tail {cfg.tail}, T={cfg.kd_temperature}) + {1 - cfg.alpha:g} x CE; "
              f"{'LoRA r=' + str(cfg.lora_r) if cfg.lora else 'full fine-tuning'}",
-             f"- steps: {trainer.state.global_step}; loss {card['first_loss']} -> {card['last_loss']}",
-             *(f"- {key}: {evals['initial'].get(key, float('nan')):.4f} before training -> {value:.4f}"
-               for key, value in evals["final"].items() if isinstance(value, float)),
+             f"- steps: {card.steps}; loss {card.first_loss} -> {card.last_loss}",
+             *(f"- {key}: {card.initial.get(key, float('nan')):.4f} before training -> {value:.4f}"
+               for key, value in card.final.items() if isinstance(value, float)),
              "", "Full provenance: `distill.json`. Metrics per logging step: `metrics.jsonl`, `loss.png`."]
     (out / "README.md").write_text("\n".join(lines) + "\n")

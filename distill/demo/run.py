@@ -10,15 +10,15 @@ with more seeds, evaluates every student on the same held-out prompts, and write
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-from distill import corpus
+from distill import corpus, files
 from distill.demo import skills
+from distill.evaluation.report import EvalReport
 
 HERE = Path(__file__).parent
 CONFIG = HERE / "demo.yaml"
@@ -82,10 +82,11 @@ def main(out: Path, seeds: int = 3, serve: bool = False, build_teacher: bool = F
 def train_and_eval(configs: dict, student: Path, report: Path, alpha: float, seed: int, teacher_answers: Path) -> None:
     """Seed s: the student initialised with seed s (seed 0 is the shipped init), data order s.
     Skipped when both are already there (a rerun of the demo resumes)."""
-    from evaluation.job import evaluate
-    from train.trainer import train
+    from distill.evaluation.job import evaluate
+    from distill.train.card import CARD
+    from distill.train.trainer import train
 
-    if not (student / "distill.json").exists():
+    if not (student / CARD).exists():
         print(f"[demo] training {student.name} (alpha {alpha}, seed {seed})")
         init = STUDENT_INIT if seed == 0 else student_init(student.parent / f"init-seed{seed}", seed)
         train(configs["train"].model_copy(update={"out": student, "alpha": alpha, "seed": seed, "student": str(init)}))
@@ -103,11 +104,11 @@ def per_skill(answers: Path) -> dict[str, float]:
 
 
 def student_metrics(student: Path, report_dir: Path, seed: int) -> dict:
-    report = json.loads((report_dir / "report.json").read_text())
-    return {"seed": seed, "model": str(student), "accuracy": report["answers"]["student"]["score"],
+    report = EvalReport.load(report_dir)
+    return {"seed": seed, "model": str(student), "accuracy": report.answers.student.score,
             "per_skill": per_skill(report_dir / "student-answers"),
-            "answer_agreement": report["answers"]["exact_match"], "top1_agreement": report["fidelity"]["top1_agreement"],
-            "kl": report["fidelity"]["kl"], "parameters": report["student"]["parameters"]}
+            "answer_agreement": report.answers.exact_match, "top1_agreement": report.fidelity.top1_agreement,
+            "kl": report.fidelity.kl, "parameters": report.student.parameters}
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -116,13 +117,14 @@ def _mean_std(values: list[float]) -> dict:
 
 def summarise(out: Path, arms: dict[str, list[dict]], wall: float) -> None:
     """report.json / report.md: teacher, both arms (mean ± std over seeds), KD - SFT, cost."""
-    run_report = json.loads((out / "eval" / "report.json").read_text())
-    cost = run_report["cost"]
+    run_report = EvalReport.load(out / "eval")
+    cost = {role: [row.model_dump() for row in rows] for role, rows in run_report.cost.items()} \
+        if run_report.cost else None
     report = {
-        "n_eval_prompts": run_report["prompts"]["count"],
-        "teacher": {"model": run_report["teacher"]["model"], "accuracy": run_report["answers"]["teacher"]["score"],
+        "n_eval_prompts": run_report.prompts.count,
+        "teacher": {"model": run_report.teacher.model, "accuracy": run_report.answers.teacher.score,
                     "per_skill": per_skill(out / "eval" / "teacher-answers"),
-                    "parameters": run_report["teacher"]["parameters"]},
+                    "parameters": run_report.teacher.parameters},
     }
     for arm, rows in arms.items():
         stats = {key: _mean_std([r[key] for r in rows]) for key in ("accuracy", "answer_agreement", "top1_agreement", "kl")}
@@ -137,7 +139,7 @@ def summarise(out: Path, arms: dict[str, list[dict]], wall: float) -> None:
                               "answer_agreement": kd["answer_agreement"]["mean"] - sft["answer_agreement"]["mean"]}
     report["cost"] = cost
     report["wall_seconds"] = round(wall)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    files.write_json(out / "report.json", report)
     (out / "report.md").write_text(_markdown(report))
 
 
@@ -175,14 +177,15 @@ def chat(student: Path, engine_cfg, keep_serving: bool) -> None:
     from openai import OpenAI
 
     from distill.config import ServeConfig
-    from serve.server import serve, start_server
+    from distill.launcher import start_server
+    from distill.serve.server import serve
 
+    settings = ServeConfig(model=str(student), served_model_name="demo-student", **engine_cfg.engine_settings())
     if keep_serving:
-        serve(ServeConfig(model=str(student), served_model_name="demo-student",
-                          **engine_cfg.model_dump(include={"dtype", "max_model_len", "engine_args"})))
+        serve(settings)
         return
     example = next(e for e in skills.examples("eval", 8, seed=7) if e["skill"] == "max")
-    with start_server(str(student), engine_cfg, name="demo-student") as server:
+    with start_server(settings.model_copy(update={"port": 0})) as server:
         reply = OpenAI(base_url=server.url, api_key="EMPTY").chat.completions.create(
             model=server.model, messages=example["messages"], max_tokens=16, temperature=0)
     answer = reply.choices[0].message.content

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distill import files
 from distill.demo import skills
 
 SHIPPED = Path(__file__).parent / "teacher"
@@ -32,7 +33,7 @@ class LabelTeacher:
     max_model_len = MAX_POSITIONS
 
     def score(self, requests: Iterable, top_k: int, on_done: Callable, window: int) -> None:
-        from generate.requests import Completion
+        from distill.generate.requests import Completion
 
         for req in requests:
             ids = np.asarray(req.response_token_ids, dtype=np.int32)
@@ -44,9 +45,10 @@ def build_teacher(work: Path, steps: int = 5000, examples: int = 250_000, seed: 
                   eval_prompts: int = 1000, out: Path = SHIPPED) -> dict:
     from distill import tiny
     from distill.config import ScoreConfig, TrainConfig
-    from evaluation.job import model_size
-    from generate.job import score
-    from train.trainer import train
+    from distill.evaluation.job import model_size
+    from distill.generate.job import score
+    from distill.train.card import CARD
+    from distill.train.trainer import train
 
     start = time.time()
     work = Path(work)
@@ -58,23 +60,23 @@ def build_teacher(work: Path, steps: int = 5000, examples: int = 250_000, seed: 
     init = tiny.build_model(work / "init", work / "tokenizer", "llama", TEACHER_SIZE, seed=seed,
                             max_position_embeddings=MAX_POSITIONS, init_std=0.02, tie_word_embeddings=True)
     labels = score(ScoreConfig(teacher=str(init), data=data, out=work / "labels", top_k=1, chunk_size=16384,
-                               overwrite=True), teacher=LabelTeacher())
+                               overwrite=True), teacher=LabelTeacher()).path
     cfg = TrainConfig(corpus=labels, student=str(init), out=work / "trained", alpha=0.0, lora=False,
                       learning_rate=2e-3, lr_scheduler="cosine", warmup_ratio=0.02, weight_decay=0.01,
                       batch_size=64, max_steps=steps, max_length=MAX_POSITIONS, eval_fraction=0.005,
                       save_steps=1000, logging_steps=50, seed=seed, resume=True)
-    trained = train(cfg)
+    trained = train(cfg).path
     accuracy = exact_match(trained, skills.examples("eval", eval_prompts, seed + 2))
     out.mkdir(parents=True, exist_ok=True)
     for f in trained.iterdir():
-        if f.is_file() and f.name not in ("README.md", "distill.json", "metrics.jsonl", "loss.png"):
+        if f.is_file() and f.name not in ("README.md", CARD, "metrics.jsonl", "loss.png"):
             shutil.copy2(f, out / f.name)
     build = {"command": "distill demo --build-teacher",  # build_teacher()'s defaults: steps, examples, seed below
              "seed": seed, "steps": steps, "examples": examples, "size": TEACHER_SIZE, "vocab_size": len(tokenizer),
              "train": json.loads(cfg.model_dump_json(exclude={"corpus", "student", "out"})),
              "params": model_size(str(trained))["parameters"], "eval_prompts": eval_prompts,
              "accuracy": accuracy, "wall_seconds": round(time.time() - start)}
-    (out / "build.json").write_text(json.dumps(build, indent=2) + "\n")
+    files.write_json(out / "build.json", build)
     return build
 
 

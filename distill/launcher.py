@@ -1,0 +1,140 @@
+"""Launching vLLM's OpenAI-compatible server for a model, waiting for it, and stopping it whole.
+
+The server runs in its own session (process group): vLLM forks an engine-core process, and a
+stop signals the whole group, so nothing is left behind. `start_server` is what `distill
+serve`, `distill eval`'s cost measurement, the demo and the tests use; it lives in the core so
+that every stage may launch a server without importing another stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from pathlib import Path
+
+from distill.config import EngineConfig, ServeConfig
+from distill.engine import engine_kwargs, server_flags
+
+
+class ServerError(RuntimeError):
+    """A launched vLLM server failed to start or died."""
+
+
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's `--max-lora-rank` accepts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def served_name(model: str) -> str:
+    path = Path(model)
+    return path.name if path.exists() else model
+
+
+def lora_rank(adapter: Path) -> int:
+    config = Path(adapter) / "adapter_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"`{adapter}`: not a LoRA adapter directory (no adapter_config.json)")
+    r = json.loads(config.read_text())["r"]
+    return next((rank for rank in LORA_RANKS if rank >= r), r)
+
+
+def server_command(model: str, cfg: EngineConfig, *, name: str, host: str, port: int, lora: Path | None = None,
+                   lora_name: str | None = None, api_key: str | None = None, extra: list[str] = ()) -> list[str]:
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+           *server_flags(engine_kwargs(model, cfg)), "--served-model-name", name, "--host", host, "--port", str(port)]
+    if lora is not None:
+        cmd += ["--enable-lora", "--lora-modules", f"{lora_name}={lora}", "--max-lora-rank", str(lora_rank(lora))]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    return cmd + list(extra)
+
+
+class Server:
+    """A running server: `url` (ends in /v1), `model` (the name to request), `stop()`."""
+
+    def __init__(self, process: subprocess.Popen, url: str, model: str, log_path: Path, api_key: str | None):
+        self.process, self.url, self.model, self.log_path, self.api_key = process, url, model, log_path, api_key
+
+    def log_tail(self, lines: int = 20) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return "".join(deque(f, maxlen=lines))
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.time() + timeout
+        health = self.url.removesuffix("/v1") + "/health"
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"the vLLM server exited with code {self.process.returncode} during startup; "
+                                  f"its last lines ({self.log_path}):\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(health, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise ServerError(f"the vLLM server did not answer {health} within {timeout:.0f} s; "
+                          f"its last lines ({self.log_path}):\n{self.log_tail()}")
+
+    def stop(self, grace: float = 30.0) -> int | None:
+        """SIGTERM the server's process group, SIGKILL what is left after `grace` seconds."""
+        if self.process.poll() is None:
+            _signal_group(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        _signal_group(self.process.pid, signal.SIGKILL)  # stragglers of the group (engine core)
+        self.process.wait()
+        return self.process.returncode
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def start_server(cfg: ServeConfig, log_path: Path | None = None) -> Server:
+    """Start the server and return once `/health` answers (`cfg.port` 0: any free port). With
+    `cfg.lora`, the adapter is served as the model name and the base model as `NAME-base`."""
+    lora, host = cfg.lora, cfg.host
+    port = cfg.port or free_port()
+    name = cfg.served_model_name or served_name(str(lora.parent if lora and lora.name == "adapter" else lora or cfg.model))
+    base_name = f"{name}-base" if lora else name
+    api_key = cfg.api_key or os.environ.get("VLLM_API_KEY")
+    cmd = server_command(cfg.model, cfg, name=base_name, host=host, port=port, lora=lora, lora_name=name,
+                         api_key=api_key, extra=cfg.vllm_args)
+    log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="distill-serve-", suffix=".log")[1])
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    client_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    server = Server(process, f"http://{client_host}:{port}/v1", name, log_path, api_key)
+    try:
+        server.wait_ready(cfg.startup_timeout)
+    except BaseException:
+        server.stop(grace=5)
+        raise
+    return server
