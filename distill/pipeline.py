@@ -67,7 +67,7 @@ def given(section: StageConfig) -> dict[str, Any]:
 
 def stage_configs(run: RunConfig) -> dict[str, StageConfig]:
     out = Path(run.out)
-    engine = run.teacher.model_dump(exclude={"model"})
+    engine = run.teacher.engine_settings()
     return {
         "generate": GenerateConfig(teacher=run.teacher.model, prompts=run.prompts.train, format=run.prompts.format,
                                    out=out / "corpus", **engine, **given(run.generate)),

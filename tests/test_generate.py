@@ -34,7 +34,7 @@ def hf_model(path):
 def assert_matches_transformers(corpus_dir, model_dir) -> int:
     """Every stored row equals the teacher's recomputed distribution; returns rows checked."""
     model, rows = hf_model(str(model_dir)), 0
-    k = corpus.read_manifest(corpus_dir)["generation"]["top_k"]
+    k = corpus.read_manifest(corpus_dir).generation.top_k
     for rec in corpus.iter_records(corpus_dir):
         prompt, response = rec["prompt_token_ids"], rec["response_token_ids"]
         with torch.no_grad():

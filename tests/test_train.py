@@ -7,6 +7,7 @@ from distill.generate import generate
 from distill.train.trainer import train
 
 from distill.config import GenerateConfig, TrainConfig
+from distill.train.card import StudentCard
 from tests.conftest import write_jsonl
 
 pytestmark = pytest.mark.engine  # the corpus comes from the vLLM teacher
@@ -47,8 +48,9 @@ def lora_student(tiny_models, teacher_corpus, tmp_path_factory):
 def test_lora_student_is_saved_for_serving(tiny_models, lora_student):
     from transformers import AutoModelForCausalLM
 
-    out = lora_student
+    out = lora_student.path
     card = json.loads((out / "distill.json").read_text())
+    assert StudentCard.load(out) == lora_student.card  # distill.json is the returned card
     assert card["steps"] == 20 and card["last_loss"] < card["first_loss"]
     assert card["teacher"]["model"] == str(tiny_models["llama-teacher"]) and card["history"][-1]["stage"] == "train"
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -129,7 +131,7 @@ def test_lora_adapter_and_merged_model_generate_the_same_in_vllm(tiny_models, lo
     from distill import corpus
 
     prompts = [TokensPrompt(prompt_token_ids=r["prompt_token_ids"])
-               for r in list(corpus.iter_records(json.loads((lora_student / "distill.json").read_text())["corpus"]))[:4]]
+               for r in list(corpus.iter_records(lora_student.card.corpus))[:4]]
     greedy = SamplingParams(max_tokens=12, temperature=0.0)
     settings = dict(dtype="float32", max_model_len=512, enable_chunked_prefill=False)
 
@@ -139,11 +141,11 @@ def test_lora_adapter_and_merged_model_generate_the_same_in_vllm(tiny_models, lo
     base = LLM(model=str(tiny_models["llama-student"]), enable_lora=True, max_lora_rank=8, **settings)
     try:
         adapted = tokens(base.generate(prompts, greedy, use_tqdm=False,
-                                       lora_request=LoRARequest("student", 1, str(lora_student / "adapter"))))
+                                       lora_request=LoRARequest("student", 1, str(lora_student.path / "adapter"))))
         untouched = tokens(base.generate(prompts, greedy, use_tqdm=False))
     finally:
         base.llm_engine.engine_core.shutdown()
-    merged = LLM(model=str(lora_student), **settings)
+    merged = LLM(model=str(lora_student.path), **settings)
     try:
         from_merged = tokens(merged.generate(prompts, greedy, use_tqdm=False))
     finally:
