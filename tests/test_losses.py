@@ -145,3 +145,18 @@ def test_bad_arguments_are_named():
         kd_per_position(logits, ids, lps, tail="drop")
     with pytest.raises(ValueError, match="`beta` must be in"):
         kd_per_position(logits, ids, lps, kind="jsd", beta=1.0)
+
+
+def test_gradients_stay_finite_when_the_student_is_certain():
+    """A student with probability 1.0 (in float32) on the teacher's only top-k token used to
+    send NaN back through the tail bucket's unused branch, and 0 * NaN poisons even alpha 0."""
+    logits = torch.zeros(3, 16)
+    logits[:, 5] = 200.0  # log_softmax = 0 exactly at token 5
+    logits.requires_grad_(True)
+    ids, lps = torch.full((3, 1), 5), torch.zeros(3, 1)  # a label "teacher": its token at logprob 0
+    for alpha in (0.0, 0.5, 1.0):
+        logits.grad = None
+        kd = kd_per_position(logits, ids, lps, tail="bucket").sum()
+        ce = torch.nn.functional.cross_entropy(logits, ids[:, 0], reduction="sum")
+        (alpha * kd + (1 - alpha) * ce).backward()
+        assert torch.isfinite(logits.grad).all(), alpha

@@ -46,10 +46,14 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
 
 
 def _log1mexp(log_x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(log_x)) for log_x <= 0, stable near 0, floored so that log(0) stays finite."""
+    """log(1 - exp(log_x)) for log_x <= 0, stable near 0, floored so that log(0) stays finite.
+    Each branch only ever sees inputs where it is finite: `torch.where` alone would still send
+    0 * inf = NaN back through the branch it did not pick (a student certain of a token, x = 0)."""
     x = log_x.clamp(max=0.0)
-    near_zero = torch.log((-torch.expm1(x)).clamp(min=_TINY))
-    return torch.where(x > -0.6931, near_zero, torch.log1p(-torch.exp(x))).clamp(min=math.log(_TINY))
+    small = x > -0.6931
+    near_zero = torch.log((-torch.expm1(torch.where(small, x, -1.0))).clamp(min=_TINY))
+    far = torch.log1p(-torch.exp(torch.where(small, -1.0, x)))
+    return torch.where(small, near_zero, far).clamp(min=math.log(_TINY))
 
 
 def _partition(student_logprobs_k: torch.Tensor, teacher_logprobs_k: torch.Tensor, tail: Tail, temperature: float):
