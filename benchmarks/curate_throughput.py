@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from distill.curation.pipeline import build_filters, curate_batch
-from distill.curation.report import Report
 
 from distill import corpus
+from distill.curation.pipeline import build_filters, curate_batch
+from distill.curation.report import Report
 from distill.tiny import WORDS
 
 K = 20

@@ -63,14 +63,14 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
-    from distill.generate import generate
-    from distill.generate.engine import VLLMTeacher
-    from distill.generate.templating import ChatTokenizer, load_tokenizer, model_max_len
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from distill import corpus
     from distill.config import GenerateConfig
+    from distill.generate import generate
+    from distill.generate.engine import VLLMTeacher
+    from distill.generate.templating import ChatTokenizer, load_tokenizer, model_max_len
 
     work = Path(tempfile.mkdtemp(prefix="distill-bench-"))
     model = args.model

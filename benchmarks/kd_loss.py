@@ -20,6 +20,7 @@ import time
 
 def run(variant: str, vocab: int, tokens: int, hidden: int, k: int, chunk: int) -> dict:
     import torch
+
     from distill.train.losses import chunked_distill_loss, topk_kd_loss
 
     torch.manual_seed(0)

@@ -103,7 +103,6 @@ def serve_naive(model_dir: str, port: int, ready) -> None:
 
 def measure_naive(model_dir: Path, conversations, args) -> list[dict]:
     from distill.evaluation.load import measure
-
     from distill.launcher import free_port
 
     port, ready = free_port(), multiprocessing.Event()
@@ -121,9 +120,8 @@ def measure_naive(model_dir: Path, conversations, args) -> list[dict]:
 
 
 def measure_vllm(model_dir: Path, conversations, args) -> list[dict]:
-    from distill.evaluation.load import measure
-
     from distill.config import ServeConfig
+    from distill.evaluation.load import measure
     from distill.launcher import start_server
 
     with start_server(ServeConfig(model=str(model_dir), port=0, max_model_len=args.max_model_len)) as server:

@@ -11,8 +11,9 @@ import statistics
 import time
 
 import torch
-from distill.train.losses import chunked_distill_loss
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from distill.train.losses import chunked_distill_loss
 
 
 def main() -> None:

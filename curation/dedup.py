@@ -9,6 +9,7 @@ import zlib
 from typing import Literal
 
 import numpy as np
+
 from distill.curation.base import WORD, Filter, prompt_text, response_text
 
 _SPACE = re.compile(r"\s+")

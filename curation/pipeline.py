@@ -14,6 +14,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from distill import corpus
+from distill.config import CurateConfig
 from distill.curation import (  # noqa: F401 (registry)
     confidence,
     contamination,
@@ -25,11 +30,6 @@ from distill.curation import (  # noqa: F401 (registry)
 )
 from distill.curation.base import Filter
 from distill.curation.report import Report
-from pydantic import ValidationError
-from tqdm import tqdm
-
-from distill import corpus
-from distill.config import CurateConfig
 from distill.plugins import load_callable
 
 DEFAULT_PIPELINE = ["finish_reason", "length", "repetition", "refusal", "pii", "dedup_exact", "dedup_near",

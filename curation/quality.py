@@ -9,6 +9,7 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from distill.curation.base import WORD, Filter, response_text
 
 

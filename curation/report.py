@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from distill.curation.confidence import per_record_stats
 
+from distill.curation.confidence import per_record_stats
 from distill.files import write_json
 
 EXAMPLES_PER_FILTER = 3

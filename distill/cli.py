@@ -105,6 +105,8 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve", action="store_true", help="Keep the KD student's server running at the end.")
     p.add_argument("--build-teacher", action="store_true",
                    help="Instead: retrain the shipped demo teacher from scratch (about an hour on 2 cores).")
+    p.add_argument("--ground-truth", type=Path, metavar="DIR",
+                   help="With --build-teacher: start the noisy-label stage from this finished ground-truth stage.")
 
 
 # Commands without a stage config: their own arguments.

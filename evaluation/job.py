@@ -8,6 +8,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from distill import corpus
+from distill.config import EvalConfig, GenerateConfig, ServeConfig
 from distill.evaluation.report import (
     Answers,
     AnswerStats,
@@ -19,11 +22,8 @@ from distill.evaluation.report import (
     PromptSet,
     write_report,
 )
-from distill.train.card import CARD, StudentCard
-
-from distill import corpus
-from distill.config import EvalConfig, GenerateConfig, ServeConfig
 from distill.plugins import load_callable
+from distill.train.card import CARD, StudentCard
 
 
 def evaluate(cfg: EvalConfig, teacher_engine=None, student_engine=None) -> EvalReport:
@@ -106,7 +106,6 @@ def compare_answers(teacher_corpus: Path, student_corpus: Path, ids: set[str], s
 
 def measure_cost(cfg: EvalConfig, prompts) -> dict[str, list[LoadLevel]]:
     from distill.evaluation.load import measure
-
     from distill.launcher import start_server
 
     conversations = [p.messages for p in prompts]

@@ -44,7 +44,7 @@ class AnswerStats(BaseModel):
 
 class Answers(BaseModel):
     compared: int
-    exact_match: float | None  # share of prompts where the student's answer is the teacher's
+    exact_match: float | None = None  # share of prompts where the student's answer is the teacher's
     teacher: AnswerStats
     student: AnswerStats
 
@@ -76,7 +76,7 @@ class EvalReport(BaseModel):
     prompts: PromptSet
     fidelity: Fidelity
     answers: Answers
-    cost: dict[str, list[LoadLevel]] | None  # role -> one row per concurrency level
+    cost: dict[str, list[LoadLevel]] | None = None  # role -> one row per concurrency level
     config: dict[str, Any]
     headline: Headline
     wall_seconds: float

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 import numpy as np
+
 from distill.generate.requests import Completion, Request, Sampling
 
 log = logging.getLogger(__name__)

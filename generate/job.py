@@ -20,6 +20,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
+from distill import corpus, files
+from distill.config import CorpusJobConfig, GenerateConfig, ScoreConfig
 from distill.generate.prompts import (
     BadRecord,
     Prompt,
@@ -34,10 +38,6 @@ from distill.generate.templating import (
     model_max_len,
     stop_token_ids,
 )
-from tqdm import tqdm
-
-from distill import corpus, files
-from distill.config import CorpusJobConfig, GenerateConfig, ScoreConfig
 
 MAX_RECORDED_SKIPS = 1000
 TOKENIZE_BATCH = 256

@@ -42,9 +42,8 @@ def tiny_models() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def teacher(tiny_models):
     """One in-process vLLM engine for the Llama teacher, shared by every test that generates."""
-    from distill.generate.engine import VLLMTeacher
-
     from distill.config import TeacherConfig
+    from distill.generate.engine import VLLMTeacher
 
     engine = VLLMTeacher(TeacherConfig(teacher=str(tiny_models["llama-teacher"])), max_logprobs=20,
                          max_model_len=MAX_MODEL_LEN)

@@ -74,7 +74,6 @@ def test_yaml_config_with_flag_override(tmp_path):
 def test_shipped_configs_validate(path):
     if isinstance(yaml.safe_load(path.read_text()).get("teacher"), dict):  # a `distill run` config
         from distill.curation.pipeline import build_filters
-
         from distill.pipeline import load_config
 
         build_filters(load_config(path).curate.filters)

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import yaml
-from distill.curation.pipeline import build_filters, curate
-from distill.curation.quality import RepetitionFilter
 
 from distill import corpus
 from distill.cli import main
 from distill.config import CurateConfig
+from distill.curation.pipeline import build_filters, curate
+from distill.curation.quality import RepetitionFilter
 from distill.plugins import load_callable
 
 K = 5
@@ -253,6 +253,7 @@ def test_vectorised_checks_equal_per_record_checks(planted):
 
 def test_confidence_stats_with_empty_responses():
     import pyarrow as pa
+
     from distill.curation.confidence import per_record_stats
 
     batch = pa.RecordBatch.from_pydict({

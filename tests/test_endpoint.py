@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
-from distill.generate import generate
-from distill.generate.endpoint import EndpointError, EndpointTeacher
 
 from distill import corpus
 from distill.config import GenerateConfig, ServeConfig
+from distill.generate import generate
+from distill.generate.endpoint import EndpointError, EndpointTeacher
 from distill.launcher import free_port, start_server
 from tests.conftest import MAX_MODEL_LEN, PROMPTS
 

@@ -5,11 +5,11 @@ import json
 import shutil
 
 import pytest
+
+from distill.config import EvalConfig
 from distill.evaluation.job import evaluate
 from distill.evaluation.report import EvalReport
 from distill.train.card import StudentCard
-
-from distill.config import EvalConfig
 from tests.conftest import MAX_MODEL_LEN, write_jsonl
 
 HELD_OUT = [{"id": f"held-{i}", "messages": [{"role": "user", "content": f"Sort {i} {i + 3} {i + 1} please"}]}
@@ -61,9 +61,8 @@ def answer_length(prompt: str, answer: str) -> float:
 
 @pytest.mark.engine
 def test_student_trained_on_the_prompts_is_refused(tmp_path, tiny_models, teacher, copy_of_teacher):
-    from distill.generate.job import generate
-
     from distill.config import GenerateConfig
+    from distill.generate.job import generate
 
     cfg = eval_config(tmp_path, copy_of_teacher, tiny_models["llama-teacher"], latency=False)
     trained_on = generate(GenerateConfig(teacher=str(tiny_models["llama-teacher"]), prompts=cfg.prompts,

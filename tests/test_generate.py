@@ -12,11 +12,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from distill.generate import generate, score
-from distill.generate.prompts import PromptError
 
 from distill import corpus
 from distill.config import GenerateConfig, ScoreConfig
+from distill.generate import generate, score
+from distill.generate.prompts import PromptError
 from tests.conftest import PROMPTS, write_jsonl
 
 pytestmark = pytest.mark.engine  # every test runs the vLLM teacher
@@ -143,9 +143,8 @@ def test_changed_settings_are_refused_unless_overwrite(tmp_path, tiny_models, te
 
 
 def test_qwen2_teacher(tmp_path, tiny_models, prompts_file):
-    from distill.generate.engine import VLLMTeacher
-
     from distill.config import TeacherConfig
+    from distill.generate.engine import VLLMTeacher
 
     path = tiny_models["qwen2-teacher"]
     engine = VLLMTeacher(TeacherConfig(teacher=str(path)), max_logprobs=20, max_model_len=512)
@@ -155,3 +154,4 @@ def test_qwen2_teacher(tmp_path, tiny_models, prompts_file):
         engine.llm.llm_engine.engine_core.shutdown()
     assert corpus.validate(out)["records"] == len(PROMPTS)
     assert assert_matches_transformers(out, path) > 0
+

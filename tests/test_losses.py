@@ -4,6 +4,7 @@ gradient, and invariance to how a batch is split for gradient accumulation."""
 import pytest
 import torch
 import torch.nn.functional as F
+
 from distill.train.losses import (
     KINDS,
     TAILS,

@@ -7,8 +7,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from distill.generate.prompts import BadRecord, Prompt, PromptError, iter_prompts
 
+from distill.generate.prompts import BadRecord, Prompt, PromptError, iter_prompts
 from tests.conftest import write_jsonl
 
 SYSTEM, Q1, A1, Q2 = "You are terse.", "Sort 5 3 1", "1 3 5", "Now reverse it"

@@ -7,10 +7,10 @@ import sys
 import time
 
 import pytest
-from distill.generate import generate
 
 from distill import corpus
 from distill.config import GenerateConfig
+from distill.generate import generate
 from tests.conftest import write_jsonl
 
 pytestmark = pytest.mark.engine

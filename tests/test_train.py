@@ -3,11 +3,11 @@
 import json
 
 import pytest
-from distill.generate import generate
-from distill.train.trainer import train
 
 from distill.config import GenerateConfig, TrainConfig
+from distill.generate import generate
 from distill.train.card import StudentCard
+from distill.train.trainer import train
 from tests.conftest import write_jsonl
 
 pytestmark = pytest.mark.engine  # the corpus comes from the vLLM teacher

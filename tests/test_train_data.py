@@ -4,6 +4,7 @@ honours `loss_mask`."""
 import numpy as np
 import pytest
 import torch
+
 from distill.train.data import DistillCollator, trainable
 
 K = 3
@@ -55,12 +56,12 @@ def test_a_prompt_that_fills_the_context_is_refused_by_name():
 def test_teacher_copy_has_zero_kd_loss_on_its_own_corpus_and_a_random_student_does_not(tmp_path, tiny_models,
                                                                                         teacher, prompts_file):
     """End to end: vLLM corpus -> collator -> chunked loss on a transformers model."""
-    from distill.generate import generate
-    from distill.train.losses import chunked_distill_loss
     from transformers import AutoModelForCausalLM
 
     from distill import corpus
     from distill.config import GenerateConfig
+    from distill.generate import generate
+    from distill.train.losses import chunked_distill_loss
 
     out = generate(GenerateConfig(teacher=str(tiny_models["llama-teacher"]), prompts=prompts_file, out=tmp_path / "c",
                                   max_tokens=16, top_k=20, logprob_dtype="float32"), teacher=teacher).path

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from distill.train.data import DistillCollator
 from distill.train.losses import Tail, kd_per_position
 

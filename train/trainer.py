@@ -14,15 +14,15 @@ import time
 from pathlib import Path
 
 import torch
-from distill.train.card import StudentCard, TrainResult
-from distill.train.data import DistillCollator, trainable
-from distill.train.losses import chunked_distill_loss
-from distill.train.scoring import pad_token_id, teacher_forced
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from distill import corpus, files
 from distill.config import TrainConfig
+from distill.train.card import StudentCard, TrainResult
+from distill.train.data import DistillCollator, trainable
+from distill.train.losses import chunked_distill_loss
+from distill.train.scoring import pad_token_id, teacher_forced
 
 # Written (atomically) into a checkpoint folder once it is whole: only such checkpoints resume.
 CHECKPOINT_DONE = "distill-checkpoint-complete"

@@ -1,9 +1,14 @@
 """`distill demo --build-teacher`: the shipped demo teacher, trained with the project's own code.
 
-The ground truth is written as a corpus whose "teacher" is the answer itself (top-1 = the
-correct token with logprob 0, via `distill score` with `LabelTeacher`), and `train()` learns it
-with pure CE (alpha 0, full fine-tuning). What ships is the merged model, its tokenizer and
-`build.json`: the command, seed, settings and held-out accuracy that produced it.
+Two stages, each a corpus whose "teacher" is the label itself (top-1 = the label's token with
+logprob 0, via `distill score` with `LabelTeacher`) learned by `train()` with pure CE (alpha 0,
+full fine-tuning):
+1. `ground_truth`: from random weights on right answers until it solves the skills (~99.9 %);
+2. `noisy`: on answers whose digits are right with probability 0.7 and otherwise a plausible,
+   prompt-dependent confusion (`skills.label_distribution`). The teacher ends up calibrated on
+   that distribution: its top choice is still the right digit, its other probabilities are the
+   plausible mistakes. What ships is the merged model, its tokenizer and `build.json`: command,
+   seeds, settings, held-out accuracy and how informative its distributions are.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distill import files
+from distill import corpus, files
 from distill.demo import skills
 
 SHIPPED = Path(__file__).parent / "teacher"
@@ -25,6 +30,11 @@ TEACHER_SIZE = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=4)
 VOCAB_SIZE = 512  # BPE saturates near 410 on the skill text; digits stay single tokens
 MAX_POSITIONS = 128
+# name -> labels, examples, train() settings
+STAGES = {
+    "ground_truth": dict(answers="right", examples=250_000, max_steps=5000, learning_rate=2e-3, eval_fraction=0.005),
+    "noisy": dict(answers="noisy", examples=40_000, max_steps=600, learning_rate=1e-3, eval_fraction=0.0),
+}
 
 
 class LabelTeacher:
@@ -41,43 +51,94 @@ class LabelTeacher:
             on_done(req, Completion(ids, zeros, ids[:, None], zeros[:, None], req.finish_reason))
 
 
-def build_teacher(work: Path, steps: int = 5000, examples: int = 250_000, seed: int = 0,
-                  eval_prompts: int = 1000, out: Path = SHIPPED) -> dict:
-    from distill import tiny
+def train_stage(work: Path, name: str, init: Path, seed: int) -> tuple[Path, dict]:
+    """One stage of `STAGES`: labels -> corpus -> `train()` from `init`; returns the model dir
+    and the stage's record for build.json."""
     from distill.config import ScoreConfig, TrainConfig
-    from distill.evaluation.job import model_size
     from distill.generate.job import score
-    from distill.train.card import CARD
     from distill.train.trainer import train
+
+    stage = dict(STAGES[name])
+    answers, n = stage.pop("answers"), stage.pop("examples")
+    start = time.time()
+    data = skills.write_prompts(work / f"{name}.jsonl", "teacher", n, seed, answers=answers)
+    labels = score(ScoreConfig(teacher=str(init), data=data, out=work / f"{name}-labels", top_k=1, chunk_size=16384,
+                               overwrite=True), teacher=LabelTeacher()).path
+    cfg = TrainConfig(corpus=labels, student=str(init), out=work / name, alpha=0.0, lora=False, lr_scheduler="cosine",
+                      warmup_ratio=0.02, weight_decay=0.01, batch_size=64, max_length=MAX_POSITIONS, save_steps=1000,
+                      logging_steps=50, seed=seed, resume=True, **stage)
+    trained = train(cfg).path
+    return trained, {"answers": answers, "examples": n, "wall_seconds": round(time.time() - start),
+                     "train": json.loads(cfg.model_dump_json(exclude={"corpus", "student", "out"}))}
+
+
+def build_teacher(work: Path, seed: int = 0, eval_prompts: int = 1000, out: Path = SHIPPED,
+                  ground_truth: Path | None = None) -> dict:
+    """Both stages into `out`. `ground_truth`: a finished stage-1 model (with the build.json that
+    made it) to start stage 2 from, instead of the ~50-minute stage 1."""
+    from distill import tiny
+    from distill.evaluation.job import model_size
+    from distill.train.card import CARD
 
     start = time.time()
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    data = skills.write_prompts(work / "teacher-train.jsonl", "teacher", examples, seed, with_answers=True)
-    texts = [json.dumps(ex["messages"]) for ex in skills.examples("teacher", 20_000, seed + 1)]
-    tokenizer = tiny.build_tokenizer(work / "tokenizer", vocab_size=VOCAB_SIZE, model_max_length=MAX_POSITIONS,
-                                     texts=texts, split_digits=True)
-    init = tiny.build_model(work / "init", work / "tokenizer", "llama", TEACHER_SIZE, seed=seed,
-                            max_position_embeddings=MAX_POSITIONS, init_std=0.02, tie_word_embeddings=True)
-    labels = score(ScoreConfig(teacher=str(init), data=data, out=work / "labels", top_k=1, chunk_size=16384,
-                               overwrite=True), teacher=LabelTeacher()).path
-    cfg = TrainConfig(corpus=labels, student=str(init), out=work / "trained", alpha=0.0, lora=False,
-                      learning_rate=2e-3, lr_scheduler="cosine", warmup_ratio=0.02, weight_decay=0.01,
-                      batch_size=64, max_steps=steps, max_length=MAX_POSITIONS, eval_fraction=0.005,
-                      save_steps=1000, logging_steps=50, seed=seed, resume=True)
-    trained = train(cfg).path
-    accuracy = exact_match(trained, skills.examples("eval", eval_prompts, seed + 2))
+    stages = {}
+    if ground_truth is None:
+        texts = [json.dumps(ex["messages"]) for ex in skills.examples("teacher", 20_000, seed + 1)]
+        tiny.build_tokenizer(work / "tokenizer", vocab_size=VOCAB_SIZE, model_max_length=MAX_POSITIONS, texts=texts,
+                             split_digits=True)
+        init = tiny.build_model(work / "init", work / "tokenizer", "llama", TEACHER_SIZE, seed=seed,
+                                max_position_embeddings=MAX_POSITIONS, init_std=0.02, tie_word_embeddings=True)
+        ground_truth, stages["ground_truth"] = train_stage(work, "ground_truth", init, seed)
+    else:
+        earlier = json.loads((Path(ground_truth) / "build.json").read_text())
+        stages["ground_truth"] = {**earlier.get("stages", {}).get("ground_truth", earlier), "from": str(ground_truth)}
+        ground_truth = Path(shutil.copytree(ground_truth, work / "ground_truth-given", dirs_exist_ok=True))
+    trained, stages["noisy"] = train_stage(work, "noisy", ground_truth, seed)
+    held_out = list(skills.examples("eval", eval_prompts, seed + 2))
+    accuracy = exact_match(trained, held_out)
+    informative = distribution_stats(score_answers(trained, held_out, work / "held-out-scored"))
     out.mkdir(parents=True, exist_ok=True)
     for f in trained.iterdir():
         if f.is_file() and f.name not in ("README.md", CARD, "metrics.jsonl", "loss.png"):
             shutil.copy2(f, out / f.name)
-    build = {"command": "distill demo --build-teacher",  # build_teacher()'s defaults: steps, examples, seed below
-             "seed": seed, "steps": steps, "examples": examples, "size": TEACHER_SIZE, "vocab_size": len(tokenizer),
-             "train": json.loads(cfg.model_dump_json(exclude={"corpus", "student", "out"})),
-             "params": model_size(str(trained))["parameters"], "eval_prompts": eval_prompts,
-             "accuracy": accuracy, "wall_seconds": round(time.time() - start)}
+    build = {"command": "distill demo --build-teacher",  # build_teacher()'s defaults
+             "seed": seed, "size": TEACHER_SIZE, "vocab_size": VOCAB_SIZE, "stages": stages,
+             "params": model_size(str(trained))["parameters"], "eval_prompts": eval_prompts, "accuracy": accuracy,
+             "distributions": informative, "wall_seconds": round(time.time() - start)}
     files.write_json(out / "build.json", build)
     return build
+
+
+def score_answers(model: Path, examples: list[dict], out: Path) -> Path:
+    """The model's top-20 along the right answers of `examples` (teacher forcing, in vLLM)."""
+    from distill.config import ScoreConfig
+    from distill.generate.job import score
+
+    data = out.with_suffix(".jsonl")
+    with open(data, "w") as f:
+        for ex in examples:
+            f.write(json.dumps({**ex, "messages": ex["messages"] + [{"role": "assistant", "content": ex["answer"]}]})
+                    + "\n")
+    return score(ScoreConfig(teacher=str(model), data=data, out=out, top_k=20, overwrite=True,
+                             engine_args={"enforce_eager": True})).path
+
+
+def distribution_stats(corpus_dir: Path) -> dict:
+    """How much a teacher's stored top-k says beyond its top choice, over answer digits (every
+    response token but the last, the end of turn): median top-1 probability, mean entropy of the
+    top-k renormalised (nats), and the share of positions whose top-1 is above 0.99."""
+    top1, entropy = [], []
+    for r in corpus.iter_records(corpus_dir, columns=["topk_logprobs"]):
+        rows = np.exp(np.asarray(r["topk_logprobs"], dtype=np.float64))[:-1]  # (T - 1, k)
+        if len(rows):
+            q = rows / rows.sum(-1, keepdims=True)
+            top1.append(rows[:, 0])
+            entropy.append(-(q * np.log(np.clip(q, 1e-30, None))).sum(-1))
+    top1, entropy = np.concatenate(top1), np.concatenate(entropy)
+    return {"positions": int(len(top1)), "median_top1_probability": float(np.median(top1)),
+            "mean_topk_entropy": float(np.mean(entropy)), "share_top1_above_0.99": float(np.mean(top1 > 0.99))}
 
 
 def exact_match(model_dir: Path, examples: Iterable[dict], batch_size: int = 256) -> dict:

@@ -1,0 +1,98 @@
+"""The demo's students beyond the run's own: more seeds of both arms, the smaller corpora of the
+learning curve, and how they are trained and scored cheaply on a 2-core CPU.
+
+- Training: two students at a time, one CPU thread each (tiny models use a second thread poorly;
+  two processes nearly double throughput). Each student's output goes to its `train.log`.
+- Headline eval: every student through vLLM like the run's own (`evaluate`, greedy).
+- Learning curve: batched greedy answers with transformers (`teacher.exact_match`).
+A student whose directory already holds its result is skipped, so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+from distill import corpus
+from distill.config import EvalConfig, TrainConfig
+from distill.train.card import CARD
+
+WORKERS = 2
+
+
+def _train_quietly(cfg: TrainConfig) -> float:
+    """One student in a worker process, one thread; returns its wall seconds."""
+    import torch
+
+    from distill.train.trainer import train
+
+    torch.set_num_threads(1)
+    start = time.time()
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    with open(Path(cfg.out) / "train.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        train(cfg)
+    return time.time() - start
+
+
+def train_many(configs: list[TrainConfig], workers: int = WORKERS) -> None:
+    """Train every config whose student is not there yet, `workers` at a time."""
+    todo = [c for c in configs if not (Path(c.out) / CARD).exists()]
+    if not todo:
+        return
+    print(f"[demo] training {len(todo)} students, {workers} at a time (logs: <student>/train.log)", flush=True)
+    start = time.time()
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        for cfg, seconds in zip(todo, pool.map(_train_quietly, todo)):
+            print(f"[demo]   {Path(cfg.out).relative_to(Path(cfg.out).parent.parent)}: {cfg.max_steps} steps "
+                  f"in {seconds:.0f} s", flush=True)
+    print(f"[demo] trained {len(todo)} students in {time.time() - start:.0f} s", flush=True)
+
+
+def evaluate_many(students: list[Path], eval_cfg: EvalConfig, teacher_answers: Path) -> None:
+    """`evaluate` each student against the run's teacher answers (vLLM, no latency)."""
+    from distill.evaluation.job import evaluate
+    from distill.evaluation.report import REPORT
+
+    todo = [s for s in students if not (s / "eval" / REPORT).exists()]
+    start = time.time()
+    for student in todo:
+        evaluate(eval_cfg.model_copy(update={"student": str(student), "out": student / "eval", "corpus": teacher_answers,
+                                             "latency": False}))
+    if todo:
+        print(f"[demo] evaluated {len(todo)} students in vLLM in {time.time() - start:.0f} s", flush=True)
+
+
+def first_records(source: Path, n: int, out: Path) -> Path:
+    """A corpus of the first `n` records of `source` (the learning curve's smaller corpora)."""
+    if (out / corpus.MANIFEST).exists():
+        return out
+    table = corpus.read_table(source).slice(0, n)
+    corpus.write_shard(out, 0, table)
+    manifest = corpus.read_manifest(source)
+    manifest.stats = corpus.corpus_stats(out)
+    manifest.stats.complete = True
+    manifest.rejected_stats = None
+    manifest.source = {**manifest.source, "subset": f"first {n} records of {source}"}
+    corpus.write_manifest(out, manifest)
+    return out
+
+
+def greedy_accuracy(students: list[Path], eval_prompts: Path) -> dict[Path, float]:
+    """Held-out greedy exact match of each student with transformers (the learning curve's scorer)."""
+    import json
+
+    import torch
+
+    from distill.demo.teacher import exact_match
+
+    torch.set_num_threads(2)
+    examples = [json.loads(line) for line in open(eval_prompts)]
+    scores = {}
+    for student in students:
+        scores[student] = exact_match(student, examples)["overall"]
+        print(f"[demo]   {student.name}: greedy accuracy {scores[student]:.3f}", file=sys.stderr, flush=True)
+    return scores
