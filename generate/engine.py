@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from distill.generate.requests import Completion, Request, Sampling
 
 from distill.config import TeacherConfig
 from distill.engine import engine_kwargs
+from distill.generate.requests import Completion, Request, Sampling
 
 
 def split_flat(flat, start_position: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from distill import corpus
-from distill.cli import main
-from distill.config import CurateConfig, GenerateConfig
+from distill.cli import build_parser, main
+from distill.config import CurateConfig, EvalConfig, GenerateConfig, TrainConfig
 from tests.conftest import ROOT, write_jsonl
 from tests.helpers import make_corpus, record
 
@@ -30,6 +30,20 @@ def test_generate_flags_derive_from_config_fields(capsys):
     for field in GenerateConfig.model_fields:
         assert "--" + field.replace("_", "-") in out, field
     assert "Teacher top-k logprobs stored per response token. [default: 20]" in " ".join(out.split())
+
+
+@pytest.mark.parametrize("flags, lora", [([], True), (["--lora"], True), (["--no-lora"], False), (["--full"], False)])
+def test_full_is_the_other_name_of_no_lora(flags, lora):
+    args = vars(build_parser().parse_args(["train", "--corpus", "c", "--student", "s", "--out", "o", *flags]))
+    assert TrainConfig(**{k: v for k, v in args.items() if k not in ("command", "config")}).lora is lora
+
+
+def test_engine_settings_carry_revision_and_remote_code():
+    """What `eval` hands to the engines that answer and the scorer that reads the student."""
+    cfg = EvalConfig(student="s", teacher="t", prompts="p.jsonl", out="o", revision="v1", trust_remote_code=True)
+    settings = cfg.engine_settings()
+    assert settings["revision"] == "v1" and settings["trust_remote_code"] is True
+    assert GenerateConfig(teacher="t", prompts="p.jsonl", out="o", **settings).trust_remote_code is True
 
 
 def test_missing_and_invalid_fields_are_named(capsys, tmp_path):

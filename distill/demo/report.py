@@ -23,7 +23,7 @@ def per_skill(answers: Path) -> dict[str, float]:
     return {s: float(np.mean(v)) for s, v in sorted(right.items())}
 
 
-def _mean_std(values: list[float]) -> dict:
+def mean_std(values: list[float]) -> dict:
     return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
 
 
@@ -41,10 +41,10 @@ def summarise(out: Path, arms: dict[str, list[dict]], curve: dict[str, dict[int,
                     "parameters": run_report.teacher.parameters, "distributions": distributions},
     }
     for arm, rows in arms.items():
-        stats = {key: _mean_std([r[key] for r in rows]) for key in ("accuracy", "answer_agreement", "top1_agreement", "kl")}
+        stats = {key: mean_std([r[key] for r in rows]) for key in ("accuracy", "answer_agreement", "top1_agreement", "kl")}
         report[arm] = {"accuracy": stats["accuracy"]["mean"], "accuracy_std": stats["accuracy"]["std"], **{
             k: v for k, v in stats.items() if k != "accuracy"},
-            "per_skill": {s: _mean_std([r["per_skill"][s] for r in rows]) for s in rows[0]["per_skill"]},
+            "per_skill": {s: mean_std([r["per_skill"][s] for r in rows]) for s in rows[0]["per_skill"]},
             "parameters": rows[0]["parameters"], "seeds": rows}
     kd, sft = report["student_kd"], report["student_sft"]
     kd["retained"] = kd["accuracy"] / teacher_accuracy
@@ -54,7 +54,7 @@ def summarise(out: Path, arms: dict[str, list[dict]], curve: dict[str, dict[int,
                               "ahead_on_every_seed": all(d > 0 for d in per_seed),
                               "beyond_spread": kd["accuracy"] - sft["accuracy"] > spread,
                               "answer_agreement": kd["answer_agreement"]["mean"] - sft["answer_agreement"]["mean"]}
-    report["learning_curve"] = {arm: {str(n): _mean_std(v) | {"seeds": v} for n, v in sorted(sizes.items())}
+    report["learning_curve"] = {arm: {str(n): mean_std(v) | {"seeds": v} for n, v in sorted(sizes.items())}
                                 for arm, sizes in curve.items()}
     report["cost"] = {role: [row.model_dump() for row in rows] for role, rows in run_report.cost.items()} \
         if run_report.cost else None
