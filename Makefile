@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-		$(BIN)/python -m pip install -e '.[gpu,train,test]'; \
+		$(BIN)/python -m pip install -e '.[gpu,train,ui,test]'; \
 	else \
-		$(BIN)/python -m pip install -e '.[cpu,train,test]' && \
+		$(BIN)/python -m pip install -e '.[cpu,train,ui,test]' && \
 		$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec; \
 	fi
 	$(BIN)/python -c 'import vllm, transformers, trl, peft; print("vllm", vllm.__version__, "transformers", transformers.__version__)'
@@ -30,7 +30,7 @@ test: install
 
 # No vLLM engine or server, no long training: losses, corpus, prompts, config, curation, CLI parsing.
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not engine and not slow"
+	$(BIN)/python -m pytest -q -m "not engine and not slow and not browser"
 
 demo: install
 	$(BIN)/distill demo

@@ -1,5 +1,6 @@
 """The eval report: `EvalReport` (what `evaluate` returns; report.json is its dump), report.md
-(headline first), kl_histogram.png, latency.png."""
+(headline first) and report.html (the same, one self-contained file), kl_histogram.png,
+latency.png."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from distill.files import write_json
+from distill.html import write_html_report
 
 REPORT = "report.json"
 
@@ -91,7 +93,6 @@ def _fmt(x, spec: str = ".3f") -> str:
 
 
 def write_report(out: Path, report: EvalReport, per_record_kl: list[float]) -> None:
-    write_json(out / REPORT, report.model_dump(mode="json", exclude_none=True))
     plots = _plots(out, report, per_record_kl)
     h, f, a = report.headline, report.fidelity, report.answers
     t, s = report.teacher, report.student
@@ -128,6 +129,8 @@ def write_report(out: Path, report: EvalReport, per_record_kl: list[float]) -> N
               f"on disk: teacher {_fmt(t.bytes, ',')} B, student {_fmt(s.bytes, ',')} B", "",
               *(f"![{p.stem}]({p.name})" for p in plots), ""]
     (out / "report.md").write_text("\n".join(lines))
+    write_html_report(out, title=f"distill eval: {s.model} vs {t.model}")
+    write_json(out / REPORT, report.model_dump(mode="json", exclude_none=True))  # last: `distill run`'s "done"
 
 
 def _plots(out: Path, report: EvalReport, per_record_kl: list[float]) -> list[Path]:

@@ -1,6 +1,6 @@
 """The demo's report: teacher vs KD and SFT-only students (mean ± std over paired seeds), the
-paired KD - SFT differences, the learning curve, serving cost; report.json, report.md and
-learning_curve.png in the demo directory."""
+paired KD - SFT differences, the learning curve, serving cost; report.json, report.md,
+report.html (self-contained: plots inlined) and learning_curve.png in the demo directory."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from distill import corpus, files
+from distill.html import write_html_report
 from distill.demo import skills
 from distill.evaluation.report import EvalReport
 
@@ -61,6 +62,7 @@ def summarise(out: Path, arms: dict[str, list[dict]], curve: dict[str, dict[int,
     report["wall_seconds"] = round(wall)
     _plot(out / "learning_curve.png", curve, teacher_accuracy)
     (out / "report.md").write_text(_markdown(report))
+    write_html_report(out, title="distill demo")
     files.write_json(out / "report.json", report)
     return report
 
