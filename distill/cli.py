@@ -97,6 +97,8 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", choices=STAGES, help="Run only this stage (its inputs must be complete).")
     p.add_argument("--from", dest="start_from", choices=STAGES, help="Re-run this stage and every later one.")
     p.add_argument("--serve", action="store_true", help="Serve the student when the run is done (until Ctrl-C).")
+    p.add_argument("--ui", action="store_true", help="Serve it with the browser chat page too (implies --serve; "
+                   "`serve.ui_port`, `serve.compare` in the config).")
 
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:

@@ -150,6 +150,19 @@ class ServeConfig(EngineConfig):
     api_key: str | None = Field(None, description="Require this bearer key (default: $VLLM_API_KEY; unset = no key).")
     startup_timeout: float = Field(600.0, gt=0, description="Seconds to wait for the server to answer /health.")
     vllm_args: list[str] = Field(default_factory=list, description="Extra vLLM server flags (on the command line: after `--`).")
+    ui: bool = Field(False, description="Also serve a browser chat page (on `host`:`ui_port`; the API key, if set, is its password).")
+    ui_port: int = Field(7860, ge=0, le=65535, description="Port of the chat page (0: any free port).")
+    compare: str | None = Field(
+        None, description="Teacher to answer beside the student on the page: a server URL (.../v1) or a model "
+        "(then started like `model`).")
+
+    @model_validator(mode="after")
+    def _check_ui(self) -> ServeConfig:
+        if self.compare and not self.ui:
+            raise ValueError("`compare` shows the teacher on the chat page: add `ui` (`--ui`)")
+        if self.ui and self.ui_port and self.ui_port == self.port:
+            raise ValueError(f"`ui_port` and `port` are both {self.port}: give the chat page another port")
+        return self
 
 
 class EvalConfig(EngineConfig):

@@ -188,11 +188,18 @@ def summary(stages: dict[str, dict]) -> str:
 
 
 def main(config: Path, set: list[str] | None = None, only: str | None = None, start_from: str | None = None,
-         serve: bool = False) -> int:
+         serve: bool = False, ui: bool = False) -> int:
     cfg = load_config(config, set or [])
+    serve_cfg = None
+    if serve or ui:  # checked before the run, not after hours of training
+        try:
+            fields = {**given(cfg.serve), **({"ui": True} if ui else {})}
+            serve_cfg = ServeConfig(model=str(Path(cfg.out) / "student"), **fields)
+        except ValidationError as e:
+            raise ValueError(f"invalid run config `{config}`:\n" + format_validation_error(e, "  serve: ")) from None
     run(cfg, only=only, start_from=start_from)
-    if serve:
+    if serve_cfg is not None:
         from distill.serve.server import serve as serve_model
 
-        return serve_model(ServeConfig(model=str(Path(cfg.out) / "student"), **given(cfg.serve)))
+        return serve_model(serve_cfg)
     return 0

@@ -1,11 +1,13 @@
 """`distill serve`: a model behind vLLM's OpenAI-compatible server until Ctrl-C / SIGTERM
-(the launcher itself is `distill.launcher`, shared with eval and the demo)."""
+(the launcher itself is `distill.launcher`, shared with eval and the demo); with `--ui`, also
+the browser chat page of `distill.serve.ui`, optionally with a teacher beside the student."""
 
 from __future__ import annotations
 
 import json
 import signal
 import sys
+import time
 
 from distill.config import ServeConfig
 from distill.launcher import Server, ServerError, start_server
@@ -14,26 +16,57 @@ from distill.launcher import Server, ServerError, start_server
 def serve(cfg: ServeConfig) -> int:
     """`distill serve`: start, print how to call it, then run until SIGINT/SIGTERM or a crash."""
     print(f"starting vLLM for {cfg.lora or cfg.model}: waiting until it answers /health ...", file=sys.stderr)
-    # SIGTERM takes the same path as Ctrl-C: stop the server's whole process group, then exit.
+    # SIGTERM takes the same path as Ctrl-C: stop the servers' whole process groups, then exit.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    server = start_server(cfg)
+    servers: list[Server] = []
+    page = None
     try:
-        print(ready_message(server), flush=True)
-        code = server.process.wait()
-        raise ServerError(f"the vLLM server exited with code {code}; its last lines ({server.log_path}):\n"
-                          f"{server.log_tail()}")
+        servers.append(start_server(cfg))
+        if cfg.ui:
+            page = _launch_page(cfg, servers)
+        print(ready_message(servers[0], page.local_url if page is not None else None), flush=True)
+        while all(s.process.poll() is None for s in servers):
+            time.sleep(0.5)
+        dead = next(s for s in servers if s.process.poll() is not None)
+        raise ServerError(f"the vLLM server exited with code {dead.process.returncode}; its last lines "
+                          f"({dead.log_path}):\n{dead.log_tail()}")
     except KeyboardInterrupt:
-        print("stopping the server ...", file=sys.stderr)
+        print("stopping ...", file=sys.stderr)
         return 0
     finally:
-        server.stop()
+        if page is not None:
+            page.close()
+        for server in servers:
+            server.stop()
 
 
-def ready_message(server: Server) -> str:
+def _launch_page(cfg: ServeConfig, servers: list[Server]):
+    """The chat page for `servers[0]`; a `compare` model is started as a second server (appended
+    to `servers`, so that it is stopped with the first)."""
+    # Gradio takes seconds to import: only with --ui.
+    from distill.serve.ui import Endpoint, launch_ui
+
+    student = servers[0]
+    teacher = None
+    if cfg.compare and cfg.compare.startswith(("http://", "https://")):
+        teacher = Endpoint.at(cfg.compare, student.api_key)
+    elif cfg.compare:
+        print(f"starting vLLM for the teacher {cfg.compare} ...", file=sys.stderr)
+        servers.append(start_server(cfg.model_copy(
+            update={"model": cfg.compare, "port": 0, "served_model_name": "teacher", "lora": None})))
+        teacher = Endpoint(servers[1].url, servers[1].model, servers[1].api_key)
+    return launch_ui(Endpoint(student.url, student.model, student.api_key), teacher, api_key=student.api_key,
+                     host=cfg.host, port=cfg.ui_port)
+
+
+def ready_message(server: Server, page_url: str | None = None) -> str:
     auth = ' -H "Authorization: Bearer $VLLM_API_KEY"' if server.api_key else ""
     body = json.dumps({"model": server.model, "messages": [{"role": "user", "content": "Hello!"}]})
+    login = "  (log in with the API key as the password)" if server.api_key else ""
+    page = [f"chat page: {page_url}{login}"] if page_url else []
     return "\n".join([
         f"ready: {server.url}  model: {server.model}  (server log: {server.log_path})",
+        *page,
         "",
         f"  curl {server.url}/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'",
         "",

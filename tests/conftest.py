@@ -70,3 +70,24 @@ PROMPTS = [
 @pytest.fixture
 def prompts_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian Chromium driven by Playwright, shared by every browser test. Playwright's
+    own browser download cannot work here, so it drives the system's `chromium` (`.ci/run`
+    installs it); open pages with `wait_until="load"`: Gradio keeps a connection open, so
+    `networkidle` never comes."""
+    from playwright.sync_api import sync_playwright
+
+    executable = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(executable).exists():
+        pytest.fail("the browser tests need Debian's Chromium: `apt-get install --no-install-recommends chromium`")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from distill import corpus, files
-from distill.html import write_html_report
 from distill.demo import skills
 from distill.evaluation.report import EvalReport
+from distill.html import write_html_report
 
 NAMES = {"student_kd": "KD (alpha 0.9)", "student_sft": "SFT-only (alpha 0)"}
 
