@@ -76,9 +76,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Headless Debian Chromium driven by Playwright, shared by every browser test. Playwright's
+    """Headless Debian Chromium driven by Playwright, shared by a module's browser tests (not the
+    session: while Playwright's sync API is open, its event loop counts as running in this
+    thread, and every later `asyncio.run` in the session would fail). Playwright's
     own browser download cannot work here, so it drives the system's `chromium` (`.ci/run`
     installs it); open pages with `wait_until="load"`: Gradio keeps a connection open, so
     `networkidle` never comes."""
