@@ -41,7 +41,8 @@ COMMANDS: dict[str, tuple[str, type[BaseModel] | None, str]] = {
     "inspect": ("distill.inspect:inspect", None, "Summary of a corpus and one decoded record."),
 }
 # Errors a user causes: printed as one line, no traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError, ServerError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError, ServerError,
+               FloatingPointError)
 # Commands that pass everything after `--` through to the program they launch (their `vllm_args`).
 PASSTHROUGH_FIELD = "vllm_args"
 # Boolean fields with a second name for their `--no-` form (DESIGN's `--lora|--full`).

@@ -303,6 +303,7 @@ def validate(root: Path, subdir: str = "data", max_problems: int = 20) -> dict[s
         problems += _rows(table, pc.equal(pc.list_value_length(table["prompt_token_ids"]), 0),
                           f"{where}: empty `prompt_token_ids`")
         problems += _unsorted_topk(table, where)
+        problems += _non_finite(table, where)
         for rid in table["id"].to_pylist():
             if rid in seen:
                 problems.append(f"{where}: duplicate id {rid!r}")
@@ -322,6 +323,24 @@ def validate(root: Path, subdir: str = "data", max_problems: int = 20) -> dict[s
 def _rows(table: pa.Table, mask: pa.ChunkedArray, message: str) -> list[str]:
     bad = pc.filter(table["id"], mask).to_pylist()
     return [f"{message} (record ids {bad[:3]}{' ...' if len(bad) > 3 else ''})"] if bad else []
+
+
+def _non_finite(table: pa.Table, where: str) -> list[str]:
+    """NaN or infinite logprobs (a NaN passes every comparison, so no other check catches it)."""
+    problems = []
+    for col in ("response_logprobs", "topk_logprobs"):
+        column = table[col].combine_chunks()  # list per record: of values, or of top-k rows
+        positions = pc.list_flatten(column)
+        record_of = pc.list_parent_indices(column).to_numpy()
+        values, position_of = (pc.list_flatten(positions), pc.list_parent_indices(positions).to_numpy()) \
+            if col == "topk_logprobs" else (positions, np.arange(len(positions)))
+        bad = ~np.isfinite(values.to_numpy(zero_copy_only=False).astype(np.float32))
+        if bad.any():
+            position = int(position_of[np.argmax(bad)])
+            record = int(record_of[position])
+            problems.append(f"{where}: `{col}` holds {int(bad.sum())} non-finite values (first: record "
+                            f"{table['id'][record].as_py()!r}, response position {position - column.offsets[record].as_py()})")
+    return problems
 
 
 def _unsorted_topk(table: pa.Table, where: str) -> list[str]:

@@ -41,6 +41,10 @@ def test_float32_storage_is_exact(tmp_path):
     (lambda r: r.__setitem__("prompt_token_ids", []), "empty `prompt_token_ids`"),
     (lambda r: r.__setitem__("topk_logprobs", r["topk_logprobs"][:, ::-1].copy()), "not sorted best first"),
     (lambda r: r.__setitem__("loss_mask", [True]), "`loss_mask` length differs"),
+    (lambda r: r["topk_logprobs"].__setitem__((1, 2), np.nan),
+     "`topk_logprobs` holds 1 non-finite values (first: record 'r1', response position 1)"),
+    (lambda r: r["response_logprobs"].__setitem__(2, -np.inf),
+     "`response_logprobs` holds 1 non-finite values (first: record 'r1', response position 2)"),
 ])
 def test_validate_names_each_broken_invariant(tmp_path, break_it, message):
     recs = [record(0), record(1)]

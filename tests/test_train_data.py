@@ -77,3 +77,16 @@ def test_teacher_copy_has_zero_kd_loss_on_its_own_corpus_and_a_random_student_do
 
     assert kd(tiny_models["llama-teacher"]) < 1e-3
     assert kd(tiny_models["llama-student"]) > 0.1
+
+
+def test_a_non_finite_gradient_norm_stops_training_before_saving():
+    """The loss can stay finite while a NaN gradient destroys the weights (seen: a teacher build
+    logged loss 0.75 with grad_norm NaN, then saved an all-NaN model and exited 0)."""
+    from transformers import TrainerControl, TrainerState
+
+    from distill.train.trainer import StopOnNonFinite
+
+    state = TrainerState(global_step=250)
+    StopOnNonFinite().on_log(None, state, TrainerControl(), logs={"loss": 0.75, "grad_norm": 1.4})
+    with pytest.raises(FloatingPointError, match="step 250: the gradient norm is nan; no model was saved"):
+        StopOnNonFinite().on_log(None, state, TrainerControl(), logs={"loss": 0.75, "grad_norm": float("nan")})

@@ -9,6 +9,7 @@ accumulation, checkpoints, resume, PEFT, DDP) is TRL / transformers as shipped.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -47,6 +48,9 @@ class DistillTrainer(SFTTrainer):
         scale = self.accelerator.num_processes if num_items_in_batch is not None and \
             self.args.average_tokens_across_devices else 1
         loss = loss * scale
+        if model.training and not torch.isfinite(loss):
+            raise FloatingPointError(f"training stopped at step {self.state.global_step + 1}: the loss is {loss.item()}; "
+                                     "no model was saved (lower `learning_rate`, or check the corpus)")
         if model.training:
             self._metrics["train"]["kd"].append(parts["kd"].item() * scale)
             self._metrics["train"]["ce"].append(parts["ce"].item() * scale)
@@ -57,6 +61,17 @@ class MarkCompleteCheckpoints(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             files.atomic_write(Path(args.output_dir) / f"checkpoint-{state.global_step}" / CHECKPOINT_DONE, "")
+
+
+class StopOnNonFinite(TrainerCallback):
+    """A NaN gradient can leave the loss finite while it destroys the weights: stop at the first
+    logged non-finite gradient norm, before the model is saved."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        norm = (logs or {}).get("grad_norm")
+        if norm is not None and not math.isfinite(float(norm)):
+            raise FloatingPointError(f"training stopped at step {state.global_step}: the gradient norm is {norm}; "
+                                     "no model was saved (lower `learning_rate`, or check the corpus)")
 
 
 class JsonlMetrics(TrainerCallback):
@@ -132,7 +147,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     collator = DistillCollator(pad_token_id=pad_token_id(tokenizer), max_length=cfg.max_length, top_k=k)
     trainer = DistillTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                              processing_class=tokenizer, data_collator=collator, peft_config=peft_config,
-                             callbacks=[JsonlMetrics(out / "metrics.jsonl"), MarkCompleteCheckpoints()], distill=cfg)
+                             callbacks=[JsonlMetrics(out / "metrics.jsonl"), MarkCompleteCheckpoints(), StopOnNonFinite()],
+                             distill=cfg)
     # A kill can leave the newest checkpoint half written: resume from the newest complete one.
     complete = sorted((c for c in (out / "checkpoints").glob("checkpoint-*") if (c / CHECKPOINT_DONE).exists()),
                       key=lambda c: int(c.name.split("-")[-1]))
