@@ -233,14 +233,6 @@ class Corpus:
     path: Path
     manifest: Manifest
 
-    @classmethod
-    def open(cls, path: Path) -> "Corpus":
-        return cls(Path(path), read_manifest(path))
-
-    @property
-    def top_k(self) -> int:
-        return self.manifest.generation.top_k
-
     def __fspath__(self) -> str:
         return str(self.path)
 

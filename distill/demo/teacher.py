@@ -77,7 +77,9 @@ def build_teacher(work: Path, seed: int = 0, eval_prompts: int = 1000, out: Path
     """Both stages into `out`. `ground_truth`: a finished stage-1 model (with the build.json that
     made it) to start stage 2 from, instead of the ~50-minute stage 1."""
     from distill import tiny
+    from distill.config import ScoreConfig
     from distill.evaluation.job import model_size
+    from distill.generate.job import score
     from distill.train.card import CARD
 
     start = time.time()
@@ -96,9 +98,12 @@ def build_teacher(work: Path, seed: int = 0, eval_prompts: int = 1000, out: Path
         stages["ground_truth"] = {**earlier.get("stages", {}).get("ground_truth", earlier), "from": str(ground_truth)}
         ground_truth = Path(shutil.copytree(ground_truth, work / "ground_truth-given", dirs_exist_ok=True))
     trained, stages["noisy"] = train_stage(work, "noisy", ground_truth, seed)
-    held_out = list(skills.examples("eval", eval_prompts, seed + 2))
-    accuracy = exact_match(trained, held_out)
-    informative = distribution_stats(score_answers(trained, held_out, work / "held-out-scored"))
+    accuracy = exact_match(trained, skills.examples("eval", eval_prompts, seed + 2))
+    # The same held-out examples with their right answers, read by the teacher in vLLM.
+    answered = skills.write_prompts(work / "held-out.jsonl", "eval", eval_prompts, seed + 2, answers="right")
+    scored = score(ScoreConfig(teacher=str(trained), data=answered, out=work / "held-out-scored", top_k=20,
+                               overwrite=True, engine_args={"enforce_eager": True})).path
+    informative = distribution_stats(scored)
     out.mkdir(parents=True, exist_ok=True)
     for f in trained.iterdir():
         if f.is_file() and f.name not in ("README.md", CARD, "metrics.jsonl", "loss.png"):
@@ -109,20 +114,6 @@ def build_teacher(work: Path, seed: int = 0, eval_prompts: int = 1000, out: Path
              "distributions": informative, "wall_seconds": round(time.time() - start)}
     files.write_json(out / "build.json", build)
     return build
-
-
-def score_answers(model: Path, examples: list[dict], out: Path) -> Path:
-    """The model's top-20 along the right answers of `examples` (teacher forcing, in vLLM)."""
-    from distill.config import ScoreConfig
-    from distill.generate.job import score
-
-    data = out.with_suffix(".jsonl")
-    with open(data, "w") as f:
-        for ex in examples:
-            f.write(json.dumps({**ex, "messages": ex["messages"] + [{"role": "assistant", "content": ex["answer"]}]})
-                    + "\n")
-    return score(ScoreConfig(teacher=str(model), data=data, out=out, top_k=20, overwrite=True,
-                             engine_args={"enforce_eager": True})).path
 
 
 def distribution_stats(corpus_dir: Path) -> dict:
