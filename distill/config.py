@@ -4,10 +4,12 @@ YAML keys both derive from these fields (see `distill.cli`)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
+    BeforeValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -16,6 +18,12 @@ from pydantic import (
     model_validator,
 )
 
+from distill import models
+
+# A model argument: hub id, Hugging Face directory, or a GGUF file (converted once, cached; see
+# `distill.models`). After validation it is always something vLLM and transformers load.
+ModelPath = Annotated[str, AfterValidator(models.resolve)]
+
 PromptFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt"]
 
 
@@ -23,7 +31,7 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     @classmethod
-    def from_yaml(cls, path: Path, **overrides: Any) -> "StageConfig":
+    def from_yaml(cls, path: Path, **overrides: Any) -> StageConfig:
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"`{path}`: expected a YAML mapping of {cls.__name__} fields")
@@ -48,7 +56,7 @@ class EngineConfig(StageConfig):
 
 
 class TeacherConfig(EngineConfig):
-    teacher: str = Field(description="Teacher model: a local directory or a hub id.")
+    teacher: ModelPath = Field(description="Teacher model: a local directory, a hub id or a .gguf file.")
 
 
 class CorpusJobConfig(TeacherConfig):
@@ -80,7 +88,7 @@ class GenerateConfig(CorpusJobConfig):
     concurrency: int = Field(64, ge=1, description="Requests in flight per endpoint.")
 
     @model_validator(mode="after")
-    def _check_max_tokens(self) -> "GenerateConfig":
+    def _check_max_tokens(self) -> GenerateConfig:
         if self.max_model_len is not None and self.max_tokens >= self.max_model_len:
             raise ValueError(f"`max_tokens` ({self.max_tokens}) must be below `max_model_len` ({self.max_model_len})")
         return self
@@ -110,7 +118,7 @@ class TrainConfig(StageConfig):
     """`distill train`: a student learns the teacher's tokens (CE) and its top-k distributions (KL)."""
 
     corpus: Path = Field(description="Training corpus directory (from generate / curate).")
-    student: str = Field(description="Student model: a local directory or a hub id (same tokenizer family).")
+    student: ModelPath = Field(description="Student model: a local directory, a hub id or a .gguf file (same tokenizer family).")
     out: Path = Field(description="Output directory: merged model, adapter, metrics, model card.")
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field("forward_kl", description="KD divergence.")
     tail: Literal["bucket", "renormalize"] = Field("bucket", description="How the teacher's mass outside its top-k is treated.")
@@ -139,10 +147,38 @@ class TrainConfig(StageConfig):
     resume: bool = Field(False, description="Continue from the newest checkpoint in `out`.")
 
 
+def _comma_separated(value: Any) -> Any:
+    """`--keep-layers 0,3,6` (or repeated flags, or a YAML list) -> [0, 3, 6]."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):
+        return [int(part) for item in value for part in (str(item).split(",") if isinstance(item, str) else [item])
+                if str(part).strip()]
+    return value
+
+
+class InitStudentConfig(StageConfig):
+    """`distill init-student`: a depth-pruned copy of the teacher that shares its tokenizer."""
+
+    teacher: ModelPath = Field(description="Teacher model: a local directory, a hub id or a .gguf file.")
+    out: Path = Field(description="Output directory for the student checkpoint.")
+    num_layers: int | None = Field(None, ge=1, description="Keep this many evenly spaced layers (first and last included).")
+    keep_layers: Annotated[list[int] | None, BeforeValidator(_comma_separated)] = Field(
+        None, description="Exactly these teacher layers, e.g. 0,3,6,9 (instead of `num_layers`).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype of the saved weights.")
+    overwrite: bool = Field(False, description="Replace an existing `out`.")
+
+    @model_validator(mode="after")
+    def _one_choice(self) -> "InitStudentConfig":
+        if (self.num_layers is None) == (self.keep_layers is None):
+            raise ValueError("give exactly one of `num_layers` and `keep_layers`")
+        return self
+
+
 class ServeConfig(EngineConfig):
     """`distill serve`: a model behind vLLM's OpenAI-compatible server, until Ctrl-C / SIGTERM."""
 
-    model: str = Field(description="Model directory (a trained student) or hub id; with `lora`, the base model.")
+    model: ModelPath = Field(description="Model directory (a trained student), hub id or .gguf file; with `lora`, the base model.")
     lora: Path | None = Field(None, description="LoRA adapter directory to serve on top of `model` (e.g. STUDENT/adapter).")
     served_model_name: str | None = Field(None, description="Name clients request (default: the model's directory name).")
     host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 exposes the server to the network).")
@@ -170,8 +206,8 @@ class EvalConfig(EngineConfig):
     agreement, perplexity on teacher text), answers (lengths, exact match, a task scorer) and
     cost (throughput, latency, size), as `out/report.md`, `report.json` and plots."""
 
-    student: str = Field(description="Student model directory (`distill train` output) or hub id.")
-    teacher: str = Field(description="Teacher model: a local directory or a hub id.")
+    student: ModelPath = Field(description="Student model directory (`distill train` output), hub id or .gguf file.")
+    teacher: ModelPath = Field(description="Teacher model: a local directory, a hub id or a .gguf file.")
     prompts: Path = Field(description="Held-out prompt file (never the training prompts).")
     out: Path = Field(description="Output directory: report, plots, both models' answers.")
     corpus: Path | None = Field(None, description="Existing teacher corpus of these prompts to reuse instead of generating one.")
@@ -214,7 +250,7 @@ ENGINE_FIELDS = set(EngineConfig.model_fields)
 class TeacherSection(EngineConfig):
     """The teacher and how vLLM runs it (generate and eval)."""
 
-    model: str = Field(description="Teacher model: a local directory or a hub id.")
+    model: ModelPath = Field(description="Teacher model: a local directory, a hub id or a .gguf file.")
 
 
 class PromptsSection(StageConfig):
@@ -224,7 +260,7 @@ class PromptsSection(StageConfig):
 
 
 class StudentSection(StageConfig):
-    model: str = Field(description="Student base model: a local directory or a hub id (same tokenizer family).")
+    model: ModelPath = Field(description="Student base model: a local directory, a hub id or a .gguf file (same tokenizer family).")
 
 
 GenerateSection = section(GenerateConfig, {"teacher", "prompts", "format", "out", *ENGINE_FIELDS},

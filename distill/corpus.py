@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from distill.files import atomic_path, write_json
+from distill.models import ModelSource
 
 SCHEMA = "distill.corpus/v1"
 MANIFEST = "manifest.json"
@@ -123,7 +124,7 @@ def shard_stats(path: Path) -> dict[str, int]:
     return {"records": len(ids), "response_tokens": int(pc.sum(pc.list_value_length(ids)).as_py() or 0)}
 
 
-def corpus_stats(root: Path, subdir: str = "data") -> "CorpusStats":
+def corpus_stats(root: Path, subdir: str = "data") -> CorpusStats:
     total = CorpusStats()
     for path in shard_paths(root, subdir):
         s = shard_stats(path)
@@ -167,6 +168,7 @@ class _Section(BaseModel):
 class TeacherInfo(_Section):
     model: str
     revision: str | None = None
+    source: ModelSource | None = None  # the GGUF file `model` was converted from
     tokenizer_sha256: str | None = None
     chat_template_sha256: str | None = None
 

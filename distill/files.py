@@ -5,6 +5,7 @@ killed writer leaves (`.NAME.tmp-PID`) are removed by `remove_partial_files`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -53,3 +54,12 @@ def remove_partial_files(root: Path) -> None:
     """Delete temp files a killed writer left behind (complete files are never touched)."""
     for tmp in Path(root).rglob(PARTIAL_GLOB):
         tmp.unlink()
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()

@@ -38,6 +38,7 @@ from distill.generate.templating import (
     model_max_len,
     stop_token_ids,
 )
+from distill.models import model_source
 
 MAX_RECORDED_SKIPS = 1000
 TOKENIZE_BATCH = 256
@@ -52,14 +53,6 @@ def generate(cfg: GenerateConfig, teacher=None) -> corpus.Corpus:
 def score(cfg: ScoreConfig, teacher=None) -> corpus.Corpus:
     """Teacher top-k along the existing answers of `cfg.data` into the corpus `cfg.out`."""
     return CorpusJob(cfg, cfg.data, scoring=True).run(teacher)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def request_id(prompt_id: str, sample: int) -> str:
@@ -108,11 +101,13 @@ class CorpusJob:
         if not self.scoring:
             generation |= {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
                            "samples_per_prompt": cfg.samples, "seed": cfg.seed}
+        source = model_source(cfg.teacher)
+        teacher_source = {"source": source.model_dump()} if source else {}
         return {
-            "teacher": {"model": cfg.teacher, "revision": cfg.revision, **self.fingerprint},
+            "teacher": {"model": cfg.teacher, "revision": cfg.revision, **self.fingerprint, **teacher_source},
             "generation": generation,
             # the file's hash, not its path: a moved prompt file still resumes
-            "source": {"sha256": file_sha256(self.source), "format": self.format,
+            "source": {"sha256": files.sha256(self.source), "format": self.format,
                        "chunk_size": cfg.chunk_size, "skip_bad": cfg.skip_bad},
         }
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 
 from distill.corpus import TeacherInfo
 from distill.files import write_json
+from distill.models import ModelSource
 
 CARD = "distill.json"
 
@@ -17,6 +18,7 @@ CARD = "distill.json"
 class StudentCard(BaseModel):
     corpus: str  # the training corpus directory (eval refuses prompts found in it)
     teacher: TeacherInfo | None = None
+    student_source: ModelSource | None = None  # the GGUF file the student base was converted from
     corpus_manifest_sha256: str | None = None
     curation: dict[str, Any] | None = None  # the corpus manifest's curation summary, if curated
     config: dict[str, Any] = Field(default_factory=dict)  # the resolved TrainConfig
@@ -28,7 +30,7 @@ class StudentCard(BaseModel):
     history: list[dict[str, Any]] = Field(default_factory=list)  # the corpus's history + this run
 
     @classmethod
-    def load(cls, student: Path) -> "StudentCard":
+    def load(cls, student: Path) -> StudentCard:
         return cls.model_validate_json((Path(student) / CARD).read_bytes())
 
     def write(self, student: Path) -> None:

@@ -20,6 +20,7 @@ from trl import SFTConfig, SFTTrainer
 
 from distill import corpus, files
 from distill.config import TrainConfig
+from distill.models import model_source
 from distill.train.card import StudentCard, TrainResult
 from distill.train.data import DistillCollator, trainable
 from distill.train.losses import chunked_distill_loss
@@ -204,7 +205,8 @@ def _plot(out: Path) -> None:
 def _card(cfg: TrainConfig, manifest: corpus.Manifest, trainer, initial: dict, final: dict, wall: float) -> StudentCard:
     logs = [l for l in trainer.state.log_history if "loss" in l]
     return StudentCard(
-        corpus=str(cfg.corpus), teacher=manifest.teacher, corpus_manifest_sha256=manifest.sha256(),
+        corpus=str(cfg.corpus), teacher=manifest.teacher, student_source=model_source(cfg.student),
+        corpus_manifest_sha256=manifest.sha256(),
         curation=manifest.curation, config=json.loads(cfg.model_dump_json()), steps=trainer.state.global_step,
         initial=initial, final=final, first_loss=logs[0]["loss"] if logs else None,
         last_loss=logs[-1]["loss"] if logs else None, history=manifest.history + [corpus.history_entry("train", cfg, wall)])
