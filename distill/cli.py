@@ -41,6 +41,8 @@ COMMANDS: dict[str, tuple[str, type[BaseModel] | None, str]] = {
     "chat": ("distill.serve.chat:chat", ChatConfig, "Terminal chat with a served model."),
     "run": ("distill.pipeline:main", None, "All stages from one YAML config into one run directory, resumable."),
     "demo": ("distill.demo.run:main", None, "The offline end-to-end demo: teacher -> KD and SFT students -> report."),
+    "demo-real": ("distill.demo.real:main", None,
+                  "The demo on a real chat model (SmolLM2-135M-Instruct -> a pruned student), offline, ~1 hour on CPU."),
     "inspect": ("distill.inspect:inspect", None, "Summary of a corpus and one decoded record."),
 }
 # Errors a user causes: printed as one line, no traceback.
@@ -115,8 +117,15 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="With --build-teacher: start the noisy-label stage from this finished ground-truth stage.")
 
 
+def _demo_real_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("runs/demo-real"), help="Demo directory [default: runs/demo-real].")
+    p.add_argument("--seeds", type=int, default=2, help="Students per arm (KD, SFT-only) [default: 2].")
+    p.add_argument("--serve", action="store_true", help="Serve the KD student at the end (until Ctrl-C).")
+
+
 # Commands without a stage config: their own arguments.
-ARGUMENTS = {"inspect": _inspect_arguments, "run": _run_arguments, "demo": _demo_arguments}
+ARGUMENTS = {"inspect": _inspect_arguments, "run": _run_arguments, "demo": _demo_arguments,
+             "demo-real": _demo_real_arguments}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -267,3 +267,21 @@ def test_curating_into_the_input_directory_is_refused(planted):
     with pytest.raises(ValueError, match="`out` must differ from `corpus`"):
         curate(CurateConfig(corpus=planted, out=planted, overwrite=True))
     assert corpus.validate(planted)["records"] == len(CLEAN) + len(PLANTED)
+
+
+def test_advice_when_most_rejections_are_unfinished_answers(tmp_path, tokenizer, capsys):
+    from tests.helpers import make_corpus
+
+    records = [make_record(f"r{i}", f"An answer number {i} that", tokenizer, finish_reason="length") for i in range(6)]
+    records += [make_record("done", "A finished answer.", tokenizer)]
+    make_corpus(tmp_path / "cut", records, k=K)
+    result = curate(CurateConfig(corpus=tmp_path / "cut", out=tmp_path / "out", filters=["finish_reason"]))
+    assert result.rejected_by_filter == {"finish_reason": 6}
+    summary = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert len(summary["advice"]) == 1 and "raise generate's `max_tokens`" in summary["advice"][0]
+    assert "advice: most rejections (6 of 6)" in capsys.readouterr().err
+    assert "**Advice:** most rejections" in (tmp_path / "out" / "report.md").read_text()
+    # No advice when unfinished answers are not the main cause.
+    make_corpus(tmp_path / "fine", [make_record("a", "Fine.", tokenizer), make_record("b", "Also fine.", tokenizer)], k=K)
+    curate(CurateConfig(corpus=tmp_path / "fine", out=tmp_path / "out2", filters=["finish_reason"]))
+    assert json.loads((tmp_path / "out2" / "report.json").read_text())["advice"] == []

@@ -34,7 +34,7 @@ def evenly_spaced(total: int, keep: int) -> list[int]:
         raise ValueError(f"cannot keep {keep} of the teacher's {total} layers")
     if keep == 1:
         return [0]
-    return sorted({int(round(i)) for i in np.linspace(0, total - 1, keep)})
+    return sorted({round(float(i)) for i in np.linspace(0, total - 1, keep)})
 
 
 def decoder_layers(model):

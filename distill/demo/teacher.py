@@ -102,7 +102,7 @@ def build_teacher(work: Path, seed: int = 0, eval_prompts: int = 1000, out: Path
     # The same held-out examples with their right answers, read by the teacher in vLLM.
     answered = skills.write_prompts(work / "held-out.jsonl", "eval", eval_prompts, seed + 2, answers="right")
     scored = score(ScoreConfig(teacher=str(trained), data=answered, out=work / "held-out-scored", top_k=20,
-                               overwrite=True, engine_args={"enforce_eager": True})).path
+                               overwrite=True)).path
     informative = distribution_stats(scored)
     out.mkdir(parents=True, exist_ok=True)
     for f in trained.iterdir():
