@@ -24,7 +24,7 @@ from distill import files
 
 CONFIG = Path(__file__).resolve().parents[2] / "examples" / "smollm2-135m.yaml"
 TEACHER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-N_TRAIN, N_EVAL = 400, 64
+N_TRAIN, N_EVAL = 300, 48
 STUDENT_LAYERS = 10
 # Short English single-turn prompts: the teacher is a 135M model with a useful answer length of
 # ~100 tokens; long or non-English prompts mostly make it ramble.
