@@ -16,6 +16,7 @@ CARD = "distill.json"
 
 class StudentCard(BaseModel):
     corpus: str  # the training corpus directory (eval refuses prompts found in it)
+    corpus_complete: bool = True  # false: trained with `allow_incomplete` on an interrupted corpus
     teacher: TeacherInfo | None = None
     corpus_manifest_sha256: str | None = None
     curation: dict[str, Any] | None = None  # the corpus manifest's curation summary, if curated
