@@ -129,20 +129,20 @@ def _curate(cfg: CurateConfig, out: Path) -> CurateResult:
     decode = _decoder(manifest) if masker else None
     report = Report([label(f) for f in filters])
     total = manifest.stats.records
-    bar = tqdm(total=total, unit="rec", desc="curate", file=sys.stderr, dynamic_ncols=True)
-    for path in corpus.shard_paths(cfg.corpus):
-        kept, rejected = [], []
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=cfg.batch_size):
-            k, r = curate_batch(batch, filters, masker, decode, report)
-            kept.append(k)
-            rejected.append(r)
-            bar.update(batch.num_rows)
-        index = corpus.shard_index(path)
-        for subdir, tables in (("data", kept), ("rejected", rejected)):
-            table = pa.concat_tables(tables, promote_options="permissive")
-            if table.num_rows:
-                corpus.write_shard(out, index, table, subdir)
-    bar.close()
+    # closed on an error too: the error then starts on its own line
+    with tqdm(total=total, unit="rec", desc="curate", file=sys.stderr, dynamic_ncols=True) as bar:
+        for path in corpus.shard_paths(cfg.corpus):
+            kept, rejected = [], []
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=cfg.batch_size):
+                k, r = curate_batch(batch, filters, masker, decode, report)
+                kept.append(k)
+                rejected.append(r)
+                bar.update(batch.num_rows)
+            index = corpus.shard_index(path)
+            for subdir, tables in (("data", kept), ("rejected", rejected)):
+                table = pa.concat_tables(tables, promote_options="permissive")
+                if table.num_rows:
+                    corpus.write_shard(out, index, table, subdir)
     summary = report.summary()
     result = CurateResult(out, kept=summary["kept"]["records"], rejected=summary["rejected"]["records"],
                           rejected_by_filter={f["name"]: f["rejected"] for f in summary["filters"]})

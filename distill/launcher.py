@@ -51,6 +51,12 @@ def check_port(host: str, port: int, field: str = "port") -> None:
                               "choose another port (0: any free port)") from None
 
 
+def check_startup(cfg: ServeConfig) -> None:
+    """What would make the server fail to start, found in a second instead of in its log."""
+    check_model(cfg.model, "model")
+    check_port(cfg.host, cfg.port)
+
+
 def served_name(model: str) -> str:
     path = Path(model)
     return path.name if path.exists() else model
@@ -132,9 +138,8 @@ def _signal_group(pid: int, sig: int) -> None:
 def start_server(cfg: ServeConfig, log_path: Path | None = None) -> Server:
     """Start the server and return once `/health` answers (`cfg.port` 0: any free port). With
     `cfg.lora`, the adapter is served as the model name and the base model as `NAME-base`."""
+    check_startup(cfg)
     lora, host = cfg.lora, cfg.host
-    check_model(cfg.model, "model")
-    check_port(host, cfg.port)
     port = cfg.port or free_port()
     name = cfg.served_model_name or served_name(str(lora.parent if lora and lora.name == "adapter" else lora or cfg.model))
     base_name = f"{name}-base" if lora else name
