@@ -4,7 +4,6 @@ filter before it kept, so a record failing several filters is charged to the fir
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from distill import corpus
+from distill import corpus, files
 from distill.config import CurateConfig
 from distill.curation import (  # noqa: F401 (registry)
     confidence,
@@ -109,40 +108,47 @@ class CurateResult:
 
 
 def curate(cfg: CurateConfig) -> CurateResult:
-    start = time.time()
-    filters = build_filters(cfg.filters)
-    corpus.validate(cfg.corpus)  # refuse a broken corpus with the reason, before any work
-    manifest = corpus.read_manifest(cfg.corpus)
     out = Path(cfg.out)
     if out.resolve() == Path(cfg.corpus).resolve():
         raise ValueError(f"`out` must differ from `corpus` (`{out}`): curation writes a new corpus")
-    if out.exists():
+    with files.exclusive(out):
+        return _curate(cfg, out)
+
+
+def _curate(cfg: CurateConfig, out: Path) -> CurateResult:
+    start = time.time()
+    filters = build_filters(cfg.filters)
+    manifest = corpus.read_manifest(cfg.corpus)
+    corpus.check_complete(cfg.corpus, manifest, cfg.allow_incomplete)
+    corpus.validate(cfg.corpus)  # refuse a broken corpus with the reason, before any work
+    if not files.is_empty(out):
         if not cfg.overwrite:
             raise FileExistsError(f"`{out}` exists: choose another `out` or pass `--overwrite`")
-        shutil.rmtree(out)
+        files.clear_dir(out)
     masker = next((f for f in filters if isinstance(f, pii.PIIFilter) and f.mode == "mask"), None)
     decode = _decoder(manifest) if masker else None
     report = Report([label(f) for f in filters])
     total = manifest.stats.records
-    bar = tqdm(total=total, unit="rec", desc="curate", file=sys.stderr, dynamic_ncols=True)
-    for path in corpus.shard_paths(cfg.corpus):
-        kept, rejected = [], []
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=cfg.batch_size):
-            k, r = curate_batch(batch, filters, masker, decode, report)
-            kept.append(k)
-            rejected.append(r)
-            bar.update(batch.num_rows)
-        index = corpus.shard_index(path)
-        for subdir, tables in (("data", kept), ("rejected", rejected)):
-            table = pa.concat_tables(tables, promote_options="permissive")
-            if table.num_rows:
-                corpus.write_shard(out, index, table, subdir)
-    bar.close()
+    # closed on an error too: the error then starts on its own line
+    with tqdm(total=total, unit="rec", desc="curate", file=sys.stderr, dynamic_ncols=True) as bar:
+        for path in corpus.shard_paths(cfg.corpus):
+            kept, rejected = [], []
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=cfg.batch_size):
+                k, r = curate_batch(batch, filters, masker, decode, report)
+                kept.append(k)
+                rejected.append(r)
+                bar.update(batch.num_rows)
+            index = corpus.shard_index(path)
+            for subdir, tables in (("data", kept), ("rejected", rejected)):
+                table = pa.concat_tables(tables, promote_options="permissive")
+                if table.num_rows:
+                    corpus.write_shard(out, index, table, subdir)
     summary = report.summary()
     result = CurateResult(out, kept=summary["kept"]["records"], rejected=summary["rejected"]["records"],
                           rejected_by_filter={f["name"]: f["rejected"] for f in summary["filters"]})
+    source_complete = manifest.stats.complete is not False
     manifest.stats = corpus.corpus_stats(out)
-    manifest.stats.complete = True
+    manifest.stats.complete = source_complete  # curating an interrupted corpus does not finish it
     manifest.rejected_stats = corpus.corpus_stats(out, "rejected")
     manifest.curation = {"filters": [f.settings() for f in filters], "source": str(cfg.corpus),
                          "kept": summary["kept"], "rejected": summary["rejected"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import types
 import typing
@@ -26,6 +27,7 @@ from distill.config import (
     TrainConfig,
     format_validation_error,
 )
+from distill.files import DiskFull, OutputInUse
 from distill.launcher import ServerError
 
 # name -> (function "module:attr", config model, one-line help)
@@ -45,9 +47,10 @@ COMMANDS: dict[str, tuple[str, type[BaseModel] | None, str]] = {
                   "The demo on a real chat model (SmolLM2-135M-Instruct -> a pruned student), offline, ~1 hour on CPU."),
     "inspect": ("distill.inspect:inspect", None, "Summary of a corpus and one decoded record."),
 }
-# Errors a user causes: printed as one line, no traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError, ServerError,
-               FloatingPointError)
+# Errors a user causes: printed as one line, no traceback (`--debug` or DISTILL_DEBUG=1 shows it).
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, ConnectionError, PermissionError,
+               ServerError, FloatingPointError, OutputInUse, DiskFull)
+DEBUG_HELP = "Show the traceback of an error (also: DISTILL_DEBUG=1)."
 # Commands that pass everything after `--` through to the program they launch (their `vllm_args`).
 PASSTHROUGH_FIELD = "vllm_args"
 # Boolean fields with a second name for their `--no-` form (DESIGN's `--lora|--full`).
@@ -131,9 +134,12 @@ ARGUMENTS = {"inspect": _inspect_arguments, "run": _run_arguments, "demo": _demo
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description="Distil a large chat model into a small one and serve it.")
     parser.add_argument("--version", action="version", version=f"distill {_version()}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, model, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=(model.__doc__ or help_text) if model else help_text)
+        # also after the command; SUPPRESS keeps a `--debug` given before it
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         if model is None:
             ARGUMENTS[name](p)
         else:
@@ -153,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
     args = vars(build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv))
     command = args.pop("command")
+    debug = args.pop("debug") or os.environ.get("DISTILL_DEBUG", "") not in ("", "0")
     if passthrough:
         model = COMMANDS.get(command, (None, None))[1]
         if model is None or PASSTHROUGH_FIELD not in model.model_fields:
@@ -173,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             result = getattr(importlib.import_module(module), attr)(cfg)
     except USER_ERRORS as e:
+        if debug:
+            raise
         print(f"distill {command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -9,8 +9,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     AfterValidator,
-    BeforeValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from distill import models
+from distill.files import require_file
 
 # A model argument: hub id, Hugging Face directory, or a GGUF file (converted once, cached; see
 # `distill.models`). After validation it is always something vLLM and transformers load.
@@ -27,12 +28,30 @@ ModelPath = Annotated[str, AfterValidator(models.resolve)]
 PromptFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt"]
 
 
+def load_yaml(path: Path) -> Any:
+    """A YAML file's data; a syntax error is one line naming `file:line:column`."""
+    path = require_file(path, "config file")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"`{path}`: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"`{where}`: invalid YAML ({problem})") from None
+
+
+ALLOW_INCOMPLETE = ("Accept a corpus whose generate job was interrupted (`complete: false`); "
+                    "the output records that it came from one.")
+
+
 class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides: Any) -> StageConfig:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = load_yaml(path) or {}
         if not isinstance(data, dict):
             raise ValueError(f"`{path}`: expected a YAML mapping of {cls.__name__} fields")
         return cls(**{**data, **overrides})
@@ -112,6 +131,7 @@ class CurateConfig(StageConfig):
         "dedup_exact, dedup_near, teacher_confidence).")
     batch_size: int = Field(1024, ge=1, description="Records per filtering batch.")
     overwrite: bool = Field(False, description="Replace an existing `out`.")
+    allow_incomplete: bool = Field(False, description=ALLOW_INCOMPLETE)
 
 
 class TrainConfig(StageConfig):
@@ -145,6 +165,7 @@ class TrainConfig(StageConfig):
     logging_steps: int = Field(10, ge=1, description="Log metrics every this many steps.")
     seed: int = Field(0, description="Seed for init, data order and the eval split.")
     resume: bool = Field(False, description="Continue from the newest checkpoint in `out`.")
+    allow_incomplete: bool = Field(False, description=ALLOW_INCOMPLETE)
 
 
 def _comma_separated(value: Any) -> Any:

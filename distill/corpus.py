@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from distill.files import atomic_path, write_json
+from distill.files import DiskFull, atomic_path, write_json
 from distill.models import ModelSource
 
 SCHEMA = "distill.corpus/v1"
@@ -103,8 +103,13 @@ def write_shard(root: Path, index: int, table: pa.Table, subdir: str = "data") -
     stats = json.dumps({"records": table.num_rows, "response_tokens": tokens}).encode()
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), STATS_KEY: stats})
     path = Path(root) / subdir / f"part-{index:05d}.parquet"
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", compression_level=6)
+    try:
+        with atomic_path(path) as tmp:
+            # page checksums: `validate` finds a flipped byte in the data instead of reading it
+            pq.write_table(table, tmp, compression="zstd", compression_level=6, write_page_checksum=True)
+    except DiskFull:
+        raise DiskFull(f"no space left on device writing shard {index} (`{path}`); the finished shards are "
+                       "kept: free space and rerun") from None
     return path
 
 
@@ -116,11 +121,23 @@ def shard_index(path: Path) -> int:
     return int(path.stem.split("-")[1])
 
 
+# What reading a damaged Parquet file raises (ArrowInvalid is a ValueError, ArrowIOError an OSError).
+READ_ERRORS = (pa.ArrowException, OSError, ValueError)
+
+
+def unreadable(path: Path, error: Exception) -> CorpusError:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return CorpusError(f"`{path}` is unreadable ({reason})")
+
+
 def shard_stats(path: Path) -> dict[str, int]:
-    meta = pq.read_schema(path).metadata or {}
-    if STATS_KEY in meta:
-        return json.loads(meta[STATS_KEY])
-    ids = pq.read_table(path, columns=["response_token_ids"]).column(0)
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        if STATS_KEY in meta:
+            return json.loads(meta[STATS_KEY])
+        ids = pq.read_table(path, columns=["response_token_ids"]).column(0)
+    except READ_ERRORS as e:
+        raise unreadable(path, e) from None
     return {"records": len(ids), "response_tokens": int(pc.sum(pc.list_value_length(ids)).as_py() or 0)}
 
 
@@ -150,14 +167,15 @@ def tokenizer_fingerprint(tokenizer) -> dict[str, str]:
     }
 
 
-def history_entry(stage: str, config: Any, wall_time: float) -> dict[str, Any]:
-    """One `manifest.history` item: what ran, with which resolved config and package versions."""
+def history_entry(stage: str, config: Any, wall_time: float, complete: bool = True) -> dict[str, Any]:
+    """One `manifest.history` item: what ran, with which resolved config and package versions;
+    `complete: false` while it runs or after it was interrupted (`finished_at`: when written)."""
     import time
 
     from distill import versions
 
     return {"stage": stage, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_time_s": round(wall_time, 2),
-            "config": json.loads(config.model_dump_json()), "versions": versions()}
+            "complete": complete, "config": json.loads(config.model_dump_json()), "versions": versions()}
 
 
 class _Section(BaseModel):
@@ -228,6 +246,33 @@ def write_manifest(root: Path, manifest: Manifest) -> None:
     write_json(Path(root) / MANIFEST, manifest.dump())
 
 
+def check_complete(root: Path, manifest: Manifest, allow_incomplete: bool) -> None:
+    """Refuse a corpus whose generate job did not finish (`stats.complete: false`), or one
+    curated from such a corpus, unless the user accepts it."""
+    if manifest.stats.complete is False and not allow_incomplete:
+        raise CorpusError(f"`{root}` is incomplete (its manifest says `complete: false`: the job that wrote it was "
+                          f"interrupted after {manifest.stats.records:,} records): rerun that job to finish it, or "
+                          "pass `--allow-incomplete` to use it as it is")
+
+
+def check_shards(root: Path, subdir: str = "data") -> list[str]:
+    """What is wrong between the manifest and the shards, reading only each shard's footer:
+    unreadable (e.g. truncated) shards, and record or shard counts that differ."""
+    root = Path(root)
+    stats = read_manifest(root).stats
+    problems, records, shards = [], 0, 0
+    for path in shard_paths(root, subdir):
+        try:
+            records += pq.ParquetFile(path).metadata.num_rows
+            shards += 1
+        except READ_ERRORS as e:
+            problems.append(str(unreadable(path.relative_to(root), e)))
+    if not problems and (records, shards) != (stats.records, stats.shards):
+        problems.append(f"the manifest says {stats.records:,} records in {stats.shards} shards, the shards hold "
+                        f"{records:,} records in {shards}")
+    return problems
+
+
 @dataclass(frozen=True)
 class Corpus:
     """A corpus directory and its manifest: what the corpus-writing stages return."""
@@ -276,11 +321,20 @@ def validate(root: Path, subdir: str = "data", max_problems: int = 20) -> dict[s
     seen: set[str] = set()
     records = tokens = 0
     for path in shard_paths(root, subdir):
-        table = pq.read_table(path)
         where = f"{path.relative_to(root)}"
+        try:  # the way `iter_batches` reads, every page checked against its checksum
+            table = pq.ParquetFile(path, page_checksum_verification=True).read()
+            table.schema.names  # decoded lazily: a damaged name fails here
+        except READ_ERRORS as e:
+            problems.append(str(unreadable(where, e)))
+            continue
         missing = [c for c in COLUMNS if c not in table.column_names]
         if missing:
             problems.append(f"{where}: missing columns {missing}")
+            continue
+        wrong = _wrong_types(table)
+        if wrong:
+            problems.append(f"{where}: {wrong}")
             continue
         records += table.num_rows
         n_tokens = pc.list_value_length(table["response_token_ids"])
@@ -312,6 +366,16 @@ def validate(root: Path, subdir: str = "data", max_problems: int = 20) -> dict[s
         more = "\n  ... and more" if len(problems) > max_problems else ""
         raise CorpusError(f"`{root}` is not a valid corpus:\n  " + "\n  ".join(problems[:max_problems]) + more)
     return {"records": records, "response_tokens": tokens}
+
+
+def _wrong_types(table: pa.Table) -> str | None:
+    """The first column whose type is not the contract's (logprobs: float16 or float32, as stored)."""
+    stored = table.schema.field("response_logprobs").type
+    expected = arrow_schema("float16" if stored == pa.list_(pa.float16()) else "float32", loss_mask=True)
+    for column in table.column_names:
+        if column in expected.names and table.schema.field(column).type != expected.field(column).type:
+            return f"`{column}` has type {table.schema.field(column).type}, expected {expected.field(column).type}"
+    return None
 
 
 def _rows(table: pa.Table, mask: pa.ChunkedArray, message: str) -> list[str]:

@@ -6,12 +6,35 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+from pathlib import Path
 from typing import Any
 
 from distill.config import EngineConfig
 
 log = logging.getLogger(__name__)
 DEFAULT_CPU_KVCACHE_GIB = "4"
+# A hub repo id: `name` or `org/name`; anything else is a local path.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+# Files of which a loadable tokenizer has at least one (fast, SentencePiece, BPE, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+
+
+def check_model(model: str, field: str) -> None:
+    """Fail in one line, before anything loads, on a local model that cannot load: a directory
+    needs `config.json` and a tokenizer; a path that does not exist is "not found" (a hub
+    lookup would bury that under its complaint about repo ids). Hub ids pass untouched."""
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"`{field}`: `{model}` is not a model directory (no config.json)")
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise ValueError(f"`{field}`: `{model}` has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): "
+                             "save the model's tokenizer beside its weights")
+    elif path.exists():
+        raise ValueError(f"`{field}`: `{model}` is a file, not a model directory")
+    elif model.startswith(("/", ".", "~")) or not HUB_ID.fullmatch(model) or Path(path.parts[0]).is_dir():
+        raise FileNotFoundError(f"`{field}`: model `{model}` not found (no such directory; hub ids look like `org/name`)")
 
 
 def on_cpu() -> bool:

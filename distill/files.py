@@ -1,19 +1,34 @@
 """Files a later run trusts (shards, manifests, run state, model cards, checkpoint markers) are
 written whole or not at all: a temp file beside the target, fsync, rename, fsync of the folder.
 A kill at any moment leaves the old file or the new one, never half of one; the temp files a
-killed writer leaves (`.NAME.tmp-PID`) are removed by `remove_partial_files`."""
+killed writer leaves (`.NAME.tmp-PID`) are removed by `remove_partial_files`.
+
+One writer per output directory: every command that writes one holds `exclusive(out)` (an
+`flock` on `out/.distill.lock`) while it writes."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 PARTIAL_GLOB = ".*.tmp-*"
+LOCK_NAME = ".distill.lock"
+
+
+class OutputInUse(RuntimeError):
+    """Another process holds the output directory."""
+
+
+class DiskFull(OSError):
+    """ENOSPC, said in one line (what was being written, what to do)."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -35,8 +50,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise DiskFull(f"no space left on device writing `{path}`; free space and rerun") from None
         raise
     _fsync_dir(path.parent)
 
@@ -63,3 +80,70 @@ def sha256(path: Path) -> str:
         while block := f.read(1 << 22):
             digest.update(block)
     return digest.hexdigest()
+
+
+def require_file(path: Path, what: str) -> Path:
+    """`path` if it is a readable file; else one line saying what it is instead."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"`{path}` is a directory, not a {what}")
+    if not path.exists():
+        raise FileNotFoundError(f"`{path}`: {what} not found")
+    return path
+
+
+def is_empty(directory: Path) -> bool:
+    """True if `directory` is missing or holds nothing but the lock file."""
+    directory = Path(directory)
+    return not directory.exists() or all(p.name == LOCK_NAME for p in directory.iterdir())
+
+
+def clear_dir(directory: Path) -> None:
+    """Delete what `directory` holds, except the lock file its writer holds."""
+    for p in Path(directory).iterdir():
+        if p.name == LOCK_NAME:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+@contextmanager
+def exclusive(out: Path) -> Iterator[Path]:
+    """Hold the output directory `out` (created if needed) for this process: a second command
+    writing into it fails at once, naming the pid that holds it, instead of mixing its files
+    with ours. On exit the lock file goes, and `out` too if this call created it and it is empty."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"`{out}` is a file, not a directory: choose another output directory")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise FileExistsError(f"cannot create `{out}`: part of its path is a file") from None
+    lock = out / LOCK_NAME
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputInUse(f"`{out}` is in use by pid {holder}: wait for it to finish or choose another "
+                              "output directory") from None
+        try:  # the previous holder may have removed the file between our open and our lock
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        yield out
+    finally:
+        lock.unlink(missing_ok=True)  # while still locked: a waiting opener sees the inode change
+        os.close(fd)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()

@@ -21,7 +21,8 @@ def _tokenizer(model: str):
         return None
 
 
-def inspect(path: Path, record: int = 0, tokens: int = 12, console: Console | None = None) -> None:
+def inspect(path: Path, record: int = 0, tokens: int = 12, console: Console | None = None) -> int:
+    """Prints the summary; returns 1 if the shards do not match the manifest (0 otherwise)."""
     console = console or Console()
     manifest = corpus.read_manifest(path)
     stats, teacher, source = manifest.stats, manifest.teacher, manifest.source
@@ -37,6 +38,13 @@ def inspect(path: Path, record: int = 0, tokens: int = 12, console: Console | No
     for h in manifest.history:
         summary.add_row("history", f"{h.get('stage')} at {h.get('finished_at')} ({h.get('wall_time_s')} s)")
     console.print(summary)
+    problems = corpus.check_shards(path)
+    for problem in problems:
+        console.print(f"[bold red]damaged:[/] {problem}", highlight=False)
+    if problems:
+        console.print("The corpus does not match its manifest: rerun the command that wrote it (generate resumes and "
+                      "rewrites missing shards; delete an unreadable one first).", highlight=False)
+        return 1
     report = Path(path) / "report.json"
     if report.exists():
         from distill.curation.report import table
@@ -48,7 +56,7 @@ def inspect(path: Path, record: int = 0, tokens: int = 12, console: Console | No
     rec = next((r for i, r in enumerate(rows) if i == record), None)
     if rec is None:
         console.print(f"(no record {record})")
-        return
+        return 0
     console.print(f"[bold]record {rec['id']}[/] prompt {rec['prompt_id']}, finish_reason={rec['finish_reason']}, "
                   f"{len(rec['prompt_token_ids'])} prompt + {len(rec['response_token_ids'])} response tokens")
     for m in rec["messages"]:
@@ -68,3 +76,4 @@ def inspect(path: Path, record: int = 0, tokens: int = 12, console: Console | No
         table.add_row(str(pos), show(tid), f"{lp:.3f}",
                       "  ".join(f"{show(i)}: {v:.2f}" for i, v in zip(top_ids[:5], top_lps[:5])))
     console.print(table)
+    return 0

@@ -22,7 +22,7 @@ from collections import deque
 from pathlib import Path
 
 from distill.config import EngineConfig, ServeConfig
-from distill.engine import engine_kwargs, server_flags
+from distill.engine import check_model, engine_kwargs, server_flags
 
 
 class ServerError(RuntimeError):
@@ -36,6 +36,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def check_port(host: str, port: int, field: str = "port") -> None:
+    """One line now instead of a bind error deep in the server's log later (0: any port, free)."""
+    if not port:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is free
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ServerError(f"`{field}` {port} on {host} is not available ({e.strerror}): stop what uses it or "
+                              "choose another port (0: any free port)") from None
+
+
+def check_startup(cfg: ServeConfig) -> None:
+    """What would make the server fail to start, found in a second instead of in its log."""
+    check_model(cfg.model, "model")
+    check_port(cfg.host, cfg.port)
 
 
 def served_name(model: str) -> str:
@@ -119,6 +138,7 @@ def _signal_group(pid: int, sig: int) -> None:
 def start_server(cfg: ServeConfig, log_path: Path | None = None) -> Server:
     """Start the server and return once `/health` answers (`cfg.port` 0: any free port). With
     `cfg.lora`, the adapter is served as the model name and the base model as `NAME-base`."""
+    check_startup(cfg)
     lora, host = cfg.lora, cfg.host
     port = cfg.port or free_port()
     name = cfg.served_model_name or served_name(str(lora.parent if lora and lora.name == "adapter" else lora or cfg.model))

@@ -31,7 +31,9 @@ from distill.config import (
     StageConfig,
     TrainConfig,
     format_validation_error,
+    load_yaml,
 )
+from distill.engine import check_model
 
 STAGES = ("generate", "curate", "train", "eval")
 STATE = "run.json"
@@ -40,7 +42,7 @@ STATE = "run.json"
 def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
     """The YAML file plus `section.key=value` overrides (values parsed as YAML); every problem
     is reported at once, each with its YAML path."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = load_yaml(path) or {}
     if not isinstance(data, dict):
         raise ValueError(f"`{path}`: expected a YAML mapping with sections {', '.join(RunConfig.model_fields)}")
     for item in overrides:
@@ -51,7 +53,10 @@ def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
         node = data
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
     try:
         cfg = RunConfig(**data)
         stage_configs(cfg)  # the stages' own cross-field checks, before anything runs
@@ -132,11 +137,17 @@ def run(cfg: RunConfig, only: str | None = None, start_from: str | None = None, 
     for name, value in (("--only", only), ("--from", start_from)):
         if value is not None and value not in STAGES:
             raise ValueError(f"{name} {value!r}: expected one of {', '.join(STAGES)}")
+    # Everything a user can get wrong fails here, before the run directory or run.json is written.
     for p in (cfg.prompts.train, cfg.prompts.eval):
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"prompt file `{p}` does not exist")
+        files.require_file(p, "prompt file")
+    check_model(cfg.teacher.model, "teacher.model")
+    check_model(cfg.student.model, "student.model")
+    with files.exclusive(cfg.out):
+        return _run(cfg, only, start_from, log)
+
+
+def _run(cfg: RunConfig, only: str | None, start_from: str | None, log) -> dict[str, dict]:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     configs = stage_configs(cfg)
     hashes = stage_hashes(configs)
     state_path = out / STATE

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from distill import corpus
+from distill import corpus, files
 from distill.config import EvalConfig, GenerateConfig, ServeConfig
+from distill.engine import check_model
 from distill.evaluation.report import (
     Answers,
     AnswerStats,
@@ -28,6 +29,11 @@ from distill.train.card import CARD, StudentCard
 
 def evaluate(cfg: EvalConfig, teacher_engine=None, student_engine=None) -> EvalReport:
     """`teacher_engine` / `student_engine`: already-running in-process engines to reuse (tests)."""
+    with files.exclusive(cfg.out):
+        return _evaluate(cfg, teacher_engine, student_engine)
+
+
+def _evaluate(cfg: EvalConfig, teacher_engine, student_engine) -> EvalReport:
     from distill.evaluation.fidelity import fidelity
     from distill.generate.job import generate
     from distill.generate.prompts import BadRecord, iter_prompts
@@ -39,6 +45,8 @@ def evaluate(cfg: EvalConfig, teacher_engine=None, student_engine=None) -> EvalR
     if bad:
         raise ValueError(f"{bad[0]}" + (f" (and {len(bad) - 1} more bad records)" if len(bad) > 1 else ""))
     ids = {p.prompt_id for p in prompts}
+    check_model(cfg.student, "student")
+    check_model(cfg.teacher, "teacher")
     check_overlap(cfg, ids)
     scorer = load_callable(cfg.scorer, "scorer") if cfg.scorer else None  # fail before any model loads
     out.mkdir(parents=True, exist_ok=True)

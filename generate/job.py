@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import shutil
 import sys
 import time
 from collections import Counter, defaultdict
@@ -24,6 +23,7 @@ from tqdm import tqdm
 
 from distill import corpus, files
 from distill.config import CorpusJobConfig, GenerateConfig, ScoreConfig
+from distill.engine import check_model
 from distill.generate.prompts import (
     BadRecord,
     Prompt,
@@ -81,13 +81,13 @@ class CorpusJob:
         self.seed = 0 if scoring else cfg.seed
         self.sampling = None if scoring else Sampling(cfg.top_k, cfg.max_tokens, cfg.temperature, cfg.top_p)
         self.out = Path(cfg.out)
+        self.stage = "score" if scoring else "generate"
 
     # -- validation, before any model loads ---------------------------------------------
     def _prepare(self) -> None:
         cfg = self.cfg
-        if not self.source.is_file():
-            raise FileNotFoundError(f"`{self.source}`: prompt file not found")
         self.format = resolve_format(self.source, cfg.format)
+        check_model(cfg.teacher, "teacher")
         tokenizer = load_tokenizer(cfg)
         self.chat = ChatTokenizer(tokenizer, stop_token_ids(cfg, tokenizer))
         self.fingerprint = corpus.tokenizer_fingerprint(tokenizer)
@@ -116,7 +116,7 @@ class CorpusJob:
         if self.cfg.overwrite:
             return  # `run` discards the old corpus once the input has been checked
         if not path.exists():
-            if self.out.exists() and any(self.out.iterdir()):
+            if not files.is_empty(self.out):
                 raise FileExistsError(f"`{self.out}` exists and is not a corpus: choose another `out` or pass `--overwrite`")
             return
         old = corpus.read_manifest(self.out).dump()
@@ -165,6 +165,10 @@ class CorpusJob:
 
     # -- the run ----------------------------------------------------------------------------
     def run(self, teacher=None) -> corpus.Corpus:
+        with files.exclusive(self.out):
+            return self._run(teacher)
+
+    def _run(self, teacher) -> corpus.Corpus:
         start = time.time()
         cfg = self.cfg
         self._prepare()
@@ -179,18 +183,22 @@ class CorpusJob:
         max_len = teacher.max_model_len if teacher is not None and teacher.max_model_len else model_max_len(cfg)
         good, bad = self._scan(max_len)
         if cfg.overwrite:
-            shutil.rmtree(self.out, ignore_errors=True)
+            files.clear_dir(self.out)
         total = good * self.samples
         n_chunks = -(-total // cfg.chunk_size)
-        self.out.mkdir(parents=True, exist_ok=True)
         files.remove_partial_files(self.out)
         done = {corpus.shard_index(p) for p in corpus.shard_paths(self.out)}
         old_history = corpus.read_manifest(self.out).history if (self.out / corpus.MANIFEST).exists() else []
-        self.manifest = corpus.Manifest(**self.identity, history=old_history)
+        # This job's history entry is there from the start: an interrupted corpus says what made it.
+        self.manifest = corpus.Manifest(**self.identity, history=[*old_history, corpus.history_entry(
+            self.stage, cfg, 0.0, complete=False)])
         self.manifest.source |= {"file": str(self.source), "prompts": good, "requests": total, "skipped": len(bad),
                                  "skipped_by_kind": dict(Counter(b.kind for b in bad)),
                                  "skipped_records": [str(b) for b in bad[:MAX_RECORDED_SKIPS]]}
-        self._update_stats(complete=False)
+        try:
+            self._update_stats(complete=False)
+        except corpus.CorpusError as e:  # a shard kept from the earlier run is damaged
+            raise corpus.CorpusError(f"{e}: delete it and rerun to regenerate its records") from None
         todo = [c for c in range(n_chunks) if c not in done]
         done_requests = sum(min(cfg.chunk_size, total - c * cfg.chunk_size) for c in done if c < n_chunks)
         generated = (0, 0.0)
@@ -294,8 +302,7 @@ class CorpusJob:
         stats.complete = complete
         self.manifest.stats = stats
         if wall_time is not None:
-            self.manifest.history.append(
-                corpus.history_entry("score" if self.scoring else "generate", self.cfg, wall_time))
+            self.manifest.history[-1] = corpus.history_entry(self.stage, self.cfg, wall_time)
         corpus.write_manifest(self.out, self.manifest)
         return stats
 

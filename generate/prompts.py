@@ -16,12 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distill import files
+
 FORMAT_KEYS = {"messages": "messages", "sharegpt": "conversations", "alpaca": "instruction", "prompt": "prompt"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant", "bing": "assistant"}
 ROLES = ("system", "user", "assistant")
 # Alpaca / prompt-form records carry the response to score under one of these keys.
 RESPONSE_KEYS = ("output", "response", "completion")
+MAX_CSV_FIELD = 2**31 - 1  # a long document is one prompt (the csv module stops at 128 KiB)
 
 
 @dataclass
@@ -50,23 +53,36 @@ class PromptError(ValueError):
 
 def read_records(path: Path) -> Iterator[tuple[str, Any]]:
     """(location, raw record or BadRecord) for every record of the file, streaming."""
-    path = Path(path)
+    path = files.require_file(path, "prompt file")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
                 where = f"{path} line {n}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield where, BadRecord(where, f"not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)")
+                    continue
                 if not line.strip():
                     continue
                 try:
                     yield where, json.loads(line)
                 except json.JSONDecodeError as e:
                     yield where, BadRecord(where, f"invalid JSON ({e.msg} at column {e.colno})")
+                except RecursionError:
+                    yield where, BadRecord(where, "invalid JSON (nested too deeply)")
     elif suffix == ".json":
+        raw = path.read_bytes()
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise PromptError(f"{path} line {line}: not UTF-8 (byte 0x{raw[e.start]:02x})") from None
         except json.JSONDecodeError as e:
             raise PromptError(f"{path} line {e.lineno}: invalid JSON ({e.msg})") from None
+        except RecursionError:
+            raise PromptError(f"{path}: invalid JSON (nested too deeply)") from None
         if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
             data = next(iter(data.values()))  # {"data": [...]}
         if not isinstance(data, list):
@@ -77,15 +93,31 @@ def read_records(path: Path) -> Iterator[tuple[str, Any]]:
         import pyarrow.parquet as pq
 
         n = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for record in batch.to_pylist():
-                n += 1
-                yield f"{path} record {n}", record
+        try:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+                for record in batch.to_pylist():
+                    n += 1
+                    yield f"{path} record {n}", record
+        except (OSError, ValueError) as e:  # pyarrow's errors on a damaged or non-Parquet file
+            raise PromptError(f"{path} record {n + 1}: unreadable Parquet ({str(e).splitlines()[0][:200]})") from None
     elif suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as f:
+        csv.field_size_limit(MAX_CSV_FIELD)
+        # surrogateescape: a bad byte becomes a lone surrogate, reported for its record only
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            for record in reader:
+            while True:
+                try:
+                    record = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as e:
+                    raise PromptError(f"{path} line {reader.line_num}: invalid CSV ({e})") from None
                 where = f"{path} line {reader.line_num}"
+                bad_byte = next((ch for v in record.values() for ch in (v if isinstance(v, str) else "")
+                                 if "\udc80" <= ch <= "\udcff"), None)
+                if bad_byte is not None:
+                    yield where, BadRecord(where, f"not UTF-8 (byte 0x{ord(bad_byte) - 0xDC00:02x})")
+                    continue
                 # Nested columns (messages, conversations) are JSON strings in a CSV.
                 for key in ("messages", "conversations"):
                     if isinstance(record.get(key), str):
@@ -93,6 +125,9 @@ def read_records(path: Path) -> Iterator[tuple[str, Any]]:
                             record[key] = json.loads(record[key])
                         except json.JSONDecodeError as e:
                             record = BadRecord(where, f"column `{key}` is not valid JSON ({e.msg})")
+                            break
+                        except RecursionError:
+                            record = BadRecord(where, f"column `{key}` is not valid JSON (nested too deeply)")
                             break
                 yield where, record
     else:
@@ -103,18 +138,28 @@ def detect_format(record: dict) -> str:
     for fmt, key in FORMAT_KEYS.items():
         if key in record:
             return fmt
-    raise PromptError(f"no prompt field found (keys: {sorted(record)}); expected one of "
+    raise PromptError(f"no prompt field found (keys: {sorted(map(str, record))}); expected one of "
                       f"{sorted(FORMAT_KEYS.values())}, or pass `--format`")
 
 
 def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
     if isinstance(content, list):  # OpenAI content parts
         parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        if len(parts) == len(content):
-            return "".join(parts)
-    raise PromptError(f"message content must be a string or text parts, got {type(content).__name__}")
+        if len(parts) == len(content) and all(isinstance(t, str) for t in parts):
+            content = "".join(parts)
+    if not isinstance(content, str):
+        raise PromptError(f"message content must be a string or text parts, got {type(content).__name__}")
+    _check_unicode(content)
+    return content
+
+
+def _check_unicode(text: str) -> None:
+    """A lone surrogate (a JSON escape such as \\ud800) is no character: no tokenizer or
+    Parquet file can hold it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PromptError(f"text holds an unpaired surrogate {text[e.start]!r} at character {e.start + 1}") from None
 
 
 def to_messages(record: dict, fmt: str) -> list[dict[str, str]]:
@@ -196,6 +241,7 @@ def iter_prompts(path: Path, fmt: str = "auto", with_response: bool = False) -> 
                 raise PromptError("empty prompt (last user turn is blank)", "empty")
             given = record.get("id", record.get("prompt_id"))
             prompt_id = str(given) if given is not None else prompt_hash(prompt)
+            _check_unicode(prompt_id)
             if prompt_id in seen and not with_response:
                 raise PromptError(f"duplicate prompt_id {prompt_id!r} (first at {seen[prompt_id][0]})", "duplicate")
             seen.setdefault(prompt_id, []).append(where)

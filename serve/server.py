@@ -10,11 +10,14 @@ import sys
 import time
 
 from distill.config import ServeConfig
-from distill.launcher import Server, ServerError, start_server
+from distill.launcher import Server, ServerError, check_port, check_startup, start_server
 
 
 def serve(cfg: ServeConfig) -> int:
     """`distill serve`: start, print how to call it, then run until SIGINT/SIGTERM or a crash."""
+    check_startup(cfg)
+    if cfg.ui:  # the page starts after the model has loaded: check its port before that
+        check_port(cfg.host, cfg.ui_port, "ui_port")
     print(f"starting vLLM for {cfg.lora or cfg.model}: waiting until it answers /health ...", file=sys.stderr)
     # SIGTERM takes the same path as Ctrl-C: stop the servers' whole process groups, then exit.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -35,7 +35,7 @@ def test_generate_flags_derive_from_config_fields(capsys):
 @pytest.mark.parametrize("flags, lora", [([], True), (["--lora"], True), (["--no-lora"], False), (["--full"], False)])
 def test_full_is_the_other_name_of_no_lora(flags, lora):
     args = vars(build_parser().parse_args(["train", "--corpus", "c", "--student", "s", "--out", "o", *flags]))
-    assert TrainConfig(**{k: v for k, v in args.items() if k not in ("command", "config")}).lora is lora
+    assert TrainConfig(**{k: v for k, v in args.items() if k not in ("command", "config", "debug")}).lora is lora
 
 
 def test_engine_settings_carry_revision_and_remote_code():

@@ -47,13 +47,18 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(tmp_path, tiny_models, teach
     kept = {p.name: p.stat().st_mtime_ns for p in corpus.shard_paths(out)}
     total_shards = -(-N_PROMPTS // CHUNK)
     assert 0 < len(kept) < total_shards
-    assert not corpus.read_manifest(out).stats.complete
+    killed = corpus.read_manifest(out)
+    assert killed.stats.complete is False
+    # the killed job already says what it was: curate and train carry this history forward
+    assert [(h["stage"], h["complete"]) for h in killed.history] == [("generate", False)]
 
     resumed = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"({len(kept)} shards kept from an earlier run)" in resumed.stderr
     assert all(p.stat().st_mtime_ns == kept[p.name] for p in corpus.shard_paths(out) if p.name in kept)
     assert corpus.validate(out)["records"] == N_PROMPTS
+    assert [(h["stage"], h["complete"]) for h in corpus.read_manifest(out).history] == \
+        [("generate", False), ("generate", True)]
 
     reference = generate(GenerateConfig(teacher=str(tiny_models["llama-teacher"]), prompts=prompts,
                                         out=tmp_path / "reference", max_tokens=MAX_TOKENS, chunk_size=CHUNK),

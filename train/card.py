@@ -17,6 +17,7 @@ CARD = "distill.json"
 
 class StudentCard(BaseModel):
     corpus: str  # the training corpus directory (eval refuses prompts found in it)
+    corpus_complete: bool = True  # false: trained with `allow_incomplete` on an interrupted corpus
     teacher: TeacherInfo | None = None
     student_source: ModelSource | None = None  # the GGUF file the student base was converted from
     corpus_manifest_sha256: str | None = None

@@ -8,6 +8,7 @@ accumulation, checkpoints, resume, PEFT, DDP) is TRL / transformers as shipped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from trl import SFTConfig, SFTTrainer
 
 from distill import corpus, files
 from distill.config import TrainConfig
+from distill.engine import check_model
 from distill.models import model_source
 from distill.train.card import StudentCard, TrainResult
 from distill.train.data import DistillCollator, trainable
@@ -104,12 +106,21 @@ def check_vocabulary(manifest: corpus.Manifest, student_tokenizer, embedding_row
 
 
 def train(cfg: TrainConfig) -> TrainResult:
+    # Under torchrun every rank writes into `out`: the first one holds it for all of them.
+    first_rank = int(os.environ.get("RANK", "0")) == 0
+    with files.exclusive(cfg.out) if first_rank else contextlib.nullcontext():
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> TrainResult:
     import pyarrow.compute as pc
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.time()
-    corpus.validate(cfg.corpus)
     manifest = corpus.read_manifest(cfg.corpus)
+    corpus.check_complete(cfg.corpus, manifest, cfg.allow_incomplete)
+    corpus.validate(cfg.corpus)
+    check_model(cfg.student, "student")
     k = manifest.generation.top_k
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -205,7 +216,8 @@ def _plot(out: Path) -> None:
 def _card(cfg: TrainConfig, manifest: corpus.Manifest, trainer, initial: dict, final: dict, wall: float) -> StudentCard:
     logs = [l for l in trainer.state.log_history if "loss" in l]
     return StudentCard(
-        corpus=str(cfg.corpus), teacher=manifest.teacher, student_source=model_source(cfg.student),
+        corpus=str(cfg.corpus), corpus_complete=manifest.stats.complete is not False, teacher=manifest.teacher,
+        student_source=model_source(cfg.student),
         corpus_manifest_sha256=manifest.sha256(),
         curation=manifest.curation, config=json.loads(cfg.model_dump_json()), steps=trainer.state.global_step,
         initial=initial, final=final, first_loss=logs[0]["loss"] if logs else None,
@@ -215,7 +227,8 @@ def _card(cfg: TrainConfig, manifest: corpus.Manifest, trainer, initial: dict, f
 def _write_readme(out: Path, cfg: TrainConfig, card: StudentCard) -> None:
     lines = ["# Distilled student", "", f"- student base: `{cfg.student}`",
              f"- teacher: `{card.teacher.model if card.teacher else None}`",
-             f"- corpus: `{cfg.corpus}` (manifest sha256 `{card.corpus_manifest_sha256[:16]}`)",
+             f"- corpus: `{cfg.corpus}` (manifest sha256 `{card.corpus_manifest_sha256[:16]}`)"
+             + ("" if card.corpus_complete else "; incomplete: its generate job was interrupted"),
              f"- loss: {cfg.alpha} x {cfg.loss} (tail {cfg.tail}, T={cfg.kd_temperature}) + {1 - cfg.alpha:g} x CE; "
              f"{'LoRA r=' + str(cfg.lora_r) if cfg.lora else 'full fine-tuning'}",
              f"- steps: {card.steps}; loss {card.first_loss} -> {card.last_loss}",
