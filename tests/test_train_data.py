@@ -64,7 +64,7 @@ def test_teacher_copy_has_zero_kd_loss_on_its_own_corpus_and_a_random_student_do
     from distill.train.losses import chunked_distill_loss
 
     out = generate(GenerateConfig(teacher=str(tiny_models["llama-teacher"]), prompts=prompts_file, out=tmp_path / "c",
-                                  max_tokens=16, top_k=20, logprob_dtype="float32"), teacher=teacher).path
+                                  max_tokens=16, top_k=20, logprob_encoding="float32"), teacher=teacher).path
     batch = DistillCollator(pad_token_id=0, max_length=512, top_k=20)(list(corpus.iter_records(out)))
 
     def kd(model_dir):
