@@ -77,7 +77,7 @@ def column_bytes(path: Path) -> dict[str, int]:
 
 
 def rewrite(source: Path, encoding: str, out: Path) -> dict[str, int]:
-    """`source` stored again in `encoding`, in shards of the generator's default size, timed."""
+    """`source` stored again in `encoding`, in shards of the generator's default size; bytes per column."""
     from distill import corpus
 
     manifest = corpus.read_manifest(source)
@@ -90,6 +90,7 @@ def rewrite(source: Path, encoding: str, out: Path) -> dict[str, int]:
             sizes[name] = sizes.get(name, 0) + size
     manifest.generation.logprob_encoding = encoding
     manifest.stats = corpus.corpus_stats(out)
+    manifest.stats.complete = True
     corpus.write_manifest(out, manifest)
     corpus.validate(out)
     return sizes

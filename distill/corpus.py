@@ -404,7 +404,7 @@ class GenerationInfo(_Section):
     def _named_dtype(cls, data: Any) -> Any:
         """Manifests written before `logprob_encoding` named it `logprob_dtype`."""
         if isinstance(data, dict) and "logprob_dtype" in data and "logprob_encoding" not in data:
-            data = {**data, "logprob_encoding": data.pop("logprob_dtype")}
+            data = {("logprob_encoding" if key == "logprob_dtype" else key): value for key, value in data.items()}
         return data
     temperature: float | None = None
     top_p: float | None = None
