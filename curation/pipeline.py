@@ -159,7 +159,10 @@ def _curate(cfg: CurateConfig, out: Path) -> CurateResult:
     return result
 
 
-def curate_batch(batch: pa.RecordBatch, filters: list[Filter], masker, decode, report: Report):
+def curate_batch(stored: pa.RecordBatch, filters: list[Filter], masker, decode, report: Report):
+    """Filters see the logical columns; kept and rejected rows are written as stored, so a
+    quantized corpus stays quantized without being encoded again."""
+    batch = corpus.decode(stored)
     reasons: list[str | None] = [None] * batch.num_rows
     rejected_by: list[int | None] = [None] * batch.num_rows  # per row: index of the filter that dropped it
     alive = list(range(batch.num_rows))
@@ -178,7 +181,7 @@ def curate_batch(batch: pa.RecordBatch, filters: list[Filter], masker, decode, r
         alive = [i for i in alive if i not in failed]
     keep = np.array([n is None for n in rejected_by])
     report.add(batch, rejected_by, reasons)
-    table = pa.Table.from_batches([batch])
+    table = pa.Table.from_batches([stored])
     if masker is not None or "loss_mask" in table.column_names:  # every shard gets the same schema
         table = _set_loss_mask(table, masks)
     kept = table.filter(pa.array(keep))

@@ -97,7 +97,7 @@ class CorpusJob:
     def _identity(self) -> dict:
         cfg = self.cfg
         generation = {"mode": "score" if self.scoring else "sample", "top_k": cfg.top_k,
-                      "logprobs": "raw_logprobs", "logprob_dtype": cfg.logprob_dtype}
+                      "logprobs": "raw_logprobs", "logprob_encoding": cfg.logprob_encoding}
         if not self.scoring:
             generation |= {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
                            "samples_per_prompt": cfg.samples, "seed": cfg.seed}
@@ -278,7 +278,7 @@ class CorpusJob:
         done = sorted(chunks.buffers.pop(chunk), key=lambda rc: rc[0].index)
         texts = self.chat.decode_many([c.response_token_ids for _, c in done])
         records = [self._record(req, c, text) for (req, c), text in zip(done, texts)]
-        table = corpus.records_to_table(records, self.cfg.top_k, self.cfg.logprob_dtype)
+        table = corpus.records_to_table(records, self.cfg.top_k, self.cfg.logprob_encoding)
         path = corpus.write_shard(self.out, chunk, table)
         stats = self.manifest.stats
         stats.records += table.num_rows

@@ -18,8 +18,9 @@ def record(i: int, n_tokens: int = 3, k: int = K) -> dict:
     }
 
 
-def make_corpus(root, records, k=K, logprob_dtype="float16"):
-    corpus.write_shard(root, 0, corpus.records_to_table(records, k, logprob_dtype))
+def make_corpus(root, records, k=K, encoding=corpus.DEFAULT_ENCODING):
+    corpus.write_shard(root, 0, corpus.records_to_table(records, k, encoding))
     stats = corpus.corpus_stats(root)
-    corpus.write_manifest(root, corpus.Manifest(teacher={"model": "t"}, generation={"top_k": k}, stats=stats))
+    corpus.write_manifest(root, corpus.Manifest(teacher={"model": "t"}, generation={"top_k": k, "logprob_encoding": encoding},
+                                                stats=stats))
     return root

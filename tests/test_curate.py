@@ -5,6 +5,7 @@ right filter with the right reason, every clean record survives, nothing is lost
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -108,6 +109,11 @@ def test_each_planted_record_is_rejected_by_its_filter(tmp_path, planted):
     assert sorted(kept + list(got)) == sorted(list(CLEAN) + list(PLANTED))  # nothing lost, nothing twice
     assert corpus.validate(out)["records"] == len(CLEAN)
     assert corpus.validate(out, "rejected")["records"] == len(PLANTED)
+    # the quantized top-k bytes are copied as stored, never encoded a second time
+    stored = lambda root, sub: {r["id"]: (r[corpus.PACKED_IDS], r[corpus.LOGPROB_CODES])
+                                for p in corpus.shard_paths(root, sub) for r in pq.read_table(p).to_pylist()}
+    before = stored(planted, "data")
+    assert all(before[rid] == codes for sub in ("data", "rejected") for rid, codes in stored(out, sub).items())
     report = (out / "report.md").read_text()
     assert "| dedup_near | 1 |" in report and (out / "response_length.png").stat().st_size > 1000
     assert corpus.read_manifest(out).history[-1]["stage"] == "curate"

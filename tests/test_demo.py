@@ -54,8 +54,8 @@ def test_distribution_stats_of_a_one_hot_and_a_soft_teacher(tmp_path):
     one_hot, soft = record(0, n_tokens=4), record(1, n_tokens=4)
     one_hot["topk_logprobs"] = np.log(np.array([[1.0, 1e-9, 1e-9, 1e-9]] * 4, dtype=np.float32))
     soft["topk_logprobs"] = np.log(np.array([[0.7, 0.15, 0.15, 1e-9]] * 4, dtype=np.float32))
-    hard = distribution_stats(make_corpus(tmp_path / "hard", [one_hot], logprob_dtype="float32"))
-    calibrated = distribution_stats(make_corpus(tmp_path / "soft", [soft], logprob_dtype="float32"))
+    hard = distribution_stats(make_corpus(tmp_path / "hard", [one_hot], encoding="float32"))
+    calibrated = distribution_stats(make_corpus(tmp_path / "soft", [soft], encoding="float32"))
     assert hard["positions"] == 3  # the last token (end of turn) is not an answer digit
     assert hard["median_top1_probability"] == pytest.approx(1.0) and hard["mean_topk_entropy"] < 1e-6
     assert hard["share_top1_above_0.99"] == 1.0

