@@ -627,13 +627,24 @@ def validate(root: Path, subdir: str = "data", max_problems: int = 20) -> dict[s
 
 
 def _wrong_types(table: pa.Table) -> str | None:
-    """The first column whose type is not the contract's (logprobs: float16 or float32, as stored)."""
-    stored = table.schema.field("response_logprobs").type
-    expected = arrow_schema("float16" if stored == pa.list_(pa.float16()) else "float32", loss_mask=True)
+    """The first column whose type is not the contract's (a logprob column: float16 or float32,
+    as stored or decoded)."""
+    schemas = [arrow_schema(encoding, loss_mask=True) for encoding in ("float16", "float32")]
+    allowed = {name: {_unnamed(schema.field(name).type) for schema in schemas} for name in schemas[0].names}
     for column in table.column_names:
-        if column in expected.names and table.schema.field(column).type != expected.field(column).type:
-            return f"`{column}` has type {table.schema.field(column).type}, expected {expected.field(column).type}"
+        if column in allowed and _unnamed(table.schema.field(column).type) not in allowed[column]:
+            expected = " or ".join(sorted(str(t) for t in allowed[column]))
+            return f"`{column}` has type {table.schema.field(column).type}, expected {expected}"
     return None
+
+
+def _unnamed(t: pa.DataType) -> pa.DataType:
+    """`t` with every list's item field named `item` (Parquet readers may name it `element`)."""
+    if pa.types.is_list(t):
+        return pa.list_(_unnamed(t.value_type))
+    if pa.types.is_struct(t):
+        return pa.struct([pa.field(f.name, _unnamed(f.type)) for f in t])
+    return t
 
 
 def _rows(table: pa.Table, mask: pa.ChunkedArray, message: str) -> list[str]:
