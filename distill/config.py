@@ -91,6 +91,27 @@ class CorpusJobConfig(TeacherConfig):
         "quantized", description="How the top-k ids and logprobs are stored: `quantized` (~47 B per response token "
         "at k=20 with a 49k vocabulary; ids exact, top-k logprobs within 1/64 nat), `float16` (~75 B; within "
         "|x|/2048), `float32` (exact, ~150 B). Readers decode every one to the same columns.")
+    backend: Literal["local", "ray"] = Field(
+        "local", description="Where the teacher runs: `local` (one vLLM engine in this process) or `ray` (a pool of "
+        "vLLM engines in Ray actors; prompts, templating and shard writing stay here). Needs `pip install distill[scale]`.")
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join (`auto`, `ray://HOST:10001`, ...; `backend: ray`). Default: $RAY_ADDRESS, "
+        "else a local Ray started for this job.")
+    replicas: int = Field(1, ge=1, description="Teacher engines (Ray actors) with `backend: ray`.")
+    gpus_per_replica: int | None = Field(
+        None, ge=0, description="GPUs per teacher engine with `backend: ray` (tensor parallel inside the engine when "
+        "> 1). Default: 1 if the cluster has GPUs, else 0.")
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> CorpusJobConfig:
+        ray_only = [name for name in ("ray_address", "gpus_per_replica") if getattr(self, name) is not None]
+        if self.replicas != 1:
+            ray_only.append("replicas")
+        if self.backend != "ray" and ray_only:
+            raise ValueError(f"`{ray_only[0]}` applies to `backend: ray` only")
+        if self.backend == "ray" and getattr(self, "endpoint", None):
+            raise ValueError("give `endpoint` or `backend: ray`, not both")
+        return self
 
 
 class GenerateConfig(CorpusJobConfig):

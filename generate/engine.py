@@ -32,6 +32,10 @@ class VLLMTeacher:
         self.llm = LLM(**engine_kwargs(cfg.teacher, cfg, max_logprobs, max_model_len))
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
+    def close(self) -> None:
+        """Stop the engine's worker processes now rather than at interpreter exit."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def generate(self, requests: Iterable[Request], sampling: Sampling,
                  on_done: Callable[[Request, Completion], None], window: int) -> None:
         from vllm import SamplingParams

@@ -46,7 +46,7 @@ TOKENIZE_BATCH = 256
 
 def generate(cfg: GenerateConfig, teacher=None) -> corpus.Corpus:
     """Run the teacher over `cfg.prompts` into the corpus `cfg.out`.
-    `teacher`: an already started backend (`VLLMTeacher` / `EndpointTeacher`) to reuse."""
+    `teacher`: an already started backend (`VLLMTeacher` / `EndpointTeacher` / `RayTeacher`) to reuse."""
     return CorpusJob(cfg, cfg.prompts, scoring=False).run(teacher)
 
 
@@ -203,14 +203,24 @@ class CorpusJob:
         done_requests = sum(min(cfg.chunk_size, total - c * cfg.chunk_size) for c in done if c < n_chunks)
         generated = (0, 0.0)
         if todo:
-            if teacher is None:
-                from distill.generate.engine import VLLMTeacher
-
-                teacher = VLLMTeacher(cfg, max_logprobs=cfg.top_k, max_model_len=max_len)
-            generated = self._generate(teacher, max_len, set(todo), total, done_requests)
+            started = None if teacher is not None else self._start_teacher(max_len)
+            try:
+                generated = self._generate(teacher or started, max_len, set(todo), total, done_requests)
+            finally:
+                if started is not None:
+                    started.close()
         stats = self._update_stats(complete=True, wall_time=time.time() - start)
         self._summary(stats, len(bad), time.time() - start, resumed=len(done), generated=generated)
         return corpus.Corpus(self.out, self.manifest)
+
+    def _start_teacher(self, max_len: int):
+        if self.cfg.backend == "ray":
+            from distill.generate.ray_teacher import RayTeacher
+
+            return RayTeacher(self.cfg, max_logprobs=self.cfg.top_k, max_model_len=max_len)
+        from distill.generate.engine import VLLMTeacher
+
+        return VLLMTeacher(self.cfg, max_logprobs=self.cfg.top_k, max_model_len=max_len)
 
     def _generate(self, teacher, max_len: int, todo: set[int], total: int, done_requests: int) -> tuple[int, float]:
         """Run the missing chunks; returns (response tokens produced, seconds)."""

@@ -46,6 +46,17 @@ def test_engine_settings_carry_revision_and_remote_code():
     assert GenerateConfig(teacher="t", prompts="p.jsonl", out="o", **settings).trust_remote_code is True
 
 
+def test_ray_flags_need_the_ray_backend(capsys):
+    args = ["generate", "--teacher", "t", "--prompts", "p.jsonl", "--out", "o"]
+    assert main([*args, "--replicas", "2"]) == 2
+    assert "`replicas` applies to `backend: ray` only" in capsys.readouterr().err
+    assert main([*args, "--backend", "ray", "--endpoint", "http://box:8000"]) == 2
+    assert "give `endpoint` or `backend: ray`, not both" in capsys.readouterr().err
+    cfg = GenerateConfig(teacher="t", prompts="p.jsonl", out="o", backend="ray", ray_address="auto", replicas=4,
+                         gpus_per_replica=2)
+    assert (cfg.backend, cfg.ray_address, cfg.replicas, cfg.gpus_per_replica) == ("ray", "auto", 4, 2)
+
+
 def test_missing_and_invalid_fields_are_named(capsys, tmp_path):
     assert main(["generate", "--prompts", "p.jsonl", "--out", str(tmp_path), "--top-k", "0"]) == 2
     err = capsys.readouterr().err
