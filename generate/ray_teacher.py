@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator
 
 from distill.config import CorpusJobConfig
@@ -52,6 +53,10 @@ class TeacherActor:
     def __init__(self, cfg: CorpusJobConfig, max_logprobs: int, max_model_len: int, tensor_parallel: int):
         from distill.generate.engine import VLLMTeacher
 
+        # The engine core in this process, not in a child: when the actor dies (its driver was
+        # killed, say) a child engine would live on, orphaned, holding its memory and GPUs; the
+        # engine's own workers exit with their parent.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if tensor_parallel > 1:
             cfg = cfg.model_copy(update={"engine_args": {"tensor_parallel_size": tensor_parallel, **cfg.engine_args}})
         self.teacher = VLLMTeacher(cfg, max_logprobs, max_model_len)

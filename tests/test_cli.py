@@ -123,3 +123,35 @@ def test_inspect_prints_summary_and_a_decoded_record(tmp_path, capsys, tiny_mode
     out = capsys.readouterr().out
     assert "2 in 1 shards" in out and "record r1" in out and "top-5" in out
     assert "incomplete" in out  # this manifest never said `complete`
+
+
+def test_shipped_accelerate_configs_parse_with_the_fields_that_matter():
+    """examples/accelerate/*.yaml through accelerate's own loader (what `accelerate launch
+    --config_file` reads). Only DDP runs here (tests/test_train.py); FSDP and ZeRO-3 need GPUs."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    folder = ROOT / "examples" / "accelerate"
+    assert sorted(p.name for p in folder.glob("*.yaml")) == ["ddp.yaml", "deepspeed-zero3.yaml", "fsdp.yaml"]
+    ddp = load_config_from_file(str(folder / "ddp.yaml"))
+    assert ddp.distributed_type == DistributedType.MULTI_GPU and not ddp.use_cpu
+    assert ddp.mixed_precision == "no"  # the trainer picks bf16 on GPUs itself
+    fsdp = load_config_from_file(str(folder / "fsdp.yaml"))
+    assert fsdp.distributed_type == DistributedType.FSDP
+    assert fsdp.fsdp_config["fsdp_version"] == 2 and fsdp.fsdp_config["fsdp_reshard_after_forward"] is True
+    assert fsdp.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert fsdp.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # a whole model is saved
+    zero3 = load_config_from_file(str(folder / "deepspeed-zero3.yaml"))
+    assert zero3.distributed_type == DistributedType.DEEPSPEED
+    assert zero3.deepspeed_config["zero_stage"] == 3 and zero3.deepspeed_config["zero3_save_16bit_model"] is True
+
+
+def test_run_config_generate_section_takes_the_ray_backend():
+    from distill.pipeline import load_config, stage_configs
+
+    demo = ROOT / "examples" / "demo.yaml"
+    cfg = load_config(demo, ["generate.backend=ray", "generate.ray_address=auto", "generate.replicas=2"])
+    generate = stage_configs(cfg)["generate"]
+    assert (generate.backend, generate.ray_address, generate.replicas) == ("ray", "auto", 2)
+    with pytest.raises(ValueError, match="`replicas` applies to `backend: ray` only"):
+        load_config(demo, ["generate.replicas=2"])

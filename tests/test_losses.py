@@ -161,3 +161,22 @@ def test_gradients_stay_finite_when_the_student_is_certain():
         ce = torch.nn.functional.cross_entropy(logits, ids[:, 0], reduction="sum")
         (alpha * kd + (1 - alpha) * ce).backward()
         assert torch.isfinite(logits.grad).all(), alpha
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", ["whole", "reshard"])
+def test_kd_loss_under_fsdp2_matches_single_process(tiny_models, head):
+    """FSDP2 on CPU (gloo), 2 ranks, via plain torchrun (accelerate's FSDP launch wants GPUs):
+    the loss and the LM head's gradient equal the unsharded model's."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(ROOT / "tests" / "fsdp2_loss_check.py"), str(tiny_models["llama-student"]),
+                           *(["reshard"] if head == "reshard" else [])],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kind = "DTensor" if head == "reshard" else "Parameter"
+    assert done.stdout.count(f"head weight type {kind}") == 2, done.stdout

@@ -32,6 +32,16 @@ from distill.train.scoring import pad_token_id, teacher_forced
 CHECKPOINT_DONE = "distill-checkpoint-complete"
 
 
+def whole(param: torch.Tensor | None) -> torch.Tensor | None:
+    """The LM head as the loss needs it, outside the model's forward. Under FSDP2 a parameter
+    is a DTensor holding this process's shard whenever its unit is resharded: gather it, with
+    autograd (the gradient comes back reduce-scattered onto the shard). DDP and single-process
+    parameters are whole already. DeepSpeed ZeRO-3 is not handled (see examples/scale-out.md)."""
+    from torch.distributed.tensor import DTensor
+
+    return param.full_tensor() if isinstance(param, DTensor) else param
+
+
 class DistillTrainer(SFTTrainer):
     def __init__(self, *args, distill: TrainConfig, **kwargs):
         super().__init__(*args, **kwargs)
@@ -43,8 +53,8 @@ class DistillTrainer(SFTTrainer):
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
         cfg = self.distill
         loss, parts = chunked_distill_loss(
-            out.hidden_states[-1], head.weight, inputs["labels"].clamp(min=0), inputs["topk_ids"],
-            inputs["topk_logprobs"], inputs["target_mask"], bias=head.bias, alpha=cfg.alpha, kind=cfg.loss,
+            out.hidden_states[-1], whole(head.weight), inputs["labels"].clamp(min=0), inputs["topk_ids"],
+            inputs["topk_logprobs"], inputs["target_mask"], bias=whole(head.bias), alpha=cfg.alpha, kind=cfg.loss,
             temperature=cfg.kd_temperature, tail=cfg.tail, beta=cfg.beta, chunk_size=cfg.chunk_size,
             num_items=num_items_in_batch)
         # As Trainer.compute_loss: `num_items_in_batch` counts the targets of every process.
