@@ -310,7 +310,29 @@ class StudentSection(StageConfig):
 GenerateSection = section(GenerateConfig, {"teacher", "prompts", "format", "out", *ENGINE_FIELDS},
                           "`generate` fields; the teacher section says how vLLM runs the teacher.")
 CurateSection = section(CurateConfig, {"corpus", "out"}, "`curate` fields.")
-TrainSection = section(TrainConfig, {"corpus", "student", "out", "resume"}, "`train` fields.")
+TrainFields = section(TrainConfig, {"corpus", "student", "out", "resume"}, "`train` fields.")
+# How `distill run` launches training: fields of the run's `train` section that are not TrainConfig's.
+LAUNCH_FIELDS = {"launcher", "config_file", "num_processes"}
+
+
+class TrainSection(TrainFields):
+    """`train` fields, and how `distill run` launches the training."""
+
+    launcher: Literal["in_process", "accelerate"] = Field(
+        "in_process", description="`accelerate`: train under `accelerate launch --config_file CONFIG_FILE` "
+        "(DDP / FSDP processes as that file says) instead of in the run's own process.")
+    config_file: Path | None = Field(
+        None, description="accelerate config for `launcher: accelerate`, e.g. examples/accelerate/ddp.yaml.")
+    num_processes: int | None = Field(None, ge=1, description="Processes, overriding `config_file`'s `num_processes`.")
+
+    @model_validator(mode="after")
+    def _check_launcher(self) -> TrainSection:
+        if self.launcher == "accelerate" and self.config_file is None:
+            raise ValueError("`launcher: accelerate` needs `config_file` (e.g. examples/accelerate/ddp.yaml)")
+        if self.launcher != "accelerate" and (self.config_file is not None or self.num_processes is not None):
+            raise ValueError("`config_file` and `num_processes` apply to `launcher: accelerate` only")
+        return self
+
 EvalSection = section(EvalConfig, {"student", "teacher", "prompts", "format", "out"},
                       "`eval` fields; engine settings default to the teacher section's.")
 ServeSection = section(ServeConfig, {"model", "lora"}, "`serve` fields (`distill run --serve`).")

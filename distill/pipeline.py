@@ -13,16 +13,20 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import ValidationError
 
 from distill import files, versions
 from distill.config import (
+    LAUNCH_FIELDS,
     CurateConfig,
     EvalConfig,
     GenerateConfig,
@@ -30,10 +34,14 @@ from distill.config import (
     ServeConfig,
     StageConfig,
     TrainConfig,
+    TrainSection,
     format_validation_error,
     load_yaml,
 )
 from distill.engine import check_model
+
+if TYPE_CHECKING:
+    from distill.train.card import StudentCard
 
 STAGES = ("generate", "curate", "train", "eval")
 STATE = "run.json"
@@ -65,9 +73,9 @@ def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
     return cfg
 
 
-def given(section: StageConfig) -> dict[str, Any]:
+def given(section: StageConfig, exclude: set[str] = frozenset()) -> dict[str, Any]:
     """The fields the YAML set: the rest keep the stage model's own defaults."""
-    return section.model_dump(include=section.model_fields_set)
+    return section.model_dump(include=section.model_fields_set - exclude)
 
 
 def stage_configs(run: RunConfig) -> dict[str, StageConfig]:
@@ -78,7 +86,7 @@ def stage_configs(run: RunConfig) -> dict[str, StageConfig]:
                                    out=out / "corpus", **engine, **given(run.generate)),
         "curate": CurateConfig(corpus=out / "corpus", out=out / "curated", **given(run.curate)),
         "train": TrainConfig(corpus=out / "curated", student=run.student.model, out=out / "student", resume=True,
-                             **given(run.train)),
+                             **given(run.train, exclude=LAUNCH_FIELDS)),
         "eval": EvalConfig(**{**engine, **given(run.eval)}, student=str(out / "student"), teacher=run.teacher.model,
                            prompts=run.prompts.eval, format=run.prompts.format, out=out / "eval"),
     }
@@ -99,12 +107,33 @@ def _run_curate(cfg: CurateConfig) -> str:
     return f"kept {result.kept:,} ({result.kept_percent}%), rejected {result.rejected:,}"
 
 
-def _run_train(cfg: TrainConfig) -> str:
-    from distill.train.trainer import train
+def _run_train(cfg: TrainConfig, launch: TrainSection | None = None) -> str:
+    if launch is not None and launch.launcher == "accelerate":
+        card = launch_train(cfg, launch)
+    else:
+        from distill.train.trainer import train
 
-    card = train(cfg).card
+        card = train(cfg).card
     loss = f", loss {card.first_loss:.3f} -> {card.last_loss:.3f}" if card.last_loss is not None else ""
     return f"{card.steps} steps{loss}"
+
+
+def launch_train(cfg: TrainConfig, launch: TrainSection) -> StudentCard:
+    """`accelerate launch ... distill train --config FILE` in child processes; rank 0 writes the
+    student and its card, which is the result."""
+    from distill.train.card import StudentCard
+
+    with tempfile.TemporaryDirectory(prefix="distill-train-") as tmp:
+        config = Path(tmp) / "train.yaml"
+        config.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True)))
+        processes = ["--num_processes", str(launch.num_processes)] if launch.num_processes else []
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch.config_file),
+                   *processes, "-m", "distill.cli", "train", "--config", str(config)]
+        code = subprocess.run(command, check=False).returncode
+    if code != 0:
+        raise RuntimeError(f"`train` under `accelerate launch --config_file {launch.config_file}` exited with "
+                           f"{code} (its error is above); rerun to resume from the last checkpoint")
+    return StudentCard.load(cfg.out)
 
 
 def _run_eval(cfg: EvalConfig) -> str:
@@ -181,7 +210,7 @@ def _run(cfg: RunConfig, only: str | None, start_from: str | None, log) -> dict[
         state["stages"][name] = {"hash": hashes[name], "status": "running", "config": json.loads(stage_cfg.model_dump_json())}
         save()
         start = time.time()
-        result = RUNNERS[name](stage_cfg)
+        result = RUNNERS[name](stage_cfg, cfg.train) if name == "train" else RUNNERS[name](stage_cfg)
         state["stages"][name].update(status="resumed" if resuming else "ran", result=result,
                                      wall_seconds=round(time.time() - start, 1))
         save()

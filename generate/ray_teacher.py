@@ -58,7 +58,10 @@ class TeacherActor:
         # engine's own workers exit with their parent.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if tensor_parallel > 1:
-            cfg = cfg.model_copy(update={"engine_args": {"tensor_parallel_size": tensor_parallel, **cfg.engine_args}})
+            # Workers as processes of this actor, on the GPUs Ray gave it: inside a Ray job vLLM
+            # would otherwise pick its Ray executor and ask the cluster for more GPUs. (Not run: no GPU here.)
+            parallel = {"tensor_parallel_size": tensor_parallel, "distributed_executor_backend": "mp"}
+            cfg = cfg.model_copy(update={"engine_args": {**parallel, **cfg.engine_args}})
         self.teacher = VLLMTeacher(cfg, max_logprobs, max_model_len)
 
     def max_model_len(self) -> int:
@@ -95,6 +98,7 @@ class RayTeacher:
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             # address None: $RAY_ADDRESS if set, else a local Ray for this job.
+            # The engines' logs stay in Ray's log files: interleaved here they would bury the progress bar.
             ray.init(address=cfg.ray_address, log_to_driver=False)
         gpus = cfg.gpus_per_replica
         if gpus is None:

@@ -155,3 +155,17 @@ def test_run_config_generate_section_takes_the_ray_backend():
     assert (generate.backend, generate.ray_address, generate.replicas) == ("ray", "auto", 2)
     with pytest.raises(ValueError, match="`replicas` applies to `backend: ray` only"):
         load_config(demo, ["generate.replicas=2"])
+
+
+def test_run_config_train_section_takes_the_accelerate_launcher():
+    from distill.pipeline import load_config, stage_configs
+
+    demo = ROOT / "examples" / "demo.yaml"
+    ddp = ROOT / "examples" / "accelerate" / "ddp.yaml"
+    cfg = load_config(demo, ["train.launcher=accelerate", f"train.config_file={ddp}", "train.num_processes=2"])
+    assert (cfg.train.launcher, cfg.train.config_file, cfg.train.num_processes) == ("accelerate", ddp, 2)
+    assert isinstance(stage_configs(cfg)["train"], TrainConfig)  # the launch fields stay in the run's section
+    with pytest.raises(ValueError, match="`launcher: accelerate` needs `config_file`"):
+        load_config(demo, ["train.launcher=accelerate"])
+    with pytest.raises(ValueError, match="apply to `launcher: accelerate` only"):
+        load_config(demo, ["train.num_processes=2"])

@@ -161,3 +161,22 @@ def test_lora_adapter_and_merged_model_generate_the_same_in_vllm(tiny_models, lo
         merged.llm_engine.engine_core.shutdown()
     assert adapted == from_merged  # the merged weights are the adapter applied
     assert adapted != untouched  # and the adapter did change the student
+
+
+@pytest.mark.slow
+def test_distill_run_trains_under_accelerate_launch(tmp_path, tiny_models, teacher_corpus):
+    """`train: {launcher: accelerate, config_file: ddp.yaml, num_processes: 2}` in a run config:
+    `distill run`'s train stage (`launch_train`) starts 2 processes and returns the card rank 0 wrote."""
+    from distill.config import TrainSection
+    from distill.pipeline import launch_train
+    from tests.conftest import ROOT
+
+    launch = TrainSection(launcher="accelerate", config_file=ROOT / "examples" / "accelerate" / "ddp.yaml",
+                          num_processes=2)
+    cfg = TrainConfig(corpus=teacher_corpus, student=str(tiny_models["llama-student"]), out=tmp_path / "student",
+                      max_steps=2, batch_size=4, eval_fraction=0.0, logging_steps=1, resume=True)
+    card = launch_train(cfg, launch)
+    assert card == StudentCard.load(tmp_path / "student")
+    assert card.steps == 2 and card.last_loss is not None and (tmp_path / "student" / "model.safetensors").exists()
+    epochs = [json.loads(l)["epoch"] for l in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs[0] == pytest.approx(8 / 48)  # 2 processes x 4 sequences per step: both took part
