@@ -169,3 +169,37 @@ def test_run_config_train_section_takes_the_accelerate_launcher():
         load_config(demo, ["train.launcher=accelerate"])
     with pytest.raises(ValueError, match="apply to `launcher: accelerate` only"):
         load_config(demo, ["train.num_processes=2"])
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "FSDP needs GPUs: on CPU the processes would silently"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed needs GPUs"),
+])
+def test_train_refuses_fsdp_and_deepspeed_launches_on_cpu(monkeypatch, capsys, tmp_path, env, message):
+    """What `accelerate launch --config_file fsdp.yaml` sets: on CPU it would quietly run DDP."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["train", "--corpus", str(tmp_path / "c"), "--student", "s", "--out", str(tmp_path / "o")]) == 1
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP1 is not supported"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "ZeRO-3 is not supported yet"),
+])
+def test_train_refuses_unsupported_sharding_on_gpu_hosts(monkeypatch, env, message):
+    from distill.train.trainer import check_launch
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=message):
+        check_launch(gpu=True)
+
+
+def test_fsdp2_on_gpu_hosts_and_plain_launches_are_accepted(monkeypatch):
+    from distill.train.trainer import check_launch
+
+    check_launch(gpu=False)  # no accelerate sharding: single process, torchrun or ddp.yaml
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    check_launch(gpu=True)

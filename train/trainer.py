@@ -115,7 +115,23 @@ def check_vocabulary(manifest: corpus.Manifest, student_tokenizer, embedding_row
                          "distil into a student of the same tokenizer family")
 
 
+def check_launch(gpu: bool) -> None:
+    """Refuse, before anything loads, the `accelerate launch` set-ups this trainer cannot honour
+    (the launcher says which in its environment)."""
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP") == "true"
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    if (fsdp or deepspeed) and not gpu:
+        raise ValueError(f"{'FSDP' if fsdp else 'DeepSpeed'} needs GPUs: on CPU the processes would silently train "
+                         "as plain DDP; launch with examples/accelerate/ddp.yaml")
+    if fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ValueError("FSDP1 is not supported: set `fsdp_version: 2` (examples/accelerate/fsdp.yaml)")
+    if deepspeed and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        raise ValueError("DeepSpeed ZeRO-3 is not supported yet: the KD loss reads the LM head outside the model's "
+                         "forward, where ZeRO-3 leaves it empty (examples/scale-out.md); use examples/accelerate/fsdp.yaml")
+
+
 def train(cfg: TrainConfig) -> TrainResult:
+    check_launch(torch.cuda.is_available())
     # Under torchrun every rank writes into `out`: the first one holds it for all of them.
     first_rank = int(os.environ.get("RANK", "0")) == 0
     with files.exclusive(cfg.out) if first_rank else contextlib.nullcontext():
