@@ -99,3 +99,24 @@ def greedy_accuracy(students: list[Path], eval_prompts: Path) -> dict[Path, floa
         scores[student] = exact_match(student, examples)["overall"]
         print(f"[demo]   {student.name}: greedy accuracy {scores[student]:.3f}", file=sys.stderr, flush=True)
     return scores
+
+
+def ask(student: Path, engine_cfg, messages: list[dict], max_tokens: int, keep_serving: bool = False) -> str | None:
+    """Serve `student` like `distill serve` and send it one chat request through the `openai`
+    client, printing both; with `keep_serving`, serve until Ctrl-C instead (returns None)."""
+    from openai import OpenAI
+
+    from distill.config import ServeConfig
+    from distill.launcher import start_server
+    from distill.serve.server import serve
+
+    settings = ServeConfig(model=str(student), served_model_name="demo-student", **engine_cfg.engine_settings())
+    if keep_serving:
+        serve(settings)
+        return None
+    with start_server(settings.model_copy(update={"port": 0})) as server:
+        reply = OpenAI(base_url=server.url, api_key="EMPTY").chat.completions.create(
+            model=server.model, messages=messages, max_tokens=max_tokens, temperature=0)
+    answer = reply.choices[0].message.content
+    print(f"\nchat with the KD student over {server.url}:\n  user: {messages[-1]['content']}\n  student: {answer}")
+    return answer
