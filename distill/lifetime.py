@@ -80,8 +80,8 @@ def arm_engine_process() -> None:
     arm the children it will fork (vLLM's default start method on GPUs), which inherit the
     plugin's loaded state and do not call it again."""
     parent = multiprocessing.parent_process()
-    if parent is not None and parent.pid is not None:
-        watch_parent(parent.pid)
+    if parent is not None:
+        watch_parent(parent.ident)  # not `.pid`: CPython's `_ParentProcess` overrides `ident` only
     _arm_forked_children()
 
 
