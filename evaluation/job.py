@@ -119,7 +119,8 @@ def measure_cost(cfg: EvalConfig, prompts) -> dict[str, list[LoadLevel]]:
     conversations = [p.messages for p in prompts]
     cost = {}
     for role, model in (("teacher", cfg.teacher), ("student", cfg.student)):
-        with start_server(ServeConfig(model=model, served_model_name=role, port=0, **cfg.engine_settings())) as server:
+        with start_server(ServeConfig(model=model, served_model_name=role, port=0, **cfg.engine_settings()),
+                          log_path=Path(cfg.out) / f"server-{role}.log") as server:
             cost[role] = [LoadLevel(**row) for row in measure(server.url, server.model, conversations,
                                                               cfg.concurrency, cfg.latency_requests, cfg.latency_tokens)]
     return cost

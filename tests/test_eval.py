@@ -44,6 +44,7 @@ def test_copy_of_teacher_matches_teacher(tmp_path, tiny_models, teacher, copy_of
     assert report["headline"]["quality_retained"] == pytest.approx(1.0)
     assert report["headline"]["size_ratio"] == pytest.approx(1.0)
     for role in ("teacher", "student"):
+        assert (out / f"server-{role}.log").stat().st_size > 0  # the cost measurement's server log stays with the report
         rows = report["cost"][role]
         assert [r["concurrency"] for r in rows] == [1, 4]
         assert all(r["failures"] == 0 and r["tokens_per_s"] > 0 and r["ttft_ms_p95"] >= r["ttft_ms_p50"] > 0
