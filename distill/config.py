@@ -265,6 +265,8 @@ class EvalConfig(EngineConfig):
     latency_tokens: int = Field(64, ge=1, description="Output tokens per latency request (`ignore_eos`: equal work for both).")
     allow_overlap: bool = Field(False, description="Evaluate even if prompts overlap the student's training corpus.")
     batch_size: int = Field(16, ge=1, description="Sequences per teacher-forced scoring batch.")
+    on_policy_kl: bool = Field(False, description="Also let the teacher score the student's own answers: KL(teacher || "
+                               "student) per token along them (the on-policy divergence; one more teacher engine run).")
     overwrite: bool = Field(False, description="Discard answers in `out` made with other settings.")
 
 
