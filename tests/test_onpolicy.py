@@ -15,7 +15,11 @@ from distill import corpus
 from distill.cli import main
 from distill.config import ServeConfig, TrainConfig
 from distill.launcher import EndpointError, free_port, start_server
-from distill.train.onpolicy import TeacherEndpoint, parse_prompt_logprobs, teacher_scored_kl
+from distill.train.onpolicy import (
+    TeacherEndpoint,
+    parse_prompt_logprobs,
+    teacher_scored_kl,
+)
 from distill.train.trainer import CHECKPOINT_DONE, train
 from tests.conftest import MAX_MODEL_LEN
 

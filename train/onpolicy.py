@@ -29,7 +29,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distill.launcher import EndpointError, check_served_tokenizer, server_root, served_model
+from distill.launcher import (
+    EndpointError,
+    check_served_tokenizer,
+    served_model,
+    server_root,
+)
 from distill.train.data import DistillCollator
 from distill.train.scoring import TeacherForced, teacher_forced
 
