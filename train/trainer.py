@@ -68,8 +68,10 @@ class DistillTrainer(SFTTrainer):
             if model.training and batch is inputs.get("on_policy"):
                 self._metrics["train"]["on_policy_kl"].append(self._forward_kl(out, head, batch, kind, terms, targets))
             elif model.training:
-                self._metrics["train"]["kd"].append(terms["kd"].item() * scale)
-                self._metrics["train"]["ce"].append(terms["ce"].item() * scale)
+                # per target of this batch: in an on-policy step the terms were divided by both batches' targets
+                per_target = targets / max(int(batch["target_mask"].sum()), 1) if mixed else scale
+                self._metrics["train"]["kd"].append(terms["kd"].item() * per_target)
+                self._metrics["train"]["ce"].append(terms["ce"].item() * per_target)
         if model.training and not torch.isfinite(loss):
             raise FloatingPointError(f"training stopped at step {self.state.global_step + 1}: the loss is {loss.item()}; "
                                      "no model was saved (lower `learning_rate`, or check the corpus)")
@@ -288,7 +290,7 @@ def _plot(out: Path) -> None:
 
     logs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in ("loss", "kd", "ce", "eval_loss"):
+    for key in ("loss", "kd", "ce", "eval_loss", "on_policy_kl"):
         points = [(m["step"], float(m[key])) for m in logs if key in m]
         if points:
             ax.plot(*zip(*points), label=key, marker="." if key == "eval_loss" else None)
@@ -317,6 +319,9 @@ def _write_readme(out: Path, cfg: TrainConfig, card: StudentCard) -> None:
              + ("" if card.corpus_complete else "; incomplete: its generate job was interrupted"),
              f"- loss: {cfg.alpha} x {cfg.loss} (tail {cfg.tail}, T={cfg.kd_temperature}) + {1 - cfg.alpha:g} x CE; "
              f"{'LoRA r=' + str(cfg.lora_r) if cfg.lora else 'full fine-tuning'}",
+             *([f"- on-policy: {cfg.lmbda:g} of each batch sampled by the student (at most {cfg.max_new_tokens} tokens, "
+                f"temperature {cfg.sample_temperature:g}), scored by the teacher at `{cfg.teacher_endpoint}` "
+                f"(top-{cfg.teacher_top_k}), loss {cfg.on_policy_loss}"] if cfg.on_policy else []),
              f"- steps: {card.steps}; loss {card.first_loss} -> {card.last_loss}",
              *(f"- {key}: {card.initial.get(key, float('nan')):.4f} before training -> {value:.4f}"
                for key, value in card.final.items() if isinstance(value, float)),
