@@ -83,3 +83,15 @@ def test_bad_scorer_fails_before_any_model_loads(tmp_path, tiny_models, copy_of_
     cfg = eval_config(tmp_path, copy_of_teacher, tiny_models["llama-teacher"], scorer="tests.test_eval:missing")
     with pytest.raises(ValueError, match="cannot load 'tests.test_eval:missing'"):
         evaluate(cfg)
+
+
+@pytest.mark.engine
+def test_on_policy_kl_of_a_copy_of_the_teacher_is_zero(tmp_path, tiny_models, teacher, copy_of_teacher):
+    """The teacher scores the student's own answers; a copy of the teacher diverges from it nowhere
+    (an off-by-one between the scores and the student's positions would show here)."""
+    cfg = eval_config(tmp_path, copy_of_teacher, tiny_models["llama-teacher"], latency=False, on_policy_kl=True,
+                      temperature=1.0)
+    report = evaluate(cfg, teacher_engine=teacher, student_engine=teacher)
+    assert report.on_policy.records == len(HELD_OUT) and report.on_policy.tokens > len(HELD_OUT)
+    assert abs(report.on_policy.kl) < 1e-3 and report.on_policy.top1_agreement > 0.99
+    assert "on the student's own answers (scored by the teacher)" in (cfg.out / "report.md").read_text()
