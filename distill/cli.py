@@ -9,6 +9,7 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
 import types
 import typing
@@ -29,6 +30,7 @@ from distill.config import (
 )
 from distill.files import DiskFull, OutputInUse
 from distill.launcher import ServerError
+from distill.lifetime import stop_on_signals
 
 # name -> (function "module:attr", config model, one-line help)
 COMMANDS: dict[str, tuple[str, type[BaseModel] | None, str]] = {
@@ -51,6 +53,8 @@ COMMANDS: dict[str, tuple[str, type[BaseModel] | None, str]] = {
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, ConnectionError, PermissionError,
                ServerError, FloatingPointError, OutputInUse, DiskFull)
 DEBUG_HELP = "Show the traceback of an error (also: DISTILL_DEBUG=1)."
+# Commands that run vLLM engines in-process: vLLM's INFO log is off unless `--verbose`.
+ENGINE_COMMANDS = ("generate", "score", "eval", "run", "demo", "demo-real")
 # Commands that pass everything after `--` through to the program they launch (their `vllm_args`).
 PASSTHROUGH_FIELD = "vllm_args"
 # Boolean fields with a second name for their `--no-` form (DESIGN's `--lora|--full`).
@@ -145,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--config", type=Path, help="YAML file with any of the fields below; flags override it.")
             add_model_arguments(p, model)
+        if name in ENGINE_COMMANDS:
+            p.add_argument("--verbose", action="store_true", help="Show vLLM's INFO log (its warnings always show).")
     return parser
 
 
@@ -154,12 +160,24 @@ def _version() -> str:
     return __version__
 
 
+def quiet_vllm(verbose: bool) -> None:
+    """vLLM reads these when it is first imported, here and in the engine processes and servers it
+    starts (they inherit them); values the user exported win. Its log goes to stderr: stdout
+    carries only the command's result."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    if not verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
     args = vars(build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv))
     command = args.pop("command")
     debug = args.pop("debug") or os.environ.get("DISTILL_DEBUG", "") not in ("", "0")
+    if command in ENGINE_COMMANDS:
+        quiet_vllm(args.pop("verbose"))
+    stop_on_signals()  # SIGTERM, SIGHUP: the KeyboardInterrupt path below, like Ctrl-C
     if passthrough:
         model = COMMANDS.get(command, (None, None))[1]
         if model is None or PASSTHROUGH_FIELD not in model.model_fields:
@@ -184,9 +202,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"distill {command}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"distill {command}: interrupted; rerun the same command to resume.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"distill {command}: interrupted ({signal.Signals(signum).name}); rerun the same command to resume.",
+              file=sys.stderr)
+        return 128 + signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
     if model is not None and "out" in model.model_fields:
         print(cfg.out)  # where the stage wrote its result
     return result if isinstance(result, int) else 0

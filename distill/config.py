@@ -189,6 +189,25 @@ class TrainConfig(StageConfig):
     seed: int = Field(0, description="Seed for init, data order and the eval split.")
     resume: bool = Field(False, description="Continue from the newest checkpoint in `out`.")
     allow_incomplete: bool = Field(False, description=ALLOW_INCOMPLETE)
+    on_policy: bool = Field(False, description="Also train on the student's own samples, scored by the teacher behind "
+                            "`teacher_endpoint` (on-policy distillation).")
+    teacher_endpoint: str | None = Field(None, description="URL of a vLLM server of the teacher (`distill serve --model "
+                                         "TEACHER`), for `on_policy`.")
+    teacher_api_key: str | None = Field(None, description="API key for `teacher_endpoint` (default: $VLLM_API_KEY).")
+    lmbda: float = Field(0.5, ge=0.0, le=1.0, description="Share of each batch sampled from the student (`on_policy`); "
+                         "the rest is the stored corpus.")
+    max_new_tokens: int = Field(128, ge=1, description="Most tokens the student samples per on-policy answer.")
+    sample_temperature: float = Field(1.0, ge=0.0, description="Temperature of the student's on-policy samples (0 = greedy).")
+    teacher_top_k: int = Field(20, ge=1, description="Teacher top-k per on-policy position (at most the server's "
+                               "`--max-logprobs`).")
+    on_policy_loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="KD divergence on the student's samples (no CE: they are the student's own tokens).")
+
+    @model_validator(mode="after")
+    def _check_on_policy(self) -> TrainConfig:
+        if self.on_policy and not self.teacher_endpoint:
+            raise ValueError("`on_policy` needs `teacher_endpoint`: the URL of a vLLM server of the teacher")
+        return self
 
 
 def _comma_separated(value: Any) -> Any:
@@ -267,6 +286,8 @@ class EvalConfig(EngineConfig):
     latency_tokens: int = Field(64, ge=1, description="Output tokens per latency request (`ignore_eos`: equal work for both).")
     allow_overlap: bool = Field(False, description="Evaluate even if prompts overlap the student's training corpus.")
     batch_size: int = Field(16, ge=1, description="Sequences per teacher-forced scoring batch.")
+    on_policy_kl: bool = Field(False, description="Also let the teacher score the student's own answers: KL(teacher || "
+                               "student) per token along them (the on-policy divergence; one more teacher engine run).")
     overwrite: bool = Field(False, description="Discard answers in `out` made with other settings.")
 
 

@@ -1,9 +1,14 @@
-"""Launching vLLM's OpenAI-compatible server for a model, waiting for it, and stopping it whole.
+"""Launching vLLM's OpenAI-compatible server for a model, waiting for it, and stopping it whole;
+verifying a running one (its model, its tokenizer) before a stage relies on it.
 
-The server runs in its own session (process group): vLLM forks an engine-core process, and a
-stop signals the whole group, so nothing is left behind. `start_server` is what `distill
-serve`, `distill eval`'s cost measurement, the demo and the tests use; it lives in the core so
-that every stage may launch a server without importing another stage.
+The server runs in its own session (process group): vLLM starts an engine-core process, and a
+stop signals the whole group, so nothing is left behind. If the process that launched it dies
+(even by SIGKILL), the server is killed too and its engine follows (`distill.lifetime`).
+`start_server` is what `distill serve`, `distill eval`'s cost measurement, the demo and the
+tests use; it lives in the core so that every stage may launch a server without importing
+another stage. Its log goes to the file the caller names (eval: its output directory), or to a
+temporary file that is removed when the server is stopped, and kept (and named in the error)
+when the server failed.
 """
 
 from __future__ import annotations
@@ -23,10 +28,15 @@ from pathlib import Path
 
 from distill.config import EngineConfig, ServeConfig
 from distill.engine import check_model, engine_kwargs, server_flags
+from distill.lifetime import command_dying_with_parent
 
 
 class ServerError(RuntimeError):
     """A launched vLLM server failed to start or died."""
+
+
+class EndpointError(ServerError):
+    """A running server (`--endpoint`, `--teacher-endpoint`) cannot be used or stopped answering."""
 
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's `--max-lora-rank` accepts
@@ -84,8 +94,10 @@ def server_command(model: str, cfg: EngineConfig, *, name: str, host: str, port:
 class Server:
     """A running server: `url` (ends in /v1), `model` (the name to request), `stop()`."""
 
-    def __init__(self, process: subprocess.Popen, url: str, model: str, log_path: Path, api_key: str | None):
+    def __init__(self, process: subprocess.Popen, url: str, model: str, log_path: Path, api_key: str | None,
+                 temporary_log: bool = False):
         self.process, self.url, self.model, self.log_path, self.api_key = process, url, model, log_path, api_key
+        self.temporary_log = temporary_log
 
     def log_tail(self, lines: int = 20) -> str:
         with open(self.log_path, errors="replace") as f:
@@ -105,20 +117,29 @@ class Server:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.5)
-        self.stop()
+        self.stop(keep_log=True)
         raise ServerError(f"the vLLM server did not answer {health} within {timeout:.0f} s; "
                           f"its last lines ({self.log_path}):\n{self.log_tail()}")
 
-    def stop(self, grace: float = 30.0) -> int | None:
-        """SIGTERM the server's process group, SIGKILL what is left after `grace` seconds."""
-        if self.process.poll() is None:
-            _signal_group(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
-        _signal_group(self.process.pid, signal.SIGKILL)  # stragglers of the group (engine core)
+    def stop(self, grace: float = 30.0, keep_log: bool = False) -> int | None:
+        """SIGTERM the server's process group, SIGKILL what is left of it after `grace` seconds.
+        The whole group, not only the server, gets that time: the engine process and
+        multiprocessing's resource tracker exit after it, unlinking vLLM's shared memory, which
+        a SIGKILL would leave in /dev/shm. A temporary log goes unless `keep_log` or the server
+        had already died (an error names it)."""
+        was_running = self.process.poll() is None
+        deadline = time.monotonic() + grace
+        _signal_group(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+        while _signal_group(self.process.pid, 0) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _signal_group(self.process.pid, signal.SIGKILL)
         self.process.wait()
+        if self.temporary_log and was_running and not keep_log:
+            self.log_path.unlink(missing_ok=True)
         return self.process.returncode
 
     def __enter__(self) -> "Server":
@@ -128,11 +149,13 @@ class Server:
         self.stop()
 
 
-def _signal_group(pid: int, sig: int) -> None:
+def _signal_group(pid: int, sig: int) -> bool:
+    """Signal the process group `pid` leads; False when none of it is left (signal 0: only ask)."""
     try:
         os.killpg(pid, sig)
+        return True
     except ProcessLookupError:
-        pass
+        return False
 
 
 def start_server(cfg: ServeConfig, log_path: Path | None = None) -> Server:
@@ -146,15 +169,53 @@ def start_server(cfg: ServeConfig, log_path: Path | None = None) -> Server:
     api_key = cfg.api_key or os.environ.get("VLLM_API_KEY")
     cmd = server_command(cfg.model, cfg, name=base_name, host=host, port=port, lora=lora, lora_name=name,
                          api_key=api_key, extra=cfg.vllm_args)
-    log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="distill-serve-", suffix=".log")[1])
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+    temporary_log = log_path is None
+    if temporary_log:
+        fd, log_path = tempfile.mkstemp(prefix="distill-serve-", suffix=".log")
+        os.close(fd)
+    log_path = Path(log_path)
+    with open(log_path, "wb") as log:
+        # Called from the main thread: the parent-death signal belongs to the thread that forks.
+        process = subprocess.Popen(command_dying_with_parent(cmd), stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
     client_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    server = Server(process, f"http://{client_host}:{port}/v1", name, log_path, api_key)
+    server = Server(process, f"http://{client_host}:{port}/v1", name, log_path, api_key, temporary_log)
     try:
         server.wait_ready(cfg.startup_timeout)
-    except BaseException:
-        server.stop(grace=5)
+    except BaseException as e:
+        server.stop(grace=5, keep_log=not isinstance(e, KeyboardInterrupt))
         raise
     return server
+
+
+def server_root(url: str) -> str:
+    """`http://host:port/v1/` -> `http://host:port`: vLLM serves /tokenize and /health at the root."""
+    return url.rstrip("/").removesuffix("/v1")
+
+
+def served_model(url: str, wanted: str | None, api_key: str | None) -> tuple[str, int]:
+    """The name to request at `url` (with or without /v1) and its context length (0 when the server
+    does not say): `wanted` if served, else the only model served."""
+    from openai import OpenAI
+
+    try:
+        models = OpenAI(base_url=f"{server_root(url)}/v1", api_key=api_key or "EMPTY", max_retries=2, timeout=30).models.list().data
+    except Exception as e:
+        raise EndpointError(f"endpoint {url}: cannot list models ({type(e).__name__}: {e})") from None
+    chosen = next((m for m in models if m.id == wanted), models[0] if len(models) == 1 else None)
+    if chosen is None:
+        raise EndpointError(f"endpoint {url} serves {[m.id for m in models]}, not `{wanted}`")
+    return chosen.id, int(getattr(chosen, "max_model_len", 0) or 0)
+
+
+def check_served_tokenizer(url: str, model: str, api_key: str | None, text: str, ids: list[int], local: str) -> None:
+    """Refuse a server whose tokenizer encodes `text` otherwise than the local one did (`ids`): token
+    ids travel both ways, so a mismatch would silently feed the model garbage."""
+    import httpx
+
+    response = httpx.post(f"{server_root(url)}/tokenize", json={"model": model, "prompt": text, "add_special_tokens": False},
+                          headers={"Authorization": f"Bearer {api_key or 'EMPTY'}"}, timeout=60)
+    response.raise_for_status()
+    if response.json()["tokens"] != ids:
+        raise EndpointError(f"endpoint {url}: its tokenizer encodes text differently from the local {local} "
+                            "tokenizer; point it at the served model")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from distill import corpus, files
-from distill.config import EvalConfig, GenerateConfig, ServeConfig
+from distill.config import EvalConfig, GenerateConfig, ScoreConfig, ServeConfig
 from distill.engine import check_model
 from distill.evaluation.report import (
     Answers,
@@ -60,6 +60,8 @@ def _evaluate(cfg: EvalConfig, teacher_engine, student_engine) -> EvalReport:
     teacher_corpus = cfg.corpus or answers(cfg.teacher, "teacher-answers", cfg.top_k, teacher_engine)
     student_corpus = answers(cfg.student, "student-answers", 1, student_engine)
     scored = fidelity(cfg.student, teacher_corpus, cfg, ids, batch_size=cfg.batch_size)
+    on_policy = fidelity(cfg.student, teacher_on_student_answers(cfg, student_corpus, teacher_engine), cfg, ids,
+                         batch_size=cfg.batch_size) if cfg.on_policy_kl else None
     teacher, student = ModelInfo(model=cfg.teacher, **model_size(cfg.teacher)), \
         ModelInfo(model=cfg.student, **model_size(cfg.student))
     answer_stats = compare_answers(teacher_corpus, student_corpus, ids, scorer)
@@ -68,11 +70,28 @@ def _evaluate(cfg: EvalConfig, teacher_engine, student_engine) -> EvalReport:
         teacher=teacher, student=student, prompts=PromptSet(file=str(cfg.prompts), count=len(ids)),
         fidelity=Fidelity(**{k: v for k, v in vars(scored).items() if k != "per_record_kl"},
                           perplexity=scored.perplexity),
+        on_policy=Fidelity(**{k: v for k, v in vars(on_policy).items() if k != "per_record_kl"},
+                           perplexity=on_policy.perplexity) if on_policy else None,
         answers=answer_stats, cost=cost, config=json.loads(cfg.model_dump_json()),
         headline=headline(answer_stats, scored.top1_agreement, cost, teacher, student),
         wall_seconds=time.time() - start)
     write_report(out, report, scored.per_record_kl)
     return report
+
+
+def teacher_on_student_answers(cfg: EvalConfig, student_corpus: Path, teacher_engine) -> Path:
+    """The teacher's top-k along the student's own answers (`distill score`: the answer text is
+    tokenised again with the shared tokenizer), so that any student, offline- or on-policy-trained,
+    is compared on the divergence on-policy training minimises."""
+    from distill.generate.job import score
+
+    data = Path(cfg.out) / "student-conversations.jsonl"
+    files.atomic_write(data, "".join(json.dumps({"id": r["prompt_id"], "messages": [
+        *r["messages"], {"role": "assistant", "content": r["response"]}]}) + "\n"
+        for r in corpus.iter_records(student_corpus)))
+    return score(ScoreConfig(teacher=cfg.teacher, data=data, out=Path(cfg.out) / "teacher-on-student-answers",
+                             top_k=cfg.top_k, overwrite=cfg.overwrite, **cfg.engine_settings()),
+                 teacher=teacher_engine).path
 
 
 def check_overlap(cfg: EvalConfig, ids: set[str]) -> None:
@@ -119,7 +138,8 @@ def measure_cost(cfg: EvalConfig, prompts) -> dict[str, list[LoadLevel]]:
     conversations = [p.messages for p in prompts]
     cost = {}
     for role, model in (("teacher", cfg.teacher), ("student", cfg.student)):
-        with start_server(ServeConfig(model=model, served_model_name=role, port=0, **cfg.engine_settings())) as server:
+        with start_server(ServeConfig(model=model, served_model_name=role, port=0, **cfg.engine_settings()),
+                          log_path=Path(cfg.out) / f"server-{role}.log") as server:
             cost[role] = [LoadLevel(**row) for row in measure(server.url, server.model, conversations,
                                                               cfg.concurrency, cfg.latency_requests, cfg.latency_tokens)]
     return cost

@@ -77,6 +77,7 @@ class EvalReport(BaseModel):
     student: ModelInfo
     prompts: PromptSet
     fidelity: Fidelity
+    on_policy: Fidelity | None = None  # the same, along the student's own answers (`on_policy_kl`)
     answers: Answers
     cost: dict[str, list[LoadLevel]] | None = None  # role -> one row per concurrency level
     config: dict[str, Any]
@@ -110,6 +111,9 @@ def write_report(out: Path, report: EvalReport, per_record_kl: list[float]) -> N
         f"- KL(teacher || student) per token: {f.kl:.4f} nats (top-k + tail bucket)",
         f"- top-1 agreement: {f.top1_agreement:.3f}",
         f"- student perplexity on teacher text: {f.perplexity:.3f} ({f.tokens:,} tokens, {f.records} answers)",
+        *([f"- on the student's own answers (scored by the teacher): KL(teacher || student) per token "
+           f"{report.on_policy.kl:.4f} nats, top-1 agreement {report.on_policy.top1_agreement:.3f} "
+           f"({report.on_policy.tokens:,} tokens)"] if report.on_policy else []),
         "", "## Answers (same prompts, same sampling)", "",
         "| | mean tokens | p50 tokens | max tokens | truncated | task score |", "|---|---|---|---|---|---|",
         *(f"| {role} | {x.mean_tokens:.1f} | {x.p50_tokens:.0f} | {x.max_tokens} | {x.truncated:.3f} | {_fmt(x.score)} |"

@@ -17,13 +17,12 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from distill.generate.requests import Completion, Request, Sampling
+from distill.launcher import EndpointError, check_served_tokenizer, served_model
+
+__all__ = ["EndpointError", "EndpointTeacher", "parse_choice"]
 
 log = logging.getLogger(__name__)
 TOKEN_PREFIX = "token_id:"
-
-
-class EndpointError(RuntimeError):
-    pass
 
 
 def _token_id(key: str) -> int:
@@ -56,44 +55,26 @@ def parse_choice(choice: dict, k: int) -> Completion:
 
 class EndpointTeacher:
     def __init__(self, urls: list[str], model: str, api_key: str | None, concurrency: int):
-        from openai import AsyncOpenAI, OpenAI
+        from openai import AsyncOpenAI
 
         self.urls = [u.rstrip("/") for u in urls]
         base = [u if u.endswith("/v1") else f"{u}/v1" for u in self.urls]
         self.concurrency = concurrency
         self._client_args = [dict(base_url=b, api_key=api_key or "EMPTY", max_retries=6, timeout=3600) for b in base]
         self._async_client = AsyncOpenAI
-        self.model, self.max_model_len = self._discover(OpenAI, model)
+        self.model, self.max_model_len = self._discover(model)
 
-    def _discover(self, OpenAI, wanted: str) -> tuple[str, int]:
+    def _discover(self, wanted: str) -> tuple[str, int]:
         """The served model name and context length, agreed by every endpoint."""
-        found = []
-        for url, args in zip(self.urls, self._client_args):
-            try:
-                models = OpenAI(**{**args, "max_retries": 2, "timeout": 30}).models.list().data
-            except Exception as e:
-                raise EndpointError(f"endpoint {url}: cannot list models ({type(e).__name__}: {e})") from None
-            names = [m.id for m in models]
-            chosen = next((m for m in models if m.id == wanted), models[0] if len(models) == 1 else None)
-            if chosen is None:
-                raise EndpointError(f"endpoint {url} serves {names}, not `{wanted}`")
-            found.append((chosen.id, int(getattr(chosen, "max_model_len", 0) or 0)))
+        found = [served_model(url, wanted, args["api_key"]) for url, args in zip(self.urls, self._client_args)]
         if len(set(found)) > 1:
             raise EndpointError(f"endpoints serve different models: {dict(zip(self.urls, found))}")
         return found[0]
 
     def check_tokenizer(self, text: str, ids: list[int]) -> None:
-        """Refuse a server whose tokenizer differs from the local one: prompt ids are made
-        locally, so a mismatch would silently feed the teacher garbage."""
-        import httpx
-
+        """Refuse a server whose tokenizer differs from the local one: prompt ids are made locally."""
         for url, args in zip(self.urls, self._client_args):
-            response = httpx.post(f"{url}/tokenize", json={"model": self.model, "prompt": text, "add_special_tokens": False},
-                                  headers={"Authorization": f"Bearer {args['api_key']}"}, timeout=60)
-            response.raise_for_status()
-            if response.json()["tokens"] != ids:
-                raise EndpointError(f"endpoint {url}: its tokenizer encodes text differently from the local "
-                                    "`teacher` tokenizer; point `teacher` at the served model")
+            check_served_tokenizer(url, self.model, args["api_key"], text, ids, "`teacher`")
 
     def generate(self, requests: Iterable[Request], sampling: Sampling,
                  on_done: Callable[[Request, Completion], None], window: int) -> None:

@@ -25,6 +25,10 @@ def split_flat(flat, start_position: int, k: int) -> tuple[np.ndarray, np.ndarra
     return ids[:, 0], lps[:, 0], ids[:, 1:], lps[:, 1:]
 
 
+# vLLM's engine process gives its workers 5 s, then SIGTERM and 4 s more: room for all of it.
+SHUTDOWN_TIMEOUT_S = 30
+
+
 class VLLMTeacher:
     def __init__(self, cfg: TeacherConfig, max_logprobs: int, max_model_len: int):
         from vllm import LLM
@@ -33,8 +37,11 @@ class VLLMTeacher:
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
     def close(self) -> None:
-        """Stop the engine's worker processes now rather than at interpreter exit."""
-        self.llm.llm_engine.engine_core.shutdown()
+        """Stop the engine processes and wait for their clean exit, in which they unlink their
+        shared memory. Left to the interpreter's exit, vLLM gives the engine process 5 s and
+        then SIGKILLs it, mid-teardown on a busy machine: the `resource_tracker: ... leaked
+        shared_memory` warning."""
+        self.llm.llm_engine.engine_core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
 
     def generate(self, requests: Iterable[Request], sampling: Sampling,
                  on_done: Callable[[Request, Completion], None], window: int) -> None:

@@ -55,6 +55,12 @@ def score(cfg: ScoreConfig, teacher=None) -> corpus.Corpus:
     return CorpusJob(cfg, cfg.data, scoring=True).run(teacher)
 
 
+def per_second(amount: int, seconds: float) -> str:
+    """A rate with three significant digits below 100 (a short run's whole-run rate is below 1)."""
+    rate = amount / max(seconds, 1e-9)
+    return f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
+
+
 def request_id(prompt_id: str, sample: int) -> str:
     return hashlib.sha256(f"{prompt_id}:{sample}".encode()).hexdigest()[:16]
 
@@ -319,13 +325,16 @@ class CorpusJob:
     def _summary(self, stats: corpus.CorpusStats, skipped: int, wall: float, resumed: int, generated: tuple[int, float]) -> None:
         tokens = stats.response_tokens
         new_tokens, seconds = generated
+        # Only this run's tokens count: shards kept from an earlier run cost it nothing.
+        throughput = (f"{per_second(new_tokens, seconds)} tok/s while generating ({new_tokens:,} new tokens in "
+                      f"{seconds:.1f} s); {per_second(new_tokens, wall)} tok/s over the whole run (with the "
+                      "engine's start)") if new_tokens else "no new tokens: every shard was already there"
         lines = [
             f"corpus      {self.out}",
             f"records     {stats.records:,} in {stats.shards} shards"
             + (f" ({resumed} shards kept from an earlier run)" if resumed else ""),
             f"tokens      {tokens:,} response tokens",
-            f"throughput  {new_tokens / max(seconds, 1e-9):,.0f} tok/s while generating ({new_tokens:,} new tokens "
-            f"in {seconds:.1f} s); {tokens / max(wall, 1e-9):,.0f} tok/s over the whole run",
+            f"throughput  {throughput}",
             f"storage     {stats.bytes / max(tokens, 1):.1f} bytes per response token ({stats.bytes / 2**20:.1f} MiB)",
             f"skipped     {skipped} bad input records" + (" (see manifest `source.skipped_records`)" if skipped else ""),
             f"wall time   {wall:.1f} s",

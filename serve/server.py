@@ -1,11 +1,11 @@
-"""`distill serve`: a model behind vLLM's OpenAI-compatible server until Ctrl-C / SIGTERM
-(the launcher itself is `distill.launcher`, shared with eval and the demo); with `--ui`, also
-the browser chat page of `distill.serve.ui`, optionally with a teacher beside the student."""
+"""`distill serve`: a model behind vLLM's OpenAI-compatible server until Ctrl-C (the CLI turns
+SIGTERM and SIGHUP into the same KeyboardInterrupt: `distill.lifetime`). The launcher itself is
+`distill.launcher`, shared with eval and the demo; with `--ui`, also the browser chat page of
+`distill.serve.ui`, optionally with a teacher beside the student."""
 
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import time
 
@@ -14,13 +14,12 @@ from distill.launcher import Server, ServerError, check_port, check_startup, sta
 
 
 def serve(cfg: ServeConfig) -> int:
-    """`distill serve`: start, print how to call it, then run until SIGINT/SIGTERM or a crash."""
+    """`distill serve`: start, print how to call it, then run until a KeyboardInterrupt (Ctrl-C;
+    SIGTERM or SIGHUP under the CLI) or a crash."""
     check_startup(cfg)
     if cfg.ui:  # the page starts after the model has loaded: check its port before that
         check_port(cfg.host, cfg.ui_port, "ui_port")
     print(f"starting vLLM for {cfg.lora or cfg.model}: waiting until it answers /health ...", file=sys.stderr)
-    # SIGTERM takes the same path as Ctrl-C: stop the servers' whole process groups, then exit.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     servers: list[Server] = []
     page = None
     try:

@@ -48,7 +48,7 @@ def teacher(tiny_models):
     engine = VLLMTeacher(TeacherConfig(teacher=str(tiny_models["llama-teacher"])), max_logprobs=20,
                          max_model_len=MAX_MODEL_LEN)
     yield engine
-    engine.llm.llm_engine.engine_core.shutdown()
+    engine.close()
 
 
 def write_jsonl(path: Path, records: list) -> Path:

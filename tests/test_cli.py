@@ -1,6 +1,7 @@
 """The `distill` command: every DESIGN.md subcommand listed, flags from the config fields,
 user errors as one clear line (before any model loads), shipped YAML valid."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -203,3 +204,32 @@ def test_fsdp2_on_gpu_hosts_and_plain_launches_are_accepted(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
     check_launch(gpu=True)
+
+
+@pytest.mark.parametrize("generated, wall, resumed, whole_run", [
+    ((12, 0.3), 58.6, 0, "0.205 tok/s over the whole run"),  # 6 prompts x 2 tokens: mostly the engine's start
+    ((768, 2.0), 40.0, 14, "19.2 tok/s over the whole run"),  # a resume: the 14 kept shards' tokens are not this run's
+])
+def test_summary_rates_count_this_runs_tokens_with_significant_digits(capsys, tmp_path, generated, wall, resumed,
+                                                                       whole_run):
+    from distill.generate.job import CorpusJob
+
+    job = CorpusJob(GenerateConfig(teacher="t", prompts=tmp_path / "p.jsonl", out=tmp_path / "c"), tmp_path / "p.jsonl",
+                    scoring=False)
+    stats = corpus.CorpusStats(records=240, response_tokens=11520, shards=15, bytes=10**6, complete=True)
+    job._summary(stats, skipped=0, wall=wall, resumed=resumed, generated=generated)
+    throughput = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("throughput"))
+    assert whole_run in throughput and f"({generated[0]:,} new tokens in {generated[1]:.1f} s)" in throughput
+
+
+@pytest.mark.parametrize("flags, level", [([], "WARNING"), (["--verbose"], None)])
+def test_vllm_info_log_is_off_unless_verbose(monkeypatch, tmp_path, flags, level):
+    """vLLM reads the level when first imported: the CLI sets it before any stage runs (the
+    stage fails here on a missing prompt file, before any model loads)."""
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+    monkeypatch.delenv("VLLM_LOGGING_STREAM", raising=False)
+    code = main(["generate", "--teacher", "t", "--prompts", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o"),
+                 *flags])
+    assert code == 1
+    assert os.environ.get("VLLM_LOGGING_LEVEL") == level
+    assert os.environ["VLLM_LOGGING_STREAM"] == "ext://sys.stderr"  # stdout: only the command's result

@@ -18,6 +18,7 @@ def server(tiny_models):
                            max_model_len=MAX_MODEL_LEN, engine_args={"max_logprobs": 20})
     with start_server(settings) as srv:
         yield srv.url.removesuffix("/v1")
+    assert not srv.log_path.exists(), "a temporary server log outlived a clean stop"
 
 
 @pytest.mark.engine

@@ -44,6 +44,7 @@ def test_copy_of_teacher_matches_teacher(tmp_path, tiny_models, teacher, copy_of
     assert report["headline"]["quality_retained"] == pytest.approx(1.0)
     assert report["headline"]["size_ratio"] == pytest.approx(1.0)
     for role in ("teacher", "student"):
+        assert (out / f"server-{role}.log").stat().st_size > 0  # the cost measurement's server log stays with the report
         rows = report["cost"][role]
         assert [r["concurrency"] for r in rows] == [1, 4]
         assert all(r["failures"] == 0 and r["tokens_per_s"] > 0 and r["ttft_ms_p95"] >= r["ttft_ms_p50"] > 0
@@ -82,3 +83,15 @@ def test_bad_scorer_fails_before_any_model_loads(tmp_path, tiny_models, copy_of_
     cfg = eval_config(tmp_path, copy_of_teacher, tiny_models["llama-teacher"], scorer="tests.test_eval:missing")
     with pytest.raises(ValueError, match="cannot load 'tests.test_eval:missing'"):
         evaluate(cfg)
+
+
+@pytest.mark.engine
+def test_on_policy_kl_of_a_copy_of_the_teacher_is_zero(tmp_path, tiny_models, teacher, copy_of_teacher):
+    """The teacher scores the student's own answers; a copy of the teacher diverges from it nowhere
+    (an off-by-one between the scores and the student's positions would show here)."""
+    cfg = eval_config(tmp_path, copy_of_teacher, tiny_models["llama-teacher"], latency=False, on_policy_kl=True,
+                      temperature=1.0)
+    report = evaluate(cfg, teacher_engine=teacher, student_engine=teacher)
+    assert report.on_policy.records == len(HELD_OUT) and report.on_policy.tokens > len(HELD_OUT)
+    assert abs(report.on_policy.kl) < 1e-3 and report.on_policy.top1_agreement > 0.99
+    assert "on the student's own answers (scored by the teacher)" in (cfg.out / "report.md").read_text()

@@ -86,3 +86,14 @@ def test_model_arguments_pass_through_unless_they_name_a_gguf_file(tmp_path, tin
         (two / name).write_bytes(b"GGUF")
     with pytest.raises(ValueError, match="holds 2 GGUF files"):
         models.resolve(str(two))
+
+
+def test_init_student_names_a_missing_teacher_in_one_line(tmp_path, capsys):
+    from distill.cli import main
+
+    assert main(["init-student", "--teacher", str(tmp_path / "nope"), "--num-layers", "2",
+                 "--out", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"distill init-student: error: `teacher`: model `{tmp_path / 'nope'}` not found (no such directory; " \
+                  "hub ids look like `org/name`)"
+    assert not (tmp_path / "s").exists()

@@ -24,7 +24,8 @@ def trainable(record: dict, max_length: int) -> bool:
 class DistillCollator:
     """Batch of corpus records -> `input_ids`, `attention_mask [B, L]`, `labels [B, L]` (the
     token each position predicts, -100 where nothing is learned), `target_mask [B, L]`,
-    `topk_ids [B, L, K]`, `topk_logprobs [B, L, K]` (zeros where `target_mask` is False)."""
+    `topk_ids [B, L, K]`, `topk_logprobs [B, L, K]` (zeros where `target_mask` is False), and
+    `prompt_lengths [B]` (on-policy training samples continuations of `input_ids[i, :prompt_lengths[i]]`)."""
 
     pad_token_id: int
     max_length: int
@@ -59,4 +60,5 @@ class DistillCollator:
             topk_lps[i, rows] = torch.tensor(r["topk_logprobs"][:n], dtype=torch.float32).reshape(n, k)
         labels[~target] = -100
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "target_mask": target,
-                "topk_ids": topk_ids, "topk_logprobs": topk_lps}
+                "topk_ids": topk_ids, "topk_logprobs": topk_lps,
+                "prompt_lengths": torch.tensor([len(r["prompt_token_ids"]) for r in records], dtype=torch.long)}

@@ -9,14 +9,15 @@ babbles) and is repaired by `distill train --full`.
 
 from __future__ import annotations
 
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from distill import files
 from distill.config import InitStudentConfig
+from distill.engine import check_model
 
 
 @dataclass(frozen=True)
@@ -48,14 +49,19 @@ def decoder_layers(model):
 
 
 def init_student(cfg: InitStudentConfig) -> InitStudentResult:
+    check_model(cfg.teacher, "teacher")
+    with files.exclusive(cfg.out) as out:
+        if not files.is_empty(out):
+            if not cfg.overwrite:
+                raise FileExistsError(f"`{out}` is not empty: pass --overwrite to replace it")
+            files.clear_dir(out)
+        return _prune(cfg, out)
+
+
+def _prune(cfg: InitStudentConfig, out: Path) -> InitStudentResult:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise FileExistsError(f"`{out}` is not empty: pass --overwrite to replace it")
-        shutil.rmtree(out)
     model = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=getattr(torch, cfg.dtype))
     tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
     teacher_parameters = model.num_parameters()

@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
@@ -22,10 +23,12 @@ from trl import SFTConfig, SFTTrainer
 from distill import corpus, files
 from distill.config import TrainConfig
 from distill.engine import check_model
+from distill.launcher import EndpointError
 from distill.models import model_source
 from distill.train.card import StudentCard, TrainResult
 from distill.train.data import DistillCollator, trainable
 from distill.train.losses import chunked_distill_loss
+from distill.train.onpolicy import TeacherEndpoint, on_policy_records, sample
 from distill.train.scoring import pad_token_id, teacher_forced
 
 # Written (atomically) into a checkpoint folder once it is whole: only such checkpoints resume.
@@ -43,31 +46,107 @@ def whole(param: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class DistillTrainer(SFTTrainer):
-    def __init__(self, *args, distill: TrainConfig, **kwargs):
+    def __init__(self, *args, distill: TrainConfig, teacher: TeacherEndpoint | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.distill = distill
+        self.teacher = teacher  # set: on-policy training against this served teacher
+        self.on_policy_rng = np.random.default_rng(distill.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                    output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
         cfg = self.distill
-        loss, parts = chunked_distill_loss(
-            out.hidden_states[-1], whole(head.weight), inputs["labels"].clamp(min=0), inputs["topk_ids"],
-            inputs["topk_logprobs"], inputs["target_mask"], bias=whole(head.bias), alpha=cfg.alpha, kind=cfg.loss,
-            temperature=cfg.kd_temperature, tail=cfg.tail, beta=cfg.beta, chunk_size=cfg.chunk_size,
-            num_items=num_items_in_batch)
+        # An on-policy step (`training_step`) carries two batches, each with its own loss, both
+        # divided by the targets of the two together.
+        mixed = "on_policy" in inputs
+        parts = [(inputs.get("offline"), cfg.alpha, cfg.loss), (inputs["on_policy"], 1.0, cfg.on_policy_loss)] \
+            if mixed else [(inputs, cfg.alpha, cfg.loss)]
+        parts = [part for part in parts if part[0] is not None]
+        targets = sum(int(batch["target_mask"].sum()) for batch, _, _ in parts)
         # As Trainer.compute_loss: `num_items_in_batch` counts the targets of every process.
         scale = self.accelerator.num_processes if num_items_in_batch is not None and \
             self.args.average_tokens_across_devices else 1
-        loss = loss * scale
+        loss = 0.0
+        for batch, alpha, kind in parts:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        output_hidden_states=True, logits_to_keep=1, use_cache=False)
+            head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            part_loss, terms = chunked_distill_loss(
+                out.hidden_states[-1], whole(head.weight), batch["labels"].clamp(min=0), batch["topk_ids"],
+                batch["topk_logprobs"], batch["target_mask"], bias=whole(head.bias), alpha=alpha, kind=kind,
+                temperature=cfg.kd_temperature, tail=cfg.tail, beta=cfg.beta, chunk_size=cfg.chunk_size,
+                num_items=targets if mixed else num_items_in_batch)
+            loss = loss + part_loss * scale
+            if model.training and batch is inputs.get("on_policy"):
+                self._metrics["train"]["on_policy_kl"].append(self._forward_kl(out, head, batch, kind, terms, targets))
+            elif model.training:
+                # per target of this batch: in an on-policy step the terms were divided by both batches' targets
+                per_target = targets / max(int(batch["target_mask"].sum()), 1) if mixed else scale
+                self._metrics["train"]["kd"].append(terms["kd"].item() * per_target)
+                self._metrics["train"]["ce"].append(terms["ce"].item() * per_target)
         if model.training and not torch.isfinite(loss):
             raise FloatingPointError(f"training stopped at step {self.state.global_step + 1}: the loss is {loss.item()}; "
                                      "no model was saved (lower `learning_rate`, or check the corpus)")
-        if model.training:
-            self._metrics["train"]["kd"].append(parts["kd"].item() * scale)
-            self._metrics["train"]["ce"].append(parts["ce"].item() * scale)
         return (loss, out) if return_outputs else loss
+
+    def _forward_kl(self, out, head, batch, kind, terms, targets) -> float:
+        """KL(teacher || student) per token of the student's samples, before this update: the number
+        `teacher_scored_kl` and held-out metrics report, whichever divergence the loss uses."""
+        tokens = max(int(batch["target_mask"].sum()), 1)
+        if kind == "forward_kl":
+            return terms["kd"].item() * targets / tokens
+        with torch.no_grad():
+            _, measured = chunked_distill_loss(
+                out.hidden_states[-1], whole(head.weight), batch["labels"].clamp(min=0), batch["topk_ids"],
+                batch["topk_logprobs"], batch["target_mask"], bias=whole(head.bias), alpha=1.0, kind="forward_kl",
+                tail=self.distill.tail, chunk_size=self.distill.chunk_size)
+        return measured["kd"].item()
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.teacher is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        inputs = self._on_policy_batch(model, inputs)
+        started = time.perf_counter()
+        # The targets are no longer those Trainer counted: each micro-batch is its own mean, and
+        # Trainer divides it by the accumulation steps.
+        loss = super().training_step(model, inputs, None)
+        self._metrics["train"]["optimise_s"].append(time.perf_counter() - started)
+        return loss
+
+    def _on_policy_batch(self, model, inputs: dict) -> dict:
+        """A share `lmbda` of the batch's rows (stochastically rounded, so any batch size gets that
+        share on average) replaced by the student's continuations of their prompts, scored by the teacher."""
+        cfg = self.distill
+        rows = inputs["input_ids"].shape[0]
+        n = min(rows, int(cfg.lmbda * rows + self.on_policy_rng.random()))
+        offline = {key: value[n:] for key, value in inputs.items()} if n < rows else None
+        if n == 0:
+            return {"offline": offline}
+        lengths = inputs["prompt_lengths"][:n].tolist()
+        prompts = [inputs["input_ids"][i, :p].tolist() for i, p in enumerate(lengths)]
+        student = self.accelerator.unwrap_model(model)
+        started = time.perf_counter()
+        responses = sample(student, prompts, max_new_tokens=min(cfg.max_new_tokens, cfg.max_length - min(lengths)),
+                           temperature=cfg.sample_temperature, pad_token_id=self.data_collator.pad_token_id,
+                           eos_token_id=student.generation_config.eos_token_id or self.processing_class.eos_token_id)
+        sampled = time.perf_counter()
+        scored = self.teacher.score_many(list(zip(prompts, responses)))
+        scoring = time.perf_counter() - sampled
+        metrics = self._metrics["train"]
+        metrics["sample_s"].append(sampled - started)
+        metrics["score_s"].append(scoring)
+        metrics["teacher_tokens"].append(sum(len(r) for r in responses))
+        collated = DistillCollator(self.data_collator.pad_token_id, cfg.max_length, cfg.teacher_top_k)(
+            on_policy_records(prompts, responses, scored))
+        return {"offline": offline, "on_policy": self._prepare_inputs(collated)}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        metrics = self._metrics["train"]
+        if self.model.training and metrics.get("score_s"):
+            spent = {key: sum(metrics.get(f"{key}_s", [])) for key in ("sample", "score", "optimise")}
+            total = sum(spent.values()) or 1.0
+            for key, seconds in spent.items():
+                metrics[f"{key}_share"] = [seconds / total]
+            metrics["teacher_tokens_per_s"] = [sum(metrics["teacher_tokens"]) / max(spent["score"], 1e-9)]
+        super().log(logs, start_time)
 
 
 class MarkCompleteCheckpoints(TrainerCallback):
@@ -156,6 +235,11 @@ def _train(cfg: TrainConfig) -> TrainResult:
     max_id = max((pc.max(pc.list_flatten(pc.list_flatten(batch.column(0)))).as_py() or 0
                   for batch in corpus.iter_batches(cfg.corpus, columns=["topk_token_ids"])), default=0)
     check_vocabulary(manifest, tokenizer, model.get_output_embeddings().weight.shape[0], max_id)
+    teacher = None
+    if cfg.on_policy:
+        teacher = TeacherEndpoint(cfg.teacher_endpoint, cfg.teacher_top_k,
+                                  api_key=cfg.teacher_api_key or os.environ.get("VLLM_API_KEY"), backoff=0.5)
+        teacher.check_tokenizer(tokenizer)
 
     everything = corpus.load_dataset(cfg.corpus)  # memory-mapped Arrow, not Python objects
     data = everything.filter(lambda r: trainable(r, cfg.max_length))
@@ -186,13 +270,17 @@ def _train(cfg: TrainConfig) -> TrainResult:
     trainer = DistillTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                              processing_class=tokenizer, data_collator=collator, peft_config=peft_config,
                              callbacks=[JsonlMetrics(out / "metrics.jsonl"), MarkCompleteCheckpoints(), StopOnNonFinite()],
-                             distill=cfg)
+                             distill=cfg, teacher=teacher)
     # A kill can leave the newest checkpoint half written: resume from the newest complete one.
     complete = sorted((c for c in (out / "checkpoints").glob("checkpoint-*") if (c / CHECKPOINT_DONE).exists()),
                       key=lambda c: int(c.name.split("-")[-1]))
     resume = str(complete[-1]) if cfg.resume and complete else None
     initial = held_out_metrics(trainer, eval_data, collator, cfg) if eval_data else {}
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except EndpointError as e:
+        raise EndpointError(f"{e} Training stopped at step {trainer.state.global_step}; rerun with `--resume` to "
+                            f"continue from the newest complete checkpoint in {out / 'checkpoints'}") from None
     final = held_out_metrics(trainer, eval_data, collator, cfg) if eval_data else {}
     card = _card(cfg, manifest, trainer, initial, final, time.time() - start)
     if trainer.is_world_process_zero():  # under torchrun / accelerate launch, one process writes
@@ -228,7 +316,7 @@ def _plot(out: Path) -> None:
 
     logs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in ("loss", "kd", "ce", "eval_loss"):
+    for key in ("loss", "kd", "ce", "eval_loss", "on_policy_kl"):
         points = [(m["step"], float(m[key])) for m in logs if key in m]
         if points:
             ax.plot(*zip(*points), label=key, marker="." if key == "eval_loss" else None)
@@ -257,6 +345,9 @@ def _write_readme(out: Path, cfg: TrainConfig, card: StudentCard) -> None:
              + ("" if card.corpus_complete else "; incomplete: its generate job was interrupted"),
              f"- loss: {cfg.alpha} x {cfg.loss} (tail {cfg.tail}, T={cfg.kd_temperature}) + {1 - cfg.alpha:g} x CE; "
              f"{'LoRA r=' + str(cfg.lora_r) if cfg.lora else 'full fine-tuning'}",
+             *([f"- on-policy: {cfg.lmbda:g} of each batch sampled by the student (at most {cfg.max_new_tokens} tokens, "
+                f"temperature {cfg.sample_temperature:g}), scored by the teacher at `{cfg.teacher_endpoint}` "
+                f"(top-{cfg.teacher_top_k}), loss {cfg.on_policy_loss}"] if cfg.on_policy else []),
              f"- steps: {card.steps}; loss {card.first_loss} -> {card.last_loss}",
              *(f"- {key}: {card.initial.get(key, float('nan')):.4f} before training -> {value:.4f}"
                for key, value in card.final.items() if isinstance(value, float)),

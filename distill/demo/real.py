@@ -99,15 +99,11 @@ def main(out: Path, seeds: int = 2, serve: bool = False) -> int:
     students.train_many([student(arm, s) for arm in ARMS for s in range(seeds) if (arm, s) != ("kd", 0)])
     others = [p for ps in paths.values() for p in ps if p != out / "student"]
     students.evaluate_many([init, *others], configs["eval"], teacher_answers=out / "eval" / "teacher-answers")
-    report = summarise(out, init, paths, time.time() - start)
+    summarise(out, init, paths, time.time() - start)
     print((out / "report.md").read_text())
-    if serve:
-        from distill.config import ServeConfig
-        from distill.serve.server import serve as run_server
-
-        run_server(ServeConfig(model=str(out / "student"), served_model_name="smollm2-kd",
-                               **configs["eval"].engine_settings()))
-    return 0 if report else 1
+    held_out = json.loads(eval_prompts.read_text().splitlines()[0])
+    students.ask(out / "student", configs["eval"], held_out["messages"], max_tokens=64, keep_serving=serve)
+    return 0
 
 
 def _eval_dir(student: Path, out: Path) -> Path:

@@ -121,21 +121,10 @@ def student_metrics(student: Path, report_dir: Path, seed: int) -> dict:
 
 def chat(student: Path, engine_cfg, keep_serving: bool) -> None:
     """One chat request to the KD student through the `openai` client (or serve until Ctrl-C)."""
-    from openai import OpenAI
+    from distill.demo.students import ask
 
-    from distill.config import ServeConfig
-    from distill.launcher import start_server
-    from distill.serve.server import serve
-
-    settings = ServeConfig(model=str(student), served_model_name="demo-student", **engine_cfg.engine_settings())
-    if keep_serving:
-        serve(settings)
-        return
     example = json.loads((PROMPTS / "eval.jsonl").read_text().splitlines()[0])  # a held-out prompt
-    with start_server(settings.model_copy(update={"port": 0})) as server:
-        reply = OpenAI(base_url=server.url, api_key="EMPTY").chat.completions.create(
-            model=server.model, messages=example["messages"], max_tokens=16, temperature=0)
-    answer = reply.choices[0].message.content
-    print(f"\nchat with the KD student over {server.url}:\n  user: {example['messages'][-1]['content']}\n"
-          f"  student: {answer}  ({'correct' if skills.check(example['messages'][-1]['content'], answer) else 'wrong'}; "
-          f"expected {example['answer']})")
+    answer = ask(student, engine_cfg, example["messages"], max_tokens=16, keep_serving=keep_serving)
+    if answer is not None:
+        print(f"  ({'correct' if skills.check(example['messages'][-1]['content'], answer) else 'wrong'}; "
+              f"expected {example['answer']})")

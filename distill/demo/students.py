@@ -11,9 +11,9 @@ A student whose directory already holds its result is skipped, so a rerun resume
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from distill import corpus
 from distill.config import EvalConfig, TrainConfig
+from distill.lifetime import watch_parent
 from distill.train.card import CARD
 
 WORKERS = 2
@@ -48,8 +49,10 @@ def train_many(configs: list[TrainConfig], workers: int = WORKERS) -> None:
         return
     print(f"[demo] training {len(todo)} students, {workers} at a time (logs: <student>/train.log)", flush=True)
     start = time.time()
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        for cfg, seconds in zip(todo, pool.map(_train_quietly, todo)):
+    # A `Pool`, whose exit terminates its workers: on Ctrl-C or SIGTERM the demo stops at once instead
+    # of waiting for every queued student. Each worker ends if the demo is SIGKILLed (`watch_parent`).
+    with get_context("spawn").Pool(workers, initializer=watch_parent, initargs=(os.getpid(),)) as pool:
+        for cfg, seconds in zip(todo, pool.imap(_train_quietly, todo)):
             print(f"[demo]   {Path(cfg.out).relative_to(Path(cfg.out).parent.parent)}: {cfg.max_steps} steps "
                   f"in {seconds:.0f} s", flush=True)
     print(f"[demo] trained {len(todo)} students in {time.time() - start:.0f} s", flush=True)
@@ -99,3 +102,24 @@ def greedy_accuracy(students: list[Path], eval_prompts: Path) -> dict[Path, floa
         scores[student] = exact_match(student, examples)["overall"]
         print(f"[demo]   {student.name}: greedy accuracy {scores[student]:.3f}", file=sys.stderr, flush=True)
     return scores
+
+
+def ask(student: Path, engine_cfg, messages: list[dict], max_tokens: int, keep_serving: bool = False) -> str | None:
+    """Serve `student` like `distill serve` and send it one chat request through the `openai`
+    client, printing both; with `keep_serving`, serve until Ctrl-C instead (returns None)."""
+    from openai import OpenAI
+
+    from distill.config import ServeConfig
+    from distill.launcher import start_server
+    from distill.serve.server import serve
+
+    settings = ServeConfig(model=str(student), served_model_name="demo-student", **engine_cfg.engine_settings())
+    if keep_serving:
+        serve(settings)
+        return None
+    with start_server(settings.model_copy(update={"port": 0})) as server:
+        reply = OpenAI(base_url=server.url, api_key="EMPTY").chat.completions.create(
+            model=server.model, messages=messages, max_tokens=max_tokens, temperature=0)
+    answer = reply.choices[0].message.content
+    print(f"\nchat with the KD student over {server.url}:\n  user: {messages[-1]['content']}\n  student: {answer}")
+    return answer
