@@ -2,7 +2,8 @@
 same total optimiser steps, per seed.
 
     python benchmarks/onpolicy_evidence.py --corpus runs/demo/curated [--out runs/onpolicy-evidence]
-        [--seeds 0 1 2] [--steps 300] [--on-policy-steps 40] [--phase2-batch-size 16] [--max-new-tokens 8]
+        [--seeds 0 1 2] [--steps 300] [--on-policy-steps 40] [--phase2-batch-size 32]
+        [--phase2-learning-rate 1e-4] [--max-new-tokens 8]
 
 Per seed s (student init s, data order s, as `distill demo`'s seeds):
   phase 1   offline KD for N - M steps on the demo corpus with `demo.yaml`'s train settings;
@@ -86,8 +87,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=300, help="N: total optimiser steps of every student")
     ap.add_argument("--on-policy-steps", type=int, default=40, help="M: steps of the second phase")
-    ap.add_argument("--phase2-batch-size", type=int, default=16)
-    ap.add_argument("--phase2-learning-rate", type=float, default=3e-4)
+    ap.add_argument("--phase2-batch-size", type=int, default=32)
+    ap.add_argument("--phase2-learning-rate", type=float, default=1e-4,
+                    help="peak of phase 2's own cosine decay (phase 1 ends at 0)")
     ap.add_argument("--max-new-tokens", type=int, default=8, help="answers are at most 5 digits + EOS")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -118,7 +120,7 @@ def main() -> None:
                                                       "out": args.out / f"seed{seed}" / "phase1", "max_steps": n - m})
             phase2 = base.model_copy(update=common | {
                 "corpus": str(long_corpus), "max_steps": m, "batch_size": args.phase2_batch_size,
-                "learning_rate": args.phase2_learning_rate, "lr_scheduler": "constant", "warmup_ratio": 0.0,
+                "learning_rate": args.phase2_learning_rate, "lr_scheduler": "cosine", "warmup_ratio": 0.0,
                 "teacher_endpoint": server.url, "lmbda": 1.0, "max_new_tokens": args.max_new_tokens,
                 "teacher_top_k": 20, "sample_temperature": 1.0})
             for arm in ARMS:
