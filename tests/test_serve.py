@@ -5,6 +5,7 @@ session and SIGTERM leaving no process behind."""
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,9 +165,9 @@ def test_chat_reports_a_server_that_is_down_or_a_wrong_key(served):
     assert wrong.returncode == 1 and "401" in wrong.stderr
 
 
-def test_startup_failure_exits_nonzero_with_the_servers_last_lines(tmp_path):
-    broken = tmp_path / "broken"
-    broken.mkdir()
+def test_startup_failure_exits_nonzero_with_the_servers_last_lines(tmp_path, tiny_models):
+    # Passes serve's pre-checks (config.json and a tokenizer) and fails inside vLLM.
+    broken = shutil.copytree(tiny_models["tokenizer"], tmp_path / "broken")
     (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": -1}')
     result = subprocess.run([sys.executable, "-m", "distill.cli", "serve", "--model", str(broken),
                              "--port", str(free_port())], capture_output=True, text=True, cwd=ROOT, timeout=300)
