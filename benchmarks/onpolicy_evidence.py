@@ -28,7 +28,7 @@ import statistics
 import time
 from pathlib import Path
 
-from distill import corpus, files
+from distill import files
 from distill.config import ServeConfig
 from distill.launcher import start_server
 
@@ -40,22 +40,15 @@ ARMS = ("phase1", "offline", "on_policy")
 def long_output_corpus(source: Path, out: Path) -> Path:
     """The records of `source` whose prompt is a LONG_SKILLS prompt."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from distill.demo import skills
+    from distill.demo.students import subset
 
-    if (out / corpus.MANIFEST).exists():
-        return out
-    table = pa.concat_tables([pq.read_table(p) for p in corpus.shard_paths(source)], promote_options="permissive")
-    keep = [skills.parse(m[-1]["content"])[0] in LONG_SKILLS for m in table.column("messages").to_pylist()]
-    corpus.write_shard(out, 0, table.filter(pa.array(keep)))
-    manifest = corpus.read_manifest(source)
-    manifest.stats = corpus.corpus_stats(out)
-    manifest.stats.complete = True
-    manifest.rejected_stats = None
-    manifest.source = {**manifest.source, "subset": f"{'/'.join(LONG_SKILLS)} records of {source}"}
-    corpus.write_manifest(out, manifest)
-    return out
+    def long_only(table):
+        return table.filter(pa.array([skills.parse(m[-1]["content"])[0] in LONG_SKILLS
+                                      for m in table.column("messages").to_pylist()]))
+
+    return subset(source, out, long_only, f"{'/'.join(LONG_SKILLS)} records of {source}")
 
 
 def score(student: Path, examples: list[dict], teacher, max_new_tokens: int) -> dict:

@@ -74,15 +74,22 @@ def evaluate_many(students: list[Path], eval_cfg: EvalConfig, teacher_answers: P
 
 def first_records(source: Path, n: int, out: Path) -> Path:
     """A corpus of the first `n` records of `source` (the learning curve's smaller corpora)."""
+    return subset(source, out, lambda table: table.slice(0, n), f"first {n} records of {source}")
+
+
+def subset(source: Path, out: Path, select, description: str) -> Path:
+    """A corpus of the records `select(table)` keeps from `source`'s stored rows (as stored: no
+    second encoding); `description` goes into the manifest's `source.subset`. Kept if it exists."""
     if (out / corpus.MANIFEST).exists():
         return out
-    stored = [pq.read_table(path) for path in corpus.shard_paths(source)]  # as stored: no second encoding
-    corpus.write_shard(out, 0, pa.concat_tables(stored, promote_options="permissive").slice(0, n))
+    stored = pa.concat_tables([pq.read_table(path) for path in corpus.shard_paths(source)],
+                              promote_options="permissive")
+    corpus.write_shard(out, 0, select(stored))
     manifest = corpus.read_manifest(source)
     manifest.stats = corpus.corpus_stats(out)
     manifest.stats.complete = True
     manifest.rejected_stats = None
-    manifest.source = {**manifest.source, "subset": f"first {n} records of {source}"}
+    manifest.source = {**manifest.source, "subset": description}
     corpus.write_manifest(out, manifest)
     return out
 
