@@ -1,7 +1,7 @@
 """Run by tests/test_losses.py under torchrun (2 ranks, gloo): a student under FSDP2
 (`fully_shard` per decoder layer, then the root, as examples/accelerate/fsdp.yaml) gives the
 single-process KD loss and LM-head gradient, with the head as FSDP2 leaves it after forward
-(whole) or resharded (`reshard`: a DTensor shard, which `whole()` gathers).
+(whole) or resharded (`reshard`: a DTensor shard, which `lm_head()` gathers).
 Usage: torchrun --nproc_per_node 2 tests/fsdp2_loss_check.py MODEL_DIR [reshard]"""
 import copy
 import sys
@@ -13,7 +13,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM
 
 from distill.train.losses import chunked_distill_loss
-from distill.train.trainer import whole
+from distill.train.head import lm_head
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -35,8 +35,9 @@ def loss_of(m):
     head = m.get_output_embeddings()
     if m is not reference:
         print(f"rank {rank}: head weight type {type(head.weight).__name__}", flush=True)
-    loss, _ = chunked_distill_loss(out.hidden_states[-1], whole(head.weight), ids, topk, lps, mask,
-                                   bias=whole(head.bias), alpha=0.5, chunk_size=4)
+    with lm_head(m) as (weight, bias):
+        loss, _ = chunked_distill_loss(out.hidden_states[-1], weight, ids, topk, lps, mask, bias=bias,
+                                       alpha=0.5, chunk_size=4)
     return loss
 
 for layer in model.model.layers:

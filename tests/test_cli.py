@@ -128,7 +128,7 @@ def test_inspect_prints_summary_and_a_decoded_record(tmp_path, capsys, tiny_mode
 
 def test_shipped_accelerate_configs_parse_with_the_fields_that_matter():
     """examples/accelerate/*.yaml through accelerate's own loader (what `accelerate launch
-    --config_file` reads). Only DDP runs here (tests/test_train.py); FSDP and ZeRO-3 need GPUs."""
+    --config_file` reads). DDP and ZeRO-3 run in tests/test_train.py; FSDP needs GPUs."""
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import DistributedType
 
@@ -172,38 +172,41 @@ def test_run_config_train_section_takes_the_accelerate_launcher():
         load_config(demo, ["train.num_processes=2"])
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "FSDP needs GPUs: on CPU the processes would silently"),
-    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed needs GPUs"),
-])
-def test_train_refuses_fsdp_and_deepspeed_launches_on_cpu(monkeypatch, capsys, tmp_path, env, message):
-    """What `accelerate launch --config_file fsdp.yaml` sets: on CPU it would quietly run DDP."""
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+def test_train_refuses_fsdp_launches_on_cpu(monkeypatch, capsys, tmp_path):
+    """What `accelerate launch --config_file fsdp.yaml` sets: on CPU accelerate would quietly run DDP."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
     assert main(["train", "--corpus", str(tmp_path / "c"), "--student", "s", "--out", str(tmp_path / "o")]) == 1
-    assert message in capsys.readouterr().err
+    assert "FSDP needs GPUs: on CPU the processes would silently" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP1 is not supported"),
-    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "ZeRO-3 is not supported yet"),
+ZERO3 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+
+
+@pytest.mark.parametrize("env, lora, message", [
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, False, "FSDP1 is not supported"),
+    (ZERO3, True, "LoRA under DeepSpeed ZeRO-3 is not supported"),
 ])
-def test_train_refuses_unsupported_sharding_on_gpu_hosts(monkeypatch, env, message):
+def test_train_refuses_unsupported_sharding(monkeypatch, env, lora, message):
     from distill.train.trainer import check_launch
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(ValueError, match=message):
-        check_launch(gpu=True)
+        check_launch(gpu=True, lora=lora)
 
 
-def test_fsdp2_on_gpu_hosts_and_plain_launches_are_accepted(monkeypatch):
+@pytest.mark.parametrize("env, gpu, lora", [
+    ({}, False, True),  # no accelerate sharding: single process, torchrun or ddp.yaml
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, True, True),
+    (ZERO3, False, False),  # DeepSpeed runs on CPU too (its CPU accelerator, gloo)
+])
+def test_supported_launches_are_accepted(monkeypatch, env, gpu, lora):
     from distill.train.trainer import check_launch
 
-    check_launch(gpu=False)  # no accelerate sharding: single process, torchrun or ddp.yaml
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    monkeypatch.setenv("FSDP_VERSION", "2")
-    check_launch(gpu=True)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    check_launch(gpu=gpu, lora=lora)
 
 
 @pytest.mark.parametrize("generated, wall, resumed, whole_run", [

@@ -101,34 +101,50 @@ def test_student_with_another_vocabulary_is_refused(tmp_path, tiny_models, teach
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_two_process_cpu_ddp_gives_the_single_process_loss_curve(tmp_path, tiny_models, teacher_corpus, launcher):
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate-ddp", "deepspeed-zero3"])
+def test_two_processes_give_the_single_process_loss_curve_and_model(tmp_path, tiny_models, teacher_corpus, launcher):
     """2 processes x 4 sequences against 1 x 8: the same global batches (each process takes every
-    other batch of the same shuffled order), so the same per-token losses up to float rounding.
-    `accelerate` runs the shipped examples/accelerate/ddp.yaml (its MULTI_GPU becomes gloo on CPU)."""
+    other batch of the same shuffled order), so the same per-token losses and the same saved
+    model up to float rounding. `accelerate-ddp` runs the shipped examples/accelerate/ddp.yaml (its
+    MULTI_GPU becomes gloo on CPU); `deepspeed-zero3` the shipped deepspeed-zero3.yaml on
+    DeepSpeed's CPU accelerator (gloo), fp32, with a student whose LM head is tied to its
+    embeddings: ZeRO-3 partitions that one parameter, which the KD loss gathers outside forward."""
     import subprocess
     import sys
 
+    import torch
+    from safetensors.torch import load_file
+
+    from distill.tiny import build_model
     from tests.conftest import ROOT
 
+    student = tiny_models["llama-student"]
+    if launcher == "deepspeed-zero3":
+        student = build_model(tmp_path / "tied", tiny_models["tokenizer"], "llama", "student", tie_word_embeddings=True)
+
     def run(name, command, batch_size):
-        args = ["-m", "distill.cli", "train", "--corpus", str(teacher_corpus), "--student",
-                str(tiny_models["llama-student"]), "--out", str(tmp_path / name), "--no-lora", "--max-steps", "6",
-                "--batch-size", str(batch_size), "--learning-rate", "5e-3", "--logging-steps", "1",
-                "--eval-fraction", "0"]
+        args = ["-m", "distill.cli", "train", "--corpus", str(teacher_corpus), "--student", str(student),
+                "--out", str(tmp_path / name), "--no-lora", "--max-steps", "6", "--batch-size", str(batch_size),
+                "--learning-rate", "5e-3", "--logging-steps", "1", "--eval-fraction", "0"]
         done = subprocess.run(command + args, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         logs = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        return [value for m in logs if "loss" in m for value in (m["loss"], m["grad_norm"])]
+        curve = [value for m in logs if "loss" in m for value in (m["loss"], m["grad_norm"])]
+        return curve, load_file(tmp_path / name / "model.safetensors")
 
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file"]
     launch = {"torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
-              "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                             str(ROOT / "examples" / "accelerate" / "ddp.yaml"), "--num_processes", "2"]}[launcher]
-    ddp = run("ddp", launch, 4)
-    single = run("single", [sys.executable], 8)
-    assert len(ddp) == len(single) == 12  # (loss, grad_norm) at each of 6 steps
-    assert ddp == pytest.approx(single, rel=1e-4)
-    assert ddp[-2] < ddp[0]  # and it learns
+              "accelerate-ddp": [*accelerate, str(ROOT / "examples" / "accelerate" / "ddp.yaml")],
+              "deepspeed-zero3": [*accelerate, str(ROOT / "examples" / "accelerate" / "deepspeed-zero3.yaml"),
+                                  "--mixed_precision", "no"]}[launcher]
+    (two, two_model), (single, single_model) = run("two", launch, 4), run("single", [sys.executable], 8)
+    assert len(two) == len(single) == 12  # (loss, grad_norm) at each of 6 steps
+    assert two == pytest.approx(single, rel=1e-4)
+    assert two[-2] < two[0]  # and it learns
+    assert two_model.keys() == single_model.keys()
+    for name, weight in single_model.items():  # the whole model was saved, not one process's shard
+        assert two_model[name].shape == weight.shape, name
+        assert torch.allclose(two_model[name], weight, atol=1e-4), name
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from distill.train.data import DistillCollator
+from distill.train.head import lm_head
 from distill.train.losses import Tail, kd_per_position
 
 
@@ -45,7 +46,6 @@ def teacher_forced(model, records: Sequence[dict], collator: DistillCollator, ba
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    head = model.get_output_embeddings()
     kl_sum, counts = np.zeros(len(records)), np.zeros(len(records))
     agree = nll = 0.0
     for start in range(0, len(records), batch_size):
@@ -56,14 +56,15 @@ def teacher_forced(model, records: Sequence[dict], collator: DistillCollator, ba
         m = batch["target_mask"]
         row_of = (m.nonzero()[:, 0] + start).cpu().numpy()  # record index of each target position
         h, ids, lps, labels = hidden[m], batch["topk_ids"][m], batch["topk_logprobs"][m], batch["labels"][m]
-        for c in range(0, h.shape[0], chunk_size):
-            s = slice(c, c + chunk_size)
-            logits = torch.nn.functional.linear(h[s], head.weight, head.bias).float()  # (chunk, V)
-            kl = kd_per_position(logits, ids[s], lps[s], kind="forward_kl", tail=tail)
-            np.add.at(kl_sum, row_of[s], kl.cpu().numpy())
-            np.add.at(counts, row_of[s], 1)
-            agree += (logits.argmax(-1) == ids[s][:, 0]).sum().item()
-            nll -= torch.log_softmax(logits, -1).gather(-1, labels[s, None]).sum().item()
+        with lm_head(model) as (weight, bias):
+            for c in range(0, h.shape[0], chunk_size):
+                s = slice(c, c + chunk_size)
+                logits = torch.nn.functional.linear(h[s], weight, bias).float()  # (chunk, V)
+                kl = kd_per_position(logits, ids[s], lps[s], kind="forward_kl", tail=tail)
+                np.add.at(kl_sum, row_of[s], kl.cpu().numpy())
+                np.add.at(counts, row_of[s], 1)
+                agree += (logits.argmax(-1) == ids[s][:, 0]).sum().item()
+                nll -= torch.log_softmax(logits, -1).gather(-1, labels[s, None]).sum().item()
     model.train(was_training)
     tokens = max(counts.sum(), 1)
     return TeacherForced(records=len(records), tokens=int(counts.sum()), kl=float(kl_sum.sum() / tokens),

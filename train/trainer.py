@@ -2,8 +2,9 @@
 
 `DistillTrainer.compute_loss` runs the student for its last hidden states only
 (`logits_to_keep=1`), then `chunked_distill_loss` computes alpha * KD + (1 - alpha) * CE chunk
-by chunk, never holding `[B, T, V]` logits. Everything else (optimizer, schedule, gradient
-accumulation, checkpoints, resume, PEFT, DDP) is TRL / transformers as shipped.
+by chunk, never holding `[B, T, V]` logits (`head.lm_head` hands it the head whole under FSDP2
+and ZeRO-3). Everything else (optimizer, schedule, gradient accumulation, checkpoints, resume,
+PEFT, DDP / FSDP / DeepSpeed) is TRL / transformers / accelerate as shipped.
 """
 
 from __future__ import annotations
@@ -27,22 +28,13 @@ from distill.launcher import EndpointError
 from distill.models import model_source
 from distill.train.card import StudentCard, TrainResult
 from distill.train.data import DistillCollator, trainable
+from distill.train.head import lm_head
 from distill.train.losses import chunked_distill_loss
 from distill.train.onpolicy import TeacherEndpoint, on_policy_records, sample
 from distill.train.scoring import pad_token_id, teacher_forced
 
 # Written (atomically) into a checkpoint folder once it is whole: only such checkpoints resume.
 CHECKPOINT_DONE = "distill-checkpoint-complete"
-
-
-def whole(param: torch.Tensor | None) -> torch.Tensor | None:
-    """The LM head as the loss needs it, outside the model's forward. Under FSDP2 a parameter
-    is a DTensor holding this process's shard whenever its unit is resharded: gather it, with
-    autograd (the gradient comes back reduce-scattered onto the shard). DDP and single-process
-    parameters are whole already. DeepSpeed ZeRO-3 is not handled (see examples/scale-out.md)."""
-    from torch.distributed.tensor import DTensor
-
-    return param.full_tensor() if isinstance(param, DTensor) else param
 
 
 class DistillTrainer(SFTTrainer):
@@ -68,16 +60,17 @@ class DistillTrainer(SFTTrainer):
         for batch, alpha, kind in parts:
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         output_hidden_states=True, logits_to_keep=1, use_cache=False)
-            head = self.accelerator.unwrap_model(model).get_output_embeddings()
-            part_loss, terms = chunked_distill_loss(
-                out.hidden_states[-1], whole(head.weight), batch["labels"].clamp(min=0), batch["topk_ids"],
-                batch["topk_logprobs"], batch["target_mask"], bias=whole(head.bias), alpha=alpha, kind=kind,
-                temperature=cfg.kd_temperature, tail=cfg.tail, beta=cfg.beta, chunk_size=cfg.chunk_size,
-                num_items=targets if mixed else num_items_in_batch)
+            with lm_head(self.accelerator.unwrap_model(model)) as (weight, bias):
+                part_loss, terms = chunked_distill_loss(
+                    out.hidden_states[-1], weight, batch["labels"].clamp(min=0), batch["topk_ids"],
+                    batch["topk_logprobs"], batch["target_mask"], bias=bias, alpha=alpha, kind=kind,
+                    temperature=cfg.kd_temperature, tail=cfg.tail, beta=cfg.beta, chunk_size=cfg.chunk_size,
+                    num_items=targets if mixed else num_items_in_batch)
+                if model.training and batch is inputs.get("on_policy"):
+                    self._metrics["train"]["on_policy_kl"].append(
+                        self._forward_kl(out, weight, bias, batch, kind, terms, targets))
             loss = loss + part_loss * scale
-            if model.training and batch is inputs.get("on_policy"):
-                self._metrics["train"]["on_policy_kl"].append(self._forward_kl(out, head, batch, kind, terms, targets))
-            elif model.training:
+            if model.training and batch is not inputs.get("on_policy"):
                 # per target of this batch: in an on-policy step the terms were divided by both batches' targets
                 per_target = targets / max(int(batch["target_mask"].sum()), 1) if mixed else scale
                 self._metrics["train"]["kd"].append(terms["kd"].item() * per_target)
@@ -87,7 +80,7 @@ class DistillTrainer(SFTTrainer):
                                      "no model was saved (lower `learning_rate`, or check the corpus)")
         return (loss, out) if return_outputs else loss
 
-    def _forward_kl(self, out, head, batch, kind, terms, targets) -> float:
+    def _forward_kl(self, out, weight, bias, batch, kind, terms, targets) -> float:
         """KL(teacher || student) per token of the student's samples, before this update: the number
         `teacher_scored_kl` and held-out metrics report, whichever divergence the loss uses."""
         tokens = max(int(batch["target_mask"].sum()), 1)
@@ -95,8 +88,8 @@ class DistillTrainer(SFTTrainer):
             return terms["kd"].item() * targets / tokens
         with torch.no_grad():
             _, measured = chunked_distill_loss(
-                out.hidden_states[-1], whole(head.weight), batch["labels"].clamp(min=0), batch["topk_ids"],
-                batch["topk_logprobs"], batch["target_mask"], bias=whole(head.bias), alpha=1.0, kind="forward_kl",
+                out.hidden_states[-1], weight, batch["labels"].clamp(min=0), batch["topk_ids"],
+                batch["topk_logprobs"], batch["target_mask"], bias=bias, alpha=1.0, kind="forward_kl",
                 tail=self.distill.tail, chunk_size=self.distill.chunk_size)
         return measured["kd"].item()
 
@@ -194,23 +187,24 @@ def check_vocabulary(manifest: corpus.Manifest, student_tokenizer, embedding_row
                          "distil into a student of the same tokenizer family")
 
 
-def check_launch(gpu: bool) -> None:
+def check_launch(gpu: bool, lora: bool) -> None:
     """Refuse, before anything loads, the `accelerate launch` set-ups this trainer cannot honour
     (the launcher says which in its environment)."""
     fsdp = os.environ.get("ACCELERATE_USE_FSDP") == "true"
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
-    if (fsdp or deepspeed) and not gpu:
-        raise ValueError(f"{'FSDP' if fsdp else 'DeepSpeed'} needs GPUs: on CPU the processes would silently train "
-                         "as plain DDP; launch with examples/accelerate/ddp.yaml")
+    if fsdp and not gpu:
+        raise ValueError("FSDP needs GPUs: on CPU the processes would silently train as plain DDP; launch with "
+                         "examples/accelerate/ddp.yaml")
     if fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
         raise ValueError("FSDP1 is not supported: set `fsdp_version: 2` (examples/accelerate/fsdp.yaml)")
-    if deepspeed and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
-        raise ValueError("DeepSpeed ZeRO-3 is not supported yet: the KD loss reads the LM head outside the model's "
-                         "forward, where ZeRO-3 leaves it empty (examples/scale-out.md); use examples/accelerate/fsdp.yaml")
+    zero3 = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    if zero3 and lora:
+        # transformers builds every model of a ZeRO-3 process partitioned, the merged one included
+        raise ValueError("LoRA under DeepSpeed ZeRO-3 is not supported (the adapter cannot be merged into a "
+                         "partitioned model): train with --no-lora, or launch LoRA with examples/accelerate/ddp.yaml or fsdp.yaml")
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    check_launch(torch.cuda.is_available())
+    check_launch(torch.cuda.is_available(), cfg.lora)
     # Under torchrun every rank writes into `out`: the first one holds it for all of them.
     first_rank = int(os.environ.get("RANK", "0")) == 0
     with files.exclusive(cfg.out) if first_rank else contextlib.nullcontext():
@@ -283,8 +277,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
                             f"continue from the newest complete checkpoint in {out / 'checkpoints'}") from None
     final = held_out_metrics(trainer, eval_data, collator, cfg) if eval_data else {}
     card = _card(cfg, manifest, trainer, initial, final, time.time() - start)
+    _save(trainer, out, cfg, model.dtype)
     if trainer.is_world_process_zero():  # under torchrun / accelerate launch, one process writes
-        _save(trainer, tokenizer, out, cfg)
         _plot(out)
         card.write(out)
         _write_readme(out, cfg, card)
@@ -298,14 +292,21 @@ def held_out_metrics(trainer: DistillTrainer, data, collator: DistillCollator, c
             "eval_tokens": scored.tokens}
 
 
-def _save(trainer: DistillTrainer, tokenizer, out: Path, cfg: TrainConfig) -> None:
-    """The model vLLM serves goes to `out` (merged safetensors); LoRA's adapter to `out/adapter`."""
-    model = trainer.model
-    if cfg.lora:
-        model.save_pretrained(out / "adapter")
-        model = model.merge_and_unload()
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+def _save(trainer: DistillTrainer, out: Path, cfg: TrainConfig, dtype: torch.dtype) -> None:
+    """The model vLLM serves goes to `out` (safetensors); LoRA's adapter to `out/adapter`. Every
+    process calls this: under ZeRO-3 / FSDP `save_model` gathers the shards (a collective) and the
+    first process writes. The merged LoRA model is rebuilt from the saved files, so merging never
+    depends on how training sharded the model."""
+    if not cfg.lora:
+        trainer.save_model(str(out))
+        return
+    trainer.save_model(str(out / "adapter"))
+    if trainer.is_world_process_zero():
+        from peft import AutoPeftModelForCausalLM
+
+        merged = AutoPeftModelForCausalLM.from_pretrained(out / "adapter", dtype=dtype).merge_and_unload()
+        merged.save_pretrained(out, safe_serialization=True)
+        trainer.processing_class.save_pretrained(out)
 
 
 def _plot(out: Path) -> None:
