@@ -104,8 +104,8 @@ def test_student_with_another_vocabulary_is_refused(tmp_path, tiny_models, teach
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate-ddp", "deepspeed-zero3"])
 def test_two_processes_give_the_single_process_loss_curve_and_model(tmp_path, tiny_models, teacher_corpus, launcher):
     """2 processes x 4 sequences against 1 x 8: the same global batches (each process takes every
-    other batch of the same shuffled order), so the same per-token losses and the same saved
-    model up to float rounding. `accelerate-ddp` runs the shipped examples/accelerate/ddp.yaml (its
+    other batch of the same shuffled order), so the same per-token losses (the logged KD and CE
+    terms too: means over the processes) and the same saved model up to float rounding. `accelerate-ddp` runs the shipped examples/accelerate/ddp.yaml (its
     MULTI_GPU becomes gloo on CPU); `deepspeed-zero3` the shipped deepspeed-zero3.yaml on
     DeepSpeed's CPU accelerator (gloo), fp32, with a student whose LM head is tied to its
     embeddings: ZeRO-3 partitions that one parameter, which the KD loss gathers outside forward."""
@@ -129,7 +129,7 @@ def test_two_processes_give_the_single_process_loss_curve_and_model(tmp_path, ti
         done = subprocess.run(command + args, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         logs = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        curve = [value for m in logs if "loss" in m for value in (m["loss"], m["grad_norm"])]
+        curve = [value for m in logs if "loss" in m for value in (m["loss"], m["grad_norm"], m["kd"], m["ce"])]
         return curve, load_file(tmp_path / name / "model.safetensors")
 
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file"]
@@ -138,9 +138,9 @@ def test_two_processes_give_the_single_process_loss_curve_and_model(tmp_path, ti
               "deepspeed-zero3": [*accelerate, str(ROOT / "examples" / "accelerate" / "deepspeed-zero3.yaml"),
                                   "--mixed_precision", "no"]}[launcher]
     (two, two_model), (single, single_model) = run("two", launch, 4), run("single", [sys.executable], 8)
-    assert len(two) == len(single) == 12  # (loss, grad_norm) at each of 6 steps
+    assert len(two) == len(single) == 24  # (loss, grad_norm, kd, ce) at each of 6 steps
     assert two == pytest.approx(single, rel=1e-4)
-    assert two[-2] < two[0]  # and it learns
+    assert two[-4] < two[0]  # and it learns
     assert two_model.keys() == single_model.keys()
     for name, weight in single_model.items():  # the whole model was saved, not one process's shard
         assert two_model[name].shape == weight.shape, name

@@ -73,8 +73,11 @@ class DistillTrainer(SFTTrainer):
             if model.training and batch is not inputs.get("on_policy"):
                 # per target of this batch: in an on-policy step the terms were divided by both batches' targets
                 per_target = targets / max(int(batch["target_mask"].sum()), 1) if mixed else scale
-                self._metrics["train"]["kd"].append(terms["kd"].item() * per_target)
-                self._metrics["train"]["ce"].append(terms["ce"].item() * per_target)
+                # the mean over processes, as Trainer logs the loss (one process's value would be noise)
+                kd, ce = self.accelerator.gather_for_metrics(
+                    torch.stack([terms["kd"], terms["ce"]]) * per_target).view(-1, 2).mean(0).tolist()
+                self._metrics["train"]["kd"].append(kd)
+                self._metrics["train"]["ce"].append(ce)
         if model.training and not torch.isfinite(loss):
             raise FloatingPointError(f"training stopped at step {self.state.global_step + 1}: the loss is {loss.item()}; "
                                      "no model was saved (lower `learning_rate`, or check the corpus)")
