@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 
 from distill.config import CorpusJobConfig
+from distill.launcher import ServerError
 from distill.generate.requests import Completion, Request, Sampling
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,9 @@ MAX_ATTEMPTS = 3
 QUEUED_PER_ACTOR = 2
 
 
-class RayTeacherError(RuntimeError):
-    pass
+class RayTeacherError(ServerError):
+    """The engines in the Ray actors failed (a batch after every retry, or starting them): the
+    CLI prints it as one line, as for a vLLM server that failed."""
 
 
 class InjectedFailure(RuntimeError):

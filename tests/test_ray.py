@@ -141,13 +141,15 @@ def test_failed_batch_is_retried(tmp_path, tiny_models, ray_teacher, reference):
 
 def test_batch_failing_every_attempt_is_reported_and_finished_shards_kept(tmp_path, tiny_models, ray_teacher,
                                                                           reference):
+    from distill.cli import USER_ERRORS
     from distill.generate.ray_teacher import MAX_ATTEMPTS, RayTeacherError
 
     cfg = config(tmp_path, tiny_models, "ray")
     ray_teacher.fail_batches = {1: MAX_ATTEMPTS}
     try:
-        with pytest.raises(RayTeacherError, match=r"batch 1 \(requests 2-3\) failed 3 times.*InjectedFailure"):
+        with pytest.raises(RayTeacherError, match=r"batch 1 \(requests 2-3\) failed 3 times.*InjectedFailure") as failed:
             generate(cfg, teacher=ray_teacher)
+        assert isinstance(failed.value, USER_ERRORS)  # the CLI prints it as one line, no traceback
     finally:
         ray_teacher.fail_batches = {}
     kept = shards(cfg.out)
