@@ -22,8 +22,8 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 
 from distill.config import CorpusJobConfig
-from distill.launcher import ServerError
 from distill.generate.requests import Completion, Request, Sampling
+from distill.launcher import ServerError
 
 log = logging.getLogger(__name__)
 # Attempts per batch before the job stops (an actor that dies is restarted once by Ray).
