@@ -46,7 +46,7 @@ COMMANDS: dict[str, tuple[str, type[BaseModel] | None, str]] = {
     "run": ("distill.pipeline:main", None, "All stages from one YAML config into one run directory, resumable."),
     "demo": ("distill.demo.run:main", None, "The offline end-to-end demo: teacher -> KD and SFT students -> report."),
     "demo-real": ("distill.demo.real:main", None,
-                  "The demo on a real chat model (SmolLM2-135M-Instruct -> a pruned student), offline, ~30 minutes on 2 CPU cores."),
+                  "The demo on a real chat model (SmolLM2-135M-Instruct -> a pruned student), offline, ~25 minutes on 2 CPU cores."),
     "inspect": ("distill.inspect:inspect", None, "Summary of a corpus and one decoded record."),
 }
 # Errors a user causes: printed as one line, no traceback (`--debug` or DISTILL_DEBUG=1 shows it).
