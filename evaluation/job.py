@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,6 +26,9 @@ from distill.evaluation.report import (
 )
 from distill.plugins import load_callable
 from distill.train.card import CARD, StudentCard
+
+if TYPE_CHECKING:
+    from distill.train.scoring import TeacherForced
 
 
 def evaluate(cfg: EvalConfig, teacher_engine=None, student_engine=None) -> EvalReport:
@@ -68,15 +72,17 @@ def _evaluate(cfg: EvalConfig, teacher_engine, student_engine) -> EvalReport:
     cost = measure_cost(cfg, prompts) if cfg.latency else None
     report = EvalReport(
         teacher=teacher, student=student, prompts=PromptSet(file=str(cfg.prompts), count=len(ids)),
-        fidelity=Fidelity(**{k: v for k, v in vars(scored).items() if k != "per_record_kl"},
-                          perplexity=scored.perplexity),
-        on_policy=Fidelity(**{k: v for k, v in vars(on_policy).items() if k != "per_record_kl"},
-                           perplexity=on_policy.perplexity) if on_policy else None,
+        fidelity=_fidelity(scored), on_policy=_fidelity(on_policy) if on_policy else None,
         answers=answer_stats, cost=cost, config=json.loads(cfg.model_dump_json()),
         headline=headline(answer_stats, scored.top1_agreement, cost, teacher, student),
         wall_seconds=time.time() - start)
     write_report(out, report, scored.per_record_kl)
     return report
+
+
+def _fidelity(scored: TeacherForced) -> Fidelity:
+    """The report's summary of a teacher-forced scoring (its per-record KLs go to a plot instead)."""
+    return Fidelity(**{k: v for k, v in vars(scored).items() if k != "per_record_kl"}, perplexity=scored.perplexity)
 
 
 def teacher_on_student_answers(cfg: EvalConfig, student_corpus: Path, teacher_engine) -> Path:
