@@ -15,6 +15,7 @@ import yaml
 from distill import pipeline
 from distill.cli import main
 from distill.demo import skills
+from distill.train.trainer import CHECKPOINT_DONE
 from tests.conftest import ROOT
 
 DEMO = ROOT / "examples" / "demo.yaml"
@@ -81,11 +82,12 @@ def test_changed_train_section_reruns_train_and_eval_only_and_resumes_after_a_ki
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     checkpoints = out / "student" / "checkpoints"
     deadline = time.time() + 300
-    while not any(checkpoints.glob("checkpoint-5")) and proc.poll() is None and time.time() < deadline:
+    first_complete = checkpoints / "checkpoint-5" / CHECKPOINT_DONE
+    while not first_complete.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert any(checkpoints.glob("checkpoint-5")), "training never reached its first checkpoint"
+    assert first_complete.exists(), "training never completed its first checkpoint"
     after_kill = json.loads((out / "run.json").read_text())["stages"]
     assert [after_kill[s]["status"] for s in ("generate", "curate", "train")] == ["skipped", "skipped", "running"]
     corpus_written = (out / "corpus" / "manifest.json").stat().st_mtime_ns
@@ -94,9 +96,8 @@ def test_changed_train_section_reruns_train_and_eval_only_and_resumes_after_a_ki
     stages = json.loads((out / "run.json").read_text())["stages"]
     assert statuses(stages) == {"generate": "skipped", "curate": "skipped", "train": "resumed", "eval": "ran"}
     assert (out / "corpus" / "manifest.json").stat().st_mtime_ns == corpus_written
-    steps = [json.loads(line)["step"] for line in (out / "student" / "metrics.jsonl").read_text().splitlines()]
-    assert steps.count(1) == 1, "the rerun trained from step 1 again instead of resuming"
-    assert set(steps) == set(range(1, 41))
+    logs = [json.loads(line) for line in (out / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logs if "loss" in m] == list(range(1, 41)), "the rerun did not continue the curve"
     assert json.loads((out / "student" / "distill.json").read_text())["config"]["max_steps"] == 40
 
 

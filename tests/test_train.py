@@ -7,7 +7,7 @@ import pytest
 from distill.config import GenerateConfig, TrainConfig
 from distill.generate import generate
 from distill.train.card import StudentCard
-from distill.train.trainer import train
+from distill.train.trainer import CHECKPOINT_DONE, train
 from tests.conftest import write_jsonl
 
 pytestmark = pytest.mark.engine  # the corpus comes from the vLLM teacher
@@ -73,9 +73,17 @@ def test_resume_continues_from_the_checkpoint(tmp_path, tiny_models, teacher_cor
                   batch_size=8, save_steps=2, eval_fraction=0.0, logging_steps=1)
     train(TrainConfig(max_steps=2, **common))
     out = train(TrainConfig(max_steps=4, resume=True, **common)).path
-    logs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [m["step"] for m in logs if "loss" in m]
-    assert steps == [1, 2, 3, 4]  # steps 3-4 continued from checkpoint-2, not from scratch
+    assert logged_steps(out) == [1, 2, 3, 4]  # steps 3-4 continued from checkpoint-2, not from scratch
+
+    # As if killed while writing checkpoint-4, after steps 3-4 were logged: the rerun resumes from
+    # checkpoint-2 and its metrics replace the killed run's steps 3-4 instead of repeating them.
+    (out / "checkpoints" / "checkpoint-4" / CHECKPOINT_DONE).unlink()
+    train(TrainConfig(max_steps=4, resume=True, **common))
+    assert logged_steps(out) == [1, 2, 3, 4]
+
+
+def logged_steps(out) -> list[int]:
+    return [m["step"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
 
 
 def test_student_with_another_vocabulary_is_refused(tmp_path, tiny_models, teacher_corpus):

@@ -163,8 +163,17 @@ class StopOnNonFinite(TrainerCallback):
 
 
 class JsonlMetrics(TrainerCallback):
+    """One line per log. A run that starts at step N (resumed from checkpoint-N, or 0 when fresh)
+    first drops the lines of later steps, which a killed run logged after its last complete
+    checkpoint: the file stays one curve, never two overlapping ones."""
+
     def __init__(self, path: Path):
         self.path = path
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.path.exists():
+            lines = self.path.read_text().splitlines(keepends=True)
+            files.atomic_write(self.path, "".join(l for l in lines if json.loads(l)["step"] <= state.global_step))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
