@@ -56,6 +56,11 @@ def write_jsonl(path: Path, records: list) -> Path:
     return path
 
 
+def logged_steps(out: Path) -> list[int]:
+    """The steps of the training-loss lines in a student's `metrics.jsonl`, in file order."""
+    return [m["step"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+
+
 PROMPTS = [
     {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+3?"}]},
     {"messages": [{"role": "user", "content": "Sort 5 3 1"}, {"role": "assistant", "content": "1 3 5"},

@@ -8,7 +8,7 @@ from distill.config import GenerateConfig, TrainConfig
 from distill.generate import generate
 from distill.train.card import StudentCard
 from distill.train.trainer import CHECKPOINT_DONE, train
-from tests.conftest import write_jsonl
+from tests.conftest import logged_steps, write_jsonl
 
 pytestmark = pytest.mark.engine  # the corpus comes from the vLLM teacher
 
@@ -82,10 +82,6 @@ def test_resume_continues_from_the_checkpoint(tmp_path, tiny_models, teacher_cor
     assert logged_steps(out) == [1, 2, 3, 4]
 
 
-def logged_steps(out) -> list[int]:
-    return [m["step"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
-
-
 def test_student_with_another_vocabulary_is_refused(tmp_path, tiny_models, teacher_corpus):
     import shutil
 
@@ -113,8 +109,8 @@ def test_student_with_another_vocabulary_is_refused(tmp_path, tiny_models, teach
 def test_two_processes_give_the_single_process_loss_curve_and_model(tmp_path, tiny_models, teacher_corpus, launcher):
     """2 processes x 4 sequences against 1 x 8: the same global batches (each process takes every
     other batch of the same shuffled order), so the same per-token losses (the logged KD and CE
-    terms too: means over the processes) and the same saved model up to float rounding. `accelerate-ddp` runs the shipped examples/accelerate/ddp.yaml (its
-    MULTI_GPU becomes gloo on CPU); `deepspeed-zero3` the shipped deepspeed-zero3.yaml on
+    terms too: means over the processes) and the same saved model up to float rounding.
+    `accelerate-ddp` runs the shipped examples/accelerate/ddp.yaml (its MULTI_GPU becomes gloo on CPU); `deepspeed-zero3` the shipped deepspeed-zero3.yaml on
     DeepSpeed's CPU accelerator (gloo), fp32, with a student whose LM head is tied to its
     embeddings: ZeRO-3 partitions that one parameter, which the KD loss gathers outside forward."""
     import subprocess

@@ -58,6 +58,7 @@ class DistillTrainer(SFTTrainer):
             self.args.average_tokens_across_devices else 1
         loss = 0.0
         for batch, alpha, kind in parts:
+            on_policy = batch is inputs.get("on_policy")
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         output_hidden_states=True, logits_to_keep=1, use_cache=False)
             with lm_head(self.accelerator.unwrap_model(model)) as (weight, bias):
@@ -66,11 +67,11 @@ class DistillTrainer(SFTTrainer):
                     batch["topk_logprobs"], batch["target_mask"], bias=bias, alpha=alpha, kind=kind,
                     temperature=cfg.kd_temperature, tail=cfg.tail, beta=cfg.beta, chunk_size=cfg.chunk_size,
                     num_items=targets if mixed else num_items_in_batch)
-                if model.training and batch is inputs.get("on_policy"):
+                if model.training and on_policy:  # measured while the head is at hand
                     self._metrics["train"]["on_policy_kl"].append(
                         self._forward_kl(out, weight, bias, batch, kind, terms, targets))
             loss = loss + part_loss * scale
-            if model.training and batch is not inputs.get("on_policy"):
+            if model.training and not on_policy:
                 # per target of this batch: in an on-policy step the terms were divided by both batches' targets
                 per_target = targets / max(int(batch["target_mask"].sum()), 1) if mixed else scale
                 # the mean over processes, as Trainer logs the loss (one process's value would be noise)
