@@ -104,7 +104,7 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     from distill.pipeline import STAGES
 
     p.add_argument("config", type=Path, help="Run config YAML (sections: teacher, prompts, student, generate, "
-                   "curate, train, eval, serve); see examples/demo.yaml.")
+                   "curate, train, eval, serve); see distill/demo/demo.yaml.")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="Override a config value, e.g. --set train.max_steps=10 (repeatable).")
     p.add_argument("--only", choices=STAGES, help="Run only this stage (its inputs must be complete).")

@@ -15,12 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import CACHE, MAX_MODEL_LEN, PROMPTS, ROOT, write_jsonl
+
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-ROOT = Path(__file__).resolve().parent.parent
-CACHE = ROOT / "tests" / ".cache"
-MAX_MODEL_LEN = 512
 
 
 @pytest.fixture(scope="session")
@@ -49,27 +47,6 @@ def teacher(tiny_models):
                          max_model_len=MAX_MODEL_LEN)
     yield engine
     engine.close()
-
-
-def write_jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return path
-
-
-def logged_steps(out: Path) -> list[int]:
-    """The steps of the training-loss lines in a student's `metrics.jsonl`, in file order."""
-    return [m["step"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
-
-
-PROMPTS = [
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+3?"}]},
-    {"messages": [{"role": "user", "content": "Sort 5 3 1"}, {"role": "assistant", "content": "1 3 5"},
-                  {"role": "user", "content": "Now reverse it"}]},
-    {"messages": [{"role": "user", "content": "Hello there, how are you?"}]},
-    {"messages": [{"role": "user", "content": "Count the letters in teacher"}]},
-    {"messages": [{"role": "user", "content": "Give me seven numbers"}]},
-    {"messages": [{"role": "user", "content": "Why is the sky large?"}]},
-]
 
 
 @pytest.fixture

@@ -1,8 +1,16 @@
 """Helpers shared by test modules (test modules import these, never each other)."""
 
+import functools
+import json
+from pathlib import Path
+
 import numpy as np
 
 from distill import corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "tests" / ".cache"
+MAX_MODEL_LEN = 512
 
 K = 4
 
@@ -24,3 +32,65 @@ def make_corpus(root, records, k=K, encoding=corpus.DEFAULT_ENCODING):
     corpus.write_manifest(root, corpus.Manifest(teacher={"model": "t"}, generation={"top_k": k, "logprob_encoding": encoding},
                                                 stats=stats))
     return root
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def logged_steps(out: Path) -> list[int]:
+    """The steps of the training-loss lines in a student's `metrics.jsonl`, in file order."""
+    return [m["step"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+
+
+PROMPTS = [
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+3?"}]},
+    {"messages": [{"role": "user", "content": "Sort 5 3 1"}, {"role": "assistant", "content": "1 3 5"},
+                  {"role": "user", "content": "Now reverse it"}]},
+    {"messages": [{"role": "user", "content": "Hello there, how are you?"}]},
+    {"messages": [{"role": "user", "content": "Count the letters in teacher"}]},
+    {"messages": [{"role": "user", "content": "Give me seven numbers"}]},
+    {"messages": [{"role": "user", "content": "Why is the sky large?"}]},
+]
+
+
+# Alignment tolerance of a stored row against transformers' recomputation: both run float32 on
+# CPU (differences ~1e-5), plus the storage error of the corpus's logprob encoding.
+ATOL = 2e-3
+
+
+@functools.lru_cache(maxsize=4)
+def hf_model(path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def assert_matches_transformers(corpus_dir, model_dir) -> int:
+    """Every stored row equals the teacher's recomputed distribution; returns rows checked."""
+    import torch
+
+    model, rows = hf_model(str(model_dir)), 0
+    generation = corpus.read_manifest(corpus_dir).generation
+    k = generation.top_k
+    for rec in corpus.iter_records(corpus_dir):
+        prompt, response = rec["prompt_token_ids"], rec["response_token_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + response])).logits[0].double()
+        # the distribution at position t predicts token t + 1
+        lp = torch.log_softmax(logits, -1)[len(prompt) - 1: len(prompt) + len(response) - 1].numpy()
+        stored_ids, stored_lp = np.array(rec["topk_token_ids"]), np.array(rec["topk_logprobs"], dtype=np.float64)
+        sampled = lp[np.arange(len(response)), response]
+        np.testing.assert_allclose(np.array(rec["response_logprobs"]), sampled,
+                                   atol=ATOL + np.abs(sampled).max() * corpus.FLOAT16_RELATIVE_ERROR)
+        gathered = np.take_along_axis(lp, stored_ids, axis=1)
+        bound = corpus.logprob_tolerance(generation.logprob_encoding, gathered).max()
+        np.testing.assert_allclose(stored_lp, gathered, atol=ATOL + bound)
+        order = np.sort(lp, axis=1)[:, ::-1]
+        for t in range(len(response)):
+            if order[t, k - 1] - order[t, k] > ATOL:  # no near-tie at the k-th place: the sets must agree
+                assert set(stored_ids[t]) == set(np.argsort(-lp[t])[:k]), f"record {rec['id']} position {t}"
+            rows += 1
+    return rows

@@ -12,7 +12,7 @@ import yaml
 from distill import corpus
 from distill.cli import build_parser, main
 from distill.config import CurateConfig, EvalConfig, GenerateConfig, TrainConfig
-from tests.conftest import ROOT, write_jsonl
+from tests.helpers import ROOT, write_jsonl
 from tests.helpers import make_corpus, record
 
 DESIGN_COMMANDS = ["generate", "score", "curate", "train", "eval", "serve", "chat", "run", "demo", "inspect"]
@@ -96,7 +96,10 @@ def test_yaml_config_with_flag_override(tmp_path):
         GenerateConfig.from_yaml(path)
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+SHIPPED_CONFIGS = sorted((ROOT / "examples").glob("*.yaml")) + sorted((ROOT / "distill" / "demo").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     if isinstance(yaml.safe_load(path.read_text()).get("teacher"), dict):  # a `distill run` config
         from distill.curation.pipeline import build_filters
@@ -150,7 +153,7 @@ def test_shipped_accelerate_configs_parse_with_the_fields_that_matter():
 def test_run_config_generate_section_takes_the_ray_backend():
     from distill.pipeline import load_config, stage_configs
 
-    demo = ROOT / "examples" / "demo.yaml"
+    demo = ROOT / "distill" / "demo" / "demo.yaml"
     cfg = load_config(demo, ["generate.backend=ray", "generate.ray_address=auto", "generate.replicas=2"])
     generate = stage_configs(cfg)["generate"]
     assert (generate.backend, generate.ray_address, generate.replicas) == ("ray", "auto", 2)
@@ -161,7 +164,7 @@ def test_run_config_generate_section_takes_the_ray_backend():
 def test_run_config_train_section_takes_the_accelerate_launcher():
     from distill.pipeline import load_config, stage_configs
 
-    demo = ROOT / "examples" / "demo.yaml"
+    demo = ROOT / "distill" / "demo" / "demo.yaml"
     ddp = ROOT / "examples" / "accelerate" / "ddp.yaml"
     cfg = load_config(demo, ["train.launcher=accelerate", f"train.config_file={ddp}", "train.num_processes=2"])
     assert (cfg.train.launcher, cfg.train.config_file, cfg.train.num_processes) == ("accelerate", ddp, 2)

@@ -72,5 +72,5 @@ def test_first_records_is_a_valid_corpus_of_the_first_n(tmp_path):
     assert "first 4 records" in corpus.read_manifest(sub).source["subset"]
 
 
-def testmean_std_is_the_sample_std():
+def test_mean_std_is_the_sample_std():
     assert mean_std([0.8, 0.9, 1.0]) == {"mean": pytest.approx(0.9), "std": pytest.approx(0.1)}

@@ -1,5 +1,5 @@
 """`distill demo-real`'s own pieces, fast: the real prompts it picks and the report it writes.
-(The whole demo is `make demo-real`, about an hour; the real model itself: tests/test_real_model.py.)"""
+(The whole demo is `make demo-real`, about 25 minutes on 2 CPU cores; the real model itself: tests/test_real_model.py.)"""
 
 import json
 

@@ -8,7 +8,7 @@ from distill.config import GenerateConfig, ServeConfig
 from distill.generate import generate
 from distill.generate.endpoint import EndpointError, EndpointTeacher
 from distill.launcher import free_port, start_server
-from tests.conftest import MAX_MODEL_LEN, PROMPTS
+from tests.helpers import MAX_MODEL_LEN, PROMPTS
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import yaml
 
 from distill import corpus, files
 from distill.cli import main
-from tests.conftest import PROMPTS, ROOT, write_jsonl
+from tests.helpers import PROMPTS, ROOT, write_jsonl
 from tests.helpers import make_corpus, record
 
 

@@ -10,7 +10,7 @@ from distill.config import EvalConfig
 from distill.evaluation.job import evaluate
 from distill.evaluation.report import EvalReport
 from distill.train.card import StudentCard
-from tests.conftest import MAX_MODEL_LEN, write_jsonl
+from tests.helpers import MAX_MODEL_LEN, write_jsonl
 
 HELD_OUT = [{"id": f"held-{i}", "messages": [{"role": "user", "content": f"Sort {i} {i + 3} {i + 1} please"}]}
             for i in range(12)]

@@ -17,45 +17,9 @@ from distill import corpus
 from distill.config import GenerateConfig, ScoreConfig
 from distill.generate import generate, score
 from distill.generate.prompts import PromptError
-from tests.conftest import PROMPTS, write_jsonl
+from tests.helpers import ATOL, PROMPTS, assert_matches_transformers, hf_model, write_jsonl
 
 pytestmark = pytest.mark.engine  # every test runs the vLLM teacher
-
-ATOL = 2e-3
-
-
-@functools.lru_cache(maxsize=4)
-def hf_model(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def assert_matches_transformers(corpus_dir, model_dir) -> int:
-    """Every stored row equals the teacher's recomputed distribution; returns rows checked."""
-    model, rows = hf_model(str(model_dir)), 0
-    generation = corpus.read_manifest(corpus_dir).generation
-    k = generation.top_k
-    for rec in corpus.iter_records(corpus_dir):
-        prompt, response = rec["prompt_token_ids"], rec["response_token_ids"]
-        with torch.no_grad():
-            logits = model(torch.tensor([prompt + response])).logits[0].double()
-        # the distribution at position t predicts token t + 1
-        lp = torch.log_softmax(logits, -1)[len(prompt) - 1: len(prompt) + len(response) - 1].numpy()
-        stored_ids, stored_lp = np.array(rec["topk_token_ids"]), np.array(rec["topk_logprobs"], dtype=np.float64)
-        sampled = lp[np.arange(len(response)), response]
-        np.testing.assert_allclose(np.array(rec["response_logprobs"]), sampled,
-                                   atol=ATOL + np.abs(sampled).max() * corpus.FLOAT16_RELATIVE_ERROR)
-        gathered = np.take_along_axis(lp, stored_ids, axis=1)
-        bound = corpus.logprob_tolerance(generation.logprob_encoding, gathered).max()
-        np.testing.assert_allclose(stored_lp, gathered, atol=ATOL + bound)
-        order = np.sort(lp, axis=1)[:, ::-1]
-        for t in range(len(response)):
-            if order[t, k - 1] - order[t, k] > ATOL:  # no near-tie at the k-th place: the sets must agree
-                assert set(stored_ids[t]) == set(np.argsort(-lp[t])[:k]), f"record {rec['id']} position {t}"
-            rows += 1
-    return rows
-
 
 def config(tmp_path, prompts, name="corpus", **kw):
     return GenerateConfig(teacher=str(kw.pop("teacher_dir")), prompts=prompts, out=tmp_path / name,

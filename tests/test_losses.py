@@ -171,7 +171,7 @@ def test_kd_loss_under_fsdp2_matches_single_process(tiny_models, head):
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            str(ROOT / "tests" / "fsdp2_loss_check.py"), str(tiny_models["llama-student"]),

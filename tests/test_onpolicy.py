@@ -21,7 +21,7 @@ from distill.train.onpolicy import (
     teacher_scored_kl,
 )
 from distill.train.trainer import CHECKPOINT_DONE, train
-from tests.conftest import MAX_MODEL_LEN
+from tests.helpers import MAX_MODEL_LEN
 
 QUESTIONS = [f"Sort the numbers {i} {i * 3 % 7} {i % 4}, then add {i}" for i in range(8)]
 

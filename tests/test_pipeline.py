@@ -16,9 +16,9 @@ from distill import pipeline
 from distill.cli import main
 from distill.demo import skills
 from distill.train.trainer import CHECKPOINT_DONE
-from tests.conftest import ROOT, logged_steps
+from tests.helpers import ROOT, logged_steps
 
-DEMO = ROOT / "examples" / "demo.yaml"
+DEMO = ROOT / "distill" / "demo" / "demo.yaml"
 
 
 @pytest.fixture(scope="module")

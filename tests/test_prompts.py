@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distill.generate.prompts import BadRecord, Prompt, PromptError, iter_prompts
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 SYSTEM, Q1, A1, Q2 = "You are terse.", "Sort 5 3 1", "1 3 5", "Now reverse it"
 EXPECTED = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": Q1},

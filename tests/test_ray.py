@@ -19,7 +19,7 @@ import pytest
 from distill import corpus
 from distill.config import GenerateConfig, ScoreConfig
 from distill.generate import generate, score
-from tests.conftest import MAX_MODEL_LEN, PROMPTS, write_jsonl
+from tests.helpers import MAX_MODEL_LEN, PROMPTS, write_jsonl
 
 pytestmark = pytest.mark.engine
 ray = pytest.importorskip("ray", reason="install the `scale` extra: pip install -e '.[scale]'")

@@ -12,8 +12,8 @@ import pytest
 
 from distill import corpus, models
 from distill.config import GenerateConfig, InitStudentConfig
-from tests.conftest import CACHE, write_jsonl
-from tests.test_generate import assert_matches_transformers
+from tests.helpers import CACHE, write_jsonl
+from tests.helpers import assert_matches_transformers
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 

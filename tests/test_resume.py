@@ -15,7 +15,7 @@ import pytest
 from distill import corpus
 from distill.config import GenerateConfig
 from distill.generate import generate
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 pytestmark = pytest.mark.engine
 

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from distill.launcher import free_port
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.engine  # `distill serve` starts vLLM's OpenAI server
 

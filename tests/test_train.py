@@ -8,7 +8,7 @@ from distill.config import GenerateConfig, TrainConfig
 from distill.generate import generate
 from distill.train.card import StudentCard
 from distill.train.trainer import CHECKPOINT_DONE, train
-from tests.conftest import logged_steps, write_jsonl
+from tests.helpers import logged_steps, write_jsonl
 
 pytestmark = pytest.mark.engine  # the corpus comes from the vLLM teacher
 
@@ -120,7 +120,7 @@ def test_two_processes_give_the_single_process_loss_curve_and_model(tmp_path, ti
     from safetensors.torch import load_file
 
     from distill.tiny import build_model
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     student = tiny_models["llama-student"]
     if launcher == "deepspeed-zero3":
@@ -189,7 +189,7 @@ def test_distill_run_trains_under_accelerate_launch(tmp_path, tiny_models, teach
     `distill run`'s train stage (`launch_train`) starts 2 processes and returns the card rank 0 wrote."""
     from distill.config import TrainSection
     from distill.pipeline import launch_train
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     launch = TrainSection(launcher="accelerate", config_file=ROOT / "examples" / "accelerate" / "ddp.yaml",
                           num_processes=2)

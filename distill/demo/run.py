@@ -1,6 +1,6 @@
 """`distill demo`: the whole pipeline offline, and the evidence that distillation worked.
 
-`demo.yaml` (also `examples/demo.yaml`) is run as `distill run` would: the shipped teacher
+`demo.yaml` (also `distill/demo/demo.yaml`) is run as `distill run` would: the shipped teacher
 (calibrated on noisy labels, see `teacher.py`) answers 2,000 prompts it never trained on at T=1
 with its top-20 stored, curation keeps them (no verifier: that would hand SFT clean labels), a
 student learns them with KD, and eval measures it (vLLM: accuracy, fidelity, tokens/s and

@@ -1,7 +1,7 @@
 """Evidence on the demo skills: offline KD vs offline KD followed by an on-policy phase, with the
 same total optimiser steps, per seed.
 
-    python benchmarks/onpolicy_evidence.py --corpus runs/demo/curated [--out runs/onpolicy-evidence]
+    python experiments/onpolicy_evidence.py --corpus runs/demo/curated [--out runs/onpolicy-evidence]
         [--seeds 0 1 2] [--steps 300] [--on-policy-steps 40] [--phase2-batch-size 32]
         [--phase2-learning-rate 1e-4] [--max-new-tokens 8]
 
