@@ -42,7 +42,8 @@ def main() -> None:
     prompts = work / "prompts.jsonl"
     prompts.write_text("".join(args.prompts.read_text().splitlines(keepends=True)[:args.records]))
     with start_server(ServeConfig(model=args.teacher, port=0, vllm_args=["--no-enable-prefix-caching"])) as server:
-        data = generate(GenerateConfig(teacher=args.teacher, prompts=prompts, out=work / "corpus", endpoint=[server.url],
+        data = generate(GenerateConfig(teacher=args.teacher, prompts=prompts, out=work / "corpus", backend="endpoint",
+                                       urls=[server.url],
                                        max_tokens=args.max_new_tokens, top_k=20)).path
         rows = []
         for lmbda in args.lmbda:

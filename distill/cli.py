@@ -22,9 +22,11 @@ from distill.config import (
     CurateConfig,
     EvalConfig,
     GenerateConfig,
+    RENAMED_KEYS,
     InitStudentConfig,
     ScoreConfig,
     ServeConfig,
+    TeacherJobConfig,
     TrainConfig,
     format_validation_error,
 )
@@ -66,32 +68,43 @@ def _flag(name: str) -> str:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
-    """One flag per field; unset flags stay absent so YAML values and field defaults apply."""
+    """One flag per field; unset flags stay absent so YAML values and field defaults apply. The
+    old names of renamed teacher-job keys stay as hidden flags (`--endpoint URL`): the config
+    reads them with a deprecation line."""
     for name, field in model.model_fields.items():
-        ann = field.annotation
-        if typing.get_origin(ann) in (typing.Union, types.UnionType):
-            ann = next(a for a in typing.get_args(ann) if a is not type(None))
-        origin = typing.get_origin(ann)
-        help_text = field.description or ""
-        if field.is_required():
-            help_text += " (required)"
-        elif field.default_factory is None and field.default is not None:
-            help_text += f" [default: {field.default}]"
-        kwargs: dict = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
-        if ann is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-            if name in NEGATIVE_ALIASES:
-                parser.add_argument(_flag(NEGATIVE_ALIASES[name]), dest=name, action="store_false",
-                                    default=argparse.SUPPRESS, help=f"Same as --no-{name.replace('_', '-')}.")
-        elif origin is list:
-            kwargs.update(action="append", metavar=name.upper())
-        elif origin is dict or ann is dict:
-            kwargs.update(type=json.loads, metavar="JSON")
-        elif origin is typing.Literal:
-            kwargs.update(choices=typing.get_args(ann))
-        else:
-            kwargs["metavar"] = name.upper()
-        parser.add_argument(_flag(name), **kwargs)
+        parser.add_argument(_flag(name), **_argument(name, field, parser))
+    if issubclass(model, TeacherJobConfig):
+        for old, new in RENAMED_KEYS.items():
+            if old not in model.model_fields:
+                parser.add_argument(_flag(old), **{**_argument(old, model.model_fields[new]), "help": argparse.SUPPRESS})
+
+
+def _argument(name: str, field, parser: argparse.ArgumentParser | None = None) -> dict:
+    """`add_argument` keywords for a config field (`parser`: where a boolean's second name goes)."""
+    ann = field.annotation
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        ann = next(a for a in typing.get_args(ann) if a is not type(None))
+    origin = typing.get_origin(ann)
+    help_text = field.description or ""
+    if field.is_required():
+        help_text += " (required)"
+    elif field.default_factory is None and field.default is not None:
+        help_text += f" [default: {field.default}]"
+    kwargs: dict = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
+    if ann is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+        if name in NEGATIVE_ALIASES and parser is not None:
+            parser.add_argument(_flag(NEGATIVE_ALIASES[name]), dest=name, action="store_false",
+                                default=argparse.SUPPRESS, help=f"Same as --no-{name.replace('_', '-')}.")
+    elif origin is list:
+        kwargs.update(action="append", metavar=name.upper())
+    elif origin is dict or ann is dict:
+        kwargs.update(type=json.loads, metavar="JSON")
+    elif origin is typing.Literal:
+        kwargs.update(choices=typing.get_args(ann))
+    else:
+        kwargs["metavar"] = name.upper()
+    return kwargs
 
 
 def _inspect_arguments(p: argparse.ArgumentParser) -> None:

@@ -3,6 +3,7 @@ YAML keys both derive from these fields (see `distill.cli`)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,6 +21,7 @@ from pydantic import (
 
 from distill import models
 from distill.files import require_file
+from distill.teacher import BACKENDS, check_backend
 
 # A model argument: hub id, Hugging Face directory, or a GGUF file (converted once, cached; see
 # `distill.models`). After validation it is always something vLLM and transformers load.
@@ -78,7 +80,69 @@ class TeacherConfig(EngineConfig):
     teacher: ModelPath = Field(description="Teacher model: a local directory, a hub id or a .gguf file.")
 
 
-class CorpusJobConfig(TeacherConfig):
+# Old teacher-job keys and what they became: still read, with one line on stderr.
+RENAMED_KEYS = {"endpoint": "urls", "concurrency": "requests_per_url"}
+# Fields that belong to one backend: given with another backend, they are refused.
+BACKEND_FIELDS = {"urls": "endpoint", "api_key": "endpoint", "requests_per_url": "endpoint",
+                  "ray_address": "ray", "replicas": "ray", "gpus_per_replica": "ray"}
+
+
+def accept_renamed_keys(cls, data: Any) -> Any:
+    """`endpoint: [URL, ...]` -> `backend: endpoint` + `urls`; `concurrency: N` -> `requests_per_url`
+    (where the model has no field of the old name: eval's `concurrency` is its latency levels)."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for old, new in RENAMED_KEYS.items():
+        if old in data and old not in cls.model_fields:
+            value = data.pop(old)
+            hint = "`backend: endpoint` and `urls` (`--urls URL`)" if old == "endpoint" else f"`{new}`"
+            print(f"distill: warning: `{old}` is deprecated; use {hint}", file=sys.stderr)
+            data.setdefault(new, value)
+            if old == "endpoint" and value:
+                data.setdefault("backend", "endpoint")
+    return data
+
+
+class TeacherJobConfig(TeacherConfig):
+    """The teacher and where it runs: the fields generate, score and eval share. `backend` names
+    an entry of `distill.teacher.BACKENDS`."""
+
+    backend: Annotated[str, AfterValidator(check_backend)] = Field(
+        "local", description=f"Where the teacher runs, one of {', '.join(BACKENDS)}: `local` (one vLLM engine in this "
+        "process), `ray` (a pool of vLLM engines in Ray actors; prompts, templating and shard writing stay here; "
+        "needs `pip install distill[scale]`), `endpoint` (running vLLM OpenAI servers at `urls`).")
+    urls: list[str] = Field(
+        default_factory=list, description="URL of a running vLLM OpenAI server of the teacher (`backend: endpoint`); "
+        "repeat to spread load. Start it with `--logprobs-mode raw_logprobs --max-logprobs K`.")
+    api_key: str | None = Field(None, description="API key for the `urls` servers (default: $VLLM_API_KEY).")
+    requests_per_url: int = Field(64, ge=1, description="Requests in flight per URL (`backend: endpoint`).")
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join (`auto`, `ray://HOST:10001`, ...; `backend: ray`). Default: $RAY_ADDRESS, "
+        "else a local Ray started for this job.")
+    replicas: int = Field(1, ge=1, description="Teacher engines (Ray actors) with `backend: ray`.")
+    gpus_per_replica: int | None = Field(
+        None, ge=0, description="GPUs per teacher engine with `backend: ray` (tensor parallel inside the engine when "
+        "> 1). Default: 1 if the cluster has GPUs, else 0.")
+
+    _accept_renamed_keys = model_validator(mode="before")(classmethod(accept_renamed_keys))
+
+    @model_validator(mode="after")
+    def _check_backend_fields(self) -> TeacherJobConfig:
+        for name, backend in BACKEND_FIELDS.items():
+            given = getattr(self, name) != TeacherJobConfig.model_fields[name].get_default(call_default_factory=True)
+            if given and self.backend != backend:
+                raise ValueError(f"`{name}` applies to `backend: {backend}` only")
+        if self.backend == "endpoint" and not self.urls:
+            raise ValueError("`backend: endpoint` needs `urls`: the running vLLM servers of the teacher")
+        return self
+
+    def backend_settings(self) -> dict[str, Any]:
+        """Just the backend fields, to build another stage's config that reaches the teacher the same way."""
+        return self.model_dump(include={"backend", *BACKEND_FIELDS})
+
+
+class CorpusJobConfig(TeacherJobConfig):
     """Fields shared by the stages that write a teacher corpus."""
 
     out: Path = Field(description="Output corpus directory.")
@@ -91,27 +155,6 @@ class CorpusJobConfig(TeacherConfig):
         "quantized", description="How the top-k ids and logprobs are stored: `quantized` (~47 B per response token "
         "at k=20 with a 49k vocabulary; ids exact, top-k logprobs within 1/64 nat), `float16` (~75 B; within "
         "|x|/2048), `float32` (exact, ~150 B). Readers decode every one to the same columns.")
-    backend: Literal["local", "ray"] = Field(
-        "local", description="Where the teacher runs: `local` (one vLLM engine in this process) or `ray` (a pool of "
-        "vLLM engines in Ray actors; prompts, templating and shard writing stay here). Needs `pip install distill[scale]`.")
-    ray_address: str | None = Field(
-        None, description="Ray cluster to join (`auto`, `ray://HOST:10001`, ...; `backend: ray`). Default: $RAY_ADDRESS, "
-        "else a local Ray started for this job.")
-    replicas: int = Field(1, ge=1, description="Teacher engines (Ray actors) with `backend: ray`.")
-    gpus_per_replica: int | None = Field(
-        None, ge=0, description="GPUs per teacher engine with `backend: ray` (tensor parallel inside the engine when "
-        "> 1). Default: 1 if the cluster has GPUs, else 0.")
-
-    @model_validator(mode="after")
-    def _check_backend(self) -> CorpusJobConfig:
-        ray_only = [name for name in ("ray_address", "gpus_per_replica") if getattr(self, name) is not None]
-        if self.replicas != 1:
-            ray_only.append("replicas")
-        if self.backend != "ray" and ray_only:
-            raise ValueError(f"`{ray_only[0]}` applies to `backend: ray` only")
-        if self.backend == "ray" and getattr(self, "endpoint", None):
-            raise ValueError("give `endpoint` or `backend: ray`, not both")
-        return self
 
 
 class GenerateConfig(CorpusJobConfig):
@@ -123,11 +166,6 @@ class GenerateConfig(CorpusJobConfig):
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
     seed: int = Field(0, description="Base seed; each sample's seed derives from it and the record id.")
-    endpoint: list[str] = Field(
-        default_factory=list,
-        description="URL of a running vLLM OpenAI server to use instead of an in-process engine; repeat to spread load.")
-    api_key: str | None = Field(None, description="API key for `endpoint` (default: $OPENAI_API_KEY).")
-    concurrency: int = Field(64, ge=1, description="Requests in flight per endpoint.")
 
     @model_validator(mode="after")
     def _check_max_tokens(self) -> GenerateConfig:
@@ -264,13 +302,12 @@ class ServeConfig(EngineConfig):
         return self
 
 
-class EvalConfig(EngineConfig):
+class EvalConfig(TeacherJobConfig):
     """`distill eval`: the student against its teacher on held-out prompts: fidelity (KL, top-1
     agreement, perplexity on teacher text), answers (lengths, exact match, a task scorer) and
     cost (throughput, latency, size), as `out/report.md`, `report.json` and plots."""
 
     student: ModelPath = Field(description="Student model directory (`distill train` output), hub id or .gguf file.")
-    teacher: ModelPath = Field(description="Teacher model: a local directory, a hub id or a .gguf file.")
     prompts: Path = Field(description="Held-out prompt file (never the training prompts).")
     out: Path = Field(description="Output directory: report, plots, both models' answers.")
     corpus: Path | None = Field(None, description="Existing teacher corpus of these prompts to reuse instead of generating one.")
@@ -287,7 +324,7 @@ class EvalConfig(EngineConfig):
     allow_overlap: bool = Field(False, description="Evaluate even if prompts overlap the student's training corpus.")
     batch_size: int = Field(16, ge=1, description="Sequences per teacher-forced scoring batch.")
     on_policy_kl: bool = Field(False, description="Also let the teacher score the student's own answers: KL(teacher || "
-                               "student) per token along them (the on-policy divergence; one more teacher engine run).")
+                               "student) per token along them (the on-policy divergence; the same teacher engine).")
     overwrite: bool = Field(False, description="Discard answers in `out` made with other settings.")
 
 
@@ -306,7 +343,10 @@ class ChatConfig(StageConfig):
 def section(model: type[StageConfig], owned: set[str], doc: str) -> type[StageConfig]:
     """`model` without the fields `distill run` fills in itself (paths between stages, the teacher)."""
     fields = {name: (f.annotation, f) for name, f in model.model_fields.items() if name not in owned}
-    return create_model(f"{model.__name__}Section", __base__=StageConfig, __doc__=doc, **fields)
+    # A section reads the old teacher-job keys as its stage does (`generate: {endpoint: [...]}`).
+    renamed = {"_accept_renamed_keys": model_validator(mode="before")(classmethod(accept_renamed_keys))} \
+        if issubclass(model, TeacherJobConfig) else {}
+    return create_model(f"{model.__name__}Section", __base__=StageConfig, __doc__=doc, __validators__=renamed, **fields)
 
 
 ENGINE_FIELDS = set(EngineConfig.model_fields)

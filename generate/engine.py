@@ -8,7 +8,7 @@ import numpy as np
 
 from distill.config import TeacherConfig
 from distill.engine import engine_kwargs
-from distill.generate.requests import Completion, Request, Sampling
+from distill.teacher import Completion, Request, Sampling
 
 
 def split_flat(flat, start_position: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -31,7 +31,6 @@ from distill.generate.prompts import (
     iter_prompts,
     resolve_format,
 )
-from distill.generate.requests import Completion, Request, Sampling
 from distill.generate.templating import (
     ChatTokenizer,
     load_tokenizer,
@@ -39,18 +38,19 @@ from distill.generate.templating import (
     stop_token_ids,
 )
 from distill.models import model_source
+from distill.teacher import Completion, Request, Sampling, Teacher, start_teacher
 
 MAX_RECORDED_SKIPS = 1000
 TOKENIZE_BATCH = 256
 
 
-def generate(cfg: GenerateConfig, teacher=None) -> corpus.Corpus:
+def generate(cfg: GenerateConfig, teacher: Teacher | None = None) -> corpus.Corpus:
     """Run the teacher over `cfg.prompts` into the corpus `cfg.out`.
-    `teacher`: an already started backend (`VLLMTeacher` / `EndpointTeacher` / `RayTeacher`) to reuse."""
+    `teacher`: an already started backend to reuse (else `cfg.backend` is started, and closed at the end)."""
     return CorpusJob(cfg, cfg.prompts, scoring=False).run(teacher)
 
 
-def score(cfg: ScoreConfig, teacher=None) -> corpus.Corpus:
+def score(cfg: ScoreConfig, teacher: Teacher | None = None) -> corpus.Corpus:
     """Teacher top-k along the existing answers of `cfg.data` into the corpus `cfg.out`."""
     return CorpusJob(cfg, cfg.data, scoring=True).run(teacher)
 
@@ -170,22 +170,14 @@ class CorpusJob:
                 yield item, prompt_ids, response_ids
 
     # -- the run ----------------------------------------------------------------------------
-    def run(self, teacher=None) -> corpus.Corpus:
+    def run(self, teacher: Teacher | None = None) -> corpus.Corpus:
         with files.exclusive(self.out):
             return self._run(teacher)
 
-    def _run(self, teacher) -> corpus.Corpus:
+    def _run(self, teacher: Teacher | None) -> corpus.Corpus:
         start = time.time()
         cfg = self.cfg
         self._prepare()
-        endpoint = getattr(cfg, "endpoint", None)
-        if teacher is None and endpoint:
-            from distill.generate.endpoint import EndpointTeacher
-
-            teacher = EndpointTeacher(endpoint, cfg.teacher, cfg.api_key, cfg.concurrency)
-            probe = self.chat.render([{"role": "system", "content": "Tokenizer check."},
-                                      {"role": "user", "content": "Héllo, wörld! 12 345 + 6 = ? 😀"}])
-            teacher.check_tokenizer(probe, self.chat.encode(probe))
         max_len = teacher.max_model_len if teacher is not None and teacher.max_model_len else model_max_len(cfg)
         good, bad = self._scan(max_len)
         if cfg.overwrite:
@@ -209,7 +201,7 @@ class CorpusJob:
         done_requests = sum(min(cfg.chunk_size, total - c * cfg.chunk_size) for c in done if c < n_chunks)
         generated = (0, 0.0)
         if todo:
-            started = None if teacher is not None else self._start_teacher(max_len)
+            started = None if teacher is not None else start_teacher(cfg, max_logprobs=cfg.top_k, max_model_len=max_len)
             try:
                 generated = self._generate(teacher or started, max_len, set(todo), total, done_requests)
             finally:
@@ -219,16 +211,7 @@ class CorpusJob:
         self._summary(stats, len(bad), time.time() - start, resumed=len(done), generated=generated)
         return corpus.Corpus(self.out, self.manifest)
 
-    def _start_teacher(self, max_len: int):
-        if self.cfg.backend == "ray":
-            from distill.generate.ray_teacher import RayTeacher
-
-            return RayTeacher(self.cfg, max_logprobs=self.cfg.top_k, max_model_len=max_len)
-        from distill.generate.engine import VLLMTeacher
-
-        return VLLMTeacher(self.cfg, max_logprobs=self.cfg.top_k, max_model_len=max_len)
-
-    def _generate(self, teacher, max_len: int, todo: set[int], total: int, done_requests: int) -> tuple[int, float]:
+    def _generate(self, teacher: Teacher, max_len: int, todo: set[int], total: int, done_requests: int) -> tuple[int, float]:
         """Run the missing chunks; returns (response tokens produced, seconds)."""
         cfg = self.cfg
         chunks = Chunks()

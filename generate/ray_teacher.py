@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 
 from distill.config import CorpusJobConfig
-from distill.generate.requests import Completion, Request, Sampling
+from distill.teacher import Completion, Request, Sampling
 from distill.launcher import ServerError
 
 log = logging.getLogger(__name__)

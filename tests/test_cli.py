@@ -51,8 +51,8 @@ def test_ray_flags_need_the_ray_backend(capsys):
     args = ["generate", "--teacher", "t", "--prompts", "p.jsonl", "--out", "o"]
     assert main([*args, "--replicas", "2"]) == 2
     assert "`replicas` applies to `backend: ray` only" in capsys.readouterr().err
-    assert main([*args, "--backend", "ray", "--endpoint", "http://box:8000"]) == 2
-    assert "give `endpoint` or `backend: ray`, not both" in capsys.readouterr().err
+    assert main([*args, "--backend", "ray", "--urls", "http://box:8000"]) == 2
+    assert "`urls` applies to `backend: endpoint` only" in capsys.readouterr().err
     cfg = GenerateConfig(teacher="t", prompts="p.jsonl", out="o", backend="ray", ray_address="auto", replicas=4,
                          gpus_per_replica=2)
     assert (cfg.backend, cfg.ray_address, cfg.replicas, cfg.gpus_per_replica) == ("ray", "auto", 4, 2)

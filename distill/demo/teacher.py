@@ -43,7 +43,7 @@ class LabelTeacher:
     max_model_len = MAX_POSITIONS
 
     def score(self, requests: Iterable, top_k: int, on_done: Callable, window: int) -> None:
-        from distill.generate.requests import Completion
+        from distill.teacher import Completion
 
         for req in requests:
             ids = np.asarray(req.response_token_ids, dtype=np.int32)
