@@ -1,5 +1,5 @@
-"""Launching vLLM's OpenAI-compatible server for a model, waiting for it, and stopping it whole;
-verifying a running one (its model, its tokenizer) before a stage relies on it.
+"""Launching vLLM's OpenAI-compatible server for a model, waiting for it, and stopping it whole
+(a running one is verified and spoken to by `distill.teacher_client`).
 
 The server runs in its own session (process group): vLLM starts an engine-core process, and a
 stop signals the whole group, so nothing is left behind. If the process that launched it dies
@@ -36,7 +36,7 @@ class ServerError(RuntimeError):
 
 
 class EndpointError(ServerError):
-    """A running server (`--endpoint`, `--teacher-endpoint`) cannot be used or stopped answering."""
+    """A running server (`--urls`, `--teacher-endpoint`) cannot be used or stopped answering."""
 
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's `--max-lora-rank` accepts
@@ -191,31 +191,3 @@ def start_server(cfg: ServeConfig, log_path: Path | None = None) -> Server:
 def server_root(url: str) -> str:
     """`http://host:port/v1/` -> `http://host:port`: vLLM serves /tokenize and /health at the root."""
     return url.rstrip("/").removesuffix("/v1")
-
-
-def served_model(url: str, wanted: str | None, api_key: str | None) -> tuple[str, int]:
-    """The name to request at `url` (with or without /v1) and its context length (0 when the server
-    does not say): `wanted` if served, else the only model served."""
-    from openai import OpenAI
-
-    try:
-        models = OpenAI(base_url=f"{server_root(url)}/v1", api_key=api_key or "EMPTY", max_retries=2, timeout=30).models.list().data
-    except Exception as e:
-        raise EndpointError(f"endpoint {url}: cannot list models ({type(e).__name__}: {e})") from None
-    chosen = next((m for m in models if m.id == wanted), models[0] if len(models) == 1 else None)
-    if chosen is None:
-        raise EndpointError(f"endpoint {url} serves {[m.id for m in models]}, not `{wanted}`")
-    return chosen.id, int(getattr(chosen, "max_model_len", 0) or 0)
-
-
-def check_served_tokenizer(url: str, model: str, api_key: str | None, text: str, ids: list[int], local: str) -> None:
-    """Refuse a server whose tokenizer encodes `text` otherwise than the local one did (`ids`): token
-    ids travel both ways, so a mismatch would silently feed the model garbage."""
-    import httpx
-
-    response = httpx.post(f"{server_root(url)}/tokenize", json={"model": model, "prompt": text, "add_special_tokens": False},
-                          headers={"Authorization": f"Bearer {api_key or 'EMPTY'}"}, timeout=60)
-    response.raise_for_status()
-    if response.json()["tokens"] != ids:
-        raise EndpointError(f"endpoint {url}: its tokenizer encodes text differently from the local {local} "
-                            "tokenizer; point it at the served model")

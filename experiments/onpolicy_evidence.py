@@ -65,7 +65,7 @@ def score(student: Path, examples: list[dict], teacher, max_new_tokens: int) -> 
     kl = {}
     for skill in sorted({e["skill"] for e in examples}):
         chosen = [p for p, e in zip(prompts, examples) if e["skill"] == skill]
-        kl[skill] = teacher_scored_kl(model, chosen, teacher, max_new_tokens=max_new_tokens, temperature=0.0,
+        kl[skill] = teacher_scored_kl(model, chosen, teacher, 20, max_new_tokens=max_new_tokens, temperature=0.0,
                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                       batch_size=64).kl
     return {"accuracy": accuracy["overall"], "accuracy_per_skill": accuracy["per_skill"],
@@ -91,7 +91,7 @@ def main() -> None:
     from distill import pipeline
     from distill.demo.run import STUDENT_INIT, student_init
     from distill.demo.teacher import SHIPPED
-    from distill.train.onpolicy import TeacherEndpoint
+    from distill.teacher_client import TeacherClient
     from distill.train.trainer import train
 
     torch.set_num_threads(1)  # the teacher's server gets the other core
@@ -105,7 +105,7 @@ def main() -> None:
     n, m = args.steps, args.on_policy_steps
     with start_server(ServeConfig(model=str(SHIPPED), port=0, max_model_len=128, engine_args={"max_logprobs": 20},
                                   vllm_args=["--no-enable-prefix-caching"])) as server:
-        teacher = TeacherEndpoint(server.url, 20)
+        teacher = TeacherClient(server.url)
         for seed in args.seeds:
             init = STUDENT_INIT if seed == 0 else student_init(args.out / f"init-seed{seed}", seed)
             common = {"seed": seed, "resume": True, "save_steps": 10**6, "logging_steps": 10}

@@ -15,11 +15,8 @@ from distill import corpus
 from distill.cli import main
 from distill.config import ServeConfig, TrainConfig
 from distill.launcher import EndpointError, free_port, start_server
-from distill.train.onpolicy import (
-    TeacherEndpoint,
-    parse_prompt_logprobs,
-    teacher_scored_kl,
-)
+from distill.teacher_client import TeacherClient, parse_prompt_logprobs
+from distill.train.onpolicy import teacher_scored_kl
 from distill.train.trainer import CHECKPOINT_DONE, train
 from tests.helpers import MAX_MODEL_LEN
 
@@ -52,11 +49,12 @@ def test_prompt_logprobs_keep_the_k_best_by_rank():
     rows = [None, {"7": {"logprob": -0.1, "rank": 1}, "3": {"logprob": -9.0, "rank": 40},  # realised, outside top-2
                    "5": {"logprob": -2.5, "rank": 2}},
             {"9": {"logprob": -1.0, "rank": 2}, "2": {"logprob": -0.5, "rank": 1}}]
-    scored = parse_prompt_logprobs(rows, 1, 2)
-    assert scored.topk_ids.tolist() == [[7, 5], [2, 9]]
+    scored = parse_prompt_logprobs(rows, [3, 9], 2)  # the response: rows 1 and 2
+    assert scored.topk_token_ids.tolist() == [[7, 5], [2, 9]]
     np.testing.assert_allclose(scored.topk_logprobs, [[-0.1, -2.5], [-0.5, -1.0]], rtol=1e-6)
+    np.testing.assert_allclose(scored.response_logprobs, [-9.0, -1.0], rtol=1e-6)  # the given tokens' own
     with pytest.raises(EndpointError, match=r"returned 2 prompt logprobs at position 2, expected 3: .*--max-logprobs"):
-        parse_prompt_logprobs(rows, 1, 3)
+        parse_prompt_logprobs(rows, [3, 9], 3)
 
 
 def test_on_policy_needs_a_teacher_endpoint(tmp_path):
@@ -92,20 +90,22 @@ def test_scores_equal_a_transformers_recomputation(tiny_models, server):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama-teacher"])
-    endpoint = TeacherEndpoint(server.url, 5)
-    endpoint.check_tokenizer(tokenizer)
+    endpoint = TeacherClient(server.url)
+    endpoint.check_tokenizer(tokenizer, "student")
     assert endpoint.model == "teacher"
     prompt = chat_prompts(tokenizer)[0]
     response = np.random.default_rng(1).integers(10, len(tokenizer), size=12).tolist()  # any tokens, not the teacher's
-    scored = endpoint.score(prompt, response)
+    scored, = endpoint.score_pairs([(prompt, response)], 5)
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama-teacher"], dtype=torch.float32)
     with torch.no_grad():
         logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
     reference = torch.log_softmax(logits, -1)
-    assert scored.topk_ids.shape == (len(response), 5)
+    assert scored.topk_token_ids.shape == (len(response), 5)
     # the values at the ids vLLM chose, and the k best values: equal within float32 noise (robust to near-ties)
-    np.testing.assert_allclose(reference.gather(-1, torch.from_numpy(scored.topk_ids)).numpy(), scored.topk_logprobs,
-                               atol=2e-4)
+    np.testing.assert_allclose(reference.gather(-1, torch.from_numpy(scored.topk_token_ids).long()).numpy(),
+                               scored.topk_logprobs, atol=2e-4)
+    np.testing.assert_allclose(reference.gather(-1, torch.tensor(response)[:, None]).numpy()[:, 0],
+                               scored.response_logprobs, atol=2e-4)
     np.testing.assert_allclose(reference.topk(5).values.numpy(), scored.topk_logprobs, atol=2e-4)
 
 
@@ -115,12 +115,12 @@ def test_on_policy_steps_reduce_the_teacher_scored_kl(tmp_path, tiny_models, ser
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama-student"])
     data = prompt_corpus(tmp_path / "corpus", tiny_models["llama-teacher"], tokenizer)
-    endpoint = TeacherEndpoint(server.url, 20)
+    endpoint = TeacherClient(server.url)
     prompts = chat_prompts(tokenizer)
 
     def divergence(model_dir) -> float:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        return teacher_scored_kl(model, prompts, endpoint, max_new_tokens=16, temperature=0.0,
+        return teacher_scored_kl(model, prompts, endpoint, 20, max_new_tokens=16, temperature=0.0,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id).kl
 
     before = divergence(tiny_models["llama-student"])

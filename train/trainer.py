@@ -26,11 +26,12 @@ from distill.config import TrainConfig
 from distill.engine import check_model
 from distill.launcher import EndpointError
 from distill.models import model_source
+from distill.teacher_client import TeacherClient
 from distill.train.card import StudentCard, TrainResult
 from distill.train.data import DistillCollator, trainable
 from distill.train.head import lm_head
 from distill.train.losses import chunked_distill_loss
-from distill.train.onpolicy import TeacherEndpoint, on_policy_records, sample
+from distill.train.onpolicy import on_policy_records, sample
 from distill.train.scoring import pad_token_id, teacher_forced
 
 # Written (atomically) into a checkpoint folder once it is whole: only such checkpoints resume.
@@ -38,7 +39,7 @@ CHECKPOINT_DONE = "distill-checkpoint-complete"
 
 
 class DistillTrainer(SFTTrainer):
-    def __init__(self, *args, distill: TrainConfig, teacher: TeacherEndpoint | None = None, **kwargs):
+    def __init__(self, *args, distill: TrainConfig, teacher: TeacherClient | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.distill = distill
         self.teacher = teacher  # set: on-policy training against this served teacher
@@ -125,7 +126,7 @@ class DistillTrainer(SFTTrainer):
                            temperature=cfg.sample_temperature, pad_token_id=self.data_collator.pad_token_id,
                            eos_token_id=student.generation_config.eos_token_id or self.processing_class.eos_token_id)
         sampled = time.perf_counter()
-        scored = self.teacher.score_many(list(zip(prompts, responses)))
+        scored = self.teacher.score_pairs(list(zip(prompts, responses)), cfg.teacher_top_k)
         scoring = time.perf_counter() - sampled
         metrics = self._metrics["train"]
         metrics["sample_s"].append(sampled - started)
@@ -244,9 +245,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
     check_vocabulary(manifest, tokenizer, model.get_output_embeddings().weight.shape[0], max_id)
     teacher = None
     if cfg.on_policy:
-        teacher = TeacherEndpoint(cfg.teacher_endpoint, cfg.teacher_top_k,
-                                  api_key=cfg.teacher_api_key or os.environ.get("VLLM_API_KEY"), backoff=0.5)
-        teacher.check_tokenizer(tokenizer)
+        teacher = TeacherClient(cfg.teacher_endpoint, api_key=cfg.teacher_api_key)
+        teacher.check_tokenizer(tokenizer, "student")
 
     everything = corpus.load_dataset(cfg.corpus)  # memory-mapped Arrow, not Python objects
     data = everything.filter(lambda r: trainable(r, cfg.max_length))
