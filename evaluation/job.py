@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from distill import corpus, files
-from distill.config import EvalConfig, GenerateConfig, ScoreConfig, ServeConfig
+from distill.config import EvalConfig, GenerateConfig, ServeConfig
 from distill.engine import check_model
 from distill.evaluation.report import (
     Answers,
@@ -25,22 +26,25 @@ from distill.evaluation.report import (
     write_report,
 )
 from distill.plugins import load_callable
+from distill.teacher import Completion, OnDone, Request, Sampling, Teacher, start_teacher
+from distill.teacher_client import TeacherClient
 from distill.train.card import CARD, StudentCard
 
 if TYPE_CHECKING:
     from distill.train.scoring import TeacherForced
 
 
-def evaluate(cfg: EvalConfig, teacher_engine=None, student_engine=None) -> EvalReport:
-    """`teacher_engine` / `student_engine`: already-running in-process engines to reuse (tests)."""
+def evaluate(cfg: EvalConfig, teacher_engine: Teacher | None = None, student_engine: Teacher | None = None) -> EvalReport:
+    """`teacher_engine` / `student_engine`: already started teachers (`distill.teacher.Teacher`) to reuse (tests)."""
     with files.exclusive(cfg.out):
         return _evaluate(cfg, teacher_engine, student_engine)
 
 
-def _evaluate(cfg: EvalConfig, teacher_engine, student_engine) -> EvalReport:
+def _evaluate(cfg: EvalConfig, teacher_engine: Teacher | None, student_engine: Teacher | None) -> EvalReport:
     from distill.evaluation.fidelity import fidelity
     from distill.generate.job import generate
     from distill.generate.prompts import BadRecord, iter_prompts
+    from distill.generate.templating import model_max_len
 
     start = time.time()
     out = Path(cfg.out)
@@ -55,17 +59,26 @@ def _evaluate(cfg: EvalConfig, teacher_engine, student_engine) -> EvalReport:
     scorer = load_callable(cfg.scorer, "scorer") if cfg.scorer else None  # fail before any model loads
     out.mkdir(parents=True, exist_ok=True)
 
-    def answers(model: str, where: str, top_k: int, engine) -> Path:
+    def answers(model: str, where: str, top_k: int, engine: Teacher | None, backend: dict) -> Path:
         return generate(GenerateConfig(
             teacher=model, prompts=cfg.prompts, out=out / where, format=cfg.format, top_k=top_k,
             max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed, overwrite=cfg.overwrite,
-            **cfg.engine_settings()), teacher=engine).path
+            **cfg.engine_settings(), **backend), teacher=engine).path
 
-    teacher_corpus = cfg.corpus or answers(cfg.teacher, "teacher-answers", cfg.top_k, teacher_engine)
-    student_corpus = answers(cfg.student, "student-answers", 1, student_engine)
+    # The student first, in its own engine (started and stopped by `generate`): on one GPU two
+    # engines would not fit beside each other. Then ONE teacher for its answers and its scoring.
+    student_corpus = answers(cfg.student, "student-answers", 1, student_engine, {})
+    teacher_engine = teacher_engine or OnDemandTeacher(cfg, max_logprobs=cfg.top_k, max_model_len=model_max_len(cfg))
+    try:
+        teacher_corpus = cfg.corpus or answers(cfg.teacher, "teacher-answers", cfg.top_k, teacher_engine,
+                                               cfg.backend_settings())
+        on_policy_corpus = teacher_on_student_answers(cfg, student_corpus, teacher_corpus, teacher_engine) \
+            if cfg.on_policy_kl else None
+    finally:
+        if isinstance(teacher_engine, OnDemandTeacher):
+            teacher_engine.close()
     scored = fidelity(cfg.student, teacher_corpus, cfg, ids, batch_size=cfg.batch_size)
-    on_policy = fidelity(cfg.student, teacher_on_student_answers(cfg, student_corpus, teacher_engine), cfg, ids,
-                         batch_size=cfg.batch_size) if cfg.on_policy_kl else None
+    on_policy = fidelity(cfg.student, on_policy_corpus, cfg, ids, batch_size=cfg.batch_size) if cfg.on_policy_kl else None
     teacher, student = ModelInfo(model=cfg.teacher, **model_size(cfg.teacher)), \
         ModelInfo(model=cfg.student, **model_size(cfg.student))
     answer_stats = compare_answers(teacher_corpus, student_corpus, ids, scorer)
@@ -80,24 +93,68 @@ def _evaluate(cfg: EvalConfig, teacher_engine, student_engine) -> EvalReport:
     return report
 
 
+class OnDemandTeacher:
+    """Eval's teacher (`cfg.backend`), started at its first request and shared by every use after
+    it: a rerun whose teacher answers exist and that scores nothing starts none."""
+
+    def __init__(self, cfg: EvalConfig, max_logprobs: int, max_model_len: int):
+        self.cfg, self.max_logprobs, self.max_model_len = cfg, max_logprobs, max_model_len
+        self.teacher: Teacher | None = None
+
+    def _started(self) -> Teacher:
+        if self.teacher is None:
+            self.teacher = start_teacher(self.cfg, max_logprobs=self.max_logprobs, max_model_len=self.max_model_len)
+        return self.teacher
+
+    def generate(self, requests: Iterable[Request], sampling: Sampling, on_done: OnDone, window: int) -> None:
+        self._started().generate(requests, sampling, on_done, window)
+
+    def score(self, requests: Iterable[Request], top_k: int, on_done: OnDone, window: int) -> None:
+        self._started().score(requests, top_k, on_done, window)
+
+    def close(self) -> None:
+        if self.teacher is not None:
+            self.teacher.close()
+            self.teacher = None
+
+
 def _fidelity(scored: TeacherForced) -> Fidelity:
     """The report's summary of a teacher-forced scoring (its per-record KLs go to a plot instead)."""
     return Fidelity(**{k: v for k, v in vars(scored).items() if k != "per_record_kl"}, perplexity=scored.perplexity)
 
 
-def teacher_on_student_answers(cfg: EvalConfig, student_corpus: Path, teacher_engine) -> Path:
-    """The teacher's top-k along the student's own answers (`distill score`: the answer text is
-    tokenised again with the shared tokenizer), so that any student, offline- or on-policy-trained,
-    is compared on the divergence on-policy training minimises."""
-    from distill.generate.job import score
+STUDENT_ANSWER_COLUMNS = ["id", "prompt_id", "messages", "response", "prompt_token_ids", "response_token_ids",
+                          "finish_reason"]
 
-    data = Path(cfg.out) / "student-conversations.jsonl"
-    files.atomic_write(data, "".join(json.dumps({"id": r["prompt_id"], "messages": [
-        *r["messages"], {"role": "assistant", "content": r["response"]}]}) + "\n"
-        for r in corpus.iter_records(student_corpus)))
-    return score(ScoreConfig(teacher=cfg.teacher, data=data, out=Path(cfg.out) / "teacher-on-student-answers",
-                             top_k=cfg.top_k, overwrite=cfg.overwrite, **cfg.engine_settings()),
-                 teacher=teacher_engine).path
+
+def teacher_on_student_answers(cfg: EvalConfig, student_corpus: Path, teacher_corpus: Path, teacher: Teacher) -> Path:
+    """The teacher's top-k along the student's own answers, scored by the token ids the student
+    read and wrote (nothing is re-tokenised), into the corpus `out/teacher-on-student-answers`;
+    so that any student, offline- or on-policy-trained, is compared on the divergence on-policy
+    training minimises."""
+    path = Path(cfg.out) / "teacher-on-student-answers"
+    requests = [Request(i, r["id"], r["prompt_id"], r["messages"], list(r["prompt_token_ids"]),
+                        response_token_ids=list(r["response_token_ids"]), response=r["response"],
+                        finish_reason=r["finish_reason"])
+                for i, r in enumerate(corpus.iter_records(student_corpus, columns=STUDENT_ANSWER_COLUMNS))]
+    records: list[dict] = []
+
+    def on_done(req: Request, c: Completion) -> None:
+        records.append({"id": req.id, "prompt_id": req.prompt_id, "messages": req.messages, "response": req.response,
+                        "prompt_token_ids": req.prompt_token_ids, "response_token_ids": c.response_token_ids,
+                        "response_logprobs": c.response_logprobs, "topk_token_ids": c.topk_token_ids,
+                        "topk_logprobs": c.topk_logprobs, "finish_reason": c.finish_reason})
+
+    teacher.score(requests, cfg.top_k, on_done, window=len(requests))
+    records.sort(key=lambda r: r["id"])
+    if path.exists():
+        files.clear_dir(path)
+    corpus.write_shard(path, 0, corpus.records_to_table(records, cfg.top_k))
+    corpus.write_manifest(path, corpus.Manifest(
+        teacher=corpus.read_manifest(teacher_corpus).teacher,
+        generation={"mode": "score", "top_k": cfg.top_k, "logprob_encoding": corpus.DEFAULT_ENCODING},
+        source={"corpus": str(student_corpus)}, stats=corpus.corpus_stats(path)))
+    return path
 
 
 def check_overlap(cfg: EvalConfig, ids: set[str]) -> None:
@@ -138,16 +195,27 @@ def compare_answers(teacher_corpus: Path, student_corpus: Path, ids: set[str], s
 
 
 def measure_cost(cfg: EvalConfig, prompts) -> dict[str, list[LoadLevel]]:
+    """Both models behind vLLM's OpenAI server under the same load: each launched here with the
+    same engine settings, except a teacher already served (`backend: endpoint`), measured at its
+    first URL (on its own hardware, so the speedup compares those machines too)."""
     from distill.evaluation.load import measure
     from distill.launcher import start_server
 
     conversations = [p.messages for p in prompts]
+
+    def levels(url: str, model: str, api_key: str | None = None) -> list[LoadLevel]:
+        return [LoadLevel(**row) for row in measure(url, model, conversations, cfg.concurrency, cfg.latency_requests,
+                                                    cfg.latency_tokens, api_key=api_key)]
+
     cost = {}
     for role, model in (("teacher", cfg.teacher), ("student", cfg.student)):
+        if role == "teacher" and cfg.backend == "endpoint":
+            served = TeacherClient(cfg.urls[0], cfg.teacher, cfg.api_key)
+            cost[role] = levels(f"{served.urls[0]}/v1", served.model, served.api_key)
+            continue
         with start_server(ServeConfig(model=model, served_model_name=role, port=0, **cfg.engine_settings()),
                           log_path=Path(cfg.out) / f"server-{role}.log") as server:
-            cost[role] = [LoadLevel(**row) for row in measure(server.url, server.model, conversations,
-                                                              cfg.concurrency, cfg.latency_requests, cfg.latency_tokens)]
+            cost[role] = levels(server.url, server.model)
     return cost
 
 

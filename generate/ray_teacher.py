@@ -21,7 +21,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 
-from distill.config import CorpusJobConfig
+from distill.config import TeacherJobConfig
 from distill.teacher import Completion, Request, Sampling
 from distill.launcher import ServerError
 
@@ -52,7 +52,7 @@ def import_ray():
 class TeacherActor:
     """One vLLM engine. Ray runs one method call at a time, so the engine is never shared."""
 
-    def __init__(self, cfg: CorpusJobConfig, max_logprobs: int, max_model_len: int, tensor_parallel: int):
+    def __init__(self, cfg: TeacherJobConfig, max_logprobs: int, max_model_len: int, tensor_parallel: int):
         from distill.generate.engine import VLLMTeacher
 
         # The engine core in this process, not in a child: when the actor dies (its driver was
@@ -91,10 +91,9 @@ class TeacherActor:
 
 
 class RayTeacher:
-    """Same interface as `VLLMTeacher` / `EndpointTeacher`: `generate` / `score` stream
-    completions to `on_done` on the driver."""
+    """A `distill.teacher.Teacher`: `generate` / `score` stream completions to `on_done` on the driver."""
 
-    def __init__(self, cfg: CorpusJobConfig, max_logprobs: int, max_model_len: int):
+    def __init__(self, cfg: TeacherJobConfig, max_logprobs: int, max_model_len: int):
         ray = import_ray()
         self._ray = ray
         self._owns_ray = not ray.is_initialized()

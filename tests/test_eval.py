@@ -95,3 +95,24 @@ def test_on_policy_kl_of_a_copy_of_the_teacher_is_zero(tmp_path, tiny_models, te
     assert report.on_policy.records == len(HELD_OUT) and report.on_policy.tokens > len(HELD_OUT)
     assert abs(report.on_policy.kl) < 1e-3 and report.on_policy.top1_agreement > 0.99
     assert "on the student's own answers (scored by the teacher)" in (cfg.out / "report.md").read_text()
+
+
+@pytest.mark.engine
+def test_served_teacher_is_evaluated_like_the_in_process_one(tmp_path, tiny_models, teacher, copy_of_teacher):
+    """`backend: endpoint`: the teacher's answers, its scores of the student's answers and its cost
+    all come from a running server (the student answers in-process)."""
+    from distill.config import ServeConfig
+    from distill.launcher import start_server
+
+    settings = ServeConfig(model=str(tiny_models["llama-teacher"]), served_model_name="teacher", port=0,
+                           max_model_len=MAX_MODEL_LEN, engine_args={"max_logprobs": 20},
+                           vllm_args=["--no-enable-prefix-caching"])  # prompt logprobs (distill.teacher_client)
+    with start_server(settings) as server:
+        cfg = eval_config(tmp_path, copy_of_teacher, tiny_models["llama-teacher"], backend="endpoint",
+                          urls=[server.url], on_policy_kl=True, concurrency=[2], latency_requests=2, latency_tokens=4)
+        report = evaluate(cfg, student_engine=teacher)
+    assert report.answers.compared == len(HELD_OUT) and report.answers.exact_match == 1.0
+    assert abs(report.fidelity.kl) < 1e-3 and report.fidelity.top1_agreement > 0.99
+    assert abs(report.on_policy.kl) < 1e-3 and report.on_policy.records == len(HELD_OUT)
+    assert report.cost["teacher"][0].failures == 0 and report.cost["teacher"][0].tokens_per_s > 0
+    assert not (cfg.out / "server-teacher.log").exists()  # measured at the URL, not launched
