@@ -202,13 +202,18 @@ class TeacherClient:
                 i = min(range(len(self.urls)), key=outstanding.__getitem__)  # least outstanding
                 outstanding[i] += 1
                 try:
-                    answer = await self._post(client, self.urls[i], body(req), req)
-                    on_done(req, parse(req, answer["choices"][0]))
+                    answer = await self._post(client, self.urls[i], body(req), req.id)
+                    try:
+                        completion = parse(req, answer["choices"][0])
+                    except EndpointError as e:
+                        raise EndpointError(f"teacher endpoint {self.urls[i]}, request {req.id}: {e}") from None
                 except EndpointError as e:
-                    errors.append(EndpointError(f"endpoint {self.urls[i]}, request {req.id}: {e}"))
+                    errors.append(e)
+                    return
                 finally:
                     outstanding[i] -= 1
                     slots.release()
+                on_done(req, completion)
 
             tasks: set[asyncio.Task] = set()
             try:
@@ -227,8 +232,9 @@ class TeacherClient:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _post(self, client, url: str, body: dict, req: Request) -> dict:
-        """POST `/v1/completions` under the retry policy; a refusal or the last failure is an `EndpointError`."""
+    async def _post(self, client, url: str, body: dict, request_id: str) -> dict:
+        """POST `/v1/completions` under the retry policy; a refusal, the last failure or an answer
+        that is not JSON is an `EndpointError` naming the server and the request."""
         import httpx
 
         failure = ""
@@ -244,6 +250,11 @@ class TeacherClient:
                 failure = f"HTTP {response.status_code}"
                 continue
             if response.status_code != 200:
-                raise EndpointError(f"refused (HTTP {response.status_code}: {response.text[:300]})")
-            return response.json()
-        raise EndpointError(f"no answer after {ATTEMPTS} attempts ({failure}): is its server still running?")
+                raise EndpointError(f"teacher endpoint {url} refused request {request_id} (HTTP {response.status_code}: "
+                                    f"{response.text[:300]})")
+            try:
+                return response.json()
+            except ValueError:
+                raise EndpointError(f"teacher endpoint {url}, request {request_id}: the answer is not JSON") from None
+        raise EndpointError(f"teacher endpoint {url} did not answer after {ATTEMPTS} attempts ({failure}), request "
+                            f"{request_id}: is its server still running?")
