@@ -5,6 +5,7 @@ build), the README stays short, and nothing in the repository points outside it.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,11 @@ def test_no_tracked_file_points_outside_the_repository():
         text = data.decode("utf-8", errors="replace")
         offenders += [f"{name}: {needle}" for needle in OUTSIDE_PATHS if needle in text]
     assert not offenders, "files that cite a path outside the repository (cite docs/design.md instead):\n" + "\n".join(offenders)
+
+
+def test_readme_links_point_at_files_of_the_repository():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    assert targets, "README.md links to no docs page"
+    missing = [t for t in targets if "://" not in t and not (ROOT / t).exists()]
+    assert not missing, f"README.md links to files that do not exist: {missing}"
