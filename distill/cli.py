@@ -57,7 +57,7 @@ DEBUG_HELP = "Show the traceback of an error (also: DISTILL_DEBUG=1)."
 ENGINE_COMMANDS = ("generate", "score", "eval", "run", "demo", "demo-real")
 # Commands that pass everything after `--` through to the program they launch (their `vllm_args`).
 PASSTHROUGH_FIELD = "vllm_args"
-# Boolean fields with a second name for their `--no-` form (DESIGN's `--lora|--full`).
+# Boolean fields with a second name for their `--no-` form (`--lora` / `--full`, docs/reference.md).
 NEGATIVE_ALIASES = {"lora": "full"}
 
 

@@ -1,4 +1,4 @@
-"""The corpus: the contract between stages (see DESIGN.md, "The corpus").
+"""The corpus: the contract between stages (docs/corpus-format.md).
 
 A corpus is a directory holding `manifest.json` and zstd Parquet shards under `data/`
 (curation adds `rejected/`). Shards are written atomically (temp file, fsync, rename) and
@@ -36,7 +36,7 @@ COLUMNS = (
 TOKEN_COLUMNS = ("response_logprobs", "topk_token_ids", "topk_logprobs", "loss_mask")
 # How `topk_token_ids` / `topk_logprobs` are stored (`--logprob-encoding`; the manifest's
 # `generation.logprob_encoding` names it, and each shard's footer too). Readers decode every
-# encoding to the logical columns of DESIGN.md, so consumers never see the difference.
+# encoding to the logical columns of docs/corpus-format.md, so consumers never see the difference.
 # - quantized (default): the top-k data packed per record (see `_pack_topk`): ids exact, a
 #   top-k logprob within QUANTIZED_MAX_ERROR (1/64 nat) of the float32 value, the mass outside
 #   the top-k (the KD loss's tail bin) within 0.8 % relative. `response_logprobs` stay float16.
@@ -59,7 +59,7 @@ _CODE_MAX = 2**16 - 1  # codes are uint16: logprobs below -1023.98 nats (65535 s
 
 
 class CorpusError(ValueError):
-    """A corpus directory violates the contract of DESIGN.md."""
+    """A corpus directory violates the contract of docs/corpus-format.md."""
 
 
 def arrow_schema(encoding: str = DEFAULT_ENCODING, loss_mask: bool = False) -> pa.Schema:
@@ -282,7 +282,7 @@ def shard_encoding(schema: pa.Schema) -> dict:
 
 
 def decode(data: pa.Table | pa.RecordBatch, params: dict | None = None) -> pa.Table | pa.RecordBatch:
-    """Stored columns -> the logical columns of DESIGN.md (float16 and float32 shards already
+    """Stored columns -> the logical columns of docs/corpus-format.md (float16 and float32 shards already
     hold them). `params`: the shard's encoding, when `data` lost its footer metadata."""
     params = params or shard_encoding(data.schema)
     if params["encoding"] != "quantized" or PACKED_IDS not in data.column_names:
@@ -444,7 +444,7 @@ class CorpusStats(_Section):
 
 
 class Manifest(_Section):
-    """`manifest.json`: what made a corpus (DESIGN.md); every reader and writer goes through it."""
+    """`manifest.json`: what made a corpus (docs/corpus-format.md); every reader and writer goes through it."""
 
     schema_: str = Field(SCHEMA, alias="schema")
     teacher: TeacherInfo
@@ -560,7 +560,7 @@ def load_dataset(root: Path, subdir: str = "data"):
 
 
 def validate(root: Path, subdir: str = "data", max_problems: int = 20) -> dict[str, int]:
-    """Check every invariant of DESIGN.md; return the stats or raise `CorpusError` listing problems."""
+    """Check every invariant of docs/corpus-format.md; return the stats or raise `CorpusError` listing problems."""
     root = Path(root)
     manifest = read_manifest(root)
     problems: list[str] = []

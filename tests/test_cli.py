@@ -1,4 +1,4 @@
-"""The `distill` command: every DESIGN.md subcommand listed, flags from the config fields,
+"""The `distill` command: every documented subcommand (docs/design.md) listed, flags from the config fields,
 user errors as one clear line (before any model loads), shipped YAML valid."""
 
 import os
@@ -15,12 +15,12 @@ from distill.config import CurateConfig, EvalConfig, GenerateConfig, TrainConfig
 from tests.helpers import ROOT, write_jsonl
 from tests.helpers import make_corpus, record
 
-DESIGN_COMMANDS = ["generate", "score", "curate", "train", "eval", "serve", "chat", "run", "demo", "inspect"]
+DOCUMENTED_COMMANDS = ["generate", "score", "curate", "train", "eval", "serve", "chat", "run", "demo", "inspect"]
 
 
 def test_help_lists_every_subcommand():
     out = subprocess.run([sys.executable, "-m", "distill.cli", "--help"], capture_output=True, text=True, check=True).stdout
-    for name in DESIGN_COMMANDS:
+    for name in DOCUMENTED_COMMANDS:
         assert f"\n    {name} " in out, name
 
 

@@ -1,4 +1,4 @@
-"""DESIGN.md's layering, checked statically: core imports no stage, stages import only core
+"""The layering of docs/design.md, checked statically: core imports no stage, stages import only core
 (evaluation may use generate and train), the app layer alone imports stages; nothing imports a
 stage folder (or benchmarks) by its top-level name; benchmarks and tests use only public names.
 
@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("generate", "curation", "train", "serve", "evaluation")
 APP = ("distill.cli", "distill.pipeline", "distill.inspect", "distill.demo")
-STAGE_MAY_IMPORT = {"evaluation": ("generate", "train")}  # DESIGN: evaluation uses their functions
+STAGE_MAY_IMPORT = {"evaluation": ("generate", "train")}  # docs/design.md: evaluation uses their functions
 TOP_LEVEL_FORBIDDEN = (*STAGES, "benchmarks")  # installed only as distill.<stage>; benchmarks are scripts
 SOURCE_DIRS = ("distill", *STAGES, "benchmarks", "tests")
 
@@ -119,7 +119,7 @@ def test_the_tree_respects_the_layers():
     files = list(source_files())
     assert {f.parts[0] for f in files} == set(SOURCE_DIRS)
     problems = [v for rel in files for v in check_source(rel, (ROOT / rel).read_text())]
-    assert not problems, "layering violations (DESIGN.md, Dependencies):\n" + "\n".join(problems)
+    assert not problems, "layering violations (docs/design.md, Three layers):\n" + "\n".join(problems)
 
 
 @pytest.mark.parametrize("rel, source, expected", [
