@@ -10,6 +10,7 @@ a field added, renamed or re-documented in the code shows up here on the next bu
 from __future__ import annotations
 
 import argparse
+import json
 import types
 import typing
 from pathlib import Path
@@ -36,8 +37,8 @@ def reference() -> str:
 
     subparsers = _subparsers(build_parser())
     parts = []
-    for name, (_, model, help_text) in COMMANDS.items():
-        parser = subparsers[name]
+    for name, entry in COMMANDS.items():  # (function, config model or None, one-line help)
+        model, help_text, parser = entry[1], entry[2], subparsers[name]
         parts.append(f"## `distill {name}`\n\n{_one_paragraph(parser.description or help_text)}\n")
         if name == "run":
             parts.append(_parser_table(parser))
@@ -129,7 +130,16 @@ def _default(field: FieldInfo) -> str:
     if field.is_required():
         return "required"
     value = field.default_factory() if field.default_factory is not None else field.default
-    return repr(str(value)) if isinstance(value, Path) else repr(value)
+    return _value(value)
+
+
+def _value(value: Any) -> str:
+    """A default as it is written in YAML (`true`, `[1, 8, 32]`, `auto`); None reads "unset"."""
+    if value is None:
+        return "unset"
+    if isinstance(value, BaseModel):
+        return "see below"
+    return f"`{json.dumps(value, default=str) if not isinstance(value, (str, Path)) else value}`"
 
 
 def _common_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -> str:
@@ -168,7 +178,7 @@ def _action_default(action: argparse.Action) -> str:
         return "required"
     if action.nargs == 0 or action.default in (None, argparse.SUPPRESS):
         return ""
-    return repr(str(action.default)) if isinstance(action.default, Path) else repr(action.default)
+    return _value(action.default)
 
 
 def _one_paragraph(text: str) -> str:
