@@ -138,7 +138,7 @@ def _value(value: Any) -> str:
     if value is None:
         return "unset"
     if isinstance(value, BaseModel):
-        return "see below"
+        value = value.model_dump(mode="json")
     return f"`{json.dumps(value, default=str) if not isinstance(value, (str, Path)) else value}`"
 
 
@@ -148,7 +148,7 @@ def _common_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -> 
              and not isinstance(a, argparse._HelpAction)]
     if not extra:
         return ""
-    return "Also: " + "; ".join(f"`{', '.join(a.option_strings)}`: {a.help}" for a in extra) + "\n"
+    return "Also: " + "; ".join(f"`{', '.join(a.option_strings)}`: {(a.help or '').rstrip('.')}" for a in extra) + ".\n"
 
 
 # -- argparse parsers (commands without a config model) ---------------------------------------
