@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             lines.append((script.stem, "-", "-", "-", f"failed ({failure})"))
     print()
     print_table(lines)
-    print(f"\n{len(scripts) - failed} of {len(scripts)} benchmarks ran (--quick sizes); full output: {args.logs}")
+    print(f"\n{len(scripts) - failed} of {len(scripts)} benchmarks passed (--quick sizes); full output: {args.logs}")
     return 1 if failed else 0
 
 
