@@ -45,8 +45,9 @@ demo: install
 demo-real: install
 	$(BIN)/distill demo-real
 
+# Every benchmark in benchmarks/ at --quick sizes, one table (a failed one fails the target).
 bench: install
-	$(BIN)/python benchmarks/generate_throughput.py
+	$(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) tests/.cache site

@@ -63,8 +63,8 @@ def test_quantized_error_bounds_on_teacher_like_rows(tmp_path):
     k, vocab = 20, 70_000
     ids, lps = teacher_rows(600, k, vocab)
     lps[0, -1] = -np.inf  # engines may report -inf: stored as -1023.98 nats, probability 0
-    recs = [{**record(i, n_tokens=100, k=k), "topk_token_ids": ids[100 * i:100 * (i + 1)],
-             "topk_logprobs": lps[100 * i:100 * (i + 1)].astype(np.float32)} for i in range(6)]
+    recs = [record(i, k=k, topk_ids=ids[100 * i:100 * (i + 1)], topk_logprobs=lps[100 * i:100 * (i + 1)].astype(np.float32))
+            for i in range(6)]
     root = make_corpus(tmp_path / "c", recs, k=k)
     back = corpus.read_table(root)
     got_ids = np.array(back["topk_token_ids"].combine_chunks().flatten().flatten()).reshape(-1, k)

@@ -4,7 +4,6 @@ right filter with the right reason, every clean record survives, nothing is lost
 
 import json
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -15,6 +14,7 @@ from distill.config import CurateConfig
 from distill.curation.pipeline import build_filters, curate
 from distill.curation.quality import RepetitionFilter
 from distill.plugins import load_callable
+from tests.helpers import make_corpus, record
 
 K = 5
 LONG = ("Sorting a list means putting its elements in order. A simple method compares neighbouring "
@@ -42,7 +42,7 @@ PLANTED = {  # id -> (response, expected filter, overrides)
     "pii": ("You can reach the author at jane.doe@example.com for details.", "pii", {}),
     "exact_dup": ("the capital of   Australia is CANBERRA.", "dedup_exact", {}),
     "near_dup": (LONG.replace("easy to follow", "simple to follow"), "dedup_near", {}),
-    "unsure": ("Maybe the moon is made of green cheese and rock.", "teacher_confidence", {"logprob": -4.0}),
+    "unsure": ("Maybe the moon is made of green cheese and rock.", "teacher_confidence", {"top1": -4.0}),
     "contaminated": (f"Well: {EVAL_TEXT}.", "decontaminate", {}),
 }
 
@@ -54,20 +54,16 @@ def tokenizer(tiny_models):
     return AutoTokenizer.from_pretrained(tiny_models["tokenizer"])
 
 
-def make_record(rid, text, tokenizer, finish_reason="stop", logprob=-0.3):
+def answer(rid, text, tokenizer, **parts):
+    """A `record` answering `text` (its tokens and end of turn) from a confident teacher (top-1 logprob -0.3)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    top = np.tile(np.linspace(logprob, logprob - 4, K, dtype=np.float32), (len(ids), 1))
-    return {"id": rid, "prompt_id": f"p-{rid}", "messages": [{"role": "user", "content": f"question {rid}"}],
-            "response": text, "prompt_token_ids": [1, 2, 3], "response_token_ids": ids,
-            "response_logprobs": np.full(len(ids), logprob, np.float32),
-            "topk_token_ids": np.tile(np.arange(K, dtype=np.int32), (len(ids), 1)), "topk_logprobs": top,
-            "finish_reason": finish_reason}
+    return record(rid, k=K, response=text, response_ids=ids, **{"top1": -0.3, **parts})
 
 
 @pytest.fixture
 def planted(tmp_path, tokenizer, tiny_models):
-    records = [make_record(rid, text, tokenizer) for rid, text in CLEAN.items()]
-    records += [make_record(rid, text, tokenizer, **over) for rid, (text, _, over) in PLANTED.items()]
+    records = [answer(rid, text, tokenizer) for rid, text in CLEAN.items()]
+    records += [answer(rid, text, tokenizer, **over) for rid, (text, _, over) in PLANTED.items()]
     root = tmp_path / "corpus"
     corpus.write_shard(root, 0, corpus.records_to_table(records[:9], K))
     corpus.write_shard(root, 1, corpus.records_to_table(records[9:], K))
@@ -276,10 +272,8 @@ def test_curating_into_the_input_directory_is_refused(planted):
 
 
 def test_advice_when_most_rejections_are_unfinished_answers(tmp_path, tokenizer, capsys):
-    from tests.helpers import make_corpus
-
-    records = [make_record(f"r{i}", f"An answer number {i} that", tokenizer, finish_reason="length") for i in range(6)]
-    records += [make_record("done", "A finished answer.", tokenizer)]
+    records = [answer(f"r{i}", f"An answer number {i} that", tokenizer, finish_reason="length") for i in range(6)]
+    records += [answer("done", "A finished answer.", tokenizer)]
     make_corpus(tmp_path / "cut", records, k=K)
     result = curate(CurateConfig(corpus=tmp_path / "cut", out=tmp_path / "out", filters=["finish_reason"]))
     assert result.rejected_by_filter == {"finish_reason": 6}
@@ -288,6 +282,6 @@ def test_advice_when_most_rejections_are_unfinished_answers(tmp_path, tokenizer,
     assert "advice: most rejections (6 of 6)" in capsys.readouterr().err
     assert "**Advice:** most rejections" in (tmp_path / "out" / "report.md").read_text()
     # No advice when unfinished answers are not the main cause.
-    make_corpus(tmp_path / "fine", [make_record("a", "Fine.", tokenizer), make_record("b", "Also fine.", tokenizer)], k=K)
+    make_corpus(tmp_path / "fine", [answer("a", "Fine.", tokenizer), answer("b", "Also fine.", tokenizer)], k=K)
     curate(CurateConfig(corpus=tmp_path / "fine", out=tmp_path / "out2", filters=["finish_reason"]))
     assert json.loads((tmp_path / "out2" / "report.json").read_text())["advice"] == []

@@ -6,21 +6,21 @@ import pytest
 import torch
 
 from distill.train.data import DistillCollator, trainable
+from tests.helpers import record
 
 K = 3
 
 
-def record(rid, prompt, response, loss_mask=None):
+def recognisable(rid, prompt, response, loss_mask=None):
+    """A `record` whose top-k row j is recognisable: ids [100j, 100j+1, 100j+2], logprobs [-j, -j-1, -j-2]."""
     n = len(response)
-    # row j is recognisable: ids [100j, 100j+1, 100j+2], logprobs [-j, -j-1, -j-2]
-    topk_ids = [[100 * j + c for c in range(K)] for j in range(n)]
-    topk_lps = [[-float(j) - c for c in range(K)] for j in range(n)]
-    return {"id": rid, "prompt_token_ids": prompt, "response_token_ids": response, "topk_token_ids": topk_ids,
-            "topk_logprobs": topk_lps, "loss_mask": loss_mask}
+    return record(rid, k=K, prompt_ids=prompt, response_ids=response, loss_mask=loss_mask,
+                  topk_ids=[[100 * j + c for c in range(K)] for j in range(n)],
+                  topk_logprobs=[[-float(j) - c for c in range(K)] for j in range(n)])
 
 
 def test_alignment_padding_and_masks():
-    recs = [record("a", [1, 2, 3], [10, 11, 12, 13]), record("b", [1, 2], [20, 21], loss_mask=[True, False])]
+    recs = [recognisable("a", [1, 2, 3], [10, 11, 12, 13]), recognisable("b", [1, 2], [20, 21], loss_mask=[True, False])]
     batch = DistillCollator(pad_token_id=0, max_length=64, top_k=K)(recs)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 10, 11, 12, 13], [1, 2, 20, 21, 0, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1] * 7, [1, 1, 1, 1, 0, 0, 0]]
@@ -37,7 +37,7 @@ def test_alignment_padding_and_masks():
 
 
 def test_truncation_cuts_tokens_and_topk_rows_together():
-    rec = record("a", [1, 2, 3], [10, 11, 12, 13, 14])
+    rec = recognisable("a", [1, 2, 3], [10, 11, 12, 13, 14])
     batch = DistillCollator(pad_token_id=0, max_length=5, top_k=K)([rec])
     assert batch["input_ids"].tolist() == [[1, 2, 3, 10, 11]]
     assert batch["labels"].tolist() == [[-100, -100, 10, 11, -100]]
@@ -46,7 +46,7 @@ def test_truncation_cuts_tokens_and_topk_rows_together():
 
 
 def test_a_prompt_that_fills_the_context_is_refused_by_name():
-    rec = record("long", list(range(8)), [10])
+    rec = recognisable("long", list(range(8)), [10])
     assert not trainable(rec, 8) and trainable(rec, 9)
     with pytest.raises(ValueError, match="record 'long': prompt of 8 tokens leaves no room"):
         DistillCollator(pad_token_id=0, max_length=8, top_k=K)([rec])
@@ -108,10 +108,7 @@ def test_training_batches_are_the_same_from_every_encoding(tmp_path):
         lps = torch.log_softmax(torch.tensor(logits), -1).numpy()
         ids = np.argsort(-lps, axis=1)[:, :k]
         top = np.take_along_axis(lps, ids, axis=1).astype(np.float32)
-        records.append({"id": f"r{i}", "prompt_id": f"p{i}", "messages": [{"role": "user", "content": "q"}],
-                        "response": "a", "prompt_token_ids": [1, 2, 3], "response_token_ids": ids[:, 0].tolist(),
-                        "response_logprobs": top[:, 0], "topk_token_ids": ids, "topk_logprobs": top,
-                        "finish_reason": "stop"})
+        records.append(record(i, k=k, response_ids=ids[:, 0].tolist(), topk_ids=ids, topk_logprobs=top))
     collate = DistillCollator(pad_token_id=0, max_length=64, top_k=k)
     batches = {e: collate(list(corpus.load_dataset(make_corpus(tmp_path / e, records, k=k, encoding=e))))
                for e in corpus.LOGPROB_ENCODINGS}
