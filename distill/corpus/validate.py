@@ -1,0 +1,160 @@
+"""The validator: every invariant of the corpus contract checked against the shards, each
+problem named by shard (and record where it has one)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from distill.corpus.codec import COLUMNS, TOKEN_COLUMNS, CorpusError, arrow_schema, decode, shard_encoding
+from distill.corpus.manifest import SCHEMA, CorpusStats, read_manifest
+from distill.corpus.store import READ_ERRORS, shard_paths, unreadable
+
+
+def check_shards(root: Path, subdir: str = "data") -> list[str]:
+    """What is wrong between the manifest and the shards, reading only each shard's footer:
+    unreadable (e.g. truncated) shards, and record or shard counts that differ."""
+    root = Path(root)
+    stats = read_manifest(root).stats
+    problems, records, shards = [], 0, 0
+    for path in shard_paths(root, subdir):
+        try:
+            records += pq.ParquetFile(path).metadata.num_rows
+            shards += 1
+        except READ_ERRORS as e:
+            problems.append(str(unreadable(path.relative_to(root), e)))
+    if not problems and (records, shards) != (stats.records, stats.shards):
+        problems.append(f"the manifest says {stats.records:,} records in {stats.shards} shards, the shards hold "
+                        f"{records:,} records in {shards}")
+    return problems
+
+
+
+def validate(root: Path, subdir: str = "data", max_problems: int = 20) -> dict[str, int]:
+    """Check every invariant of docs/corpus-format.md; return the stats or raise `CorpusError` listing problems."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    problems: list[str] = []
+    if manifest.schema_ != SCHEMA:
+        problems.append(f"manifest `schema` is {manifest.schema_!r}, expected {SCHEMA!r}")
+    k = manifest.generation.top_k
+    seen: set[str] = set()
+    records = tokens = 0
+    for path in shard_paths(root, subdir):
+        where = f"{path.relative_to(root)}"
+        try:  # every page checked against its checksum
+            stored = pq.ParquetFile(path, page_checksum_verification=True).read()
+            stored.schema.names  # decoded lazily: a damaged name fails here
+        except READ_ERRORS as e:
+            problems.append(str(unreadable(where, e)))
+            continue
+        try:
+            encoding = shard_encoding(stored.schema)
+            table = decode(stored)
+        except (CorpusError, pa.ArrowException, KeyError) as e:
+            problems.append(f"{where}: {e}")
+            continue
+        if encoding["encoding"] != manifest.generation.logprob_encoding:
+            problems.append(f"{where}: stored as `{encoding['encoding']}` but the manifest says "
+                            f"`generation.logprob_encoding: {manifest.generation.logprob_encoding}`")
+        missing = [c for c in COLUMNS if c not in table.column_names]
+        if missing:
+            problems.append(f"{where}: missing columns {missing}")
+            continue
+        wrong = _wrong_types(table)
+        if wrong:
+            problems.append(f"{where}: {wrong}")
+            continue
+        records += table.num_rows
+        n_tokens = pc.list_value_length(table["response_token_ids"])
+        tokens += int(pc.sum(n_tokens).as_py() or 0)
+        for col in TOKEN_COLUMNS:
+            if col in table.column_names:
+                bad = pc.not_equal(pc.list_value_length(table[col]), n_tokens)
+                problems += _rows(table, bad, f"{where}: `{col}` length differs from `response_token_ids`")
+        for col in ("topk_token_ids", "topk_logprobs"):
+            rows = pc.list_flatten(table[col])
+            widths = pc.list_value_length(rows)
+            if len(widths) and pc.any(pc.not_equal(widths, k)).as_py():
+                problems.append(f"{where}: `{col}` has rows with {pc.min_max(widths).as_py()} entries, expected k={k}")
+        problems += _rows(table, pc.equal(pc.list_value_length(table["prompt_token_ids"]), 0),
+                          f"{where}: empty `prompt_token_ids`")
+        problems += _unsorted_topk(table, where)
+        problems += _non_finite(table, where)
+        for rid in table["id"].to_pylist():
+            if rid in seen:
+                problems.append(f"{where}: duplicate id {rid!r}")
+            seen.add(rid)
+        if len(problems) >= max_problems:
+            break
+    stats = manifest.stats if subdir == "data" else manifest.rejected_stats or CorpusStats()
+    for key, actual in (("records", records), ("response_tokens", tokens)):
+        if getattr(stats, key) != actual:
+            problems.append(f"manifest `stats.{key}` is {getattr(stats, key)!r} but the shards hold {actual}")
+    if problems:
+        more = "\n  ... and more" if len(problems) > max_problems else ""
+        raise CorpusError(f"`{root}` is not a valid corpus:\n  " + "\n  ".join(problems[:max_problems]) + more)
+    return {"records": records, "response_tokens": tokens}
+
+
+def _wrong_types(table: pa.Table) -> str | None:
+    """The first column whose type is not the contract's (a logprob column: float16 or float32,
+    as stored or decoded)."""
+    schemas = [arrow_schema(encoding, loss_mask=True) for encoding in ("float16", "float32")]
+    allowed = {name: {_unnamed(schema.field(name).type) for schema in schemas} for name in schemas[0].names}
+    for column in table.column_names:
+        if column in allowed and _unnamed(table.schema.field(column).type) not in allowed[column]:
+            expected = " or ".join(sorted(str(t) for t in allowed[column]))
+            return f"`{column}` has type {table.schema.field(column).type}, expected {expected}"
+    return None
+
+
+def _unnamed(t: pa.DataType) -> pa.DataType:
+    """`t` with every list's item field named `item` (Parquet readers may name it `element`)."""
+    if pa.types.is_list(t):
+        return pa.list_(_unnamed(t.value_type))
+    if pa.types.is_struct(t):
+        return pa.struct([pa.field(f.name, _unnamed(f.type)) for f in t])
+    return t
+
+
+def _rows(table: pa.Table, mask: pa.ChunkedArray, message: str) -> list[str]:
+    bad = pc.filter(table["id"], mask).to_pylist()
+    return [f"{message} (record ids {bad[:3]}{' ...' if len(bad) > 3 else ''})"] if bad else []
+
+
+def _non_finite(table: pa.Table, where: str) -> list[str]:
+    """NaN or infinite logprobs (a NaN passes every comparison, so no other check catches it)."""
+    problems = []
+    for col in ("response_logprobs", "topk_logprobs"):
+        column = table[col].combine_chunks()  # list per record: of values, or of top-k rows
+        positions = pc.list_flatten(column)
+        record_of = pc.list_parent_indices(column).to_numpy()
+        values, position_of = (pc.list_flatten(positions), pc.list_parent_indices(positions).to_numpy()) \
+            if col == "topk_logprobs" else (positions, np.arange(len(positions)))
+        bad = ~np.isfinite(values.to_numpy(zero_copy_only=False).astype(np.float32))
+        if bad.any():
+            position = int(position_of[np.argmax(bad)])
+            record = int(record_of[position])
+            problems.append(f"{where}: `{col}` holds {int(bad.sum())} non-finite values (first: record "
+                            f"{table['id'][record].as_py()!r}, response position {position - column.offsets[record].as_py()})")
+    return problems
+
+
+def _unsorted_topk(table: pa.Table, where: str) -> list[str]:
+    rows = pc.list_flatten(table["topk_logprobs"])
+    values = pc.list_flatten(rows).to_numpy(zero_copy_only=False).astype(np.float32)
+    widths = pc.list_value_length(rows).to_numpy()
+    if len(values) == 0 or widths.min() != widths.max():
+        return []
+    grid = values.reshape(-1, widths[0])
+    problems = []
+    if (np.diff(grid, axis=1) > 1e-3).any():
+        problems.append(f"{where}: `topk_logprobs` rows are not sorted best first")
+    if (grid > 1e-3).any():
+        problems.append(f"{where}: `topk_logprobs` holds positive log-probabilities")
+    return problems
