@@ -26,11 +26,13 @@ def record(i: int, n_tokens: int = 3, k: int = K) -> dict:
     }
 
 
-def make_corpus(root, records, k=K, encoding=corpus.DEFAULT_ENCODING):
+def make_corpus(root, records, k=K, encoding=corpus.DEFAULT_ENCODING, vocab_size=None, teacher="t"):
+    """One shard of `records`; `vocab_size`: the teacher's, as generate records it (None: not
+    recorded, as in corpora written before it was)."""
     corpus.write_shard(root, 0, corpus.records_to_table(records, k, encoding))
     stats = corpus.corpus_stats(root)
-    corpus.write_manifest(root, corpus.Manifest(teacher={"model": "t"}, generation={"top_k": k, "logprob_encoding": encoding},
-                                                stats=stats))
+    corpus.write_manifest(root, corpus.Manifest(teacher={"model": teacher, "vocab_size": vocab_size},
+                                                generation={"top_k": k, "logprob_encoding": encoding}, stats=stats))
     return root
 
 

@@ -47,7 +47,6 @@ class CorpusError(ValueError):
     """A corpus directory violates the contract of docs/corpus-format.md."""
 
 
-
 def arrow_schema(encoding: str = DEFAULT_ENCODING, loss_mask: bool = False) -> pa.Schema:
     """The stored schema. Readers return the columns of `arrow_schema("float32")` (float16 values
     stay float16; decoded top-k logprobs are float32)."""
@@ -264,16 +263,16 @@ def shard_encoding(schema: pa.Schema) -> dict:
     if PACKED_IDS in schema.names:
         raise CorpusError(f"a shard holds `{PACKED_IDS}` but no `{ENCODING_KEY.decode()}` footer: cannot decode it")
     lp = schema.field("topk_logprobs").type.value_type.value_type if "topk_logprobs" in schema.names else None
-    return {"encoding": "float32" if lp == pa.float32() else "float16"}
+    return {"encoding": "float16" if lp == pa.float16() else "float32"}  # float64 (pandas) reads as float32
 
 
 def decode(data: pa.Table | pa.RecordBatch, params: dict | None = None) -> pa.Table | pa.RecordBatch:
-    """Stored columns -> the logical columns of docs/corpus-format.md (float16 and float32
-    shards already hold them). `params`: the shard's encoding, when `data` lost its footer
-    metadata."""
+    """Stored columns -> the logical columns of docs/corpus-format.md with their contract types
+    (float16 and float32 shards already hold them; see `conform`). `params`: the shard's
+    encoding, when `data` lost its footer metadata."""
     params = params or shard_encoding(data.schema)
     if params["encoding"] != "quantized" or PACKED_IDS not in data.column_names:
-        return data
+        return conform(data)
     ids, logprobs = _unpack_topk(data, params)
     names, arrays = [], []
     for name in data.column_names:
@@ -284,5 +283,107 @@ def decode(data: pa.Table | pa.RecordBatch, params: dict | None = None) -> pa.Ta
             names.append(name)
             arrays.append(data[name])
     make = pa.Table.from_arrays if isinstance(data, pa.Table) else pa.RecordBatch.from_arrays
-    return make(arrays, names=names)
+    return conform(make(arrays, names=names))
 
+
+# What every reader hands out: the contract's type per logical column (a logprob column may also
+# stay float16, as float16 and quantized shards store it).
+LOGICAL = arrow_schema("float32", loss_mask=True)
+INT32 = (-2**31, 2**31)
+
+
+def conform(data: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
+    """`data` with each logical column cast to its contract type where it is stored with another
+    width of the same kind (int64 ids as pandas writes them, float64 logprobs, large lists,
+    reordered struct fields). Raises `CorpusError` for another kind of type, or for an id that
+    does not fit int32 (naming the first record holding one)."""
+    for name, target in logical_types(data.schema).items():
+        column = data[name]
+        if pa.types.is_integer(_leaf(target)):
+            values = leaves(column)
+            low, high = (v.as_py() for v in pc.min_max(values).values())
+            if low is not None and (low < INT32[0] or high >= INT32[1]):
+                array = values.to_numpy(zero_copy_only=False)
+                first = int(np.argmax((array < INT32[0]) | (array >= INT32[1])))
+                record, position = locate(column, first)
+                raise CorpusError(f"record {_name(data, record)!r}, position {position}: `{name}` holds "
+                                  f"{array[first]}, which does not fit a token id (int32)")
+        data = data.set_column(data.schema.get_field_index(name), name, column.cast(target))
+    return data
+
+
+def logical_types(schema: pa.Schema) -> dict[str, pa.DataType]:
+    """The logical columns of `schema` stored with another type, each with the type to read it
+    as; raises `CorpusError` for one whose type is of another kind."""
+    casts = {}
+    for field in schema:
+        if field.name not in LOGICAL.names:
+            continue
+        target = _target(field.type, LOGICAL.field(field.name).type)
+        if target is None:
+            expected = LOGICAL.field(field.name).type
+            also = " (or float16)" if pa.types.is_floating(_leaf(expected)) else ""
+            raise CorpusError(f"`{field.name}` has type {field.type}, expected {expected}{also}")
+        if target != field.type:
+            casts[field.name] = target
+    return casts
+
+
+def _target(stored: pa.DataType, expected: pa.DataType) -> pa.DataType | None:
+    """The type to read `stored` as, for a column whose contract type is `expected` (None: the
+    kinds differ)."""
+    if pa.types.is_list(expected):
+        inner = _target(stored.value_type, expected.value_type) if _is_list(stored) else None
+        return None if inner is None else pa.list_(inner)
+    if pa.types.is_struct(expected):
+        if not pa.types.is_struct(stored) or {f.name for f in stored} != {f.name for f in expected}:
+            return None
+        fields = [(f.name, _target(stored.field(f.name).type, f.type)) for f in expected]
+        return None if any(t is None for _, t in fields) else pa.struct(fields)
+    if pa.types.is_integer(expected):
+        return expected if pa.types.is_integer(stored) else None
+    if pa.types.is_floating(expected):  # float16 stays float16; float64 narrows to float32
+        return stored if stored in (pa.float16(), pa.float32()) else expected if stored == pa.float64() else None
+    if pa.types.is_string(expected):
+        return expected if pa.types.is_string(stored) or pa.types.is_large_string(stored) else None
+    return expected if stored == expected else None
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _leaf(t: pa.DataType) -> pa.DataType:
+    while _is_list(t):
+        t = t.value_type
+    return t
+
+
+def leaves(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """The values of a list column (of values, or of top-k rows), flattened."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    while _is_list(array.type):
+        array = array.flatten()
+    return array
+
+
+def locate(column: pa.ChunkedArray | pa.Array, leaf: int) -> tuple[int, int]:
+    """Value `leaf` of `leaves(column)` -> (its record, its position in the record: the index in
+    a list of values, the response position in a list of top-k rows)."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if _is_list(array.type.value_type):
+        leaf, _ = _owner(array.flatten(), leaf)  # the top-k row holding it
+    return _owner(array, leaf)
+
+
+def _owner(array: pa.Array, item: int) -> tuple[int, int]:
+    """Item `item` of `array.flatten()` -> (the list holding it, its index in that list)."""
+    offsets = array.offsets.to_numpy()
+    at = offsets[0] + item
+    record = int(np.searchsorted(offsets, at, side="right") - 1)
+    return record, int(at - offsets[record])
+
+
+def _name(data: pa.Table | pa.RecordBatch, record: int):
+    """What names a record in a message: its id, or its row where the id was not read."""
+    return data["id"][record].as_py() if "id" in data.column_names else record

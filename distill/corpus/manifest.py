@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from distill.corpus.codec import DEFAULT_ENCODING, CorpusError
+from distill.corpus.codec import CorpusError
 from distill.files import write_json
 from distill.models import ModelSource
 
@@ -56,13 +56,16 @@ class TeacherInfo(_Section):
     source: ModelSource | None = None  # the GGUF file `model` was converted from
     tokenizer_sha256: str | None = None
     chat_template_sha256: str | None = None
+    # How many token ids the teacher has (ids 0 .. vocab_size - 1): `validate` refuses any other
+    # id in the corpus. Corpora written before distill recorded it are checked for negatives only.
+    vocab_size: int | None = Field(None, ge=1)
 
 
 class GenerationInfo(_Section):
     mode: Literal["sample", "score"] = "sample"
     top_k: int = Field(ge=1)
     logprobs: str = "raw_logprobs"
-    logprob_encoding: str = DEFAULT_ENCODING
+    logprob_encoding: str | None = None  # None (manifests not written by distill): the shards' own types
 
     @model_validator(mode="before")
     @classmethod

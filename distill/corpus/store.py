@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from distill.corpus.codec import LOGPROB_CODES, PACKED_IDS, CorpusError, decode, shard_encoding
+from distill.corpus.codec import LOGPROB_CODES, PACKED_IDS, CorpusError, decode, logical_types, shard_encoding
 from distill.corpus.manifest import CorpusStats
 from distill.files import DiskFull, atomic_path
 
@@ -101,7 +101,7 @@ def iter_batches(root: Path, subdir: str = "data", columns: Sequence[str] | None
     for path in shard_paths(root, subdir):
         shard = pq.ParquetFile(path)
         for batch in shard.iter_batches(batch_size=batch_size, columns=_stored_columns(shard.schema_arrow, columns)):
-            yield _select(decode(batch), columns)
+            yield _select(_decoded(path, batch), columns)
 
 
 def iter_records(root: Path, subdir: str = "data", columns: Sequence[str] | None = None) -> Iterator[dict]:
@@ -113,7 +113,15 @@ def iter_records(root: Path, subdir: str = "data", columns: Sequence[str] | None
 def read_shard(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
     """One shard with the logical columns."""
     schema = pq.read_schema(path)
-    return _select(decode(pq.read_table(path, columns=_stored_columns(schema, columns))), columns)
+    return _select(_decoded(path, pq.read_table(path, columns=_stored_columns(schema, columns))), columns)
+
+
+def _decoded(path: Path, data: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
+    """`decode(data)`, its error naming the shard."""
+    try:
+        return decode(data)
+    except CorpusError as e:
+        raise CorpusError(f"`{path}`: {e}") from None
 
 
 def read_table(root: Path, subdir: str = "data", columns: Sequence[str] | None = None) -> pa.Table:
@@ -130,10 +138,13 @@ def load_dataset(root: Path, subdir: str = "data"):
 
     paths = shard_paths(root, subdir)
     dataset = datasets.Dataset.from_parquet([str(p) for p in paths])
-    params = shard_encoding(pq.read_schema(paths[0])) if paths else {"encoding": "float32"}
-    if params["encoding"] != "quantized":
-        return dataset
+    schema = pq.read_schema(paths[0]) if paths else None
+    params = shard_encoding(schema) if paths else {"encoding": "float32"}
+    quantized = params["encoding"] == "quantized"
+    if not quantized and not (paths and logical_types(schema)):
+        return dataset  # stored as the readers hand it out
     # decoded into the dataset's own cache files, batch by batch, as Arrow tables
     return dataset.with_format("arrow").map(lambda t: decode(t, params), batched=True,
-                                            remove_columns=[PACKED_IDS, LOGPROB_CODES]).with_format(None)
+                                            remove_columns=[PACKED_IDS, LOGPROB_CODES] if quantized else None
+                                            ).with_format(None)
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from distill.corpus.codec import COLUMNS, TOKEN_COLUMNS, CorpusError, arrow_schema, decode, shard_encoding
+from distill.corpus.codec import COLUMNS, TOKEN_COLUMNS, CorpusError, decode, leaves, locate, shard_encoding
 from distill.corpus.manifest import SCHEMA, CorpusStats, read_manifest
 from distill.corpus.store import READ_ERRORS, shard_paths, unreadable
 
@@ -33,7 +33,6 @@ def check_shards(root: Path, subdir: str = "data") -> list[str]:
     return problems
 
 
-
 def validate(root: Path, subdir: str = "data", max_problems: int = 20) -> dict[str, int]:
     """Check every invariant of docs/corpus-format.md; return the stats or raise `CorpusError` listing problems."""
     root = Path(root)
@@ -41,9 +40,11 @@ def validate(root: Path, subdir: str = "data", max_problems: int = 20) -> dict[s
     problems: list[str] = []
     if manifest.schema_ != SCHEMA:
         problems.append(f"manifest `schema` is {manifest.schema_!r}, expected {SCHEMA!r}")
-    k = manifest.generation.top_k
+    k, encoding_named = manifest.generation.top_k, manifest.generation.logprob_encoding
+    vocab_size = manifest.teacher.vocab_size
     seen: set[str] = set()
     records = tokens = 0
+    every_shard_counted = True  # else the totals are unknown: no follow-on "the shards hold 0"
     for path in shard_paths(root, subdir):
         where = f"{path.relative_to(root)}"
         try:  # every page checked against its checksum
@@ -51,23 +52,22 @@ def validate(root: Path, subdir: str = "data", max_problems: int = 20) -> dict[s
             stored.schema.names  # decoded lazily: a damaged name fails here
         except READ_ERRORS as e:
             problems.append(str(unreadable(where, e)))
+            every_shard_counted = False
             continue
         try:
             encoding = shard_encoding(stored.schema)
             table = decode(stored)
-        except (CorpusError, pa.ArrowException, KeyError) as e:
+        except (CorpusError, pa.ArrowException, KeyError) as e:  # decoding checks the types too
             problems.append(f"{where}: {e}")
+            every_shard_counted = False
             continue
-        if encoding["encoding"] != manifest.generation.logprob_encoding:
+        if encoding_named is not None and encoding["encoding"] != encoding_named:
             problems.append(f"{where}: stored as `{encoding['encoding']}` but the manifest says "
-                            f"`generation.logprob_encoding: {manifest.generation.logprob_encoding}`")
+                            f"`generation.logprob_encoding: {encoding_named}`")
         missing = [c for c in COLUMNS if c not in table.column_names]
         if missing:
             problems.append(f"{where}: missing columns {missing}")
-            continue
-        wrong = _wrong_types(table)
-        if wrong:
-            problems.append(f"{where}: {wrong}")
+            every_shard_counted = False
             continue
         records += table.num_rows
         n_tokens = pc.list_value_length(table["response_token_ids"])
@@ -85,41 +85,22 @@ def validate(root: Path, subdir: str = "data", max_problems: int = 20) -> dict[s
                           f"{where}: empty `prompt_token_ids`")
         problems += _unsorted_topk(table, where)
         problems += _non_finite(table, where)
+        problems += _out_of_vocabulary(table, where, vocab_size)
         for rid in table["id"].to_pylist():
             if rid in seen:
                 problems.append(f"{where}: duplicate id {rid!r}")
             seen.add(rid)
         if len(problems) >= max_problems:
+            every_shard_counted = False
             break
     stats = manifest.stats if subdir == "data" else manifest.rejected_stats or CorpusStats()
     for key, actual in (("records", records), ("response_tokens", tokens)):
-        if getattr(stats, key) != actual:
+        if every_shard_counted and getattr(stats, key) != actual:
             problems.append(f"manifest `stats.{key}` is {getattr(stats, key)!r} but the shards hold {actual}")
     if problems:
         more = "\n  ... and more" if len(problems) > max_problems else ""
         raise CorpusError(f"`{root}` is not a valid corpus:\n  " + "\n  ".join(problems[:max_problems]) + more)
     return {"records": records, "response_tokens": tokens}
-
-
-def _wrong_types(table: pa.Table) -> str | None:
-    """The first column whose type is not the contract's (a logprob column: float16 or float32,
-    as stored or decoded)."""
-    schemas = [arrow_schema(encoding, loss_mask=True) for encoding in ("float16", "float32")]
-    allowed = {name: {_unnamed(schema.field(name).type) for schema in schemas} for name in schemas[0].names}
-    for column in table.column_names:
-        if column in allowed and _unnamed(table.schema.field(column).type) not in allowed[column]:
-            expected = " or ".join(sorted(str(t) for t in allowed[column]))
-            return f"`{column}` has type {table.schema.field(column).type}, expected {expected}"
-    return None
-
-
-def _unnamed(t: pa.DataType) -> pa.DataType:
-    """`t` with every list's item field named `item` (Parquet readers may name it `element`)."""
-    if pa.types.is_list(t):
-        return pa.list_(_unnamed(t.value_type))
-    if pa.types.is_struct(t):
-        return pa.struct([pa.field(f.name, _unnamed(f.type)) for f in t])
-    return t
 
 
 def _rows(table: pa.Table, mask: pa.ChunkedArray, message: str) -> list[str]:
@@ -157,4 +138,28 @@ def _unsorted_topk(table: pa.Table, where: str) -> list[str]:
         problems.append(f"{where}: `topk_logprobs` rows are not sorted best first")
     if (grid > 1e-3).any():
         problems.append(f"{where}: `topk_logprobs` holds positive log-probabilities")
+    return problems
+
+
+# The columns of token ids: each must be a token of the teacher's vocabulary.
+TOKEN_ID_COLUMNS = ("prompt_token_ids", "response_token_ids", "topk_token_ids")
+
+
+def _out_of_vocabulary(table: pa.Table, where: str, vocab_size: int | None) -> list[str]:
+    """Token ids below 0 or, where the manifest records the teacher's `vocab_size`, not below it
+    (a min/max per column; the values are looked at only to name the first bad one)."""
+    problems = []
+    what = f"token ids outside the teacher's vocabulary [0, {vocab_size})" if vocab_size else "negative token ids"
+    for col in TOKEN_ID_COLUMNS:
+        values = leaves(table[col])
+        low, high = (v.as_py() for v in pc.min_max(values).values())
+        if low is None or (low >= 0 and (vocab_size is None or high < vocab_size)):
+            continue
+        ids = values.to_numpy(zero_copy_only=False)
+        bad = (ids < 0) | (ids >= vocab_size) if vocab_size else ids < 0
+        first = int(np.argmax(bad))
+        record, position = locate(table[col], first)
+        at = "prompt position" if col == "prompt_token_ids" else "response position"
+        problems.append(f"{where}: `{col}` holds {int(bad.sum())} {what} (first: record "
+                        f"{table['id'][record].as_py()!r}, {at} {position}: {ids[first]})")
     return problems
