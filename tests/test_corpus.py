@@ -286,3 +286,19 @@ def test_without_a_recorded_vocabulary_negative_ids_are_still_refused(tmp_path):
     with pytest.raises(corpus.CorpusError, match=r"`topk_token_ids` holds 1 negative token ids \(first: record 'r1', "
                                                  r"response position 0: -5\)"):
         corpus.validate(make_corpus(tmp_path / "b", negative, encoding="float16"))
+
+
+def test_validated_batches_yield_only_clean_records_then_raise(tmp_path):
+    """Reading and validating in one pass (what train does before step 1): a batch with a problem
+    is never handed out, and the problems are raised once the shards are read."""
+    recs = [record(i) for i in range(3)]
+    good = make_corpus(tmp_path / "good", recs, vocab_size=512)
+    batches = list(corpus.validated_batches(good, batch_size=2))
+    assert pa.Table.from_batches(batches).equals(corpus.read_table(good))
+    recs[1]["response_token_ids"] = [0, 99999, 2]
+    bad = make_corpus(tmp_path / "bad", recs, vocab_size=512)
+    seen = []
+    with pytest.raises(corpus.CorpusError, match=r"record 'r1', response position 1: 99999"):
+        for batch in corpus.validated_batches(bad, batch_size=1):
+            seen += batch.column("id").to_pylist()
+    assert seen == ["r0", "r2"]

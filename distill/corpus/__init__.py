@@ -59,7 +59,7 @@ from distill.corpus.store import (
     unreadable,
     write_shard,
 )
-from distill.corpus.validate import check_shards, validate
+from distill.corpus.validate import check_shards, validate, validated_batches
 
 __all__ = [
     "COLUMNS", "DEFAULT_ENCODING", "ENCODING_KEY", "FLOAT16_RELATIVE_ERROR", "LOGPROB_CODES", "LOGPROB_ENCODINGS",
@@ -68,5 +68,5 @@ __all__ = [
     "arrow_schema", "check_complete", "check_shards", "corpus_stats", "decode", "encode", "history_entry",
     "iter_batches", "iter_records", "load_dataset", "logprob_tolerance", "read_manifest", "read_shard", "read_table",
     "records_to_table", "shard_encoding", "shard_index", "shard_paths", "shard_stats", "tokenizer_fingerprint",
-    "unreadable", "validate", "write_manifest", "write_shard",
+    "unreadable", "validate", "validated_batches", "write_manifest", "write_shard",
 ]

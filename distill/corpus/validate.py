@@ -3,6 +3,7 @@ problem named by shard (and record where it has one)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distill.corpus.codec import COLUMNS, TOKEN_COLUMNS, CorpusError, decode, leaves, locate, shard_encoding
-from distill.corpus.manifest import SCHEMA, CorpusStats, read_manifest
+from distill.corpus.manifest import SCHEMA, CorpusStats, Manifest, read_manifest
 from distill.corpus.store import READ_ERRORS, shard_paths, unreadable
 
 
@@ -34,7 +35,20 @@ def check_shards(root: Path, subdir: str = "data") -> list[str]:
 
 
 def validate(root: Path, subdir: str = "data", max_problems: int = 20) -> dict[str, int]:
-    """Check every invariant of docs/corpus-format.md; return the stats or raise `CorpusError` listing problems."""
+    """Check every invariant of docs/corpus-format.md; return the stats or raise `CorpusError`
+    listing the problems."""
+    for _ in validated_batches(root, subdir, max_problems):
+        pass
+    stats = _expected_stats(read_manifest(root), subdir)  # what the shards hold: checked equal
+    return {"records": stats.records, "response_tokens": stats.response_tokens}
+
+
+def validated_batches(root: Path, subdir: str = "data", max_problems: int = 20,
+                      batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
+    """The corpus's records as decoded record batches, each checked as it is read (every page
+    against its checksum, every invariant of docs/corpus-format.md): validation and reading in
+    one pass. Only batches without a problem are yielded; after the last one (or `max_problems`)
+    the problems found are raised as one `CorpusError`."""
     root = Path(root)
     manifest = read_manifest(root)
     problems: list[str] = []
@@ -47,60 +61,92 @@ def validate(root: Path, subdir: str = "data", max_problems: int = 20) -> dict[s
     every_shard_counted = True  # else the totals are unknown: no follow-on "the shards hold 0"
     for path in shard_paths(root, subdir):
         where = f"{path.relative_to(root)}"
-        try:  # every page checked against its checksum
-            stored = pq.ParquetFile(path, page_checksum_verification=True).read()
-            stored.schema.names  # decoded lazily: a damaged name fails here
+        try:  # every page checked against its checksum as it is read
+            shard = pq.ParquetFile(path, page_checksum_verification=True)
+            shard.schema_arrow.names  # decoded lazily: a damaged name fails here
+            encoding = shard_encoding(shard.schema_arrow)
+            stored = shard.iter_batches(batch_size=batch_size)
+        except CorpusError as e:
+            problems.append(f"{where}: {e}")
+            every_shard_counted = False
+            continue
         except READ_ERRORS as e:
             problems.append(str(unreadable(where, e)))
             every_shard_counted = False
             continue
-        try:
-            encoding = shard_encoding(stored.schema)
-            table = decode(stored)
-        except (CorpusError, pa.ArrowException, KeyError) as e:  # decoding checks the types too
-            problems.append(f"{where}: {e}")
-            every_shard_counted = False
-            continue
-        if encoding_named is not None and encoding["encoding"] != encoding_named:
+        clean = encoding_named is None or encoding["encoding"] == encoding_named
+        if not clean:
             problems.append(f"{where}: stored as `{encoding['encoding']}` but the manifest says "
                             f"`generation.logprob_encoding: {encoding_named}`")
-        missing = [c for c in COLUMNS if c not in table.column_names]
-        if missing:
-            problems.append(f"{where}: missing columns {missing}")
-            every_shard_counted = False
-            continue
-        records += table.num_rows
-        n_tokens = pc.list_value_length(table["response_token_ids"])
-        tokens += int(pc.sum(n_tokens).as_py() or 0)
-        for col in TOKEN_COLUMNS:
-            if col in table.column_names:
-                bad = pc.not_equal(pc.list_value_length(table[col]), n_tokens)
-                problems += _rows(table, bad, f"{where}: `{col}` length differs from `response_token_ids`")
-        for col in ("topk_token_ids", "topk_logprobs"):
-            rows = pc.list_flatten(table[col])
-            widths = pc.list_value_length(rows)
-            if len(widths) and pc.any(pc.not_equal(widths, k)).as_py():
-                problems.append(f"{where}: `{col}` has rows with {pc.min_max(widths).as_py()} entries, expected k={k}")
-        problems += _rows(table, pc.equal(pc.list_value_length(table["prompt_token_ids"]), 0),
-                          f"{where}: empty `prompt_token_ids`")
-        problems += _unsorted_topk(table, where)
-        problems += _non_finite(table, where)
-        problems += _out_of_vocabulary(table, where, vocab_size)
-        for rid in table["id"].to_pylist():
-            if rid in seen:
-                problems.append(f"{where}: duplicate id {rid!r}")
-            seen.add(rid)
+        first = True
+        while len(problems) < max_problems:
+            try:
+                batch = next(stored, None)
+            except READ_ERRORS as e:
+                problems.append(str(unreadable(where, e)))
+                every_shard_counted = False
+                break
+            if batch is None:
+                break
+            try:  # decoding also casts the stored widths to the contract's, or names a type problem
+                batch = decode(batch, encoding)
+            except (CorpusError, pa.ArrowException, KeyError) as e:
+                problems.append(f"{where}: {e}")
+                every_shard_counted = False
+                break
+            table = pa.Table.from_batches([batch])
+            if first:  # the shard's columns: once per shard
+                first = False
+                missing = [c for c in COLUMNS if c not in table.column_names]
+                if missing:
+                    problems.append(f"{where}: missing columns {missing}")
+                    every_shard_counted = False
+                    break
+            found = _batch_problems(table, where, k, vocab_size, seen)
+            problems += found
+            records += table.num_rows
+            tokens += int(pc.sum(pc.list_value_length(table["response_token_ids"])).as_py() or 0)
+            if clean and not found:
+                yield batch
         if len(problems) >= max_problems:
             every_shard_counted = False
             break
-    stats = manifest.stats if subdir == "data" else manifest.rejected_stats or CorpusStats()
+    stats = _expected_stats(manifest, subdir)
     for key, actual in (("records", records), ("response_tokens", tokens)):
         if every_shard_counted and getattr(stats, key) != actual:
             problems.append(f"manifest `stats.{key}` is {getattr(stats, key)!r} but the shards hold {actual}")
     if problems:
         more = "\n  ... and more" if len(problems) > max_problems else ""
         raise CorpusError(f"`{root}` is not a valid corpus:\n  " + "\n  ".join(problems[:max_problems]) + more)
-    return {"records": records, "response_tokens": tokens}
+
+
+def _expected_stats(manifest: Manifest, subdir: str) -> CorpusStats:
+    return manifest.stats if subdir == "data" else manifest.rejected_stats or CorpusStats()
+
+
+def _batch_problems(table: pa.Table, where: str, k: int, vocab_size: int | None, seen: set[str]) -> list[str]:
+    """What is wrong in these records of a shard with the right columns; `seen`: the ids read so far."""
+    problems = []
+    n_tokens = pc.list_value_length(table["response_token_ids"])
+    for col in TOKEN_COLUMNS:
+        if col in table.column_names:
+            bad = pc.not_equal(pc.list_value_length(table[col]), n_tokens)
+            problems += _rows(table, bad, f"{where}: `{col}` length differs from `response_token_ids`")
+    for col in ("topk_token_ids", "topk_logprobs"):
+        rows = pc.list_flatten(table[col])
+        widths = pc.list_value_length(rows)
+        if len(widths) and pc.any(pc.not_equal(widths, k)).as_py():
+            problems.append(f"{where}: `{col}` has rows with {pc.min_max(widths).as_py()} entries, expected k={k}")
+    problems += _rows(table, pc.equal(pc.list_value_length(table["prompt_token_ids"]), 0),
+                      f"{where}: empty `prompt_token_ids`")
+    problems += _unsorted_topk(table, where)
+    problems += _non_finite(table, where)
+    problems += _out_of_vocabulary(table, where, vocab_size)
+    for rid in table["id"].to_pylist():
+        if rid in seen:
+            problems.append(f"{where}: duplicate id {rid!r}")
+        seen.add(rid)
+    return problems
 
 
 def _rows(table: pa.Table, mask: pa.ChunkedArray, message: str) -> list[str]:
