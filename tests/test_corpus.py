@@ -206,10 +206,10 @@ def test_an_id_that_does_not_fit_is_one_error_naming_record_and_position(tmp_pat
     with pytest.raises(corpus.CorpusError) as err:
         corpus.validate(root)
     message = str(err.value)
-    assert "data/part-00000.parquet: record 'r1', position 1: `response_token_ids` holds 1099511627776, which " \
+    assert "data/part-00000.parquet: record 'r1', response position 1: `response_token_ids` holds 1099511627776, which " \
            "does not fit a token id (int32)" in message
     assert len(message.splitlines()) == 2 and "shards hold" not in message  # the header and one problem
-    with pytest.raises(corpus.CorpusError, match=r"part-00000.parquet`: record 'r1', position 1: `response_token_ids`"):
+    with pytest.raises(corpus.CorpusError, match=r"part-00000.parquet`: record 'r1', response position 1: `response_token_ids`"):
         list(corpus.iter_records(root))
 
 
@@ -253,19 +253,19 @@ def set_id(column: str, position: tuple, value: int):
 
 @pytest.mark.parametrize("encoding, change, message", [
     ("quantized", set_id("response_token_ids", 1, 99999),
-     "`response_token_ids` holds 1 token ids outside the teacher's vocabulary [0, 512) (first: record 'r1', "
+     "`response_token_ids` holds 1 id outside the teacher's vocabulary [0, 512) (first: record 'r1', "
      "response position 1: 99999)"),
     ("quantized", set_id("prompt_token_ids", 2, 512),
-     "`prompt_token_ids` holds 1 token ids outside the teacher's vocabulary [0, 512) (first: record 'r1', "
+     "`prompt_token_ids` holds 1 id outside the teacher's vocabulary [0, 512) (first: record 'r1', "
      "prompt position 2: 512)"),
     ("quantized", set_id("topk_token_ids", (2, 3), 70_000),
-     "`topk_token_ids` holds 1 token ids outside the teacher's vocabulary [0, 512) (first: record 'r1', "
+     "`topk_token_ids` holds 1 id outside the teacher's vocabulary [0, 512) (first: record 'r1', "
      "response position 2: 70000)"),
     ("float16", set_id("topk_token_ids", (1, 0), -5),
-     "`topk_token_ids` holds 1 token ids outside the teacher's vocabulary [0, 512) (first: record 'r1', "
+     "`topk_token_ids` holds 1 id outside the teacher's vocabulary [0, 512) (first: record 'r1', "
      "response position 1: -5)"),
     ("float32", set_id("response_token_ids", 0, -1),
-     "`response_token_ids` holds 1 token ids outside the teacher's vocabulary [0, 512) (first: record 'r1', "
+     "`response_token_ids` holds 1 id outside the teacher's vocabulary [0, 512) (first: record 'r1', "
      "response position 0: -1)"),
 ])
 def test_validate_refuses_token_ids_outside_the_vocabulary(tmp_path, encoding, change, message):
@@ -283,7 +283,7 @@ def test_without_a_recorded_vocabulary_negative_ids_are_still_refused(tmp_path):
     assert corpus.validate(make_corpus(tmp_path / "a", large, encoding="float16"))["records"] == 2
     negative = [record(0), record(1)]
     set_id("topk_token_ids", (0, 1), -5)(negative[1])
-    with pytest.raises(corpus.CorpusError, match=r"`topk_token_ids` holds 1 negative token ids \(first: record 'r1', "
+    with pytest.raises(corpus.CorpusError, match=r"`topk_token_ids` holds 1 id below 0 \(first: record 'r1', "
                                                  r"response position 0: -5\)"):
         corpus.validate(make_corpus(tmp_path / "b", negative, encoding="float16"))
 

@@ -23,9 +23,9 @@ def broken_corpus(root, teacher="t", encoding="float16"):
     return make_corpus(root, recs, encoding=encoding, vocab_size=VOCAB, teacher=teacher)
 
 
-RESPONSE_PROBLEM = ("data/part-00000.parquet: `response_token_ids` holds 1 token ids outside the teacher's vocabulary "
+RESPONSE_PROBLEM = ("data/part-00000.parquet: `response_token_ids` holds 1 id outside the teacher's vocabulary "
                     "[0, 512) (first: record 'r1', response position 1: 99999)")
-TOPK_PROBLEM = ("data/part-00000.parquet: `topk_token_ids` holds 1 token ids outside the teacher's vocabulary "
+TOPK_PROBLEM = ("data/part-00000.parquet: `topk_token_ids` holds 1 id outside the teacher's vocabulary "
                 "[0, 512) (first: record 'r1', response position 2: -5)")
 
 

@@ -306,7 +306,8 @@ def conform(data: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
                 array = values.to_numpy(zero_copy_only=False)
                 first = int(np.argmax((array < INT32[0]) | (array >= INT32[1])))
                 record, position = locate(column, first)
-                raise CorpusError(f"record {_name(data, record)!r}, position {position}: `{name}` holds "
+                at = "prompt position" if name == "prompt_token_ids" else "response position"
+                raise CorpusError(f"record {_name(data, record)!r}, {at} {position}: `{name}` holds "
                                   f"{array[first]}, which does not fit a token id (int32)")
         data = data.set_column(data.schema.get_field_index(name), name, column.cast(target))
     return data

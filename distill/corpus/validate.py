@@ -195,7 +195,7 @@ def _out_of_vocabulary(table: pa.Table, where: str, vocab_size: int | None) -> l
     """Token ids below 0 or, where the manifest records the teacher's `vocab_size`, not below it
     (a min/max per column; the values are looked at only to name the first bad one)."""
     problems = []
-    what = f"token ids outside the teacher's vocabulary [0, {vocab_size})" if vocab_size else "negative token ids"
+    outside = f"outside the teacher's vocabulary [0, {vocab_size})" if vocab_size else "below 0"
     for col in TOKEN_ID_COLUMNS:
         values = leaves(table[col])
         low, high = (v.as_py() for v in pc.min_max(values).values())
@@ -206,6 +206,7 @@ def _out_of_vocabulary(table: pa.Table, where: str, vocab_size: int | None) -> l
         first = int(np.argmax(bad))
         record, position = locate(table[col], first)
         at = "prompt position" if col == "prompt_token_ids" else "response position"
-        problems.append(f"{where}: `{col}` holds {int(bad.sum())} {what} (first: record "
+        n = int(bad.sum())
+        problems.append(f"{where}: `{col}` holds {n} {'id' if n == 1 else 'ids'} {outside} (first: record "
                         f"{table['id'][record].as_py()!r}, {at} {position}: {ids[first]})")
     return problems
