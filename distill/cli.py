@@ -98,6 +98,9 @@ def _inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", type=Path, help="A corpus directory.")
     p.add_argument("--record", type=int, default=0, help="Index of the record to decode.")
     p.add_argument("--tokens", type=int, default=12, help="Response tokens to show with their top-k.")
+    p.add_argument("--check", action="store_true",
+                   help="Validate every record first (types, lengths, logprobs, token ids against the teacher's "
+                   "vocabulary) and exit 1 on a problem.")
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:

@@ -157,7 +157,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_finished_shards(tmp_path, capsys,
         written.append(where)
         real_write(table, where, **kwargs)
 
-    monkeypatch.setattr(corpus.pq, "write_table", full_after_one_shard)
+    monkeypatch.setattr(pq, "write_table", full_after_one_shard)
     out = tmp_path / "out"
     assert main(["curate", "--corpus", str(source), "--out", str(out), "--config",
                  str(write_yaml(tmp_path / "f.yaml", {"filters": ["finish_reason"]}))]) == 1
