@@ -244,9 +244,13 @@ class ServeConfig(EngineConfig):
     model: ModelPath = Field(description="Model directory (a trained student), hub id or .gguf file; with `lora`, the base model.")
     lora: Path | None = Field(None, description="LoRA adapter directory to serve on top of `model` (e.g. STUDENT/adapter).")
     served_model_name: str | None = Field(None, description="Name clients request (default: the model's directory name).")
-    host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 exposes the server to the network).")
+    host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 exposes the server to the network: it needs "
+                      "an API key, or `insecure_public`).")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
-    api_key: str | None = Field(None, description="Require this bearer key (default: $VLLM_API_KEY; unset = no key).")
+    api_key: str | None = Field(None, description="Require this bearer key on every route but /health (default: "
+                                "$VLLM_API_KEY, which keeps it out of `ps`; unset = no key).")
+    insecure_public: bool = Field(False, description="Serve on a non-loopback `host` without an API key: anyone who "
+                                  "reaches the port may use the model.")
     startup_timeout: float = Field(600.0, gt=0, description="Seconds to wait for the server to answer /health.")
     vllm_args: list[str] = Field(default_factory=list, description="Extra vLLM server flags (on the command line: after `--`).")
     ui: bool = Field(False, description="Also serve a browser chat page (on `host`:`ui_port`; the API key, if set, is its password).")

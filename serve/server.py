@@ -66,8 +66,9 @@ def ready_message(server: Server, page_url: str | None = None) -> str:
     body = json.dumps({"model": server.model, "messages": [{"role": "user", "content": "Hello!"}]})
     login = "  (log in with the API key as the password)" if server.api_key else ""
     page = [f"chat page: {page_url}{login}"] if page_url else []
+    where = server.url if server.listen_url == server.url else f"{server.listen_url} (from this machine: {server.url})"
     return "\n".join([
-        f"ready: {server.url}  model: {server.model}  (server log: {server.log_path})",
+        f"ready: {where}  model: {server.model}  (server log: {server.log_path})",
         *page,
         "",
         f"  curl {server.url}/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'",
