@@ -57,6 +57,8 @@ DEBUG_HELP = "Show the traceback of an error (also: DISTILL_DEBUG=1)."
 ENGINE_COMMANDS = ("generate", "score", "eval", "run", "demo", "demo-real")
 # Commands that pass everything after `--` through to the program they launch (their `vllm_args`).
 PASSTHROUGH_FIELD = "vllm_args"
+# Commands that leave nothing to resume: a stop signal just stops them.
+NOTHING_TO_RESUME = ("serve", "chat", "inspect")
 # Boolean fields with a second name for their `--no-` form (DESIGN's `--lora|--full`).
 NEGATIVE_ALIASES = {"lora": "full"}
 
@@ -204,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
-        print(f"distill {command}: interrupted ({signal.Signals(signum).name}); rerun the same command to resume.",
-              file=sys.stderr)
+        name = signal.Signals(signum).name
+        print(f"distill {command}: stopped ({name})." if command in NOTHING_TO_RESUME else
+              f"distill {command}: interrupted ({name}); rerun the same command to resume.", file=sys.stderr)
         return 128 + signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
     if model is not None and "out" in model.model_fields:
         print(cfg.out)  # where the stage wrote its result

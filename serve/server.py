@@ -15,7 +15,7 @@ from distill.launcher import Server, ServerError, check_port, check_startup, sta
 
 def serve(cfg: ServeConfig) -> int:
     """`distill serve`: start, print how to call it, then run until a KeyboardInterrupt (Ctrl-C;
-    SIGTERM or SIGHUP under the CLI) or a crash."""
+    SIGTERM or SIGHUP under the CLI), which it re-raises once the servers are stopped, or a crash."""
     check_startup(cfg)
     if cfg.ui:  # the page starts after the model has loaded: check its port before that
         check_port(cfg.host, cfg.ui_port, "ui_port")
@@ -32,9 +32,9 @@ def serve(cfg: ServeConfig) -> int:
         dead = next(s for s in servers if s.process.poll() is not None)
         raise ServerError(f"the vLLM server exited with code {dead.process.returncode}; its last lines "
                           f"({dead.log_path}):\n{dead.log_tail()}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the CLI exits 128 + the signal, as every command does
         print("stopping ...", file=sys.stderr)
-        return 0
+        raise
     finally:
         if page is not None:
             page.close()

@@ -195,7 +195,8 @@ def test_sigterm_stops_the_engine_process_too(served):
     tree = psutil.Process(proc.pid).children(recursive=True)
     assert tree  # the vLLM server and its engine core
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 0
+    assert proc.wait(60) == 128 + signal.SIGTERM  # like every command (issue 31: it was 0)
+    assert "distill serve: stopped (SIGTERM)." in proc.stderr.read()
     deadline = time.time() + 30
     while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree) and time.time() < deadline:
         time.sleep(0.5)
