@@ -109,6 +109,22 @@ def clear_dir(directory: Path) -> None:
             p.unlink()
 
 
+def check_not_being_written(directory: Path, field: str) -> None:
+    """Refuse an input directory that a running command holds (`exclusive`): its files are not final."""
+    lock = Path(directory) / LOCK_NAME
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        raise OutputInUse(f"`{field}` `{directory}` is being written by pid {holder}: wait for it to finish") from None
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def exclusive(out: Path) -> Iterator[Path]:
     """Hold the output directory `out` (created if needed) for this process: a second command
