@@ -30,6 +30,7 @@ from distill.config import (
 )
 from distill.files import DiskFull, OutputInUse
 from distill.launcher import ServerError
+from distill.plugins import PluginError
 from distill.lifetime import stop_on_signals
 
 # name -> (function "module:attr", config model, one-line help)
@@ -51,7 +52,7 @@ COMMANDS: dict[str, tuple[str, type[BaseModel] | None, str]] = {
 }
 # Errors a user causes: printed as one line, no traceback (`--debug` or DISTILL_DEBUG=1 shows it).
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, ConnectionError, PermissionError,
-               ServerError, FloatingPointError, OutputInUse, DiskFull)
+               ServerError, FloatingPointError, OutputInUse, DiskFull, PluginError)
 DEBUG_HELP = "Show the traceback of an error (also: DISTILL_DEBUG=1)."
 # Commands that run vLLM engines in-process: vLLM's INFO log is off unless `--verbose`.
 ENGINE_COMMANDS = ("generate", "score", "eval", "run", "demo", "demo-real")
@@ -196,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 cfg = model.from_yaml(config_file, **args) if config_file else model(**args)
             except ValidationError as e:
-                print(format_validation_error(e, f"distill {command}: "), file=sys.stderr)
-                return 2
+                # a bad value is the user's error like any other: exit 1 (2 stays argparse's, for bad usage)
+                print(format_validation_error(e, f"distill {command}: error: "), file=sys.stderr)
+                return 1
             result = getattr(importlib.import_module(module), attr)(cfg)
     except USER_ERRORS as e:
         if debug:

@@ -187,7 +187,9 @@ class TrainConfig(StageConfig):
     save_steps: int = Field(500, ge=1, description="Checkpoint every this many steps.")
     logging_steps: int = Field(10, ge=1, description="Log metrics every this many steps.")
     seed: int = Field(0, description="Seed for init, data order and the eval split.")
-    resume: bool = Field(False, description="Continue from the newest checkpoint in `out`.")
+    resume: bool = Field(False, description="Continue from the newest checkpoint in `out` even if its settings differ "
+                         "(the same settings resume without it).")
+    overwrite: bool = Field(False, description="Replace a finished student or a run with other settings in `out`.")
     allow_incomplete: bool = Field(False, description=ALLOW_INCOMPLETE)
     on_policy: bool = Field(False, description="Also train on the student's own samples, scored by the teacher behind "
                             "`teacher_endpoint` (on-policy distillation).")
@@ -235,6 +237,8 @@ class InitStudentConfig(StageConfig):
     def _one_choice(self) -> "InitStudentConfig":
         if (self.num_layers is None) == (self.keep_layers is None):
             raise ValueError("give exactly one of `num_layers` and `keep_layers`")
+        if self.keep_layers == []:  # `--keep-layers ''` or `,`: a student with no layers would still train
+            raise ValueError("`keep_layers` names no layer: give the teacher layers to keep, e.g. 0,3,6,9")
         return self
 
 
@@ -382,6 +386,8 @@ def format_validation_error(err: ValidationError, source: str = "") -> str:
     """One line per problem, each naming the field (`a.b`) the way the YAML/flag spells it."""
     lines = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "config"
-        lines.append(f"{source}`{where}`: {e['msg']}")
+        where = ".".join(str(p) for p in e["loc"])  # empty for a check across fields: its message names them
+        # a validator's ValueError: its own message, without pydantic's "Value error, " in front
+        message = str(e["ctx"]["error"]) if e["type"] == "value_error" and "error" in e.get("ctx", {}) else e["msg"]
+        lines.append(f"{source}`{where}`: {message}" if where else f"{source}{message}")
     return "\n".join(lines)

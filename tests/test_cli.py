@@ -49,9 +49,9 @@ def test_engine_settings_carry_revision_and_remote_code():
 
 def test_ray_flags_need_the_ray_backend(capsys):
     args = ["generate", "--teacher", "t", "--prompts", "p.jsonl", "--out", "o"]
-    assert main([*args, "--replicas", "2"]) == 2
+    assert main([*args, "--replicas", "2"]) == 1
     assert "`replicas` applies to `backend: ray` only" in capsys.readouterr().err
-    assert main([*args, "--backend", "ray", "--endpoint", "http://box:8000"]) == 2
+    assert main([*args, "--backend", "ray", "--endpoint", "http://box:8000"]) == 1
     assert "give `endpoint` or `backend: ray`, not both" in capsys.readouterr().err
     cfg = GenerateConfig(teacher="t", prompts="p.jsonl", out="o", backend="ray", ray_address="auto", replicas=4,
                          gpus_per_replica=2)
@@ -59,8 +59,9 @@ def test_ray_flags_need_the_ray_backend(capsys):
 
 
 def test_missing_and_invalid_fields_are_named(capsys, tmp_path):
-    assert main(["generate", "--prompts", "p.jsonl", "--out", str(tmp_path), "--top-k", "0"]) == 2
+    assert main(["generate", "--prompts", "p.jsonl", "--out", str(tmp_path), "--top-k", "0"]) == 1  # README: 1
     err = capsys.readouterr().err
+    assert err.splitlines()[0] == "distill generate: error: `teacher`: Field required"
     assert "`teacher`: Field required" in err and "`top_k`: Input should be greater than or equal to 1" in err
 
 
