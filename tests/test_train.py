@@ -82,6 +82,27 @@ def test_resume_continues_from_the_checkpoint(tmp_path, tiny_models, teacher_cor
     assert logged_steps(out) == [1, 2, 3, 4]
 
 
+def test_rerunning_the_same_command_resumes_and_a_finished_student_is_kept(tmp_path, tiny_models, teacher_corpus):
+    cfg = TrainConfig(corpus=teacher_corpus, student=str(tiny_models["llama-student"]), out=tmp_path / "s",
+                      max_steps=4, batch_size=8, save_steps=2, eval_fraction=0.0, logging_steps=1)
+    out = train(cfg).path
+    # As a kill during step 4's checkpoint leaves it: no student yet, checkpoint-4 half written.
+    (out / "distill.json").unlink()
+    (out / "checkpoints" / "checkpoint-4" / CHECKPOINT_DONE).unlink()
+    kept = (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match=r"other settings \(max_steps differ\)"):
+        train(cfg.model_copy(update={"max_steps": 2}))
+    train(cfg)  # the same command, no --resume: what the interrupt message tells the user to do
+    assert (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").stat().st_mtime_ns == kept  # not redone
+    assert logged_steps(out) == [1, 2, 3, 4]
+    card = (out / "distill.json").read_bytes()
+    with pytest.raises(FileExistsError, match="holds a finished student"):
+        train(cfg)
+    assert (out / "distill.json").read_bytes() == card
+    train(cfg.model_copy(update={"max_steps": 2, "overwrite": True}))
+    assert logged_steps(out) == [1, 2] and not (out / "checkpoints" / "checkpoint-4").exists()
+
+
 def test_student_with_another_vocabulary_is_refused(tmp_path, tiny_models, teacher_corpus):
     import shutil
 
