@@ -32,6 +32,7 @@ from distill.api_key import MIDDLEWARE as API_KEY_MIDDLEWARE
 from distill.config import EngineConfig, ServeConfig
 from distill.engine import check_model, engine_kwargs, server_flags
 from distill.lifetime import command_dying_with_parent
+from distill.models import model_source
 
 
 class ServerError(RuntimeError):
@@ -84,7 +85,13 @@ def check_startup(cfg: ServeConfig) -> None:
 
 
 def served_name(model: str) -> str:
+    """What clients request: a directory's name; for a converted GGUF its file's stem (the cache
+    directory is named by the file's hash, which goes to the log instead)."""
     path = Path(model)
+    source = model_source(model) if path.is_dir() else None
+    if source is not None:
+        print(f"{source.gguf} (sha256 {source.sha256}) is served from its conversion {model}", file=sys.stderr)
+        return Path(source.gguf).stem
     return path.name if path.exists() else model
 
 

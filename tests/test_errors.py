@@ -345,3 +345,43 @@ def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DISTILL_DEBUG", "1")
     with pytest.raises(corpus.CorpusError):
         main(args)
+
+
+def tiny_gguf(path: Path) -> Path:
+    """A small well-formed GGUF file (one tensor): what a cut-off download is cut from."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.ones((64, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("keep", [1000, 100, 3])
+def test_a_truncated_gguf_is_one_line_exit_1(tmp_path, capsys, monkeypatch, keep):
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    data = tiny_gguf(tmp_path / "whole.gguf").read_bytes()
+    (tmp_path / "t.gguf").write_bytes(data[:keep])
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    assert main(["generate", "--teacher", str(tmp_path / "t.gguf"), "--prompts", str(prompts),
+                 "--out", str(tmp_path / "out")]) == 1
+    assert "not a readable GGUF file (truncated?)" in one_line_error(capsys, "generate")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_converted_gguf_is_served_under_its_file_stem_with_the_hash_in_the_log(tmp_path, capsys):
+    from distill.launcher import served_name
+    from distill.models import SOURCE_FILE
+
+    converted = tmp_path / "gguf" / "0123456789abcdef"  # as convert_gguf names its cache directory
+    converted.mkdir(parents=True)
+    (converted / SOURCE_FILE).write_text(json.dumps({"gguf": "/models/SmolLM2-135M-Instruct-Q8_0.gguf",
+                                                     "sha256": "0123456789abcdef" * 4}))
+    assert served_name(str(converted)) == "SmolLM2-135M-Instruct-Q8_0"
+    assert "0123456789abcdef" * 4 in capsys.readouterr().err
+    assert served_name(str(tmp_path)) == tmp_path.name  # any other directory: its name
