@@ -169,8 +169,9 @@ def _write_shard(out: Path, index: int, table: pa.Table, subdir: str) -> None:
     try:
         corpus.write_shard(out, index, table, subdir)
     except files.DiskFull as e:  # generate's advice (its shards are kept) is wrong here: say what a rerun does
-        raise files.DiskFull(f"no space left on device writing the curated corpus `{out}` (shard {index} of "
-                             f"{subdir}/): free space and rerun the same command (curation starts over)") from e
+        path = out / subdir / f"part-{index:05d}.parquet"
+        raise files.DiskFull(f"no space left on device writing shard {index} (`{path}`); free space and rerun the "
+                             "same command: curation starts over (no --overwrite needed)") from e
 
 
 def curate_batch(stored: pa.RecordBatch, filters: list[Filter], masker, decode, report: Report):

@@ -334,5 +334,5 @@ def test_a_full_disk_says_what_the_rerun_does(tmp_path, planted, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(pq, "write_table", full)
-    with pytest.raises(DiskFull, match=r"no space left on device writing the curated corpus .*rerun the same command"):
+    with pytest.raises(DiskFull, match=r"no space left on device writing shard 0 .*rerun the same command: curation starts over"):
         curate(CurateConfig(corpus=planted, out=tmp_path / "out"))

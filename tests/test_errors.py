@@ -163,7 +163,8 @@ def test_a_full_disk_is_one_line_and_keeps_the_finished_shards(tmp_path, capsys,
                  str(write_yaml(tmp_path / "f.yaml", {"filters": ["finish_reason"]}))]) == 1
     err = one_line_error(capsys, "curate")
     assert f"no space left on device writing shard 1 (`{out}/data/part-00001.parquet`)" in err
-    assert err.endswith("the finished shards are kept: free space and rerun")
+    # generate's "the finished shards are kept" is no help here: curate starts over (issue 31)
+    assert err.endswith("free space and rerun the same command: curation starts over (no --overwrite needed)")
     assert [p.name for p in corpus.shard_paths(out)] == ["part-00000.parquet"]
     assert not list(out.rglob(files.PARTIAL_GLOB))
 
@@ -385,3 +386,19 @@ def test_a_converted_gguf_is_served_under_its_file_stem_with_the_hash_in_the_log
     assert served_name(str(converted)) == "SmolLM2-135M-Instruct-Q8_0"
     assert "0123456789abcdef" * 4 in capsys.readouterr().err
     assert served_name(str(tmp_path)) == tmp_path.name  # any other directory: its name
+
+
+@pytest.mark.parametrize("form", ["{host}:{port}", "ray://{host}:{port}"])
+def test_an_unreachable_ray_address_is_one_line_before_anything_is_written(tmp_path, capsys, tiny_models, form):
+    import socket
+
+    with socket.socket() as closed:  # a port that was just free: nothing listens there
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    address = form.format(host="127.0.0.1", port=port)
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    assert main(["generate", "--teacher", str(tiny_models["llama-teacher"]), "--prompts", str(prompts),
+                 "--out", str(tmp_path / "out"), "--backend", "ray", "--ray-address", address]) == 1
+    error = one_line_error(capsys, "generate")
+    assert f"`ray_address` {address}: no Ray cluster answers at 127.0.0.1:{port}" in error
+    assert not (tmp_path / "out").exists()
