@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from distill import corpus
-from distill.cli import build_parser, main
+from distill.cli import COMMANDS, build_parser, main
 from distill.config import CurateConfig, EvalConfig, GenerateConfig, TrainConfig
 from tests.helpers import ROOT, write_jsonl
 from tests.helpers import make_corpus, record
@@ -240,3 +240,27 @@ def test_vllm_info_log_is_off_unless_verbose(monkeypatch, tmp_path, flags, level
     assert code == 1
     assert os.environ.get("VLLM_LOGGING_LEVEL") == level
     assert os.environ["VLLM_LOGGING_STREAM"] == "ext://sys.stderr"  # stdout: only the command's result
+
+
+# One bad value per command with a config model: the field and the value the model refuses.
+BAD_VALUE = {"generate": ["--top-k", "0"], "score": ["--top-k", "0"], "curate": ["--batch-size", "0"],
+             "init-student": ["--num-layers", "0"], "train": ["--alpha", "2"], "eval": ["--top-k", "0"],
+             "serve": ["--port", "-1"], "chat": ["--max-tokens", "0"]}
+
+
+@pytest.mark.parametrize("command", [name for name, (_, model, _) in COMMANDS.items() if model is not None])
+def test_a_bad_value_is_exit_1_with_the_prefix_and_bad_usage_exit_2(command, capsys):
+    assert set(BAD_VALUE) == {name for name, (_, model, _) in COMMANDS.items() if model is not None}
+    assert main([command, *BAD_VALUE[command]]) == 1
+    err = capsys.readouterr().err
+    assert err and all(line.startswith(f"distill {command}: error: ") for line in err.splitlines()), err
+    with pytest.raises(SystemExit) as usage:  # argparse: an unknown flag is a usage error
+        main([command, "--no-such-flag"])
+    assert usage.value.code == 2
+
+
+@pytest.mark.parametrize("args", [["inspect", "no/such/corpus"], ["run", "no/such/run.yaml"]])
+def test_commands_without_a_config_model_say_errors_the_same_way(args, capsys):
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"distill {args[0]}: error: ") and len(err.splitlines()) == 1, err
