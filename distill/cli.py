@@ -6,6 +6,7 @@ FILE.yaml` gives any of them; flags win. Stages are imported only when their com
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -58,6 +59,9 @@ DEBUG_HELP = "Show the traceback of an error (also: DISTILL_DEBUG=1)."
 ENGINE_COMMANDS = ("generate", "score", "eval", "run", "demo", "demo-real")
 # Commands that pass everything after `--` through to the program they launch (their `vllm_args`).
 PASSTHROUGH_FIELD = "vllm_args"
+# Commands whose libraries print logs to stdout (Trainer's loss dicts through tqdm.write, DeepSpeed's
+# logger): while they run, stdout is stderr, so that stdout carries only the result (`out`).
+LOGS_ON_STDOUT = ("train",)
 # Commands that leave nothing to resume: a stop signal just stops them.
 NOTHING_TO_RESUME = ("serve", "chat", "inspect")
 # Boolean fields with a second name for their `--no-` form (DESIGN's `--lora|--full`).
@@ -200,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                 # a bad value is the user's error like any other: exit 1 (2 stays argparse's, for bad usage)
                 print(format_validation_error(e, f"distill {command}: error: "), file=sys.stderr)
                 return 1
-            result = getattr(importlib.import_module(module), attr)(cfg)
+            with contextlib.redirect_stdout(sys.stderr) if command in LOGS_ON_STDOUT else contextlib.nullcontext():
+                result = getattr(importlib.import_module(module), attr)(cfg)
     except USER_ERRORS as e:
         if debug:
             raise

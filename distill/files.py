@@ -31,6 +31,23 @@ class DiskFull(OSError):
     """ENOSPC, said in one line (what was being written, what to do)."""
 
 
+def is_disk_full(error: BaseException, where: Path) -> bool:
+    """ENOSPC anywhere in `error`'s chain; or a writer that hides it (torch's serializer: "file
+    write failed", "iostream error", "unexpected pos") while the disk holding `where` has no room
+    left (under 1 MiB: the partial file it leaves took the rest)."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(error, RuntimeError):
+        try:
+            return shutil.disk_usage(where).free < 2**20
+        except OSError:
+            return False
+    return False
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -220,7 +220,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     # Under torchrun every rank writes into `out`: the first one holds it for all of them.
     first_rank = int(os.environ.get("RANK", "0")) == 0
     with files.exclusive(cfg.out) if first_rank else contextlib.nullcontext():
-        return _train(cfg)
+        try:
+            return _train(cfg)
+        except Exception as e:
+            if files.is_disk_full(e, cfg.out):  # else a serializer traceback that never names disk space
+                raise files.DiskFull(f"no space left on device writing `{cfg.out}`; free space and rerun the same "
+                                     "command: it resumes from the newest complete checkpoint") from None
+            raise
 
 
 def _train(cfg: TrainConfig) -> TrainResult:
