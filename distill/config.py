@@ -3,6 +3,7 @@ YAML keys both derive from these fields (see `distill.cli`)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -40,6 +41,20 @@ def load_yaml(path: Path) -> Any:
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ValueError(f"`{where}`: invalid YAML ({problem})") from None
+
+
+# Fields that hold a secret: left out of every record a result carries (manifests, model cards, run.json).
+SECRET_FIELDS = frozenset({"api_key", "teacher_api_key"})
+
+
+def provenance(config: BaseModel) -> dict[str, Any]:
+    """`config` as JSON for a provenance record, without its secrets (nested sections too)."""
+    def redact(data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: redact(v) for k, v in data.items() if k not in SECRET_FIELDS}
+        return [redact(v) for v in data] if isinstance(data, list) else data
+
+    return redact(json.loads(config.model_dump_json()))
 
 
 ALLOW_INCOMPLETE = ("Accept a corpus whose generate job was interrupted (`complete: false`); "

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from distill.config import provenance
 from distill.files import DiskFull, atomic_path, write_json
 from distill.models import ModelSource
 
@@ -399,7 +400,7 @@ def history_entry(stage: str, config: Any, wall_time: float, complete: bool = Tr
     from distill import versions
 
     return {"stage": stage, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_time_s": round(wall_time, 2),
-            "complete": complete, "config": json.loads(config.model_dump_json()), "versions": versions()}
+            "complete": complete, "config": provenance(config), "versions": versions()}
 
 
 class _Section(BaseModel):

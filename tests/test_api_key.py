@@ -122,3 +122,21 @@ def test_the_ready_line_names_the_bound_address(tmp_path):
     assert ready_message(public).startswith("ready: http://0.0.0.0:8000/v1 (from this machine: http://127.0.0.1:8000/v1)")
     local = Server(None, "http://127.0.0.1:8000/v1", "tiny", tmp_path / "log", None)
     assert ready_message(local).startswith("ready: http://127.0.0.1:8000/v1  model: tiny")
+
+
+def test_keys_stay_out_of_manifests_model_cards_and_run_state(tmp_path):
+    """A corpus's manifest and a student's distill.json travel with the result: no key in them."""
+    import json
+
+    from distill import corpus
+    from distill.config import GenerateConfig, RunConfig, TrainConfig, provenance
+
+    generate = GenerateConfig(teacher="org/t", prompts="p.jsonl", out="o", endpoint=["http://box:8000/v1"], api_key=KEY)
+    assert KEY not in json.dumps(corpus.history_entry("generate", generate, 1.0))  # manifest.history
+    train = TrainConfig(corpus="c", student="org/s", out="o", on_policy=True, teacher_endpoint="http://box:8000/v1",
+                        teacher_api_key=KEY)
+    assert KEY not in json.dumps(provenance(train))  # distill.json's `config`
+    assert provenance(train)["teacher_endpoint"] == "http://box:8000/v1"  # everything else stays
+    run = RunConfig.model_validate({"out": str(tmp_path), "teacher": {"model": "org/t"}, "student": {"model": "org/s"},
+                                    "prompts": {"train": "p.jsonl", "eval": "e.jsonl"}, "serve": {"api_key": KEY}})
+    assert KEY not in json.dumps(provenance(run))  # run.json

@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from distill import corpus, files
-from distill.config import TrainConfig
+from distill.config import TrainConfig, provenance
 from distill.engine import check_model
 from distill.launcher import EndpointError
 from distill.models import model_source
@@ -348,7 +348,7 @@ def _card(cfg: TrainConfig, manifest: corpus.Manifest, trainer, initial: dict, f
         corpus=str(cfg.corpus), corpus_complete=manifest.stats.complete is not False, teacher=manifest.teacher,
         student_source=model_source(cfg.student),
         corpus_manifest_sha256=manifest.sha256(),
-        curation=manifest.curation, config=json.loads(cfg.model_dump_json()), steps=trainer.state.global_step,
+        curation=manifest.curation, config=provenance(cfg), steps=trainer.state.global_step,
         initial=initial, final=final, first_loss=logs[0]["loss"] if logs else None,
         last_loss=logs[-1]["loss"] if logs else None, history=manifest.history + [corpus.history_entry("train", cfg, wall)])
 
