@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from distill.config import (
+    SECRET_FIELDS,
     ChatConfig,
     CurateConfig,
     EvalConfig,
@@ -198,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
             result = getattr(importlib.import_module(module), attr)(**args)
         else:
             config_file = args.pop("config", None)
+            for field in SECRET_FIELDS & args.keys():
+                print(f"distill {command}: warning: `{_flag(field)}` on the command line is visible to every user "
+                      "in `ps`: give it in the environment (see --help) or a --config file", file=sys.stderr)
             try:
                 cfg = model.from_yaml(config_file, **args) if config_file else model(**args)
             except ValidationError as e:

@@ -264,3 +264,14 @@ def test_commands_without_a_config_model_say_errors_the_same_way(args, capsys):
     assert main(args) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"distill {args[0]}: error: ") and len(err.splitlines()) == 1, err
+
+
+def test_a_key_given_as_a_flag_is_warned_about(capsys):
+    from distill.launcher import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens: chat stops at once
+    assert main(["chat", "--url", url, "--api-key", "sk-visible"]) == 1
+    err = capsys.readouterr().err
+    assert "distill chat: warning: `--api-key` on the command line is visible to every user in `ps`" in err
+    assert main(["chat", "--url", url]) == 1
+    assert "warning" not in capsys.readouterr().err
