@@ -6,6 +6,7 @@ FILE.yaml` gives any of them; flags win. Stages are imported only when their com
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from distill.config import (
+    SECRET_FIELDS,
     ChatConfig,
     CurateConfig,
     EvalConfig,
@@ -30,6 +32,7 @@ from distill.config import (
 )
 from distill.files import DiskFull, OutputInUse
 from distill.launcher import ServerError
+from distill.plugins import PluginError
 from distill.lifetime import stop_on_signals
 
 # name -> (function "module:attr", config model, one-line help)
@@ -51,12 +54,17 @@ COMMANDS: dict[str, tuple[str, type[BaseModel] | None, str]] = {
 }
 # Errors a user causes: printed as one line, no traceback (`--debug` or DISTILL_DEBUG=1 shows it).
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, ConnectionError, PermissionError,
-               ServerError, FloatingPointError, OutputInUse, DiskFull)
+               ServerError, FloatingPointError, OutputInUse, DiskFull, PluginError)
 DEBUG_HELP = "Show the traceback of an error (also: DISTILL_DEBUG=1)."
 # Commands that run vLLM engines in-process: vLLM's INFO log is off unless `--verbose`.
 ENGINE_COMMANDS = ("generate", "score", "eval", "run", "demo", "demo-real")
 # Commands that pass everything after `--` through to the program they launch (their `vllm_args`).
 PASSTHROUGH_FIELD = "vllm_args"
+# Commands whose libraries print logs to stdout (Trainer's loss dicts through tqdm.write, DeepSpeed's
+# logger): while they run, stdout is stderr, so that stdout carries only the result (`out`).
+LOGS_ON_STDOUT = ("train",)
+# Commands that leave nothing to resume: a stop signal just stops them.
+NOTHING_TO_RESUME = ("serve", "chat", "inspect")
 # Boolean fields with a second name for their `--no-` form (`--lora` / `--full`, docs/reference.md).
 NEGATIVE_ALIASES = {"lora": "full"}
 
@@ -194,12 +202,17 @@ def main(argv: list[str] | None = None) -> int:
             result = getattr(importlib.import_module(module), attr)(**args)
         else:
             config_file = args.pop("config", None)
+            for field in SECRET_FIELDS & args.keys():
+                print(f"distill {command}: warning: `{_flag(field)}` on the command line is visible to every user "
+                      "in `ps`: give it in the environment (see --help) or a --config file", file=sys.stderr)
             try:
                 cfg = model.from_yaml(config_file, **args) if config_file else model(**args)
             except ValidationError as e:
-                print(format_validation_error(e, f"distill {command}: "), file=sys.stderr)
-                return 2
-            result = getattr(importlib.import_module(module), attr)(cfg)
+                # a bad value is the user's error like any other: exit 1 (2 stays argparse's, for bad usage)
+                print(format_validation_error(e, f"distill {command}: error: "), file=sys.stderr)
+                return 1
+            with contextlib.redirect_stdout(sys.stderr) if command in LOGS_ON_STDOUT else contextlib.nullcontext():
+                result = getattr(importlib.import_module(module), attr)(cfg)
     except USER_ERRORS as e:
         if debug:
             raise
@@ -207,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
-        print(f"distill {command}: interrupted ({signal.Signals(signum).name}); rerun the same command to resume.",
-              file=sys.stderr)
+        name = signal.Signals(signum).name
+        print(f"distill {command}: stopped ({name})." if command in NOTHING_TO_RESUME else
+              f"distill {command}: interrupted ({name}); rerun the same command to resume.", file=sys.stderr)
         return 128 + signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
     if model is not None and "out" in model.model_fields:
         print(cfg.out)  # where the stage wrote its result

@@ -101,6 +101,10 @@ class CorpusJob:
         self.vocab_size = vocab_size(cfg, tokenizer)
         self.identity = self._identity()
         self._check_resume()
+        if cfg.backend == "ray":  # an unreachable cluster: one line in seconds, before anything is written
+            from distill.generate.ray_teacher import check_address
+
+            check_address(cfg.ray_address)
 
     def _identity(self) -> dict:
         cfg = self.cfg

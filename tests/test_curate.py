@@ -285,3 +285,48 @@ def test_advice_when_most_rejections_are_unfinished_answers(tmp_path, tokenizer,
     make_corpus(tmp_path / "fine", [answer("a", "Fine.", tokenizer), answer("b", "Also fine.", tokenizer)], k=K)
     curate(CurateConfig(corpus=tmp_path / "fine", out=tmp_path / "out2", filters=["finish_reason"]))
     assert json.loads((tmp_path / "out2" / "report.json").read_text())["advice"] == []
+
+
+def test_a_failing_plugin_is_one_line_from_the_cli(tmp_path, planted, monkeypatch, capsys):
+    (tmp_path / "boom.py").write_text("def check(record):\n    raise KeyError('missing field')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"filters": [{"name": "boom", "plugin": "boom:check"}]}))
+    code = main(["curate", "--corpus", str(planted), "--out", str(tmp_path / "o"), "--config", str(tmp_path / "c.yaml")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and err.startswith("distill curate: error: plug-in `boom` (boom:check) failed on record 'c0': KeyError")
+
+
+def test_an_input_corpus_still_being_written_is_refused_naming_its_writer(tmp_path, planted):
+    import os
+
+    from distill import files
+    from distill.files import OutputInUse
+
+    with files.exclusive(planted):  # as a running `generate` holds it
+        with pytest.raises(OutputInUse, match=rf"`corpus` `{planted}` is being written by pid {os.getpid()}"):
+            curate(CurateConfig(corpus=planted, out=tmp_path / "out"))
+    assert curate(CurateConfig(corpus=planted, out=tmp_path / "out")).kept  # once it is done
+
+
+def test_an_interrupted_curate_reruns_and_a_finished_one_needs_overwrite(tmp_path, planted):
+    out = tmp_path / "out"
+    first = curate(CurateConfig(corpus=planted, out=out))
+    for written_last in [p for p in out.iterdir() if p.name not in ("data", "rejected")]:
+        written_last.unlink()  # as a kill before the manifest and report leaves it: only shards
+    assert curate(CurateConfig(corpus=planted, out=out)).kept == first.kept  # the same command reruns
+    with pytest.raises(FileExistsError, match="holds a finished corpus.*--overwrite"):
+        curate(CurateConfig(corpus=planted, out=out))
+    assert curate(CurateConfig(corpus=planted, out=out, overwrite=True)).kept == first.kept
+
+
+def test_a_full_disk_says_what_the_rerun_does(tmp_path, planted, monkeypatch):
+    import errno
+
+    from distill.files import DiskFull
+
+    def full(*_args, **_kwargs):  # labelled stand-in: a full disk cannot be made here without root
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", full)
+    with pytest.raises(DiskFull, match=r"no space left on device writing shard 0 .*rerun the same command: curation starts over"):
+        curate(CurateConfig(corpus=planted, out=tmp_path / "out"))

@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from distill import corpus, files
-from distill.config import TrainConfig
+from distill.config import TrainConfig, provenance
 from distill.engine import check_model
 from distill.launcher import EndpointError
 from distill.models import model_source
@@ -31,10 +31,9 @@ from distill.train.data import DistillCollator, trainable
 from distill.train.head import lm_head
 from distill.train.losses import chunked_distill_loss
 from distill.train.onpolicy import TeacherEndpoint, on_policy_records, sample
+from distill.train.resume import CHECKPOINT_DONE, start_from
 from distill.train.scoring import pad_token_id, teacher_forced
 
-# Written (atomically) into a checkpoint folder once it is whole: only such checkpoints resume.
-CHECKPOINT_DONE = "distill-checkpoint-complete"
 
 
 class DistillTrainer(SFTTrainer):
@@ -221,7 +220,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     # Under torchrun every rank writes into `out`: the first one holds it for all of them.
     first_rank = int(os.environ.get("RANK", "0")) == 0
     with files.exclusive(cfg.out) if first_rank else contextlib.nullcontext():
-        return _train(cfg)
+        try:
+            return _train(cfg)
+        except Exception as e:
+            if files.is_disk_full(e, cfg.out):  # else a serializer traceback that never names disk space
+                raise files.DiskFull(f"no space left on device writing `{cfg.out}`; free space and rerun the same "
+                                     "command: it resumes from the newest complete checkpoint") from None
+            raise
 
 
 def _train(cfg: TrainConfig) -> TrainResult:
@@ -235,7 +240,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
     check_model(cfg.student, "student")
     k = manifest.generation.top_k
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    resume = start_from(cfg, out)  # refuses another run's `out` before any model loads
     tokenizer = AutoTokenizer.from_pretrained(cfg.student)
     gpu = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.bfloat16 if gpu else torch.float32)
@@ -278,13 +283,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
                              processing_class=tokenizer, data_collator=collator, peft_config=peft_config,
                              callbacks=[JsonlMetrics(out / "metrics.jsonl"), MarkCompleteCheckpoints(), StopOnNonFinite()],
                              distill=cfg, teacher=teacher)
-    # A kill can leave the newest checkpoint half written: resume from the newest complete one.
-    complete = sorted((c for c in (out / "checkpoints").glob("checkpoint-*") if (c / CHECKPOINT_DONE).exists()),
-                      key=lambda c: int(c.name.split("-")[-1]))
-    resume = str(complete[-1]) if cfg.resume and complete else None
     initial = held_out_metrics(trainer, eval_data, collator, cfg) if eval_data else {}
     try:
-        trainer.train(resume_from_checkpoint=resume)
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except EndpointError as e:
         raise EndpointError(f"{e} Training stopped at step {trainer.state.global_step}; rerun with `--resume` to "
                             f"continue from the newest complete checkpoint in {out / 'checkpoints'}") from None
@@ -347,7 +348,7 @@ def _card(cfg: TrainConfig, manifest: corpus.Manifest, trainer, initial: dict, f
         corpus=str(cfg.corpus), corpus_complete=manifest.stats.complete is not False, teacher=manifest.teacher,
         student_source=model_source(cfg.student),
         corpus_manifest_sha256=manifest.sha256(),
-        curation=manifest.curation, config=json.loads(cfg.model_dump_json()), steps=trainer.state.global_step,
+        curation=manifest.curation, config=provenance(cfg), steps=trainer.state.global_step,
         initial=initial, final=final, first_loss=logs[0]["loss"] if logs else None,
         last_loss=logs[-1]["loss"] if logs else None, history=manifest.history + [corpus.history_entry("train", cfg, wall)])
 

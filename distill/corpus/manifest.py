@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from distill.config import provenance
 from distill.corpus.codec import CorpusError
 from distill.files import write_json
 from distill.models import ModelSource
@@ -42,7 +43,7 @@ def history_entry(stage: str, config: Any, wall_time: float, complete: bool = Tr
     from distill import versions
 
     return {"stage": stage, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_time_s": round(wall_time, 2),
-            "complete": complete, "config": json.loads(config.model_dump_json()), "versions": versions()}
+            "complete": complete, "config": provenance(config), "versions": versions()}
 
 
 class _Section(BaseModel):
