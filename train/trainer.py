@@ -29,7 +29,7 @@ from distill.models import model_source
 from distill.train.card import StudentCard, TrainResult
 from distill.train.data import DistillCollator, trainable
 from distill.train.head import lm_head
-from distill.train.losses import chunked_distill_loss
+from distill.train.losses import LossSpec, chunked_distill_loss
 from distill.train.onpolicy import TeacherEndpoint, on_policy_records, sample
 from distill.train.scoring import pad_token_id, teacher_forced
 
@@ -41,6 +41,7 @@ class DistillTrainer(SFTTrainer):
     def __init__(self, *args, distill: TrainConfig, teacher: TeacherEndpoint | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.distill = distill
+        self.offline_loss, self.on_policy_loss = LossSpec.from_config(distill), LossSpec.on_policy(distill)
         self.teacher = teacher  # set: on-policy training against this served teacher
         self.on_policy_rng = np.random.default_rng(distill.seed)
 
@@ -49,27 +50,26 @@ class DistillTrainer(SFTTrainer):
         # An on-policy step (`training_step`) carries two batches, each with its own loss, both
         # divided by the targets of the two together.
         mixed = "on_policy" in inputs
-        parts = [(inputs.get("offline"), cfg.alpha, cfg.loss), (inputs["on_policy"], 1.0, cfg.on_policy_loss)] \
-            if mixed else [(inputs, cfg.alpha, cfg.loss)]
+        parts = [(inputs.get("offline"), cfg.alpha, self.offline_loss),
+                 (inputs["on_policy"], 1.0, self.on_policy_loss)] if mixed else [(inputs, cfg.alpha, self.offline_loss)]
         parts = [part for part in parts if part[0] is not None]
         targets = sum(int(batch["target_mask"].sum()) for batch, _, _ in parts)
         # As Trainer.compute_loss: `num_items_in_batch` counts the targets of every process.
         scale = self.accelerator.num_processes if num_items_in_batch is not None and \
             self.args.average_tokens_across_devices else 1
         loss = 0.0
-        for batch, alpha, kind in parts:
+        for batch, alpha, spec in parts:
             on_policy = batch is inputs.get("on_policy")
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         output_hidden_states=True, logits_to_keep=1, use_cache=False)
             with lm_head(self.accelerator.unwrap_model(model)) as (weight, bias):
                 part_loss, terms = chunked_distill_loss(
                     out.hidden_states[-1], weight, batch["labels"].clamp(min=0), batch["topk_ids"],
-                    batch["topk_logprobs"], batch["target_mask"], bias=bias, alpha=alpha, kind=kind,
-                    temperature=cfg.kd_temperature, tail=cfg.tail, beta=cfg.beta, chunk_size=cfg.chunk_size,
-                    num_items=targets if mixed else num_items_in_batch)
+                    batch["topk_logprobs"], batch["target_mask"], spec, bias=bias, alpha=alpha,
+                    chunk_size=cfg.chunk_size, num_items=targets if mixed else num_items_in_batch)
                 if model.training and on_policy:  # measured while the head is at hand
                     self._metrics["train"]["on_policy_kl"].append(
-                        self._forward_kl(out, weight, bias, batch, kind, terms, targets))
+                        self._forward_kl(out, weight, bias, batch, spec, terms, targets))
             loss = loss + part_loss * scale
             if model.training and not on_policy:
                 # per target of this batch: in an on-policy step the terms were divided by both batches' targets
@@ -84,17 +84,18 @@ class DistillTrainer(SFTTrainer):
                                      "no model was saved (lower `learning_rate`, or check the corpus)")
         return (loss, out) if return_outputs else loss
 
-    def _forward_kl(self, out, weight, bias, batch, kind, terms, targets) -> float:
+    def _forward_kl(self, out, weight, bias, batch, spec: LossSpec, terms, targets) -> float:
         """KL(teacher || student) per token of the student's samples, before this update: the number
         `teacher_scored_kl` and held-out metrics report, whichever divergence the loss uses."""
         tokens = max(int(batch["target_mask"].sum()), 1)
-        if kind == "forward_kl":
+        metric = spec.as_metric()
+        if (spec.kind, spec.temperature) == (metric.kind, metric.temperature):  # the loss's KD term is it
             return terms["kd"].item() * targets / tokens
         with torch.no_grad():
             _, measured = chunked_distill_loss(
                 out.hidden_states[-1], weight, batch["labels"].clamp(min=0), batch["topk_ids"],
-                batch["topk_logprobs"], batch["target_mask"], bias=bias, alpha=1.0, kind="forward_kl",
-                tail=self.distill.tail, chunk_size=self.distill.chunk_size)
+                batch["topk_logprobs"], batch["target_mask"], metric, bias=bias, alpha=1.0,
+                chunk_size=self.distill.chunk_size)
         return measured["kd"].item()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -300,7 +301,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
 
 def held_out_metrics(trainer: DistillTrainer, data, collator: DistillCollator, cfg: TrainConfig) -> dict[str, float]:
     """Held-out KL to the teacher (forward KL on the stored top-k), CE, and top-1 agreement."""
-    scored = teacher_forced(trainer.model, data, collator, cfg.batch_size, tail=cfg.tail, chunk_size=cfg.chunk_size)
+    scored = teacher_forced(trainer.model, data, collator, cfg.batch_size, trainer.offline_loss.as_metric(),
+                            chunk_size=cfg.chunk_size)
     return {"eval_kl": scored.kl, "eval_ce": scored.nll, "eval_top1_agreement": scored.top1_agreement,
             "eval_tokens": scored.tokens}
 
