@@ -561,6 +561,18 @@ def load_dataset(root: Path, subdir: str = "data"):
 
 def validate(root: Path, subdir: str = "data", max_problems: int = 20) -> dict[str, int]:
     """Check every invariant of DESIGN.md; return the stats or raise `CorpusError` listing problems."""
+    for _ in validated_batches(root, subdir, max_problems):
+        pass
+    stats = _expected_stats(read_manifest(root), subdir)  # what the shards hold: checked equal
+    return {"records": stats.records, "response_tokens": stats.response_tokens}
+
+
+def validated_batches(root: Path, subdir: str = "data", max_problems: int = 20,
+                      batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
+    """The corpus's records as decoded record batches, each checked as it is read (every page
+    against its checksum, every invariant of DESIGN.md): validation and reading in one pass.
+    Only batches without a problem are yielded; after the last one (or `max_problems`) the
+    problems found are raised as one `CorpusError`, as `validate` raises them."""
     root = Path(root)
     manifest = read_manifest(root)
     problems: list[str] = []
@@ -571,59 +583,86 @@ def validate(root: Path, subdir: str = "data", max_problems: int = 20) -> dict[s
     records = tokens = 0
     for path in shard_paths(root, subdir):
         where = f"{path.relative_to(root)}"
-        try:  # every page checked against its checksum
-            stored = pq.ParquetFile(path, page_checksum_verification=True).read()
-            stored.schema.names  # decoded lazily: a damaged name fails here
+        try:  # every page checked against its checksum as it is read
+            shard = pq.ParquetFile(path, page_checksum_verification=True)
+            shard.schema_arrow.names  # decoded lazily: a damaged name fails here
+            encoding = shard_encoding(shard.schema_arrow)
+            stored = shard.iter_batches(batch_size=batch_size)
+        except CorpusError as e:
+            problems.append(f"{where}: {e}")
+            continue
         except READ_ERRORS as e:
             problems.append(str(unreadable(where, e)))
             continue
-        try:
-            encoding = shard_encoding(stored.schema)
-            table = decode(stored)
-        except (CorpusError, pa.ArrowException, KeyError) as e:
-            problems.append(f"{where}: {e}")
-            continue
-        if encoding["encoding"] != manifest.generation.logprob_encoding:
+        clean = encoding["encoding"] == manifest.generation.logprob_encoding
+        if not clean:
             problems.append(f"{where}: stored as `{encoding['encoding']}` but the manifest says "
                             f"`generation.logprob_encoding: {manifest.generation.logprob_encoding}`")
-        missing = [c for c in COLUMNS if c not in table.column_names]
-        if missing:
-            problems.append(f"{where}: missing columns {missing}")
-            continue
-        wrong = _wrong_types(table)
-        if wrong:
-            problems.append(f"{where}: {wrong}")
-            continue
-        records += table.num_rows
-        n_tokens = pc.list_value_length(table["response_token_ids"])
-        tokens += int(pc.sum(n_tokens).as_py() or 0)
-        for col in TOKEN_COLUMNS:
-            if col in table.column_names:
-                bad = pc.not_equal(pc.list_value_length(table[col]), n_tokens)
-                problems += _rows(table, bad, f"{where}: `{col}` length differs from `response_token_ids`")
-        for col in ("topk_token_ids", "topk_logprobs"):
-            rows = pc.list_flatten(table[col])
-            widths = pc.list_value_length(rows)
-            if len(widths) and pc.any(pc.not_equal(widths, k)).as_py():
-                problems.append(f"{where}: `{col}` has rows with {pc.min_max(widths).as_py()} entries, expected k={k}")
-        problems += _rows(table, pc.equal(pc.list_value_length(table["prompt_token_ids"]), 0),
-                          f"{where}: empty `prompt_token_ids`")
-        problems += _unsorted_topk(table, where)
-        problems += _non_finite(table, where)
-        for rid in table["id"].to_pylist():
-            if rid in seen:
-                problems.append(f"{where}: duplicate id {rid!r}")
-            seen.add(rid)
+        first = True
+        while len(problems) < max_problems:
+            try:
+                batch = next(stored, None)
+            except READ_ERRORS as e:
+                problems.append(str(unreadable(where, e)))
+                break
+            if batch is None:
+                break
+            try:
+                batch = decode(batch, encoding)
+            except (CorpusError, pa.ArrowException, KeyError) as e:
+                problems.append(f"{where}: {e}")
+                break
+            table = pa.Table.from_batches([batch])
+            if first:  # the shard's columns and types: once per shard
+                first = False
+                missing = [c for c in COLUMNS if c not in table.column_names]
+                wrong = _wrong_types(table)
+                if missing or wrong:
+                    problems.append(f"{where}: missing columns {missing}" if missing else f"{where}: {wrong}")
+                    break
+            found = _batch_problems(table, where, k, seen)
+            problems += found
+            records += table.num_rows
+            tokens += int(pc.sum(pc.list_value_length(table["response_token_ids"])).as_py() or 0)
+            if clean and not found:
+                yield batch
         if len(problems) >= max_problems:
             break
-    stats = manifest.stats if subdir == "data" else manifest.rejected_stats or CorpusStats()
+    stats = _expected_stats(manifest, subdir)
     for key, actual in (("records", records), ("response_tokens", tokens)):
         if getattr(stats, key) != actual:
             problems.append(f"manifest `stats.{key}` is {getattr(stats, key)!r} but the shards hold {actual}")
     if problems:
         more = "\n  ... and more" if len(problems) > max_problems else ""
         raise CorpusError(f"`{root}` is not a valid corpus:\n  " + "\n  ".join(problems[:max_problems]) + more)
-    return {"records": records, "response_tokens": tokens}
+
+
+def _expected_stats(manifest: Manifest, subdir: str) -> CorpusStats:
+    return manifest.stats if subdir == "data" else manifest.rejected_stats or CorpusStats()
+
+
+def _batch_problems(table: pa.Table, where: str, k: int, seen: set[str]) -> list[str]:
+    """What is wrong in these records of a shard with the right columns; `seen`: the ids read so far."""
+    problems = []
+    n_tokens = pc.list_value_length(table["response_token_ids"])
+    for col in TOKEN_COLUMNS:
+        if col in table.column_names:
+            bad = pc.not_equal(pc.list_value_length(table[col]), n_tokens)
+            problems += _rows(table, bad, f"{where}: `{col}` length differs from `response_token_ids`")
+    for col in ("topk_token_ids", "topk_logprobs"):
+        rows = pc.list_flatten(table[col])
+        widths = pc.list_value_length(rows)
+        if len(widths) and pc.any(pc.not_equal(widths, k)).as_py():
+            problems.append(f"{where}: `{col}` has rows with {pc.min_max(widths).as_py()} entries, expected k={k}")
+    problems += _rows(table, pc.equal(pc.list_value_length(table["prompt_token_ids"]), 0),
+                      f"{where}: empty `prompt_token_ids`")
+    problems += _unsorted_topk(table, where)
+    problems += _non_finite(table, where)
+    for rid in table["id"].to_pylist():
+        if rid in seen:
+            problems.append(f"{where}: duplicate id {rid!r}")
+        seen.add(rid)
+    return problems
 
 
 def _wrong_types(table: pa.Table) -> str | None:
