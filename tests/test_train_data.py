@@ -192,3 +192,16 @@ def test_eval_checks_vocabularies_without_importing_trl():
     done = subprocess.run([sys.executable, "-c", "import sys, distill.evaluation.fidelity; print('trl' in sys.modules)"],
                           capture_output=True, text=True, timeout=300, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_a_curated_corpus_keeps_its_loss_mask_for_the_collator(tmp_path):
+    from distill.train.data import prepare_training_data
+    from tests.helpers import make_corpus, record as corpus_record
+
+    records = [corpus_record(i) for i in range(4)]
+    for r in records:
+        r["loss_mask"] = [True, False, True]
+    data = prepare_training_data(make_corpus(tmp_path / "c", records), max_length=64, scratch=tmp_path / "scratch")
+    assert data.dataset[2]["loss_mask"] == [True, False, True]
+    assert DistillCollator(pad_token_id=0, max_length=64, top_k=4)([data.dataset[2]])["target_mask"].tolist() == \
+        [[False, False, True, False, True, False]]
