@@ -164,11 +164,11 @@ def kd_loss(student: np.ndarray, teacher: np.ndarray, kind: str, temperature: fl
     are the teacher's k ids, id k everything else."""
     import torch
 
-    from distill.train.losses import kd_per_position
+    from distill.train.losses import LossSpec, kd_per_position
 
     ids = torch.arange(teacher.shape[1]).expand(len(teacher), -1)
-    per = kd_per_position(torch.tensor(student, dtype=torch.float32), ids, torch.tensor(teacher), kind=kind,
-                          temperature=temperature)
+    per = kd_per_position(torch.tensor(student, dtype=torch.float32), ids, torch.tensor(teacher),
+                          LossSpec(kind=kind, temperature=temperature))
     return float(per.double().mean())
 
 

@@ -27,6 +27,10 @@ from distill.files import require_file
 ModelPath = Annotated[str, AfterValidator(models.resolve)]
 
 PromptFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt"]
+# The KD divergences and tail treatments of `train/losses.py`, declared here once: the config
+# fields, the CLI choices and the loss functions all take them from these.
+LossKind = Literal["forward_kl", "reverse_kl", "jsd"]
+LossTail = Literal["bucket", "renormalize"]
 
 
 def load_yaml(path: Path) -> Any:
@@ -178,8 +182,8 @@ class TrainConfig(StageConfig):
     corpus: Path = Field(description="Training corpus directory (from generate / curate).")
     student: ModelPath = Field(description="Student model: a local directory, a hub id or a .gguf file (same tokenizer family).")
     out: Path = Field(description="Output directory: merged model, adapter, metrics, model card.")
-    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field("forward_kl", description="KD divergence.")
-    tail: Literal["bucket", "renormalize"] = Field("bucket", description="How the teacher's mass outside its top-k is treated.")
+    loss: LossKind = Field("forward_kl", description="KD divergence.")
+    tail: LossTail = Field("bucket", description="How the teacher's mass outside its top-k is treated.")
     beta: float = Field(0.5, gt=0.0, lt=1.0, description="JSD interpolation (`loss: jsd`).")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of KD; 1 - alpha weighs CE on the teacher's tokens.")
     kd_temperature: float = Field(1.0, gt=0.0, description="KD temperature (loss scaled by T^2).")
@@ -217,7 +221,7 @@ class TrainConfig(StageConfig):
     sample_temperature: float = Field(1.0, ge=0.0, description="Temperature of the student's on-policy samples (0 = greedy).")
     teacher_top_k: int = Field(20, ge=1, description="Teacher top-k per on-policy position (at most the server's "
                                "`--max-logprobs`).")
-    on_policy_loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+    on_policy_loss: LossKind = Field(
         "forward_kl", description="KD divergence on the student's samples (no CE: they are the student's own tokens).")
 
     @model_validator(mode="after")

@@ -122,3 +122,83 @@ def test_training_batches_are_the_same_from_every_encoding(tmp_path):
         assert ((batch["topk_logprobs"] - lp).abs() <= torch.tensor(corpus.logprob_tolerance(encoding, lp)) + 1e-7).all()
         loss = topk_kd_loss(student, batch["topk_ids"], batch["topk_logprobs"], batch["target_mask"])
         assert abs(loss - reference) / reference < 1e-3, encoding
+
+
+def test_the_pre_pass_reads_the_corpus_once_keeping_what_can_train_and_counting_the_rest(tmp_path, monkeypatch):
+    """One pass over the shards (several, several batches each) gives the training dataset of
+    the records whose prompt leaves room (the collator's columns only), the number dropped, and
+    the largest token id anywhere in the corpus; the shards are opened once each."""
+    import pyarrow.parquet as pq
+
+    from distill import corpus
+    from distill.train.data import TRAINING_COLUMNS, prepare_training_data
+    from tests.helpers import K, record as corpus_record
+
+    records = [corpus_record(i) for i in range(3000)]
+    for i, r in enumerate(records):
+        r["prompt_token_ids"] = list(range(1, 2 + i % 7))  # 1..7 tokens
+    records[1234]["prompt_token_ids"] = [5, 9000, 7]  # the largest id: in a prompt, not in the top-k
+    root = tmp_path / "c"
+    for shard, start in enumerate(range(0, len(records), 1500)):
+        corpus.write_shard(root, shard, corpus.records_to_table(records[start:start + 1500], K))
+    corpus.write_manifest(root, corpus.Manifest(teacher={"model": "t"}, generation={"top_k": K},
+                                                stats=corpus.corpus_stats(root)))
+    opened = []
+    real_open = pq.ParquetFile
+    monkeypatch.setattr(pq, "ParquetFile", lambda path, *a, **kw: opened.append(path) or real_open(path, *a, **kw))
+
+    data = prepare_training_data(root, max_length=5, scratch=tmp_path / "scratch")
+
+    assert sorted(opened) == corpus.shard_paths(root)
+    kept = [r for r in records if len(r["prompt_token_ids"]) < 5]
+    assert (data.records, data.skipped, data.max_token_id) == (3000, 3000 - len(kept), 9000)
+    assert data.dataset.column_names == [c for c in TRAINING_COLUMNS if c != "loss_mask"]
+    assert data.dataset["id"] == [r["id"] for r in kept]
+    stored = {r["id"]: r for r in corpus.iter_records(root)}
+    for row in (data.dataset[0], data.dataset[len(kept) - 1]):
+        assert row == {c: stored[row["id"]][c] for c in data.dataset.column_names}
+
+
+def test_the_pre_pass_refuses_an_invalid_corpus_as_validate_does(tmp_path):
+    from distill import corpus
+    from distill.train.data import prepare_training_data
+    from tests.helpers import make_corpus, record as corpus_record
+
+    root = make_corpus(tmp_path / "c", [corpus_record(0), corpus_record(1), corpus_record(0)])
+    with pytest.raises(corpus.CorpusError) as validated:
+        corpus.validate(root)
+    with pytest.raises(corpus.CorpusError) as prepared:
+        prepare_training_data(root, max_length=64, scratch=tmp_path / "scratch")
+    assert "duplicate id 'r0'" in str(prepared.value) and str(prepared.value) == str(validated.value)
+
+
+def test_no_trainable_record_is_one_line(tmp_path):
+    from distill.train.data import prepare_training_data
+    from tests.helpers import make_corpus, record as corpus_record
+
+    root = make_corpus(tmp_path / "c", [corpus_record(0), corpus_record(1)])
+    with pytest.raises(ValueError, match="the prompts of all 2 fill max_length 3"):
+        prepare_training_data(root, max_length=3, scratch=tmp_path / "scratch")
+
+
+def test_eval_checks_vocabularies_without_importing_trl():
+    """`check_vocabulary` lives with the data, not the trainer: eval's fidelity imports no TRL."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import sys, distill.evaluation.fidelity; print('trl' in sys.modules)"],
+                          capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_a_curated_corpus_keeps_its_loss_mask_for_the_collator(tmp_path):
+    from distill.train.data import prepare_training_data
+    from tests.helpers import make_corpus, record as corpus_record
+
+    records = [corpus_record(i) for i in range(4)]
+    for r in records:
+        r["loss_mask"] = [True, False, True]
+    data = prepare_training_data(make_corpus(tmp_path / "c", records), max_length=64, scratch=tmp_path / "scratch")
+    assert data.dataset[2]["loss_mask"] == [True, False, True]
+    assert DistillCollator(pad_token_id=0, max_length=64, top_k=4)([data.dataset[2]])["target_mask"].tolist() == \
+        [[False, False, True, False, True, False]]
