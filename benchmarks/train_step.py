@@ -1,7 +1,7 @@
 """Training step time: KD (alpha 0.5, chunked top-k KL + CE) vs SFT-only (transformers' own CE
 loss) on the same model and batch, forward + backward + optimizer step. Target ratio <= 1.15.
 
-    python benchmarks/train_step.py [--vocab 32000] [--hidden 256] [--layers 4] [--tokens 512] [--batch 4]
+    python benchmarks/train_step.py [--vocab 32000] [--hidden 256] [--layers 4] [--tokens 512] [--batch 4] [--quick]
 """
 
 from __future__ import annotations
@@ -10,13 +10,10 @@ import argparse
 import statistics
 import time
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from distill.train.losses import chunked_distill_loss
+from common import Headline, emit, parse_args
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[Headline]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--vocab", type=int, default=32_000)
     ap.add_argument("--hidden", type=int, default=256)
@@ -26,7 +23,13 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--chunk", type=int, default=1024)
-    args = ap.parse_args()
+    args = parse_args(ap, argv, quick={"vocab": 8_000, "hidden": 128, "layers": 2, "tokens": 256, "batch": 2,
+                                       "steps": 3})
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distill.train.losses import chunked_distill_loss
+
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                          num_hidden_layers=args.layers, num_attention_heads=args.hidden // 32,
@@ -68,8 +71,11 @@ def main() -> None:
     print(f"{'loss':<32}{'s/step':>10}")
     for name, label in (("sft", "SFT only (transformers CE)"), ("kd", "KD alpha 0.5 (chunked KL + CE)")):
         print(f"{label:<32}{statistics.median(times[name]):>10.3f}")
-    print(f"ratio KD / SFT: {statistics.median(times['kd']) / statistics.median(times['sft']):.3f}   (target <= 1.15)")
+    ratio = statistics.median(times["kd"]) / statistics.median(times["sft"])
+    print(f"ratio KD / SFT: {ratio:.3f}   (target <= 1.15)")
+    return [Headline("KD step (alpha 0.5), s/step", f"{statistics.median(times['kd']):.3f} s",
+                     f"{ratio:.3f} of SFT (target <= 1.15)", met=ratio <= 1.15)]
 
 
 if __name__ == "__main__":
-    main()
+    emit(main())

@@ -29,7 +29,7 @@ from distill.curation import (  # noqa: F401 (registry)
 )
 from distill.curation.base import Filter
 from distill.curation.report import Report
-from distill.plugins import load_callable
+from distill.plugins import PluginError, load_callable
 
 DEFAULT_PIPELINE = ["finish_reason", "length", "repetition", "refusal", "pii", "dedup_exact", "dedup_near",
                     "teacher_confidence"]
@@ -55,7 +55,7 @@ class PluginFilter(Filter):
             try:
                 verdict = self._fn(records[i], **self.params)
             except Exception as e:
-                raise RuntimeError(f"plug-in `{self.label}` ({self.plugin}) failed on record "
+                raise PluginError(f"plug-in `{self.label}` ({self.plugin}) failed on record "
                                    f"{records[i]['id']!r}: {type(e).__name__}: {e}") from e
             if verdict is False or isinstance(verdict, str):
                 failed[i] = verdict or "rejected"
@@ -119,12 +119,12 @@ def _curate(cfg: CurateConfig, out: Path) -> CurateResult:
     start = time.time()
     filters = build_filters(cfg.filters)
     manifest = corpus.read_manifest(cfg.corpus)
+    files.check_not_being_written(cfg.corpus, "corpus")  # else it would look like an interrupted corpus
     corpus.check_complete(cfg.corpus, manifest, cfg.allow_incomplete)
     corpus.validate(cfg.corpus)  # refuse a broken corpus with the reason, before any work
-    if not files.is_empty(out):
-        if not cfg.overwrite:
-            raise FileExistsError(f"`{out}` exists: choose another `out` or pass `--overwrite`")
-        files.clear_dir(out)
+    if not (cfg.overwrite or files.is_empty(out) or _interrupted_curation(out)):
+        raise FileExistsError(f"`{out}` holds a finished corpus or other files: choose another `out` or pass `--overwrite`")
+    files.clear_dir(out)  # curation has nothing to resume: an interrupted one starts over
     masker = next((f for f in filters if isinstance(f, pii.PIIFilter) and f.mode == "mask"), None)
     decode = _decoder(manifest) if masker else None
     report = Report([label(f) for f in filters])
@@ -142,7 +142,7 @@ def _curate(cfg: CurateConfig, out: Path) -> CurateResult:
             for subdir, tables in (("data", kept), ("rejected", rejected)):
                 table = pa.concat_tables(tables, promote_options="permissive")
                 if table.num_rows:
-                    corpus.write_shard(out, index, table, subdir)
+                    _write_shard(out, index, table, subdir)
     summary = report.summary()
     result = CurateResult(out, kept=summary["kept"]["records"], rejected=summary["rejected"]["records"],
                           rejected_by_filter={f["name"]: f["rejected"] for f in summary["filters"]})
@@ -157,6 +157,21 @@ def _curate(cfg: CurateConfig, out: Path) -> CurateResult:
     corpus.write_manifest(out, manifest)
     print(report.write(out), file=sys.stderr)
     return result
+
+
+def _interrupted_curation(out: Path) -> bool:
+    """`out` as a killed curate leaves it: shards but no manifest (written last)."""
+    return not (out / corpus.MANIFEST).exists() and all(
+        p.name in ("data", "rejected", files.LOCK_NAME) or p.match(files.PARTIAL_GLOB) for p in out.iterdir())
+
+
+def _write_shard(out: Path, index: int, table: pa.Table, subdir: str) -> None:
+    try:
+        corpus.write_shard(out, index, table, subdir)
+    except files.DiskFull as e:  # generate's advice (its shards are kept) is wrong here: say what a rerun does
+        path = out / subdir / f"part-{index:05d}.parquet"
+        raise files.DiskFull(f"no space left on device writing shard {index} (`{path}`); free space and rerun the "
+                             "same command: curation starts over (no --overwrite needed)") from e
 
 
 def curate_batch(stored: pa.RecordBatch, filters: list[Filter], masker, decode, report: Report):

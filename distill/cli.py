@@ -6,6 +6,7 @@ FILE.yaml` gives any of them; flags win. Stages are imported only when their com
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from distill.config import (
+    SECRET_FIELDS,
     ChatConfig,
     CurateConfig,
     EvalConfig,
@@ -32,6 +34,7 @@ from distill.config import (
 )
 from distill.files import DiskFull, OutputInUse
 from distill.launcher import ServerError
+from distill.plugins import PluginError
 from distill.lifetime import stop_on_signals
 
 # name -> (function "module:attr", config model, one-line help)
@@ -53,13 +56,18 @@ COMMANDS: dict[str, tuple[str, type[BaseModel] | None, str]] = {
 }
 # Errors a user causes: printed as one line, no traceback (`--debug` or DISTILL_DEBUG=1 shows it).
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, ConnectionError, PermissionError,
-               ServerError, FloatingPointError, OutputInUse, DiskFull)
+               ServerError, FloatingPointError, OutputInUse, DiskFull, PluginError)
 DEBUG_HELP = "Show the traceback of an error (also: DISTILL_DEBUG=1)."
 # Commands that run vLLM engines in-process: vLLM's INFO log is off unless `--verbose`.
 ENGINE_COMMANDS = ("generate", "score", "eval", "run", "demo", "demo-real")
 # Commands that pass everything after `--` through to the program they launch (their `vllm_args`).
 PASSTHROUGH_FIELD = "vllm_args"
-# Boolean fields with a second name for their `--no-` form (DESIGN's `--lora|--full`).
+# Commands whose libraries print logs to stdout (Trainer's loss dicts through tqdm.write, DeepSpeed's
+# logger): while they run, stdout is stderr, so that stdout carries only the result (`out`).
+LOGS_ON_STDOUT = ("train",)
+# Commands that leave nothing to resume: a stop signal just stops them.
+NOTHING_TO_RESUME = ("serve", "chat", "inspect")
+# Boolean fields with a second name for their `--no-` form (`--lora` / `--full`, docs/reference.md).
 NEGATIVE_ALIASES = {"lora": "full"}
 
 
@@ -111,6 +119,9 @@ def _inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", type=Path, help="A corpus directory.")
     p.add_argument("--record", type=int, default=0, help="Index of the record to decode.")
     p.add_argument("--tokens", type=int, default=12, help="Response tokens to show with their top-k.")
+    p.add_argument("--check", action="store_true",
+                   help="Validate every record first (types, lengths, logprobs, token ids against the teacher's "
+                   "vocabulary) and exit 1 on a problem.")
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
@@ -204,12 +215,17 @@ def main(argv: list[str] | None = None) -> int:
             result = getattr(importlib.import_module(module), attr)(**args)
         else:
             config_file = args.pop("config", None)
+            for field in SECRET_FIELDS & args.keys():
+                print(f"distill {command}: warning: `{_flag(field)}` on the command line is visible to every user "
+                      "in `ps`: give it in the environment (see --help) or a --config file", file=sys.stderr)
             try:
                 cfg = model.from_yaml(config_file, **args) if config_file else model(**args)
             except ValidationError as e:
-                print(format_validation_error(e, f"distill {command}: "), file=sys.stderr)
-                return 2
-            result = getattr(importlib.import_module(module), attr)(cfg)
+                # a bad value is the user's error like any other: exit 1 (2 stays argparse's, for bad usage)
+                print(format_validation_error(e, f"distill {command}: error: "), file=sys.stderr)
+                return 1
+            with contextlib.redirect_stdout(sys.stderr) if command in LOGS_ON_STDOUT else contextlib.nullcontext():
+                result = getattr(importlib.import_module(module), attr)(cfg)
     except USER_ERRORS as e:
         if debug:
             raise
@@ -217,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
-        print(f"distill {command}: interrupted ({signal.Signals(signum).name}); rerun the same command to resume.",
-              file=sys.stderr)
+        name = signal.Signals(signum).name
+        print(f"distill {command}: stopped ({name})." if command in NOTHING_TO_RESUME else
+              f"distill {command}: interrupted ({name}); rerun the same command to resume.", file=sys.stderr)
         return 128 + signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
     if model is not None and "out" in model.model_fields:
         print(cfg.out)  # where the stage wrote its result

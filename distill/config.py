@@ -3,6 +3,7 @@ YAML keys both derive from these fields (see `distill.cli`)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -28,6 +29,10 @@ from distill.teacher import BACKENDS, check_backend
 ModelPath = Annotated[str, AfterValidator(models.resolve)]
 
 PromptFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt"]
+# The KD divergences and tail treatments of `train/losses.py`, declared here once: the config
+# fields, the CLI choices and the loss functions all take them from these.
+LossKind = Literal["forward_kl", "reverse_kl", "jsd"]
+LossTail = Literal["bucket", "renormalize"]
 
 
 def load_yaml(path: Path) -> Any:
@@ -42,6 +47,20 @@ def load_yaml(path: Path) -> Any:
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ValueError(f"`{where}`: invalid YAML ({problem})") from None
+
+
+# Fields that hold a secret: left out of every record a result carries (manifests, model cards, run.json).
+SECRET_FIELDS = frozenset({"api_key", "teacher_api_key"})
+
+
+def provenance(config: BaseModel) -> dict[str, Any]:
+    """`config` as JSON for a provenance record, without its secrets (nested sections too)."""
+    def redact(data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: redact(v) for k, v in data.items() if k not in SECRET_FIELDS}
+        return [redact(v) for v in data] if isinstance(data, list) else data
+
+    return redact(json.loads(config.model_dump_json()))
 
 
 ALLOW_INCOMPLETE = ("Accept a corpus whose generate job was interrupted (`complete: false`); "
@@ -201,8 +220,8 @@ class TrainConfig(StageConfig):
     corpus: Path = Field(description="Training corpus directory (from generate / curate).")
     student: ModelPath = Field(description="Student model: a local directory, a hub id or a .gguf file (same tokenizer family).")
     out: Path = Field(description="Output directory: merged model, adapter, metrics, model card.")
-    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field("forward_kl", description="KD divergence.")
-    tail: Literal["bucket", "renormalize"] = Field("bucket", description="How the teacher's mass outside its top-k is treated.")
+    loss: LossKind = Field("forward_kl", description="KD divergence.")
+    tail: LossTail = Field("bucket", description="How the teacher's mass outside its top-k is treated.")
     beta: float = Field(0.5, gt=0.0, lt=1.0, description="JSD interpolation (`loss: jsd`).")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of KD; 1 - alpha weighs CE on the teacher's tokens.")
     kd_temperature: float = Field(1.0, gt=0.0, description="KD temperature (loss scaled by T^2).")
@@ -225,7 +244,9 @@ class TrainConfig(StageConfig):
     save_steps: int = Field(500, ge=1, description="Checkpoint every this many steps.")
     logging_steps: int = Field(10, ge=1, description="Log metrics every this many steps.")
     seed: int = Field(0, description="Seed for init, data order and the eval split.")
-    resume: bool = Field(False, description="Continue from the newest checkpoint in `out`.")
+    resume: bool = Field(False, description="Continue from the newest checkpoint in `out` even if its settings differ "
+                         "(the same settings resume without it).")
+    overwrite: bool = Field(False, description="Replace a finished student or a run with other settings in `out`.")
     allow_incomplete: bool = Field(False, description=ALLOW_INCOMPLETE)
     on_policy: bool = Field(False, description="Also train on the student's own samples, scored by the teacher behind "
                             "`teacher_endpoint` (on-policy distillation).")
@@ -238,7 +259,7 @@ class TrainConfig(StageConfig):
     sample_temperature: float = Field(1.0, ge=0.0, description="Temperature of the student's on-policy samples (0 = greedy).")
     teacher_top_k: int = Field(20, ge=1, description="Teacher top-k per on-policy position (at most the server's "
                                "`--max-logprobs`).")
-    on_policy_loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+    on_policy_loss: LossKind = Field(
         "forward_kl", description="KD divergence on the student's samples (no CE: they are the student's own tokens).")
 
     @model_validator(mode="after")
@@ -273,6 +294,8 @@ class InitStudentConfig(StageConfig):
     def _one_choice(self) -> "InitStudentConfig":
         if (self.num_layers is None) == (self.keep_layers is None):
             raise ValueError("give exactly one of `num_layers` and `keep_layers`")
+        if self.keep_layers == []:  # `--keep-layers ''` or `,`: a student with no layers would still train
+            raise ValueError("`keep_layers` names no layer: give the teacher layers to keep, e.g. 0,3,6,9")
         return self
 
 
@@ -282,9 +305,13 @@ class ServeConfig(EngineConfig):
     model: ModelPath = Field(description="Model directory (a trained student), hub id or .gguf file; with `lora`, the base model.")
     lora: Path | None = Field(None, description="LoRA adapter directory to serve on top of `model` (e.g. STUDENT/adapter).")
     served_model_name: str | None = Field(None, description="Name clients request (default: the model's directory name).")
-    host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 exposes the server to the network).")
+    host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 exposes the server to the network: it needs "
+                      "an API key, or `insecure_public`).")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
-    api_key: str | None = Field(None, description="Require this bearer key (default: $VLLM_API_KEY; unset = no key).")
+    api_key: str | None = Field(None, description="Require this bearer key on every route but /health (default: "
+                                "$VLLM_API_KEY, which keeps it out of `ps`; unset = no key).")
+    insecure_public: bool = Field(False, description="Serve on a non-loopback `host` without an API key: anyone who "
+                                  "reaches the port may use the model.")
     startup_timeout: float = Field(600.0, gt=0, description="Seconds to wait for the server to answer /health.")
     vllm_args: list[str] = Field(default_factory=list, description="Extra vLLM server flags (on the command line: after `--`).")
     ui: bool = Field(False, description="Also serve a browser chat page (on `host`:`ui_port`; the API key, if set, is its password).")
@@ -418,6 +445,8 @@ def format_validation_error(err: ValidationError, source: str = "") -> str:
     """One line per problem, each naming the field (`a.b`) the way the YAML/flag spells it."""
     lines = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "config"
-        lines.append(f"{source}`{where}`: {e['msg']}")
+        where = ".".join(str(p) for p in e["loc"])  # empty for a check across fields: its message names them
+        # a validator's ValueError: its own message, without pydantic's "Value error, " in front
+        message = str(e["ctx"]["error"]) if e["type"] == "value_error" and "error" in e.get("ctx", {}) else e["msg"]
+        lines.append(f"{source}`{where}`: {message}" if where else f"{source}{message}")
     return "\n".join(lines)

@@ -31,6 +31,23 @@ class DiskFull(OSError):
     """ENOSPC, said in one line (what was being written, what to do)."""
 
 
+def is_disk_full(error: BaseException, where: Path) -> bool:
+    """ENOSPC anywhere in `error`'s chain; or a writer that hides it (torch's serializer: "file
+    write failed", "iostream error", "unexpected pos") while the disk holding `where` has no room
+    left (under 1 MiB: the partial file it leaves took the rest)."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(error, RuntimeError):
+        try:
+            return shutil.disk_usage(where).free < 2**20
+        except OSError:
+            return False
+    return False
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -107,6 +124,22 @@ def clear_dir(directory: Path) -> None:
             shutil.rmtree(p)
         else:
             p.unlink()
+
+
+def check_not_being_written(directory: Path, field: str) -> None:
+    """Refuse an input directory that a running command holds (`exclusive`): its files are not final."""
+    lock = Path(directory) / LOCK_NAME
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        raise OutputInUse(f"`{field}` `{directory}` is being written by pid {holder}: wait for it to finish") from None
+    finally:
+        os.close(fd)
 
 
 @contextmanager

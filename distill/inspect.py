@@ -1,5 +1,5 @@
 """`distill inspect DIR`: what made a corpus, what it holds, and one record decoded token by
-token beside the teacher's top-k."""
+token beside the teacher's top-k; `--check` validates every record first."""
 
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ def _tokenizer(model: str):
         return None
 
 
-def inspect(path: Path, record: int = 0, tokens: int = 12, console: Console | None = None) -> int:
-    """Prints the summary; returns 1 if the shards do not match the manifest (0 otherwise)."""
+def inspect(path: Path, record: int = 0, tokens: int = 12, check: bool = False,
+            console: Console | None = None) -> int:
+    """Prints the summary; returns 1 if the shards do not match the manifest or, with `check`, if
+    `corpus.validate` finds a problem in any record (0 otherwise)."""
     console = console or Console()
     manifest = corpus.read_manifest(path)
     stats, teacher, source = manifest.stats, manifest.teacher, manifest.source
@@ -45,6 +47,14 @@ def inspect(path: Path, record: int = 0, tokens: int = 12, console: Console | No
         console.print("The corpus does not match its manifest: rerun the command that wrote it (generate resumes and "
                       "rewrites missing shards; delete an unreadable one first).", highlight=False)
         return 1
+    if check:
+        try:
+            valid = corpus.validate(path)
+        except corpus.CorpusError as e:
+            console.print(f"[bold red]invalid:[/] {e}", highlight=False)
+            return 1
+        console.print(f"valid: every record checked ({valid['records']:,} records, "
+                      f"{valid['response_tokens']:,} response tokens)", highlight=False)
     report = Path(path) / "report.json"
     if report.exists():
         from distill.curation.report import table

@@ -13,6 +13,7 @@ when the server failed.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -26,9 +27,12 @@ import urllib.request
 from collections import deque
 from pathlib import Path
 
+from distill.api_key import KEY_VARIABLE
+from distill.api_key import MIDDLEWARE as API_KEY_MIDDLEWARE
 from distill.config import EngineConfig, ServeConfig
 from distill.engine import check_model, engine_kwargs, server_flags
 from distill.lifetime import command_dying_with_parent
+from distill.models import model_source
 
 
 class ServerError(RuntimeError):
@@ -61,14 +65,33 @@ def check_port(host: str, port: int, field: str = "port") -> None:
                               "choose another port (0: any free port)") from None
 
 
+def is_loopback(host: str) -> bool:
+    """True when `host` (an address or a name) reaches only this machine."""
+    try:
+        return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback
+                   for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM))
+    except (socket.gaierror, ValueError):
+        return False
+
+
 def check_startup(cfg: ServeConfig) -> None:
-    """What would make the server fail to start, found in a second instead of in its log."""
+    """What would make the server fail to start, found in a second instead of in its log; and a
+    server open to the network without a key, refused unless asked for by name."""
     check_model(cfg.model, "model")
+    if not (cfg.api_key or os.environ.get(KEY_VARIABLE) or cfg.insecure_public or is_loopback(cfg.host)):
+        raise ServerError(f"`host` {cfg.host} exposes the model to the network without an API key: set $VLLM_API_KEY "
+                          "(or `api_key`), or pass `--insecure-public` to serve it to anyone who can reach the port")
     check_port(cfg.host, cfg.port)
 
 
 def served_name(model: str) -> str:
+    """What clients request: a directory's name; for a converted GGUF its file's stem (the cache
+    directory is named by the file's hash, which goes to the log instead)."""
     path = Path(model)
+    source = model_source(model) if path.is_dir() else None
+    if source is not None:
+        print(f"{source.gguf} (sha256 {source.sha256}) is served from its conversion {model}", file=sys.stderr)
+        return Path(source.gguf).stem
     return path.name if path.exists() else model
 
 
@@ -81,23 +104,33 @@ def lora_rank(adapter: Path) -> int:
 
 
 def server_command(model: str, cfg: EngineConfig, *, name: str, host: str, port: int, lora: Path | None = None,
-                   lora_name: str | None = None, api_key: str | None = None, extra: list[str] = ()) -> list[str]:
+                   lora_name: str | None = None, api_key: bool = False, extra: list[str] = ()) -> list[str]:
+    """The server's command line. With `api_key`, our key middleware guards every route; the key
+    itself goes in the child's environment (`server_environment`), never here."""
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
            *server_flags(engine_kwargs(model, cfg)), "--served-model-name", name, "--host", host, "--port", str(port)]
     if lora is not None:
         cmd += ["--enable-lora", "--lora-modules", f"{lora_name}={lora}", "--max-lora-rank", str(lora_rank(lora))]
     if api_key:
-        cmd += ["--api-key", api_key]
+        cmd += ["--middleware", API_KEY_MIDDLEWARE]
     return cmd + list(extra)
 
 
+def server_environment(api_key: str | None) -> dict[str, str]:
+    """The child's environment: the key in `$VLLM_API_KEY` (read by our middleware and by vLLM's
+    own /v1 check), or no such variable at all when the server runs without a key."""
+    env = {k: v for k, v in os.environ.items() if k != KEY_VARIABLE}
+    return {**env, KEY_VARIABLE: api_key} if api_key else env
+
+
 class Server:
-    """A running server: `url` (ends in /v1), `model` (the name to request), `stop()`."""
+    """A running server: `url` (ends in /v1; the address this machine's clients use), `listen_url`
+    (the address it is bound to: 0.0.0.0 is every interface), `model` (the name to request), `stop()`."""
 
     def __init__(self, process: subprocess.Popen, url: str, model: str, log_path: Path, api_key: str | None,
-                 temporary_log: bool = False):
+                 temporary_log: bool = False, listen_url: str | None = None):
         self.process, self.url, self.model, self.log_path, self.api_key = process, url, model, log_path, api_key
-        self.temporary_log = temporary_log
+        self.temporary_log, self.listen_url = temporary_log, listen_url or url
 
     def log_tail(self, lines: int = 20) -> str:
         with open(self.log_path, errors="replace") as f:
@@ -158,6 +191,10 @@ def _signal_group(pid: int, sig: int) -> bool:
         return False
 
 
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
+
+
 def start_server(cfg: ServeConfig, log_path: Path | None = None) -> Server:
     """Start the server and return once `/health` answers (`cfg.port` 0: any free port). With
     `cfg.lora`, the adapter is served as the model name and the base model as `NAME-base`."""
@@ -166,9 +203,9 @@ def start_server(cfg: ServeConfig, log_path: Path | None = None) -> Server:
     port = cfg.port or free_port()
     name = cfg.served_model_name or served_name(str(lora.parent if lora and lora.name == "adapter" else lora or cfg.model))
     base_name = f"{name}-base" if lora else name
-    api_key = cfg.api_key or os.environ.get("VLLM_API_KEY")
+    api_key = cfg.api_key or os.environ.get(KEY_VARIABLE)
     cmd = server_command(cfg.model, cfg, name=base_name, host=host, port=port, lora=lora, lora_name=name,
-                         api_key=api_key, extra=cfg.vllm_args)
+                         api_key=bool(api_key), extra=cfg.vllm_args)
     temporary_log = log_path is None
     if temporary_log:
         fd, log_path = tempfile.mkstemp(prefix="distill-serve-", suffix=".log")
@@ -177,9 +214,10 @@ def start_server(cfg: ServeConfig, log_path: Path | None = None) -> Server:
     with open(log_path, "wb") as log:
         # Called from the main thread: the parent-death signal belongs to the thread that forks.
         process = subprocess.Popen(command_dying_with_parent(cmd), stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+                                   stdin=subprocess.DEVNULL, start_new_session=True, env=server_environment(api_key))
     client_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    server = Server(process, f"http://{client_host}:{port}/v1", name, log_path, api_key, temporary_log)
+    server = Server(process, _url(client_host, port), name, log_path, api_key, temporary_log,
+                    listen_url=_url(host or "0.0.0.0", port))
     try:
         server.wait_ready(cfg.startup_timeout)
     except BaseException as e:

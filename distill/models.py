@@ -61,12 +61,24 @@ def model_source(model: str) -> ModelSource | None:
     return ModelSource.model_validate_json(marker.read_bytes()) if marker.is_file() else None
 
 
+def check_gguf(source: Path) -> None:
+    """One line instead of the converter's traceback deep in a struct read: the header, metadata
+    and every tensor must lie within the file (a cut-off download fails here)."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(source)
+    except Exception as e:  # the reader raises whatever the damaged bytes lead it to (ValueError, struct.error, ...)
+        raise ValueError(f"`{source}`: not a readable GGUF file (truncated?): {type(e).__name__}: {e}") from None
+
+
 def convert_gguf(source: Path, cache: Path | None = None) -> Path:
     """GGUF -> `cache/gguf/<sha256>/` (float32 safetensors + tokenizer + chat template), once."""
     sha = files.sha256(source)
     out = (cache or cache_dir()) / "gguf" / sha[:16]
     if (out / SOURCE_FILE).is_file():  # written last: its presence means the conversion finished
         return out
+    check_gguf(source)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"converting {source} to a Hugging Face checkpoint in {out} (once)", file=sys.stderr, flush=True)

@@ -37,6 +37,7 @@ from distill.config import (
     TrainSection,
     format_validation_error,
     load_yaml,
+    provenance,
 )
 from distill.engine import check_model
 
@@ -181,7 +182,7 @@ def _run(cfg: RunConfig, only: str | None, start_from: str | None, log) -> dict[
     hashes = stage_hashes(configs)
     state_path = out / STATE
     previous = json.loads(state_path.read_text())["stages"] if state_path.exists() else {}
-    state = {"config": json.loads(cfg.model_dump_json()), "versions": versions(), "stages": dict(previous)}
+    state = {"config": provenance(cfg), "versions": versions(), "stages": dict(previous)}
     selected = [only] if only else list(STAGES[STAGES.index(start_from):] if start_from else STAGES)
     forced = set(selected) if only or start_from else set()
 
@@ -207,7 +208,7 @@ def _run(cfg: RunConfig, only: str | None, start_from: str | None, log) -> dict[
         if not resuming:
             shutil.rmtree(stage_out, ignore_errors=True)
         log(f"[{name}] {'resuming' if resuming else 'running'} -> {stage_out}")
-        state["stages"][name] = {"hash": hashes[name], "status": "running", "config": json.loads(stage_cfg.model_dump_json())}
+        state["stages"][name] = {"hash": hashes[name], "status": "running", "config": provenance(stage_cfg)}
         save()
         start = time.time()
         result = RUNNERS[name](stage_cfg, cfg.train) if name == "train" else RUNNERS[name](stage_cfg)

@@ -6,6 +6,10 @@ import importlib
 from collections.abc import Callable
 
 
+class PluginError(RuntimeError):
+    """User code named in a config raised: said in one line (which plug-in, which record, the exception)."""
+
+
 def load_callable(spec: str, field: str) -> Callable:
     """The callable `spec` names (`package.module:function`, or `module:Class.method`); errors
     name the config `field` in backticks. The module must be importable (installed or on

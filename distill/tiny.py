@@ -8,7 +8,10 @@ path treats them exactly like a hub model.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
+import shutil
 from pathlib import Path
 
 BOS, EOS, PAD = "<|bos|>", "<|im_end|>", "<|endoftext|>"
@@ -122,3 +125,16 @@ def build_all(root: Path) -> dict[str, Path]:
         for size in ("teacher", "student"):
             paths[f"{arch}-{size}"] = build_model(root / f"{arch}-{size}", tokenizer_dir, arch, size)
     return paths
+
+
+def build_cached(cache: Path) -> dict[str, Path]:
+    """`build_all` under `cache/models-<hash of this module>`, built once per version of this module
+    (the tests and the benchmarks share one copy); returns name -> directory."""
+    key = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+    root = Path(cache) / f"models-{key}"
+    marker = root / "paths.json"
+    if not marker.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        paths = build_all(root)
+        marker.write_text(json.dumps({name: str(path) for name, path in paths.items()}))
+    return {name: Path(path) for name, path in json.loads(marker.read_text()).items()}

@@ -10,9 +10,8 @@ import torch
 
 from distill import corpus
 from distill.config import EngineConfig
-from distill.train.data import DistillCollator, trainable
+from distill.train.data import DistillCollator, check_vocabulary, trainable
 from distill.train.scoring import TeacherForced, pad_token_id, teacher_forced
-from distill.train.trainer import check_vocabulary
 
 
 def fidelity(student: str, corpus_dir: Path, engine: EngineConfig, prompt_ids: set[str] | None = None,

@@ -36,6 +36,7 @@ from distill.generate.templating import (
     load_tokenizer,
     model_max_len,
     stop_token_ids,
+    vocab_size,
 )
 from distill.models import model_source
 from distill.teacher import Completion, Request, Sampling, Teacher, start_teacher
@@ -97,8 +98,13 @@ class CorpusJob:
         tokenizer = load_tokenizer(cfg)
         self.chat = ChatTokenizer(tokenizer, stop_token_ids(cfg, tokenizer))
         self.fingerprint = corpus.tokenizer_fingerprint(tokenizer)
+        self.vocab_size = vocab_size(cfg, tokenizer)
         self.identity = self._identity()
         self._check_resume()
+        if cfg.backend == "ray":  # an unreachable cluster: one line in seconds, before anything is written
+            from distill.generate.ray_teacher import check_address
+
+            check_address(cfg.ray_address)
 
     def _identity(self) -> dict:
         cfg = self.cfg
@@ -110,7 +116,8 @@ class CorpusJob:
         source = model_source(cfg.teacher)
         teacher_source = {"source": source.model_dump()} if source else {}
         return {
-            "teacher": {"model": cfg.teacher, "revision": cfg.revision, **self.fingerprint, **teacher_source},
+            "teacher": {"model": cfg.teacher, "revision": cfg.revision, **self.fingerprint, **teacher_source,
+                        "vocab_size": self.vocab_size},
             "generation": generation,
             # the file's hash, not its path: a moved prompt file still resumes
             "source": {"sha256": files.sha256(self.source), "format": self.format,
@@ -126,8 +133,9 @@ class CorpusJob:
                 raise FileExistsError(f"`{self.out}` exists and is not a corpus: choose another `out` or pass `--overwrite`")
             return
         old = corpus.read_manifest(self.out).dump()
-        changed = [f"{section}.{key}" for section, values in self.identity.items()
-                   for key, value in values.items() if old.get(section, {}).get(key) != value]
+        # a corpus begun before distill recorded `teacher.vocab_size` still resumes
+        changed = [f"{section}.{key}" for section, values in self.identity.items() for key, value in values.items()
+                   if old.get(section, {}).get(key, value if key == "vocab_size" else None) != value]
         if changed:
             raise FileExistsError(
                 f"`{self.out}` holds a corpus made with other settings ({', '.join(changed)} differ): "

@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterable, Iterator
 
 from distill.config import TeacherJobConfig
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 # Batches queued per actor: the next is waiting in the actor when one returns.
 QUEUED_PER_ACTOR = 2
+# Seconds to wait for a cluster address to accept a connection (ray.init retries for about half a minute).
+ADDRESS_TIMEOUT_S = 3.0
+# The port an address without one means: Ray Client's (ray://) or the head's GCS.
+DEFAULT_PORTS = {"ray://": 10001, "": 6379}
 
 
 class RayTeacherError(ServerError):
@@ -47,6 +52,26 @@ def import_ray():
     except ImportError:
         raise ValueError("`backend: ray` needs Ray: pip install 'distill[scale]'") from None
     return ray
+
+
+def check_address(address: str | None) -> None:
+    """Fail in seconds, naming the address, when nothing accepts connections at the Ray cluster
+    address `address` (or $RAY_ADDRESS): `ray.init` would retry for half a minute and log ~20
+    lines. `auto`, none (a local Ray) and other schemes are left to Ray."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or address in ("auto", "local"):
+        return
+    scheme = "ray://" if address.startswith("ray://") else ""
+    if "://" in address.removeprefix(scheme):
+        return
+    host, _, port = address.removeprefix(scheme).rpartition(":")
+    if not host or not port.isdigit():
+        host, port = address.removeprefix(scheme), str(DEFAULT_PORTS[scheme])
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=ADDRESS_TIMEOUT_S).close()
+    except OSError as e:
+        raise RayTeacherError(f"`ray_address` {address}: no Ray cluster answers at {host}:{port} "
+                              f"({e.strerror or type(e).__name__}): start it (`ray start --head`) or fix the address") from None
 
 
 class TeacherActor:
@@ -98,6 +123,7 @@ class RayTeacher:
         self._ray = ray
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
+            check_address(cfg.ray_address)
             # address None: $RAY_ADDRESS if set, else a local Ray for this job.
             # The engines' logs stay in Ray's log files: interleaved here they would bury the progress bar.
             ray.init(address=cfg.ray_address, log_to_driver=False)

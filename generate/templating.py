@@ -24,6 +24,20 @@ def model_max_len(cfg: TeacherConfig) -> int:
     return int(length)
 
 
+def vocab_size(cfg: TeacherConfig, tokenizer) -> int | None:
+    """How many token ids the teacher can emit, for the manifest (`validate` refuses any other):
+    its output rows (the config's `vocab_size`, which may exceed the tokenizer's length by padding
+    rows the engine still scores) or the tokenizer's length if larger. None where the config cannot
+    be read: no bound is recorded rather than one that could refuse a valid corpus."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.teacher, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    return max(getattr(config.get_text_config(), "vocab_size", None) or 0, len(tokenizer))
+
+
 def stop_token_ids(cfg: TeacherConfig, tokenizer) -> set[int]:
     from transformers import GenerationConfig
 

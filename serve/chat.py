@@ -6,6 +6,7 @@ import os
 import sys
 
 from distill.config import ChatConfig
+from distill.lifetime import Stopped
 
 HELP = "commands: /reset (clear the history), /system TEXT (set the system prompt), /exit"
 
@@ -28,8 +29,10 @@ def chat(cfg: ChatConfig) -> int:
     while True:
         try:
             line = input("you> ").strip()
-        except (EOFError, KeyboardInterrupt):
+        except (EOFError, KeyboardInterrupt) as e:
             print()
+            if isinstance(e, Stopped):  # SIGTERM / SIGHUP from outside: the CLI's 128 + signal; Ctrl-C just leaves
+                raise
             return 0
         if not line:
             continue

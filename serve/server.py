@@ -15,7 +15,7 @@ from distill.launcher import Server, ServerError, check_port, check_startup, sta
 
 def serve(cfg: ServeConfig) -> int:
     """`distill serve`: start, print how to call it, then run until a KeyboardInterrupt (Ctrl-C;
-    SIGTERM or SIGHUP under the CLI) or a crash."""
+    SIGTERM or SIGHUP under the CLI), which it re-raises once the servers are stopped, or a crash."""
     check_startup(cfg)
     if cfg.ui:  # the page starts after the model has loaded: check its port before that
         check_port(cfg.host, cfg.ui_port, "ui_port")
@@ -32,9 +32,9 @@ def serve(cfg: ServeConfig) -> int:
         dead = next(s for s in servers if s.process.poll() is not None)
         raise ServerError(f"the vLLM server exited with code {dead.process.returncode}; its last lines "
                           f"({dead.log_path}):\n{dead.log_tail()}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the CLI exits 128 + the signal, as every command does
         print("stopping ...", file=sys.stderr)
-        return 0
+        raise
     finally:
         if page is not None:
             page.close()
@@ -66,8 +66,9 @@ def ready_message(server: Server, page_url: str | None = None) -> str:
     body = json.dumps({"model": server.model, "messages": [{"role": "user", "content": "Hello!"}]})
     login = "  (log in with the API key as the password)" if server.api_key else ""
     page = [f"chat page: {page_url}{login}"] if page_url else []
+    where = server.url if server.listen_url == server.url else f"{server.listen_url} (from this machine: {server.url})"
     return "\n".join([
-        f"ready: {server.url}  model: {server.model}  (server log: {server.log_path})",
+        f"ready: {where}  model: {server.model}  (server log: {server.log_path})",
         *page,
         "",
         f"  curl {server.url}/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'",

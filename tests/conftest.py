@@ -7,15 +7,13 @@ else is real: the vLLM engine, the OpenAI server, files on disk.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import CACHE, MAX_MODEL_LEN, PROMPTS, ROOT, write_jsonl
+from tests.helpers import CACHE, MAX_MODEL_LEN, PROMPTS, write_jsonl
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -27,14 +25,7 @@ def tiny_models() -> dict[str, Path]:
     Rebuilt only when `distill/tiny.py` changes."""
     from distill import tiny
 
-    key = hashlib.sha256((ROOT / "distill" / "tiny.py").read_bytes()).hexdigest()[:12]
-    root = CACHE / f"models-{key}"
-    marker = root / "paths.json"
-    if not marker.exists():
-        shutil.rmtree(root, ignore_errors=True)
-        paths = tiny.build_all(root)
-        marker.write_text(json.dumps({k: str(v) for k, v in paths.items()}))
-    return {k: Path(v) for k, v in json.loads(marker.read_text()).items()}
+    return tiny.build_cached(CACHE)
 
 
 @pytest.fixture(scope="session")

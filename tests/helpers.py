@@ -2,6 +2,8 @@
 
 import functools
 import json
+import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,22 +17,49 @@ MAX_MODEL_LEN = 512
 K = 4
 
 
-def record(i: int, n_tokens: int = 3, k: int = K) -> dict:
-    rng = np.random.default_rng(i)
-    top = np.sort(rng.uniform(-8, 0, size=(n_tokens, k)).astype(np.float32), axis=1)[:, ::-1]
-    return {
-        "id": f"r{i}", "prompt_id": f"p{i}", "messages": [{"role": "user", "content": f"q{i}"}],
-        "response": f"a{i}", "prompt_token_ids": [1, 2, 3], "response_token_ids": list(range(n_tokens)),
-        "response_logprobs": top[:, 0].copy(), "topk_token_ids": rng.integers(0, 500, size=(n_tokens, k)),
-        "topk_logprobs": top, "finish_reason": "stop",
+def record(i: int | str, *, n_tokens: int = 3, k: int = K, question: str | None = None,
+           prompt_ids: Sequence[int] = (1, 2, 3), response: str | None = None, response_ids: Sequence[int] | None = None,
+           topk_ids=None, topk_logprobs=None, top1: float | None = None, finish_reason: str = "stop",
+           loss_mask: Sequence[bool] | None = None) -> dict:
+    """One corpus record, as `corpus.records_to_table` takes it; each keyword replaces one part.
+
+    `i`: an int gives the id `r{i}`, a string is the id. By default the prompt is [1, 2, 3], the
+    response `n_tokens` tokens 0, 1, ..., the top-k ids random below 500 (inside the tiny models'
+    vocabulary) and the top-k logprobs random in [-8, 0], sorted best first, both seeded by `i`;
+    `top1` instead gives every position the logprobs `top1, top1 - 1, ...` (a teacher exactly that
+    confident). The sampled token's logprob is the top-1's. `response_ids` or the top-k rows, when
+    given, set the length; given values are stored as given (lists stay lists).
+    """
+    given = next((rows for rows in (response_ids, topk_ids, topk_logprobs) if rows is not None), None)
+    n = n_tokens if given is None else len(given)
+    rng = np.random.default_rng(i if isinstance(i, int) else zlib.crc32(i.encode()))
+    drawn = np.sort(rng.uniform(-8, 0, size=(n, k)).astype(np.float32), axis=1)[:, ::-1]
+    drawn_ids = rng.integers(0, 500, size=(n, k))
+    if topk_logprobs is None:
+        topk_logprobs = drawn if top1 is None else np.tile(top1 - np.arange(k, dtype=np.float32), (n, 1))
+    built = {
+        "id": i if isinstance(i, str) else f"r{i}", "prompt_id": f"p{i}",
+        "messages": [{"role": "user", "content": f"q{i}" if question is None else question}],
+        "response": f"a{i}" if response is None else response, "prompt_token_ids": list(prompt_ids),
+        "response_token_ids": list(range(n)) if response_ids is None else response_ids,
+        "response_logprobs": np.asarray(topk_logprobs, dtype=np.float32).reshape(n, k)[:, 0].copy(),
+        "topk_token_ids": drawn_ids if topk_ids is None else topk_ids, "topk_logprobs": topk_logprobs,
+        "finish_reason": finish_reason,
     }
+    if loss_mask is not None:
+        built["loss_mask"] = loss_mask
+    return built
 
 
-def make_corpus(root, records, k=K, encoding=corpus.DEFAULT_ENCODING):
+def make_corpus(root, records, k=K, encoding=corpus.DEFAULT_ENCODING, vocab_size=None, teacher: str | dict = "t"):
+    """A one-shard corpus of `records`. `teacher`: the teacher's model, or the manifest's whole
+    teacher section; `vocab_size`: the teacher's, as generate records it (None: not recorded, as
+    in corpora written before it was)."""
     corpus.write_shard(root, 0, corpus.records_to_table(records, k, encoding))
     stats = corpus.corpus_stats(root)
-    corpus.write_manifest(root, corpus.Manifest(teacher={"model": "t"}, generation={"top_k": k, "logprob_encoding": encoding},
-                                                stats=stats))
+    section = {"model": teacher} if isinstance(teacher, str) else teacher
+    corpus.write_manifest(root, corpus.Manifest(teacher={**section, "vocab_size": vocab_size},
+                                                generation={"top_k": k, "logprob_encoding": encoding}, stats=stats))
     return root
 
 

@@ -1,4 +1,4 @@
-"""The `distill` command: every DESIGN.md subcommand listed, flags from the config fields,
+"""The `distill` command: every documented subcommand (docs/design.md) listed, flags from the config fields,
 user errors as one clear line (before any model loads), shipped YAML valid."""
 
 import os
@@ -10,17 +10,17 @@ import pytest
 import yaml
 
 from distill import corpus
-from distill.cli import build_parser, main
+from distill.cli import COMMANDS, build_parser, main
 from distill.config import CurateConfig, EvalConfig, GenerateConfig, TrainConfig
 from tests.helpers import ROOT, write_jsonl
 from tests.helpers import make_corpus, record
 
-DESIGN_COMMANDS = ["generate", "score", "curate", "train", "eval", "serve", "chat", "run", "demo", "inspect"]
+DOCUMENTED_COMMANDS = ["generate", "score", "curate", "train", "eval", "serve", "chat", "run", "demo", "inspect"]
 
 
 def test_help_lists_every_subcommand():
     out = subprocess.run([sys.executable, "-m", "distill.cli", "--help"], capture_output=True, text=True, check=True).stdout
-    for name in DESIGN_COMMANDS:
+    for name in DOCUMENTED_COMMANDS:
         assert f"\n    {name} " in out, name
 
 
@@ -49,9 +49,9 @@ def test_engine_settings_carry_revision_and_remote_code():
 
 def test_ray_flags_need_the_ray_backend(capsys):
     args = ["generate", "--teacher", "t", "--prompts", "p.jsonl", "--out", "o"]
-    assert main([*args, "--replicas", "2"]) == 2
+    assert main([*args, "--replicas", "2"]) == 1
     assert "`replicas` applies to `backend: ray` only" in capsys.readouterr().err
-    assert main([*args, "--backend", "ray", "--urls", "http://box:8000"]) == 2
+    assert main([*args, "--backend", "ray", "--urls", "http://box:8000"]) == 1
     assert "`urls` applies to `backend: endpoint` only" in capsys.readouterr().err
     cfg = GenerateConfig(teacher="t", prompts="p.jsonl", out="o", backend="ray", ray_address="auto", replicas=4,
                          gpus_per_replica=2)
@@ -59,8 +59,9 @@ def test_ray_flags_need_the_ray_backend(capsys):
 
 
 def test_missing_and_invalid_fields_are_named(capsys, tmp_path):
-    assert main(["generate", "--prompts", "p.jsonl", "--out", str(tmp_path), "--top-k", "0"]) == 2
+    assert main(["generate", "--prompts", "p.jsonl", "--out", str(tmp_path), "--top-k", "0"]) == 1  # README: 1
     err = capsys.readouterr().err
+    assert err.splitlines()[0] == "distill generate: error: `teacher`: Field required"
     assert "`teacher`: Field required" in err and "`top_k`: Input should be greater than or equal to 1" in err
 
 
@@ -239,3 +240,38 @@ def test_vllm_info_log_is_off_unless_verbose(monkeypatch, tmp_path, flags, level
     assert code == 1
     assert os.environ.get("VLLM_LOGGING_LEVEL") == level
     assert os.environ["VLLM_LOGGING_STREAM"] == "ext://sys.stderr"  # stdout: only the command's result
+
+
+# One bad value per command with a config model: the field and the value the model refuses.
+BAD_VALUE = {"generate": ["--top-k", "0"], "score": ["--top-k", "0"], "curate": ["--batch-size", "0"],
+             "init-student": ["--num-layers", "0"], "train": ["--alpha", "2"], "eval": ["--top-k", "0"],
+             "serve": ["--port", "-1"], "chat": ["--max-tokens", "0"]}
+
+
+@pytest.mark.parametrize("command", [name for name, (_, model, _) in COMMANDS.items() if model is not None])
+def test_a_bad_value_is_exit_1_with_the_prefix_and_bad_usage_exit_2(command, capsys):
+    assert set(BAD_VALUE) == {name for name, (_, model, _) in COMMANDS.items() if model is not None}
+    assert main([command, *BAD_VALUE[command]]) == 1
+    err = capsys.readouterr().err
+    assert err and all(line.startswith(f"distill {command}: error: ") for line in err.splitlines()), err
+    with pytest.raises(SystemExit) as usage:  # argparse: an unknown flag is a usage error
+        main([command, "--no-such-flag"])
+    assert usage.value.code == 2
+
+
+@pytest.mark.parametrize("args", [["inspect", "no/such/corpus"], ["run", "no/such/run.yaml"]])
+def test_commands_without_a_config_model_say_errors_the_same_way(args, capsys):
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"distill {args[0]}: error: ") and len(err.splitlines()) == 1, err
+
+
+def test_a_key_given_as_a_flag_is_warned_about(capsys):
+    from distill.launcher import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens: chat stops at once
+    assert main(["chat", "--url", url, "--api-key", "sk-visible"]) == 1
+    err = capsys.readouterr().err
+    assert "distill chat: warning: `--api-key` on the command line is visible to every user in `ps`" in err
+    assert main(["chat", "--url", url]) == 1
+    assert "warning" not in capsys.readouterr().err

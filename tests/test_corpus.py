@@ -63,8 +63,8 @@ def test_quantized_error_bounds_on_teacher_like_rows(tmp_path):
     k, vocab = 20, 70_000
     ids, lps = teacher_rows(600, k, vocab)
     lps[0, -1] = -np.inf  # engines may report -inf: stored as -1023.98 nats, probability 0
-    recs = [{**record(i, n_tokens=100, k=k), "topk_token_ids": ids[100 * i:100 * (i + 1)],
-             "topk_logprobs": lps[100 * i:100 * (i + 1)].astype(np.float32)} for i in range(6)]
+    recs = [record(i, k=k, topk_ids=ids[100 * i:100 * (i + 1)], topk_logprobs=lps[100 * i:100 * (i + 1)].astype(np.float32))
+            for i in range(6)]
     root = make_corpus(tmp_path / "c", recs, k=k)
     back = corpus.read_table(root)
     got_ids = np.array(back["topk_token_ids"].combine_chunks().flatten().flatten()).reshape(-1, k)
@@ -163,3 +163,142 @@ def test_partial_files_are_removed_but_shards_kept(tmp_path):
     files.remove_partial_files(root)
     assert [p.name for p in (root / "data").iterdir()] == ["part-00000.parquet"]
     assert json.loads((root / "manifest.json").read_text())["stats"]["records"] == 1
+
+
+# -- shards written by other tools, and types -------------------------------------------------------
+
+def pandas_corpus(root, recs, **manifest):
+    """A shard as `pandas.DataFrame.to_parquet` writes plain lists: int64 ids, float64 logprobs,
+    no distill footer; a manifest without `logprob_encoding` (and without stats in the footer)."""
+    import pandas as pd
+
+    rows = [{key: value.tolist() if isinstance(value, np.ndarray) else value for key, value in r.items()} for r in recs]
+    (root / "data").mkdir(parents=True)
+    pd.DataFrame(rows).to_parquet(root / "data" / "part-00000.parquet")
+    corpus.write_manifest(root, corpus.Manifest(teacher={"model": "t", **manifest}, generation={"top_k": K},
+                                                stats=corpus.corpus_stats(root)))
+    return root
+
+
+def test_a_pandas_written_shard_reads_with_the_contract_types(tmp_path):
+    recs = [record(i) for i in range(3)]
+    root = pandas_corpus(tmp_path / "c", recs)
+    stored = pq.read_schema(root / "data" / "part-00000.parquet")
+    assert stored.field("response_token_ids").type.value_type == pa.int64()  # what the reader has to take
+    assert stored.field("topk_logprobs").type.value_type.value_type == pa.float64()
+    assert corpus.validate(root) == {"records": 3, "response_tokens": 9}
+    table = corpus.read_table(root)
+    for name in ("prompt_token_ids", "response_token_ids", "topk_token_ids", "response_logprobs", "topk_logprobs"):
+        assert corpus.arrow_schema("float32").field(name).type.equals(table.schema.field(name).type), name
+    for got, sent in zip(corpus.iter_records(root), recs):
+        assert got["response_token_ids"] == sent["response_token_ids"]
+        np.testing.assert_array_equal(np.array(got["topk_token_ids"]), sent["topk_token_ids"])
+        np.testing.assert_array_equal(np.array(got["topk_logprobs"], dtype=np.float32), sent["topk_logprobs"])
+    dataset = corpus.load_dataset(root)  # what train reads
+    assert dataset.features["topk_token_ids"].feature.feature.dtype == "int32"
+    assert [list(map(list, x)) for x in dataset["topk_token_ids"]] == [r["topk_token_ids"].tolist() for r in recs]
+
+
+def test_an_id_that_does_not_fit_is_one_error_naming_record_and_position(tmp_path):
+    recs = [record(0), record(1)]
+    recs[1]["response_token_ids"] = [0, 2**40, 2]
+    root = pandas_corpus(tmp_path / "c", recs)
+    with pytest.raises(corpus.CorpusError) as err:
+        corpus.validate(root)
+    message = str(err.value)
+    assert "data/part-00000.parquet: record 'r1', response position 1: `response_token_ids` holds 1099511627776, which " \
+           "does not fit a token id (int32)" in message
+    assert len(message.splitlines()) == 2 and "shards hold" not in message  # the header and one problem
+    with pytest.raises(corpus.CorpusError, match=r"part-00000.parquet`: record 'r1', response position 1: `response_token_ids`"):
+        list(corpus.iter_records(root))
+
+
+def test_a_column_of_another_kind_is_reported_once(tmp_path):
+    recs = [record(0), record(1)]
+    for r in recs:
+        r["response_token_ids"] = [str(t) for t in r["response_token_ids"]]
+    root = pandas_corpus(tmp_path / "c", recs)
+    with pytest.raises(corpus.CorpusError) as err:
+        corpus.validate(root)
+    assert str(err.value).splitlines()[1:] == [
+        "  data/part-00000.parquet: `response_token_ids` has type list<element: string>, expected list<item: int32>"]
+
+
+@pytest.mark.parametrize("encoding", ["float32", "float16"])
+def test_a_manifest_without_an_encoding_takes_the_shards_own_types(tmp_path, encoding):
+    recs = [record(0), record(1)]
+    root = make_corpus(tmp_path / "c", recs, encoding=encoding)
+    data = json.loads((root / "manifest.json").read_text())
+    del data["generation"]["logprob_encoding"]
+    (root / "manifest.json").write_text(json.dumps(data))
+    assert corpus.read_manifest(root).generation.logprob_encoding is None
+    assert corpus.validate(root)["records"] == 2
+    lp = pa.float32() if encoding == "float32" else pa.float16()
+    assert corpus.read_table(root).schema.field("topk_logprobs").type.value_type.value_type == lp
+    if encoding == "float32":  # exact: not taken for quantized
+        back = [np.array(r["topk_logprobs"], dtype=np.float32) for r in corpus.iter_records(root)]
+        for got, sent in zip(back, recs):
+            np.testing.assert_array_equal(got, sent["topk_logprobs"])
+
+
+# -- token ids against the teacher's vocabulary ----------------------------------------------------
+
+def set_id(column: str, position: tuple, value: int):
+    def change(r):
+        r[column] = np.array(r[column]).copy()
+        r[column][position] = value
+        r[column] = r[column] if column == "topk_token_ids" else r[column].tolist()
+    return change
+
+
+@pytest.mark.parametrize("encoding, change, message", [
+    ("quantized", set_id("response_token_ids", 1, 99999),
+     "`response_token_ids` holds 1 id outside the teacher's vocabulary [0, 512) (first: record 'r1', "
+     "response position 1: 99999)"),
+    ("quantized", set_id("prompt_token_ids", 2, 512),
+     "`prompt_token_ids` holds 1 id outside the teacher's vocabulary [0, 512) (first: record 'r1', "
+     "prompt position 2: 512)"),
+    ("quantized", set_id("topk_token_ids", (2, 3), 70_000),
+     "`topk_token_ids` holds 1 id outside the teacher's vocabulary [0, 512) (first: record 'r1', "
+     "response position 2: 70000)"),
+    ("float16", set_id("topk_token_ids", (1, 0), -5),
+     "`topk_token_ids` holds 1 id outside the teacher's vocabulary [0, 512) (first: record 'r1', "
+     "response position 1: -5)"),
+    ("float32", set_id("response_token_ids", 0, -1),
+     "`response_token_ids` holds 1 id outside the teacher's vocabulary [0, 512) (first: record 'r1', "
+     "response position 0: -1)"),
+])
+def test_validate_refuses_token_ids_outside_the_vocabulary(tmp_path, encoding, change, message):
+    recs = [record(0), record(1), record(2)]
+    change(recs[1])
+    root = make_corpus(tmp_path / "c", recs, encoding=encoding, vocab_size=512)
+    with pytest.raises(corpus.CorpusError) as err:
+        corpus.validate(root)
+    assert str(err.value).splitlines()[1:] == [f"  data/part-00000.parquet: {message}"]
+
+
+def test_without_a_recorded_vocabulary_negative_ids_are_still_refused(tmp_path):
+    large = [record(0), record(1)]
+    set_id("response_token_ids", 1, 99999)(large[1])
+    assert corpus.validate(make_corpus(tmp_path / "a", large, encoding="float16"))["records"] == 2
+    negative = [record(0), record(1)]
+    set_id("topk_token_ids", (0, 1), -5)(negative[1])
+    with pytest.raises(corpus.CorpusError, match=r"`topk_token_ids` holds 1 id below 0 \(first: record 'r1', "
+                                                 r"response position 0: -5\)"):
+        corpus.validate(make_corpus(tmp_path / "b", negative, encoding="float16"))
+
+
+def test_validated_batches_yield_only_clean_records_then_raise(tmp_path):
+    """Reading and validating in one pass (what train does before step 1): a batch with a problem
+    is never handed out, and the problems are raised once the shards are read."""
+    recs = [record(i) for i in range(3)]
+    good = make_corpus(tmp_path / "good", recs, vocab_size=512)
+    batches = list(corpus.validated_batches(good, batch_size=2))
+    assert pa.Table.from_batches(batches).equals(corpus.read_table(good))
+    recs[1]["response_token_ids"] = [0, 99999, 2]
+    bad = make_corpus(tmp_path / "bad", recs, vocab_size=512)
+    seen = []
+    with pytest.raises(corpus.CorpusError, match=r"record 'r1', response position 1: 99999"):
+        for batch in corpus.validated_batches(bad, batch_size=1):
+            seen += batch.column("id").to_pylist()
+    assert seen == ["r0", "r2"]

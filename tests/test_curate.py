@@ -4,7 +4,6 @@ right filter with the right reason, every clean record survives, nothing is lost
 
 import json
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -15,6 +14,7 @@ from distill.config import CurateConfig
 from distill.curation.pipeline import build_filters, curate
 from distill.curation.quality import RepetitionFilter
 from distill.plugins import load_callable
+from tests.helpers import make_corpus, record
 
 K = 5
 LONG = ("Sorting a list means putting its elements in order. A simple method compares neighbouring "
@@ -42,7 +42,7 @@ PLANTED = {  # id -> (response, expected filter, overrides)
     "pii": ("You can reach the author at jane.doe@example.com for details.", "pii", {}),
     "exact_dup": ("the capital of   Australia is CANBERRA.", "dedup_exact", {}),
     "near_dup": (LONG.replace("easy to follow", "simple to follow"), "dedup_near", {}),
-    "unsure": ("Maybe the moon is made of green cheese and rock.", "teacher_confidence", {"logprob": -4.0}),
+    "unsure": ("Maybe the moon is made of green cheese and rock.", "teacher_confidence", {"top1": -4.0}),
     "contaminated": (f"Well: {EVAL_TEXT}.", "decontaminate", {}),
 }
 
@@ -54,20 +54,16 @@ def tokenizer(tiny_models):
     return AutoTokenizer.from_pretrained(tiny_models["tokenizer"])
 
 
-def make_record(rid, text, tokenizer, finish_reason="stop", logprob=-0.3):
+def answer(rid, text, tokenizer, **parts):
+    """A `record` answering `text` (its tokens and end of turn) from a confident teacher (top-1 logprob -0.3)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    top = np.tile(np.linspace(logprob, logprob - 4, K, dtype=np.float32), (len(ids), 1))
-    return {"id": rid, "prompt_id": f"p-{rid}", "messages": [{"role": "user", "content": f"question {rid}"}],
-            "response": text, "prompt_token_ids": [1, 2, 3], "response_token_ids": ids,
-            "response_logprobs": np.full(len(ids), logprob, np.float32),
-            "topk_token_ids": np.tile(np.arange(K, dtype=np.int32), (len(ids), 1)), "topk_logprobs": top,
-            "finish_reason": finish_reason}
+    return record(rid, k=K, response=text, response_ids=ids, **{"top1": -0.3, **parts})
 
 
 @pytest.fixture
 def planted(tmp_path, tokenizer, tiny_models):
-    records = [make_record(rid, text, tokenizer) for rid, text in CLEAN.items()]
-    records += [make_record(rid, text, tokenizer, **over) for rid, (text, _, over) in PLANTED.items()]
+    records = [answer(rid, text, tokenizer) for rid, text in CLEAN.items()]
+    records += [answer(rid, text, tokenizer, **over) for rid, (text, _, over) in PLANTED.items()]
     root = tmp_path / "corpus"
     corpus.write_shard(root, 0, corpus.records_to_table(records[:9], K))
     corpus.write_shard(root, 1, corpus.records_to_table(records[9:], K))
@@ -276,10 +272,8 @@ def test_curating_into_the_input_directory_is_refused(planted):
 
 
 def test_advice_when_most_rejections_are_unfinished_answers(tmp_path, tokenizer, capsys):
-    from tests.helpers import make_corpus
-
-    records = [make_record(f"r{i}", f"An answer number {i} that", tokenizer, finish_reason="length") for i in range(6)]
-    records += [make_record("done", "A finished answer.", tokenizer)]
+    records = [answer(f"r{i}", f"An answer number {i} that", tokenizer, finish_reason="length") for i in range(6)]
+    records += [answer("done", "A finished answer.", tokenizer)]
     make_corpus(tmp_path / "cut", records, k=K)
     result = curate(CurateConfig(corpus=tmp_path / "cut", out=tmp_path / "out", filters=["finish_reason"]))
     assert result.rejected_by_filter == {"finish_reason": 6}
@@ -288,6 +282,51 @@ def test_advice_when_most_rejections_are_unfinished_answers(tmp_path, tokenizer,
     assert "advice: most rejections (6 of 6)" in capsys.readouterr().err
     assert "**Advice:** most rejections" in (tmp_path / "out" / "report.md").read_text()
     # No advice when unfinished answers are not the main cause.
-    make_corpus(tmp_path / "fine", [make_record("a", "Fine.", tokenizer), make_record("b", "Also fine.", tokenizer)], k=K)
+    make_corpus(tmp_path / "fine", [answer("a", "Fine.", tokenizer), answer("b", "Also fine.", tokenizer)], k=K)
     curate(CurateConfig(corpus=tmp_path / "fine", out=tmp_path / "out2", filters=["finish_reason"]))
     assert json.loads((tmp_path / "out2" / "report.json").read_text())["advice"] == []
+
+
+def test_a_failing_plugin_is_one_line_from_the_cli(tmp_path, planted, monkeypatch, capsys):
+    (tmp_path / "boom.py").write_text("def check(record):\n    raise KeyError('missing field')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"filters": [{"name": "boom", "plugin": "boom:check"}]}))
+    code = main(["curate", "--corpus", str(planted), "--out", str(tmp_path / "o"), "--config", str(tmp_path / "c.yaml")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and err.startswith("distill curate: error: plug-in `boom` (boom:check) failed on record 'c0': KeyError")
+
+
+def test_an_input_corpus_still_being_written_is_refused_naming_its_writer(tmp_path, planted):
+    import os
+
+    from distill import files
+    from distill.files import OutputInUse
+
+    with files.exclusive(planted):  # as a running `generate` holds it
+        with pytest.raises(OutputInUse, match=rf"`corpus` `{planted}` is being written by pid {os.getpid()}"):
+            curate(CurateConfig(corpus=planted, out=tmp_path / "out"))
+    assert curate(CurateConfig(corpus=planted, out=tmp_path / "out")).kept  # once it is done
+
+
+def test_an_interrupted_curate_reruns_and_a_finished_one_needs_overwrite(tmp_path, planted):
+    out = tmp_path / "out"
+    first = curate(CurateConfig(corpus=planted, out=out))
+    for written_last in [p for p in out.iterdir() if p.name not in ("data", "rejected")]:
+        written_last.unlink()  # as a kill before the manifest and report leaves it: only shards
+    assert curate(CurateConfig(corpus=planted, out=out)).kept == first.kept  # the same command reruns
+    with pytest.raises(FileExistsError, match="holds a finished corpus.*--overwrite"):
+        curate(CurateConfig(corpus=planted, out=out))
+    assert curate(CurateConfig(corpus=planted, out=out, overwrite=True)).kept == first.kept
+
+
+def test_a_full_disk_says_what_the_rerun_does(tmp_path, planted, monkeypatch):
+    import errno
+
+    from distill.files import DiskFull
+
+    def full(*_args, **_kwargs):  # labelled stand-in: a full disk cannot be made here without root
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", full)
+    with pytest.raises(DiskFull, match=r"no space left on device writing shard 0 .*rerun the same command: curation starts over"):
+        curate(CurateConfig(corpus=planted, out=tmp_path / "out"))

@@ -157,13 +157,14 @@ def test_a_full_disk_is_one_line_and_keeps_the_finished_shards(tmp_path, capsys,
         written.append(where)
         real_write(table, where, **kwargs)
 
-    monkeypatch.setattr(corpus.pq, "write_table", full_after_one_shard)
+    monkeypatch.setattr(pq, "write_table", full_after_one_shard)
     out = tmp_path / "out"
     assert main(["curate", "--corpus", str(source), "--out", str(out), "--config",
                  str(write_yaml(tmp_path / "f.yaml", {"filters": ["finish_reason"]}))]) == 1
     err = one_line_error(capsys, "curate")
     assert f"no space left on device writing shard 1 (`{out}/data/part-00001.parquet`)" in err
-    assert err.endswith("the finished shards are kept: free space and rerun")
+    # generate's "the finished shards are kept" is no help here: curate starts over (issue 31)
+    assert err.endswith("free space and rerun the same command: curation starts over (no --overwrite needed)")
     assert [p.name for p in corpus.shard_paths(out)] == ["part-00000.parquet"]
     assert not list(out.rglob(files.PARTIAL_GLOB))
 
@@ -345,3 +346,59 @@ def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DISTILL_DEBUG", "1")
     with pytest.raises(corpus.CorpusError):
         main(args)
+
+
+def tiny_gguf(path: Path) -> Path:
+    """A small well-formed GGUF file (one tensor): what a cut-off download is cut from."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.ones((64, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("keep", [1000, 100, 3])
+def test_a_truncated_gguf_is_one_line_exit_1(tmp_path, capsys, monkeypatch, keep):
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    data = tiny_gguf(tmp_path / "whole.gguf").read_bytes()
+    (tmp_path / "t.gguf").write_bytes(data[:keep])
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    assert main(["generate", "--teacher", str(tmp_path / "t.gguf"), "--prompts", str(prompts),
+                 "--out", str(tmp_path / "out")]) == 1
+    assert "not a readable GGUF file (truncated?)" in one_line_error(capsys, "generate")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_converted_gguf_is_served_under_its_file_stem_with_the_hash_in_the_log(tmp_path, capsys):
+    from distill.launcher import served_name
+    from distill.models import SOURCE_FILE
+
+    converted = tmp_path / "gguf" / "0123456789abcdef"  # as convert_gguf names its cache directory
+    converted.mkdir(parents=True)
+    (converted / SOURCE_FILE).write_text(json.dumps({"gguf": "/models/SmolLM2-135M-Instruct-Q8_0.gguf",
+                                                     "sha256": "0123456789abcdef" * 4}))
+    assert served_name(str(converted)) == "SmolLM2-135M-Instruct-Q8_0"
+    assert "0123456789abcdef" * 4 in capsys.readouterr().err
+    assert served_name(str(tmp_path)) == tmp_path.name  # any other directory: its name
+
+
+@pytest.mark.parametrize("form", ["{host}:{port}", "ray://{host}:{port}"])
+def test_an_unreachable_ray_address_is_one_line_before_anything_is_written(tmp_path, capsys, tiny_models, form):
+    import socket
+
+    with socket.socket() as closed:  # a port that was just free: nothing listens there
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    address = form.format(host="127.0.0.1", port=port)
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    assert main(["generate", "--teacher", str(tiny_models["llama-teacher"]), "--prompts", str(prompts),
+                 "--out", str(tmp_path / "out"), "--backend", "ray", "--ray-address", address]) == 1
+    error = one_line_error(capsys, "generate")
+    assert f"`ray_address` {address}: no Ray cluster answers at 127.0.0.1:{port}" in error
+    assert not (tmp_path / "out").exists()

@@ -36,6 +36,7 @@ def test_generated_corpus_validates_and_matches_transformers(tmp_path, tiny_mode
     assert manifest.stats.complete and manifest.stats.shards == 3  # 12 requests / chunk 5
     assert manifest.generation.samples_per_prompt == 2 and manifest.source["format"] == "messages"
     assert manifest.teacher.tokenizer_sha256 and manifest.history[-1]["stage"] == "generate"
+    assert manifest.teacher.vocab_size == hf_model(str(tiny_models["llama-teacher"])).config.vocab_size
     assert assert_matches_transformers(out, tiny_models["llama-teacher"]) >= 100
     records = list(corpus.iter_records(out))
     bos = hf_model(str(tiny_models["llama-teacher"])).config.bos_token_id

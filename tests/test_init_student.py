@@ -97,3 +97,24 @@ def test_init_student_names_a_missing_teacher_in_one_line(tmp_path, capsys):
     assert err == f"distill init-student: error: `teacher`: model `{tmp_path / 'nope'}` not found (no such directory; " \
                   "hub ids look like `org/name`)"
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("flag", ["", ",", " , "])
+def test_an_empty_keep_layers_is_refused(tmp_path, flag, capsys):
+    from distill.cli import main
+
+    with pytest.raises(ValueError, match="`keep_layers` names no layer"):
+        InitStudentConfig(teacher="t", out=tmp_path, keep_layers=flag)
+    assert main(["init-student", "--teacher", "t", "--out", str(tmp_path / "s"), "--keep-layers", flag]) == 1
+    assert "distill init-student: error: " in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_an_interrupted_init_student_reruns_and_a_finished_one_needs_overwrite(tmp_path, tiny_models):
+    cfg = InitStudentConfig(teacher=str(tiny_models["llama-teacher"]), out=tmp_path / "s", num_layers=1)
+    init_student(cfg)
+    for saved_last in [p for p in cfg.out.iterdir() if "token" in p.name or p.suffix == ".jinja"]:
+        saved_last.unlink()  # as a kill between the model's files and the tokenizer's leaves it
+    assert init_student(cfg).layers == [0]  # the same command reruns
+    with pytest.raises(FileExistsError, match="holds a student or other files.*--overwrite"):
+        init_student(cfg)
+    assert init_student(cfg.model_copy(update={"overwrite": True})).layers == [0]

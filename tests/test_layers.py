@@ -1,6 +1,7 @@
-"""DESIGN.md's layering, checked statically: core imports no stage, stages import only core
+"""The layering of docs/design.md, checked statically: core imports no stage, stages import only core
 (evaluation may use generate and train), the app layer alone imports stages; nothing imports a
-stage folder (or benchmarks) by its top-level name; benchmarks and tests use only public names.
+stage folder (or the script folders benchmarks/ and experiments/) by its top-level name; scripts
+and tests use only public names.
 
 Every `import` / `from ... import` in every module is read with `ast`, including the lazy ones
 inside functions. Module names in strings (the CLI's COMMANDS table, scorer specs) are not seen.
@@ -19,9 +20,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("generate", "curation", "train", "serve", "evaluation")
 APP = ("distill.cli", "distill.pipeline", "distill.inspect", "distill.demo")
-STAGE_MAY_IMPORT = {"evaluation": ("generate", "train")}  # DESIGN: evaluation uses their functions
-TOP_LEVEL_FORBIDDEN = (*STAGES, "benchmarks")  # installed only as distill.<stage>; benchmarks are scripts
-SOURCE_DIRS = ("distill", *STAGES, "benchmarks", "tests")
+STAGE_MAY_IMPORT = {"evaluation": ("generate", "train")}  # docs/design.md: evaluation uses their functions
+SCRIPTS = ("benchmarks", "experiments")  # folders of scripts, not packages
+TOP_LEVEL_FORBIDDEN = (*STAGES, *SCRIPTS)  # installed only as distill.<stage>
+SOURCE_DIRS = ("distill", *STAGES, *SCRIPTS, "tests")
 
 
 def module_name(rel: Path) -> str:
@@ -90,7 +92,7 @@ def check_source(rel: str | Path, source: str) -> list[str]:
         there = layer(target)
         if absolute and target.split(".")[0] in TOP_LEVEL_FORBIDDEN:
             why = f"top-level `{target.split('.')[0]}` does not exist: import it as `distill.{target}`" \
-                if target.split(".")[0] in STAGES else "benchmarks are scripts, not an importable package"
+                if target.split(".")[0] in STAGES else f"{target.split('.')[0]} are scripts, not an importable package"
         elif here and here[0] == "core" and there and there[0] == "stage":
             why = f"core module imports the `{there[1]}` stage (only the app layer may)"
         elif here and here[0] in ("core", "stage") and there and there[0] == "app":
@@ -98,7 +100,7 @@ def check_source(rel: str | Path, source: str) -> list[str]:
         elif here and here[0] == "stage" and there and there[0] == "stage" and there[1] != here[1] \
                 and there[1] not in STAGE_MAY_IMPORT.get(here[1], ()):
             why = f"stage `{here[1]}` imports stage `{there[1]}`"
-        elif top in ("benchmarks", "tests") and target.split(".")[0] != top:
+        elif top in (*SCRIPTS, "tests") and target.split(".")[0] != top:
             private = [p for p in target.split(".") if is_private(p)] + ([name] if name and is_private(name) else [])
             if private:
                 why = f"private name `{private[0]}` used outside its package"
@@ -119,7 +121,7 @@ def test_the_tree_respects_the_layers():
     files = list(source_files())
     assert {f.parts[0] for f in files} == set(SOURCE_DIRS)
     problems = [v for rel in files for v in check_source(rel, (ROOT / rel).read_text())]
-    assert not problems, "layering violations (DESIGN.md, Dependencies):\n" + "\n".join(problems)
+    assert not problems, "layering violations (docs/design.md, Three layers):\n" + "\n".join(problems)
 
 
 @pytest.mark.parametrize("rel, source, expected", [
@@ -132,6 +134,8 @@ def test_the_tree_respects_the_layers():
     ("curation/pii.py", "import train.losses\n", "top-level `train` does not exist"),
     ("tests/test_x.py", "from evaluation.job import evaluate\n", "top-level `evaluation` does not exist"),
     ("tests/test_x.py", "import benchmarks.kd_loss\n", "benchmarks are scripts"),
+    ("tests/test_x.py", "from experiments.onpolicy_evidence import main\n", "experiments are scripts"),
+    ("experiments/e.py", "from distill.train.trainer import _private_helper\n", "private name `_private_helper`"),
     ("tests/test_x.py", "from distill.corpus import _helper\n", "private name `_helper`"),
     ("benchmarks/b.py", "from distill.curation.pipeline import _curate_batch, build_filters\n", "`_curate_batch`"),
     ("benchmarks/b.py", "from distill.train._impl import loss\n", "private name `_impl`"),
@@ -153,13 +157,13 @@ def test_checker_allows_what_design_allows(rel, source):
     assert check_source(rel, source) == []
 
 
-@pytest.mark.parametrize("name", [*STAGES, "benchmarks"])
+@pytest.mark.parametrize("name", [*STAGES, *SCRIPTS])
 def test_stage_folders_import_only_under_distill(tmp_path, name):
     """Outside the checkout (no repository root on sys.path) only `distill.<stage>` exists."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     bare = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert bare.returncode != 0 and f"ModuleNotFoundError: No module named '{name}'" in bare.stderr, bare.stderr
-    if name != "benchmarks":
+    if name not in SCRIPTS:
         full = subprocess.run([sys.executable, "-c", f"import distill.{name}"], cwd=tmp_path, env=env,
                               capture_output=True, text=True)
         assert full.returncode == 0, full.stderr[-2000:]

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from distill.train.losses import (
     KINDS,
     TAILS,
+    LossSpec,
     chunked_distill_loss,
     kd_per_position,
     topk_kd_loss,
@@ -46,7 +47,7 @@ def test_full_vocab_topk_equals_dense_kl(kind, tail, temperature):
     ids, lps = teacher_topk(teacher, V)
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, 3:] = False
-    got = topk_kd_loss(student, ids, lps, mask, kind=kind, temperature=temperature, tail=tail)
+    got = topk_kd_loss(student, ids, lps, mask, LossSpec(kind=kind, temperature=temperature, tail=tail))
     want = dense_reference(student, teacher, kind, temperature)[mask].mean()
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
@@ -59,7 +60,7 @@ def test_bucket_is_the_exact_kl_on_k_plus_one_bins(kind):
     p, q = torch.softmax(teacher, -1), torch.softmax(student, -1)
     coarse = lambda d: torch.cat([d.gather(-1, ids), 1 - d.gather(-1, ids).sum(-1, keepdim=True)], -1).log()
     want = dense_reference(coarse(q), coarse(p), kind, 1.0)  # log-probs are valid logits
-    got = kd_per_position(student, ids, lps, kind=kind, tail="bucket")
+    got = kd_per_position(student, ids, lps, LossSpec(kind=kind, tail="bucket"))
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
@@ -70,7 +71,7 @@ def test_renormalize_is_the_kl_of_the_restricted_distributions(kind, temperature
     student, teacher = torch.randn(7, V, dtype=torch.float64), torch.randn(7, V, dtype=torch.float64)
     ids, lps = teacher_topk(teacher, k)
     want = dense_reference(student.gather(-1, ids), teacher.gather(-1, ids), kind, temperature)
-    got = kd_per_position(student, ids, lps, kind=kind, tail="renormalize", temperature=temperature)
+    got = kd_per_position(student, ids, lps, LossSpec(kind=kind, tail="renormalize", temperature=temperature))
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
@@ -79,8 +80,9 @@ def test_renormalize_is_the_kl_of_the_restricted_distributions(kind, temperature
 def test_student_equal_to_teacher_has_zero_loss_and_a_different_one_does_not(kind, tail):
     logits = torch.randn(6, V, dtype=torch.float64) * 2
     ids, lps = teacher_topk(logits, 5)
-    assert kd_per_position(logits, ids, lps, kind=kind, tail=tail).abs().max() < 1e-10
-    assert kd_per_position(torch.randn(6, V, dtype=torch.float64), ids, lps, kind=kind, tail=tail).min() > 1e-3
+    spec = LossSpec(kind=kind, tail=tail)
+    assert kd_per_position(logits, ids, lps, spec).abs().max() < 1e-10
+    assert kd_per_position(torch.randn(6, V, dtype=torch.float64), ids, lps, spec).min() > 1e-3
 
 
 def test_masked_positions_do_not_count():
@@ -92,9 +94,9 @@ def test_masked_positions_do_not_count():
     assert topk_kd_loss(student, ids, lps, mask) == topk_kd_loss(changed, ids, lps, mask)
 
 
-def plain_distill_loss(hidden, weight, labels, ids, lps, mask, alpha, **kw):
+def plain_distill_loss(hidden, weight, labels, ids, lps, mask, alpha, spec):
     logits = hidden @ weight.T
-    kd = topk_kd_loss(logits, ids, lps, mask, **kw)
+    kd = topk_kd_loss(logits, ids, lps, mask, spec)
     ce = F.cross_entropy(logits[mask], labels[mask])
     return alpha * kd + (1 - alpha) * ce
 
@@ -107,10 +109,10 @@ def test_chunked_equals_plain_in_value_and_gradient(kind, tail):
     ids, lps = teacher_topk(torch.randn(B, T, V, dtype=torch.float64), 4)
     labels = torch.randint(0, V, (B, T))
     mask = torch.rand(B, T) > 0.3
-    kw = dict(kind=kind, tail=tail, temperature=2.0)
-    plain = plain_distill_loss(hidden, weight, labels, ids, lps, mask, 0.3, **kw)
+    spec = LossSpec(kind=kind, tail=tail, temperature=2.0)
+    plain = plain_distill_loss(hidden, weight, labels, ids, lps, mask, 0.3, spec)
     g_plain = torch.autograd.grad(plain, (hidden, weight))
-    chunked, parts = chunked_distill_loss(hidden, weight, labels, ids, lps, mask, alpha=0.3, chunk_size=3, **kw)
+    chunked, parts = chunked_distill_loss(hidden, weight, labels, ids, lps, mask, spec, alpha=0.3, chunk_size=3)
     g_chunked = torch.autograd.grad(chunked, (hidden, weight))
     torch.testing.assert_close(chunked, plain, rtol=1e-10, atol=1e-12)
     for a, b in zip(g_chunked, g_plain):
@@ -141,11 +143,11 @@ def test_one_batch_of_4_equals_accumulation_2x2():
 def test_bad_arguments_are_named():
     logits, ids, lps = torch.randn(2, V), torch.zeros(2, 3, dtype=torch.long), torch.full((2, 3), -2.0)
     with pytest.raises(ValueError, match="`kind` must be one of"):
-        kd_per_position(logits, ids, lps, kind="kl")
+        kd_per_position(logits, ids, lps, LossSpec(kind="kl"))
     with pytest.raises(ValueError, match="`tail` must be one of"):
-        kd_per_position(logits, ids, lps, tail="drop")
+        kd_per_position(logits, ids, lps, LossSpec(tail="drop"))
     with pytest.raises(ValueError, match="`beta` must be in"):
-        kd_per_position(logits, ids, lps, kind="jsd", beta=1.0)
+        kd_per_position(logits, ids, lps, LossSpec(kind="jsd", beta=1.0))
 
 
 def test_gradients_stay_finite_when_the_student_is_certain():
@@ -157,7 +159,7 @@ def test_gradients_stay_finite_when_the_student_is_certain():
     ids, lps = torch.full((3, 1), 5), torch.zeros(3, 1)  # a label "teacher": its token at logprob 0
     for alpha in (0.0, 0.5, 1.0):
         logits.grad = None
-        kd = kd_per_position(logits, ids, lps, tail="bucket").sum()
+        kd = kd_per_position(logits, ids, lps, LossSpec(tail="bucket")).sum()
         ce = torch.nn.functional.cross_entropy(logits, ids[:, 0], reduction="sum")
         (alpha * kd + (1 - alpha) * ce).backward()
         assert torch.isfinite(logits.grad).all(), alpha
@@ -180,3 +182,24 @@ def test_kd_loss_under_fsdp2_matches_single_process(tiny_models, head):
     assert done.returncode == 0, done.stderr[-3000:]
     kind = "DTensor" if head == "reshard" else "Parameter"
     assert done.stdout.count(f"head weight type {kind}") == 2, done.stdout
+
+
+def test_a_loss_spec_is_built_once_from_the_config_and_frozen():
+    """The kinds come from one declaration (`distill.config.LossKind`); the config's loss fields
+    become one `LossSpec` for the corpus and one for the student's own samples."""
+    import dataclasses
+    import typing
+
+    from distill.config import LossKind, TrainConfig
+    from tests.helpers import ROOT
+
+    assert KINDS == typing.get_args(LossKind)
+    for field in ("loss", "on_policy_loss"):
+        assert typing.get_args(TrainConfig.model_fields[field].annotation) == KINDS
+    cfg = TrainConfig(corpus="c", student=str(ROOT / "distill" / "demo" / "student-init"), out="o", loss="jsd",
+                      beta=0.3, kd_temperature=2.0, tail="renormalize", on_policy_loss="reverse_kl")
+    assert LossSpec.from_config(cfg) == LossSpec(kind="jsd", temperature=2.0, tail="renormalize", beta=0.3)
+    assert LossSpec.on_policy(cfg) == LossSpec(kind="reverse_kl", temperature=2.0, tail="renormalize", beta=0.3)
+    assert LossSpec.from_config(cfg).as_metric() == LossSpec(kind="forward_kl", temperature=1.0, tail="renormalize")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        LossSpec().kind = "jsd"

@@ -18,7 +18,7 @@ from distill.launcher import EndpointError, free_port, start_server
 from distill.teacher_client import TeacherClient, parse_prompt_logprobs
 from distill.train.onpolicy import teacher_scored_kl
 from distill.train.trainer import CHECKPOINT_DONE, train
-from tests.helpers import MAX_MODEL_LEN
+from tests.helpers import MAX_MODEL_LEN, make_corpus, record
 
 QUESTIONS = [f"Sort the numbers {i} {i * 3 % 7} {i % 4}, then add {i}" for i in range(8)]
 
@@ -30,19 +30,9 @@ def chat_prompts(tokenizer) -> list[list[int]]:
 
 def prompt_corpus(root, teacher_dir, tokenizer, k: int = 4):
     """A corpus whose prompts are real chat prompts (on-policy training samples its own answers to them)."""
-    rng = np.random.default_rng(0)
-    records = []
-    for i, (question, ids) in enumerate(zip(QUESTIONS, chat_prompts(tokenizer))):
-        top = np.sort(rng.uniform(-6, 0, size=(3, k)).astype(np.float32), axis=1)[:, ::-1]
-        records.append({"id": f"r{i}", "prompt_id": f"p{i}", "messages": [{"role": "user", "content": question}],
-                        "response": "x", "prompt_token_ids": ids, "response_token_ids": [40, 41, 42],
-                        "response_logprobs": top[:, 0].copy(), "topk_token_ids": rng.integers(0, 400, size=(3, k)),
-                        "topk_logprobs": top, "finish_reason": "stop"})
-    corpus.write_shard(root, 0, corpus.records_to_table(records, k, corpus.DEFAULT_ENCODING))
-    corpus.write_manifest(root, corpus.Manifest(
-        teacher={"model": str(teacher_dir), **corpus.tokenizer_fingerprint(tokenizer)},
-        generation={"top_k": k, "logprob_encoding": corpus.DEFAULT_ENCODING}, stats=corpus.corpus_stats(root)))
-    return root
+    records = [record(i, k=k, question=question, prompt_ids=ids, response="x", response_ids=[40, 41, 42])
+               for i, (question, ids) in enumerate(zip(QUESTIONS, chat_prompts(tokenizer)))]
+    return make_corpus(root, records, k=k, teacher={"model": str(teacher_dir), **corpus.tokenizer_fingerprint(tokenizer)})
 
 
 def test_prompt_logprobs_keep_the_k_best_by_rank():
@@ -165,5 +155,5 @@ def test_a_teacher_that_goes_away_mid_run_is_one_line_and_resumable(tmp_path, ti
     errors = [line for line in err.splitlines() if line.startswith("distill train: error:")]  # not the progress bars
     assert code == 1 and "Traceback" not in err and len(errors) == 1, err
     assert errors[0].startswith(f"distill train: error: teacher endpoint {server.url.removesuffix('/v1')} did not "
-                                "answer after 5 attempts") and "rerun with `--resume`" in errors[0], err
+                                "answer after 5 attempts") and "rerun the same command to continue" in errors[0], err
     assert done.exists() and not (out / "model.safetensors").exists()

@@ -44,9 +44,11 @@ def served(tiny_models, adapter):
     """`distill serve` as a user starts it; yields (process, base url, adapter name, base name)."""
     port = free_port()
     cmd = [sys.executable, "-m", "distill.cli", "serve", "--model", str(tiny_models["llama-teacher"]),
-           "--lora", str(adapter), "--served-model-name", "student", "--port", str(port), "--api-key", KEY,
+           "--lora", str(adapter), "--served-model-name", "student", "--port", str(port),
            "--max-model-len", "512", "--", "--max-num-seqs", "32"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    # the key as the docs advise: in the environment, where `ps` does not show it
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "VLLM_API_KEY": KEY})
     ready = proc.stdout.readline()  # blocks until the server answers /health (or the command fails)
     if not ready.startswith("ready:"):
         proc.kill()
@@ -88,6 +90,18 @@ def test_requests_without_or_with_a_wrong_key_get_401(served):
     assert request(f"{url}/chat/completions", chat_body(name), key=None)[0] == 401
     assert request(f"{url}/chat/completions", chat_body(name), key="sk-wrong")[0] == 401
     assert request(f"{url}/chat/completions", chat_body(name))[0] == 200
+
+
+def test_routes_outside_v1_need_the_key_too_and_it_is_on_no_command_line(served):
+    proc, url, name, _ = served
+    root = url.removesuffix("/v1")
+    assert request(f"{root}/invocations", chat_body(name), key=None)[0] == 401  # a chat, answered without a key before
+    assert request(f"{root}/tokenize", {"model": name, "prompt": "hi"}, key=None)[0] == 401
+    assert request(f"{root}/tokenize", {"model": name, "prompt": "hi"})[0] == 200
+    with urllib.request.urlopen(f"{root}/health", timeout=30) as r:
+        assert r.status == 200
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    assert len(tree) > 1 and not [p.pid for p in tree if any(KEY in part for part in p.cmdline())]
 
 
 def test_burst_of_64_concurrent_chats_all_succeed(served):
@@ -181,7 +195,8 @@ def test_sigterm_stops_the_engine_process_too(served):
     tree = psutil.Process(proc.pid).children(recursive=True)
     assert tree  # the vLLM server and its engine core
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 0
+    assert proc.wait(60) == 128 + signal.SIGTERM  # like every command (issue 31: it was 0)
+    assert "distill serve: stopped (SIGTERM)." in proc.stderr.read()
     deadline = time.time() + 30
     while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree) and time.time() < deadline:
         time.sleep(0.5)

@@ -82,6 +82,27 @@ def test_resume_continues_from_the_checkpoint(tmp_path, tiny_models, teacher_cor
     assert logged_steps(out) == [1, 2, 3, 4]
 
 
+def test_rerunning_the_same_command_resumes_and_a_finished_student_is_kept(tmp_path, tiny_models, teacher_corpus):
+    cfg = TrainConfig(corpus=teacher_corpus, student=str(tiny_models["llama-student"]), out=tmp_path / "s",
+                      max_steps=4, batch_size=8, save_steps=2, eval_fraction=0.0, logging_steps=1)
+    out = train(cfg).path
+    # As a kill during step 4's checkpoint leaves it: no student yet, checkpoint-4 half written.
+    (out / "distill.json").unlink()
+    (out / "checkpoints" / "checkpoint-4" / CHECKPOINT_DONE).unlink()
+    kept = (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match=r"other settings \(max_steps differ\)"):
+        train(cfg.model_copy(update={"max_steps": 2}))
+    train(cfg)  # the same command, no --resume: what the interrupt message tells the user to do
+    assert (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").stat().st_mtime_ns == kept  # not redone
+    assert logged_steps(out) == [1, 2, 3, 4]
+    card = (out / "distill.json").read_bytes()
+    with pytest.raises(FileExistsError, match="holds a finished student"):
+        train(cfg)
+    assert (out / "distill.json").read_bytes() == card
+    train(cfg.model_copy(update={"max_steps": 2, "overwrite": True}))
+    assert logged_steps(out) == [1, 2] and not (out / "checkpoints" / "checkpoint-4").exists()
+
+
 def test_student_with_another_vocabulary_is_refused(tmp_path, tiny_models, teacher_corpus):
     import shutil
 
@@ -200,3 +221,44 @@ def test_distill_run_trains_under_accelerate_launch(tmp_path, tiny_models, teach
     assert card.steps == 2 and card.last_loss is not None and (tmp_path / "student" / "model.safetensors").exists()
     epochs = [json.loads(l)["epoch"] for l in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
     assert epochs[0] == pytest.approx(8 / 48)  # 2 processes x 4 sequences per step: both took part
+
+
+def test_a_full_disk_during_training_is_one_line(tmp_path, tiny_models, teacher_corpus, capsys):
+    """A real full disk: a 1 MiB tmpfs as `out` (mounting needs root: skipped without it)."""
+    import subprocess
+
+    from distill.cli import main
+
+    out = tmp_path / "small"
+    out.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(out)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        code = main(["train", "--corpus", str(teacher_corpus), "--student", str(tiny_models["llama-student"]),
+                     "--out", str(out), "--full", "--max-steps", "2", "--save-steps", "1", "--batch-size", "4",
+                     "--eval-fraction", "0"])
+        err = capsys.readouterr().err.strip()
+    finally:
+        subprocess.run(["umount", "--lazy", str(out)], check=False)  # lazy: a failed write may still hold a file
+    assert code == 1, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("distill train: error: ")]
+    assert errors == [f"distill train: error: no space left on device writing `{out}`; free space and rerun the same "
+                      "command: it resumes from the newest complete checkpoint"], err[-2000:]
+    assert "Traceback" not in err
+
+
+def test_train_prints_only_its_result_on_stdout(tmp_path, tiny_models, teacher_corpus):
+    """The Trainer's loss dicts (tqdm.write) and DeepSpeed's logger write to stdout: they go to stderr."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    out = tmp_path / "s"
+    done = subprocess.run([sys.executable, "-m", "distill.cli", "train", "--corpus", str(teacher_corpus), "--student",
+                           str(tiny_models["llama-student"]), "--out", str(out), "--max-steps", "2", "--logging-steps",
+                           "1", "--batch-size", "4", "--eval-fraction", "0"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == f"{out}\n"
+    assert "'loss'" in done.stderr  # the loss dicts still show, on stderr

@@ -6,21 +6,21 @@ import pytest
 import torch
 
 from distill.train.data import DistillCollator, trainable
+from tests.helpers import record
 
 K = 3
 
 
-def record(rid, prompt, response, loss_mask=None):
+def recognisable(rid, prompt, response, loss_mask=None):
+    """A `record` whose top-k row j is recognisable: ids [100j, 100j+1, 100j+2], logprobs [-j, -j-1, -j-2]."""
     n = len(response)
-    # row j is recognisable: ids [100j, 100j+1, 100j+2], logprobs [-j, -j-1, -j-2]
-    topk_ids = [[100 * j + c for c in range(K)] for j in range(n)]
-    topk_lps = [[-float(j) - c for c in range(K)] for j in range(n)]
-    return {"id": rid, "prompt_token_ids": prompt, "response_token_ids": response, "topk_token_ids": topk_ids,
-            "topk_logprobs": topk_lps, "loss_mask": loss_mask}
+    return record(rid, k=K, prompt_ids=prompt, response_ids=response, loss_mask=loss_mask,
+                  topk_ids=[[100 * j + c for c in range(K)] for j in range(n)],
+                  topk_logprobs=[[-float(j) - c for c in range(K)] for j in range(n)])
 
 
 def test_alignment_padding_and_masks():
-    recs = [record("a", [1, 2, 3], [10, 11, 12, 13]), record("b", [1, 2], [20, 21], loss_mask=[True, False])]
+    recs = [recognisable("a", [1, 2, 3], [10, 11, 12, 13]), recognisable("b", [1, 2], [20, 21], loss_mask=[True, False])]
     batch = DistillCollator(pad_token_id=0, max_length=64, top_k=K)(recs)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 10, 11, 12, 13], [1, 2, 20, 21, 0, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1] * 7, [1, 1, 1, 1, 0, 0, 0]]
@@ -37,7 +37,7 @@ def test_alignment_padding_and_masks():
 
 
 def test_truncation_cuts_tokens_and_topk_rows_together():
-    rec = record("a", [1, 2, 3], [10, 11, 12, 13, 14])
+    rec = recognisable("a", [1, 2, 3], [10, 11, 12, 13, 14])
     batch = DistillCollator(pad_token_id=0, max_length=5, top_k=K)([rec])
     assert batch["input_ids"].tolist() == [[1, 2, 3, 10, 11]]
     assert batch["labels"].tolist() == [[-100, -100, 10, 11, -100]]
@@ -46,7 +46,7 @@ def test_truncation_cuts_tokens_and_topk_rows_together():
 
 
 def test_a_prompt_that_fills_the_context_is_refused_by_name():
-    rec = record("long", list(range(8)), [10])
+    rec = recognisable("long", list(range(8)), [10])
     assert not trainable(rec, 8) and trainable(rec, 9)
     with pytest.raises(ValueError, match="record 'long': prompt of 8 tokens leaves no room"):
         DistillCollator(pad_token_id=0, max_length=8, top_k=K)([rec])
@@ -108,10 +108,7 @@ def test_training_batches_are_the_same_from_every_encoding(tmp_path):
         lps = torch.log_softmax(torch.tensor(logits), -1).numpy()
         ids = np.argsort(-lps, axis=1)[:, :k]
         top = np.take_along_axis(lps, ids, axis=1).astype(np.float32)
-        records.append({"id": f"r{i}", "prompt_id": f"p{i}", "messages": [{"role": "user", "content": "q"}],
-                        "response": "a", "prompt_token_ids": [1, 2, 3], "response_token_ids": ids[:, 0].tolist(),
-                        "response_logprobs": top[:, 0], "topk_token_ids": ids, "topk_logprobs": top,
-                        "finish_reason": "stop"})
+        records.append(record(i, k=k, response_ids=ids[:, 0].tolist(), topk_ids=ids, topk_logprobs=top))
     collate = DistillCollator(pad_token_id=0, max_length=64, top_k=k)
     batches = {e: collate(list(corpus.load_dataset(make_corpus(tmp_path / e, records, k=k, encoding=e))))
                for e in corpus.LOGPROB_ENCODINGS}
@@ -125,3 +122,83 @@ def test_training_batches_are_the_same_from_every_encoding(tmp_path):
         assert ((batch["topk_logprobs"] - lp).abs() <= torch.tensor(corpus.logprob_tolerance(encoding, lp)) + 1e-7).all()
         loss = topk_kd_loss(student, batch["topk_ids"], batch["topk_logprobs"], batch["target_mask"])
         assert abs(loss - reference) / reference < 1e-3, encoding
+
+
+def test_the_pre_pass_reads_the_corpus_once_keeping_what_can_train_and_counting_the_rest(tmp_path, monkeypatch):
+    """One pass over the shards (several, several batches each) gives the training dataset of
+    the records whose prompt leaves room (the collator's columns only), the number dropped, and
+    the largest token id anywhere in the corpus; the shards are opened once each."""
+    import pyarrow.parquet as pq
+
+    from distill import corpus
+    from distill.train.data import TRAINING_COLUMNS, prepare_training_data
+    from tests.helpers import K, record as corpus_record
+
+    records = [corpus_record(i) for i in range(3000)]
+    for i, r in enumerate(records):
+        r["prompt_token_ids"] = list(range(1, 2 + i % 7))  # 1..7 tokens
+    records[1234]["prompt_token_ids"] = [5, 9000, 7]  # the largest id: in a prompt, not in the top-k
+    root = tmp_path / "c"
+    for shard, start in enumerate(range(0, len(records), 1500)):
+        corpus.write_shard(root, shard, corpus.records_to_table(records[start:start + 1500], K))
+    corpus.write_manifest(root, corpus.Manifest(teacher={"model": "t"}, generation={"top_k": K},
+                                                stats=corpus.corpus_stats(root)))
+    opened = []
+    real_open = pq.ParquetFile
+    monkeypatch.setattr(pq, "ParquetFile", lambda path, *a, **kw: opened.append(path) or real_open(path, *a, **kw))
+
+    data = prepare_training_data(root, max_length=5, scratch=tmp_path / "scratch")
+
+    assert sorted(opened) == corpus.shard_paths(root)
+    kept = [r for r in records if len(r["prompt_token_ids"]) < 5]
+    assert (data.records, data.skipped, data.max_token_id) == (3000, 3000 - len(kept), 9000)
+    assert data.dataset.column_names == [c for c in TRAINING_COLUMNS if c != "loss_mask"]
+    assert data.dataset["id"] == [r["id"] for r in kept]
+    stored = {r["id"]: r for r in corpus.iter_records(root)}
+    for row in (data.dataset[0], data.dataset[len(kept) - 1]):
+        assert row == {c: stored[row["id"]][c] for c in data.dataset.column_names}
+
+
+def test_the_pre_pass_refuses_an_invalid_corpus_as_validate_does(tmp_path):
+    from distill import corpus
+    from distill.train.data import prepare_training_data
+    from tests.helpers import make_corpus, record as corpus_record
+
+    root = make_corpus(tmp_path / "c", [corpus_record(0), corpus_record(1), corpus_record(0)])
+    with pytest.raises(corpus.CorpusError) as validated:
+        corpus.validate(root)
+    with pytest.raises(corpus.CorpusError) as prepared:
+        prepare_training_data(root, max_length=64, scratch=tmp_path / "scratch")
+    assert "duplicate id 'r0'" in str(prepared.value) and str(prepared.value) == str(validated.value)
+
+
+def test_no_trainable_record_is_one_line(tmp_path):
+    from distill.train.data import prepare_training_data
+    from tests.helpers import make_corpus, record as corpus_record
+
+    root = make_corpus(tmp_path / "c", [corpus_record(0), corpus_record(1)])
+    with pytest.raises(ValueError, match="the prompts of all 2 fill max_length 3"):
+        prepare_training_data(root, max_length=3, scratch=tmp_path / "scratch")
+
+
+def test_eval_checks_vocabularies_without_importing_trl():
+    """`check_vocabulary` lives with the data, not the trainer: eval's fidelity imports no TRL."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import sys, distill.evaluation.fidelity; print('trl' in sys.modules)"],
+                          capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_a_curated_corpus_keeps_its_loss_mask_for_the_collator(tmp_path):
+    from distill.train.data import prepare_training_data
+    from tests.helpers import make_corpus, record as corpus_record
+
+    records = [corpus_record(i) for i in range(4)]
+    for r in records:
+        r["loss_mask"] = [True, False, True]
+    data = prepare_training_data(make_corpus(tmp_path / "c", records), max_length=64, scratch=tmp_path / "scratch")
+    assert data.dataset[2]["loss_mask"] == [True, False, True]
+    assert DistillCollator(pad_token_id=0, max_length=64, top_k=4)([data.dataset[2]])["target_mask"].tolist() == \
+        [[False, False, True, False, True, False]]

@@ -1,16 +1,22 @@
-"""`distill.json`: the student's provenance card (`StudentCard`), and what `train()` returns."""
+"""What a trained student carries besides its weights: `distill.json`, its provenance card
+(`StudentCard`), a short `README.md` and the loss plot `loss.png`; and what `train()` returns."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
-from distill.corpus import TeacherInfo
+from distill.config import provenance
+from distill.corpus import Manifest, TeacherInfo, history_entry
 from distill.files import write_json
-from distill.models import ModelSource
+from distill.models import ModelSource, model_source
+
+if TYPE_CHECKING:
+    from distill.config import TrainConfig
 
 CARD = "distill.json"
 
@@ -34,6 +40,19 @@ class StudentCard(BaseModel):
     def load(cls, student: Path) -> StudentCard:
         return cls.model_validate_json((Path(student) / CARD).read_bytes())
 
+    @classmethod
+    def of_run(cls, cfg: TrainConfig, manifest: Manifest, steps: int, log_history: list[dict], initial: dict,
+               final: dict, wall: float) -> StudentCard:
+        """The card of a finished run: `log_history` is the trainer's logged metrics, one dict per log."""
+        logs = [log for log in log_history if "loss" in log]
+        return cls(
+            corpus=str(cfg.corpus), corpus_complete=manifest.stats.complete is not False, teacher=manifest.teacher,
+            student_source=model_source(cfg.student), corpus_manifest_sha256=manifest.sha256(),
+            curation=manifest.curation, config=provenance(cfg), steps=steps,
+            initial=initial, final=final, first_loss=logs[0]["loss"] if logs else None,
+            last_loss=logs[-1]["loss"] if logs else None,
+            history=manifest.history + [history_entry("train", cfg, wall)])
+
     def write(self, student: Path) -> None:
         write_json(Path(student) / CARD, self.model_dump(mode="json"))
 
@@ -42,3 +61,46 @@ class StudentCard(BaseModel):
 class TrainResult:
     path: Path  # the student directory: merged model, tokenizer, card
     card: StudentCard
+
+
+def write_student_files(out: Path, cfg: TrainConfig, card: StudentCard) -> None:
+    """`distill.json`, `README.md` and `loss.png` (from `metrics.jsonl`) into the student directory."""
+    card.write(out)
+    write_readme(out, cfg, card)
+    plot_losses(out)
+
+
+def write_readme(out: Path, cfg: TrainConfig, card: StudentCard) -> None:
+    lines = ["# Distilled student", "", f"- student base: `{cfg.student}`",
+             f"- teacher: `{card.teacher.model if card.teacher else None}`",
+             f"- corpus: `{cfg.corpus}` (manifest sha256 `{card.corpus_manifest_sha256[:16]}`)"
+             + ("" if card.corpus_complete else "; incomplete: its generate job was interrupted"),
+             f"- loss: {cfg.alpha} x {cfg.loss} (tail {cfg.tail}, T={cfg.kd_temperature}) + {1 - cfg.alpha:g} x CE; "
+             f"{'LoRA r=' + str(cfg.lora_r) if cfg.lora else 'full fine-tuning'}",
+             *([f"- on-policy: {cfg.lmbda:g} of each batch sampled by the student (at most {cfg.max_new_tokens} tokens, "
+                f"temperature {cfg.sample_temperature:g}), scored by the teacher at `{cfg.teacher_endpoint}` "
+                f"(top-{cfg.teacher_top_k}), loss {cfg.on_policy_loss}"] if cfg.on_policy else []),
+             f"- steps: {card.steps}; loss {card.first_loss} -> {card.last_loss}",
+             *(f"- {key}: {card.initial.get(key, float('nan')):.4f} before training -> {value:.4f}"
+               for key, value in card.final.items() if isinstance(value, float)),
+             "", "Full provenance: `distill.json`. Metrics per logging step: `metrics.jsonl`, `loss.png`."]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_losses(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in ("loss", "kd", "ce", "eval_loss", "on_policy_kl"):
+        points = [(m["step"], float(m[key])) for m in logs if key in m]
+        if points:
+            ax.plot(*zip(*points), label=key, marker="." if key == "eval_loss" else None)
+    ax.set_xlabel("step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=100)
+    plt.close(fig)

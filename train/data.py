@@ -1,4 +1,11 @@
-"""Corpus records -> training tensors, aligned for next-token prediction.
+"""The corpus as training data: read once before step 1, checked against the student, and
+turned into tensors aligned for next-token prediction.
+
+`prepare_training_data` is the one pass over the shards before training: each record batch is
+validated, decoded, its largest token id taken and its records that cannot train dropped (and
+counted), all on Arrow columns, and the kept records are written once to an Arrow file that the
+training dataset memory-maps. `check_vocabulary` refuses a student that does not share the
+teacher's vocabulary on the ids the corpus uses.
 
 The student trains on `prompt_token_ids + response_token_ids` exactly as stored (never
 re-tokenised). Position t of the sequence predicts token t + 1, so response token j (at
@@ -11,13 +18,81 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
+
+from distill import corpus
+
+# What the collator reads of a record (`loss_mask` only in curated corpora): the rest of the
+# corpus (messages, texts, sampled logprobs) never enters the training dataset.
+TRAINING_COLUMNS = ("id", "prompt_token_ids", "response_token_ids", "topk_token_ids", "topk_logprobs", "loss_mask")
+TOKEN_ID_COLUMNS = ("prompt_token_ids", "response_token_ids", "topk_token_ids")
 
 
 def trainable(record: dict, max_length: int) -> bool:
     """A record keeps at least one target after truncation iff its prompt leaves room."""
     return len(record["prompt_token_ids"]) < max_length
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    dataset: Any  # `datasets.Dataset` of the kept records' TRAINING_COLUMNS, memory-mapped
+    records: int  # in the corpus
+    skipped: int  # records whose prompt fills `max_length` (not in `dataset`)
+    max_token_id: int  # the largest token id in the corpus (prompts, responses, top-k)
+
+
+def prepare_training_data(root: Path, max_length: int, scratch: Path) -> TrainingData:
+    """Read the corpus once (see the module's docstring); the Arrow file goes into `scratch`,
+    which the caller removes after training. Raises `CorpusError` if the corpus is invalid."""
+    import datasets
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    path = scratch / "records.arrow"
+    writer, schema, records, kept, max_token_id = None, None, 0, 0, 0
+    try:
+        for batch in corpus.validated_batches(root):
+            for column in TOKEN_ID_COLUMNS:
+                ids = batch.column(column)
+                while pa.types.is_list(ids.type):
+                    ids = pc.list_flatten(ids)
+                max_token_id = max(max_token_id, pc.max(ids).as_py() or 0)
+            room = pc.less(pc.list_value_length(batch.column("prompt_token_ids")), max_length)
+            rows = batch.select([c for c in TRAINING_COLUMNS if c in batch.schema.names]).filter(room)
+            if writer is None:
+                schema = rows.schema
+                writer = pa.ipc.new_stream(path, schema)
+            writer.write_batch(rows if rows.schema.equals(schema) else rows.cast(schema))  # e.g. `element` vs `item`
+            records, kept = records + batch.num_rows, kept + rows.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    if not kept:
+        raise ValueError(f"`{root}` holds no record to train on: " + (
+            f"the prompts of all {records:,} fill max_length {max_length}" if records else "it is empty"))
+    return TrainingData(datasets.Dataset.from_file(str(path)), records, records - kept, max_token_id)
+
+
+def check_vocabulary(manifest: corpus.Manifest, student_tokenizer, embedding_rows: int, max_teacher_id: int) -> None:
+    """Refuse a student whose vocabulary differs from the teacher's on the ids the corpus uses."""
+    if max_teacher_id >= embedding_rows:
+        raise ValueError(f"the corpus uses token id {max_teacher_id} but the student has {embedding_rows} embeddings")
+    if corpus.tokenizer_fingerprint(student_tokenizer)["tokenizer_sha256"] == manifest.teacher.tokenizer_sha256:
+        return
+    from transformers import AutoTokenizer
+
+    teacher = AutoTokenizer.from_pretrained(manifest.teacher.model)
+    ids = range(min(max_teacher_id + 1, len(teacher)))
+    theirs, ours = teacher.convert_ids_to_tokens(list(ids)), student_tokenizer.convert_ids_to_tokens(list(ids))
+    diff = [(i, a, b) for i, a, b in zip(ids, theirs, ours) if a != b]
+    if diff:
+        shown = ", ".join(f"id {i}: teacher {a!r} vs student {b!r}" for i, a, b in diff[:3])
+        raise ValueError(f"student and teacher vocabularies differ on {len(diff)} of the corpus's ids ({shown}); "
+                         "distil into a student of the same tokenizer family")
 
 
 @dataclass

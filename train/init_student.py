@@ -51,11 +51,17 @@ def decoder_layers(model):
 def init_student(cfg: InitStudentConfig) -> InitStudentResult:
     check_model(cfg.teacher, "teacher")
     with files.exclusive(cfg.out) as out:
-        if not files.is_empty(out):
-            if not cfg.overwrite:
-                raise FileExistsError(f"`{out}` is not empty: pass --overwrite to replace it")
-            files.clear_dir(out)
+        if not (cfg.overwrite or files.is_empty(out) or _interrupted(out)):
+            raise FileExistsError(f"`{out}` holds a student or other files: choose another `out` or pass --overwrite "
+                                  "to replace it")
+        files.clear_dir(out)  # pruning has nothing to resume: an interrupted one starts over
         return _prune(cfg, out)
+
+
+def _interrupted(out: Path) -> bool:
+    """`out` as a killed init-student leaves it: the model's files without the tokenizer (saved last)."""
+    return all(p.name in ("config.json", "generation_config.json", files.LOCK_NAME) or p.name.startswith("model")
+               or p.match(files.PARTIAL_GLOB) for p in out.iterdir())
 
 
 def _prune(cfg: InitStudentConfig, out: Path) -> InitStudentResult:

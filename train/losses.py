@@ -18,6 +18,8 @@ magnitudes stay comparable across temperatures.
 Kinds, with P the teacher and Q the student on the partition:
 `forward_kl` KL(P||Q) (mean-seeking), `reverse_kl` KL(Q||P) (mode-seeking), and `jsd`:
 beta KL(P||M) + (1-beta) KL(Q||M) with M = beta P + (1-beta) Q (beta = 0.5: symmetric JSD).
+`LossSpec` holds the kind, T, the tail and beta: built once from the config (`LossSpec.from_config`,
+`LossSpec.on_policy`), checked once, and handed whole to every loss function.
 
 `topk_kd_loss` works on `[B, T, V]` logits and is the reference. `chunked_distill_loss` is what
 training uses: it takes the last hidden states and the LM head weight and, a chunk of positions
@@ -28,17 +30,57 @@ logits are never held and never recomputed; it also returns the CE term on the s
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, get_args
 
 import torch
 import torch.nn.functional as F
 
-Kind = Literal["forward_kl", "reverse_kl", "jsd"]
-Tail = Literal["bucket", "renormalize"]
-KINDS, TAILS = ("forward_kl", "reverse_kl", "jsd"), ("bucket", "renormalize")
+from distill.config import LossKind, LossTail
+
+if TYPE_CHECKING:
+    from distill.config import TrainConfig
+
+KINDS, TAILS = get_args(LossKind), get_args(LossTail)
 _TINY = 1e-30
 TAIL_FLOOR = 1e-6
 EMPTY_LOG = -1e4  # log of an empty bin: exp() is exactly 0, and 0 * finite stays 0
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Which divergence, on which partition, at which temperature: everything a KD loss needs
+    besides the tensors, checked once when built."""
+
+    kind: LossKind = "forward_kl"
+    temperature: float = 1.0
+    tail: LossTail = "bucket"
+    beta: float = 0.5  # the JSD's interpolation weight (`kind="jsd"` only)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"`kind` must be one of {KINDS}, got {self.kind!r}")
+        if self.tail not in TAILS:
+            raise ValueError(f"`tail` must be one of {TAILS}, got {self.tail!r}")
+        if self.kind == "jsd" and not 0.0 < self.beta < 1.0:
+            raise ValueError(f"`beta` must be in (0, 1) for jsd, got {self.beta}")
+        if not self.temperature > 0:
+            raise ValueError(f"`temperature` must be positive, got {self.temperature}")
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> LossSpec:
+        """The loss on the stored corpus."""
+        return cls(kind=cfg.loss, temperature=cfg.kd_temperature, tail=cfg.tail, beta=cfg.beta)
+
+    @classmethod
+    def on_policy(cls, cfg: TrainConfig) -> LossSpec:
+        """The loss on the student's own samples: the corpus loss with `on_policy_loss`'s divergence."""
+        return replace(cls.from_config(cfg), kind=cfg.on_policy_loss)
+
+    def as_metric(self) -> LossSpec:
+        """What held-out metrics and the on-policy KL report whatever the loss: forward KL at
+        temperature 1 on this partition."""
+        return LossSpec(tail=self.tail)
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
@@ -56,14 +98,13 @@ def _log1mexp(log_x: torch.Tensor) -> torch.Tensor:
     return torch.where(small, near_zero, far).clamp(min=math.log(_TINY))
 
 
-def _partition(student_logprobs_k: torch.Tensor, teacher_logprobs_k: torch.Tensor, tail: Tail, temperature: float):
+def _partition(student_logprobs_k: torch.Tensor, teacher_logprobs_k: torch.Tensor, spec: LossSpec):
     """Both distributions on the same outcomes, as log-probabilities `[N, K(+1)]`.
     `student_logprobs_k`: the student's tempered log-softmax gathered at the teacher's ids."""
-    if tail == "renormalize":
+    temperature = spec.temperature
+    if spec.tail == "renormalize":
         return (torch.log_softmax(student_logprobs_k, dim=-1),
                 torch.log_softmax(teacher_logprobs_k / temperature, dim=-1))
-    if tail != "bucket":
-        raise ValueError(f"`tail` must be one of {TAILS}, got {tail!r}")
     s_tail = _log1mexp(torch.logsumexp(student_logprobs_k, dim=-1, keepdim=True))
     t_tail = _log1mexp(torch.logsumexp(teacher_logprobs_k, dim=-1, keepdim=True))
     # A teacher tail below 1e-6 is rounding noise of the stored values (float16 alone is ~1e-3):
@@ -75,45 +116,39 @@ def _partition(student_logprobs_k: torch.Tensor, teacher_logprobs_k: torch.Tenso
     return torch.cat([student_logprobs_k, s_tail], dim=-1), teacher
 
 
-def _divergence(lq: torch.Tensor, lp: torch.Tensor, kind: Kind, beta: float) -> torch.Tensor:
+def _divergence(lq: torch.Tensor, lp: torch.Tensor, spec: LossSpec) -> torch.Tensor:
     """Per row: divergence between teacher P = exp(lp) and student Q = exp(lq) `[N, K'] -> [N]`."""
-    if kind == "forward_kl":
+    if spec.kind == "forward_kl":
         return (lp.exp() * (lp - lq)).sum(-1)
-    if kind == "reverse_kl":
+    if spec.kind == "reverse_kl":
         return (lq.exp() * (lq - lp)).sum(-1)
-    if kind == "jsd":
-        if not 0.0 < beta < 1.0:
-            raise ValueError(f"`beta` must be in (0, 1) for jsd, got {beta}")
-        lm = torch.logsumexp(torch.stack([lp + torch.log(torch.tensor(beta, dtype=lp.dtype)),
-                                          lq + torch.log(torch.tensor(1 - beta, dtype=lq.dtype))]), dim=0)
-        return beta * (lp.exp() * (lp - lm)).sum(-1) + (1 - beta) * (lq.exp() * (lq - lm)).sum(-1)
-    raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}")
+    beta = spec.beta  # jsd
+    lm = torch.logsumexp(torch.stack([lp + torch.log(torch.tensor(beta, dtype=lp.dtype)),
+                                      lq + torch.log(torch.tensor(1 - beta, dtype=lq.dtype))]), dim=0)
+    return beta * (lp.exp() * (lp - lm)).sum(-1) + (1 - beta) * (lq.exp() * (lq - lm)).sum(-1)
 
 
-def kd_per_position(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, *,
-                    kind: Kind = "forward_kl", temperature: float = 1.0, tail: Tail = "bucket",
-                    beta: float = 0.5) -> torch.Tensor:
+def kd_per_position(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                    spec: LossSpec = LossSpec()) -> torch.Tensor:
     """`logits [N, V]`, `topk_ids [N, K]`, `topk_logprobs [N, K]` -> KD loss per position `[N]`
     (already multiplied by T^2)."""
-    student = torch.log_softmax(_upcast(logits) / temperature, dim=-1)  # over ~150k entries: >= float32
-    lq, lp = _partition(student.gather(-1, topk_ids.long()), topk_logprobs.to(student.dtype), tail, temperature)
-    return _divergence(lq, lp, kind, beta) * temperature**2
+    student = torch.log_softmax(_upcast(logits) / spec.temperature, dim=-1)  # over ~150k entries: >= float32
+    lq, lp = _partition(student.gather(-1, topk_ids.long()), topk_logprobs.to(student.dtype), spec)
+    return _divergence(lq, lp, spec) * spec.temperature**2
 
 
 def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                 mask: torch.Tensor, *, kind: Kind = "forward_kl", temperature: float = 1.0,
-                 tail: Tail = "bucket", beta: float = 0.5) -> torch.Tensor:
+                 mask: torch.Tensor, spec: LossSpec = LossSpec()) -> torch.Tensor:
     """Mean KD loss over the masked positions. `student_logits [B, T, V]` (position t already
     predicts the token whose teacher top-k is row t), `topk_* [B, T, K]`, `mask [B, T]` bool."""
     m = mask.bool()
-    per = kd_per_position(student_logits[m], topk_ids[m], topk_logprobs[m], kind=kind,
-                          temperature=temperature, tail=tail, beta=beta)
+    per = kd_per_position(student_logits[m], topk_ids[m], topk_logprobs[m], spec)
     return per.sum() / m.sum().clamp(min=1)
 
 
-def _chunk_sums(hidden, weight, bias, labels, topk_ids, topk_logprobs, kind, temperature, tail, beta):
+def _chunk_sums(hidden, weight, bias, labels, topk_ids, topk_logprobs, spec: LossSpec):
     logits = F.linear(hidden, weight, bias)  # [c, V]: only this chunk's
-    kd = kd_per_position(logits, topk_ids, topk_logprobs, kind=kind, temperature=temperature, tail=tail, beta=beta)
+    kd = kd_per_position(logits, topk_ids, topk_logprobs, spec)
     ce = F.cross_entropy(_upcast(logits), labels, reduction="sum")
     return kd.sum(), ce
 
@@ -124,20 +159,19 @@ class _FusedChunkedLoss(torch.autograd.Function):
     gradients of the size of the inputs are kept for `backward`. No logits are recomputed."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, labels, topk_ids, topk_logprobs, coefficients, options):
+    def forward(ctx, h, weight, bias, labels, topk_ids, topk_logprobs, coefficients, spec, chunk_size):
         alpha, denominator = coefficients
         needs = (h.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
         grads = [torch.zeros(t.shape, dtype=torch.promote_types(t.dtype, torch.float32), device=t.device)
                  if need else None for t, need in zip((h, weight, bias), needs)]
         kd_sum = ce_sum = torch.zeros((), dtype=grads[0].dtype if grads[0] is not None else torch.float32,
                                       device=h.device)
-        for start in range(0, h.shape[0], options["chunk_size"]):
-            sl = slice(start, start + options["chunk_size"])
+        for start in range(0, h.shape[0], chunk_size):
+            sl = slice(start, start + chunk_size)
             with torch.enable_grad():
                 leaves = [t.detach().requires_grad_(need) if t is not None else None
                           for t, need in zip((h[sl], weight, bias), needs)]
-                kd, ce = _chunk_sums(*leaves, labels[sl], topk_ids[sl], topk_logprobs[sl], options["kind"],
-                                     options["temperature"], options["tail"], options["beta"])
+                kd, ce = _chunk_sums(*leaves, labels[sl], topk_ids[sl], topk_logprobs[sl], spec)
                 wanted = [(i, t) for i, (t, need) in enumerate(zip(leaves, needs)) if need]
                 if wanted:
                     loss = (alpha * kd + (1 - alpha) * ce) / denominator
@@ -156,32 +190,29 @@ class _FusedChunkedLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         out = [(g * grad_loss).to(dtype) if need else None
                for g, need, dtype in zip(ctx.saved_tensors, ctx.needs, ctx.dtypes)]
-        return (*out, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None)
 
 
 def chunked_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, mask: torch.Tensor, *,
-                         alpha: float = 0.5, kind: Kind = "forward_kl", temperature: float = 1.0,
-                         tail: Tail = "bucket", beta: float = 0.5, bias: torch.Tensor | None = None,
+                         topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, mask: torch.Tensor,
+                         spec: LossSpec = LossSpec(), *, alpha: float = 0.5, bias: torch.Tensor | None = None,
                          chunk_size: int = 1024, num_items: int | torch.Tensor | None = None):
     """alpha * KD + (1 - alpha) * CE over the masked positions, from `hidden [B, T, H]` and the
     LM head `weight [V, H]` (+ `bias`). `labels [B, T]`: the token each position must predict.
     Sums are divided by `num_items` (the target count of the whole accumulated batch, as TRL /
     transformers pass it) or else by this batch's masked count, so gradients do not depend on
     how a batch is split. Returns `(loss, {"kd": mean KD, "ce": mean CE})`, both detached."""
-    if kind not in KINDS or tail not in TAILS:
-        raise ValueError(f"`kind` must be one of {KINDS} and `tail` one of {TAILS}, got {kind!r}, {tail!r}")
     m = mask.bool()
     h, y, ids, lps = hidden[m], labels[m], topk_ids[m], topk_logprobs[m]  # [N, ...]: masked rows only
     denominator = num_items if num_items is not None else m.sum().clamp(min=1)
-    options = dict(kind=kind, temperature=temperature, tail=tail, beta=beta, chunk_size=chunk_size)
     if torch.is_grad_enabled():
-        loss, kd_sum, ce_sum = _FusedChunkedLoss.apply(h, weight, bias, y, ids, lps, (alpha, denominator), options)
+        loss, kd_sum, ce_sum = _FusedChunkedLoss.apply(h, weight, bias, y, ids, lps, (alpha, denominator), spec,
+                                                       chunk_size)
     else:
         kd_sum = ce_sum = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         for start in range(0, h.shape[0], chunk_size):
             sl = slice(start, start + chunk_size)
-            kd, ce = _chunk_sums(h[sl], weight, bias, y[sl], ids[sl], lps[sl], kind, temperature, tail, beta)
+            kd, ce = _chunk_sums(h[sl], weight, bias, y[sl], ids[sl], lps[sl], spec)
             kd_sum, ce_sum = kd_sum + kd, ce_sum + ce
         loss = (alpha * kd_sum + (1 - alpha) * ce_sum) / denominator
     return loss, {"kd": (kd_sum / denominator).detach(), "ce": (ce_sum / denominator).detach()}

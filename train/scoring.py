@@ -1,8 +1,9 @@
 """Teacher-forced scoring: a student read along the teacher's own responses.
 
-Per response token: forward KL(teacher || student) on the teacher's stored top-k (a `tail`
-partition of `losses`, exact on k+1 outcomes), whether the student's argmax is the teacher's
-top-1, and the student's negative log-likelihood of the teacher's token. The head is applied to
+Per response token: the divergence a `LossSpec` names on the teacher's stored top-k (by default
+forward KL(teacher || student) at T=1 on the bucket partition of `losses`, exact on k+1
+outcomes), whether the student's argmax is the teacher's top-1, and the student's negative
+log-likelihood of the teacher's token. The head is applied to
 a chunk of positions at a time, so a 150k vocabulary never materialises `[B, T, V]` logits.
 One loop for `train`'s held-out metrics and `eval`'s fidelity.
 """
@@ -17,14 +18,14 @@ import torch
 
 from distill.train.data import DistillCollator
 from distill.train.head import lm_head
-from distill.train.losses import Tail, kd_per_position
+from distill.train.losses import LossSpec, kd_per_position
 
 
 @dataclass
 class TeacherForced:
     records: int
     tokens: int
-    kl: float  # nats per token
+    kl: float  # the scoring LossSpec's divergence (forward KL unless told), nats per token
     top1_agreement: float
     nll: float  # of the teacher's token, nats per token
     per_record_kl: list[float]  # mean KL per token of each record
@@ -41,7 +42,7 @@ def pad_token_id(tokenizer) -> int:
 
 @torch.no_grad()
 def teacher_forced(model, records: Sequence[dict], collator: DistillCollator, batch_size: int,
-                   tail: Tail = "bucket", chunk_size: int = 2048) -> TeacherForced:
+                   spec: LossSpec = LossSpec(), chunk_size: int = 2048) -> TeacherForced:
     """`records`: anything indexable by position (a list of corpus records, a `datasets.Dataset`)."""
     was_training = model.training
     model.eval()
@@ -60,7 +61,7 @@ def teacher_forced(model, records: Sequence[dict], collator: DistillCollator, ba
             for c in range(0, h.shape[0], chunk_size):
                 s = slice(c, c + chunk_size)
                 logits = torch.nn.functional.linear(h[s], weight, bias).float()  # (chunk, V)
-                kl = kd_per_position(logits, ids[s], lps[s], kind="forward_kl", tail=tail)
+                kl = kd_per_position(logits, ids[s], lps[s], spec)
                 np.add.at(kl_sum, row_of[s], kl.cpu().numpy())
                 np.add.at(counts, row_of[s], 1)
                 agree += (logits.argmax(-1) == ids[s][:, 0]).sum().item()

@@ -4,7 +4,9 @@
 (`logits_to_keep=1`), then `chunked_distill_loss` computes alpha * KD + (1 - alpha) * CE chunk
 by chunk, never holding `[B, T, V]` logits (`head.lm_head` hands it the head whole under FSDP2
 and ZeRO-3). Everything else (optimizer, schedule, gradient accumulation, checkpoints, resume,
-PEFT, DDP / FSDP / DeepSpeed) is TRL / transformers / accelerate as shipped.
+PEFT, DDP / FSDP / DeepSpeed) is TRL / transformers / accelerate as shipped. Before step 1 the
+corpus is read once (`data.prepare_training_data`); after the last, `card` writes what the
+student carries besides its weights.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -25,23 +28,23 @@ from distill import corpus, files
 from distill.config import TrainConfig
 from distill.engine import check_model
 from distill.launcher import EndpointError
-from distill.models import model_source
 from distill.teacher_client import TeacherClient
-from distill.train.card import StudentCard, TrainResult
-from distill.train.data import DistillCollator, trainable
+from distill.train.card import StudentCard, TrainResult, write_student_files
+from distill.train.data import DistillCollator, TrainingData, check_vocabulary, prepare_training_data
 from distill.train.head import lm_head
-from distill.train.losses import chunked_distill_loss
+from distill.train.losses import LossSpec, chunked_distill_loss
 from distill.train.onpolicy import on_policy_records, sample
+from distill.train.resume import CHECKPOINT_DONE, start_from
 from distill.train.scoring import pad_token_id, teacher_forced
 
-# Written (atomically) into a checkpoint folder once it is whole: only such checkpoints resume.
-CHECKPOINT_DONE = "distill-checkpoint-complete"
+TRAINING_DATA = ".training-data"  # in `out`, while training runs
 
 
 class DistillTrainer(SFTTrainer):
     def __init__(self, *args, distill: TrainConfig, teacher: TeacherClient | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.distill = distill
+        self.offline_loss, self.on_policy_loss = LossSpec.from_config(distill), LossSpec.on_policy(distill)
         self.teacher = teacher  # set: on-policy training against this served teacher
         self.on_policy_rng = np.random.default_rng(distill.seed)
 
@@ -50,27 +53,26 @@ class DistillTrainer(SFTTrainer):
         # An on-policy step (`training_step`) carries two batches, each with its own loss, both
         # divided by the targets of the two together.
         mixed = "on_policy" in inputs
-        parts = [(inputs.get("offline"), cfg.alpha, cfg.loss), (inputs["on_policy"], 1.0, cfg.on_policy_loss)] \
-            if mixed else [(inputs, cfg.alpha, cfg.loss)]
+        parts = [(inputs.get("offline"), cfg.alpha, self.offline_loss),
+                 (inputs["on_policy"], 1.0, self.on_policy_loss)] if mixed else [(inputs, cfg.alpha, self.offline_loss)]
         parts = [part for part in parts if part[0] is not None]
         targets = sum(int(batch["target_mask"].sum()) for batch, _, _ in parts)
         # As Trainer.compute_loss: `num_items_in_batch` counts the targets of every process.
         scale = self.accelerator.num_processes if num_items_in_batch is not None and \
             self.args.average_tokens_across_devices else 1
         loss = 0.0
-        for batch, alpha, kind in parts:
+        for batch, alpha, spec in parts:
             on_policy = batch is inputs.get("on_policy")
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         output_hidden_states=True, logits_to_keep=1, use_cache=False)
             with lm_head(self.accelerator.unwrap_model(model)) as (weight, bias):
                 part_loss, terms = chunked_distill_loss(
                     out.hidden_states[-1], weight, batch["labels"].clamp(min=0), batch["topk_ids"],
-                    batch["topk_logprobs"], batch["target_mask"], bias=bias, alpha=alpha, kind=kind,
-                    temperature=cfg.kd_temperature, tail=cfg.tail, beta=cfg.beta, chunk_size=cfg.chunk_size,
-                    num_items=targets if mixed else num_items_in_batch)
+                    batch["topk_logprobs"], batch["target_mask"], spec, bias=bias, alpha=alpha,
+                    chunk_size=cfg.chunk_size, num_items=targets if mixed else num_items_in_batch)
                 if model.training and on_policy:  # measured while the head is at hand
                     self._metrics["train"]["on_policy_kl"].append(
-                        self._forward_kl(out, weight, bias, batch, kind, terms, targets))
+                        self._forward_kl(out, weight, bias, batch, spec, terms, targets))
             loss = loss + part_loss * scale
             if model.training and not on_policy:
                 # per target of this batch: in an on-policy step the terms were divided by both batches' targets
@@ -85,17 +87,18 @@ class DistillTrainer(SFTTrainer):
                                      "no model was saved (lower `learning_rate`, or check the corpus)")
         return (loss, out) if return_outputs else loss
 
-    def _forward_kl(self, out, weight, bias, batch, kind, terms, targets) -> float:
+    def _forward_kl(self, out, weight, bias, batch, spec: LossSpec, terms, targets) -> float:
         """KL(teacher || student) per token of the student's samples, before this update: the number
         `teacher_scored_kl` and held-out metrics report, whichever divergence the loss uses."""
         tokens = max(int(batch["target_mask"].sum()), 1)
-        if kind == "forward_kl":
+        metric = spec.as_metric()
+        if (spec.kind, spec.temperature) == (metric.kind, metric.temperature):  # the loss's KD term is it
             return terms["kd"].item() * targets / tokens
         with torch.no_grad():
             _, measured = chunked_distill_loss(
                 out.hidden_states[-1], weight, batch["labels"].clamp(min=0), batch["topk_ids"],
-                batch["topk_logprobs"], batch["target_mask"], bias=bias, alpha=1.0, kind="forward_kl",
-                tail=self.distill.tail, chunk_size=self.distill.chunk_size)
+                batch["topk_logprobs"], batch["target_mask"], metric, bias=bias, alpha=1.0,
+                chunk_size=self.distill.chunk_size)
         return measured["kd"].item()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -183,24 +186,6 @@ class JsonlMetrics(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
-def check_vocabulary(manifest: corpus.Manifest, student_tokenizer, embedding_rows: int, max_teacher_id: int) -> None:
-    """Refuse a student whose vocabulary differs from the teacher's on the ids the corpus uses."""
-    if max_teacher_id >= embedding_rows:
-        raise ValueError(f"the corpus uses token id {max_teacher_id} but the student has {embedding_rows} embeddings")
-    if corpus.tokenizer_fingerprint(student_tokenizer)["tokenizer_sha256"] == manifest.teacher.tokenizer_sha256:
-        return
-    from transformers import AutoTokenizer
-
-    teacher = AutoTokenizer.from_pretrained(manifest.teacher.model)
-    ids = range(min(max_teacher_id + 1, len(teacher)))
-    theirs, ours = teacher.convert_ids_to_tokens(list(ids)), student_tokenizer.convert_ids_to_tokens(list(ids))
-    diff = [(i, a, b) for i, a, b in zip(ids, theirs, ours) if a != b]
-    if diff:
-        shown = ", ".join(f"id {i}: teacher {a!r} vs student {b!r}" for i, a, b in diff[:3])
-        raise ValueError(f"student and teacher vocabularies differ on {len(diff)} of the corpus's ids ({shown}); "
-                         "distil into a student of the same tokenizer family")
-
-
 def check_launch(gpu: bool, lora: bool) -> None:
     """Refuse, before anything loads, the `accelerate launch` set-ups this trainer cannot honour
     (the launcher says which in its environment)."""
@@ -222,38 +207,53 @@ def train(cfg: TrainConfig) -> TrainResult:
     # Under torchrun every rank writes into `out`: the first one holds it for all of them.
     first_rank = int(os.environ.get("RANK", "0")) == 0
     with files.exclusive(cfg.out) if first_rank else contextlib.nullcontext():
-        return _train(cfg)
+        try:
+            return _train(cfg)
+        except Exception as e:
+            if files.is_disk_full(e, cfg.out):  # else a serializer traceback that never names disk space
+                raise files.DiskFull(f"no space left on device writing `{cfg.out}`; free space and rerun the same "
+                                     "command: it resumes from the newest complete checkpoint") from None
+            raise
 
 
 def _train(cfg: TrainConfig) -> TrainResult:
-    import pyarrow.compute as pc
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     start = time.time()
     manifest = corpus.read_manifest(cfg.corpus)
     corpus.check_complete(cfg.corpus, manifest, cfg.allow_incomplete)
-    corpus.validate(cfg.corpus)
     check_model(cfg.student, "student")
-    k = manifest.generation.top_k
+    resume = start_from(cfg, Path(cfg.out))  # refuses another run's `out` before the corpus is read
+    # The decoded training records, one file per process, removed when training ends (and at the
+    # start of the next run, if a kill left it).
+    scratch = Path(cfg.out) / TRAINING_DATA / f"rank-{os.environ.get('RANK', '0')}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        data = prepare_training_data(cfg.corpus, cfg.max_length, scratch)
+        if data.skipped:
+            print(f"skipped {data.skipped} records whose prompt fills max_length {cfg.max_length}")
+        return _fit(cfg, manifest, data, resume, start)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        with contextlib.suppress(OSError):  # another process's data may still be there
+            scratch.parent.rmdir()
+
+
+def _fit(cfg: TrainConfig, manifest: corpus.Manifest, data: TrainingData, resume: Path | None,
+         start: float) -> TrainResult:
+    """Train on the prepared records, from `resume` (a checkpoint) or from step 0."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(cfg.student)
     gpu = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.bfloat16 if gpu else torch.float32)
-    max_id = max((pc.max(pc.list_flatten(pc.list_flatten(batch.column(0)))).as_py() or 0
-                  for batch in corpus.iter_batches(cfg.corpus, columns=["topk_token_ids"])), default=0)
-    check_vocabulary(manifest, tokenizer, model.get_output_embeddings().weight.shape[0], max_id)
+    check_vocabulary(manifest, tokenizer, model.get_output_embeddings().weight.shape[0], data.max_token_id)
     teacher = None
     if cfg.on_policy:
         teacher = TeacherClient(cfg.teacher_endpoint, api_key=cfg.teacher_api_key)
         teacher.check_tokenizer(tokenizer, "student")
 
-    everything = corpus.load_dataset(cfg.corpus)  # memory-mapped Arrow, not Python objects
-    data = everything.filter(lambda r: trainable(r, cfg.max_length))
-    if len(data) < len(everything):
-        print(f"skipped {len(everything) - len(data)} records whose prompt fills max_length {cfg.max_length}")
-    split = data.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed) if cfg.eval_fraction else None
-    train_data, eval_data = (split["train"], split["test"]) if split else (data, None)
+    split = data.dataset.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed) if cfg.eval_fraction else None
+    train_data, eval_data = (split["train"], split["test"]) if split else (data.dataset, None)
 
     peft_config = None
     if cfg.lora:
@@ -273,34 +273,31 @@ def _train(cfg: TrainConfig) -> TrainResult:
         gradient_checkpointing=cfg.gradient_checkpointing,
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, report_to=[],
         max_length=None)
-    collator = DistillCollator(pad_token_id=pad_token_id(tokenizer), max_length=cfg.max_length, top_k=k)
+    collator = DistillCollator(pad_token_id=pad_token_id(tokenizer), max_length=cfg.max_length,
+                               top_k=manifest.generation.top_k)
     trainer = DistillTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                              processing_class=tokenizer, data_collator=collator, peft_config=peft_config,
                              callbacks=[JsonlMetrics(out / "metrics.jsonl"), MarkCompleteCheckpoints(), StopOnNonFinite()],
                              distill=cfg, teacher=teacher)
-    # A kill can leave the newest checkpoint half written: resume from the newest complete one.
-    complete = sorted((c for c in (out / "checkpoints").glob("checkpoint-*") if (c / CHECKPOINT_DONE).exists()),
-                      key=lambda c: int(c.name.split("-")[-1]))
-    resume = str(complete[-1]) if cfg.resume and complete else None
     initial = held_out_metrics(trainer, eval_data, collator, cfg) if eval_data else {}
     try:
-        trainer.train(resume_from_checkpoint=resume)
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except EndpointError as e:
-        raise EndpointError(f"{e} Training stopped at step {trainer.state.global_step}; rerun with `--resume` to "
+        raise EndpointError(f"{e} Training stopped at step {trainer.state.global_step}; rerun the same command to "
                             f"continue from the newest complete checkpoint in {out / 'checkpoints'}") from None
     final = held_out_metrics(trainer, eval_data, collator, cfg) if eval_data else {}
-    card = _card(cfg, manifest, trainer, initial, final, time.time() - start)
+    card = StudentCard.of_run(cfg, manifest, trainer.state.global_step, trainer.state.log_history, initial, final,
+                              time.time() - start)
     _save(trainer, out, cfg, model.dtype)
     if trainer.is_world_process_zero():  # under torchrun / accelerate launch, one process writes
-        _plot(out)
-        card.write(out)
-        _write_readme(out, cfg, card)
+        write_student_files(out, cfg, card)
     return TrainResult(out, card)
 
 
 def held_out_metrics(trainer: DistillTrainer, data, collator: DistillCollator, cfg: TrainConfig) -> dict[str, float]:
     """Held-out KL to the teacher (forward KL on the stored top-k), CE, and top-1 agreement."""
-    scored = teacher_forced(trainer.model, data, collator, cfg.batch_size, tail=cfg.tail, chunk_size=cfg.chunk_size)
+    scored = teacher_forced(trainer.model, data, collator, cfg.batch_size, trainer.offline_loss.as_metric(),
+                            chunk_size=cfg.chunk_size)
     return {"eval_kl": scored.kl, "eval_ce": scored.nll, "eval_top1_agreement": scored.top1_agreement,
             "eval_tokens": scored.tokens}
 
@@ -320,50 +317,3 @@ def _save(trainer: DistillTrainer, out: Path, cfg: TrainConfig, dtype: torch.dty
         merged = AutoPeftModelForCausalLM.from_pretrained(out / "adapter", dtype=dtype).merge_and_unload()
         merged.save_pretrained(out, safe_serialization=True)
         trainer.processing_class.save_pretrained(out)
-
-
-def _plot(out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    logs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in ("loss", "kd", "ce", "eval_loss", "on_policy_kl"):
-        points = [(m["step"], float(m[key])) for m in logs if key in m]
-        if points:
-            ax.plot(*zip(*points), label=key, marker="." if key == "eval_loss" else None)
-    ax.set_xlabel("step")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=100)
-    plt.close(fig)
-
-
-def _card(cfg: TrainConfig, manifest: corpus.Manifest, trainer, initial: dict, final: dict, wall: float) -> StudentCard:
-    logs = [l for l in trainer.state.log_history if "loss" in l]
-    return StudentCard(
-        corpus=str(cfg.corpus), corpus_complete=manifest.stats.complete is not False, teacher=manifest.teacher,
-        student_source=model_source(cfg.student),
-        corpus_manifest_sha256=manifest.sha256(),
-        curation=manifest.curation, config=json.loads(cfg.model_dump_json()), steps=trainer.state.global_step,
-        initial=initial, final=final, first_loss=logs[0]["loss"] if logs else None,
-        last_loss=logs[-1]["loss"] if logs else None, history=manifest.history + [corpus.history_entry("train", cfg, wall)])
-
-
-def _write_readme(out: Path, cfg: TrainConfig, card: StudentCard) -> None:
-    lines = ["# Distilled student", "", f"- student base: `{cfg.student}`",
-             f"- teacher: `{card.teacher.model if card.teacher else None}`",
-             f"- corpus: `{cfg.corpus}` (manifest sha256 `{card.corpus_manifest_sha256[:16]}`)"
-             + ("" if card.corpus_complete else "; incomplete: its generate job was interrupted"),
-             f"- loss: {cfg.alpha} x {cfg.loss} (tail {cfg.tail}, T={cfg.kd_temperature}) + {1 - cfg.alpha:g} x CE; "
-             f"{'LoRA r=' + str(cfg.lora_r) if cfg.lora else 'full fine-tuning'}",
-             *([f"- on-policy: {cfg.lmbda:g} of each batch sampled by the student (at most {cfg.max_new_tokens} tokens, "
-                f"temperature {cfg.sample_temperature:g}), scored by the teacher at `{cfg.teacher_endpoint}` "
-                f"(top-{cfg.teacher_top_k}), loss {cfg.on_policy_loss}"] if cfg.on_policy else []),
-             f"- steps: {card.steps}; loss {card.first_loss} -> {card.last_loss}",
-             *(f"- {key}: {card.initial.get(key, float('nan')):.4f} before training -> {value:.4f}"
-               for key, value in card.final.items() if isinstance(value, float)),
-             "", "Full provenance: `distill.json`. Metrics per logging step: `metrics.jsonl`, `loss.png`."]
-    (out / "README.md").write_text("\n".join(lines) + "\n")

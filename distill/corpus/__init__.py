@@ -1,0 +1,72 @@
+"""The corpus: the contract between stages (docs/corpus-format.md).
+
+A corpus is a directory holding `manifest.json` and zstd Parquet shards under `data/`
+(curation adds `rejected/`). Shards are written atomically (temp file, fsync, rename) and
+carry their own record/token counts in the Parquet footer, so a reader never sees half a
+shard and the manifest's stats can always be recomputed from the shards alone.
+
+Four modules, each one job: `codec` (the logical columns and their stored encodings, no files),
+`manifest` (`manifest.json`), `store` (shards on disk and the readers), `validate` (the
+validator). Every stage imports the names below as `distill.corpus.X`.
+"""
+
+from distill.corpus.codec import (
+    COLUMNS,
+    DEFAULT_ENCODING,
+    ENCODING_KEY,
+    FLOAT16_RELATIVE_ERROR,
+    LOGPROB_CODES,
+    LOGPROB_ENCODINGS,
+    PACKED_IDS,
+    QUANT_STEP,
+    QUANTIZED_MAX_ERROR,
+    TAIL_STEP,
+    TOKEN_COLUMNS,
+    CorpusError,
+    arrow_schema,
+    decode,
+    encode,
+    logprob_tolerance,
+    records_to_table,
+    shard_encoding,
+)
+from distill.corpus.manifest import (
+    MANIFEST,
+    SCHEMA,
+    Corpus,
+    CorpusStats,
+    GenerationInfo,
+    Manifest,
+    TeacherInfo,
+    check_complete,
+    history_entry,
+    read_manifest,
+    tokenizer_fingerprint,
+    write_manifest,
+)
+from distill.corpus.store import (
+    READ_ERRORS,
+    STATS_KEY,
+    corpus_stats,
+    iter_batches,
+    iter_records,
+    load_dataset,
+    read_shard,
+    read_table,
+    shard_index,
+    shard_paths,
+    shard_stats,
+    unreadable,
+    write_shard,
+)
+from distill.corpus.validate import check_shards, validate, validated_batches
+
+__all__ = [
+    "COLUMNS", "DEFAULT_ENCODING", "ENCODING_KEY", "FLOAT16_RELATIVE_ERROR", "LOGPROB_CODES", "LOGPROB_ENCODINGS",
+    "MANIFEST", "PACKED_IDS", "QUANTIZED_MAX_ERROR", "QUANT_STEP", "READ_ERRORS", "SCHEMA", "STATS_KEY", "TAIL_STEP",
+    "TOKEN_COLUMNS", "Corpus", "CorpusError", "CorpusStats", "GenerationInfo", "Manifest", "TeacherInfo",
+    "arrow_schema", "check_complete", "check_shards", "corpus_stats", "decode", "encode", "history_entry",
+    "iter_batches", "iter_records", "load_dataset", "logprob_tolerance", "read_manifest", "read_shard", "read_table",
+    "records_to_table", "shard_encoding", "shard_index", "shard_paths", "shard_stats", "tokenizer_fingerprint",
+    "unreadable", "validate", "validated_batches", "write_manifest", "write_shard",
+]

@@ -1,0 +1,390 @@
+"""The logical columns and the logprob encodings they are stored in (quantized / float16 /
+float32): Arrow tables in, Arrow tables out. Knows nothing of files, shards or manifests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+COLUMNS = (
+    "id", "prompt_id", "messages", "response", "prompt_token_ids", "response_token_ids",
+    "response_logprobs", "topk_token_ids", "topk_logprobs", "finish_reason",
+)
+# Per-token columns: each must have one entry per response token (`loss_mask` is optional:
+# absent means every token trains).
+TOKEN_COLUMNS = ("response_logprobs", "topk_token_ids", "topk_logprobs", "loss_mask")
+# How `topk_token_ids` / `topk_logprobs` are stored (`--logprob-encoding`; the manifest's
+# `generation.logprob_encoding` names it, and each shard's footer too). Readers decode every
+# encoding to the logical columns of docs/corpus-format.md, so consumers never see the difference.
+# - quantized (default): the top-k data packed per record (see `_pack_topk`): ids exact, a
+#   top-k logprob within QUANTIZED_MAX_ERROR (1/64 nat) of the float32 value, the mass outside
+#   the top-k (the KD loss's tail bin) within 0.8 % relative. `response_logprobs` stay float16.
+# - float16: `response_logprobs` and `topk_logprobs` as float16, 11 significant bits: a stored
+#   logprob x is within |x| * 2**-11 of the float32 value (0.005 nats at x = -10).
+# - float32: exact.
+# benchmarks/storage.py measures the bytes per token and the KD-loss error of each.
+LOGPROB_ENCODINGS = ("quantized", "float16", "float32")
+DEFAULT_ENCODING = "quantized"
+FLOAT16_RELATIVE_ERROR = 2.0**-11
+ENCODING_KEY = b"distill.encoding"
+# quantized: the top-k columns' physical stand-ins (both binary, one value per record).
+PACKED_IDS, LOGPROB_CODES = "topk_token_ids_packed", "topk_logprob_codes"
+QUANT_STEP = 2.0**-6  # grid of the top-k logprobs, nats
+TAIL_STEP = 2.0**-6  # grid of log(mass outside the top-k), nats
+# half a grid step, plus the mass correction (clipped to half a step); benchmarks/storage.py
+# measured what coarser / finer grids cost in bytes and KD-loss error
+QUANTIZED_MAX_ERROR = QUANT_STEP
+_CODE_MAX = 2**16 - 1  # codes are uint16: logprobs below -1023.98 nats (65535 steps; -inf) store as that
+
+
+class CorpusError(ValueError):
+    """A corpus directory violates the contract of docs/corpus-format.md."""
+
+
+def arrow_schema(encoding: str = DEFAULT_ENCODING, loss_mask: bool = False) -> pa.Schema:
+    """The stored schema. Readers return the columns of `arrow_schema("float32")` (float16 values
+    stay float16; decoded top-k logprobs are float32)."""
+    lp = pa.float32() if encoding == "float32" else pa.float16()
+    topk = [pa.field(PACKED_IDS, pa.large_binary()), pa.field(LOGPROB_CODES, pa.large_binary())] \
+        if encoding == "quantized" else \
+        [pa.field("topk_token_ids", pa.list_(pa.list_(pa.int32()))), pa.field("topk_logprobs", pa.list_(pa.list_(lp)))]
+    fields = [
+        pa.field("id", pa.string()),
+        pa.field("prompt_id", pa.string()),
+        pa.field("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        pa.field("response", pa.string()),
+        pa.field("prompt_token_ids", pa.list_(pa.int32())),
+        pa.field("response_token_ids", pa.list_(pa.int32())),
+        pa.field("response_logprobs", pa.list_(lp)),
+        *topk,
+        pa.field("finish_reason", pa.string()),
+    ]
+    if loss_mask:
+        fields.append(pa.field("loss_mask", pa.list_(pa.bool_())))
+    return pa.schema(fields)
+
+
+def logprob_tolerance(encoding: str, values: np.ndarray) -> np.ndarray:
+    """Per stored top-k logprob: how far it may be from the engine's float32 value."""
+    values = np.abs(np.asarray(values, dtype=np.float64))
+    if encoding == "quantized":  # plus the float32 rounding of the decoded value
+        return QUANTIZED_MAX_ERROR + values * 2.0**-23
+    return values * (FLOAT16_RELATIVE_ERROR if encoding == "float16" else 0.0)
+
+
+def _lists(rows: Sequence[Any], dtype: pa.DataType, k: int | None = None) -> pa.Array:
+    """Per-record `[T_i]` (or `[T_i, k]` when `k` is given) arrays -> list<dtype> (or
+    list<list<dtype>>), built from one concatenated numpy buffer instead of per-token objects."""
+    arrays = [np.asarray(r).reshape(-1, k) if k else np.asarray(r).reshape(-1) for r in rows]
+    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+    flat = np.concatenate(arrays) if arrays else np.zeros((0, k) if k else 0)
+    return _nested(flat.reshape(-1).astype(dtype.to_pandas_dtype()), lengths, k, dtype)
+
+
+def _nested(values: np.ndarray, lengths: np.ndarray, k: int | None, dtype: pa.DataType) -> pa.Array:
+    values = pa.array(values, type=dtype)
+    if k:
+        values = pa.ListArray.from_arrays(np.arange(0, len(values) + 1, k, dtype=np.int32), values)
+    return pa.ListArray.from_arrays(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32), values)
+
+
+def records_to_table(records: Sequence[dict[str, Any]], k: int, encoding: str = DEFAULT_ENCODING) -> pa.Table:
+    """Records as produced by the stages (top-k as `[T, k]` numpy arrays) -> a stored Arrow table."""
+    has_mask = any(r.get("loss_mask") is not None for r in records)
+    schema = arrow_schema("float32", loss_mask=has_mask)
+    columns = {}
+    for name in schema.names:
+        field = schema.field(name)
+        if name in ("topk_token_ids", "topk_logprobs"):
+            columns[name] = _lists([r[name] for r in records], field.type.value_type.value_type, k)
+        elif name in ("prompt_token_ids", "response_token_ids", "response_logprobs"):
+            columns[name] = _lists([r[name] for r in records], field.type.value_type)
+        elif name == "loss_mask":
+            columns[name] = pa.array(
+                [r.get(name) if r.get(name) is not None else [True] * len(r["response_token_ids"])
+                 for r in records], type=field.type)
+        else:
+            columns[name] = pa.array([r[name] for r in records], type=field.type)
+    return encode(pa.table(columns, schema=schema), k, encoding)
+
+
+def encode(table: pa.Table, k: int, encoding: str) -> pa.Table:
+    """A logical table (as readers return it) -> the stored form of `encoding`. A decoded
+    `quantized` table encodes back to the same grid points, so its values stay within the bound of
+    the original float32 ones (copy stored shards as they are where you can, as curation does)."""
+    if encoding not in LOGPROB_ENCODINGS:
+        raise ValueError(f"logprob encoding must be one of {LOGPROB_ENCODINGS}, got {encoding!r}")
+    schema = arrow_schema(encoding, loss_mask="loss_mask" in table.column_names)
+    extra = [n for n in table.column_names if n not in schema.names and n not in ("topk_token_ids", "topk_logprobs")]
+    columns = {}
+    if encoding == "quantized":
+        columns[PACKED_IDS], columns[LOGPROB_CODES] = _pack_topk(table, k)
+    for name in schema.names:
+        if name not in columns:
+            columns[name] = table[name].cast(schema.field(name).type)
+    for name in extra:  # e.g. `reject_reason` of rejected records
+        schema = schema.append(table.schema.field(name))
+        columns[name] = table[name]
+    meta = {ENCODING_KEY: json.dumps({"encoding": encoding, "k": k, "step": QUANT_STEP, "tail_step": TAIL_STEP}
+                                     if encoding == "quantized" else {"encoding": encoding}).encode()}
+    return pa.table([columns[n] for n in schema.names], schema=schema.with_metadata(meta))
+
+
+def _pack_topk(table: pa.Table, k: int) -> tuple[pa.Array, pa.Array]:
+    """The quantized encoding: per record, two byte strings.
+
+    `topk_token_ids_packed`: the T*k ids, row after row, as little-endian unsigned ints of 2
+    bytes (3 when the table holds an id >= 65536). Exact.
+
+    `topk_logprob_codes`: T*(k+1) uint16 codes stored as two byte planes (every high byte, then
+    every low byte: zstd sees the nearly all-zero high plane apart). Per response token: first
+    the tail code round(-log(1 - sum_i p_i) / TAIL_STEP) (_CODE_MAX when the top-k hold all the
+    mass), then q_0, q_1 - q_0, ..., q_{k-1} - q_{k-2} with q_i = round(-logprob_i / QUANT_STEP);
+    rows are best first, so the differences are small non-negative ints (~5 bits of entropy)."""
+    names = table["id"].to_pylist()
+    ids_col, lp_col = table["topk_token_ids"].combine_chunks(), table["topk_logprobs"].combine_chunks()
+    for name, col in (("topk_token_ids", ids_col), ("topk_logprobs", lp_col)):
+        widths = pc.list_value_length(pc.list_flatten(col)).to_numpy(zero_copy_only=False)
+        if len(widths) and (widths != k).any():
+            record = int(pc.list_parent_indices(col).to_numpy()[np.argmax(widths != k)])
+            raise CorpusError(f"record {names[record]!r}: `{name}` has a row of {widths[widths != k][0]} entries, expected k={k}")
+    tokens = pc.list_value_length(ids_col).to_numpy(zero_copy_only=False).astype(np.int64)
+    if (pc.list_value_length(lp_col).to_numpy(zero_copy_only=False) != tokens).any():
+        record = int(np.argmax(pc.list_value_length(lp_col).to_numpy(zero_copy_only=False) != tokens))
+        raise CorpusError(f"record {names[record]!r}: `topk_token_ids` and `topk_logprobs` differ in length")
+    ids = pc.list_flatten(pc.list_flatten(ids_col)).to_numpy(zero_copy_only=False).astype(np.int64).reshape(-1, k)
+    lps = pc.list_flatten(pc.list_flatten(lp_col)).to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, k)
+    token_of = np.repeat(np.arange(len(tokens)), tokens)
+
+    def refuse(bad: np.ndarray, problem: str) -> None:
+        if bad.any():
+            row = int(np.argmax(bad.any(axis=1)))
+            record = int(token_of[row])
+            raise CorpusError(f"record {names[record]!r}, response position {row - int(tokens[:record].sum())}: "
+                              f"{problem}; the `quantized` encoding cannot store it")
+
+    refuse((ids < 0) | (ids >= 2**24), "a top-k token id outside [0, 2^24)")
+    refuse(np.isnan(lps) | (lps > 1e-3), "a NaN or positive top-k logprob")
+    refuse(np.diff(lps, axis=1) > 1e-3, "top-k logprobs not sorted best first")
+    width = 2 if ids.size == 0 or ids.max() < 2**16 else 3
+    id_bytes = ids.astype("<u4").view(np.uint8).reshape(-1, 4)[:, :width].reshape(-1)
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tail = -np.expm1(_logsumexp(lps))  # the mass outside the top-k
+        tail_code = np.where(tail > 0, np.round(-np.log(tail) / TAIL_STEP), _CODE_MAX)
+    q = np.maximum.accumulate(np.clip(np.round(-lps / QUANT_STEP), 0, _CODE_MAX), axis=1)  # -inf -> _CODE_MAX
+    codes = np.concatenate([np.clip(tail_code, 0, _CODE_MAX)[:, None], np.diff(q, axis=1, prepend=0)], axis=1)
+    codes = codes.astype(np.uint16).reshape(-1)
+    # byte planes per record: record r's codes [a_r, b_r) -> high bytes at a_r + j, low bytes at b_r + j
+    starts = np.concatenate([[0], np.cumsum(tokens)]) * (k + 1)
+    a, b = np.repeat(starts[:-1], tokens * (k + 1)), np.repeat(starts[1:], tokens * (k + 1))
+    j = np.arange(len(codes))
+    planes = np.empty(2 * len(codes), dtype=np.uint8)
+    planes[a + j], planes[b + j] = codes >> 8, codes & 0xFF
+    return (_binary(id_bytes, np.concatenate([[0], np.cumsum(tokens)]) * k * width),
+            _binary(planes, 2 * starts))
+
+
+def _binary(data: np.ndarray, offsets: np.ndarray) -> pa.Array:
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(offsets) - 1,
+                                            [None, pa.py_buffer(offsets.astype(np.int64)), pa.py_buffer(data)])
+
+
+def _blobs(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A binary column -> (its bytes, per-record offsets into them)."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    array = array.cast(pa.large_binary())
+    if array.null_count:
+        raise CorpusError(f"{array.null_count} records have no top-k data (null)")
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset:array.offset + len(array) + 1]
+    data = np.frombuffer(array.buffers()[2], dtype=np.uint8) if array.buffers()[2] else np.zeros(0, np.uint8)
+    return data[offsets[0]:offsets[-1]], offsets - offsets[0]
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    top = x.max(axis=1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    return (top + np.log(np.exp(x - top).sum(axis=1, keepdims=True)))[:, 0]
+
+
+def _unpack_topk(data: pa.Table | pa.RecordBatch, params: dict) -> tuple[pa.Array, pa.Array]:
+    """Inverse of `_pack_topk`: the logical `topk_token_ids` and `topk_logprobs` (float32).
+    Raises `CorpusError` naming the record when the byte strings do not fit together."""
+    k, step, tail_step = params["k"], params["step"], params["tail_step"]
+    names = data["id"].to_pylist() if "id" in data.column_names else list(range(data.num_rows))
+    planes, code_offsets = _blobs(data[LOGPROB_CODES])
+    id_bytes, id_offsets = _blobs(data[PACKED_IDS])
+    code_len, id_len = np.diff(code_offsets), np.diff(id_offsets)
+    tokens = code_len // (2 * (k + 1))
+    width = np.where(tokens > 0, id_len // np.maximum(tokens * k, 1), 2)
+    bad = (code_len % (2 * (k + 1)) != 0) | (id_len != tokens * k * width) | ~np.isin(width, (2, 3))
+    if bad.any():
+        r = int(np.argmax(bad))
+        raise CorpusError(f"record {names[r]!r}: top-k byte strings of {id_len[r]} (ids) and {code_len[r]} (codes) "
+                          f"bytes do not hold whole rows of k={k}: corrupted")
+    n = int(tokens.sum())
+    starts = np.concatenate([[0], np.cumsum(tokens)]) * (k + 1)
+    a, b = np.repeat(starts[:-1], tokens * (k + 1)), np.repeat(starts[1:], tokens * (k + 1))
+    j = np.arange(n * (k + 1))
+    codes = ((planes[a + j].astype(np.int64) << 8) | planes[b + j]).reshape(n, k + 1)
+    # ids: 2 or 3 bytes each (the width may differ between records of different shards)
+    id_width = np.repeat(width, tokens * k)
+    first = np.repeat(np.concatenate([[0], np.cumsum(tokens * k)])[:-1], tokens * k)  # its record's first id
+    at = np.repeat(id_offsets[:-1], tokens * k) + (np.arange(n * k) - first) * id_width
+    ids = id_bytes[at].astype(np.int64) | (id_bytes[at + 1].astype(np.int64) << 8)
+    wide = id_width == 3
+    ids[wide] |= id_bytes[at[wide] + 2].astype(np.int64) << 16
+
+    grid = -np.cumsum(codes[:, 1:], axis=1) * step
+    tail = np.exp(-codes[:, 0] * tail_step)  # the stored mass outside the top-k
+    empty = codes[:, 0] == _CODE_MAX
+    # Put the top-k mass back where the stored tail knows it better than the grid (tail <= 1/2),
+    # moving every logprob by less than half a step so each stays within QUANTIZED_MAX_ERROR.
+    with np.errstate(divide="ignore"):
+        target = np.where(empty, 0.0, np.log1p(-np.minimum(tail, 0.5)))
+    shift = np.where(empty | (tail <= 0.5), target - _logsumexp(grid), 0.0)
+    shift = np.clip(shift, -0.499 * step, 0.499 * step)  # re-encoding rounds back to the same grid point
+    logprobs = (grid + shift[:, None]).astype(np.float32)
+    return _nested(ids.astype(np.int32), tokens, k, pa.int32()), _nested(logprobs.reshape(-1), tokens, k, pa.float32())
+
+
+def shard_encoding(schema: pa.Schema) -> dict:
+    """The encoding a shard was written with (from its footer; shards from before encodings had
+    names: from the stored logprob type)."""
+    meta = (schema.metadata or {}).get(ENCODING_KEY)
+    if meta is not None:
+        return json.loads(meta)
+    if PACKED_IDS in schema.names:
+        raise CorpusError(f"a shard holds `{PACKED_IDS}` but no `{ENCODING_KEY.decode()}` footer: cannot decode it")
+    lp = schema.field("topk_logprobs").type.value_type.value_type if "topk_logprobs" in schema.names else None
+    return {"encoding": "float16" if lp == pa.float16() else "float32"}  # float64 (pandas) reads as float32
+
+
+def decode(data: pa.Table | pa.RecordBatch, params: dict | None = None) -> pa.Table | pa.RecordBatch:
+    """Stored columns -> the logical columns of docs/corpus-format.md with their contract types
+    (float16 and float32 shards already hold them; see `conform`). `params`: the shard's
+    encoding, when `data` lost its footer metadata."""
+    params = params or shard_encoding(data.schema)
+    if params["encoding"] != "quantized" or PACKED_IDS not in data.column_names:
+        return conform(data)
+    ids, logprobs = _unpack_topk(data, params)
+    names, arrays = [], []
+    for name in data.column_names:
+        if name == PACKED_IDS:
+            names += ["topk_token_ids", "topk_logprobs"]
+            arrays += [ids, logprobs]
+        elif name != LOGPROB_CODES:
+            names.append(name)
+            arrays.append(data[name])
+    make = pa.Table.from_arrays if isinstance(data, pa.Table) else pa.RecordBatch.from_arrays
+    return conform(make(arrays, names=names))
+
+
+# What every reader hands out: the contract's type per logical column (a logprob column may also
+# stay float16, as float16 and quantized shards store it).
+LOGICAL = arrow_schema("float32", loss_mask=True)
+INT32 = (-2**31, 2**31)
+
+
+def conform(data: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
+    """`data` with each logical column cast to its contract type where it is stored with another
+    width of the same kind (int64 ids as pandas writes them, float64 logprobs, large lists,
+    reordered struct fields). Raises `CorpusError` for another kind of type, or for an id that
+    does not fit int32 (naming the first record holding one)."""
+    for name, target in logical_types(data.schema).items():
+        column = data[name]
+        if pa.types.is_integer(_leaf(target)):
+            values = leaves(column)
+            low, high = (v.as_py() for v in pc.min_max(values).values())
+            if low is not None and (low < INT32[0] or high >= INT32[1]):
+                array = values.to_numpy(zero_copy_only=False)
+                first = int(np.argmax((array < INT32[0]) | (array >= INT32[1])))
+                record, position = locate(column, first)
+                at = "prompt position" if name == "prompt_token_ids" else "response position"
+                raise CorpusError(f"record {_name(data, record)!r}, {at} {position}: `{name}` holds "
+                                  f"{array[first]}, which does not fit a token id (int32)")
+        data = data.set_column(data.schema.get_field_index(name), name, column.cast(target))
+    return data
+
+
+def logical_types(schema: pa.Schema) -> dict[str, pa.DataType]:
+    """The logical columns of `schema` stored with another type, each with the type to read it
+    as; raises `CorpusError` for one whose type is of another kind."""
+    casts = {}
+    for field in schema:
+        if field.name not in LOGICAL.names:
+            continue
+        target = _target(field.type, LOGICAL.field(field.name).type)
+        if target is None:
+            expected = LOGICAL.field(field.name).type
+            also = " (or float16)" if pa.types.is_floating(_leaf(expected)) else ""
+            raise CorpusError(f"`{field.name}` has type {field.type}, expected {expected}{also}")
+        if target != field.type:
+            casts[field.name] = target
+    return casts
+
+
+def _target(stored: pa.DataType, expected: pa.DataType) -> pa.DataType | None:
+    """The type to read `stored` as, for a column whose contract type is `expected` (None: the
+    kinds differ)."""
+    if pa.types.is_list(expected):
+        inner = _target(stored.value_type, expected.value_type) if _is_list(stored) else None
+        return None if inner is None else pa.list_(inner)
+    if pa.types.is_struct(expected):
+        if not pa.types.is_struct(stored) or {f.name for f in stored} != {f.name for f in expected}:
+            return None
+        fields = [(f.name, _target(stored.field(f.name).type, f.type)) for f in expected]
+        return None if any(t is None for _, t in fields) else pa.struct(fields)
+    if pa.types.is_integer(expected):
+        return expected if pa.types.is_integer(stored) else None
+    if pa.types.is_floating(expected):  # float16 stays float16; float64 narrows to float32
+        return stored if stored in (pa.float16(), pa.float32()) else expected if stored == pa.float64() else None
+    if pa.types.is_string(expected):
+        return expected if pa.types.is_string(stored) or pa.types.is_large_string(stored) else None
+    return expected if stored == expected else None
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _leaf(t: pa.DataType) -> pa.DataType:
+    while _is_list(t):
+        t = t.value_type
+    return t
+
+
+def leaves(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """The values of a list column (of values, or of top-k rows), flattened."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    while _is_list(array.type):
+        array = array.flatten()
+    return array
+
+
+def locate(column: pa.ChunkedArray | pa.Array, leaf: int) -> tuple[int, int]:
+    """Value `leaf` of `leaves(column)` -> (its record, its position in the record: the index in
+    a list of values, the response position in a list of top-k rows)."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if _is_list(array.type.value_type):
+        leaf, _ = _owner(array.flatten(), leaf)  # the top-k row holding it
+    return _owner(array, leaf)
+
+
+def _owner(array: pa.Array, item: int) -> tuple[int, int]:
+    """Item `item` of `array.flatten()` -> (the list holding it, its index in that list)."""
+    offsets = array.offsets.to_numpy()
+    at = offsets[0] + item
+    record = int(np.searchsorted(offsets, at, side="right") - 1)
+    return record, int(at - offsets[record])
+
+
+def _name(data: pa.Table | pa.RecordBatch, record: int):
+    """What names a record in a message: its id, or its row where the id was not read."""
+    return data["id"][record].as_py() if "id" in data.column_names else record

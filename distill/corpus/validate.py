@@ -1,0 +1,212 @@
+"""The validator: every invariant of the corpus contract checked against the shards, each
+problem named by shard (and record where it has one)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from distill.corpus.codec import COLUMNS, TOKEN_COLUMNS, CorpusError, decode, leaves, locate, shard_encoding
+from distill.corpus.manifest import SCHEMA, CorpusStats, Manifest, read_manifest
+from distill.corpus.store import READ_ERRORS, shard_paths, unreadable
+
+
+def check_shards(root: Path, subdir: str = "data") -> list[str]:
+    """What is wrong between the manifest and the shards, reading only each shard's footer:
+    unreadable (e.g. truncated) shards, and record or shard counts that differ."""
+    root = Path(root)
+    stats = read_manifest(root).stats
+    problems, records, shards = [], 0, 0
+    for path in shard_paths(root, subdir):
+        try:
+            records += pq.ParquetFile(path).metadata.num_rows
+            shards += 1
+        except READ_ERRORS as e:
+            problems.append(str(unreadable(path.relative_to(root), e)))
+    if not problems and (records, shards) != (stats.records, stats.shards):
+        problems.append(f"the manifest says {stats.records:,} records in {stats.shards} shards, the shards hold "
+                        f"{records:,} records in {shards}")
+    return problems
+
+
+def validate(root: Path, subdir: str = "data", max_problems: int = 20) -> dict[str, int]:
+    """Check every invariant of docs/corpus-format.md; return the stats or raise `CorpusError`
+    listing the problems."""
+    for _ in validated_batches(root, subdir, max_problems):
+        pass
+    stats = _expected_stats(read_manifest(root), subdir)  # what the shards hold: checked equal
+    return {"records": stats.records, "response_tokens": stats.response_tokens}
+
+
+def validated_batches(root: Path, subdir: str = "data", max_problems: int = 20,
+                      batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
+    """The corpus's records as decoded record batches, each checked as it is read (every page
+    against its checksum, every invariant of docs/corpus-format.md): validation and reading in
+    one pass. Only batches without a problem are yielded; after the last one (or `max_problems`)
+    the problems found are raised as one `CorpusError`."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    problems: list[str] = []
+    if manifest.schema_ != SCHEMA:
+        problems.append(f"manifest `schema` is {manifest.schema_!r}, expected {SCHEMA!r}")
+    k, encoding_named = manifest.generation.top_k, manifest.generation.logprob_encoding
+    vocab_size = manifest.teacher.vocab_size
+    seen: set[str] = set()
+    records = tokens = 0
+    every_shard_counted = True  # else the totals are unknown: no follow-on "the shards hold 0"
+    for path in shard_paths(root, subdir):
+        where = f"{path.relative_to(root)}"
+        try:  # every page checked against its checksum as it is read
+            shard = pq.ParquetFile(path, page_checksum_verification=True)
+            shard.schema_arrow.names  # decoded lazily: a damaged name fails here
+            encoding = shard_encoding(shard.schema_arrow)
+            stored = shard.iter_batches(batch_size=batch_size)
+        except CorpusError as e:
+            problems.append(f"{where}: {e}")
+            every_shard_counted = False
+            continue
+        except READ_ERRORS as e:
+            problems.append(str(unreadable(where, e)))
+            every_shard_counted = False
+            continue
+        clean = encoding_named is None or encoding["encoding"] == encoding_named
+        if not clean:
+            problems.append(f"{where}: stored as `{encoding['encoding']}` but the manifest says "
+                            f"`generation.logprob_encoding: {encoding_named}`")
+        first = True
+        while len(problems) < max_problems:
+            try:
+                batch = next(stored, None)
+            except READ_ERRORS as e:
+                problems.append(str(unreadable(where, e)))
+                every_shard_counted = False
+                break
+            if batch is None:
+                break
+            try:  # decoding also casts the stored widths to the contract's, or names a type problem
+                batch = decode(batch, encoding)
+            except (CorpusError, pa.ArrowException, KeyError) as e:
+                problems.append(f"{where}: {e}")
+                every_shard_counted = False
+                break
+            table = pa.Table.from_batches([batch])
+            if first:  # the shard's columns: once per shard
+                first = False
+                missing = [c for c in COLUMNS if c not in table.column_names]
+                if missing:
+                    problems.append(f"{where}: missing columns {missing}")
+                    every_shard_counted = False
+                    break
+            found = _batch_problems(table, where, k, vocab_size, seen)
+            problems += found
+            records += table.num_rows
+            tokens += int(pc.sum(pc.list_value_length(table["response_token_ids"])).as_py() or 0)
+            if clean and not found:
+                yield batch
+        if len(problems) >= max_problems:
+            every_shard_counted = False
+            break
+    stats = _expected_stats(manifest, subdir)
+    for key, actual in (("records", records), ("response_tokens", tokens)):
+        if every_shard_counted and getattr(stats, key) != actual:
+            problems.append(f"manifest `stats.{key}` is {getattr(stats, key)!r} but the shards hold {actual}")
+    if problems:
+        more = "\n  ... and more" if len(problems) > max_problems else ""
+        raise CorpusError(f"`{root}` is not a valid corpus:\n  " + "\n  ".join(problems[:max_problems]) + more)
+
+
+def _expected_stats(manifest: Manifest, subdir: str) -> CorpusStats:
+    return manifest.stats if subdir == "data" else manifest.rejected_stats or CorpusStats()
+
+
+def _batch_problems(table: pa.Table, where: str, k: int, vocab_size: int | None, seen: set[str]) -> list[str]:
+    """What is wrong in these records of a shard with the right columns; `seen`: the ids read so far."""
+    problems = []
+    n_tokens = pc.list_value_length(table["response_token_ids"])
+    for col in TOKEN_COLUMNS:
+        if col in table.column_names:
+            bad = pc.not_equal(pc.list_value_length(table[col]), n_tokens)
+            problems += _rows(table, bad, f"{where}: `{col}` length differs from `response_token_ids`")
+    for col in ("topk_token_ids", "topk_logprobs"):
+        rows = pc.list_flatten(table[col])
+        widths = pc.list_value_length(rows)
+        if len(widths) and pc.any(pc.not_equal(widths, k)).as_py():
+            problems.append(f"{where}: `{col}` has rows with {pc.min_max(widths).as_py()} entries, expected k={k}")
+    problems += _rows(table, pc.equal(pc.list_value_length(table["prompt_token_ids"]), 0),
+                      f"{where}: empty `prompt_token_ids`")
+    problems += _unsorted_topk(table, where)
+    problems += _non_finite(table, where)
+    problems += _out_of_vocabulary(table, where, vocab_size)
+    for rid in table["id"].to_pylist():
+        if rid in seen:
+            problems.append(f"{where}: duplicate id {rid!r}")
+        seen.add(rid)
+    return problems
+
+
+def _rows(table: pa.Table, mask: pa.ChunkedArray, message: str) -> list[str]:
+    bad = pc.filter(table["id"], mask).to_pylist()
+    return [f"{message} (record ids {bad[:3]}{' ...' if len(bad) > 3 else ''})"] if bad else []
+
+
+def _non_finite(table: pa.Table, where: str) -> list[str]:
+    """NaN or infinite logprobs (a NaN passes every comparison, so no other check catches it)."""
+    problems = []
+    for col in ("response_logprobs", "topk_logprobs"):
+        column = table[col].combine_chunks()  # list per record: of values, or of top-k rows
+        positions = pc.list_flatten(column)
+        record_of = pc.list_parent_indices(column).to_numpy()
+        values, position_of = (pc.list_flatten(positions), pc.list_parent_indices(positions).to_numpy()) \
+            if col == "topk_logprobs" else (positions, np.arange(len(positions)))
+        bad = ~np.isfinite(values.to_numpy(zero_copy_only=False).astype(np.float32))
+        if bad.any():
+            position = int(position_of[np.argmax(bad)])
+            record = int(record_of[position])
+            problems.append(f"{where}: `{col}` holds {int(bad.sum())} non-finite values (first: record "
+                            f"{table['id'][record].as_py()!r}, response position {position - column.offsets[record].as_py()})")
+    return problems
+
+
+def _unsorted_topk(table: pa.Table, where: str) -> list[str]:
+    rows = pc.list_flatten(table["topk_logprobs"])
+    values = pc.list_flatten(rows).to_numpy(zero_copy_only=False).astype(np.float32)
+    widths = pc.list_value_length(rows).to_numpy()
+    if len(values) == 0 or widths.min() != widths.max():
+        return []
+    grid = values.reshape(-1, widths[0])
+    problems = []
+    if (np.diff(grid, axis=1) > 1e-3).any():
+        problems.append(f"{where}: `topk_logprobs` rows are not sorted best first")
+    if (grid > 1e-3).any():
+        problems.append(f"{where}: `topk_logprobs` holds positive log-probabilities")
+    return problems
+
+
+# The columns of token ids: each must be a token of the teacher's vocabulary.
+TOKEN_ID_COLUMNS = ("prompt_token_ids", "response_token_ids", "topk_token_ids")
+
+
+def _out_of_vocabulary(table: pa.Table, where: str, vocab_size: int | None) -> list[str]:
+    """Token ids below 0 or, where the manifest records the teacher's `vocab_size`, not below it
+    (a min/max per column; the values are looked at only to name the first bad one)."""
+    problems = []
+    outside = f"outside the teacher's vocabulary [0, {vocab_size})" if vocab_size else "below 0"
+    for col in TOKEN_ID_COLUMNS:
+        values = leaves(table[col])
+        low, high = (v.as_py() for v in pc.min_max(values).values())
+        if low is None or (low >= 0 and (vocab_size is None or high < vocab_size)):
+            continue
+        ids = values.to_numpy(zero_copy_only=False)
+        bad = (ids < 0) | (ids >= vocab_size) if vocab_size else ids < 0
+        first = int(np.argmax(bad))
+        record, position = locate(table[col], first)
+        at = "prompt position" if col == "prompt_token_ids" else "response position"
+        n = int(bad.sum())
+        problems.append(f"{where}: `{col}` holds {n} {'id' if n == 1 else 'ids'} {outside} (first: record "
+                        f"{table['id'][record].as_py()!r}, {at} {position}: {ids[first]})")
+    return problems

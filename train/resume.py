@@ -1,0 +1,78 @@
+"""Where a `distill train` starts, given what its `out` already holds: the rule every stage
+follows (a rerun of the same command resumes; other settings or a finished result are refused
+without `--overwrite`).
+
+- `out` empty or missing: a fresh run.
+- `out` holds an unfinished run (checkpoints, metrics) made with the same settings: it resumes
+  from the newest complete checkpoint, so "rerun the same command to resume" is true.
+- other settings, a finished student (`distill.json`), or files that no train run wrote:
+  refused, naming what differs, unless `overwrite` (start over: `out` is emptied) or `resume`
+  (continue from the newest checkpoint anyway, e.g. with a larger `max_steps`).
+
+The run's settings are stored in `out/train-config.json` when it starts. Fields that say how to
+reach things rather than what to compute (the teacher's URL and key, the flags below) are left
+out of the comparison; local paths compare resolved, so a rerun from another folder matches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from distill import files
+from distill.config import TrainConfig
+from distill.train.card import CARD
+
+SETTINGS_FILE = "train-config.json"
+# Written (atomically) into a checkpoint folder once it is whole: only such checkpoints resume.
+CHECKPOINT_DONE = "distill-checkpoint-complete"
+# Not part of a run's identity: what to do with `out`, and where the teacher answers (its key is a secret).
+NOT_SETTINGS = {"out", "resume", "overwrite", "allow_incomplete", "teacher_endpoint", "teacher_api_key"}
+
+
+def run_settings(cfg: TrainConfig) -> dict:
+    settings = cfg.model_dump(mode="json", exclude=NOT_SETTINGS)
+    for field in ("corpus", "student"):
+        if Path(settings[field]).exists():
+            settings[field] = str(Path(settings[field]).resolve())
+    return settings
+
+
+def newest_complete_checkpoint(out: Path) -> Path | None:
+    """A kill can leave the newest checkpoint half written: the newest one marked complete."""
+    complete = [c for c in (out / "checkpoints").glob("checkpoint-*") if (c / CHECKPOINT_DONE).exists()]
+    return max(complete, key=lambda c: int(c.name.split("-")[-1]), default=None)
+
+
+def check_out(cfg: TrainConfig, out: Path) -> Path | None:
+    """The checkpoint to resume from (None: from step 0), or FileExistsError saying why `out`
+    may not be used as it is. Changes nothing."""
+    if cfg.overwrite or files.is_empty(out):
+        return None
+    if cfg.resume:
+        return newest_complete_checkpoint(out)
+    if (out / CARD).exists():
+        raise FileExistsError(f"`{out}` holds a finished student: choose another `out` or pass `--overwrite` to replace it")
+    stored_path = out / SETTINGS_FILE
+    if not stored_path.exists():
+        raise FileExistsError(f"`{out}` is not empty and holds no train run: choose another `out` or pass `--overwrite`")
+    stored, settings = json.loads(stored_path.read_text()), run_settings(cfg)
+    changed = sorted(k for k in stored.keys() | settings.keys() if stored.get(k) != settings.get(k))
+    if changed:
+        raise FileExistsError(f"`{out}` holds a train run with other settings ({', '.join(changed)} differ): rerun "
+                              "with the same settings to resume, `--resume` to continue it anyway, or `--overwrite` "
+                              "to start over")
+    return newest_complete_checkpoint(out)
+
+
+def start_from(cfg: TrainConfig, out: Path) -> Path | None:
+    """`check_out`, then (on the first process only: under torchrun every rank calls this)
+    empty `out` for `overwrite` and store this run's settings. Returns the checkpoint to resume from."""
+    checkpoint = check_out(cfg, out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite:
+            files.clear_dir(out)
+        files.write_json(out / SETTINGS_FILE, run_settings(cfg))
+    return checkpoint
