@@ -109,16 +109,18 @@ def require_file(path: Path, what: str) -> Path:
     return path
 
 
-def is_empty(directory: Path) -> bool:
-    """True if `directory` is missing or holds nothing but the lock file."""
+def is_empty(directory: Path, scratch: tuple[str, ...] = ()) -> bool:
+    """True if `directory` is missing or holds nothing but the lock file (and the entries named in
+    `scratch`: a stage's working files, which are not a result)."""
     directory = Path(directory)
-    return not directory.exists() or all(p.name == LOCK_NAME for p in directory.iterdir())
+    return not directory.exists() or all(p.name in (LOCK_NAME, *scratch) for p in directory.iterdir())
 
 
-def clear_dir(directory: Path) -> None:
-    """Delete what `directory` holds, except the lock file its writer holds."""
+def clear_dir(directory: Path, scratch: tuple[str, ...] = ()) -> None:
+    """Delete what `directory` holds, except the lock file its writer holds and the entries named in
+    `scratch` (working files that processes of the same run may be writing now)."""
     for p in Path(directory).iterdir():
-        if p.name == LOCK_NAME:
+        if p.name in (LOCK_NAME, *scratch):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)

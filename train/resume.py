@@ -27,6 +27,9 @@ from distill.train.card import CARD
 SETTINGS_FILE = "train-config.json"
 # Written (atomically) into a checkpoint folder once it is whole: only such checkpoints resume.
 CHECKPOINT_DONE = "distill-checkpoint-complete"
+# The decoded training records, one folder per process (train/data.py): working files, not a
+# result. Under torchrun another rank may be writing its own while this one checks `out`.
+TRAINING_DATA = ".training-data"
 # Not part of a run's identity: what to do with `out`, and where the teacher answers (its key is a secret).
 NOT_SETTINGS = {"out", "resume", "overwrite", "allow_incomplete", "teacher_endpoint", "teacher_api_key"}
 
@@ -48,7 +51,7 @@ def newest_complete_checkpoint(out: Path) -> Path | None:
 def check_out(cfg: TrainConfig, out: Path) -> Path | None:
     """The checkpoint to resume from (None: from step 0), or FileExistsError saying why `out`
     may not be used as it is. Changes nothing."""
-    if cfg.overwrite or files.is_empty(out):
+    if cfg.overwrite or files.is_empty(out, scratch=(TRAINING_DATA,)):
         return None
     if cfg.resume:
         return newest_complete_checkpoint(out)
@@ -73,6 +76,6 @@ def start_from(cfg: TrainConfig, out: Path) -> Path | None:
     if int(os.environ.get("RANK", "0")) == 0:
         out.mkdir(parents=True, exist_ok=True)
         if cfg.overwrite:
-            files.clear_dir(out)
+            files.clear_dir(out, scratch=(TRAINING_DATA,))
         files.write_json(out / SETTINGS_FILE, run_settings(cfg))
     return checkpoint

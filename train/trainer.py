@@ -34,10 +34,8 @@ from distill.train.data import DistillCollator, TrainingData, check_vocabulary, 
 from distill.train.head import lm_head
 from distill.train.losses import LossSpec, chunked_distill_loss
 from distill.train.onpolicy import on_policy_records, sample
-from distill.train.resume import CHECKPOINT_DONE, start_from
+from distill.train.resume import CHECKPOINT_DONE, TRAINING_DATA, start_from
 from distill.train.scoring import pad_token_id, teacher_forced
-
-TRAINING_DATA = ".training-data"  # in `out`, while training runs
 
 
 class DistillTrainer(SFTTrainer):
