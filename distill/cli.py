@@ -14,6 +14,7 @@ import signal
 import sys
 import types
 import typing
+import warnings
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -58,7 +59,7 @@ COMMANDS: dict[str, tuple[str, type[BaseModel] | None, str]] = {
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, ConnectionError, PermissionError,
                ServerError, FloatingPointError, OutputInUse, DiskFull, PluginError)
 DEBUG_HELP = "Show the traceback of an error (also: DISTILL_DEBUG=1)."
-# Commands that run vLLM engines in-process: vLLM's INFO log is off unless `--verbose`.
+# Commands that run vLLM engines in-process: their start-up noise is off unless `--verbose` (`quiet_engines`).
 ENGINE_COMMANDS = ("generate", "score", "eval", "run", "demo", "demo-real")
 # Commands that pass everything after `--` through to the program they launch (their `vllm_args`).
 PASSTHROUGH_FIELD = "vllm_args"
@@ -174,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--config", type=Path, help="YAML file with any of the fields below; flags override it.")
             add_model_arguments(p, model)
         if name in ENGINE_COMMANDS:
-            p.add_argument("--verbose", action="store_true", help="Show vLLM's INFO log (its warnings always show).")
+            p.add_argument("--verbose", action="store_true", help="Show vLLM's log (INFO and warnings), torch's C++ warnings and libraries' deprecation warnings.")
     return parser
 
 
@@ -184,13 +185,22 @@ def _version() -> str:
     return __version__
 
 
-def quiet_vllm(verbose: bool) -> None:
-    """vLLM reads these when it is first imported, here and in the engine processes and servers it
-    starts (they inherit them); values the user exported win. Its log goes to stderr: stdout
-    carries only the command's result."""
+def quiet_engines(verbose: bool) -> None:
+    """An engine start prints ~20 lines a user cannot act on: vLLM's warnings about the settings
+    distill chose (eager mode, no chunked prefill), Triton and LD_PRELOAD hints, torch's NUMA
+    note, libraries' FutureWarnings. Unless `verbose`, vLLM logs errors only, torch's C++ log
+    likewise, and deprecation warnings are off. These are environment variables: vLLM, torch and
+    Python read them at start, here and in the engine processes and servers they spawn (which
+    inherit them); values the user exported win. vLLM's log goes to stderr: stdout carries only
+    the command's result."""
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    if not verbose:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    if verbose:
+        return
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+    for category in (FutureWarning, DeprecationWarning):  # this process read PYTHONWARNINGS already
+        warnings.filterwarnings("ignore", category=category)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     command = args.pop("command")
     debug = args.pop("debug") or os.environ.get("DISTILL_DEBUG", "") not in ("", "0")
     if command in ENGINE_COMMANDS:
-        quiet_vllm(args.pop("verbose"))
+        quiet_engines(args.pop("verbose"))
     stop_on_signals()  # SIGTERM, SIGHUP: the KeyboardInterrupt path below, like Ctrl-C
     if passthrough:
         model = COMMANDS.get(command, (None, None))[1]

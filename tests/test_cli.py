@@ -4,6 +4,7 @@ user errors as one clear line (before any model loads), shipped YAML valid."""
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -229,16 +230,19 @@ def test_summary_rates_count_this_runs_tokens_with_significant_digits(capsys, tm
     assert whole_run in throughput and f"({generated[0]:,} new tokens in {generated[1]:.1f} s)" in throughput
 
 
-@pytest.mark.parametrize("flags, level", [([], "WARNING"), (["--verbose"], None)])
-def test_vllm_info_log_is_off_unless_verbose(monkeypatch, tmp_path, flags, level):
-    """vLLM reads the level when first imported: the CLI sets it before any stage runs (the
-    stage fails here on a missing prompt file, before any model loads)."""
-    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
-    monkeypatch.delenv("VLLM_LOGGING_STREAM", raising=False)
+@pytest.mark.parametrize("flags, quiet", [([], True), (["--verbose"], False)])
+def test_engine_noise_is_off_unless_verbose(monkeypatch, tmp_path, flags, quiet):
+    """vLLM, torch and Python read these when they start: the CLI sets them before any stage runs
+    (the stage fails here on a missing prompt file, before any model loads)."""
+    for name in ("VLLM_LOGGING_LEVEL", "VLLM_LOGGING_STREAM", "TORCH_CPP_LOG_LEVEL", "PYTHONWARNINGS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(warnings, "filters", list(warnings.filters))  # the CLI's filters end with the test
     code = main(["generate", "--teacher", "t", "--prompts", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o"),
                  *flags])
     assert code == 1
-    assert os.environ.get("VLLM_LOGGING_LEVEL") == level
+    assert os.environ.get("VLLM_LOGGING_LEVEL") == ("ERROR" if quiet else None)
+    assert os.environ.get("TORCH_CPP_LOG_LEVEL") == ("ERROR" if quiet else None)
+    assert ("ignore::FutureWarning" in os.environ.get("PYTHONWARNINGS", "")) == quiet
     assert os.environ["VLLM_LOGGING_STREAM"] == "ext://sys.stderr"  # stdout: only the command's result
 
 

@@ -122,3 +122,24 @@ def test_qwen2_teacher(tmp_path, tiny_models, prompts_file):
     assert corpus.validate(out)["records"] == len(PROMPTS)
     assert assert_matches_transformers(out, path) > 0
 
+
+
+def test_an_engine_start_prints_no_warning_a_user_cannot_act_on(tmp_path, tiny_models, prompts_file):
+    """`distill generate` as a user runs it: vLLM's warnings about the settings distill chose, the
+    LD_PRELOAD hints, torch's C++ notes and libraries' FutureWarnings stay off unless `--verbose`;
+    stdout is the corpus path alone."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VLLM_LOGGING_LEVEL", "TORCH_CPP_LOG_LEVEL", "PYTHONWARNINGS")}
+    out = tmp_path / "corpus"
+    done = subprocess.run([sys.executable, "-m", "distill.cli", "generate", "--teacher", str(tiny_models["llama-teacher"]),
+                           "--prompts", str(prompts_file), "--out", str(out), "--max-tokens", "4",
+                           "--max-model-len", "512"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(out)
+    noise = [line for line in done.stderr.splitlines()
+             if " WARNING " in line or "Warning:" in line or line.startswith("[W")]
+    assert not noise, noise
