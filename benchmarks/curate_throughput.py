@@ -16,13 +16,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import Headline, emit, parse_args
 
 from distill import corpus
 from distill.curation.pipeline import build_filters, curate_batch
 from distill.curation.report import Report
 from distill.tiny import WORDS
-
-from common import Headline, emit, parse_args
 
 K = 20
 NON_DEDUP = ["finish_reason", "length", "repetition", "refusal", "pii", "teacher_confidence"]

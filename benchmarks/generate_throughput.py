@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import Headline, emit, parse_args, tiny_models
 
 

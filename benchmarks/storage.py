@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-
 from common import Headline, emit, parse_args, tiny_models
 
 LOSSES = (("forward_kl", 1.0), ("reverse_kl", 1.0), ("jsd", 1.0), ("forward_kl", 2.0))

@@ -20,12 +20,12 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from distill.config import (
+    RENAMED_KEYS,
     SECRET_FIELDS,
     ChatConfig,
     CurateConfig,
     EvalConfig,
     GenerateConfig,
-    RENAMED_KEYS,
     InitStudentConfig,
     ScoreConfig,
     ServeConfig,
@@ -35,8 +35,8 @@ from distill.config import (
 )
 from distill.files import DiskFull, OutputInUse
 from distill.launcher import ServerError
-from distill.plugins import PluginError
 from distill.lifetime import stop_on_signals
+from distill.plugins import PluginError
 
 # name -> (function "module:attr", config model, one-line help)
 COMMANDS: dict[str, tuple[str, type[BaseModel] | None, str]] = {

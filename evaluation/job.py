@@ -26,7 +26,14 @@ from distill.evaluation.report import (
     write_report,
 )
 from distill.plugins import load_callable
-from distill.teacher import Completion, OnDone, Request, Sampling, Teacher, start_teacher
+from distill.teacher import (
+    Completion,
+    OnDone,
+    Request,
+    Sampling,
+    Teacher,
+    start_teacher,
+)
 from distill.teacher_client import TeacherClient
 from distill.train.card import CARD, StudentCard
 

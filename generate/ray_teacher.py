@@ -23,8 +23,8 @@ import socket
 from collections.abc import Callable, Iterable, Iterator
 
 from distill.config import TeacherJobConfig
-from distill.teacher import Completion, Request, Sampling
 from distill.launcher import ServerError
+from distill.teacher import Completion, Request, Sampling
 
 log = logging.getLogger(__name__)
 # Attempts per batch before the job stops (an actor that dies is restarted once by Ray).

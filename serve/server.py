@@ -10,7 +10,13 @@ import sys
 import time
 
 from distill.config import ServeConfig
-from distill.launcher import Server, ServerError, check_port, check_startup, start_server
+from distill.launcher import (
+    Server,
+    ServerError,
+    check_port,
+    check_startup,
+    start_server,
+)
 
 
 def serve(cfg: ServeConfig) -> int:

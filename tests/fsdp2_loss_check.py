@@ -12,8 +12,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM
 
-from distill.train.losses import chunked_distill_loss
 from distill.train.head import lm_head
+from distill.train.losses import chunked_distill_loss
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()

@@ -13,8 +13,7 @@ import yaml
 from distill import corpus
 from distill.cli import COMMANDS, build_parser, main
 from distill.config import CurateConfig, EvalConfig, GenerateConfig, TrainConfig
-from tests.helpers import ROOT, write_jsonl
-from tests.helpers import make_corpus, record
+from tests.helpers import ROOT, make_corpus, record, write_jsonl
 
 DOCUMENTED_COMMANDS = ["generate", "score", "curate", "train", "eval", "serve", "chat", "run", "demo", "inspect"]
 

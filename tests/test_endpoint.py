@@ -9,7 +9,12 @@ from distill.config import GenerateConfig, ScoreConfig, ServeConfig
 from distill.generate import generate, score
 from distill.launcher import EndpointError, free_port, start_server
 from distill.teacher_client import TeacherClient
-from tests.helpers import MAX_MODEL_LEN, PROMPTS, assert_matches_transformers, write_jsonl
+from tests.helpers import (
+    MAX_MODEL_LEN,
+    PROMPTS,
+    assert_matches_transformers,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="module")

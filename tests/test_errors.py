@@ -15,8 +15,7 @@ import yaml
 
 from distill import corpus, files
 from distill.cli import main
-from tests.helpers import PROMPTS, ROOT, write_jsonl
-from tests.helpers import make_corpus, record
+from tests.helpers import PROMPTS, ROOT, make_corpus, record, write_jsonl
 
 
 def one_line_error(capsys, command: str) -> str:

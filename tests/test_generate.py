@@ -9,17 +9,16 @@ the corpus's logprob encoding (`corpus.logprob_tolerance`), so `atol=2e-3` plus 
 import functools
 import json
 
-import numpy as np
 import pytest
-import torch
 
 from distill import corpus
 from distill.config import GenerateConfig, ScoreConfig
 from distill.generate import generate, score
 from distill.generate.prompts import PromptError
-from tests.helpers import ATOL, PROMPTS, assert_matches_transformers, hf_model, write_jsonl
+from tests.helpers import PROMPTS, assert_matches_transformers, hf_model, write_jsonl
 
 pytestmark = pytest.mark.engine  # every test runs the vLLM teacher
+
 
 def config(tmp_path, prompts, name="corpus", **kw):
     return GenerateConfig(teacher=str(kw.pop("teacher_dir")), prompts=prompts, out=tmp_path / name,

@@ -12,8 +12,7 @@ import pytest
 
 from distill import corpus, models
 from distill.config import GenerateConfig, InitStudentConfig
-from tests.helpers import CACHE, write_jsonl
-from tests.helpers import assert_matches_transformers
+from tests.helpers import CACHE, assert_matches_transformers, write_jsonl
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 

@@ -137,7 +137,6 @@ def test_two_processes_give_the_single_process_loss_curve_and_model(tmp_path, ti
     import subprocess
     import sys
 
-    import torch
     from safetensors.torch import load_file
 
     from distill.tiny import build_model

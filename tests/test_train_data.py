@@ -132,7 +132,8 @@ def test_the_pre_pass_reads_the_corpus_once_keeping_what_can_train_and_counting_
 
     from distill import corpus
     from distill.train.data import TRAINING_COLUMNS, prepare_training_data
-    from tests.helpers import K, record as corpus_record
+    from tests.helpers import K
+    from tests.helpers import record as corpus_record
 
     records = [corpus_record(i) for i in range(3000)]
     for i, r in enumerate(records):
@@ -162,7 +163,8 @@ def test_the_pre_pass_reads_the_corpus_once_keeping_what_can_train_and_counting_
 def test_the_pre_pass_refuses_an_invalid_corpus_as_validate_does(tmp_path):
     from distill import corpus
     from distill.train.data import prepare_training_data
-    from tests.helpers import make_corpus, record as corpus_record
+    from tests.helpers import make_corpus
+    from tests.helpers import record as corpus_record
 
     root = make_corpus(tmp_path / "c", [corpus_record(0), corpus_record(1), corpus_record(0)])
     with pytest.raises(corpus.CorpusError) as validated:
@@ -174,7 +176,8 @@ def test_the_pre_pass_refuses_an_invalid_corpus_as_validate_does(tmp_path):
 
 def test_no_trainable_record_is_one_line(tmp_path):
     from distill.train.data import prepare_training_data
-    from tests.helpers import make_corpus, record as corpus_record
+    from tests.helpers import make_corpus
+    from tests.helpers import record as corpus_record
 
     root = make_corpus(tmp_path / "c", [corpus_record(0), corpus_record(1)])
     with pytest.raises(ValueError, match="the prompts of all 2 fill max_length 3"):
@@ -193,7 +196,8 @@ def test_eval_checks_vocabularies_without_importing_trl():
 
 def test_a_curated_corpus_keeps_its_loss_mask_for_the_collator(tmp_path):
     from distill.train.data import prepare_training_data
-    from tests.helpers import make_corpus, record as corpus_record
+    from tests.helpers import make_corpus
+    from tests.helpers import record as corpus_record
 
     records = [corpus_record(i) for i in range(4)]
     for r in records:

@@ -30,7 +30,12 @@ from distill.engine import check_model
 from distill.launcher import EndpointError
 from distill.teacher_client import TeacherClient
 from distill.train.card import StudentCard, TrainResult, write_student_files
-from distill.train.data import DistillCollator, TrainingData, check_vocabulary, prepare_training_data
+from distill.train.data import (
+    DistillCollator,
+    TrainingData,
+    check_vocabulary,
+    prepare_training_data,
+)
 from distill.train.head import lm_head
 from distill.train.losses import LossSpec, chunked_distill_loss
 from distill.train.onpolicy import on_policy_records, sample

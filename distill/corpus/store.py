@@ -11,7 +11,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from distill.corpus.codec import LOGPROB_CODES, PACKED_IDS, CorpusError, decode, logical_types, shard_encoding
+from distill.corpus.codec import (
+    LOGPROB_CODES,
+    PACKED_IDS,
+    CorpusError,
+    decode,
+    logical_types,
+    shard_encoding,
+)
 from distill.corpus.manifest import CorpusStats
 from distill.files import DiskFull, atomic_path
 

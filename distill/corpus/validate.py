@@ -11,7 +11,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from distill.corpus.codec import COLUMNS, TOKEN_COLUMNS, CorpusError, decode, leaves, locate, shard_encoding
+from distill.corpus.codec import (
+    COLUMNS,
+    TOKEN_COLUMNS,
+    CorpusError,
+    decode,
+    leaves,
+    locate,
+    shard_encoding,
+)
 from distill.corpus.manifest import SCHEMA, CorpusStats, Manifest, read_manifest
 from distill.corpus.store import READ_ERRORS, shard_paths, unreadable
 
