@@ -222,7 +222,7 @@ def measure_cost(cfg: EvalConfig, prompts) -> dict[str, list[LoadLevel]]:
             continue
         with start_server(ServeConfig(model=model, served_model_name=role, port=0, **cfg.engine_settings()),
                           log_path=Path(cfg.out) / f"server-{role}.log") as server:
-            cost[role] = levels(server.url, server.model)
+            cost[role] = levels(server.url, server.model, server.api_key)  # $VLLM_API_KEY guards it too
     return cost
 
 

@@ -28,7 +28,8 @@ def eval_config(tmp_path, student, teacher, **overrides) -> EvalConfig:
 
 
 @pytest.mark.engine
-def test_copy_of_teacher_matches_teacher(tmp_path, tiny_models, teacher, copy_of_teacher):
+def test_copy_of_teacher_matches_teacher(tmp_path, tiny_models, teacher, copy_of_teacher, monkeypatch):
+    monkeypatch.setenv("VLLM_API_KEY", "eval-key")  # the servers launched for the cost measurement require it
     cfg = eval_config(tmp_path, copy_of_teacher, tiny_models["llama-teacher"], concurrency=[1, 4],
                       latency_requests=4, latency_tokens=8, scorer="tests.test_eval:answer_length")
     returned = evaluate(cfg, teacher_engine=teacher, student_engine=teacher)
