@@ -30,7 +30,6 @@ from distill import corpus
 # What the collator reads of a record (`loss_mask` only in curated corpora): the rest of the
 # corpus (messages, texts, sampled logprobs) never enters the training dataset.
 TRAINING_COLUMNS = ("id", "prompt_token_ids", "response_token_ids", "topk_token_ids", "topk_logprobs", "loss_mask")
-TOKEN_ID_COLUMNS = ("prompt_token_ids", "response_token_ids", "topk_token_ids")
 
 
 def trainable(record: dict, max_length: int) -> bool:
@@ -56,11 +55,9 @@ def prepare_training_data(root: Path, max_length: int, scratch: Path) -> Trainin
     writer, schema, records, kept, max_token_id = None, None, 0, 0, 0
     try:
         for batch in corpus.validated_batches(root):
-            for column in TOKEN_ID_COLUMNS:
-                ids = batch.column(column)
-                while pa.types.is_list(ids.type):
-                    ids = pc.list_flatten(ids)
-                max_token_id = max(max_token_id, pc.max(ids).as_py() or 0)
+            for column in corpus.TOKEN_ID_COLUMNS:
+                max_token_id = max(max_token_id, pc.max(corpus.leaves(batch.column(column))).as_py() or 0)
+            # `trainable`'s rule on the whole batch: the prompt leaves room for a target
             room = pc.less(pc.list_value_length(batch.column("prompt_token_ids")), max_length)
             rows = batch.select([c for c in TRAINING_COLUMNS if c in batch.schema.names]).filter(room)
             if writer is None:

@@ -19,6 +19,8 @@ COLUMNS = (
 # Per-token columns: each must have one entry per response token (`loss_mask` is optional:
 # absent means every token trains).
 TOKEN_COLUMNS = ("response_logprobs", "topk_token_ids", "topk_logprobs", "loss_mask")
+# The columns of token ids: each must be a token of the teacher's vocabulary.
+TOKEN_ID_COLUMNS = ("prompt_token_ids", "response_token_ids", "topk_token_ids")
 # How `topk_token_ids` / `topk_logprobs` are stored (`--logprob-encoding`; the manifest's
 # `generation.logprob_encoding` names it, and each shard's footer too). Readers decode every
 # encoding to the logical columns of docs/corpus-format.md, so consumers never see the difference.

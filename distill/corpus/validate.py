@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from distill.corpus.codec import (
     COLUMNS,
     TOKEN_COLUMNS,
+    TOKEN_ID_COLUMNS,
     CorpusError,
     decode,
     leaves,
@@ -193,10 +194,6 @@ def _unsorted_topk(table: pa.Table, where: str) -> list[str]:
     if (grid > 1e-3).any():
         problems.append(f"{where}: `topk_logprobs` holds positive log-probabilities")
     return problems
-
-
-# The columns of token ids: each must be a token of the teacher's vocabulary.
-TOKEN_ID_COLUMNS = ("prompt_token_ids", "response_token_ids", "topk_token_ids")
 
 
 def _out_of_vocabulary(table: pa.Table, where: str, vocab_size: int | None) -> list[str]:
