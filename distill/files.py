@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import fnmatch
 import hashlib
 import json
 import os
@@ -110,10 +111,12 @@ def require_file(path: Path, what: str) -> Path:
 
 
 def is_empty(directory: Path, scratch: tuple[str, ...] = ()) -> bool:
-    """True if `directory` is missing or holds nothing but the lock file (and the entries named in
-    `scratch`: a stage's working files, which are not a result)."""
+    """True if `directory` is missing or holds nothing but the lock file, temp files of writes in
+    progress (under torchrun another rank may be writing one now) and the entries named in
+    `scratch` (a stage's working files). None of these is a result."""
     directory = Path(directory)
-    return not directory.exists() or all(p.name in (LOCK_NAME, *scratch) for p in directory.iterdir())
+    return not directory.exists() or all(p.name in (LOCK_NAME, *scratch) or fnmatch.fnmatch(p.name, PARTIAL_GLOB)
+                                         for p in directory.iterdir())
 
 
 def clear_dir(directory: Path, scratch: tuple[str, ...] = ()) -> None:

@@ -35,6 +35,15 @@ def test_an_empty_or_missing_out_starts_fresh(tmp_path):
     assert (tmp_path / "out" / SETTINGS_FILE).exists()
 
 
+def test_a_rank_that_looks_while_the_first_writes_its_settings_starts_fresh(tmp_path):
+    """Under torchrun every rank checks `out` while rank 0 may be writing the settings file: its
+    temp file is not a result (a DeepSpeed test's rank 1 was refused "not empty" once)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f".{SETTINGS_FILE}.tmp-12345").write_text("{")
+    assert check_out(config(tmp_path), out) is None
+
+
 def test_the_same_settings_resume_from_the_newest_complete_checkpoint(tmp_path):
     out = killed_run(config(tmp_path, max_steps=8))
     assert check_out(config(tmp_path, max_steps=8), out) == out / "checkpoints" / "checkpoint-4"
