@@ -80,8 +80,10 @@ class DistillTrainer(SFTTrainer):
             if model.training and not on_policy:
                 # per target of this batch: in an on-policy step the terms were divided by both batches' targets
                 per_target = targets / max(int(batch["target_mask"].sum()), 1) if mixed else scale
-                # the mean over processes, as Trainer logs the loss (one process's value would be noise)
-                kd, ce = self.accelerator.gather_for_metrics(
+                # the mean over processes, as Trainer logs the loss (one process's value would be noise);
+                # `gather`, not `gather_for_metrics`: at an epoch's end that cuts a tensor to the last
+                # batch's leftover rows, and with one row left it cut [kd, ce] to [kd]
+                kd, ce = self.accelerator.gather(
                     torch.stack([terms["kd"], terms["ce"]]) * per_target).view(-1, 2).mean(0).tolist()
                 self._metrics["train"]["kd"].append(kd)
                 self._metrics["train"]["ce"].append(ce)
