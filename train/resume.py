@@ -11,7 +11,7 @@ without `--overwrite`).
 
 The run's settings are stored in `out/train-config.json` when it starts. Fields that say how to
 reach things rather than what to compute (the teacher's URL and key, the flags below) are left
-out of the comparison; local paths compare resolved, so a rerun from another folder matches.
+out of the comparison (where the run is tracked too); local paths compare resolved, so a rerun from another folder matches.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from distill import files
-from distill.config import TrainConfig
+from distill.config import TRACKING_FIELDS, TrainConfig
 from distill.train.card import CARD
 
 SETTINGS_FILE = "train-config.json"
@@ -31,7 +31,8 @@ CHECKPOINT_DONE = "distill-checkpoint-complete"
 # result. Under torchrun another rank may be writing its own while this one checks `out`.
 TRAINING_DATA = ".training-data"
 # Not part of a run's identity: what to do with `out`, and where the teacher answers (its key is a secret).
-NOT_SETTINGS = {"out", "resume", "overwrite", "allow_incomplete", "teacher_endpoint", "teacher_api_key"}
+NOT_SETTINGS = {"out", "resume", "overwrite", "allow_incomplete", "teacher_endpoint", "teacher_api_key",
+                *TRACKING_FIELDS}
 
 
 def run_settings(cfg: TrainConfig) -> dict:

@@ -24,7 +24,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from distill import corpus, files
+from distill import corpus, files, tracking
 from distill.config import TrainConfig
 from distill.engine import check_model
 from distill.launcher import EndpointError
@@ -41,6 +41,13 @@ from distill.train.losses import LossSpec, chunked_distill_loss
 from distill.train.onpolicy import on_policy_records, sample
 from distill.train.resume import CHECKPOINT_DONE, TRAINING_DATA, start_from
 from distill.train.scoring import pad_token_id, teacher_forced
+from distill.train.tracked import (
+    active,
+    log_result,
+    open_training_run,
+    trainer_callbacks,
+    trainer_report_to,
+)
 
 
 class DistillTrainer(SFTTrainer):
@@ -209,6 +216,7 @@ def check_launch(gpu: bool, lora: bool) -> None:
 
 def train(cfg: TrainConfig) -> TrainResult:
     check_launch(torch.cuda.is_available(), cfg.lora)
+    tracking.check_installed(cfg.report_to)
     # Under torchrun every rank writes into `out`: the first one holds it for all of them.
     first_rank = int(os.environ.get("RANK", "0")) == 0
     with files.exclusive(cfg.out) if first_rank else contextlib.nullcontext():
@@ -256,6 +264,8 @@ def _fit(cfg: TrainConfig, manifest: corpus.Manifest, data: TrainingData, resume
     if cfg.on_policy:
         teacher = TeacherClient(cfg.teacher_endpoint, api_key=cfg.teacher_api_key)
         teacher.check_tokenizer(tokenizer, "student")
+    # one process logs (under torchrun every rank trains); a resumed run continues its tracked run
+    run = open_training_run(cfg, manifest, resumed=resume is not None) if int(os.environ.get("RANK", "0")) == 0 else None
 
     split = data.dataset.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed) if cfg.eval_fraction else None
     train_data, eval_data = (split["train"], split["test"]) if split else (data.dataset, None)
@@ -276,17 +286,19 @@ def _fit(cfg: TrainConfig, manifest: corpus.Manifest, data: TrainingData, resume
         eval_steps=cfg.save_steps, seed=cfg.seed, bf16=gpu, use_cpu=not gpu,
         ddp_backend="gloo" if not gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, report_to=[],
-        max_length=None)
+        remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
+        report_to=trainer_report_to(cfg), run_name=run.run_name if run else cfg.run_name, max_length=None)
     collator = DistillCollator(pad_token_id=pad_token_id(tokenizer), max_length=cfg.max_length,
                                top_k=manifest.generation.top_k)
     trainer = DistillTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                              processing_class=tokenizer, data_collator=collator, peft_config=peft_config,
-                             callbacks=[JsonlMetrics(out / "metrics.jsonl"), MarkCompleteCheckpoints(), StopOnNonFinite()],
+                             callbacks=[JsonlMetrics(out / "metrics.jsonl"), MarkCompleteCheckpoints(), StopOnNonFinite(),
+                                        *trainer_callbacks(run)],
                              distill=cfg, teacher=teacher)
     initial = held_out_metrics(trainer, eval_data, collator, cfg) if eval_data else {}
     try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        with active(run):
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except EndpointError as e:
         raise EndpointError(f"{e} Training stopped at step {trainer.state.global_step}; rerun the same command to "
                             f"continue from the newest complete checkpoint in {out / 'checkpoints'}") from None
@@ -296,6 +308,7 @@ def _fit(cfg: TrainConfig, manifest: corpus.Manifest, data: TrainingData, resume
     _save(trainer, out, cfg, model.dtype)
     if trainer.is_world_process_zero():  # under torchrun / accelerate launch, one process writes
         write_student_files(out, cfg, card)
+        log_result(run, out, trainer.state.global_step, initial, final)
     return TrainResult(out, card)
 
 
