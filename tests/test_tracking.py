@@ -19,10 +19,11 @@ def tiny_corpus(root, tiny_models):
 
 
 def train_tracked(tmp_path, tiny_models, trackers, **overrides):
-    return train(TrainConfig(corpus=tiny_corpus(tmp_path / "c", tiny_models), student=str(tiny_models["llama-student"]),
-                             out=tmp_path / "student", lora=False, max_steps=STEPS, batch_size=4, logging_steps=1,
-                             save_steps=100, eval_fraction=0.25, chunk_size=16, alpha=0.7, report_to=trackers,
-                             **overrides))
+    settings = dict(lora=False, max_steps=STEPS, batch_size=4, logging_steps=1, save_steps=100, eval_fraction=0.25,
+                    chunk_size=16, alpha=0.7, report_to=trackers)
+    source = tmp_path / "c" if (tmp_path / "c").exists() else tiny_corpus(tmp_path / "c", tiny_models)
+    return train(TrainConfig(corpus=source, student=str(tiny_models["llama-student"]), out=tmp_path / "student",
+                             **settings | overrides))
 
 
 def logged(out, key) -> dict[int, float]:
@@ -135,3 +136,18 @@ def test_eval_logs_its_numbers_and_report_to_the_students_run(tmp_path, tiny_mod
     events = EventAccumulator(run.tensorboard_dir).Reload()
     assert [(e.step, e.value) for e in events.Scalars("eval_report/kl")] == [(STEPS, pytest.approx(report.fidelity.kl))]
     assert "eval/report.md/text_summary" in events.Tags()["tensors"]
+
+
+def test_a_run_resumed_with_other_settings_is_a_new_tracked_run(tmp_path, tiny_models, monkeypatch, capfd):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = tracking.load_run(train_tracked(tmp_path, tiny_models, ["mlflow"], save_steps=1).path)
+    # `--resume` with a larger max_steps: the Trainer's params differ, which MLflow refuses in one run
+    out = train_tracked(tmp_path, tiny_models, ["mlflow"], save_steps=1, resume=True, max_steps=STEPS + 1).path
+    second = tracking.load_run(out)
+    assert second.mlflow_run_id != first.mlflow_run_id
+    client = MlflowClient(tracking_uri=second.mlflow_uri)
+    assert client.get_run(second.mlflow_run_id).data.params["distill.max_steps"] == str(STEPS + 1)
+    assert [m.step for m in client.get_metric_history(second.mlflow_run_id, "kd")] == [STEPS + 1]
+    assert "Changing param values is not allowed" not in capfd.readouterr().err

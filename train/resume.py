@@ -49,6 +49,15 @@ def newest_complete_checkpoint(out: Path) -> Path | None:
     return max(complete, key=lambda c: int(c.name.split("-")[-1]), default=None)
 
 
+def changed_settings(cfg: TrainConfig, out: Path) -> list[str]:
+    """The settings of `cfg` that differ from those of the run stored in `out` (none stored: none differ)."""
+    stored_path = out / SETTINGS_FILE
+    if not stored_path.exists():
+        return []
+    stored, settings = json.loads(stored_path.read_text()), run_settings(cfg)
+    return sorted(k for k in stored.keys() | settings.keys() if stored.get(k) != settings.get(k))
+
+
 def check_out(cfg: TrainConfig, out: Path) -> Path | None:
     """The checkpoint to resume from (None: from step 0), or FileExistsError saying why `out`
     may not be used as it is. Changes nothing."""
@@ -61,8 +70,7 @@ def check_out(cfg: TrainConfig, out: Path) -> Path | None:
     stored_path = out / SETTINGS_FILE
     if not stored_path.exists():
         raise FileExistsError(f"`{out}` is not empty and holds no train run: choose another `out` or pass `--overwrite`")
-    stored, settings = json.loads(stored_path.read_text()), run_settings(cfg)
-    changed = sorted(k for k in stored.keys() | settings.keys() if stored.get(k) != settings.get(k))
+    changed = changed_settings(cfg, out)
     if changed:
         raise FileExistsError(f"`{out}` holds a train run with other settings ({', '.join(changed)} differ): rerun "
                               "with the same settings to resume, `--resume` to continue it anyway, or `--overwrite` "

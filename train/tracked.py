@@ -38,13 +38,13 @@ def distill_params(cfg: TrainConfig, manifest: corpus.Manifest) -> tuple[dict, d
     return {f"distill.{k}": v for k, v in params.items()}, tags
 
 
-def open_training_run(cfg: TrainConfig, manifest: corpus.Manifest, resumed: bool) -> TrackedRun | None:
-    """The run of `cfg.out` (continued when training resumes from a checkpoint), its parameters logged;
-    None without `report_to`."""
+def open_training_run(cfg: TrainConfig, manifest: corpus.Manifest, continues: bool) -> TrackedRun | None:
+    """The run of `cfg.out` (`continues`: the one it holds, when training resumes with the same settings),
+    its parameters logged; None without `report_to`."""
     if not cfg.report_to:
         return None
     run = tracking.open_run(cfg.out, cfg.report_to, run_name=cfg.run_name, experiment=cfg.experiment,
-                            tracking_dir=cfg.tracking_dir, continue_run=resumed)
+                            tracking_dir=cfg.tracking_dir, continue_run=continues)
     run.log_params(*distill_params(cfg, manifest))
     return run
 

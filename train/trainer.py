@@ -39,7 +39,12 @@ from distill.train.data import (
 from distill.train.head import lm_head
 from distill.train.losses import LossSpec, chunked_distill_loss
 from distill.train.onpolicy import on_policy_records, sample
-from distill.train.resume import CHECKPOINT_DONE, TRAINING_DATA, start_from
+from distill.train.resume import (
+    CHECKPOINT_DONE,
+    TRAINING_DATA,
+    changed_settings,
+    start_from,
+)
 from distill.train.scoring import pad_token_id, teacher_forced
 from distill.train.tracked import (
     active,
@@ -234,6 +239,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
     manifest = corpus.read_manifest(cfg.corpus)
     corpus.check_complete(cfg.corpus, manifest, cfg.allow_incomplete)
     check_model(cfg.student, "student")
+    # A run resumed with the same settings continues its tracked run; with others (`--resume`) it opens a new one.
+    continues_run = not changed_settings(cfg, Path(cfg.out))
     resume = start_from(cfg, Path(cfg.out))  # refuses another run's `out` before the corpus is read
     # The decoded training records, one file per process, removed when training ends (and at the
     # start of the next run, if a kill left it).
@@ -243,7 +250,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
         data = prepare_training_data(cfg.corpus, cfg.max_length, scratch)
         if data.skipped:
             print(f"skipped {data.skipped} records whose prompt fills max_length {cfg.max_length}")
-        return _fit(cfg, manifest, data, resume, start)
+        return _fit(cfg, manifest, data, resume, start, continues_run=resume is not None and continues_run)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         with contextlib.suppress(OSError):  # another process's data may still be there
@@ -251,8 +258,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
 
 
 def _fit(cfg: TrainConfig, manifest: corpus.Manifest, data: TrainingData, resume: Path | None,
-         start: float) -> TrainResult:
-    """Train on the prepared records, from `resume` (a checkpoint) or from step 0."""
+         start: float, continues_run: bool = False) -> TrainResult:
+    """Train on the prepared records, from `resume` (a checkpoint) or from step 0; `continues_run`:
+    in the tracked run the checkpoint's run logged to."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = Path(cfg.out)
@@ -265,7 +273,7 @@ def _fit(cfg: TrainConfig, manifest: corpus.Manifest, data: TrainingData, resume
         teacher = TeacherClient(cfg.teacher_endpoint, api_key=cfg.teacher_api_key)
         teacher.check_tokenizer(tokenizer, "student")
     # one process logs (under torchrun every rank trains); a resumed run continues its tracked run
-    run = open_training_run(cfg, manifest, resumed=resume is not None) if int(os.environ.get("RANK", "0")) == 0 else None
+    run = open_training_run(cfg, manifest, continues_run) if int(os.environ.get("RANK", "0")) == 0 else None
 
     split = data.dataset.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed) if cfg.eval_fraction else None
     train_data, eval_data = (split["train"], split["test"]) if split else (data.dataset, None)
