@@ -147,6 +147,9 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="Instead: retrain the shipped demo teacher from scratch (about an hour on 2 cores).")
     p.add_argument("--ground-truth", type=Path, metavar="DIR",
                    help="With --build-teacher: start the noisy-label stage from this finished ground-truth stage.")
+    p.add_argument("--report-to", action="append", metavar="TRACKER",
+                   help="Log every headline student (training, eval) and the summary to these trackers, e.g. "
+                   "tensorboard,mlflow; files in --out (docs/recipes/tracking.md).")
 
 
 def _demo_real_arguments(p: argparse.ArgumentParser) -> None:

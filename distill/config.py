@@ -23,6 +23,7 @@ from pydantic import (
 from distill import models
 from distill.files import require_file
 from distill.teacher import BACKENDS, check_backend
+from distill.tracking import Tracker, parse_trackers
 
 # A model argument: hub id, Hugging Face directory, or a GGUF file (converted once, cached; see
 # `distill.models`). After validation it is always something vLLM and transformers load.
@@ -214,6 +215,11 @@ class CurateConfig(StageConfig):
     allow_incomplete: bool = Field(False, description=ALLOW_INCOMPLETE)
 
 
+# Where a train run is reported, not what it computes: a rerun that changes only these resumes (train's
+# settings check) and a finished `distill run` stage stays done (its stage hash leaves them out).
+TRACKING_FIELDS = frozenset({"report_to", "run_name", "experiment", "tracking_dir"})
+
+
 class TrainConfig(StageConfig):
     """`distill train`: a student learns the teacher's tokens (CE) and its top-k distributions (KL)."""
 
@@ -261,6 +267,14 @@ class TrainConfig(StageConfig):
                                "`--max-logprobs`).")
     on_policy_loss: LossKind = Field(
         "forward_kl", description="KD divergence on the student's samples (no CE: they are the student's own tokens).")
+    report_to: Annotated[list[Tracker], BeforeValidator(parse_trackers)] = Field(
+        default_factory=list, description="Experiment trackers to log the run to, e.g. tensorboard,mlflow (also wandb, "
+        "trackio; default: none). `distill eval` of the student logs to the same run.")
+    run_name: str | None = Field(None, description="The run's name in the trackers (default: the name of `out`).")
+    experiment: str | None = Field(None, description="MLflow experiment the run belongs to (default: distill).")
+    tracking_dir: Path | None = Field(None, description="Where the trackers' files go: TensorBoard events in "
+                                      "TRACKING_DIR/tensorboard/RUN_NAME, MLflow's sqlite store TRACKING_DIR/mlflow.db "
+                                      "unless $MLFLOW_TRACKING_URI is set (default: `out`).")
 
     @model_validator(mode="after")
     def _check_on_policy(self) -> TrainConfig:

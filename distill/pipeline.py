@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from distill import files, versions
 from distill.config import (
     LAUNCH_FIELDS,
+    TRACKING_FIELDS,
     CurateConfig,
     EvalConfig,
     GenerateConfig,
@@ -155,7 +156,7 @@ def stage_hashes(configs: dict[str, StageConfig]) -> dict[str, str]:
     hashes, upstream = {}, ""
     for name in STAGES:
         cfg = configs[name]
-        inputs = [cfg.model_dump_json(), upstream]
+        inputs = [cfg.model_dump_json(exclude=TRACKING_FIELDS if isinstance(cfg, TrainConfig) else None), upstream]
         if isinstance(cfg, (GenerateConfig, EvalConfig)):
             inputs.append(hashlib.sha256(Path(cfg.prompts).read_bytes()).hexdigest())
         upstream = hashes[name] = hashlib.sha256("\n".join(inputs).encode()).hexdigest()[:16]

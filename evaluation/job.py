@@ -4,6 +4,7 @@ along the teacher's answers (fidelity); both are served the same way and timed (
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from distill import corpus, files
+from distill import corpus, files, tracking
 from distill.config import EvalConfig, GenerateConfig, ServeConfig
 from distill.engine import check_model
 from distill.evaluation.report import (
@@ -97,7 +98,22 @@ def _evaluate(cfg: EvalConfig, teacher_engine: Teacher | None, student_engine: T
         headline=headline(answer_stats, scored.top1_agreement, cost, teacher, student),
         wall_seconds=time.time() - start)
     write_report(out, report, scored.per_record_kl)
+    log_to_student_run(Path(cfg.student), out, report)
     return report
+
+
+def log_to_student_run(student: Path, out: Path, report: EvalReport) -> None:
+    """A student trained with `report_to`: its headline numbers (at its last training step, so they
+    sit at the end of its curves) and the report, in the run that logged its training."""
+    run = tracking.load_run(student) if student.is_dir() else None
+    if run is None:
+        return
+    step = StudentCard.load(student).steps if (student / CARD).exists() else 0
+    run.log_metrics(report.headline_metrics(), step)
+    for name in ("report.html", "report.json"):
+        run.log_artifact(out / name, "eval")
+    run.log_artifact(out / "report.md", "eval", text=True)
+    print(f"eval: logged to the run {run.run_name!r} ({', '.join(run.trackers)})", file=sys.stderr)
 
 
 class OnDemandTeacher:

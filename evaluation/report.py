@@ -88,6 +88,18 @@ class EvalReport(BaseModel):
     def load(cls, out: Path) -> "EvalReport":
         return cls.model_validate_json((Path(out) / REPORT).read_bytes())
 
+    def headline_metrics(self) -> dict[str, float | None]:
+        """The numbers a tracker compares runs by (None: not measured)."""
+        student_cost = self.cost["student"][-1] if self.cost else None
+        return {"eval_report/kl": self.fidelity.kl, "eval_report/top1_agreement": self.fidelity.top1_agreement,
+                "eval_report/perplexity": self.fidelity.perplexity, "eval_report/accuracy": self.answers.student.score,
+                "eval_report/teacher_accuracy": self.answers.teacher.score,
+                "eval_report/answer_agreement": self.answers.exact_match,
+                "eval_report/on_policy_kl": self.on_policy.kl if self.on_policy else None,
+                "eval_report/tokens_per_s": student_cost.tokens_per_s if student_cost else None,
+                "eval_report/quality_retained": self.headline.quality_retained,
+                "eval_report/speedup": self.headline.speedup}
+
 
 def _fmt(x, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)

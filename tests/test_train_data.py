@@ -206,3 +206,19 @@ def test_a_curated_corpus_keeps_its_loss_mask_for_the_collator(tmp_path):
     assert data.dataset[2]["loss_mask"] == [True, False, True]
     assert DistillCollator(pad_token_id=0, max_length=64, top_k=4)([data.dataset[2]])["target_mask"].tolist() == \
         [[False, False, True, False, True, False]]
+
+
+def test_an_epoch_whose_last_batch_holds_one_record_trains(tmp_path, tiny_models):
+    """5 records, batches of 4: the second step's batch is one record. accelerate's
+    `gather_for_metrics` cut the logged [kd, ce] pair to that one row (a crash at every such epoch end)."""
+    import json
+
+    from distill.config import TrainConfig
+    from distill.train.trainer import train
+    from tests.helpers import make_corpus, record
+
+    source = make_corpus(tmp_path / "c", [record(i) for i in range(5)], teacher=str(tiny_models["llama-teacher"]))
+    out = train(TrainConfig(corpus=source, student=str(tiny_models["llama-student"]), out=tmp_path / "s", lora=False,
+                            max_steps=2, batch_size=4, logging_steps=1, eval_fraction=0)).path
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"kd"' in line]
+    assert [m["step"] for m in logs] == [1, 2] and all(m["ce"] > 0 for m in logs)

@@ -11,7 +11,7 @@ without `--overwrite`).
 
 The run's settings are stored in `out/train-config.json` when it starts. Fields that say how to
 reach things rather than what to compute (the teacher's URL and key, the flags below) are left
-out of the comparison; local paths compare resolved, so a rerun from another folder matches.
+out of the comparison (where the run is tracked too); local paths compare resolved, so a rerun from another folder matches.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from distill import files
-from distill.config import TrainConfig
+from distill.config import TRACKING_FIELDS, TrainConfig
 from distill.train.card import CARD
 
 SETTINGS_FILE = "train-config.json"
@@ -31,7 +31,8 @@ CHECKPOINT_DONE = "distill-checkpoint-complete"
 # result. Under torchrun another rank may be writing its own while this one checks `out`.
 TRAINING_DATA = ".training-data"
 # Not part of a run's identity: what to do with `out`, and where the teacher answers (its key is a secret).
-NOT_SETTINGS = {"out", "resume", "overwrite", "allow_incomplete", "teacher_endpoint", "teacher_api_key"}
+NOT_SETTINGS = {"out", "resume", "overwrite", "allow_incomplete", "teacher_endpoint", "teacher_api_key",
+                *TRACKING_FIELDS}
 
 
 def run_settings(cfg: TrainConfig) -> dict:
@@ -48,6 +49,15 @@ def newest_complete_checkpoint(out: Path) -> Path | None:
     return max(complete, key=lambda c: int(c.name.split("-")[-1]), default=None)
 
 
+def changed_settings(cfg: TrainConfig, out: Path) -> list[str]:
+    """The settings of `cfg` that differ from those of the run stored in `out` (none stored: none differ)."""
+    stored_path = out / SETTINGS_FILE
+    if not stored_path.exists():
+        return []
+    stored, settings = json.loads(stored_path.read_text()), run_settings(cfg)
+    return sorted(k for k in stored.keys() | settings.keys() if stored.get(k) != settings.get(k))
+
+
 def check_out(cfg: TrainConfig, out: Path) -> Path | None:
     """The checkpoint to resume from (None: from step 0), or FileExistsError saying why `out`
     may not be used as it is. Changes nothing."""
@@ -60,8 +70,7 @@ def check_out(cfg: TrainConfig, out: Path) -> Path | None:
     stored_path = out / SETTINGS_FILE
     if not stored_path.exists():
         raise FileExistsError(f"`{out}` is not empty and holds no train run: choose another `out` or pass `--overwrite`")
-    stored, settings = json.loads(stored_path.read_text()), run_settings(cfg)
-    changed = sorted(k for k in stored.keys() | settings.keys() if stored.get(k) != settings.get(k))
+    changed = changed_settings(cfg, out)
     if changed:
         raise FileExistsError(f"`{out}` holds a train run with other settings ({', '.join(changed)} differ): rerun "
                               "with the same settings to resume, `--resume` to continue it anyway, or `--overwrite` "

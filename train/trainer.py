@@ -24,7 +24,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from distill import corpus, files
+from distill import corpus, files, tracking
 from distill.config import TrainConfig
 from distill.engine import check_model
 from distill.launcher import EndpointError
@@ -39,8 +39,20 @@ from distill.train.data import (
 from distill.train.head import lm_head
 from distill.train.losses import LossSpec, chunked_distill_loss
 from distill.train.onpolicy import on_policy_records, sample
-from distill.train.resume import CHECKPOINT_DONE, TRAINING_DATA, start_from
+from distill.train.resume import (
+    CHECKPOINT_DONE,
+    TRAINING_DATA,
+    changed_settings,
+    start_from,
+)
 from distill.train.scoring import pad_token_id, teacher_forced
+from distill.train.tracked import (
+    active,
+    log_result,
+    open_training_run,
+    trainer_callbacks,
+    trainer_report_to,
+)
 
 
 class DistillTrainer(SFTTrainer):
@@ -80,8 +92,10 @@ class DistillTrainer(SFTTrainer):
             if model.training and not on_policy:
                 # per target of this batch: in an on-policy step the terms were divided by both batches' targets
                 per_target = targets / max(int(batch["target_mask"].sum()), 1) if mixed else scale
-                # the mean over processes, as Trainer logs the loss (one process's value would be noise)
-                kd, ce = self.accelerator.gather_for_metrics(
+                # the mean over processes, as Trainer logs the loss (one process's value would be noise);
+                # `gather`, not `gather_for_metrics`: at an epoch's end that cuts a tensor to the last
+                # batch's leftover rows, and with one row left it cut [kd, ce] to [kd]
+                kd, ce = self.accelerator.gather(
                     torch.stack([terms["kd"], terms["ce"]]) * per_target).view(-1, 2).mean(0).tolist()
                 self._metrics["train"]["kd"].append(kd)
                 self._metrics["train"]["ce"].append(ce)
@@ -207,6 +221,7 @@ def check_launch(gpu: bool, lora: bool) -> None:
 
 def train(cfg: TrainConfig) -> TrainResult:
     check_launch(torch.cuda.is_available(), cfg.lora)
+    tracking.check_installed(cfg.report_to)
     # Under torchrun every rank writes into `out`: the first one holds it for all of them.
     first_rank = int(os.environ.get("RANK", "0")) == 0
     with files.exclusive(cfg.out) if first_rank else contextlib.nullcontext():
@@ -224,6 +239,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
     manifest = corpus.read_manifest(cfg.corpus)
     corpus.check_complete(cfg.corpus, manifest, cfg.allow_incomplete)
     check_model(cfg.student, "student")
+    # A run resumed with the same settings continues its tracked run; with others (`--resume`) it opens a new one.
+    continues_run = not changed_settings(cfg, Path(cfg.out))
     resume = start_from(cfg, Path(cfg.out))  # refuses another run's `out` before the corpus is read
     # The decoded training records, one file per process, removed when training ends (and at the
     # start of the next run, if a kill left it).
@@ -233,7 +250,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
         data = prepare_training_data(cfg.corpus, cfg.max_length, scratch)
         if data.skipped:
             print(f"skipped {data.skipped} records whose prompt fills max_length {cfg.max_length}")
-        return _fit(cfg, manifest, data, resume, start)
+        return _fit(cfg, manifest, data, resume, start, continues_run=resume is not None and continues_run)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         with contextlib.suppress(OSError):  # another process's data may still be there
@@ -241,8 +258,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
 
 
 def _fit(cfg: TrainConfig, manifest: corpus.Manifest, data: TrainingData, resume: Path | None,
-         start: float) -> TrainResult:
-    """Train on the prepared records, from `resume` (a checkpoint) or from step 0."""
+         start: float, continues_run: bool = False) -> TrainResult:
+    """Train on the prepared records, from `resume` (a checkpoint) or from step 0; `continues_run`:
+    in the tracked run the checkpoint's run logged to."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = Path(cfg.out)
@@ -254,6 +272,8 @@ def _fit(cfg: TrainConfig, manifest: corpus.Manifest, data: TrainingData, resume
     if cfg.on_policy:
         teacher = TeacherClient(cfg.teacher_endpoint, api_key=cfg.teacher_api_key)
         teacher.check_tokenizer(tokenizer, "student")
+    # one process logs (under torchrun every rank trains); a resumed run continues its tracked run
+    run = open_training_run(cfg, manifest, continues_run) if int(os.environ.get("RANK", "0")) == 0 else None
 
     split = data.dataset.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed) if cfg.eval_fraction else None
     train_data, eval_data = (split["train"], split["test"]) if split else (data.dataset, None)
@@ -274,17 +294,19 @@ def _fit(cfg: TrainConfig, manifest: corpus.Manifest, data: TrainingData, resume
         eval_steps=cfg.save_steps, seed=cfg.seed, bf16=gpu, use_cpu=not gpu,
         ddp_backend="gloo" if not gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, report_to=[],
-        max_length=None)
+        remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
+        report_to=trainer_report_to(cfg), run_name=run.run_name if run else cfg.run_name, max_length=None)
     collator = DistillCollator(pad_token_id=pad_token_id(tokenizer), max_length=cfg.max_length,
                                top_k=manifest.generation.top_k)
     trainer = DistillTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                              processing_class=tokenizer, data_collator=collator, peft_config=peft_config,
-                             callbacks=[JsonlMetrics(out / "metrics.jsonl"), MarkCompleteCheckpoints(), StopOnNonFinite()],
+                             callbacks=[JsonlMetrics(out / "metrics.jsonl"), MarkCompleteCheckpoints(), StopOnNonFinite(),
+                                        *trainer_callbacks(run)],
                              distill=cfg, teacher=teacher)
     initial = held_out_metrics(trainer, eval_data, collator, cfg) if eval_data else {}
     try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        with active(run):
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except EndpointError as e:
         raise EndpointError(f"{e} Training stopped at step {trainer.state.global_step}; rerun the same command to "
                             f"continue from the newest complete checkpoint in {out / 'checkpoints'}") from None
@@ -294,6 +316,7 @@ def _fit(cfg: TrainConfig, manifest: corpus.Manifest, data: TrainingData, resume
     _save(trainer, out, cfg, model.dtype)
     if trainer.is_world_process_zero():  # under torchrun / accelerate launch, one process writes
         write_student_files(out, cfg, card)
+        log_result(run, out, trainer.state.global_step, initial, final)
     return TrainResult(out, card)
 
 

@@ -67,6 +67,26 @@ def summarise(out: Path, arms: dict[str, list[dict]], curve: dict[str, dict[int,
     return report
 
 
+def track(out: Path, report: dict, trackers: list[str], experiment: str) -> None:
+    """The demo's headline numbers and its report, as the run `demo` beside the students' runs."""
+    from distill import tracking
+
+    run = tracking.open_run(out, trackers, run_name="demo", experiment=experiment, tracking_dir=out)
+    kd, sft = report["student_kd"], report["student_sft"]
+    student_cost = report["cost"]["student"][-1] if report["cost"] else {}
+    run.log_metrics({"demo/teacher_accuracy": report["teacher"]["accuracy"], "demo/kd_accuracy": kd["accuracy"],
+                     "demo/sft_accuracy": sft["accuracy"], "demo/kd_minus_sft": report["kd_minus_sft"]["accuracy"],
+                     "demo/kd_kl": kd["kl"]["mean"], "demo/sft_kl": sft["kl"]["mean"],
+                     "demo/kd_top1_agreement": kd["top1_agreement"]["mean"],
+                     "demo/sft_top1_agreement": sft["top1_agreement"]["mean"],
+                     "demo/student_tokens_per_s": student_cost.get("tokens_per_s")})
+    run.log_params({"demo.seeds": len(kd["seeds"]), "demo.eval_prompts": report["n_eval_prompts"]})
+    for name in ("report.html", "report.json", "learning_curve.png"):
+        run.log_artifact(out / name, "demo")
+    run.log_artifact(out / "report.md", "demo", text=True)
+    run.finish()
+
+
 def _plot(path: Path, curve: dict[str, dict[int, list[float]]], teacher_accuracy: float) -> None:
     import matplotlib
 

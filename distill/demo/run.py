@@ -8,7 +8,8 @@ latency). The demo then trains the same student SFT-only (alpha 0) on the same c
 both arms with more seeds (paired: seed s = init s + data order s), evaluates every student on
 the same held-out prompts, repeats both arms on smaller corpora for the learning curve, and
 writes `report.md` / `report.json` / `learning_curve.png`. Last, the KD student answers one chat
-request over the OpenAI API.
+request over the OpenAI API. With `--report-to`, each headline student's training and eval is a
+run in the trackers, and the demo's summary one more (docs/recipes/tracking.md).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ N_TRAIN, N_EVAL = 2000, 300
 # Learning curve: the first N records of the curated corpus, same epochs as the headline run.
 CURVE_SIZES = (250, 500, 1000)
 ARMS = {"student_kd": "kd", "student_sft": "sft"}
+EXPERIMENT = "distill-demo"  # the trackers' experiment of a tracked demo (`--report-to`)
 
 
 def build_inputs(seed: int = 0) -> None:
@@ -54,10 +56,13 @@ def student_init(out: Path, seed: int) -> Path:
 
 
 def main(out: Path, seeds: int = 3, serve: bool = False, build_teacher: bool = False,
-         ground_truth: Path | None = None) -> int:
-    from distill import pipeline
+         ground_truth: Path | None = None, report_to: list[str] | None = None) -> int:
+    from distill import pipeline, tracking
     from distill.demo import report, students
     from distill.demo.teacher import SHIPPED, distribution_stats
+
+    trackers = tracking.parse_trackers(report_to)
+    tracking.check_installed(trackers)
 
     if build_teacher:
         from distill.demo.teacher import build_teacher as build
@@ -71,8 +76,13 @@ def main(out: Path, seeds: int = 3, serve: bool = False, build_teacher: bool = F
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the demo's models are tiny
     # The engine core in this process: a CPU engine starts in ~8 s instead of ~22 s.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # Tracked: every headline student is one run of the experiment `distill-demo`, all in `out`
+    # (TensorBoard: out/tensorboard/RUN; MLflow: out/mlflow.db), named by arm and seed.
+    tracked = [f"train.report_to={json.dumps(trackers)}", f"train.tracking_dir={out}", f"train.experiment={EXPERIMENT}",
+               "train.run_name=kd-seed0"] if trackers else []
     cfg = pipeline.load_config(CONFIG, [f"out={out}", f"teacher.model={SHIPPED}", f"student.model={STUDENT_INIT}",
-                                        f"prompts.train={PROMPTS / 'train.jsonl'}", f"prompts.eval={PROMPTS / 'eval.jsonl'}"])
+                                        f"prompts.train={PROMPTS / 'train.jsonl'}", f"prompts.eval={PROMPTS / 'eval.jsonl'}",
+                                        *tracked])
     pipeline.run(cfg)  # generate -> curate -> train (KD, seed 0) -> eval
     configs = pipeline.stage_configs(cfg)
     train_cfg, curated = configs["train"], Path(configs["train"].corpus)
@@ -83,10 +93,10 @@ def main(out: Path, seeds: int = 3, serve: bool = False, build_teacher: bool = F
         name = f"{ARMS[arm]}-seed{seed}" + (f"-n{n}" if n else "")
         init = STUDENT_INIT if seed == 0 else student_init(out / "students" / f"init-seed{seed}", seed)
         update = {"out": out / "students" / name, "alpha": train_cfg.alpha if arm == "student_kd" else 0.0,
-                  "seed": seed, "student": str(init), "resume": True}
-        if n is not None:  # the same number of epochs as the headline students
+                  "seed": seed, "student": str(init), "resume": True, "run_name": name}
+        if n is not None:  # the same number of epochs as the headline students; not tracked (the curve is in the report)
             update |= {"corpus": students.first_records(curated, n, out / "curve" / f"n{n}"),
-                       "max_steps": max(1, round(train_cfg.max_steps * n / n_curated))}
+                       "max_steps": max(1, round(train_cfg.max_steps * n / n_curated)), "report_to": []}
         return train_cfg.model_copy(update=update)
 
     headline = {arm: [out / "student" if (arm, s) == ("student_kd", 0) else Path(student(arm, s).out)
@@ -102,7 +112,9 @@ def main(out: Path, seeds: int = 3, serve: bool = False, build_teacher: bool = F
              | {n_curated: [greedy[p] for p in headline[arm]]} for arm in ARMS}
     arms = {arm: [student_metrics(p, out / "eval" if p == out / "student" else p / "eval", s)
                   for s, p in enumerate(paths)] for arm, paths in headline.items()}
-    report.summarise(out, arms, curve, distribution_stats(out / "corpus"), time.time() - start)
+    summary = report.summarise(out, arms, curve, distribution_stats(out / "corpus"), time.time() - start)
+    if trackers:
+        report.track(out, summary, trackers, EXPERIMENT)
     print((out / "report.md").read_text())
     chat(out / "student", configs["eval"], keep_serving=serve)
     return 0
