@@ -52,6 +52,7 @@ def _steps(pre_tokenizer: dict | None) -> tuple[tuple, ...]:
 
 
 def pre_tokenizer_name(tokenizer_json: dict, where: Path) -> str:
+    """llama.cpp's name for the pre-tokenizer of `tokenizer_json` (a tokenizer.json's content)."""
     steps = _steps(tokenizer_json.get("pre_tokenizer"))
     for name, known in PRE_TOKENIZERS.items():
         if steps == known:
@@ -72,18 +73,19 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int):
     returns the transformers tokenizer."""
     from transformers import AutoTokenizer
 
-    tokenizer_file = model_dir / "tokenizer.json"
-    if not tokenizer_file.is_file():
+    if not (model_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(f"`{model_dir}`: no tokenizer.json (a fast tokenizer): a GGUF file carries its "
                                 "tokenizer; save the student's tokenizer beside it (`tokenizer.save_pretrained`)")
-    tokenizer_json = json.loads(tokenizer_file.read_text(encoding="utf-8"))
-    model = tokenizer_json.get("model", {})
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # The tokenizer as transformers runs it, not tokenizer.json as stored: some classes rebuild
+    # parts (transformers 5's Qwen2Tokenizer always uses Qwen2's pre-tokenizer).
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = backend.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise ValueError(f"`{tokenizer_file}`: a {model.get('type')} tokenizer"
+        raise ValueError(f"`{model_dir}`: a {model.get('type')} tokenizer"
                          f"{' with byte fallback (SentencePiece-style)' if model.get('byte_fallback') else ''}; "
                          "distill exports byte-level BPE tokenizers (Llama 3, Qwen2, SmolLM) only")
-    pre = pre_tokenizer_name(tokenizer_json, tokenizer_file)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pre = pre_tokenizer_name(backend, model_dir)
     vocab = tokenizer.get_vocab()
     if len(vocab) > n_vocab:
         raise ValueError(f"`{model_dir}`: the tokenizer has {len(vocab)} tokens but the model only {n_vocab} embedding rows")
