@@ -14,7 +14,7 @@ from distill.cli import main
 from distill.config import ExportConfig, InitStudentConfig
 from distill.demo.teacher import SHIPPED as DEMO_TEACHER
 from distill.export.job import export
-from tests.helpers import PROMPTS, hf_model, one_line_error
+from tests.helpers import PROMPTS, hf_model, one_line_error, write_jsonl
 
 # Against the float32 student, f16 moves each of a position's 10 likeliest log-probs by up to 0.1 on the
 # tiny random test models (logits up to ~16; the demo teacher: 0.02). Exactly that much is the
@@ -203,3 +203,21 @@ def test_llama_cpp_runs_the_quantised_files_within_their_measured_cost(tmp_path)
         got = llama_cpp_logprobs(exported(tmp_path, DEMO_TEACHER, outtype), ids)
         assert kl(want, got) < bound, outtype
         assert (want.argmax(-1) == got.argmax(-1)).mean() >= 0.9, outtype
+
+
+def test_a_quantised_export_is_a_student_eval_takes(tmp_path, monkeypatch):
+    """`--student FILE.gguf` (eval, serve, train) resolves through distill.models: transformers
+    dequantises the q4_0 file to a float32 checkpoint, which predicts like the float model up to
+    q4_0's cost (bound: a few times what benchmarks/export.py measures in llama.cpp)."""
+    from distill.config import EvalConfig
+
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    path = exported(tmp_path, DEMO_TEACHER, "q4_0")
+    prompts = write_jsonl(tmp_path / "p.jsonl", PROMPTS)
+    cfg = EvalConfig(student=str(path), teacher=str(DEMO_TEACHER), prompts=prompts, out=tmp_path / "eval")
+    assert (Path(cfg.student) / "gguf-source.json").is_file()
+    _, ids = chat_ids(DEMO_TEACHER, PROMPTS[1]["messages"])
+    from transformers import AutoModelForCausalLM
+
+    got = logprobs(AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32).eval(), ids)
+    assert kl(float_logprobs(DEMO_TEACHER, ids), got) < 0.05
