@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from distill import files
 from distill.config import ExportConfig
+from distill.engine import check_model
 from distill.export import vocab, weights
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -59,6 +60,7 @@ def load_student(student: str):
         model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch.float32).merge_and_unload()
         base = Path(model.config.name_or_path)
         return model.eval(), path if (path / "tokenizer.json").is_file() else base
+    check_model(student, "student")  # not found, not a model directory, no tokenizer: one line each
     weights.family(AutoConfig.from_pretrained(path), path)  # refuse an unknown family before loading its weights
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), path
 
