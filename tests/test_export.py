@@ -136,6 +136,7 @@ def test_bad_inputs_are_one_line(tmp_path, tiny_models, capsys):
     other = tmp_path / "gpt2"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    shutil.copy(tiny_models["llama-student"] / "tokenizer.json", other)
     no_tokenizer = tmp_path / "no-tokenizer"
     no_tokenizer.mkdir()
     for name in ("config.json", "model.safetensors"):
