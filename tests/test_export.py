@@ -177,15 +177,24 @@ def llama_cpp_logprobs(path: Path, ids: list[int]) -> np.ndarray:
 @pytest.mark.edge
 @pytest.mark.parametrize("name", ["llama-student", "qwen2-student", "demo-teacher"])
 def test_llama_cpp_tokenises_the_chat_template_and_predicts_like_the_float_student(tmp_path, tiny_models, name):
-    """Three pre-tokenizers: the tiny Llama's GPT-2 split (llama.cpp `gpt-2`), Qwen2's regex
+    """The chat template inside the file renders (llama-cpp-python's Jinja) as transformers renders
+    the student's, and llama.cpp tokenises that text into the student's ids. Three pre-tokenizers: the tiny Llama's GPT-2 split (llama.cpp `gpt-2`), Qwen2's regex
     (transformers' Qwen2Tokenizer applies it to the tiny Qwen2: `qwen2`) and the demo teacher's
     digit-by-digit split (`smollm`)."""
     source = DEMO_TEACHER if name == "demo-teacher" else tiny_models[name]
     path = exported(tmp_path, source)
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
     llm = llama_cpp().Llama(str(path), n_ctx=512, n_threads=2, vocab_only=True, verbose=False)
     try:
+        # the template inside the file, as llama-cpp-python's chat completion renders it
+        render = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"], eos_token=tokenizer.eos_token,
+                                     bos_token=tokenizer.bos_token, add_generation_prompt=True)
         for prompt in [*PROMPTS, {"messages": [{"role": "user", "content": "Add 12345 and 678, then sort: 9 1 5!"}]}]:
             text, ids = chat_ids(source, prompt["messages"])
+            assert render(messages=prompt["messages"]).prompt == text
             assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
     finally:
         llm.close()
