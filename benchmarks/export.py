@@ -152,6 +152,11 @@ def main(argv: list[str] | None = None) -> list[Headline]:
     if args.speed:
         print(json.dumps(speed(args.speed, args.threads, args.prompt_tokens, args.gen_tokens)))
         return []
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:  # `make bench` without the extra: a row that says so
+        print("skipped: llama.cpp is not installed (pip install '.[edge]': llama-cpp-python, built from source)")
+        return [Headline("GGUF export in llama.cpp", "skipped", "needs the `edge` extra")]
     from distill.config import ExportConfig
     from distill.export.job import export
 
