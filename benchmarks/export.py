@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> list[Headline]:
     for outtype, r in results.items():
         teacher = f"{r['kl_teacher']:.5f}" if r["kl_teacher"] is not None else "-"
         print(f"{outtype:<{width}}{r['mib']:>9.2f}{r['prompt_tps']:>14,.0f}{r['gen_tps']:>11,.0f}{r['peak_rss_mib']:>14,.0f}"
-              f"{r['kl_student']:>13.5f}{teacher:>15}{r['top1']:>8.3f}{r['identical']:>12}/{r['prompts']}")
+              f"{r['kl_student']:>13.2e}{teacher:>15}{r['top1']:>8.3f}{r['identical']:>12}/{r['prompts']}")
     if refs and "teacher" in refs[0]:
         float_kl = np.mean(np.concatenate([kl(r["teacher"], r["student"]) for r in refs]))
         print(f"float32 student (transformers): KL to teacher {float_kl:.5f}")
