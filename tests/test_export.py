@@ -181,13 +181,14 @@ def test_llama_cpp_tokenises_the_chat_template_and_predicts_like_the_float_stude
     the student's, and llama.cpp tokenises that text into the student's ids. Three pre-tokenizers: the tiny Llama's GPT-2 split (llama.cpp `gpt-2`), Qwen2's regex
     (transformers' Qwen2Tokenizer applies it to the tiny Qwen2: `qwen2`) and the demo teacher's
     digit-by-digit split (`smollm`)."""
-    source = DEMO_TEACHER if name == "demo-teacher" else tiny_models[name]
-    path = exported(tmp_path, source)
+    llama = llama_cpp()  # skips without the runtime, before anything else imports it
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
     from transformers import AutoTokenizer
 
+    source = DEMO_TEACHER if name == "demo-teacher" else tiny_models[name]
+    path = exported(tmp_path, source)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    llm = llama_cpp().Llama(str(path), n_ctx=512, n_threads=2, vocab_only=True, verbose=False)
+    llm = llama.Llama(str(path), n_ctx=512, n_threads=2, vocab_only=True, verbose=False)
     try:
         # the template inside the file, as llama-cpp-python's chat completion renders it
         render = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"], eos_token=tokenizer.eos_token,
@@ -208,6 +209,7 @@ def test_llama_cpp_tokenises_the_chat_template_and_predicts_like_the_float_stude
 def test_llama_cpp_runs_the_quantised_files_within_their_measured_cost(tmp_path):
     """The demo teacher (a trained model, so its distributions are realistic): KL to the float
     model per position, bounds a few times what benchmarks/export.py measures."""
+    llama_cpp()
     _, ids = chat_ids(DEMO_TEACHER, PROMPTS[1]["messages"])
     want = float_logprobs(DEMO_TEACHER, ids)
     for outtype, bound in (("q8_0", 0.01), ("q4_0", 0.05)):
@@ -245,12 +247,13 @@ def test_smollm2_round_trips_through_distill_into_llama_cpp(tmp_path):
     from distill.demo.real import teacher_gguf
     from tests.helpers import CACHE
 
+    llama = llama_cpp()
     shipped = teacher_gguf()
     converted = models.convert_gguf(shipped, cache=CACHE)
     path = exported(tmp_path, converted)
     messages = [{"role": "user", "content": "Add 12345 and 678, then explain why the sky is blue in one sentence."}]
     text, ids = chat_ids(converted, messages)
-    llm = llama_cpp().Llama(str(path), vocab_only=True, verbose=False)
+    llm = llama.Llama(str(path), vocab_only=True, verbose=False)
     try:
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
     finally:
