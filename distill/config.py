@@ -369,6 +369,23 @@ class EvalConfig(TeacherJobConfig):
     overwrite: bool = Field(False, description="Discard answers in `out` made with other settings.")
 
 
+# The GGUF types `distill export` writes (docs/recipes/export.md: what each costs).
+GGUFType = Literal["f16", "q8_0", "q4_0"]
+
+
+class ExportConfig(StageConfig):
+    """`distill export`: the student as one GGUF file for llama.cpp / Ollama / LM Studio, with its
+    tokenizer, special tokens and chat template inside, and an Ollama Modelfile beside it."""
+
+    student: ModelPath = Field(description="Student model directory (`distill train` or `init-student` output; a LoRA "
+                               "adapter directory is merged into its base first), hub id or .gguf file.")
+    out: Path = Field(description="The GGUF file to write, e.g. student-q8_0.gguf (`NAME.Modelfile` goes beside it).")
+    format: Literal["gguf"] = Field("gguf", description="Output format.")
+    outtype: GGUFType = Field("f16", description="Weight type: f16 (lossless for a float16 model), q8_0 (8-bit "
+                              "blocks), q4_0 (4-bit blocks; the output layer stays q8_0).")
+    overwrite: bool = Field(False, description="Replace an existing `out`.")
+
+
 class ChatConfig(StageConfig):
     """`distill chat`: chat in the terminal with a served model (streaming, multi-turn)."""
 

@@ -63,6 +63,14 @@ def make_corpus(root, records, k=K, encoding=corpus.DEFAULT_ENCODING, vocab_size
     return root
 
 
+def one_line_error(capsys, command: str) -> str:
+    """The error: one line, the last one (a progress bar may come before it), no traceback."""
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if line.startswith(f"distill {command}: error: ")]
+    assert len(errors) == 1 and err.endswith(errors[0]) and "Traceback" not in err, err
+    return errors[0]
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     return path

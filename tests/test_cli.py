@@ -15,7 +15,7 @@ from distill.cli import COMMANDS, build_parser, main
 from distill.config import CurateConfig, EvalConfig, GenerateConfig, TrainConfig
 from tests.helpers import ROOT, make_corpus, record, write_jsonl
 
-DOCUMENTED_COMMANDS = ["generate", "score", "curate", "train", "eval", "serve", "chat", "run", "demo", "inspect"]
+DOCUMENTED_COMMANDS = ["generate", "score", "curate", "train", "eval", "export", "serve", "chat", "run", "demo", "inspect"]
 
 
 def test_help_lists_every_subcommand():
@@ -248,7 +248,7 @@ def test_engine_noise_is_off_unless_verbose(monkeypatch, tmp_path, flags, quiet)
 # One bad value per command with a config model: the field and the value the model refuses.
 BAD_VALUE = {"generate": ["--top-k", "0"], "score": ["--top-k", "0"], "curate": ["--batch-size", "0"],
              "init-student": ["--num-layers", "0"], "train": ["--alpha", "2"], "eval": ["--top-k", "0"],
-             "serve": ["--port", "-1"], "chat": ["--max-tokens", "0"]}
+             "serve": ["--port", "-1"], "chat": ["--max-tokens", "0"], "export": ["--out", "x.gguf"]}  # export: no --student
 
 
 @pytest.mark.parametrize("command", [name for name, (_, model, _) in COMMANDS.items() if model is not None])

@@ -15,15 +15,14 @@ import yaml
 
 from distill import corpus, files
 from distill.cli import main
-from tests.helpers import PROMPTS, ROOT, make_corpus, record, write_jsonl
-
-
-def one_line_error(capsys, command: str) -> str:
-    """The error: one line, the last one (a progress bar may come before it), no traceback."""
-    err = capsys.readouterr().err.strip()
-    errors = [line for line in err.splitlines() if line.startswith(f"distill {command}: error: ")]
-    assert len(errors) == 1 and err.endswith(errors[0]) and "Traceback" not in err, err
-    return errors[0]
+from tests.helpers import (
+    PROMPTS,
+    ROOT,
+    make_corpus,
+    one_line_error,
+    record,
+    write_jsonl,
+)
 
 
 def incomplete_corpus(root: Path, teacher: str = "t") -> Path:

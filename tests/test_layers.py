@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("generate", "curation", "train", "serve", "evaluation")
+STAGES = ("generate", "curation", "train", "serve", "evaluation", "export")
 APP = ("distill.cli", "distill.pipeline", "distill.inspect", "distill.demo")
 STAGE_MAY_IMPORT = {"evaluation": ("generate", "train")}  # docs/design.md: evaluation uses their functions
 SCRIPTS = ("benchmarks", "experiments")  # folders of scripts, not packages
