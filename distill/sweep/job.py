@@ -150,8 +150,11 @@ def _worker_process(parent: int, config: Path, overrides: list[str], out: Path, 
 def sweep(config: Path, out: Path, trials: int | None = None, parallel: int = 1, storage: str | None = None,
           overrides: list[str] = ()) -> Path:
     """Run the sweep of `config` into `out`; returns `out` (report.md, best.yaml, best-student)."""
+    import optuna
+
     from distill.sweep.report import write_outputs
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own line per trial
     plan = load_plan(config, out, overrides)
     if parallel < 1:
         raise ValueError(f"--parallel {parallel}: expected at least 1 worker process")
