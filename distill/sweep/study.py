@@ -137,8 +137,8 @@ def fail_dead_trials(study, storage) -> list[int]:
     study_id = storage.get_study_id_from_name(study.study_name)
     for t in dead:
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-        storage.set_trial_state_values(trial_id, TrialState.FAIL)
         storage.set_trial_user_attr(trial_id, "failure", "its worker died (killed?) before it finished")
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
     return [t.number for t in dead]
 
 
