@@ -164,3 +164,52 @@ def test_several_worker_processes_share_one_study(sweep_config, tmp_path):
     workers = {t.user_attrs["worker"]["pid"] for t in trials}
     assert len(workers) == 2, workers  # both processes ran trials on the one SQLite study
     assert done.stdout.strip() == str(out)
+
+
+@pytest.fixture
+def postgres():
+    """A real PostgreSQL server for this test (Debian's postgresql package: initdb + pg_ctl, run as
+    the `postgres` user when the tests run as root; trust authentication on 127.0.0.1)."""
+    import shutil
+    import socket
+    import tempfile
+    from pathlib import Path
+
+    pytest.importorskip("psycopg2", reason="the PostgreSQL driver (pip install psycopg2-binary) is not installed")
+    if shutil.which("initdb") is None or shutil.which("pg_ctl") is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    root = Path(tempfile.mkdtemp(prefix="distill-pg-"))
+    if as_postgres:
+        shutil.chown(root, "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = root / "db"
+    subprocess.run([*as_postgres, "initdb", "-D", str(db), "-A", "trust", "-U", "distill"], check=True,
+                   capture_output=True)
+    subprocess.run([*as_postgres, "pg_ctl", "-D", str(db), "-l", str(root / "log"), "-w", "-o",
+                    f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg2://distill@127.0.0.1:{port}/postgres"  # SQLAlchemy 2.1 defaults to psycopg 3
+    finally:
+        subprocess.run([*as_postgres, "pg_ctl", "-D", str(db), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_sweeps_on_one_postgresql_study_share_the_budget(sweep_config, tmp_path, postgres):
+    """Two `distill sweep` commands, each with its own directory (as on two machines), on one study."""
+    import optuna
+
+    config, env = sweep_config(trials=4), {**os.environ, "PYTHONPATH": str(ROOT)}
+    machines = [subprocess.Popen(sweep_command(config, tmp_path / name, "--storage", postgres), stderr=subprocess.PIPE,
+                                 text=True, cwd=ROOT, env=env) for name in ("a", "b")]
+    errors = [m.communicate()[1] for m in machines]
+    assert [m.returncode for m in machines] == [0, 0], errors
+    trials = optuna.load_study(study_name="distill-sweep", storage=postgres).trials
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert 4 <= len(finished) <= 5 and len(finished) == len(trials)
+    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both commands ran trials
+    ran_in = {name: sorted(p.name for p in (tmp_path / name / "trials").glob("trial-*") if p.is_dir()) for name in "ab"}
+    assert ran_in["a"] and ran_in["b"] and not set(ran_in["a"]) & set(ran_in["b"]), ran_in  # each trial ran once
