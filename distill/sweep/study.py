@@ -13,21 +13,15 @@ import hashlib
 import json
 import os
 import socket
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from distill import files
 from distill.config import (
-    EvalConfig,
-    GenerateConfig,
     RunConfig,
     SweepSection,
-    TrainConfig,
     format_validation_error,
     load_yaml,
 )

@@ -19,7 +19,13 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from distill.config import EvalConfig, SearchRange, SweepSection, TrainConfig, is_int_field
+from distill.config import (
+    EvalConfig,
+    SearchRange,
+    SweepSection,
+    TrainConfig,
+    is_int_field,
+)
 
 # The trial's student, under the sweep directory.
 TRIALS = "trials"
