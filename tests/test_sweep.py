@@ -213,3 +213,17 @@ def test_two_sweeps_on_one_postgresql_study_share_the_budget(sweep_config, tmp_p
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both commands ran trials
     ran_in = {name: sorted(p.name for p in (tmp_path / name / "trials").glob("trial-*") if p.is_dir()) for name in "ab"}
     assert ran_in["a"] and ran_in["b"] and not set(ran_in["a"]) & set(ran_in["b"]), ran_in  # each trial ran once
+
+
+def test_the_demo_sweep_judges_on_prompts_apart_from_the_demo_eval_prompts():
+    """examples/sweep-demo.yaml picks its winner on validation.jsonl; eval.jsonl stays for comparing it after."""
+    import json
+
+    from distill.demo.run import PROMPTS
+
+    def texts(name: str) -> list[str]:
+        return [json.loads(line)["messages"][-1]["content"] for line in (PROMPTS / name).read_text().splitlines()]
+
+    validation = texts("validation.jsonl")
+    assert len(set(validation)) == 300 and not set(validation) & set(texts("eval.jsonl")) \
+        and not set(validation) & set(texts("train.jsonl"))
