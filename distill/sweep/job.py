@@ -54,7 +54,8 @@ def prepare(plan: SweepPlan, out: Path) -> Inputs:
     if sweep.corpus:
         train_cfg = train_cfg.model_copy(update={"corpus": sweep.corpus})
     else:
-        pipeline.run(plan.run, until="curate", log=lambda line: print(f"[sweep] {line}", file=sys.stderr, flush=True))
+        pipeline.run(plan.run, until="curate", log=lambda text: print(
+            "\n".join(f"[sweep] {line}" for line in text.splitlines()), file=sys.stderr, flush=True))
     prompts = sweep.prompts or plan.run.prompts.eval
     held_out = sweep.held_out or held_out_answers(eval_cfg, prompts, Path(out) / HELD_OUT)
     ids = frozenset(corpus.read_table(held_out, columns=["prompt_id"]).column("prompt_id").to_pylist())
@@ -121,11 +122,12 @@ def work(plan: SweepPlan, out: Path, url: str, inputs: Inputs, budget: int, dead
         trial.set_user_attr(WORKER_ATTR, worker_identity())
         return run_trial(trial, inputs.train, inputs.eval, inputs.held_out, plan.sweep, out).value
 
+    mine: list = []  # this worker's finished trials (other workers' finish in between)
     while counted(study) < budget and (deadline is None or time.time() < deadline):
         # FloatingPointError: the trial's settings diverged (train refuses a non-finite loss): a failed trial.
-        study.optimize(objective, n_trials=1, catch=(FloatingPointError,), callbacks=[progress])
-        last = study.trials[-1] if study.trials else None
-        failures = failures + 1 if last is not None and last.state == optuna.trial.TrialState.FAIL else 0
+        study.optimize(objective, n_trials=1, catch=(FloatingPointError,),
+                       callbacks=[progress, lambda _, trial: mine.append(trial)])
+        failures = failures + 1 if mine and mine[-1].state == optuna.trial.TrialState.FAIL else 0
         if failures >= MAX_FAILURES_IN_A_ROW:
             raise RuntimeError(f"{failures} trials in a row failed (their errors are above): check the search space")
 
