@@ -162,7 +162,7 @@ def test_several_worker_processes_share_one_study(sweep_config, tmp_path):
     # each worker checks the budget before asking for a trial: at most P - 1 more may start at once
     assert 4 <= len(finished) <= 5 and len(finished) == len(trials)
     workers = {t.user_attrs["worker"]["pid"] for t in trials}
-    assert len(workers) == 2, workers  # both processes ran trials on the one SQLite study
+    assert len(workers) == 2, workers  # both processes ran trials on the one SQLite study (they start together)
     assert done.stdout.strip() == str(out)
 
 
@@ -210,9 +210,11 @@ def test_two_sweeps_on_one_postgresql_study_share_the_budget(sweep_config, tmp_p
     trials = optuna.load_study(study_name="distill-sweep", storage=postgres).trials
     finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert 4 <= len(finished) <= 5 and len(finished) == len(trials)
-    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both commands ran trials
-    ran_in = {name: sorted(p.name for p in (tmp_path / name / "trials").glob("trial-*") if p.is_dir()) for name in "ab"}
-    assert ran_in["a"] and ran_in["b"] and not set(ran_in["a"]) & set(ran_in["b"]), ran_in  # each trial ran once
+    assert all("trials counted" in e for e in errors)  # both joined the one study
+    # Each trial ran in exactly one of the two directories. (Both commands usually run trials, but one
+    # that starts late may find the budget spent: the two are started alike, with no barrier between them.)
+    ran_in = {name: {p.name for p in (tmp_path / name / "trials").glob("trial-*") if p.is_dir()} for name in "ab"}
+    assert not ran_in["a"] & ran_in["b"] and ran_in["a"] | ran_in["b"] == {f"trial-{t.number:04d}" for t in trials}
 
 
 def test_the_demo_sweep_judges_on_prompts_apart_from_the_demo_eval_prompts():

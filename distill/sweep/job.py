@@ -104,9 +104,10 @@ def progress(study, trial) -> None:
 
 
 def work(plan: SweepPlan, out: Path, url: str, inputs: Inputs, budget: int, deadline: float | None,
-         worker: int = 0, threads: int | None = None) -> None:
+         worker: int = 0, threads: int | None = None, ready=None) -> None:
     """One worker: ask the study for trials and run them until `budget` trials count (all
-    workers together) or the deadline passes."""
+    workers together) or the deadline passes. `ready`: a barrier the sibling workers wait at, so
+    that none takes the first trials while the others are still starting."""
     import optuna
 
     if threads:
@@ -117,6 +118,8 @@ def work(plan: SweepPlan, out: Path, url: str, inputs: Inputs, budget: int, dead
     storage = open_storage(url)
     study = open_study(plan, storage, seed=plan.sweep.seed + 1000 * worker + len(study_trials(storage, plan)))
     failures = 0
+    if ready is not None:
+        ready.wait()
 
     def objective(trial) -> float:
         trial.set_user_attr(WORKER_ATTR, worker_identity())
@@ -180,8 +183,10 @@ def sweep(config: Path, out: Path, trials: int | None = None, parallel: int = 1,
         else:
             threads = max(1, (os.cpu_count() or 1) // parallel)
             context = get_context("spawn")
+            ready = context.Barrier(parallel)
             workers = [context.Process(target=_worker_process, args=(os.getpid(), config, list(overrides), out, url, inputs,
-                                                                       budget, deadline, i, threads)) for i in range(parallel)]
+                                                                       budget, deadline, i, threads, ready))
+                       for i in range(parallel)]
             for w in workers:
                 w.start()
             for w in workers:

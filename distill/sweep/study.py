@@ -66,13 +66,21 @@ def storage_url(out: Path, storage: str | None) -> str:
     return storage or f"sqlite:///{Path(out).resolve() / STUDY_DB}"
 
 
-def open_storage(url: str):
+def open_storage(url: str, tries: int = 3):
     import optuna
+    from sqlalchemy.exc import IntegrityError
 
     if url.startswith("sqlite"):  # several local processes write it: wait for the lock instead of failing
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
-    # Workers on other machines: a trial whose worker stops beating for 3 minutes is failed.
-    return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+    try:
+        # Workers on other machines: a trial whose worker stops beating for 3 minutes is failed.
+        return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+    except IntegrityError:
+        # Two workers creating Optuna's tables in an empty database at once: the later one's
+        # CREATE collides with the earlier one's (PostgreSQL); by the next try the tables exist.
+        if tries <= 1:
+            raise
+        return open_storage(url, tries - 1)
 
 
 def settings_hash(plan: SweepPlan) -> str:
