@@ -3,9 +3,12 @@ study until `trials` have finished, then the report, `best.yaml` and the best st
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -104,10 +107,12 @@ def progress(study, trial) -> None:
 
 
 def work(plan: SweepPlan, out: Path, url: str, inputs: Inputs, budget: int, deadline: float | None,
-         worker: int = 0, threads: int | None = None, ready=None) -> None:
+         worker: int = 0, threads: int | None = None, ready=None, ask_lock=None) -> None:
     """One worker: ask the study for trials and run them until `budget` trials count (all
-    workers together) or the deadline passes. `ready`: a barrier the sibling workers wait at, so
-    that none takes the first trials while the others are still starting."""
+    workers together) or the deadline passes. With sibling worker processes: `ready`, a barrier
+    they all wait at, so that none takes the first trials while the others still start, and
+    `ask_lock`, held while asking for a trial (SQLite cannot lock rows: two workers could otherwise
+    both claim the same queued `start_with` trial)."""
     import optuna
 
     if threads:
@@ -117,22 +122,63 @@ def work(plan: SweepPlan, out: Path, url: str, inputs: Inputs, budget: int, dead
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(url)
     study = open_study(plan, storage, seed=plan.sweep.seed + 1000 * worker + len(study_trials(storage, plan)))
+    study_id = storage.get_study_id_from_name(study.study_name)
     failures = 0
     if ready is not None:
         ready.wait()
-
-    def objective(trial) -> float:
-        trial.set_user_attr(WORKER_ATTR, worker_identity())
-        return run_trial(trial, inputs.train, inputs.eval, inputs.held_out, plan.sweep, out).value
-
-    mine: list = []  # this worker's finished trials (other workers' finish in between)
     while counted(study) < budget and (deadline is None or time.time() < deadline):
-        # FloatingPointError: the trial's settings diverged (train refuses a non-finite loss): a failed trial.
-        study.optimize(objective, n_trials=1, catch=(FloatingPointError,),
-                       callbacks=[progress, lambda _, trial: mine.append(trial)])
-        failures = failures + 1 if mine and mine[-1].state == optuna.trial.TrialState.FAIL else 0
+        optuna.storages.fail_stale_trials(study)  # trials of workers elsewhere that stopped beating (shared databases)
+        with ask_lock or contextlib.nullcontext():
+            trial = study.ask()
+        trial.set_user_attr(WORKER_ATTR, worker_identity())
+        with heartbeat(storage, storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)):
+            finished = run_and_tell(study, trial, plan, inputs, out)
+        progress(study, finished)
+        failures = failures + 1 if finished.state == optuna.trial.TrialState.FAIL else 0
         if failures >= MAX_FAILURES_IN_A_ROW:
             raise RuntimeError(f"{failures} trials in a row failed (their errors are above): check the search space")
+
+
+def run_and_tell(study, trial, plan: SweepPlan, inputs: Inputs, out: Path):
+    """Run the trial and record how it ended; returns it as the study now holds it."""
+    import optuna
+    from optuna.trial import TrialState
+
+    try:
+        value = run_trial(trial, inputs.train, inputs.eval, inputs.held_out, plan.sweep, out).value
+    except optuna.TrialPruned:
+        return study.tell(trial, state=TrialState.PRUNED)
+    except FloatingPointError as e:  # the trial's settings diverged (train refuses a non-finite loss): a failed trial
+        trial.set_user_attr("failure", str(e))
+        return study.tell(trial, state=TrialState.FAIL)
+    except BaseException as e:  # anything else (Ctrl-C included) fails the trial and stops the sweep
+        trial.set_user_attr("failure", f"{type(e).__name__}: {e}")
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    return study.tell(trial, value)
+
+
+@contextlib.contextmanager
+def heartbeat(storage, trial_id: int) -> Iterator[None]:
+    """While a trial runs, record its heartbeat (storages with one: those shared by machines), so
+    that a worker elsewhere fails it if this one dies."""
+    if storage.get_heartbeat_interval() is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            storage.record_heartbeat(trial_id)
+            stop.wait(storage.get_heartbeat_interval())
+
+    thread = threading.Thread(target=beat, name="distill-sweep-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def study_trials(storage, plan: SweepPlan) -> list:
@@ -183,9 +229,9 @@ def sweep(config: Path, out: Path, trials: int | None = None, parallel: int = 1,
         else:
             threads = max(1, (os.cpu_count() or 1) // parallel)
             context = get_context("spawn")
-            ready = context.Barrier(parallel)
+            ready, ask_lock = context.Barrier(parallel), context.Lock()
             workers = [context.Process(target=_worker_process, args=(os.getpid(), config, list(overrides), out, url, inputs,
-                                                                       budget, deadline, i, threads, ready))
+                                                                       budget, deadline, i, threads, ready, ask_lock))
                        for i in range(parallel)]
             for w in workers:
                 w.start()
