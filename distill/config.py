@@ -481,3 +481,117 @@ def format_validation_error(err: ValidationError, source: str = "") -> str:
         message = str(e["ctx"]["error"]) if e["type"] == "value_error" and "error" in e.get("ctx", {}) else e["msg"]
         lines.append(f"{source}`{where}`: {message}" if where else f"{source}{message}")
     return "\n".join(lines)
+
+
+# What a sweep trial is judged on, declared once: teacher-forced KL(teacher || student) per token
+# and top-1 agreement on the teacher's answers to held-out prompts (what `distill eval` reports as
+# fidelity), or the mean of the eval section's `scorer` over the student's own answers.
+SweepMeasure = Literal["kl", "top1_agreement", "score"]
+MINIMISED_MEASURES = ("kl",)
+# Train fields a sweep may not search: where things are and how training is launched, not what it computes.
+NOT_SEARCHABLE = {"overwrite", "allow_incomplete", "teacher_endpoint", "teacher_api_key", *LAUNCH_FIELDS}
+
+
+class SearchRange(BaseModel):
+    """A numeric range of a train field: `{low: 0.1, high: 0.9}`; `log: true` samples on a log
+    scale; `step` rounds to a grid (an int field always steps by at least 1)."""
+
+    model_config = ConfigDict(extra="forbid")
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+
+
+class SweepSection(StageConfig):
+    """`distill sweep`: the search space over `train` fields, the objective and the budget. The
+    rest of the file is a `distill run` config: its corpus is generated and curated once, then
+    every trial trains a student with the train section plus the trial's values."""
+
+    space: dict[str, SearchRange | list[Any]] = Field(
+        description="Train field -> a list of choices (`loss: [forward_kl, jsd]`) or a range (`alpha: {low: 0, high: 1}`, "
+        "with `log: true`, `step: N`).")
+    objective: SweepMeasure = Field("kl", description="What a trial is judged on: `kl` (teacher-forced KL(teacher || "
+                                    "student) per token on the teacher's answers to `prompts`), `top1_agreement` (on the "
+                                    "same), `score` (mean of `eval.scorer` over the student's greedy answers; not pruned).")
+    direction: Literal["minimize", "maximize"] | None = Field(
+        None, description="Default: minimize `kl`, maximize the others.")
+    trials: int = Field(20, ge=1, description="Trials to finish (completed + pruned; failed ones do not count), all "
+                        "workers and reruns together.")
+    timeout_minutes: float | None = Field(None, gt=0, description="Start no trial after this many minutes of this run.")
+    prompts: Path | None = Field(None, description="Held-out prompts the trials are judged on (default: `prompts.eval`; "
+                                 "keep a separate file to compare the winner on `prompts.eval` afterwards unbiased).")
+    held_out: Path | None = Field(None, description="Existing teacher corpus of `prompts` (the teacher's answers) "
+                                  "instead of generating one.")
+    corpus: Path | None = Field(None, description="Existing curated training corpus instead of generating and curating "
+                                "one (then no teacher engine starts unless `held_out` is missing).")
+    pruner: Literal["median", "none"] = Field("median", description="`median`: stop a trial whose held-out value at a "
+                                              "report is worse than the median of earlier trials at that step.")
+    pruner_startup_trials: int = Field(3, ge=0, description="Trials that finish before the pruner stops any.")
+    report_every: int = Field(100, ge=1, description="Training steps between held-out reports (what the pruner judges).")
+    startup_trials: int | None = Field(None, ge=1, description="Random trials before TPE samples from what it learnt "
+                                       "(default: half of `trials`, at least 1, at most 10).")
+    seed: int = Field(0, description="Seed of the sampler.")
+    study: str = Field("distill-sweep", description="Study name in the storage (several sweeps can share a database).")
+    start_with: list[dict[str, Any]] = Field(
+        default_factory=list, description="Trials to run first, each a mapping of space fields to values (e.g. the "
+        "train section's own values, as a baseline).")
+
+    @model_validator(mode="after")
+    def _check_space(self) -> SweepSection:
+        if not self.space:
+            raise ValueError("`space` is empty: name at least one train field to search, e.g. `alpha: {low: 0, high: 1}`")
+        for name, values in self.space.items():
+            check_search_field(name, values)
+        for i, trial in enumerate(self.start_with):
+            unknown = sorted(set(trial) - set(self.space))
+            if unknown:
+                raise ValueError(f"`start_with.{i}.{unknown[0]}`: not in `space` ({', '.join(self.space)})")
+            for name, value in trial.items():
+                _check_train_value(f"start_with.{i}.{name}", name, value)
+        return self
+
+    @property
+    def maximise(self) -> bool:
+        return (self.direction or ("minimize" if self.objective in MINIMISED_MEASURES else "maximize")) == "maximize"
+
+
+def searchable_fields() -> list[str]:
+    return [name for name in TrainFields.model_fields if name not in NOT_SEARCHABLE]
+
+
+def is_int_field(name: str) -> bool:
+    annotation = TrainFields.model_fields[name].annotation
+    return annotation is int or annotation == (int | None)
+
+
+def _check_train_value(where: str, name: str, value: Any) -> None:
+    try:
+        TrainFields(**{name: value})
+    except ValidationError as e:
+        raise ValueError(f"`{where}`: {value!r}: {e.errors()[0]['msg']}") from None
+
+
+def check_search_field(name: str, values: SearchRange | list[Any]) -> None:
+    """One search dimension: a searchable train field, choices or a non-empty range its field accepts."""
+    where = f"space.{name}"
+    if name not in TrainFields.model_fields or name in NOT_SEARCHABLE:
+        raise ValueError(f"`{where}`: not a train field a sweep can search (one of {', '.join(searchable_fields())})")
+    if isinstance(values, list):
+        if not values:
+            raise ValueError(f"`{where}`: no choices: give at least one value")
+        for value in values:
+            _check_train_value(where, name, value)
+        return
+    annotation = TrainFields.model_fields[name].annotation
+    if annotation not in (int, float) and annotation not in (int | None, float | None):
+        raise ValueError(f"`{where}`: `{name}` is not numeric: give a list of choices")
+    if not values.low < values.high:
+        raise ValueError(f"`{where}`: empty range (low {values.low} is not below high {values.high})")
+    if values.log and values.low <= 0:
+        raise ValueError(f"`{where}`: a log range needs low > 0 (got {values.low})")
+    if is_int_field(name) and (values.low != int(values.low) or values.high != int(values.high)):
+        raise ValueError(f"`{where}`: `{name}` is an integer: give integer bounds")
+    for bound in ("low", "high"):
+        value = getattr(values, bound)
+        _check_train_value(f"{where}.{bound}", name, int(value) if is_int_field(name) else value)

@@ -10,6 +10,7 @@ hash of every stage after it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -55,6 +56,12 @@ def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
     data = load_yaml(path) or {}
     if not isinstance(data, dict):
         raise ValueError(f"`{path}`: expected a YAML mapping with sections {', '.join(RunConfig.model_fields)}")
+    return config_from_data(apply_overrides(data, overrides), path)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """A copy of the config data with each `section.key=value` set."""
+    data = copy.deepcopy(data)
     for item in overrides:
         key, eq, value = item.partition("=")
         if not eq:
@@ -67,6 +74,11 @@ def load_config(path: Path, overrides: list[str] = ()) -> RunConfig:
             node[leaf] = yaml.safe_load(value)
         except yaml.YAMLError as e:
             raise ValueError(f"override {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
+    return data
+
+
+def config_from_data(data: dict, path: Path) -> RunConfig:
+    """The run config of YAML data read from `path` (`distill sweep` takes its `sweep` section out first)."""
     try:
         cfg = RunConfig(**data)
         stage_configs(cfg)  # the stages' own cross-field checks, before anything runs
@@ -163,9 +175,11 @@ def stage_hashes(configs: dict[str, StageConfig]) -> dict[str, str]:
     return hashes
 
 
-def run(cfg: RunConfig, only: str | None = None, start_from: str | None = None, log=print) -> dict[str, dict]:
-    """Run the stages; returns the per-stage state (`status`: ran / resumed / skipped)."""
-    for name, value in (("--only", only), ("--from", start_from)):
+def run(cfg: RunConfig, only: str | None = None, start_from: str | None = None, log=print,
+        until: str | None = None) -> dict[str, dict]:
+    """Run the stages (`until`: stop after that one, e.g. `curate` for a sweep's corpus); returns
+    the per-stage state (`status`: ran / resumed / skipped)."""
+    for name, value in (("--only", only), ("--from", start_from), ("until", until)):
         if value is not None and value not in STAGES:
             raise ValueError(f"{name} {value!r}: expected one of {', '.join(STAGES)}")
     # Everything a user can get wrong fails here, before the run directory or run.json is written.
@@ -174,10 +188,10 @@ def run(cfg: RunConfig, only: str | None = None, start_from: str | None = None, 
     check_model(cfg.teacher.model, "teacher.model")
     check_model(cfg.student.model, "student.model")
     with files.exclusive(cfg.out):
-        return _run(cfg, only, start_from, log)
+        return _run(cfg, only, start_from, log, until)
 
 
-def _run(cfg: RunConfig, only: str | None, start_from: str | None, log) -> dict[str, dict]:
+def _run(cfg: RunConfig, only: str | None, start_from: str | None, log, until: str | None = None) -> dict[str, dict]:
     out = Path(cfg.out)
     configs = stage_configs(cfg)
     hashes = stage_hashes(configs)
@@ -185,6 +199,8 @@ def _run(cfg: RunConfig, only: str | None, start_from: str | None, log) -> dict[
     previous = json.loads(state_path.read_text())["stages"] if state_path.exists() else {}
     state = {"config": provenance(cfg), "versions": versions(), "stages": dict(previous)}
     selected = [only] if only else list(STAGES[STAGES.index(start_from):] if start_from else STAGES)
+    if until:
+        selected = selected[:selected.index(until) + 1] if until in selected else []
     forced = set(selected) if only or start_from else set()
 
     def save() -> None:

@@ -19,12 +19,19 @@ def fidelity(student: str, corpus_dir: Path, engine: EngineConfig, prompt_ids: s
     """KL(teacher || student), top-1 agreement and NLL per token of the teacher's answers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    manifest = corpus.read_manifest(corpus_dir)
     gpu = torch.cuda.is_available()
     load = dict(revision=engine.revision, trust_remote_code=engine.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(student, **load)
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.bfloat16 if gpu else torch.float32, **load)
     model = model.to("cuda" if gpu else "cpu")
+    records, collator = scoring_inputs(corpus_dir, tokenizer, model, prompt_ids)
+    return teacher_forced(model, records, collator, batch_size)
+
+
+def scoring_inputs(corpus_dir: Path, tokenizer, model, prompt_ids: set[str] | None = None) -> tuple[list[dict], DistillCollator]:
+    """The teacher's answers `model` is scored along, and their collator: what `fidelity` reads
+    (`distill sweep` scores its students in training on the same, for its pruner)."""
+    manifest = corpus.read_manifest(corpus_dir)
     records = [r for r in corpus.iter_records(corpus_dir) if prompt_ids is None or r["prompt_id"] in prompt_ids]
     if not records:
         raise ValueError(f"`{corpus_dir}` holds no teacher responses to the evaluation prompts")
@@ -34,4 +41,4 @@ def fidelity(student: str, corpus_dir: Path, engine: EngineConfig, prompt_ids: s
     records = [r for r in records if trainable(r, max_length)]
     collator = DistillCollator(pad_token_id=pad_token_id(tokenizer), max_length=max_length,
                                top_k=manifest.generation.top_k)
-    return teacher_forced(model, records, collator, batch_size)
+    return records, collator

@@ -101,8 +101,13 @@ SHIPPED_CONFIGS = sorted((ROOT / "examples").glob("*.yaml")) + sorted((ROOT / "d
 
 
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
-def test_shipped_configs_validate(path):
-    if isinstance(yaml.safe_load(path.read_text()).get("teacher"), dict):  # a `distill run` config
+def test_shipped_configs_validate(path, tmp_path):
+    if "sweep" in yaml.safe_load(path.read_text()):  # a `distill sweep` config: a run config plus its search
+        from distill.curation.pipeline import build_filters
+        from distill.sweep.study import load_plan
+
+        build_filters(load_plan(path, tmp_path).run.curate.filters)
+    elif isinstance(yaml.safe_load(path.read_text()).get("teacher"), dict):  # a `distill run` config
         from distill.curation.pipeline import build_filters
         from distill.pipeline import load_config
 

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -219,14 +220,16 @@ def check_launch(gpu: bool, lora: bool) -> None:
                          "partitioned model): train with --no-lora, or launch LoRA with examples/accelerate/ddp.yaml or fsdp.yaml")
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
+    """`callbacks`: more `transformers.TrainerCallback`s for this run (`distill sweep` reports held-out
+    scores to its pruner from one; an exception one raises stops training, nothing is saved)."""
     check_launch(torch.cuda.is_available(), cfg.lora)
     tracking.check_installed(cfg.report_to)
     # Under torchrun every rank writes into `out`: the first one holds it for all of them.
     first_rank = int(os.environ.get("RANK", "0")) == 0
     with files.exclusive(cfg.out) if first_rank else contextlib.nullcontext():
         try:
-            return _train(cfg)
+            return _train(cfg, callbacks)
         except Exception as e:
             if files.is_disk_full(e, cfg.out):  # else a serializer traceback that never names disk space
                 raise files.DiskFull(f"no space left on device writing `{cfg.out}`; free space and rerun the same "
@@ -234,7 +237,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             raise
 
 
-def _train(cfg: TrainConfig) -> TrainResult:
+def _train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]) -> TrainResult:
     start = time.time()
     manifest = corpus.read_manifest(cfg.corpus)
     corpus.check_complete(cfg.corpus, manifest, cfg.allow_incomplete)
@@ -250,7 +253,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
         data = prepare_training_data(cfg.corpus, cfg.max_length, scratch)
         if data.skipped:
             print(f"skipped {data.skipped} records whose prompt fills max_length {cfg.max_length}")
-        return _fit(cfg, manifest, data, resume, start, continues_run=resume is not None and continues_run)
+        return _fit(cfg, manifest, data, resume, start, callbacks,
+                    continues_run=resume is not None and continues_run)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         with contextlib.suppress(OSError):  # another process's data may still be there
@@ -258,7 +262,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
 
 
 def _fit(cfg: TrainConfig, manifest: corpus.Manifest, data: TrainingData, resume: Path | None,
-         start: float, continues_run: bool = False) -> TrainResult:
+         start: float, callbacks: Sequence[TrainerCallback] = (), continues_run: bool = False) -> TrainResult:
     """Train on the prepared records, from `resume` (a checkpoint) or from step 0; `continues_run`:
     in the tracked run the checkpoint's run logged to."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -301,7 +305,7 @@ def _fit(cfg: TrainConfig, manifest: corpus.Manifest, data: TrainingData, resume
     trainer = DistillTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                              processing_class=tokenizer, data_collator=collator, peft_config=peft_config,
                              callbacks=[JsonlMetrics(out / "metrics.jsonl"), MarkCompleteCheckpoints(), StopOnNonFinite(),
-                                        *trainer_callbacks(run)],
+                                        *trainer_callbacks(run), *callbacks],
                              distill=cfg, teacher=teacher)
     initial = held_out_metrics(trainer, eval_data, collator, cfg) if eval_data else {}
     try:

@@ -42,7 +42,19 @@ def build_inputs(seed: int = 0) -> None:
     system prompts: shorter sequences, so each training step costs about a third less."""
     skills.write_prompts(PROMPTS / "train.jsonl", "distill", N_TRAIN, seed, system_prompts=False)
     skills.write_prompts(PROMPTS / "eval.jsonl", "eval", N_EVAL, seed + 1, system_prompts=False)
+    validation_prompts(seed + 2)
     student_init(STUDENT_INIT, seed)
+
+
+def validation_prompts(seed: int) -> Path:
+    """`distill sweep`'s held-out prompts (examples/sweep-demo.yaml): the eval split's skills with
+    other payloads, none a prompt of eval.jsonl, which stays unseen for comparing the winner after."""
+    path = PROMPTS / "validation.jsonl"
+    taken = {json.loads(line)["messages"][-1]["content"] for line in (PROMPTS / "eval.jsonl").open()}
+    drawn = skills.write_prompts(path, "eval", N_EVAL + 50, seed, system_prompts=False).read_text().splitlines()
+    kept = [line for line in drawn if json.loads(line)["messages"][-1]["content"] not in taken][:N_EVAL]
+    path.write_text("\n".join(kept) + "\n")
+    return path
 
 
 def student_init(out: Path, seed: int) -> Path:
