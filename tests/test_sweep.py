@@ -121,6 +121,27 @@ def test_a_pruned_trial_is_recorded_as_pruned(sweep_config, tmp_path):
     assert "| 1 | pruned |" in (out / "report.md").read_text()
 
 
+def test_each_trial_is_one_tracked_run_of_the_sweeps_experiment(sweep_config, tmp_path):
+    """With `report_to` in the train section, every trial is a run of one MLflow experiment (the
+    study's name) in one store (the sweep's): its settings, its state and its held-out measures."""
+    from mlflow.tracking import MlflowClient
+
+    path = sweep_config(pruner="median", pruner_startup_trials=1)
+    data = yaml.safe_load(open(path))
+    data["train"]["report_to"] = ["mlflow"]
+    open(path, "w").write(yaml.safe_dump(data))
+    out = sweep(path, tmp_path / "s")
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("distill-sweep")
+    runs = {run.info.run_name: run.data for run in client.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == ["trial-0000", "trial-0001"]
+    complete, pruned = runs["trial-0000"], runs["trial-0001"]
+    assert (complete.tags["sweep.state"], pruned.tags["sweep.state"]) == ("complete", "pruned")
+    assert complete.params["distill.learning_rate"] == str(FAST) and pruned.params["distill.learning_rate"] == str(FROZEN)
+    assert complete.metrics["sweep/kl"] == pytest.approx(load_study(out).trials[0].value)
+    assert "sweep/kl" not in pruned.metrics
+
+
 def sweep_command(config: str, out, *flags: str) -> list[str]:
     return [sys.executable, "-m", "distill.cli", "sweep", config, "--out", str(out), *flags]
 

@@ -85,7 +85,7 @@ def held_out_answers(eval_cfg: EvalConfig, prompts: Path, out: Path) -> Path:
 
 def progress(study, trial) -> None:
     """One line per finished trial: its value and the best so far (stderr, as all progress). The
-    one place that sees every finished trial: recording each as a tracked run goes here."""
+    one place that sees every finished trial."""
     from optuna.trial import TrialState
 
     name = study.user_attrs.get("objective", "value")

@@ -99,6 +99,8 @@ def run_trial(trial, base: TrainConfig, eval_cfg: EvalConfig, held_out: HeldOut,
               out: Path) -> TrialResult:
     """Train and score the trial's student in `out/trials/trial-NNNN`; its value is returned (and
     its measures stored on the trial)."""
+    import optuna
+
     from distill.train.trainer import train
 
     start = time.time()
@@ -106,25 +108,51 @@ def run_trial(trial, base: TrainConfig, eval_cfg: EvalConfig, held_out: HeldOut,
     where = trial_dir(out, trial.number)
     where.parent.mkdir(parents=True, exist_ok=True)
     print(f"[sweep] trial {trial.number} started: {format_params(params)}", file=sys.stderr, flush=True)
-    cfg = trial_config(base, params, where)
+    cfg = trial_config(base, params, where, tracked_as=(out, sweep.study, trial.number))
     reporter = [HeldOutReporter(trial, held_out, sweep, eval_cfg.batch_size)] if sweep.objective != "score" else []
     # Training's and scoring's own logs go to the trial's log file: the terminal keeps the sweep's lines.
     with open(where.with_suffix(".log"), "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
             result = train(cfg, callbacks=reporter)
+        except optuna.TrialPruned:
+            track_trial(where, trial.number, "pruned")
+            raise
         finally:
             shutil.rmtree(where / "checkpoints", ignore_errors=True)  # a trial never resumes: its checkpoints are waste
         measures = score_student(where, eval_cfg, held_out, sweep)
     trial.set_user_attr("measures", measures)
     trial.set_user_attr("steps", result.card.steps)
+    track_trial(where, trial.number, "complete", measures, result.card.steps)
     return TrialResult(trial.number, params, measures[sweep.objective], measures, result.card.steps, where,
                        time.time() - start)
 
 
-def trial_config(base: TrainConfig, params: dict[str, Any], out: Path) -> TrainConfig:
+def trial_config(base: TrainConfig, params: dict[str, Any], out: Path,
+                 tracked_as: tuple[Path, str, int] | None = None) -> TrainConfig:
     """The run's train config with the trial's values, into `out` (validated as a whole: a
-    combination the train config refuses fails the trial before anything loads)."""
-    return TrainConfig(**{**base.model_dump(), **params, "out": out, "resume": False, "overwrite": True})
+    combination the train config refuses fails the trial before anything loads). With `report_to`,
+    `tracked_as` (sweep dir, study, trial number) makes every trial one run of one experiment in
+    one store: the sweep's, unless the train section names its own."""
+    tracking = {}
+    if base.report_to and tracked_as:
+        sweep_dir, study, number = tracked_as
+        tracking = {"tracking_dir": base.tracking_dir or sweep_dir, "experiment": base.experiment or study,
+                    "run_name": f"trial-{number:04d}"}
+    return TrainConfig(**{**base.model_dump(), **params, **tracking, "out": out, "resume": False, "overwrite": True})
+
+
+def track_trial(student: Path, number: int, state: str, measures: dict[str, float] | None = None,
+                steps: int = 0) -> None:
+    """The trial's outcome in its tracked run (when training opened one): its state and held-out measures."""
+    from distill import tracking
+
+    run = tracking.load_run(student)
+    if run is None:
+        return
+    run.log_params({"sweep.trial": number}, tags={"sweep.state": state})
+    if measures:
+        run.log_metrics({f"sweep/{name}": value for name, value in measures.items()}, step=steps)
+    run.finish()
 
 
 def score_student(student: Path, eval_cfg: EvalConfig, held_out: HeldOut, sweep: SweepSection) -> dict[str, float]:
