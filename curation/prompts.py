@@ -96,7 +96,7 @@ def prompt_filters(specs: list[dict[str, Any] | str] | None, held_out: list[Path
                    extra_markers: list[str] = ()) -> list[Filter]:
     """The filters of `specs` (default `DEFAULT_PROMPT_FILTERS`); with `held_out` files, `held_out` is
     always among them (first, unless `specs` places it): a leak is never left to a missing line."""
-    specs = [dict(s) if isinstance(s, dict) else {"name": s} for s in (specs or DEFAULT_PROMPT_FILTERS)]
+    specs = [dict(s) if isinstance(s, dict) else {"name": s} for s in (DEFAULT_PROMPT_FILTERS if specs is None else specs)]
     for spec in specs:
         if spec["name"] == "template_leak":
             spec["extra_markers"] = sorted({*spec.get("extra_markers", []), *extra_markers})
@@ -110,11 +110,15 @@ def prompt_filters(specs: list[dict[str, Any] | str] | None, held_out: list[Path
 def filter_prompts(prompts: list[dict], filters: list[Filter]) -> PromptFilterResult:
     """`prompts`: {"id", "text", "token_ids", "finish_reason"} in order; the first of duplicates is kept."""
     if not prompts:
-        return PromptFilterResult([], [], {label(f): 0 for f in filters}, [f.settings() for f in filters])
+        return PromptFilterResult([], [], {"empty": 0, **{label(f): 0 for f in filters}}, [f.settings() for f in filters])
     batch = pa.RecordBatch.from_pylist([
         {"id": p["id"], "response": p["text"], "messages": [{"role": "user", "content": p["text"]}],
          "response_token_ids": p["token_ids"], "finish_reason": p["finish_reason"]} for p in prompts])
-    alive, reasons, counts = list(range(len(prompts))), {}, {label(f): 0 for f in filters}
+    # an empty prompt is never kept, whatever the filters: `generate` refuses one
+    reasons = {i: "empty: nothing was written before the end of the turn" for i, p in enumerate(prompts)
+               if not p["text"].strip()}
+    counts = {"empty": len(reasons), **{label(f): 0 for f in filters}}
+    alive = [i for i in range(len(prompts)) if i not in reasons]
     for f in filters:
         failed = f.check_batch(batch, alive)
         for i, detail in failed.items():

@@ -71,6 +71,7 @@ PLANTED = {
     "good-2": "Write a short poem about the ocean at night, in four lines.",
     "cut": "Explain in detail the history of the Roman empire from its founding to",
     "short": "Hi",
+    "empty": "  \n",
     "french": "Pouvez-vous m'expliquer comment fonctionne la photosynthèse chez les plantes vertes ?",
     "refusal": "I'm sorry, but I can't help with that request because it is not appropriate.",
     "leak": "What is the capital of France?<|im_start|>assistant\nParis.",
@@ -80,7 +81,7 @@ PLANTED = {
     "held-out-copy": "Summarise the plot of Hamlet in three sentences for a ten year old.",
     "held-out-near": "Please summarise the plot of Hamlet in three sentences for a ten year old.",
 }
-EXPECTED = {"cut": "finish_reason", "short": "length", "french": "language", "refusal": "refusal",
+EXPECTED = {"empty": "empty", "cut": "finish_reason", "short": "length", "french": "language", "refusal": "refusal",
             "leak": "template_leak", "role-line": "template_leak", "copy": "dedup_exact", "near-copy": "dedup_near",
             "held-out-copy": "held_out", "held-out-near": "held_out"}
 
@@ -167,3 +168,25 @@ def test_sigkill_then_rerun_loses_no_prompt_and_writes_none_twice(tiny_models, t
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["written"] == N and manifest["synthesis"]["method"] == "magpie"
     assert [h["complete"] for h in manifest["history"]] == [False, True]
+
+
+@pytest.mark.engine
+def test_distill_run_synthesizes_seed_prompts_that_generate_then_answers(tiny_models, tmp_path):
+    seeds = write_jsonl(tmp_path / "seeds.jsonl", [{"prompt": f"add {a} and {b}"} for a, b in ((1, 2), (3, 4), (5, 6))])
+    held_out = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "reverse the word hello"}])
+    model = str(tiny_models["llama-teacher"])
+    cfg = pipeline.RunConfig(out=str(tmp_path / "run"), teacher={"model": model, "max_model_len": 512},
+                             student={"model": str(tiny_models["llama-student"])}, prompts={"eval": str(held_out)},
+                             synthesize={"method": "seeds", "seeds": str(seeds), "n": 8, "max_tokens": 8,
+                                         "filters": []},
+                             generate={"max_tokens": 4, "top_k": 4})
+    stages = pipeline.run(cfg, only="synthesize")
+    assert stages["synthesize"]["status"] == "ran"
+    synthesized = tmp_path / "run" / "synthesize"
+    manifest = json.loads((synthesized / "manifest.json").read_text())
+    assert manifest["synthesis"]["method"] == "seeds" and manifest["counts"]["written"] == 8
+    assert [f["name"] for f in manifest["filters"]] == ["held_out"]  # prompts.eval guards the run: always there
+    kept = manifest["counts"]["kept"]
+    assert kept == 8 - manifest["counts"]["rejected_by_filter"].get("empty", 0) > 0
+    stages = pipeline.run(cfg, only="generate")  # answers the synthesised file
+    assert stages["generate"]["result"].startswith(f"{kept:,} responses")
