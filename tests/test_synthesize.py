@@ -147,7 +147,7 @@ def test_sigkill_then_rerun_loses_no_prompt_and_writes_none_twice(tiny_models, t
     with open(tmp_path / "stderr.txt", "w") as err:  # a file: a full pipe would stall the run
         proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=err)
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + 600  # the engine's start on 2 busy cores
         while not shard_path(out, 0).exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)  # a real event: the first shard's file, renamed into place when complete
         assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
