@@ -190,7 +190,7 @@ class SynthesisJob:
         n_chunks = -(-cfg.n // cfg.chunk_size)
         done = {c for c in range(n_chunks) if shard_path(self.out, c).exists()}
         old = json.loads((self.out / MANIFEST).read_text()) if (self.out / MANIFEST).exists() else {}
-        self.manifest = {**self.identity, "history": [*old.get("history", []),
+        self.manifest = {**self.identity, "complete": False, "history": [*old.get("history", []),
                                                       history_entry("synthesize", cfg, 0.0, complete=False)]}
         files.write_json(self.out / MANIFEST, self.manifest)
         todo = [c for c in range(n_chunks) if c not in done]
@@ -198,7 +198,7 @@ class SynthesisJob:
             max_len = teacher.max_model_len if teacher is not None and teacher.max_model_len else model_max_len(cfg)
             started = None if teacher is not None else start_teacher(cfg, max_logprobs=1, max_model_len=max_len)
             try:
-                written, seconds = self._generate(teacher or started, set(todo), cfg.n - self._size(done))
+                written, seconds = self._generate(teacher or started, set(todo), cfg.n - self._size(done), max_len)
             finally:
                 if started is not None:
                     started.close()
@@ -210,7 +210,7 @@ class SynthesisJob:
     def _size(self, chunks: set[int]) -> int:
         return sum(min(self.cfg.chunk_size, self.cfg.n - c * self.cfg.chunk_size) for c in chunks)
 
-    def _generate(self, teacher: Teacher, todo: set[int], total: int) -> tuple[int, float]:
+    def _generate(self, teacher: Teacher, todo: set[int], total: int, max_len: int) -> tuple[int, float]:
         cfg = self.cfg
         buffers: dict[int, list[tuple[Request, Completion]]] = {c: [] for c in todo}
         bar = tqdm(total=total, unit="prompt", desc="synthesize", dynamic_ncols=True, file=sys.stderr)
@@ -219,8 +219,11 @@ class SynthesisJob:
         def requests() -> Iterator[Request]:
             for index in range(cfg.n):
                 if index // cfg.chunk_size in todo:
-                    rid = request_id(f"synth:{cfg.seed}", index)
-                    yield Request(index, rid, rid, [], self.prompt_ids(index), seed=request_seed(cfg.seed, rid))
+                    rid, ids = request_id(f"synth:{cfg.seed}", index), self.prompt_ids(index)
+                    if len(ids) + cfg.max_tokens > max_len:
+                        raise ValueError(f"request {index}: its prompt has {len(ids)} tokens, which with `max_tokens` "
+                                         f"{cfg.max_tokens} exceeds the context ({max_len}): lower `shots` or `max_tokens`")
+                    yield Request(index, rid, rid, [], ids, seed=request_seed(cfg.seed, rid))
 
         def on_done(req: Request, completion: Completion) -> None:
             chunk = req.index // cfg.chunk_size
