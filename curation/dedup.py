@@ -75,16 +75,28 @@ class NearDedupFilter(Filter):
         sig = self.signature(response_text(record))
         if sig is None:
             return None
+        match = self.nearest(sig)
+        if match is not None:
+            return f"near duplicate of {match[0]} (Jaccard ~{match[1]:.2f})"
+        self.add(sig, record["id"])
+        return None
+
+    def _keys(self, sig: np.ndarray) -> list[bytes]:
         rows = self.num_perm // self.bands
-        keys = [sig[b * rows:(b + 1) * rows].tobytes() for b in range(self.bands)]
-        candidates = {c for band, key in zip(self._buckets, keys) for c in band.get(key, ())}
+        return [sig[b * rows:(b + 1) * rows].tobytes() for b in range(self.bands)]
+
+    def nearest(self, sig: np.ndarray) -> tuple[str, float] | None:
+        """(id, estimated Jaccard) of the first text seen that is at least `threshold` similar."""
+        candidates = {c for band, key in zip(self._buckets, self._keys(sig)) for c in band.get(key, ())}
         for c in sorted(candidates):
             similarity = float(np.mean(self._signatures[c] == sig))
             if similarity >= self.threshold:
-                return f"near duplicate of {self._ids[c]} (Jaccard ~{similarity:.2f})"
+                return self._ids[c], similarity
+        return None
+
+    def add(self, sig: np.ndarray, record_id: str) -> None:
         index = len(self._ids)
         self._signatures.append(sig)
-        self._ids.append(record["id"])
-        for band, key in zip(self._buckets, keys):
+        self._ids.append(record_id)
+        for band, key in zip(self._buckets, self._keys(sig)):
             band.setdefault(key, []).append(index)
-        return None

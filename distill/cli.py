@@ -30,6 +30,7 @@ from distill.config import (
     InitStudentConfig,
     ScoreConfig,
     ServeConfig,
+    SynthesizeConfig,
     TeacherJobConfig,
     TrainConfig,
     format_validation_error,
@@ -41,6 +42,8 @@ from distill.plugins import PluginError
 
 # name -> (function "module:attr", config model, one-line help)
 COMMANDS: dict[str, tuple[str, type[BaseModel] | None, str]] = {
+    "synthesize": ("distill.synthesize:synthesize", SynthesizeConfig,
+                   "The teacher writes new user prompts (Magpie or few-shot from seeds), filtered: a prompt file."),
     "generate": ("distill.generate.job:generate", GenerateConfig, "Run the teacher over prompts: responses + top-k logprobs."),
     "score": ("distill.generate.job:score", ScoreConfig, "Teacher top-k logprobs along existing responses."),
     "curate": ("distill.curation.pipeline:curate", CurateConfig, "Filter teacher outputs, keeping every rejection with its reason."),
@@ -65,7 +68,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError
                ServerError, FloatingPointError, OutputInUse, DiskFull, PluginError)
 DEBUG_HELP = "Show the traceback of an error (also: DISTILL_DEBUG=1)."
 # Commands that run vLLM engines in-process: their start-up noise is off unless `--verbose` (`quiet_engines`).
-ENGINE_COMMANDS = ("generate", "score", "eval", "run", "sweep", "demo", "demo-real")
+ENGINE_COMMANDS = ("synthesize", "generate", "score", "eval", "run", "sweep", "demo", "demo-real")
 # Commands that pass everything after `--` through to the program they launch (their `vllm_args`).
 PASSTHROUGH_FIELD = "vllm_args"
 # Commands whose libraries print logs to stdout (Trainer's loss dicts through tqdm.write, DeepSpeed's
@@ -131,14 +134,14 @@ def _inspect_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
-    from distill.pipeline import STAGES
+    from distill.pipeline import ALL_STAGES
 
-    p.add_argument("config", type=Path, help="Run config YAML (sections: teacher, prompts, student, generate, "
+    p.add_argument("config", type=Path, help="Run config YAML (sections: teacher, prompts, student, synthesize, generate, "
                    "curate, train, eval, serve); see distill/demo/demo.yaml.")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="Override a config value, e.g. --set train.max_steps=10 (repeatable).")
-    p.add_argument("--only", choices=STAGES, help="Run only this stage (its inputs must be complete).")
-    p.add_argument("--from", dest="start_from", choices=STAGES, help="Re-run this stage and every later one.")
+    p.add_argument("--only", choices=ALL_STAGES, help="Run only this stage (its inputs must be complete).")
+    p.add_argument("--from", dest="start_from", choices=ALL_STAGES, help="Re-run this stage and every later one.")
     p.add_argument("--serve", action="store_true", help="Serve the student when the run is done (until Ctrl-C).")
     p.add_argument("--ui", action="store_true", help="Serve it with the browser chat page too (implies --serve; "
                    "`serve.ui_port`, `serve.compare` in the config).")

@@ -200,6 +200,50 @@ class ScoreConfig(CorpusJobConfig):
     data: Path = Field(description="Conversations whose last turn is the assistant response to score.")
 
 
+PromptFilters = Field(
+    None, description="Filters on the written prompts, in order, each a name or `{name: FILTER, PARAM: VALUE}` "
+    "(curate's filters, read on the prompt text; default: finish_reason, length, language, refusal, "
+    "template_leak, dedup_exact, dedup_near, held_out when `held_out` is given).")
+
+
+class SynthesizeConfig(TeacherJobConfig):
+    """`distill synthesize`: new user prompts written by the teacher itself (Magpie: its chat template up to a
+    user turn; or few-shot from seed prompts), filtered, as a prompt file `distill generate` reads
+    (`out/prompts.jsonl`), the rejected ones with their reason (`out/rejected.jsonl`) and a manifest."""
+
+    out: Path = Field(description="Output directory: prompts.jsonl, rejected.jsonl, manifest.json, raw/.")
+    n: int = Field(1000, ge=1, description="Prompts to ask the teacher for (before filtering).")
+    method: Literal["magpie", "seeds"] = Field(
+        "magpie", description="`magpie`: the teacher continues its chat template from the start of a user turn; "
+        "`seeds`: it writes a new prompt after a few examples from `seeds`.")
+    seeds: Path | None = Field(None, description="Seed prompt file (any format `generate` reads), for `method: seeds`.")
+    shots: int = Field(3, ge=1, description="Seed prompts shown per request (`method: seeds`).")
+    topic: str | None = Field(None, description="Steer the prompts toward a topic (added to the system turn, or "
+                              "to the few-shot request).")
+    system: str | None = Field(None, description="System turn the teacher sees before the user turn it writes.")
+    max_tokens: int = Field(128, ge=1, description="Most tokens per written prompt (longer ones are cut and rejected "
+                            "by `finish_reason`).")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature (Magpie needs > 0: every request "
+                               "starts from the same text).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
+    seed: int = Field(0, description="Base seed; each request's seed derives from it and its index.")
+    chunk_size: int = Field(256, ge=1, description="Prompts per durable shard (the unit of resume).")
+    held_out: list[Path] = Field(default_factory=list, description="Evaluation prompt files: written prompts that "
+                                 "equal or nearly equal one of theirs are rejected (`held_out` filter).")
+    filters: list[dict[str, Any] | str] | None = PromptFilters
+    overwrite: bool = Field(False, description="Discard an existing synthesis in `out` made with other settings.")
+
+    @model_validator(mode="after")
+    def _check_method(self) -> SynthesizeConfig:
+        if self.method == "seeds" and self.seeds is None:
+            raise ValueError("`method: seeds` needs `seeds`: a prompt file of examples")
+        if self.method == "magpie" and self.seeds is not None:
+            raise ValueError("`seeds` applies to `method: seeds` only")
+        if self.method == "magpie" and self.temperature == 0:
+            raise ValueError("`method: magpie` with `temperature: 0` writes the same prompt every time: use > 0")
+        return self
+
+
 class CurateConfig(StageConfig):
     """`distill curate`: filter a corpus; kept records in `out/data`, rejected ones with their
     reason in `out/rejected`, a report beside them."""
@@ -417,7 +461,8 @@ class TeacherSection(EngineConfig):
 
 
 class PromptsSection(StageConfig):
-    train: Path = Field(description="Prompts the teacher answers for the training corpus.")
+    train: Path | None = Field(None, description="Prompts the teacher answers for the training corpus (none: the "
+                               "`synthesize` section has the teacher write them).")
     eval: Path = Field(description="Held-out prompts for `eval` (disjoint from `train`).")
     format: PromptFormat = Field("auto", description="Format of both prompt files; `auto` detects it.")
 
@@ -426,6 +471,9 @@ class StudentSection(StageConfig):
     model: ModelPath = Field(description="Student base model: a local directory, a hub id or a .gguf file (same tokenizer family).")
 
 
+SynthesizeSection = section(SynthesizeConfig, {"teacher", "out", *ENGINE_FIELDS},
+                            "`synthesize` fields: the teacher writes the training prompts (`prompts.eval` is always "
+                            "among `held_out`).")
 GenerateSection = section(GenerateConfig, {"teacher", "prompts", "format", "out", *ENGINE_FIELDS},
                           "`generate` fields; the teacher section says how vLLM runs the teacher.")
 CurateSection = section(CurateConfig, {"corpus", "out"}, "`curate` fields.")
@@ -465,11 +513,20 @@ class RunConfig(StageConfig):
     teacher: TeacherSection
     prompts: PromptsSection
     student: StudentSection
+    synthesize: SynthesizeSection | None = Field(
+        None, description="Have the teacher write the training prompts first (instead of `prompts.train`).")
     generate: GenerateSection = Field(default_factory=GenerateSection)
     curate: CurateSection = Field(default_factory=CurateSection)
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     serve: ServeSection = Field(default_factory=ServeSection)
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> RunConfig:
+        if (self.prompts.train is None) == (self.synthesize is None):
+            raise ValueError("give exactly one source of training prompts: `prompts.train` (a file) or a "
+                             "`synthesize` section (the teacher writes them)")
+        return self
 
 
 def format_validation_error(err: ValidationError, source: str = "") -> str:

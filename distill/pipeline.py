@@ -1,4 +1,4 @@
-"""`distill run CONFIG.yaml`: generate -> curate -> train -> eval into one run directory.
+"""`distill run CONFIG.yaml`: [synthesize ->] generate -> curate -> train -> eval into one run directory.
 
 `run.json` in the run directory records the resolved config, the library versions and, per
 stage, the hash of what the stage was asked to do (its config, the hash of its inputs'
@@ -35,6 +35,7 @@ from distill.config import (
     RunConfig,
     ServeConfig,
     StageConfig,
+    SynthesizeConfig,
     TrainConfig,
     TrainSection,
     format_validation_error,
@@ -46,7 +47,8 @@ from distill.engine import check_model
 if TYPE_CHECKING:
     from distill.train.card import StudentCard
 
-STAGES = ("generate", "curate", "train", "eval")
+STAGES = ("generate", "curate", "train", "eval")  # every run has these
+ALL_STAGES = ("synthesize", *STAGES)  # synthesize: with a `synthesize` section only
 STATE = "run.json"
 
 
@@ -93,11 +95,21 @@ def given(section: StageConfig, exclude: set[str] = frozenset()) -> dict[str, An
 
 
 def stage_configs(run: RunConfig) -> dict[str, StageConfig]:
+    """The config of every stage the run has (`synthesize` only with its section)."""
     out = Path(run.out)
     engine = run.teacher.engine_settings()
+    synthesize = {}
+    if run.synthesize is not None:
+        fields = given(run.synthesize)
+        held_out = [run.prompts.eval, *(p for p in fields.pop("held_out", []) if Path(p) != Path(run.prompts.eval))]
+        synthesize["synthesize"] = SynthesizeConfig(teacher=run.teacher.model, out=out / "synthesize", **engine,
+                                                    held_out=held_out, **fields)
+    prompts = run.prompts.train or out / "synthesize" / "prompts.jsonl"
+    formats = {"format": run.prompts.format} if run.prompts.train else {}
     return {
-        "generate": GenerateConfig(teacher=run.teacher.model, prompts=run.prompts.train, format=run.prompts.format,
-                                   out=out / "corpus", **engine, **given(run.generate)),
+        **synthesize,
+        "generate": GenerateConfig(teacher=run.teacher.model, prompts=prompts, out=out / "corpus", **formats, **engine,
+                                   **given(run.generate)),
         "curate": CurateConfig(corpus=out / "corpus", out=out / "curated", **given(run.curate)),
         "train": TrainConfig(corpus=out / "curated", student=run.student.model, out=out / "student", resume=True,
                              **given(run.train, exclude=LAUNCH_FIELDS)),
@@ -107,6 +119,13 @@ def stage_configs(run: RunConfig) -> dict[str, StageConfig]:
 
 
 # Each runner calls its stage and says in one line what the stage's typed result holds.
+def _run_synthesize(cfg: SynthesizeConfig) -> str:
+    from distill.synthesize import synthesize
+
+    result = synthesize(cfg)
+    return f"kept {result.kept:,} of {result.written:,} written prompts ({result.kept_percent}%)"
+
+
 def _run_generate(cfg: GenerateConfig) -> str:
     from distill.generate.job import generate
 
@@ -158,18 +177,19 @@ def _run_eval(cfg: EvalConfig) -> str:
     return text + (f", {h.speedup:.2f}x tokens/s" if h.speedup is not None else "")
 
 
-RUNNERS: dict[str, Callable[[Any], str]] = {"generate": _run_generate, "curate": _run_curate,
+RUNNERS: dict[str, Callable[[Any], str]] = {"synthesize": _run_synthesize, "generate": _run_generate, "curate": _run_curate,
                                             "train": _run_train, "eval": _run_eval}
 # Where each stage writes; a stage counts as complete only if this exists too.
-DONE_MARKERS = {"generate": "manifest.json", "curate": "report.json", "train": "distill.json", "eval": "report.json"}
+DONE_MARKERS = {"synthesize": "prompts.jsonl", "generate": "manifest.json", "curate": "report.json", "train": "distill.json", "eval": "report.json"}
 
 
 def stage_hashes(configs: dict[str, StageConfig]) -> dict[str, str]:
     hashes, upstream = {}, ""
-    for name in STAGES:
+    for name in (s for s in ALL_STAGES if s in configs):
         cfg = configs[name]
         inputs = [cfg.model_dump_json(exclude=TRACKING_FIELDS if isinstance(cfg, TrainConfig) else None), upstream]
-        if isinstance(cfg, (GenerateConfig, EvalConfig)):
+        # a synthesised prompt file is not there yet: the synthesize stage's hash (upstream) stands for it
+        if isinstance(cfg, (GenerateConfig, EvalConfig)) and not (name == "generate" and "synthesize" in configs):
             inputs.append(hashlib.sha256(Path(cfg.prompts).read_bytes()).hexdigest())
         upstream = hashes[name] = hashlib.sha256("\n".join(inputs).encode()).hexdigest()[:16]
     return hashes
@@ -180,11 +200,14 @@ def run(cfg: RunConfig, only: str | None = None, start_from: str | None = None, 
     """Run the stages (`until`: stop after that one, e.g. `curate` for a sweep's corpus); returns
     the per-stage state (`status`: ran / resumed / skipped)."""
     for name, value in (("--only", only), ("--from", start_from), ("until", until)):
-        if value is not None and value not in STAGES:
-            raise ValueError(f"{name} {value!r}: expected one of {', '.join(STAGES)}")
+        if value is not None and value not in ALL_STAGES:
+            raise ValueError(f"{name} {value!r}: expected one of {', '.join(ALL_STAGES)}")
     # Everything a user can get wrong fails here, before the run directory or run.json is written.
     for p in (cfg.prompts.train, cfg.prompts.eval):
-        files.require_file(p, "prompt file")
+        if p is not None:
+            files.require_file(p, "prompt file")
+    if cfg.synthesize is not None and cfg.synthesize.seeds is not None:
+        files.require_file(cfg.synthesize.seeds, "seed prompt file")
     check_model(cfg.teacher.model, "teacher.model")
     check_model(cfg.student.model, "student.model")
     with files.exclusive(cfg.out):
@@ -195,10 +218,14 @@ def _run(cfg: RunConfig, only: str | None, start_from: str | None, log, until: s
     out = Path(cfg.out)
     configs = stage_configs(cfg)
     hashes = stage_hashes(configs)
+    stages = [s for s in ALL_STAGES if s in configs]
+    for name, value in (("--only", only), ("--from", start_from)):
+        if value is not None and value not in stages:
+            raise ValueError(f"{name} {value!r}: this run has no `{value}` section")
     state_path = out / STATE
     previous = json.loads(state_path.read_text())["stages"] if state_path.exists() else {}
     state = {"config": provenance(cfg), "versions": versions(), "stages": dict(previous)}
-    selected = [only] if only else list(STAGES[STAGES.index(start_from):] if start_from else STAGES)
+    selected = [only] if only else list(stages[stages.index(start_from):] if start_from else stages)
     if until:
         selected = selected[:selected.index(until) + 1] if until in selected else []
     forced = set(selected) if only or start_from else set()
@@ -206,12 +233,12 @@ def _run(cfg: RunConfig, only: str | None, start_from: str | None, log, until: s
     def save() -> None:
         files.write_json(state_path, state)
 
-    for name in STAGES:
+    for name in stages:
         if name not in selected:
             continue
         stage_cfg, before = configs[name], previous.get(name, {})
         stage_out = Path(stage_cfg.out)
-        for upstream in STAGES[:STAGES.index(name)]:
+        for upstream in stages[:stages.index(name)]:
             if state["stages"].get(upstream, {}).get("hash") != hashes[upstream] or \
                     state["stages"][upstream].get("status") == "running":
                 raise ValueError(f"stage `{name}` needs `{upstream}` to be complete and current: run without --only / --from")
@@ -239,7 +266,7 @@ def _run(cfg: RunConfig, only: str | None, start_from: str | None, log, until: s
 
 def summary(stages: dict[str, dict]) -> str:
     rows = [(name, s["status"], f"{s.get('wall_seconds', 0):.0f} s", s.get("result", "")) for name, s in stages.items()
-            if name in STAGES]
+            if name in ALL_STAGES]
     widths = [max(len(r[i]) for r in rows + [("stage", "status", "time", "result")]) for i in range(4)]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
     return "\n".join([line(("stage", "status", "time", "result")), *(line(r) for r in rows)])

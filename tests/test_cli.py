@@ -253,7 +253,8 @@ def test_engine_noise_is_off_unless_verbose(monkeypatch, tmp_path, flags, quiet)
 # One bad value per command with a config model: the field and the value the model refuses.
 BAD_VALUE = {"generate": ["--top-k", "0"], "score": ["--top-k", "0"], "curate": ["--batch-size", "0"],
              "init-student": ["--num-layers", "0"], "train": ["--alpha", "2"], "eval": ["--top-k", "0"],
-             "serve": ["--port", "-1"], "chat": ["--max-tokens", "0"], "export": ["--out", "x.gguf"]}  # export: no --student
+             "serve": ["--port", "-1"], "chat": ["--max-tokens", "0"], "synthesize": ["--n", "0"],
+             "export": ["--out", "x.gguf"]}  # export: no --student
 
 
 @pytest.mark.parametrize("command", [name for name, (_, model, _) in COMMANDS.items() if model is not None])

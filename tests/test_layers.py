@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("generate", "curation", "train", "serve", "evaluation", "export")
-APP = ("distill.cli", "distill.pipeline", "distill.inspect", "distill.demo", "distill.sweep")
+APP = ("distill.cli", "distill.pipeline", "distill.inspect", "distill.demo", "distill.sweep", "distill.synthesize")
 STAGE_MAY_IMPORT = {"evaluation": ("generate", "train")}  # docs/design.md: evaluation uses their functions
 SCRIPTS = ("benchmarks", "experiments")  # folders of scripts, not packages
 TOP_LEVEL_FORBIDDEN = (*STAGES, *SCRIPTS)  # installed only as distill.<stage>
