@@ -78,11 +78,16 @@ def check_out(cfg: TrainConfig, out: Path) -> Path | None:
     return newest_complete_checkpoint(out)
 
 
+def is_first_process() -> bool:
+    """The process that writes `out` for all: rank 0 under torchrun / accelerate, else the only one."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def start_from(cfg: TrainConfig, out: Path) -> Path | None:
     """`check_out`, then (on the first process only: under torchrun every rank calls this)
     empty `out` for `overwrite` and store this run's settings. Returns the checkpoint to resume from."""
     checkpoint = check_out(cfg, out)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_first_process():
         out.mkdir(parents=True, exist_ok=True)
         if cfg.overwrite:
             files.clear_dir(out, scratch=(TRAINING_DATA,))

@@ -44,6 +44,7 @@ from distill.train.resume import (
     CHECKPOINT_DONE,
     TRAINING_DATA,
     changed_settings,
+    is_first_process,
     start_from,
 )
 from distill.train.scoring import pad_token_id, teacher_forced
@@ -226,8 +227,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> TrainR
     check_launch(torch.cuda.is_available(), cfg.lora)
     tracking.check_installed(cfg.report_to)
     # Under torchrun every rank writes into `out`: the first one holds it for all of them.
-    first_rank = int(os.environ.get("RANK", "0")) == 0
-    with files.exclusive(cfg.out) if first_rank else contextlib.nullcontext():
+    with files.exclusive(cfg.out) if is_first_process() else contextlib.nullcontext():
         try:
             return _train(cfg, callbacks)
         except Exception as e:
@@ -277,7 +277,7 @@ def _fit(cfg: TrainConfig, manifest: corpus.Manifest, data: TrainingData, resume
         teacher = TeacherClient(cfg.teacher_endpoint, api_key=cfg.teacher_api_key)
         teacher.check_tokenizer(tokenizer, "student")
     # one process logs (under torchrun every rank trains); a resumed run continues its tracked run
-    run = open_training_run(cfg, manifest, continues_run) if int(os.environ.get("RANK", "0")) == 0 else None
+    run = open_training_run(cfg, manifest, continues_run) if is_first_process() else None
 
     split = data.dataset.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed) if cfg.eval_fraction else None
     train_data, eval_data = (split["train"], split["test"]) if split else (data.dataset, None)
