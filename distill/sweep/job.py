@@ -52,8 +52,8 @@ def prepare(plan: SweepPlan, out: Path) -> Inputs:
     configs = pipeline.stage_configs(plan.run)
     train_cfg, eval_cfg, sweep = configs["train"], configs["eval"], plan.sweep
     for given in (sweep.corpus, sweep.held_out):
-        if given and not (Path(given) / corpus.MANIFEST).is_file():
-            raise FileNotFoundError(f"`{given}`: not a corpus (no {corpus.MANIFEST})")
+        if given:
+            corpus.read_manifest(given)  # not a corpus, or a broken manifest: one line, before anything runs
     if sweep.corpus:
         train_cfg = train_cfg.model_copy(update={"corpus": sweep.corpus})
     else:
