@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -172,12 +173,13 @@ class SynthesisJob:
 
     def text(self, token_ids) -> str:
         """The written prompt: decoded with special tokens (so leaked role tokens stay visible to the
-        filters), cut at the template's end of turn and the end-of-sequence token."""
+        filters), cut at the template's end of turn and the end-of-sequence token; a seeds answer
+        without the chat reply around it (`without_lead_in`)."""
         text = self.tokenizer.decode(list(token_ids), skip_special_tokens=False)
         for end in (self.turn.end, self.tokenizer.eos_token):
             if end:
                 text = text.split(end, 1)[0]
-        return text.strip()
+        return without_lead_in(text.strip()) if self.cfg.method == "seeds" else text.strip()
 
     # -- the run --------------------------------------------------------------------------------
     def run(self, teacher: Teacher | None = None) -> list[RawPrompt]:
@@ -246,6 +248,25 @@ class SynthesisJob:
     def _raw(self, req: Request, c: Completion) -> RawPrompt:
         ids = [int(t) for t in c.response_token_ids]
         return RawPrompt(req.id, self.text(ids), ids, c.finish_reason)
+
+
+# The reply's own first line: an assent, or a line that names what follows as the request. A request
+# may itself open with a line ending in ':' ("Translate this into French:"): that one stays.
+LEAD_IN = re.compile(r"(?:(?:sure|certainly|of course|okay|ok|absolutely)\b.*|.*\b(?:request|prompt)\b.*):", re.I)
+QUOTES = ('"', "'", "\u201c\u201d")
+
+
+def without_lead_in(text: str) -> str:
+    """A seeds answer as a prompt: chat models reply "Sure! Here's a new request:" and then the
+    request, often quoted; that first line and the quotes are the reply, not the request."""
+    first, newline, rest = text.partition("\n")
+    if newline and rest.strip() and LEAD_IN.fullmatch(first.strip()):
+        text = rest.strip()
+    for quote in QUOTES:
+        opening, closing = quote[0], quote[-1]
+        if len(text) > 2 and text[0] == opening and text[-1] == closing and opening not in text[1:-1]:
+            return text[1:-1].strip()
+    return text
 
 
 def shard_path(out: Path, chunk: int) -> Path:

@@ -1,4 +1,4 @@
-"""`distill synthesize`: the Magpie user-turn prefix cut from ChatML and Llama-style templates (and
+"""`distill synthesize`: the Magpie user-turn prefix cut from ChatML, Llama-3, Llama-2 and Gemma templates (and
 unclean templates refused), the prompt filters on planted bad prompts (held-out copies included),
 a run killed with SIGKILL that resumes with no prompt lost or written twice, and the `synthesize:`
 stage of `distill run`."""
@@ -17,7 +17,12 @@ from distill import pipeline
 from distill.config import SynthesizeConfig
 from distill.curation.prompts import filter_prompts, prompt_filters
 from distill.generate.job import request_id
-from distill.generate.synthesize import TemplateError, shard_path, user_turn
+from distill.generate.synthesize import (
+    TemplateError,
+    shard_path,
+    user_turn,
+    without_lead_in,
+)
 from distill.synthesize import synthesize
 from tests.helpers import write_jsonl
 
@@ -25,6 +30,24 @@ LLAMA3_TEMPLATE = (  # Llama 3's own template, shortened to what renders the tur
     "{{ bos_token }}{% for message in messages %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+LLAMA2_TEMPLATE = (  # Llama-2-chat's own template: the system turn lives inside the first [INST]
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+GEMMA_TEMPLATE = (  # Gemma's own template: it refuses a system turn
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +62,30 @@ def test_magpie_prefix_of_the_tiny_models_chatml_template(tokenizer):
     assert steered.prefix == "<|bos|><|im_start|>system\nUsers ask about sorting.<|im_end|>\n<|im_start|>user\n"
 
 
-def test_magpie_prefix_of_a_llama_style_template(tokenizer):
-    tokenizer.chat_template, saved = LLAMA3_TEMPLATE, tokenizer.chat_template
+@pytest.mark.parametrize("template, system, prefix, end", [
+    (LLAMA3_TEMPLATE, "Be brief.", "<|bos|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+     "<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>"),
+    (LLAMA2_TEMPLATE, None, "<|bos|>[INST] ", "[/INST]"),
+    (LLAMA2_TEMPLATE, "Be brief.", "<|bos|>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n", "[/INST]"),
+    (GEMMA_TEMPLATE, None, "<|bos|><start_of_turn>user\n", "<end_of_turn>"),
+], ids=["llama3-system", "llama2", "llama2-system", "gemma"])
+def test_magpie_prefix_of_llama_and_gemma_templates(tokenizer, template, system, prefix, end):
+    tokenizer.chat_template, saved = template, tokenizer.chat_template
     try:
-        turn = user_turn(tokenizer, "Be brief.")
+        turn = user_turn(tokenizer, system)
     finally:
         tokenizer.chat_template = saved
-    assert turn.prefix == ("<|bos|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
-                           "<|start_header_id|>user<|end_header_id|>\n\n")
-    assert turn.end == "<|eot_id|>"
+    assert (turn.prefix, turn.end) == (prefix, end)
+
+
+def test_gemma_with_a_system_turn_is_refused_in_one_line(tokenizer):
+    tokenizer.chat_template, saved = GEMMA_TEMPLATE, tokenizer.chat_template
+    try:
+        with pytest.raises(TemplateError, match="cannot render a system \\+ user turn: System role not supported") as e:
+            user_turn(tokenizer, "Be brief.")
+    finally:
+        tokenizer.chat_template = saved
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("template, why", [
@@ -190,3 +228,15 @@ def test_distill_run_synthesizes_seed_prompts_that_generate_then_answers(tiny_mo
     assert kept == 8 - manifest["counts"]["rejected_by_filter"].get("empty", 0) > 0
     stages = pipeline.run(cfg, only="generate")  # answers the synthesised file
     assert stages["generate"]["result"].startswith(f"{kept:,} responses")
+
+
+@pytest.mark.parametrize("answer, prompt", [
+    ("Sure! Here's a new request:\n\n\"How do I bake bread?\"", "How do I bake bread?"),
+    ("Here is one new request a user could send:\nPlan a trip to Rome.", "Plan a trip to Rome."),
+    ("\u201cWhat is a prime number?\u201d", "What is a prime number?"),
+    ("Translate this into French:\nGood morning", "Translate this into French:\nGood morning"),  # the request's own
+    ("Sure: what is 2 + 2?", "Sure: what is 2 + 2?"),  # one line: nothing follows a lead-in
+    ("\"Quote\" and \"unquote\"", "\"Quote\" and \"unquote\""),  # not one quoted span
+])
+def test_a_seeds_answer_loses_the_reply_around_the_request(answer, prompt):
+    assert without_lead_in(answer) == prompt
