@@ -1,0 +1,237 @@
+"""How do the corpus stages scale with the corpus? Seconds and peak memory of `validate`,
+`inspect`, `curate` (default filters, and without near-dedup) and `train` (command start to its
+first step) on realistic corpora of 1k / 10k / 100k records, side by side, with each stage's
+growth per 10x records against linear (a ratio of 1.0 = linear in the records; below 1 =
+a fixed cost still dominates).
+
+A realistic record: a real prompt of the demo (distill/demo/prompts/train.jsonl), a unique
+response of 64-128 tokens of the demo teacher's tokenizer (random words, so neither exact nor
+near-dedup collapses the corpus), a top-20 row per response token whose first entry is the
+response token, the rest drawn Zipf-like from the vocabulary, logprobs falling off like a
+teacher's, stored in the default quantized encoding in shards of 1,024 records (generate's
+`chunk_size`). A base set of 1,024 records is encoded once; larger corpora repeat its stored
+top-k rows under new ids and new unique responses (the replicas are written at zstd level 1 to
+build them fast; `write` times `corpus.write_shard` itself on the base shard).
+
+Every stage runs as its own process (`distill ...` as the command line runs it); peak memory is
+sampled from /proc every 50 ms: RssAnon (heap: what must stay flat) and RssFile (memory-mapped
+shards and libraries, which the OS can reclaim).
+
+    python benchmarks/corpus_scale.py [--records 1000 10000 100000] [--stages ...] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from common import ROOT, Headline, emit, parse_args
+
+DEMO = ROOT / "distill" / "demo"
+TEACHER, STUDENT = DEMO / "teacher", DEMO / "student-init"
+K, SHARD = 20, 1024
+STAGES = ("validate", "inspect", "curate", "curate_no_near", "train")
+NO_NEAR = ["finish_reason", "length", "repetition", "refusal", "pii", "dedup_exact", "teacher_confidence"]
+TRAIN_FLAGS = ["--student", str(STUDENT), "--no-lora", "--batch-size", "8", "--max-length", "256",
+               "--max-steps", "1", "--logging-steps", "1"]
+
+
+def base_records(n: int, seed: int = 0) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    from distill.tiny import WORDS
+
+    tokenizer = AutoTokenizer.from_pretrained(TEACHER)
+    prompts = [json.loads(line)["messages"] for line in (DEMO / "prompts" / "train.jsonl").read_text().splitlines()]
+    rng = np.random.default_rng(seed)
+    vocab = len(tokenizer)
+    zipf = 1.0 / np.arange(1, vocab + 1)
+    zipf /= zipf.sum()
+    records = []
+    for i in range(n):
+        messages = prompts[i % len(prompts)]
+        response = unique_text(rng, WORDS)
+        ids = tokenizer(response, add_special_tokens=False)["input_ids"][:int(rng.integers(64, 129))]
+        t = len(ids)
+        others = rng.choice(vocab, size=(t, K - 1), p=zipf)
+        top_ids = np.concatenate([np.array(ids)[:, None], others], axis=1)
+        # a teacher's row: the first entry takes most of the mass, the rest fall off geometrically
+        first = -rng.exponential(0.3, size=(t, 1))
+        rest = first - np.cumsum(rng.exponential(0.6, size=(t, K - 1)), axis=1) - 1.5
+        logprobs = np.concatenate([first, rest], axis=1).astype(np.float32)
+        records.append({"id": f"r{i}", "prompt_id": f"p{i}", "messages": messages, "response": tokenizer.decode(ids),
+                        "prompt_token_ids": tokenizer.apply_chat_template(messages, add_generation_prompt=True),
+                        "response_token_ids": ids, "response_logprobs": logprobs[:, 0].copy(),
+                        "topk_token_ids": top_ids, "topk_logprobs": logprobs, "finish_reason": "stop"})
+    return records
+
+
+def unique_text(rng: np.random.Generator, words: list[str]) -> str:
+    """80-140 random words: no two share most of their 5-word shingles."""
+    return " ".join(words[j] for j in rng.integers(0, len(words), size=int(rng.integers(80, 141))))
+
+
+def build(root: Path, n: int, base: pa.Table, seed: int) -> Path:
+    """`n` records in shards of SHARD: `base`'s stored rows repeated, with new ids and responses."""
+    from distill import corpus
+    from distill.tiny import WORDS
+
+    rng = np.random.default_rng(seed)
+    for index, start in enumerate(range(0, n, SHARD)):
+        size = min(SHARD, n - start)
+        table = base.slice(0, size)
+        ids = pa.array([f"r{start + i}" for i in range(size)])
+        texts = pa.array([unique_text(rng, WORDS) for _ in range(size)])
+        table = table.set_column(table.schema.get_field_index("id"), "id", ids)
+        table = table.set_column(table.schema.get_field_index("response"), "response", texts)
+        path = root / "data" / f"part-{index:05d}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # the footer stats write_shard adds; level 1: building is not what is measured
+        tokens = int(pc.sum(pc.list_value_length(table["response_token_ids"])).as_py())
+        stats = json.dumps({"records": size, "response_tokens": tokens}).encode()
+        meta = {**(table.schema.metadata or {}), corpus.STATS_KEY: stats}
+        pq.write_table(table.replace_schema_metadata(meta), path, compression="zstd", compression_level=1)
+    write_manifest(root)
+    return root
+
+
+def write_manifest(root: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from distill import corpus
+
+    tokenizer = AutoTokenizer.from_pretrained(TEACHER)
+    teacher = corpus.TeacherInfo(model=str(TEACHER), **corpus.tokenizer_fingerprint(tokenizer))
+    corpus.write_manifest(root, corpus.Manifest(teacher=teacher, generation={"top_k": K},
+                                                stats=corpus.corpus_stats(root)))
+
+
+def measure(argv: list[str], env: dict | None = None) -> dict:
+    """Run `argv`; seconds to its end (or to its `first_step_at` line), and peak RssAnon / RssFile (GB)."""
+    started = time.time()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
+    peak = {"RssAnon": 0, "RssFile": 0}
+    while proc.poll() is None:
+        try:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                key = line.split(":")[0]
+                if key in peak:
+                    peak[key] = max(peak[key], int(line.split()[1]))
+        except OSError:
+            pass
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    ended = time.time()
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(map(str, argv))} failed ({proc.returncode}):\n{err[-3000:]}")
+    for line in out.splitlines():
+        if line.startswith('{"first_step_at"'):
+            ended = json.loads(line)["first_step_at"]
+    return {"seconds": ended - started, "anon_gb": peak["RssAnon"] / 1e6, "file_gb": peak["RssFile"] / 1e6}
+
+
+def child_train(corpus_dir: str, out: str) -> None:
+    """`distill train` as the command line runs it, stopped when its first training step starts."""
+    import transformers
+
+    def first_step(self, *args, **kwargs):
+        print(json.dumps({"first_step_at": time.time()}), flush=True)
+        os._exit(0)
+
+    transformers.Trainer.training_step = first_step  # every DistillTrainer step starts here
+    from distill.cli import main
+
+    main(["train", "--corpus", corpus_dir, "--out", out, *TRAIN_FLAGS])
+    raise SystemExit("training ended without a step")
+
+
+def run_stage(stage: str, root: Path, work: Path) -> dict:
+    py, cli = sys.executable, [sys.executable, "-m", "distill.cli"]
+    out = Path(tempfile.mkdtemp(dir=work))
+    if stage == "validate":
+        return measure([py, "-c", f"from distill import corpus; corpus.validate({str(root)!r})"])
+    if stage == "inspect":
+        return measure([*cli, "inspect", str(root)])
+    if stage == "curate":
+        return measure([*cli, "curate", "--corpus", str(root), "--out", str(out / "c")])
+    if stage == "curate_no_near":
+        config = out / "curate.yaml"
+        config.write_text(json.dumps({"corpus": str(root), "out": str(out / "c"), "filters": NO_NEAR}))
+        return measure([*cli, "curate", "--config", str(config)])
+    return measure([py, __file__, "--child-train", str(root), str(out / "t")], env={"HF_DATASETS_CACHE": str(out / "hf")})
+
+
+def write_rate(base: pa.Table) -> float:
+    """Records/s of `corpus.write_shard` (what generate and curate write with) on the base shard."""
+    from distill import corpus
+
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        corpus.write_shard(Path(tmp), 0, base)
+        return base.num_rows / (time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> list[Headline]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--records", type=int, nargs="+", default=[1_000, 10_000, 100_000])
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--child-train", nargs=2, help=argparse.SUPPRESS)
+    args = parse_args(ap, argv, quick={"records": [1_000, 10_000]})
+    if args.child_train:
+        child_train(*args.child_train)
+        return []
+    from distill import corpus
+
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; one run per figure")
+    with tempfile.TemporaryDirectory(prefix="distill-scale-") as tmp:
+        tmp = Path(tmp)
+        started = time.perf_counter()
+        base = corpus.records_to_table(base_records(SHARD), K)
+        print(f"base shard: {SHARD:,} records, {sum(len(x) for x in base['response_token_ids'].to_pylist()):,} "
+              f"response tokens, built in {time.perf_counter() - started:.1f} s")
+        rate = write_rate(base)
+        print(f"write (corpus.write_shard): {rate:,.0f} records/s")
+        results: dict[int, dict[str, dict]] = {}
+        for n in args.records:
+            root = build(tmp / f"c{n}", n, base, seed=n)
+            size = corpus.corpus_stats(root)
+            print(f"\n{n:,} records: {size.shards} shards, {size.bytes / 1e6:.1f} MB", flush=True)
+            results[n] = {}
+            for stage in args.stages:
+                r = run_stage(stage, root, tmp)
+                results[n][stage] = r
+                print(f"  {stage:<16}{r['seconds']:>9.1f} s {n / r['seconds']:>10,.0f} rec/s   peak anon "
+                      f"{r['anon_gb']:.2f} GB, file {r['file_gb']:.2f} GB", flush=True)
+            shutil.rmtree(root)
+    sizes = list(results)
+    print(f"\n{'seconds (peak anon GB)':<24}" + "".join(f"{n:>18,}" for n in sizes)
+          + "".join(f"{f'x{b // a} recs: ratio':>20}" for a, b in zip(sizes, sizes[1:])))
+    for stage in args.stages:
+        cells = "".join(f"{results[n][stage]['seconds']:>10.1f} ({results[n][stage]['anon_gb']:.2f})" for n in sizes)
+        # growth of the time per 10x records, over the growth linear scaling predicts
+        ratios = "".join(f"{results[b][stage]['seconds'] / results[a][stage]['seconds'] / (b / a):>20.2f}"
+                         for a, b in zip(sizes, sizes[1:]))
+        print(f"{stage:<24}{cells}{ratios}")
+    if args.json:
+        args.json.write_text(json.dumps({"write_records_per_s": rate, "results": results}, indent=1))
+    largest = sizes[-1]
+    return [Headline(f"curate, {largest:,} records, records/s", f"{largest / results[largest]['curate']['seconds']:,.0f}",
+                     "target >= 10,000", met=largest / results[largest]["curate"]["seconds"] >= 10_000)] \
+        if "curate" in args.stages else []
+
+
+if __name__ == "__main__":
+    emit(main())
