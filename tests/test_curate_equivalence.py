@@ -64,7 +64,8 @@ def planted_records() -> list[list[dict]]:
                 text = " ".join(words)
             elif kind == 8:
                 parts["top1"] = -4.0
-            texts.append(text)
+            if kind in (0, 9, 10, 11, 12):
+                texts.append(text)  # the clean ones: what later records duplicate
             n = int(rng.integers(2, 9))
             records.append(record(i, k=K, n_tokens=n, response=text, **parts))
         shards.append(records)
@@ -126,7 +127,7 @@ def test_every_planted_kind_is_rejected():
     expected = json.loads(EXPECTATIONS.read_text())
     for encoding in ("quantized", "float32"):
         assert all(n > 0 for n in expected[encoding]["rejected_by_filter"].values()), expected[encoding]
-        assert expected[encoding]["kept"] > 200
+        assert expected[encoding]["kept"] > 100
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
