@@ -71,7 +71,8 @@ def base_records(n: int, seed: int = 0) -> list[dict]:
         rest = first - np.cumsum(rng.exponential(0.6, size=(t, K - 1)), axis=1) - 1.5
         logprobs = np.concatenate([first, rest], axis=1).astype(np.float32)
         records.append({"id": f"r{i}", "prompt_id": f"p{i}", "messages": messages, "response": tokenizer.decode(ids),
-                        "prompt_token_ids": tokenizer.apply_chat_template(messages, add_generation_prompt=True),
+                        "prompt_token_ids": tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                                                      add_special_tokens=False)["input_ids"],
                         "response_token_ids": ids, "response_logprobs": logprobs[:, 0].copy(),
                         "topk_token_ids": top_ids, "topk_logprobs": logprobs, "finish_reason": "stop"})
     return records

@@ -7,8 +7,10 @@ filter's name, so every rejection reads `filter_name: detail`; the report counts
 against the filter that made it, never by parsing that string (a plug-in's label, its YAML
 `name` or else `module:callable`, may itself contain a colon).
 
-Filters that can look at a whole Arrow batch at once override `check_batch` (vectorised);
-`columns` lists the corpus columns a filter reads, so only those are converted to Python.
+Filters that can look at a whole Arrow batch at once override `check_batch` (vectorised).
+`reads()` names the corpus columns a filter reads (by default its `columns`; a filter whose
+settings change what it reads overrides it): curation reads and decodes only those, so the top-k
+is never decoded unless a filter asks for it.
 """
 
 from __future__ import annotations
@@ -35,12 +37,17 @@ class Filter(BaseModel):
     def check(self, record: dict[str, Any]) -> str | None:
         raise NotImplementedError
 
+    def reads(self) -> tuple[str, ...] | None:
+        """The logical columns `check_batch` reads (None: every column)."""
+        return self.columns
+
     def check_batch(self, batch: pa.RecordBatch, rows: list[int]) -> dict[int, str]:
         """Reasons for the failing rows among `rows` (indices into `batch`)."""
-        data = {c: batch.column(c).to_pylist() for c in self.columns} if rows else {}
+        columns = self.reads()
+        data = {c: batch.column(c).to_pylist() for c in columns} if rows else {}
         failed = {}
         for i in rows:
-            detail = self.check({c: data[c][i] for c in self.columns})
+            detail = self.check({c: data[c][i] for c in columns})
             if detail is not None:
                 failed[i] = detail
         return failed

@@ -42,6 +42,9 @@ class TeacherConfidenceFilter(Filter):
     min_token_logprob: float | None = None
     max_mean_entropy: float | None = None
 
+    def reads(self):
+        return self.columns if self.max_mean_entropy is not None else ("response_logprobs",)
+
     def check(self, record):
         """Per record (the reference for `check_batch`, and what plain loops would do)."""
         lp = np.asarray(record["response_logprobs"], dtype=np.float64)

@@ -27,6 +27,9 @@ class ExactDedupFilter(Filter):
     def model_post_init(self, _):
         self._seen: dict[bytes, str] = {}
 
+    def reads(self):
+        return self.columns if self.key == "prompt_response" else ("id", "response")
+
     def check(self, record):
         text = normalise(response_text(record))
         if self.key == "prompt_response":

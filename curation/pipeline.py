@@ -1,11 +1,15 @@
 """`curate()`: a corpus in, a corpus of kept records out, plus every rejected record with its
-reason. Streams shard by shard, batch by batch; each filter sees only the records that every
-filter before it kept, so a record failing several filters is charged to the first."""
+reason. Streams shard by shard, batch by batch, reading only the columns the filters read (each
+declares them: `Filter.reads`); kept and rejected rows are then taken from the stored shard with
+Arrow and written on a writer thread while the next shard is filtered. Each filter sees only the
+records that every filter before it kept, so a record failing several filters is charged to the
+first."""
 
 from __future__ import annotations
 
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +51,9 @@ class PluginFilter(Filter):
 
     def settings(self) -> dict[str, Any]:
         return {"name": self.label, "plugin": self.plugin, "params": self.params}
+
+    def reads(self) -> None:
+        return None  # the whole record
 
     def check_batch(self, batch, rows):
         records = batch.to_pylist()
@@ -128,21 +135,19 @@ def _curate(cfg: CurateConfig, out: Path) -> CurateResult:
     masker = next((f for f in filters if isinstance(f, pii.PIIFilter) and f.mode == "mask"), None)
     decode = _decoder(manifest) if masker else None
     report = Report([label(f) for f in filters])
-    total = manifest.stats.records
-    # closed on an error too: the error then starts on its own line
-    with tqdm(total=total, unit="rec", desc="curate", file=sys.stderr, dynamic_ncols=True) as bar:
+    columns = columns_read(filters)
+    # closed on an error too: the error then starts on its own line. One writer thread: a shard
+    # is compressed and written (pyarrow lets go of the GIL) while the next one is filtered.
+    with tqdm(total=manifest.stats.records, unit="rec", desc="curate", file=sys.stderr, dynamic_ncols=True) as bar, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="curate-writer") as writer:
+        pending = None
         for path in corpus.shard_paths(cfg.corpus):
-            kept, rejected = [], []
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=cfg.batch_size):
-                k, r = curate_batch(batch, filters, masker, decode, report)
-                kept.append(k)
-                rejected.append(r)
-                bar.update(batch.num_rows)
-            index = corpus.shard_index(path)
-            for subdir, tables in (("data", kept), ("rejected", rejected)):
-                table = pa.concat_tables(tables, promote_options="permissive")
-                if table.num_rows:
-                    _write_shard(out, index, table, subdir)
+            kept, rejected = curate_shard(path, filters, masker, decode, report, columns, cfg.batch_size, bar.update)
+            if pending is not None:
+                pending.result()  # one shard in flight at a time: memory stays at two shards
+            pending = writer.submit(_write_outputs, out, corpus.shard_index(path), kept, rejected)
+        if pending is not None:
+            pending.result()
     summary = report.summary()
     result = CurateResult(out, kept=summary["kept"]["records"], rejected=summary["rejected"]["records"],
                           rejected_by_filter={f["name"]: f["rejected"] for f in summary["filters"]})
@@ -159,25 +164,53 @@ def _curate(cfg: CurateConfig, out: Path) -> CurateResult:
     return result
 
 
-def _interrupted_curation(out: Path) -> bool:
-    """`out` as a killed curate leaves it: shards but no manifest (written last)."""
-    return not (out / corpus.MANIFEST).exists() and all(
-        p.name in ("data", "rejected", files.LOCK_NAME) or p.match(files.PARTIAL_GLOB) for p in out.iterdir())
+def columns_read(filters: list[Filter]) -> list[str] | None:
+    """The logical columns that the filters and the report read (None: all of them). The rest,
+    the top-k above all, are never decoded: kept rows are copied as stored."""
+    wanted = set(Report.READS)
+    for f in filters:
+        reads = f.reads()
+        if reads is None:
+            return None
+        wanted.update(reads)
+    return [c for c in (*corpus.COLUMNS, "loss_mask") if c in wanted]
 
 
-def _write_shard(out: Path, index: int, table: pa.Table, subdir: str) -> None:
-    try:
-        corpus.write_shard(out, index, table, subdir)
-    except files.DiskFull as e:  # generate's advice (its shards are kept) is wrong here: say what a rerun does
-        path = out / subdir / f"part-{index:05d}.parquet"
-        raise files.DiskFull(f"no space left on device writing shard {index} (`{path}`); free space and rerun the "
-                             "same command: curation starts over (no --overwrite needed)") from e
+def curate_shard(path: Path, filters: list[Filter], masker, decode, report: Report, columns: list[str] | None,
+                 batch_size: int, progress=lambda n: None) -> tuple[pa.Table, pa.Table]:
+    """One shard through the filters, batch by batch, reading only `columns`; then its kept and
+    rejected rows (the latter with `reject_reason`) taken from the stored shard with Arrow, so a
+    quantized corpus stays quantized without being decoded or encoded again."""
+    keep: list[np.ndarray] = []
+    reasons: list[str] = []
+    masks: dict[int, list[bool]] = {}  # shard row -> loss mask of a PII-masked record
+    offset = 0
+    for batch in corpus.shard_batches(path, columns, batch_size):
+        verdict = filter_batch(batch, filters, masker, decode, report)
+        keep.append(verdict.keep)
+        reasons += [r for r in verdict.reasons if r is not None]
+        masks.update({offset + i: m for i, m in verdict.masks.items()})
+        offset += batch.num_rows
+        progress(batch.num_rows)
+    keep_all = np.concatenate(keep) if keep else np.zeros(0, dtype=bool)
+    table = pq.read_table(path)  # as stored
+    if masker is not None or "loss_mask" in table.column_names:  # every shard gets the same schema
+        table = _set_loss_mask(table, masks)
+    kept = table.take(np.flatnonzero(keep_all))
+    rejected = table.take(np.flatnonzero(~keep_all))
+    return kept, rejected.append_column("reject_reason", pa.array(reasons, pa.string()))
 
 
-def curate_batch(stored: pa.RecordBatch, filters: list[Filter], masker, decode, report: Report):
-    """Filters see the logical columns; kept and rejected rows are written as stored, so a
-    quantized corpus stays quantized without being encoded again."""
-    batch = corpus.decode(stored)
+@dataclass(frozen=True)
+class BatchVerdict:
+    keep: np.ndarray  # bool per row
+    reasons: list[str | None]  # per row: its `reject_reason` (None = kept)
+    masks: dict[int, list[bool]]  # row -> loss mask, for the records the PII masker masked
+
+
+def filter_batch(batch: pa.RecordBatch, filters: list[Filter], masker, decode, report: Report) -> BatchVerdict:
+    """The filters over one batch of logical columns; each sees only the rows that every filter
+    before it kept, so a record failing several is charged to the first."""
     reasons: list[str | None] = [None] * batch.num_rows
     rejected_by: list[int | None] = [None] * batch.num_rows  # per row: index of the filter that dropped it
     alive = list(range(batch.num_rows))
@@ -194,15 +227,29 @@ def curate_batch(stored: pa.RecordBatch, filters: list[Filter], masker, decode, 
             rejected_by[i] = n
             reasons[i] = f"{label(f)}: {detail}"
         alive = [i for i in alive if i not in failed]
-    keep = np.array([n is None for n in rejected_by])
     report.add(batch, rejected_by, reasons)
-    table = pa.Table.from_batches([stored])
-    if masker is not None or "loss_mask" in table.column_names:  # every shard gets the same schema
-        table = _set_loss_mask(table, masks)
-    kept = table.filter(pa.array(keep))
-    rejected = table.filter(pa.array(~keep))
-    rejected = rejected.append_column("reject_reason", pa.array([r for r in reasons if r is not None], pa.string()))
-    return kept, rejected
+    return BatchVerdict(np.array([n is None for n in rejected_by], dtype=bool), reasons, masks)
+
+
+def _interrupted_curation(out: Path) -> bool:
+    """`out` as a killed curate leaves it: shards but no manifest (written last)."""
+    return not (out / corpus.MANIFEST).exists() and all(
+        p.name in ("data", "rejected", files.LOCK_NAME) or p.match(files.PARTIAL_GLOB) for p in out.iterdir())
+
+
+def _write_outputs(out: Path, index: int, kept: pa.Table, rejected: pa.Table) -> None:
+    for subdir, table in (("data", kept), ("rejected", rejected)):
+        if table.num_rows:
+            _write_shard(out, index, table, subdir)
+
+
+def _write_shard(out: Path, index: int, table: pa.Table, subdir: str) -> None:
+    try:
+        corpus.write_shard(out, index, table, subdir)
+    except files.DiskFull as e:  # generate's advice (its shards are kept) is wrong here: say what a rerun does
+        path = out / subdir / f"part-{index:05d}.parquet"
+        raise files.DiskFull(f"no space left on device writing shard {index} (`{path}`); free space and rerun the "
+                             "same command: curation starts over (no --overwrite needed)") from e
 
 
 def _pii_masks(batch, rows, masker: pii.PIIFilter, decode) -> dict[int, list[bool]]:

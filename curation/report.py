@@ -19,6 +19,7 @@ EXAMPLE_CHARS = 200
 class Report:
     """Counts per filter, in pipeline order: `filter_names[n]` labels the n-th filter, and
     `add` is told which filter dropped each row by that index (never by parsing the reason)."""
+    READS = ("id", "response", "response_token_ids", "response_logprobs")  # the columns `add` reads
 
     def __init__(self, filter_names: list[str]):
         self.names = filter_names

@@ -49,6 +49,7 @@ from distill.corpus.manifest import (
 from distill.corpus.store import (
     READ_ERRORS,
     STATS_KEY,
+    TOPK_ZSTD_LEVEL,
     corpus_stats,
     iter_batches,
     iter_records,
@@ -56,6 +57,7 @@ from distill.corpus.store import (
     read_shard,
     read_table,
     shard_index,
+    shard_batches,
     shard_paths,
     shard_stats,
     unreadable,
@@ -66,9 +68,10 @@ from distill.corpus.validate import check_shards, validate, validated_batches
 __all__ = [
     "COLUMNS", "DEFAULT_ENCODING", "ENCODING_KEY", "FLOAT16_RELATIVE_ERROR", "LOGPROB_CODES", "LOGPROB_ENCODINGS",
     "MANIFEST", "PACKED_IDS", "QUANTIZED_MAX_ERROR", "QUANT_STEP", "READ_ERRORS", "SCHEMA", "STATS_KEY", "TAIL_STEP",
+    "TOPK_ZSTD_LEVEL",
     "TOKEN_COLUMNS", "TOKEN_ID_COLUMNS", "Corpus", "CorpusError", "CorpusStats", "GenerationInfo", "Manifest", "TeacherInfo",
     "arrow_schema", "check_complete", "check_shards", "corpus_stats", "decode", "encode", "history_entry",
     "iter_batches", "iter_records", "leaves", "load_dataset", "logprob_tolerance", "read_manifest", "read_shard", "read_table",
-    "records_to_table", "shard_encoding", "shard_index", "shard_paths", "shard_stats", "tokenizer_fingerprint",
+    "records_to_table", "shard_batches", "shard_encoding", "shard_index", "shard_paths", "shard_stats", "tokenizer_fingerprint",
     "unreadable", "validate", "validated_batches", "write_manifest", "write_shard",
 ]

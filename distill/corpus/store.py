@@ -23,6 +23,10 @@ from distill.corpus.manifest import CorpusStats
 from distill.files import DiskFull, atomic_path
 
 STATS_KEY = b"distill.stats"
+# zstd level of the packed top-k columns (every other column: 6). benchmarks/topk_zstd_level.py
+# measured it on 1,024 realistic records (docs/results/scale.md): level 17 wrote 8x slower than 9
+# for a few % fewer bytes, and curate and generate rewrite every byte of the top-k.
+TOPK_ZSTD_LEVEL = 9
 
 
 def _stored_columns(schema: pa.Schema, columns: Sequence[str] | None) -> list[str] | None:
@@ -50,11 +54,10 @@ def write_shard(root: Path, index: int, table: pa.Table, subdir: str = "data") -
     try:
         with atomic_path(path) as tmp:
             # Page checksums: `validate` finds a flipped byte in the data instead of reading it.
-            # The packed top-k columns: zstd level 17 (5 % smaller there than 6; 18-19 gain nothing
-            # more and are 2-5x slower), and no min/max statistics (they would copy two whole byte
-            # strings per page into the file).
+            # The packed top-k columns: TOPK_ZSTD_LEVEL, and no min/max statistics (they would
+            # copy two whole byte strings per page into the file).
             pq.write_table(table, tmp, compression="zstd", write_page_checksum=True,
-                           compression_level={c: 17 if c in packed else 6 for c in table.column_names},
+                           compression_level={c: TOPK_ZSTD_LEVEL if c in packed else 6 for c in table.column_names},
                            write_statistics=[c for c in table.column_names if c not in packed])
     except DiskFull:
         raise DiskFull(f"no space left on device writing shard {index} (`{path}`); the finished shards are "
@@ -106,9 +109,15 @@ def iter_batches(root: Path, subdir: str = "data", columns: Sequence[str] | None
                  batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
     """Record batches with the logical columns, whatever the shards' encoding."""
     for path in shard_paths(root, subdir):
-        shard = pq.ParquetFile(path)
-        for batch in shard.iter_batches(batch_size=batch_size, columns=_stored_columns(shard.schema_arrow, columns)):
-            yield _select(_decoded(path, batch), columns)
+        yield from shard_batches(path, columns, batch_size)
+
+
+def shard_batches(path: Path, columns: Sequence[str] | None = None, batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
+    """One shard's record batches with the logical `columns` (None: all), reading and decoding
+    only the stored columns they need: without a top-k column, the top-k bytes are never read."""
+    shard = pq.ParquetFile(path)
+    for batch in shard.iter_batches(batch_size=batch_size, columns=_stored_columns(shard.schema_arrow, columns)):
+        yield _select(_decoded(path, batch), columns)
 
 
 def iter_records(root: Path, subdir: str = "data", columns: Sequence[str] | None = None) -> Iterator[dict]:
