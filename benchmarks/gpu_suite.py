@@ -1,7 +1,7 @@
 """The GPU suite, training half: KD and SFT step time and peak memory of a student built from its
 config (no weights downloaded), and the peak memory of the chunked vs the plain KD loss at that
 vocabulary. On a GPU the default is a Qwen2.5-0.5B-shaped student (V = 151,936, H = 896, 24
-layers) in bf16 at T = 4,096; `--smoke` runs the same code on the CPU with a tiny student in
+layers) in bf16 at T = 4,096; `--quick` runs the same code on the CPU with a tiny student in
 float32 in seconds (the test suite does). Not here yet: the vLLM half (`distill generate` vs raw
 `LLM.generate` tokens/s, serving tok/s at concurrency 1/16/64).
 
@@ -11,7 +11,7 @@ and a random top-k teacher row (k = 20) per position. KD: `chunked_distill_loss`
 own cross-entropy. Peak memory: `torch.cuda.max_memory_allocated` on a GPU; on the CPU, the
 growth of the process's peak RSS, each variant in a fresh process.
 
-    python benchmarks/gpu_suite.py [--tokens 4096] [--steps 5] [--smoke]
+    python benchmarks/gpu_suite.py [--tokens 4096] [--steps 5] [--quick]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from common import Headline, emit
+from common import Headline, emit, parse_args
 
 SHAPES = {
     # Qwen2.5-0.5B-Instruct's config.json: the student the issue names
@@ -156,7 +156,7 @@ def _sync(device: str) -> None:
 def in_fresh_process(what: str, args: argparse.Namespace, device: str) -> dict:
     """`what` (e.g. `train:kd`, `loss:plain`) in its own process: on the CPU its peak RSS is its own."""
     argv = [sys.executable, __file__, "--child", what, "--shape", args.shape, "--tokens", str(args.tokens),
-            "--steps", str(args.steps), "--device", device, *(["--smoke"] if args.smoke else [])]
+            "--steps", str(args.steps), "--device", device, *(["--quick"] if args.quick else [])]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"{what} failed:\n{done.stderr[-3000:]}")
@@ -166,7 +166,7 @@ def in_fresh_process(what: str, args: argparse.Namespace, device: str) -> dict:
 def run_child(what: str, args: argparse.Namespace) -> dict:
     import torch
 
-    if args.smoke:  # a check that the code runs, on a shared CPU: one thread, no oversubscription
+    if args.quick:  # a check that the code runs, on a shared CPU: one thread, no oversubscription
         torch.set_num_threads(1)
     kind, variant = what.split(":")
     if kind == "train":
@@ -176,14 +176,14 @@ def run_child(what: str, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> list[Headline]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", choices=SHAPES, help="the student's shape [default: qwen2.5-0.5b; tiny with --smoke]")
-    ap.add_argument("--tokens", type=int, help="tokens per sequence [default: 4096; 128 with --smoke]")
+    ap.add_argument("--shape", choices=SHAPES, help="the student's shape [default: qwen2.5-0.5b; tiny with --quick]")
+    ap.add_argument("--tokens", type=int, help="tokens per sequence [default: 4096; 128 with --quick]")
     ap.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
     ap.add_argument("--device", choices=("cuda", "cpu"), help="[default: cuda when available]")
-    ap.add_argument("--smoke", action="store_true", help="the CPU-sized run: tiny student, 128 tokens, 2 steps")
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.smoke:
+    # --quick: the CPU-sized run (what the test suite runs): tiny student, 128 tokens, 2 steps
+    args = parse_args(ap, argv, quick={})
+    if args.quick:
         args.shape, args.tokens, args.steps = args.shape or "tiny", args.tokens or 128, min(args.steps, 2)
     args.shape, args.tokens = args.shape or "qwen2.5-0.5b", args.tokens or 4096
     if args.child:

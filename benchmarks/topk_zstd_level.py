@@ -2,7 +2,7 @@
 shard of 1,024 realistic records (corpus_scale.py's) at several levels; `corpus.TOPK_ZSTD_LEVEL`
 is the level `write_shard` uses. The other columns stay at level 6 throughout.
 
-    python benchmarks/topk_zstd_level.py [--levels 6 9 12 17] [--repeat 3]
+    python benchmarks/topk_zstd_level.py [--levels 6 9 12 17] [--repeat 3] [--quick]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from common import Headline, emit
+from common import Headline, emit, parse_args
 from corpus_scale import K, SHARD, base_records
 
 from distill import corpus
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> list[Headline]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--levels", type=int, nargs="+", default=[6, 9, 12, 17])
     ap.add_argument("--repeat", type=int, default=3)
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, quick={"levels": [9, 17], "repeat": 1})
     table = corpus.records_to_table(base_records(SHARD), K)
     entries = int(pc.sum(pc.list_value_length(table["response_token_ids"])).as_py()) * K
     print(f"{SHARD:,} records, {entries // K:,} response tokens, k = {K}; the current level is {corpus.TOPK_ZSTD_LEVEL}")
