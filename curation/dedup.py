@@ -41,7 +41,12 @@ class ExactDedupFilter(Filter):
 
 class NearDedupFilter(Filter):
     """Word n-gram shingles -> MinHash signature (`num_perm` hashes) -> LSH with `bands` bands;
-    a candidate counts as a duplicate when its estimated Jaccard similarity >= `threshold`."""
+    a candidate counts as a duplicate when its estimated Jaccard similarity >= `threshold`.
+
+    Memory per kept record (~1.7 KB at the defaults, was ~5 KB): its signature as `num_perm`
+    uint32 in one growing array (the hashes are 32-bit), and per band a 64-bit hash of the band
+    (not its bytes) mapping to the record's index (a list only when several share it). A hash
+    collision can only add a candidate, which the signature comparison then checks."""
     name = "dedup_near"
     columns = ("id", "response")
     threshold: float = 0.8
@@ -58,8 +63,8 @@ class NearDedupFilter(Filter):
         # arithmetic wraps, which is the mod.
         self._a = rng.integers(0, 2**63, size=self.num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
         self._b = rng.integers(0, 2**63, size=self.num_perm, dtype=np.uint64)
-        self._buckets: list[dict[bytes, list[int]]] = [{} for _ in range(self.bands)]
-        self._signatures: list[np.ndarray] = []
+        self._buckets: list[dict[int, int | list[int]]] = [{} for _ in range(self.bands)]
+        self._signatures = np.empty((1024, self.num_perm), dtype=np.uint32)  # rows [0, len(_ids)) in use
         self._ids: list[str] = []
 
     def signature(self, text: str) -> np.ndarray | None:
@@ -84,13 +89,17 @@ class NearDedupFilter(Filter):
         self.add(sig, record["id"])
         return None
 
-    def _keys(self, sig: np.ndarray) -> list[bytes]:
+    def _keys(self, sig: np.ndarray) -> list[int]:
         rows = self.num_perm // self.bands
-        return [sig[b * rows:(b + 1) * rows].tobytes() for b in range(self.bands)]
+        return [hash(sig[b * rows:(b + 1) * rows].tobytes()) for b in range(self.bands)]
 
     def nearest(self, sig: np.ndarray) -> tuple[str, float] | None:
         """(id, estimated Jaccard) of the first text seen that is at least `threshold` similar."""
-        candidates = {c for band, key in zip(self._buckets, self._keys(sig)) for c in band.get(key, ())}
+        candidates = set()
+        for band, key in zip(self._buckets, self._keys(sig)):
+            found = band.get(key)
+            if found is not None:
+                candidates.update(found if isinstance(found, list) else (found,))
         for c in sorted(candidates):
             similarity = float(np.mean(self._signatures[c] == sig))
             if similarity >= self.threshold:
@@ -99,7 +108,14 @@ class NearDedupFilter(Filter):
 
     def add(self, sig: np.ndarray, record_id: str) -> None:
         index = len(self._ids)
-        self._signatures.append(sig)
+        if index == len(self._signatures):
+            self._signatures = np.concatenate([self._signatures, np.empty_like(self._signatures)])
+        self._signatures[index] = sig
         self._ids.append(record_id)
         for band, key in zip(self._buckets, self._keys(sig)):
-            band.setdefault(key, []).append(index)
+            found = band.setdefault(key, index)
+            if found != index:
+                if isinstance(found, list):
+                    found.append(index)
+                else:
+                    band[key] = [found, index]
