@@ -174,14 +174,18 @@ def run_stage(stage: str, root: Path, work: Path) -> dict:
     return measure([py, __file__, "--child-train", str(root), str(out / "t")], env={"HF_DATASETS_CACHE": str(out / "hf")})
 
 
-def write_rate(base: pa.Table) -> float:
-    """Records/s of `corpus.write_shard` (what generate and curate write with) on the base shard."""
+def write_rate(base: pa.Table, repeat: int = 3) -> float:
+    """Records/s of `corpus.write_shard` (what generate and curate write with) on the base shard,
+    the median of `repeat` writes."""
     from distill import corpus
 
+    seconds = []
     with tempfile.TemporaryDirectory() as tmp:
-        started = time.perf_counter()
-        corpus.write_shard(Path(tmp), 0, base)
-        return base.num_rows / (time.perf_counter() - started)
+        for _ in range(repeat):
+            started = time.perf_counter()
+            corpus.write_shard(Path(tmp), 0, base)
+            seconds.append(time.perf_counter() - started)
+    return base.num_rows / sorted(seconds)[repeat // 2]
 
 
 def main(argv: list[str] | None = None) -> list[Headline]:
@@ -204,7 +208,7 @@ def main(argv: list[str] | None = None) -> list[Headline]:
         print(f"base shard: {SHARD:,} records, {sum(len(x) for x in base['response_token_ids'].to_pylist()):,} "
               f"response tokens, built in {time.perf_counter() - started:.1f} s")
         rate = write_rate(base)
-        print(f"write (corpus.write_shard): {rate:,.0f} records/s")
+        print(f"write (corpus.write_shard, median of 3): {rate:,.0f} records/s")
         results: dict[int, dict[str, dict]] = {}
         for n in args.records:
             root = build(tmp / f"c{n}", n, base, seed=n)
