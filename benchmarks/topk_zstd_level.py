@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from common import Headline, emit, parse_args
-from corpus_scale import K, SHARD, base_records
+from corpus_scale import SHARD, K, base_records
 
 from distill import corpus
 
