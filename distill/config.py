@@ -197,7 +197,16 @@ class GenerateConfig(CorpusJobConfig):
 class ScoreConfig(CorpusJobConfig):
     """`distill score`: teacher top-k logprobs along existing responses (teacher forcing)."""
 
-    data: Path = Field(description="Conversations whose last turn is the assistant response to score.")
+    data: Path | None = Field(None, description="Conversations whose last turn is the assistant response to score.")
+    corpus: Path | None = Field(None, description="Instead of `data`: a corpus whose responses the teacher scores "
+                                "token for token, written as a sibling corpus aligned record by record (a second "
+                                "teacher for `distill train --ensemble`; same tokenizer).")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> ScoreConfig:
+        if (self.data is None) == (self.corpus is None):
+            raise ValueError("give exactly one of `data` (conversations) and `corpus` (a corpus to score as a sibling)")
+        return self
 
 
 PromptFilters = Field(
