@@ -15,9 +15,12 @@ All corpora must share one tokenizer (the student reads every record's token ids
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from distill import corpus
 from distill.config import TrainConfig
@@ -107,7 +110,7 @@ def _ensemble(cfg: TrainConfig, parts: list, scratch: Path):
             raise ValueError(f"`{path}` holds {len(part):,} trainable records and `{names[0]}` {len(first):,}: an "
                              "ensemble needs the same records in each corpus (make them with `distill score --corpus`)")
 
-    def records():
+    def records() -> Iterator[dict]:
         columns = ("prompt_token_ids", "response_token_ids")
         for i in range(len(first)):
             rows = [part[i] for part in parts]
@@ -121,4 +124,17 @@ def _ensemble(cfg: TrainConfig, parts: list, scratch: Path):
             yield {**{k: v for k, v in rows[0].items() if k not in ("topk_token_ids", "topk_logprobs")},
                    "topk_token_ids": top_ids.tolist(), "topk_logprobs": top_lps.astype(np.float32).tolist(), "teacher": 0}
 
-    return datasets.Dataset.from_generator(records, cache_dir=str(scratch / "ensemble"))
+    # written once as an Arrow file the dataset memory-maps, as `prepare_training_data` does
+    path, writer, schema = scratch / "ensemble.arrow", None, None
+    try:
+        rows = records()
+        while batch := list(itertools.islice(rows, 512)):
+            table = pa.Table.from_pylist(batch, schema=schema)
+            if writer is None:
+                schema = table.schema
+                writer = pa.ipc.new_stream(path, schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+    return datasets.Dataset.from_file(str(path))
