@@ -168,11 +168,12 @@ def test_an_ensemble_of_misaligned_corpora_names_the_record(tmp_path):
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(ensemble="mixture"), "`ensemble` needs two or more corpora"),
-    (dict(teacher_weights=[1, 2]), "`teacher_weights` apply to an `ensemble` only"),
-    (dict(ensemble="sum", teacher_weights=[1, 2, 3], two=True), "`teacher_weights` has 3 weights for 2 corpora"),
-    (dict(on_policy=True, teacher_endpoints=["a=http://x"], two=True), "`teacher_endpoints`: no value for corpus 'b'"),
-    (dict(on_policy=True, ensemble="sum", teacher_endpoint="http://x", two=True), "`on_policy` with an `ensemble`"),
+    ({"ensemble": "mixture"}, "`ensemble` needs two or more corpora"),
+    ({"teacher_weights": [1, 2]}, "`teacher_weights` apply to an `ensemble` only"),
+    ({"ensemble": "sum", "teacher_weights": [1, 2, 3], "two": True}, "`teacher_weights` has 3 weights for 2 corpora"),
+    ({"on_policy": True, "teacher_endpoints": ["a=http://x"], "two": True},
+     "`teacher_endpoints`: no value for corpus 'b'"),
+    ({"on_policy": True, "ensemble": "sum", "teacher_endpoint": "http://x", "two": True}, "`on_policy` with an `ensemble`"),
 ])
 def test_multi_teacher_settings_that_do_not_fit_are_one_line(tmp_path, settings, message):
     corpus_ = [tmp_path / "a", tmp_path / "b"] if settings.pop("two", False) else tmp_path / "a"

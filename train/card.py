@@ -86,10 +86,7 @@ def write_readme(out: Path, cfg: TrainConfig, card: StudentCard) -> None:
              f"- teacher: `{card.teacher.model if card.teacher else None}`",
              f"- corpus: `{cfg.corpora[0]}` (manifest sha256 `{card.corpus_manifest_sha256[:16]}`)"
              + ("" if card.corpus_complete else "; incomplete: its generate job was interrupted"),
-             *(["- teachers: " + ", ".join(f"`{t.model}` (`{c}`)" for t, c in zip(card.teachers, card.corpora))
-                + (f"; {cfg.ensemble} ensemble, weights {cfg.normalised_teacher_weights()}" if cfg.ensemble else
-                   "; each record learns from its own corpus's teacher")
-                + (f"; mix {', '.join(cfg.mix)}" if cfg.mix else "")] if card.teachers else []),
+             *([teachers_line(cfg, card)] if card.teachers else []),
              f"- loss: {cfg.alpha} x {cfg.loss} (tail {cfg.tail}, T={cfg.kd_temperature}) + {1 - cfg.alpha:g} x CE; "
              f"{'LoRA r=' + str(cfg.lora_r) if cfg.lora else 'full fine-tuning'}",
              *([f"- on-policy: {cfg.lmbda:g} of each batch sampled by the student (at most {cfg.max_new_tokens} tokens, "
@@ -100,6 +97,15 @@ def write_readme(out: Path, cfg: TrainConfig, card: StudentCard) -> None:
                for key, value in card.final.items() if isinstance(value, float)),
              "", "Full provenance: `distill.json`. Metrics per logging step: `metrics.jsonl`, `loss.png`."]
     (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def teachers_line(cfg: TrainConfig, card: StudentCard) -> str:
+    """Several corpora: each teacher and its corpus, and how the student learnt from them."""
+    how = (f"{cfg.ensemble} ensemble, weights {cfg.normalised_teacher_weights()}" if cfg.ensemble
+           else "each record learns from its own corpus's teacher")
+    mix = f"; mix {', '.join(cfg.mix)}" if cfg.mix else ""
+    teachers = ", ".join(f"`{t.model}` (`{c}`)" for t, c in zip(card.teachers, card.corpora))
+    return f"- teachers: {teachers}; {how}{mix}"
 
 
 def plot_losses(out: Path) -> None:

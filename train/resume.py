@@ -38,7 +38,9 @@ MULTI_TEACHER_FIELDS = ("mix", "ensemble", "teacher_weights")
 
 def run_settings(cfg: TrainConfig) -> dict:
     settings = cfg.model_dump(mode="json", exclude=NOT_SETTINGS)
-    resolved = lambda path: str(Path(path).resolve() if Path(path).exists() else path)  # noqa: E731
+    def resolved(path) -> str:
+        return str(Path(path).resolve() if Path(path).exists() else path)
+
     corpora = [resolved(path) for path in cfg.corpora]
     settings["corpus"] = corpora[0] if len(corpora) == 1 else corpora  # one corpus: as runs stored it before lists
     settings["student"] = resolved(settings["student"])

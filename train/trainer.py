@@ -31,11 +31,15 @@ from distill.engine import check_model
 from distill.launcher import EndpointError
 from distill.train import corpora
 from distill.train.card import StudentCard, TrainResult, write_student_files
-from distill.train.data import TEACHER_COLUMN, DistillCollator, TrainingData, check_vocabulary
+from distill.train.data import (
+    TEACHER_COLUMN,
+    DistillCollator,
+    TrainingData,
+    check_vocabulary,
+)
 from distill.train.head import lm_head
 from distill.train.losses import LossSpec, chunked_distill_loss
 from distill.train.onpolicy import on_policy_records, sample
-from distill.train.routed_teachers import RoutedTeachers, routed_teachers
 from distill.train.resume import (
     CHECKPOINT_DONE,
     TRAINING_DATA,
@@ -43,6 +47,7 @@ from distill.train.resume import (
     is_first_process,
     start_from,
 )
+from distill.train.routed_teachers import RoutedTeachers, routed_teachers
 from distill.train.scoring import pad_token_id, teacher_forced
 from distill.train.tracked import (
     active,
