@@ -87,13 +87,13 @@ def test_padded_slots_change_neither_loss_nor_gradient(kind, tail):
     torch.testing.assert_close(grad_padded, grad_plain)
 
 
-def _corpus(root, name, ids, k, teacher="t-a", tokenizer="tok", prompt=(1, 2, 3)):
-    records = [record(i, k=k, prompt_ids=prompt) for i in ids]
+def _corpus(root, name, ids, k, teacher="t-a", tokenizer="tok", prompt=(1, 2, 3), loss_mask=None):
+    records = [record(i, k=k, prompt_ids=prompt, loss_mask=loss_mask) for i in ids]
     return make_corpus(root / name, records, k=k, teacher={"model": teacher, "tokenizer_sha256": tokenizer})
 
 
 def test_routing_keeps_each_records_own_teacher_across_corpora_of_different_k(tmp_path):
-    code = _corpus(tmp_path, "code", ["c0", "c1", "c2"], k=3, teacher="t-code")
+    code = _corpus(tmp_path, "code", ["c0", "c1", "c2"], k=3, teacher="t-code", loss_mask=[True, False, True])
     chat = _corpus(tmp_path, "chat", ["h0", "h1"], k=5, teacher="t-chat")
     cfg = TrainConfig(corpus=[code, chat], student="s", out=tmp_path / "o", max_length=64)
     manifests = corpora.read_manifests(cfg)
@@ -102,11 +102,15 @@ def test_routing_keeps_each_records_own_teacher_across_corpora_of_different_k(tm
     rows = [data.dataset[i] for i in range(len(data.dataset))]
     batch = DistillCollator(pad_token_id=0, max_length=64, top_k=5)(rows)
     assert batch["teacher"].tolist() == [0, 0, 0, 1, 1]
+    # a curated corpus's loss_mask is kept; the other corpus's records learn every position
+    assert batch["target_mask"].sum(1).tolist() == [2, 2, 2, 3, 3]
     for i, (name, k) in enumerate([("c0", 3), ("c1", 3), ("c2", 3), ("h0", 5), ("h1", 5)]):
         own = record(name, k=k)
         positions = batch["target_mask"][i]
-        np.testing.assert_array_equal(batch["topk_ids"][i][positions][:, :k].numpy(), own["topk_token_ids"])
-        np.testing.assert_allclose(batch["topk_logprobs"][i][positions][:, :k].numpy(), own["topk_logprobs"], atol=2**-6)
+        kept = [0, 2] if name.startswith("c") else [0, 1, 2]
+        np.testing.assert_array_equal(batch["topk_ids"][i][positions][:, :k].numpy(), own["topk_token_ids"][kept])
+        np.testing.assert_allclose(batch["topk_logprobs"][i][positions][:, :k].numpy(), own["topk_logprobs"][kept],
+                                   atol=2**-6)
         assert (batch["topk_logprobs"][i][positions][:, k:] == PAD_LOGPROB).all()
     # each record's loss in the batch is its loss against its own teacher's rows alone
     logits = torch.randn(*batch["input_ids"].shape, 500, dtype=torch.float64)

@@ -77,9 +77,10 @@ def _concatenate(parts: list):
 
     if len(parts) == 1:
         return parts[0]
-    # curated corpora carry `loss_mask`, others not: a record without one learns every position
-    if any("loss_mask" in p.column_names for p in parts) and not all("loss_mask" in p.column_names for p in parts):
-        parts = [p if "loss_mask" in p.column_names else p.add_column("loss_mask", [None] * len(p)) for p in parts]
+    # curated corpora carry `loss_mask`, others not: there every position learns, as without one
+    if any("loss_mask" in p.column_names for p in parts):
+        parts = [p if "loss_mask" in p.column_names else p.add_column(
+            "loss_mask", [[True] * len(r) for r in p["response_token_ids"]]) for p in parts]
     features = parts[0].features
     return datasets.concatenate_datasets([p.cast(features) if p.features != features else p for p in parts])
 
