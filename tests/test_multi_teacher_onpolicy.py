@@ -22,11 +22,12 @@ QUESTIONS = {"code": [f"Sort {i} {i * 3 % 7} {i % 4}" for i in range(4)],
 
 @pytest.fixture(scope="module")
 def servers(tiny_models):
-    """name -> a running server: `code` is the Llama teacher, `chat` the Qwen2 one."""
+    """name -> a running server: `code` is the tiny Llama teacher, `chat` the tiny Llama student (another
+    model of the same tokenizer; the tiny Qwen2 encodes text differently)."""
     settings = {name: ServeConfig(model=str(tiny_models[model]), served_model_name=name, port=0,
                                   max_model_len=MAX_MODEL_LEN, engine_args={"max_logprobs": 20},
                                   vllm_args=["--no-enable-prefix-caching"])
-                for name, model in (("code", "llama-teacher"), ("chat", "qwen2-teacher"))}
+                for name, model in (("code", "llama-teacher"), ("chat", "llama-student"))}
     with start_server(settings["code"]) as code, start_server(settings["chat"]) as chat:
         yield {"code": code, "chat": chat}
 
