@@ -681,8 +681,9 @@ def format_validation_error(err: ValidationError, source: str = "") -> str:
 SweepMeasure = Literal["kl", "top1_agreement", "score"]
 MINIMISED_MEASURES = ("kl",)
 # Train fields a sweep may not search: where things are and how training is launched, not what it computes.
+# Nor which corpora train and how their teachers combine (names of corpora the run does not have).
 NOT_SEARCHABLE = {"overwrite", "allow_incomplete", "teacher_endpoint", "teacher_endpoints", "teacher_api_key",
-                  *LAUNCH_FIELDS}
+                  "mix", "ensemble", "teacher_weights", *LAUNCH_FIELDS}
 
 
 class SearchRange(BaseModel):
