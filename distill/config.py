@@ -197,7 +197,16 @@ class GenerateConfig(CorpusJobConfig):
 class ScoreConfig(CorpusJobConfig):
     """`distill score`: teacher top-k logprobs along existing responses (teacher forcing)."""
 
-    data: Path = Field(description="Conversations whose last turn is the assistant response to score.")
+    data: Path | None = Field(None, description="Conversations whose last turn is the assistant response to score.")
+    corpus: Path | None = Field(None, description="Instead of `data`: a corpus whose responses the teacher scores "
+                                "token for token, written as a sibling corpus aligned record by record (a second "
+                                "teacher for `distill train --ensemble`; same tokenizer).")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> ScoreConfig:
+        if (self.data is None) == (self.corpus is None):
+            raise ValueError("give exactly one of `data` (conversations) and `corpus` (a corpus to score as a sibling)")
+        return self
 
 
 PromptFilters = Field(
@@ -264,10 +273,71 @@ class CurateConfig(StageConfig):
 TRACKING_FIELDS = frozenset({"report_to", "run_name", "experiment", "tracking_dir"})
 
 
+def _one_or_more(value: Any) -> Any:
+    """One path (a YAML scalar, `TrainConfig(corpus=PATH)`) as a list of one."""
+    return [value] if isinstance(value, (str, Path)) else value
+
+
+def _named_values(value: Any) -> Any:
+    """`a=0.7,b=0.3` (a flag, repeatable), a YAML list of `name=value` or a YAML mapping -> ["a=0.7", "b=0.3"]."""
+    if isinstance(value, dict):
+        return [f"{k}={v}" for k, v in value.items()]
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):
+        return [part.strip() for item in value for part in str(item).split(",") if part.strip()]
+    return value
+
+
+def _check_named(items: list[str], field: str, number: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ValueError(f"`{field}`: {item!r} is not NAME=VALUE")
+        if name.strip() in out:
+            raise ValueError(f"`{field}`: {name.strip()!r} is given twice")
+        if number:
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"`{field}`: {item!r}: {value!r} is not a number") from None
+            if value < 0:
+                raise ValueError(f"`{field}`: {item!r}: a weight must be >= 0")
+        out[name.strip()] = value.strip() if isinstance(value, str) else value
+    return out
+
+
+def _floats(value: Any) -> Any:
+    """`--teacher-weights 0.7,0.3` (or repeated flags, or a YAML list) -> [0.7, 0.3]."""
+    if isinstance(value, (str, int, float)):
+        value = [value]
+    if isinstance(value, list):
+        return [float(part) for item in value for part in (str(item).split(",")) if str(part).strip()]
+    return value
+
+
+# How `ensemble` combines several teachers' top-k of the same responses (train/ensemble.py).
+Ensemble = Literal["mixture", "sum"]
+
+
 class TrainConfig(StageConfig):
     """`distill train`: a student learns the teacher's tokens (CE) and its top-k distributions (KL)."""
 
-    corpus: Path = Field(description="Training corpus directory (from generate / curate).")
+    corpus: Annotated[list[Path], BeforeValidator(_one_or_more)] = Field(
+        min_length=1, description="Training corpus directory (from generate / curate). Repeat for several corpora of "
+        "different teachers (the same tokenizer): each record learns from its own teacher's top-k (routing), or, with "
+        "`ensemble`, from all teachers' top-k of the same responses (`distill score --corpus`).")
+    mix: Annotated[list[str], BeforeValidator(_named_values)] = Field(
+        default_factory=list, description="Share of each corpus in the training data, by corpus directory name, e.g. "
+        "`a=0.7,b=0.3` (records resampled to these shares; default: all records once).")
+    ensemble: Ensemble | None = Field(
+        None, description="Several corpora scoring the same responses: `mixture` (KL to the weighted mixture of the "
+        "teachers' distributions on the union of their top-k + one tail) or `sum` (the weighted sum of the KL to each "
+        "teacher on its own top-k + tail).")
+    teacher_weights: Annotated[list[float], BeforeValidator(_floats)] = Field(
+        default_factory=list, description="One weight per corpus for `ensemble`, in `corpus` order, e.g. 0.7,0.3 "
+        "(normalised to sum 1; default: equal).")
     student: ModelPath = Field(description="Student model: a local directory, a hub id or a .gguf file (same tokenizer family).")
     out: Path = Field(description="Output directory: merged model, adapter, metrics, model card.")
     loss: LossKind = Field("forward_kl", description="KD divergence.")
@@ -302,6 +372,9 @@ class TrainConfig(StageConfig):
                             "`teacher_endpoint` (on-policy distillation).")
     teacher_endpoint: str | None = Field(None, description="URL of a vLLM server of the teacher (`distill serve --model "
                                          "TEACHER`), for `on_policy`.")
+    teacher_endpoints: Annotated[list[str], BeforeValidator(_named_values)] = Field(
+        default_factory=list, description="Several teachers for `on_policy`, one per corpus: `NAME=URL` with NAME a "
+        "corpus directory's name (repeatable); each sample is scored by the teacher of the corpus its prompt came from.")
     teacher_api_key: str | None = Field(None, description="API key for `teacher_endpoint` (default: $VLLM_API_KEY).")
     lmbda: float = Field(0.5, ge=0.0, le=1.0, description="Share of each batch sampled from the student (`on_policy`); "
                          "the rest is the stored corpus.")
@@ -322,9 +395,71 @@ class TrainConfig(StageConfig):
 
     @model_validator(mode="after")
     def _check_on_policy(self) -> TrainConfig:
-        if self.on_policy and not self.teacher_endpoint:
+        if self.on_policy and not (self.teacher_endpoint or self.teacher_endpoints):
             raise ValueError("`on_policy` needs `teacher_endpoint`: the URL of a vLLM server of the teacher")
+        if self.teacher_endpoint and self.teacher_endpoints:
+            raise ValueError("give `teacher_endpoint` (one teacher) or `teacher_endpoints` (one per corpus), not both")
+        if self.teacher_endpoints and not self.on_policy:
+            raise ValueError("`teacher_endpoints` apply to `on_policy` only")
+        if self.teacher_endpoints:
+            self._check_corpus_names("teacher_endpoints", _check_named(self.teacher_endpoints, "teacher_endpoints", False))
         return self
+
+    @model_validator(mode="after")
+    def _check_teachers(self) -> TrainConfig:
+        names = self.corpus_names()
+        if len(set(names)) < len(names):
+            raise ValueError(f"`corpus`: two corpora share the directory name {next(n for n in names if names.count(n) > 1)!r}; "
+                             "`mix` and `teacher_endpoints` name corpora by it: rename one")
+        if self.mix:
+            if self.ensemble:
+                raise ValueError("`mix` applies to corpora of different prompts; an `ensemble` trains on the same records")
+            self._check_corpus_names("mix", _check_named(self.mix, "mix", True))
+            if not sum(self.mix_weights().values()) > 0:
+                raise ValueError("`mix`: the weights sum to 0")
+        if self.ensemble and len(self.corpora) < 2:
+            raise ValueError("`ensemble` needs two or more corpora (`--corpus A --corpus B`) of the same responses")
+        if self.ensemble and self.on_policy:
+            raise ValueError("`on_policy` with an `ensemble` is not supported: route on-policy samples with "
+                             "`teacher_endpoints` instead")
+        if self.teacher_weights:
+            if not self.ensemble:
+                raise ValueError("`teacher_weights` apply to an `ensemble` only (routing: `mix`)")
+            if len(self.teacher_weights) != len(self.corpora):
+                raise ValueError(f"`teacher_weights` has {len(self.teacher_weights)} weights for {len(self.corpora)} corpora")
+            if min(self.teacher_weights) < 0 or not sum(self.teacher_weights) > 0:
+                raise ValueError("`teacher_weights` must be >= 0 and not all 0")
+        return self
+
+    def _check_corpus_names(self, field: str, named: dict[str, Any]) -> None:
+        names = self.corpus_names()
+        for name in named:
+            if name not in names:
+                raise ValueError(f"`{field}`: {name!r} is not a corpus (the corpora are {', '.join(names)})")
+        for name in names:
+            if name not in named:
+                raise ValueError(f"`{field}`: no value for corpus {name!r}")
+
+    @property
+    def corpora(self) -> list[Path]:
+        """The corpus directories. `model_copy(update=...)` skips validation: a single path set
+        that way still reads as one corpus."""
+        return [Path(p) for p in _one_or_more(self.corpus)]
+
+    def corpus_names(self) -> list[str]:
+        """What `mix` and `teacher_endpoints` call each corpus: its directory's name."""
+        return [p.resolve().name or str(p) for p in self.corpora]
+
+    def mix_weights(self) -> dict[str, float]:
+        return _check_named(self.mix, "mix", True)
+
+    def endpoints(self) -> dict[str, str]:
+        """Corpus name -> URL of its teacher for on-policy samples (`teacher_endpoints`)."""
+        return _check_named(self.teacher_endpoints, "teacher_endpoints", False)
+
+    def normalised_teacher_weights(self) -> list[float]:
+        weights = self.teacher_weights or [1.0] * len(self.corpora)
+        return [w / sum(weights) for w in weights]
 
 
 def _comma_separated(value: Any) -> Any:
@@ -546,7 +681,9 @@ def format_validation_error(err: ValidationError, source: str = "") -> str:
 SweepMeasure = Literal["kl", "top1_agreement", "score"]
 MINIMISED_MEASURES = ("kl",)
 # Train fields a sweep may not search: where things are and how training is launched, not what it computes.
-NOT_SEARCHABLE = {"overwrite", "allow_incomplete", "teacher_endpoint", "teacher_api_key", *LAUNCH_FIELDS}
+# Nor which corpora train and how their teachers combine (names of corpora the run does not have).
+NOT_SEARCHABLE = {"overwrite", "allow_incomplete", "teacher_endpoint", "teacher_endpoints", "teacher_api_key",
+                  "mix", "ensemble", "teacher_weights", *LAUNCH_FIELDS}
 
 
 class SearchRange(BaseModel):

@@ -184,7 +184,12 @@ def check_overlap(cfg: EvalConfig, ids: set[str]) -> None:
     """Refuse prompts the student was trained on (its distill.json names the training corpus)."""
     if cfg.allow_overlap or not (Path(cfg.student) / CARD).is_file():
         return
-    trained_on = Path(StudentCard.load(Path(cfg.student)).corpus)
+    card = StudentCard.load(Path(cfg.student))
+    for trained_on in map(Path, card.corpora or [card.corpus]):  # several: a multi-teacher student's corpora
+        _check_overlap(cfg, ids, trained_on)
+
+
+def _check_overlap(cfg: EvalConfig, ids: set[str], trained_on: Path) -> None:
     if not (trained_on / corpus.MANIFEST).is_file():
         return
     seen = set(corpus.read_table(trained_on, columns=["prompt_id"]).column("prompt_id").to_pylist())

@@ -96,7 +96,7 @@ def main() -> None:
     report = {
         "prompts": n, "held_out_prompts": len(eval_prompts.read_text().splitlines()),
         "synthesized": json.loads((out / "synthetic" / "synthesize" / "manifest.json").read_text())["counts"],
-        "curated_records": {arm: corpus.read_manifest(Path(c["train"].corpus)).stats.records for arm, c in arms.items()},
+        "curated_records": {arm: corpus.read_manifest(c["train"].corpora[0]).stats.records for arm, c in arms.items()},
         "train_steps": synthetic["train"].max_steps, "untrained": untrained, "per_seed": per_seed,
         "summary": summary, "kl_gain_share_per_seed": share,
     }

@@ -52,7 +52,12 @@ def generate(cfg: GenerateConfig, teacher: Teacher | None = None) -> corpus.Corp
 
 
 def score(cfg: ScoreConfig, teacher: Teacher | None = None) -> corpus.Corpus:
-    """Teacher top-k along the existing answers of `cfg.data` into the corpus `cfg.out`."""
+    """Teacher top-k along the existing answers of `cfg.data` into the corpus `cfg.out`; with
+    `cfg.corpus`, along that corpus's responses into a sibling corpus (`generate/sibling.py`)."""
+    if cfg.corpus is not None:
+        from distill.generate.sibling import score_sibling
+
+        return score_sibling(cfg, teacher)
     return CorpusJob(cfg, cfg.data, scoring=True).run(teacher)
 
 

@@ -35,18 +35,29 @@ class StudentCard(BaseModel):
     first_loss: float | None = None
     last_loss: float | None = None
     history: list[dict[str, Any]] = Field(default_factory=list)  # the corpus's history + this run
+    # Several corpora (multi-teacher): every corpus and the teacher that made it, in `corpus` order;
+    # `corpus`, `teacher` and the fields above describe the first.
+    corpora: list[str] = Field(default_factory=list)
+    teachers: list[TeacherInfo] = Field(default_factory=list)
 
     @classmethod
     def load(cls, student: Path) -> StudentCard:
         return cls.model_validate_json((Path(student) / CARD).read_bytes())
 
     @classmethod
-    def of_run(cls, cfg: TrainConfig, manifest: Manifest, steps: int, log_history: list[dict], initial: dict,
-               final: dict, wall: float) -> StudentCard:
-        """The card of a finished run: `log_history` is the trainer's logged metrics, one dict per log."""
+    def of_run(cls, cfg: TrainConfig, manifests: Manifest | list[Manifest], steps: int, log_history: list[dict],
+               initial: dict, final: dict, wall: float) -> StudentCard:
+        """The card of a finished run: `log_history` is the trainer's logged metrics, one dict per log;
+        `manifests`: the corpus's, or one per corpus of `cfg.corpora`."""
+        manifests = manifests if isinstance(manifests, list) else [manifests]
+        manifest = manifests[0]
         logs = [log for log in log_history if "loss" in log]
+        several = len(manifests) > 1
         return cls(
-            corpus=str(cfg.corpus), corpus_complete=manifest.stats.complete is not False, teacher=manifest.teacher,
+            corpora=[str(p) for p in cfg.corpora] if several else [],
+            teachers=[m.teacher for m in manifests] if several else [],
+            corpus=str(cfg.corpora[0]), corpus_complete=all(m.stats.complete is not False for m in manifests),
+            teacher=manifest.teacher,
             student_source=model_source(cfg.student), corpus_manifest_sha256=manifest.sha256(),
             curation=manifest.curation, config=provenance(cfg), steps=steps,
             initial=initial, final=final, first_loss=logs[0]["loss"] if logs else None,
@@ -73,8 +84,9 @@ def write_student_files(out: Path, cfg: TrainConfig, card: StudentCard) -> None:
 def write_readme(out: Path, cfg: TrainConfig, card: StudentCard) -> None:
     lines = ["# Distilled student", "", f"- student base: `{cfg.student}`",
              f"- teacher: `{card.teacher.model if card.teacher else None}`",
-             f"- corpus: `{cfg.corpus}` (manifest sha256 `{card.corpus_manifest_sha256[:16]}`)"
+             f"- corpus: `{cfg.corpora[0]}` (manifest sha256 `{card.corpus_manifest_sha256[:16]}`)"
              + ("" if card.corpus_complete else "; incomplete: its generate job was interrupted"),
+             *([teachers_line(cfg, card)] if card.teachers else []),
              f"- loss: {cfg.alpha} x {cfg.loss} (tail {cfg.tail}, T={cfg.kd_temperature}) + {1 - cfg.alpha:g} x CE; "
              f"{'LoRA r=' + str(cfg.lora_r) if cfg.lora else 'full fine-tuning'}",
              *([f"- on-policy: {cfg.lmbda:g} of each batch sampled by the student (at most {cfg.max_new_tokens} tokens, "
@@ -85,6 +97,15 @@ def write_readme(out: Path, cfg: TrainConfig, card: StudentCard) -> None:
                for key, value in card.final.items() if isinstance(value, float)),
              "", "Full provenance: `distill.json`. Metrics per logging step: `metrics.jsonl`, `loss.png`."]
     (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def teachers_line(cfg: TrainConfig, card: StudentCard) -> str:
+    """Several corpora: each teacher and its corpus, and how the student learnt from them."""
+    how = (f"{cfg.ensemble} ensemble, weights {cfg.normalised_teacher_weights()}" if cfg.ensemble
+           else "each record learns from its own corpus's teacher")
+    mix = f"; mix {', '.join(cfg.mix)}" if cfg.mix else ""
+    teachers = ", ".join(f"`{t.model}` (`{c}`)" for t, c in zip(card.teachers, card.corpora))
+    return f"- teachers: {teachers}; {how}{mix}"
 
 
 def plot_losses(out: Path) -> None:

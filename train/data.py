@@ -26,10 +26,14 @@ import pyarrow.compute as pc
 import torch
 
 from distill import corpus
+from distill.train.losses import PAD_LOGPROB
 
 # What the collator reads of a record (`loss_mask` only in curated corpora): the rest of the
 # corpus (messages, texts, sampled logprobs) never enters the training dataset.
 TRAINING_COLUMNS = ("id", "prompt_token_ids", "response_token_ids", "topk_token_ids", "topk_logprobs", "loss_mask")
+# Added to the training records when several corpora train together (train/corpora.py): the
+# index of the corpus a record came from, which on-policy routing sends its prompt's samples by.
+TEACHER_COLUMN = "teacher"
 
 
 def trainable(record: dict, max_length: int) -> bool:
@@ -97,11 +101,16 @@ class DistillCollator:
     """Batch of corpus records -> `input_ids`, `attention_mask [B, L]`, `labels [B, L]` (the
     token each position predicts, -100 where nothing is learned), `target_mask [B, L]`,
     `topk_ids [B, L, K]`, `topk_logprobs [B, L, K]` (zeros where `target_mask` is False), and
-    `prompt_lengths [B]` (on-policy training samples continuations of `input_ids[i, :prompt_lengths[i]]`)."""
+    `prompt_lengths [B]` (on-policy training samples continuations of `input_ids[i, :prompt_lengths[i]]`).
+    A record of fewer than `top_k` ids per row (corpora of different k) fills the rest with
+    `PAD_LOGPROB` slots, which the losses count as probability 0. `teachers` > 0: the records' rows
+    carry a teacher dimension (`ensemble: sum`), `topk_* [B, L, teachers, K]`. Records of several
+    corpora also give `teacher [B]`, the index of each one's corpus."""
 
     pad_token_id: int
     max_length: int
     top_k: int
+    teachers: int = 0
 
     def __call__(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
         seqs = [list(r["prompt_token_ids"]) + list(r["response_token_ids"]) for r in records]
@@ -115,8 +124,9 @@ class DistillCollator:
         attention = torch.zeros((b, length), dtype=torch.long)
         labels = torch.full((b, length), -100, dtype=torch.long)
         target = torch.zeros((b, length), dtype=torch.bool)
-        topk_ids = torch.zeros((b, length, k), dtype=torch.long)
-        topk_lps = torch.zeros((b, length, k), dtype=torch.float32)
+        per_row = (self.teachers, k) if self.teachers else (k,)
+        topk_ids = torch.zeros((b, length, *per_row), dtype=torch.long)
+        topk_lps = torch.zeros((b, length, *per_row), dtype=torch.float32)
         for i, (r, seq) in enumerate(zip(records, seqs)):
             seq = seq[:length]
             p = len(r["prompt_token_ids"])
@@ -128,9 +138,19 @@ class DistillCollator:
             keep = torch.tensor(r["loss_mask"][:n], dtype=torch.bool) if r.get("loss_mask") is not None \
                 else torch.ones(n, dtype=torch.bool)
             target[i, rows] = keep
-            topk_ids[i, rows] = torch.tensor(r["topk_token_ids"][:n], dtype=torch.long).reshape(n, k)
-            topk_lps[i, rows] = torch.tensor(r["topk_logprobs"][:n], dtype=torch.float32).reshape(n, k)
+            if n == 0:
+                continue
+            ids = torch.tensor(r["topk_token_ids"][:n], dtype=torch.long).reshape(n, *per_row[:-1], -1)
+            width = ids.shape[-1]
+            if width > k:
+                raise ValueError(f"record {r['id']!r}: {width} top-k ids per position, more than the {k} of the corpora")
+            topk_lps[i, rows] = PAD_LOGPROB  # the slots beyond this record's k
+            topk_ids[i, rows, ..., :width] = ids
+            topk_lps[i, rows, ..., :width] = torch.tensor(r["topk_logprobs"][:n], dtype=torch.float32).reshape(ids.shape)
         labels[~target] = -100
-        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "target_mask": target,
-                "topk_ids": topk_ids, "topk_logprobs": topk_lps,
-                "prompt_lengths": torch.tensor([len(r["prompt_token_ids"]) for r in records], dtype=torch.long)}
+        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "target_mask": target,
+                 "topk_ids": topk_ids, "topk_logprobs": topk_lps,
+                 "prompt_lengths": torch.tensor([len(r["prompt_token_ids"]) for r in records], dtype=torch.long)}
+        if all(TEACHER_COLUMN in r for r in records):
+            batch[TEACHER_COLUMN] = torch.tensor([r[TEACHER_COLUMN] for r in records], dtype=torch.long)
+        return batch

@@ -21,6 +21,12 @@ beta KL(P||M) + (1-beta) KL(Q||M) with M = beta P + (1-beta) Q (beta = 0.5: symm
 `LossSpec` holds the kind, T, the tail and beta: built once from the config (`LossSpec.from_config`,
 `LossSpec.on_policy`), checked once, and handed whole to every loss function.
 
+Several teachers (docs/recipes/multi-teacher.md): a top-k row may be padded to a common width
+with `PAD_LOGPROB` slots (corpora of different k, a mixture's union of ids), which count as
+outcomes of probability 0 for both teacher and student. With a teacher dimension (`topk_* [N, M,
+K]`, `ensemble: sum`), the KD term is the weighted sum of the per-teacher divergences, each on its
+own teacher's partition, with `LossSpec.teacher_weights` (normalised to sum 1).
+
 `topk_kd_loss` works on `[B, T, V]` logits and is the reference. `chunked_distill_loss` is what
 training uses: it takes the last hidden states and the LM head weight and, a chunk of positions
 at a time, builds that chunk's logits and takes their gradients at once (fused), so `[B*T, V]`
@@ -45,6 +51,8 @@ KINDS, TAILS = get_args(LossKind), get_args(LossTail)
 _TINY = 1e-30
 TAIL_FLOOR = 1e-6
 EMPTY_LOG = -1e4  # log of an empty bin: exp() is exactly 0, and 0 * finite stays 0
+# A padded top-k slot's teacher logprob: no stored logprob is this low (vLLM writes -inf as -9999).
+PAD_LOGPROB = EMPTY_LOG
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,8 @@ class LossSpec:
     temperature: float = 1.0
     tail: LossTail = "bucket"
     beta: float = 0.5  # the JSD's interpolation weight (`kind="jsd"` only)
+    # `ensemble: sum`: one weight per teacher of a `[N, M, K]` top-k, summing to 1; () = one teacher
+    teacher_weights: tuple[float, ...] = ()
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -66,21 +76,25 @@ class LossSpec:
             raise ValueError(f"`beta` must be in (0, 1) for jsd, got {self.beta}")
         if not self.temperature > 0:
             raise ValueError(f"`temperature` must be positive, got {self.temperature}")
+        if self.teacher_weights and (min(self.teacher_weights) < 0 or abs(sum(self.teacher_weights) - 1) > 1e-6):
+            raise ValueError(f"`teacher_weights` must be >= 0 and sum to 1, got {self.teacher_weights}")
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> LossSpec:
         """The loss on the stored corpus."""
-        return cls(kind=cfg.loss, temperature=cfg.kd_temperature, tail=cfg.tail, beta=cfg.beta)
+        weights = tuple(cfg.normalised_teacher_weights()) if cfg.ensemble == "sum" else ()
+        return cls(kind=cfg.loss, temperature=cfg.kd_temperature, tail=cfg.tail, beta=cfg.beta, teacher_weights=weights)
 
     @classmethod
     def on_policy(cls, cfg: TrainConfig) -> LossSpec:
-        """The loss on the student's own samples: the corpus loss with `on_policy_loss`'s divergence."""
-        return replace(cls.from_config(cfg), kind=cfg.on_policy_loss)
+        """The loss on the student's own samples: the corpus loss with `on_policy_loss`'s divergence
+        (one teacher scores each sample: no teacher dimension)."""
+        return replace(cls.from_config(cfg), kind=cfg.on_policy_loss, teacher_weights=())
 
     def as_metric(self) -> LossSpec:
         """What held-out metrics and the on-policy KL report whatever the loss: forward KL at
-        temperature 1 on this partition."""
-        return LossSpec(tail=self.tail)
+        temperature 1 on this partition (with several teachers: their weighted sum)."""
+        return LossSpec(tail=self.tail, teacher_weights=self.teacher_weights)
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
@@ -131,10 +145,21 @@ def _divergence(lq: torch.Tensor, lp: torch.Tensor, spec: LossSpec) -> torch.Ten
 def kd_per_position(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                     spec: LossSpec = LossSpec()) -> torch.Tensor:
     """`logits [N, V]`, `topk_ids [N, K]`, `topk_logprobs [N, K]` -> KD loss per position `[N]`
-    (already multiplied by T^2)."""
+    (already multiplied by T^2). With a teacher dimension (`topk_* [N, M, K]`): the sum over
+    teachers of `spec.teacher_weights[m]` times teacher m's divergence."""
     student = torch.log_softmax(_upcast(logits) / spec.temperature, dim=-1)  # over ~150k entries: >= float32
-    lq, lp = _partition(student.gather(-1, topk_ids.long()), topk_logprobs.to(student.dtype), spec)
-    return _divergence(lq, lp, spec) * spec.temperature**2
+    n, k = topk_ids.shape[0], topk_ids.shape[-1]
+    teachers = topk_ids.shape[1] if topk_ids.dim() == 3 else 0
+    if teachers and len(spec.teacher_weights) != teachers:
+        raise ValueError(f"top-k rows of {teachers} teachers need as many `teacher_weights`, got {spec.teacher_weights}")
+    gathered = student.gather(-1, topk_ids.reshape(n, -1).long()).reshape(-1, k)  # [N(*M), K]
+    teacher = topk_logprobs.reshape(-1, k).to(student.dtype)
+    pad = teacher <= PAD_LOGPROB  # padded slots: probability 0 on both sides, no gradient
+    lq, lp = _partition(torch.where(pad, EMPTY_LOG, gathered), teacher, spec)
+    per = _divergence(lq, lp, spec) * spec.temperature**2
+    if not teachers:
+        return per
+    return per.view(n, teachers) @ torch.tensor(spec.teacher_weights, dtype=per.dtype, device=per.device)
 
 
 def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,

@@ -31,15 +31,22 @@ CHECKPOINT_DONE = "distill-checkpoint-complete"
 # result. Under torchrun another rank may be writing its own while this one checks `out`.
 TRAINING_DATA = ".training-data"
 # Not part of a run's identity: what to do with `out`, and where the teacher answers (its key is a secret).
-NOT_SETTINGS = {"out", "resume", "overwrite", "allow_incomplete", "teacher_endpoint", "teacher_api_key",
+NOT_SETTINGS = {"out", "resume", "overwrite", "allow_incomplete", "teacher_endpoint", "teacher_endpoints", "teacher_api_key",
                 *TRACKING_FIELDS}
+MULTI_TEACHER_FIELDS = ("mix", "ensemble", "teacher_weights")
 
 
 def run_settings(cfg: TrainConfig) -> dict:
     settings = cfg.model_dump(mode="json", exclude=NOT_SETTINGS)
-    for field in ("corpus", "student"):
-        if Path(settings[field]).exists():
-            settings[field] = str(Path(settings[field]).resolve())
+    def resolved(path) -> str:
+        return str(Path(path).resolve() if Path(path).exists() else path)
+
+    corpora = [resolved(path) for path in cfg.corpora]
+    settings["corpus"] = corpora[0] if len(corpora) == 1 else corpora  # one corpus: as runs stored it before lists
+    settings["student"] = resolved(settings["student"])
+    for key in MULTI_TEACHER_FIELDS:  # unused: left out, so runs stored before these fields existed still resume
+        if not settings[key]:
+            del settings[key]
     return settings
 
 

@@ -64,7 +64,9 @@ def teacher_forced(model, records: Sequence[dict], collator: DistillCollator, ba
                 kl = kd_per_position(logits, ids[s], lps[s], spec)
                 np.add.at(kl_sum, row_of[s], kl.cpu().numpy())
                 np.add.at(counts, row_of[s], 1)
-                agree += (logits.argmax(-1) == ids[s][:, 0]).sum().item()
+                # the teacher's top-1 (with a teacher dimension, `ensemble: sum`: the first teacher's)
+                top1 = ids[s].reshape(ids[s].shape[0], -1)[:, 0]
+                agree += (logits.argmax(-1) == top1).sum().item()
                 nll -= torch.log_softmax(logits, -1).gather(-1, labels[s, None]).sum().item()
     model.train(was_training)
     tokens = max(counts.sum(), 1)

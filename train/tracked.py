@@ -20,7 +20,7 @@ SET_UP_HERE = ("tensorboard",)
 def distill_params(cfg: TrainConfig, manifest: corpus.Manifest) -> tuple[dict, dict]:
     """(parameters, tags) of a run: what makes one distillation differ from another."""
     params = {
-        "teacher": manifest.teacher.model, "corpus": str(cfg.corpus), "corpus_manifest_sha256": manifest.sha256(),
+        "teacher": manifest.teacher.model, "corpus": ",".join(str(p) for p in cfg.corpora), "corpus_manifest_sha256": manifest.sha256(),
         "corpus_records": manifest.stats.records, "top_k": manifest.generation.top_k, "student": cfg.student,
         "alpha": cfg.alpha, "kd_temperature": cfg.kd_temperature, "loss": cfg.loss, "tail": cfg.tail,
         "lora": cfg.lora, "learning_rate": cfg.learning_rate, "max_steps": cfg.max_steps, "epochs": cfg.epochs,

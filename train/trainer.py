@@ -29,13 +29,13 @@ from distill import corpus, files, tracking
 from distill.config import TrainConfig
 from distill.engine import check_model
 from distill.launcher import EndpointError
-from distill.teacher_client import TeacherClient
+from distill.train import corpora
 from distill.train.card import StudentCard, TrainResult, write_student_files
 from distill.train.data import (
+    TEACHER_COLUMN,
     DistillCollator,
     TrainingData,
     check_vocabulary,
-    prepare_training_data,
 )
 from distill.train.head import lm_head
 from distill.train.losses import LossSpec, chunked_distill_loss
@@ -47,6 +47,7 @@ from distill.train.resume import (
     is_first_process,
     start_from,
 )
+from distill.train.routed_teachers import RoutedTeachers, routed_teachers
 from distill.train.scoring import pad_token_id, teacher_forced
 from distill.train.tracked import (
     active,
@@ -58,11 +59,11 @@ from distill.train.tracked import (
 
 
 class DistillTrainer(SFTTrainer):
-    def __init__(self, *args, distill: TrainConfig, teacher: TeacherClient | None = None, **kwargs):
+    def __init__(self, *args, distill: TrainConfig, teacher: RoutedTeachers | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.distill = distill
         self.offline_loss, self.on_policy_loss = LossSpec.from_config(distill), LossSpec.on_policy(distill)
-        self.teacher = teacher  # set: on-policy training against this served teacher
+        self.teacher = teacher  # set: on-policy training against these served teachers
         self.on_policy_rng = np.random.default_rng(distill.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -148,7 +149,8 @@ class DistillTrainer(SFTTrainer):
                            temperature=cfg.sample_temperature, pad_token_id=self.data_collator.pad_token_id,
                            eos_token_id=student.generation_config.eos_token_id or self.processing_class.eos_token_id)
         sampled = time.perf_counter()
-        scored = self.teacher.score_pairs(list(zip(prompts, responses)), cfg.teacher_top_k)
+        routes = inputs[TEACHER_COLUMN][:n].tolist() if TEACHER_COLUMN in inputs else None
+        scored = self.teacher.score_pairs(list(zip(prompts, responses)), cfg.teacher_top_k, routes)
         scoring = time.perf_counter() - sampled
         metrics = self._metrics["train"]
         metrics["sample_s"].append(sampled - started)
@@ -239,8 +241,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> TrainR
 
 def _train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]) -> TrainResult:
     start = time.time()
-    manifest = corpus.read_manifest(cfg.corpus)
-    corpus.check_complete(cfg.corpus, manifest, cfg.allow_incomplete)
+    manifests = corpora.read_manifests(cfg)
     check_model(cfg.student, "student")
     # A run resumed with the same settings continues its tracked run; with others (`--resume`) it opens a new one.
     continues_run = not changed_settings(cfg, Path(cfg.out))
@@ -250,10 +251,10 @@ def _train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]) -> TrainResul
     scratch = Path(cfg.out) / TRAINING_DATA / f"rank-{os.environ.get('RANK', '0')}"
     shutil.rmtree(scratch, ignore_errors=True)
     try:
-        data = prepare_training_data(cfg.corpus, cfg.max_length, scratch)
+        data = corpora.prepare(cfg, manifests, scratch)
         if data.skipped:
             print(f"skipped {data.skipped} records whose prompt fills max_length {cfg.max_length}")
-        return _fit(cfg, manifest, data, resume, start, callbacks,
+        return _fit(cfg, manifests, data, resume, start, callbacks,
                     continues_run=resume is not None and continues_run)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -261,12 +262,13 @@ def _train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]) -> TrainResul
             scratch.parent.rmdir()
 
 
-def _fit(cfg: TrainConfig, manifest: corpus.Manifest, data: TrainingData, resume: Path | None,
+def _fit(cfg: TrainConfig, manifests: list[corpus.Manifest], data: TrainingData, resume: Path | None,
          start: float, callbacks: Sequence[TrainerCallback] = (), continues_run: bool = False) -> TrainResult:
     """Train on the prepared records, from `resume` (a checkpoint) or from step 0; `continues_run`:
-    in the tracked run the checkpoint's run logged to."""
+    in the tracked run the checkpoint's run logged to. `manifests`: one per corpus, in `cfg.corpora` order."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    manifest = manifests[0]  # all share its tokenizer (`corpora.read_manifests`)
     out = Path(cfg.out)
     tokenizer = AutoTokenizer.from_pretrained(cfg.student)
     gpu = torch.cuda.is_available()
@@ -274,8 +276,7 @@ def _fit(cfg: TrainConfig, manifest: corpus.Manifest, data: TrainingData, resume
     check_vocabulary(manifest, tokenizer, model.get_output_embeddings().weight.shape[0], data.max_token_id)
     teacher = None
     if cfg.on_policy:
-        teacher = TeacherClient(cfg.teacher_endpoint, api_key=cfg.teacher_api_key)
-        teacher.check_tokenizer(tokenizer, "student")
+        teacher = routed_teachers(cfg, tokenizer)
     # one process logs (under torchrun every rank trains); a resumed run continues its tracked run
     run = open_training_run(cfg, manifest, continues_run) if is_first_process() else None
 
@@ -300,8 +301,9 @@ def _fit(cfg: TrainConfig, manifest: corpus.Manifest, data: TrainingData, resume
         gradient_checkpointing=cfg.gradient_checkpointing,
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
         report_to=trainer_report_to(cfg), run_name=run.run_name if run else cfg.run_name, max_length=None)
-    collator = DistillCollator(pad_token_id=pad_token_id(tokenizer), max_length=cfg.max_length,
-                               top_k=manifest.generation.top_k)
+    top_k, teachers = corpora.top_k_width(cfg, manifests)
+    collator = DistillCollator(pad_token_id=pad_token_id(tokenizer), max_length=cfg.max_length, top_k=top_k,
+                               teachers=teachers)
     trainer = DistillTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                              processing_class=tokenizer, data_collator=collator, peft_config=peft_config,
                              callbacks=[JsonlMetrics(out / "metrics.jsonl"), MarkCompleteCheckpoints(), StopOnNonFinite(),
@@ -315,7 +317,7 @@ def _fit(cfg: TrainConfig, manifest: corpus.Manifest, data: TrainingData, resume
         raise EndpointError(f"{e} Training stopped at step {trainer.state.global_step}; rerun the same command to "
                             f"continue from the newest complete checkpoint in {out / 'checkpoints'}") from None
     final = held_out_metrics(trainer, eval_data, collator, cfg) if eval_data else {}
-    card = StudentCard.of_run(cfg, manifest, trainer.state.global_step, trainer.state.log_history, initial, final,
+    card = StudentCard.of_run(cfg, manifests, trainer.state.global_step, trainer.state.log_history, initial, final,
                               time.time() - start)
     _save(trainer, out, cfg, model.dtype)
     if trainer.is_world_process_zero():  # under torchrun / accelerate launch, one process writes

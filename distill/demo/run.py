@@ -97,7 +97,7 @@ def main(out: Path, seeds: int = 3, serve: bool = False, build_teacher: bool = F
                                         *tracked])
     pipeline.run(cfg)  # generate -> curate -> train (KD, seed 0) -> eval
     configs = pipeline.stage_configs(cfg)
-    train_cfg, curated = configs["train"], Path(configs["train"].corpus)
+    train_cfg, curated = configs["train"], configs["train"].corpora[0]
     n_curated = corpus.read_manifest(curated).stats.records
 
     def student(arm: str, seed: int, n: int | None = None) -> TrainConfig:

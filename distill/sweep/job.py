@@ -55,18 +55,19 @@ def prepare(plan: SweepPlan, out: Path) -> Inputs:
         if given:
             corpus.read_manifest(given)  # not a corpus, or a broken manifest: one line, before anything runs
     if sweep.corpus:
-        train_cfg = train_cfg.model_copy(update={"corpus": sweep.corpus})
+        train_cfg = train_cfg.model_copy(update={"corpus": [sweep.corpus]})
     else:
         pipeline.run(plan.run, until="curate", log=lambda text: print(
             "\n".join(f"[sweep] {line}" for line in text.splitlines()), file=sys.stderr, flush=True))
     prompts = sweep.prompts or plan.run.prompts.eval
     held_out = sweep.held_out or held_out_answers(eval_cfg, prompts, Path(out) / HELD_OUT)
     ids = frozenset(corpus.read_table(held_out, columns=["prompt_id"]).column("prompt_id").to_pylist())
-    trained_on = set(corpus.read_table(train_cfg.corpus, columns=["prompt_id"]).column("prompt_id").to_pylist())
-    if ids & trained_on:
-        raise ValueError(f"{len(ids & trained_on)} of the {len(ids)} held-out prompts (`{prompts}`) are in the training "
-                         f"corpus `{train_cfg.corpus}` (e.g. prompt_id {sorted(ids & trained_on)[0]!r}): judge trials on "
-                         "held-out prompts")
+    for path in train_cfg.corpora:
+        trained_on = set(corpus.read_table(path, columns=["prompt_id"]).column("prompt_id").to_pylist())
+        if ids & trained_on:
+            raise ValueError(f"{len(ids & trained_on)} of the {len(ids)} held-out prompts (`{prompts}`) are in the "
+                             f"training corpus `{path}` (e.g. prompt_id {sorted(ids & trained_on)[0]!r}): judge trials "
+                             "on held-out prompts")
     return Inputs(train_cfg, eval_cfg.model_copy(update={"prompts": prompts}), HeldOut(Path(held_out), Path(prompts), ids))
 
 
