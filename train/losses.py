@@ -25,6 +25,9 @@ beta KL(P||M) + (1-beta) KL(Q||M) with M = beta P + (1-beta) Q (beta = 0.5: symm
 training uses: it takes the last hidden states and the LM head weight and, a chunk of positions
 at a time, builds that chunk's logits and takes their gradients at once (fused), so `[B*T, V]`
 logits are never held and never recomputed; it also returns the CE term on the same logits.
+`chunked_online_loss` is the same against a teacher run in the training process
+(`train/online.py`): the teacher's logits are built from its last hidden states chunk by chunk
+too, and the divergence is taken over the whole vocabulary (`full_vocab_kd_per_position`).
 """
 
 from __future__ import annotations
