@@ -366,9 +366,9 @@ class InitStudentConfig(StageConfig):
         None, description="Exactly these teacher layers, e.g. 0,3,6,9 (instead of `num_layers`).")
     select: LayerSelection = Field("even", description="How `num_layers` layers are chosen: `even` (evenly spaced) or "
                                    "`importance` (highest Block Influence on `calibration` text); first and last kept.")
-    calibration: Path | None = Field(None, description="Prompt file (any `generate` format) whose chat-templated "
-                                     "prompts measure layer importance (`select: importance`).")
-    samples: int = Field(32, ge=1, description="Calibration prompts read from `calibration`.")
+    calibration: Path | None = Field(None, description="Corpus directory (from `generate`) whose prompts + answers "
+                                     "measure layer importance (`select: importance`).")
+    samples: int = Field(32, ge=1, description="Calibration records read from `calibration`.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype of the saved weights.")
     overwrite: bool = Field(False, description="Replace an existing `out`.")
 
@@ -379,7 +379,7 @@ class InitStudentConfig(StageConfig):
         if self.keep_layers == []:  # `--keep-layers ''` or `,`: a student with no layers would still train
             raise ValueError("`keep_layers` names no layer: give the teacher layers to keep, e.g. 0,3,6,9")
         if self.select == "importance" and (self.calibration is None or self.keep_layers is not None):
-            raise ValueError("`select: importance` needs `num_layers` and a `calibration` prompt file")
+            raise ValueError("`select: importance` needs `num_layers` and a `calibration` corpus")
         if self.calibration is not None and self.select != "importance":
             raise ValueError("`calibration` is read by `select: importance` only: add `--select importance`")
         return self

@@ -10,9 +10,9 @@ generating teacher answers was too slow (one 4 x 60-token forward of the teacher
 that load): the targets are the tokens of each chat-templated user turn after its header, not
 teacher answers. The teacher's top-20 at each target position is stored as a corpus, so offline
 KD and the online teacher see the same text. Students: 10 of the 30 layers, evenly spaced
-(`distill init-student --num-layers 10`) or by Block Influence on the training prompts
-(`--select importance --samples N`). Runs (INIT/ARM), at equal optimizer steps, batch and
-learning rate, alpha 0.9:
+(`distill init-student --num-layers 10`) or by Block Influence on the training corpus
+(`--select importance --calibration CORPUS --samples N`). Runs (INIT/ARM), at equal optimizer
+steps, batch and learning rate, alpha 0.9:
   offline        `distill train` on the stored top-k + tail;
   online         `--teacher`: full-vocabulary KD against the teacher in the process;
   online+hidden  online, plus `--hidden-weight 1 --hidden-loss mse` on the init-student layer map.
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--train", type=int, default=24)
     ap.add_argument("--eval", type=int, default=8)
-    ap.add_argument("--samples", type=int, default=8, help="calibration prompts for Block Influence")
+    ap.add_argument("--samples", type=int, default=8, help="calibration records for Block Influence")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--learning-rate", type=float, default=5e-4)
     ap.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="INIT/ARM, INIT in even, importance; ARM in "
@@ -127,8 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     train_file, eval_file = write_prompts(out / "prompts", teacher_dir)
     read = [json.loads(line) for line in train_file.read_text().splitlines()][:args.train]
     held = [json.loads(line) for line in eval_file.read_text().splitlines()][:args.eval]
-    calibration = out / "calibration.jsonl"  # the training prompts: what the student will see
-    files.atomic_write(calibration, "".join(json.dumps(p) + "\n" for p in read))
     data = out / "corpus"
     if not (data / "manifest.json").exists():
         teacher_corpus(teacher_dir, read, data)
@@ -146,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         files.atomic_write(results_path, json.dumps(results, indent=1))
 
     inits = {"even": {"num_layers": STUDENT_LAYERS},
-             "importance": {"num_layers": STUDENT_LAYERS, "select": "importance", "calibration": calibration,
+             "importance": {"num_layers": STUDENT_LAYERS, "select": "importance", "calibration": data,
                             "samples": args.samples}}
     for init, options in inits.items():
         student = out / f"student-{init}"

@@ -11,7 +11,7 @@ from distill.config import InitStudentConfig, TrainConfig
 from distill.train.importance import block_influence, most_important
 from distill.train.init_student import LAYER_MAP_KEY, decoder_layers, init_student
 from distill.train.losses import KINDS, LossSpec, chunked_online_loss
-from tests.helpers import make_corpus, record, write_jsonl
+from tests.helpers import make_corpus, record
 
 QUESTIONS = [f"Sort the numbers {i} {i * 3 % 7} {i % 4}, then add {i}" for i in range(16)]
 
@@ -165,7 +165,7 @@ def test_importance_selection_drops_a_layer_made_identity(tmp_path, tiny_models,
     for name in ("model.layers.2.self_attn.o_proj.weight", "model.layers.2.mlp.down_proj.weight"):
         weights[name] = torch.zeros_like(weights[name])
     save_file(weights, teacher / "model.safetensors", metadata={"format": "pt"})
-    calibration = write_jsonl(tmp_path / "calibration.jsonl", [{"prompt": q} for q in QUESTIONS])
+    calibration = chat_corpus(tmp_path / "calibration", teacher)
     result = init_student(InitStudentConfig(teacher=str(teacher), out=tmp_path / "student", num_layers=4,
                                             select="importance", calibration=calibration, samples=4))
     assert result.layers == [0, 1, 3, 4]
@@ -200,10 +200,10 @@ def test_block_influence_is_one_minus_the_cosine_of_a_layer_s_input_and_output()
 
 
 def test_init_student_importance_needs_calibration(tmp_path):
-    with pytest.raises(ValueError, match="`select: importance` needs `num_layers` and a `calibration` prompt file"):
+    with pytest.raises(ValueError, match="`select: importance` needs `num_layers` and a `calibration` corpus"):
         InitStudentConfig(teacher="t", out=tmp_path, num_layers=2, select="importance")
     with pytest.raises(ValueError, match="`calibration` is read by `select: importance` only"):
-        InitStudentConfig(teacher="t", out=tmp_path, num_layers=2, calibration=tmp_path / "c.jsonl")
+        InitStudentConfig(teacher="t", out=tmp_path, num_layers=2, calibration=tmp_path / "corpus")
 
 
 def test_the_online_teacher_is_not_a_sweep_dimension():

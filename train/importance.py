@@ -2,11 +2,11 @@
 
 A decoder layer's Block Influence on calibration text is 1 - cos(h_in, h_out), the cosine
 between the hidden state entering the layer and the one leaving it, averaged over every token
-of every calibration prompt. A layer that barely turns the residual stream (BI near 0) is one
+of every calibration sequence. A layer that barely turns the residual stream (BI near 0) is one
 the network can lose; `distill init-student --select importance` keeps the layers with the
 highest BI, the first and the last always (they map embeddings in and out of the stream).
-The prompts are chat-templated as `generate` renders them, so the text is what the student
-will be trained on.
+The calibration text is a corpus from `generate` (prompt + the teacher's answer, in the
+teacher's chat template): the text the student will be trained on.
 """
 
 from __future__ import annotations
@@ -17,20 +17,16 @@ from pathlib import Path
 
 import torch
 
+from distill import corpus
 
-def calibration_ids(path: Path, tokenizer, samples: int, max_tokens: int = 512) -> list[list[int]]:
-    """The first `samples` prompts of `path` (any prompt format `generate` reads), as the
-    teacher's chat template renders them for an answer. A malformed record is a one-line error."""
-    from distill.generate.prompts import BadRecord, iter_prompts
 
-    ids = []
-    for prompt in itertools.islice(iter_prompts(path), samples):
-        if isinstance(prompt, BadRecord):
-            raise ValueError(f"`calibration`: {prompt}")
-        ids.append(list(tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True,
-                                                      tokenize=True, return_dict=True)["input_ids"])[:max_tokens])
+def calibration_ids(root: Path, samples: int, max_tokens: int = 512) -> list[list[int]]:
+    """Prompt + response token ids of the first `samples` records of the corpus at `root` (what
+    `generate` stored: the teacher's chat template, its own answers), cut to `max_tokens`."""
+    ids = [(list(r["prompt_token_ids"]) + list(r["response_token_ids"]))[:max_tokens]
+           for r in itertools.islice(corpus.iter_records(root), samples)]
     if not ids:
-        raise ValueError(f"`calibration` {path}: no prompt to measure layer importance on")
+        raise ValueError(f"`calibration` {root}: the corpus holds no record to measure layer importance on")
     return ids
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distill import files
+from distill import corpus, files
 from distill.config import InitStudentConfig
 from distill.engine import check_model
 
@@ -83,7 +83,8 @@ def _prune(cfg: InitStudentConfig, out: Path) -> InitStudentResult:
     elif cfg.select == "importance":
         from distill.train.importance import block_influence, calibration_ids, most_important
 
-        scores = block_influence(model, layers, calibration_ids(cfg.calibration, tokenizer, cfg.samples))
+        corpus.read_manifest(cfg.calibration)  # one line if it is not a corpus
+        scores = block_influence(model, layers, calibration_ids(cfg.calibration, cfg.samples))
         keep = most_important(scores, cfg.num_layers)
     else:
         keep = evenly_spaced(total, cfg.num_layers)
