@@ -9,7 +9,7 @@ import torch
 from distill import corpus
 from distill.config import InitStudentConfig, TrainConfig
 from distill.train.importance import block_influence, most_important
-from distill.train.init_student import LAYER_MAP_KEY, decoder_layers, init_student
+from distill.train.init_student import LAYER_MAP_KEY, init_student
 from distill.train.losses import KINDS, LossSpec, chunked_online_loss
 from tests.helpers import make_corpus, record
 

@@ -1,10 +1,11 @@
 """`distill init-student`: a student made of a subset of the teacher's layers.
 
 Depth pruning as in DistilBERT (every other layer) and Minitron: keep evenly spaced decoder layers
-or, with `select: importance`, those of highest Block Influence on calibration prompts
+or, with `select: importance`, those of highest Block Influence on a calibration corpus
 (`importance.py`), the first and the last always; copy the embeddings, final norm and LM head,
-and update the config, which records the kept teacher layers as `distill_layer_map`. The student shares the teacher's tokenizer and chat template by construction, which is
-what token-level KD on the teacher's top-k needs. It starts damaged (a pruned network loops or
+and update the config, which records the kept teacher layers as `distill_layer_map`. The
+student shares the teacher's tokenizer and chat template by construction, which is what
+token-level KD on the teacher's top-k needs. It starts damaged (a pruned network loops or
 babbles) and is repaired by `distill train --full`.
 """
 
