@@ -34,6 +34,10 @@ PromptFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt"]
 # fields, the CLI choices and the loss functions all take them from these.
 LossKind = Literal["forward_kl", "reverse_kl", "jsd"]
 LossTail = Literal["bucket", "renormalize"]
+# How a student layer's hidden states are compared with its teacher layer's (`train/online.py`).
+HiddenLoss = Literal["mse", "cosine"]
+# How `distill init-student` chooses the teacher layers the student keeps (`train/importance.py`).
+LayerSelection = Literal["even", "importance"]
 
 
 def load_yaml(path: Path) -> Any:
@@ -321,6 +325,16 @@ def _floats(value: Any) -> Any:
 Ensemble = Literal["mixture", "sum"]
 
 
+def _comma_separated(value: Any) -> Any:
+    """`--keep-layers 0,3,6` (or repeated flags, or a YAML list) -> [0, 3, 6]."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list):
+        return [int(part) for item in value for part in (str(item).split(",") if isinstance(item, str) else [item])
+                if str(part).strip()]
+    return value
+
+
 class TrainConfig(StageConfig):
     """`distill train`: a student learns the teacher's tokens (CE) and its top-k distributions (KL)."""
 
@@ -393,6 +407,17 @@ class TrainConfig(StageConfig):
                                       "TRACKING_DIR/tensorboard/RUN_NAME, MLflow's sqlite store TRACKING_DIR/mlflow.db "
                                       "unless $MLFLOW_TRACKING_URI is set (default: `out`).")
 
+    teacher: ModelPath | None = Field(
+        None, description="Online teacher: a model (directory, hub id or .gguf file, same tokenizer as the student) run "
+        "frozen in the training process on each batch; KD is then full-vocabulary against it, not the stored top-k.")
+    hidden_weight: float = Field(0.0, ge=0.0, description="Weight of the intermediate-state loss against the online "
+                                 "`teacher` (0 = off), added to the KD + CE loss.")
+    hidden_loss: HiddenLoss = Field("mse", description="Intermediate-state loss per position: `mse` (squared error "
+                                    "relative to the teacher state's squared norm) or `cosine` (1 - cosine similarity).")
+    layer_map: Annotated[list[int] | None, BeforeValidator(_comma_separated)] = Field(
+        None, description="Teacher layer each student layer is matched to by the intermediate-state loss, e.g. "
+        "0,3,6,9 (default: the student's `distill_layer_map`, written by `distill init-student`).")
+
     @model_validator(mode="after")
     def _check_on_policy(self) -> TrainConfig:
         if self.on_policy and not (self.teacher_endpoint or self.teacher_endpoints):
@@ -403,6 +428,10 @@ class TrainConfig(StageConfig):
             raise ValueError("`teacher_endpoints` apply to `on_policy` only")
         if self.teacher_endpoints:
             self._check_corpus_names("teacher_endpoints", _check_named(self.teacher_endpoints, "teacher_endpoints", False))
+        if self.on_policy and self.teacher:
+            raise ValueError("`on_policy` and the online `teacher` cannot be combined: choose one")
+        if (self.hidden_weight > 0 or self.layer_map is not None) and not self.teacher:
+            raise ValueError("`hidden_weight` and `layer_map` need the online `teacher` (`--teacher MODEL`)")
         return self
 
     @model_validator(mode="after")
@@ -462,16 +491,6 @@ class TrainConfig(StageConfig):
         return [w / sum(weights) for w in weights]
 
 
-def _comma_separated(value: Any) -> Any:
-    """`--keep-layers 0,3,6` (or repeated flags, or a YAML list) -> [0, 3, 6]."""
-    if isinstance(value, str):
-        value = [value]
-    if isinstance(value, list):
-        return [int(part) for item in value for part in (str(item).split(",") if isinstance(item, str) else [item])
-                if str(part).strip()]
-    return value
-
-
 class InitStudentConfig(StageConfig):
     """`distill init-student`: a depth-pruned copy of the teacher that shares its tokenizer."""
 
@@ -480,6 +499,11 @@ class InitStudentConfig(StageConfig):
     num_layers: int | None = Field(None, ge=1, description="Keep this many evenly spaced layers (first and last included).")
     keep_layers: Annotated[list[int] | None, BeforeValidator(_comma_separated)] = Field(
         None, description="Exactly these teacher layers, e.g. 0,3,6,9 (instead of `num_layers`).")
+    select: LayerSelection = Field("even", description="How `num_layers` layers are chosen: `even` (evenly spaced) or "
+                                   "`importance` (highest Block Influence on `calibration` text); first and last kept.")
+    calibration: Path | None = Field(None, description="Corpus directory (from `generate`) whose prompts + answers "
+                                     "measure layer importance (`select: importance`).")
+    samples: int = Field(32, ge=1, description="Calibration records read from `calibration`.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype of the saved weights.")
     overwrite: bool = Field(False, description="Replace an existing `out`.")
 
@@ -489,6 +513,10 @@ class InitStudentConfig(StageConfig):
             raise ValueError("give exactly one of `num_layers` and `keep_layers`")
         if self.keep_layers == []:  # `--keep-layers ''` or `,`: a student with no layers would still train
             raise ValueError("`keep_layers` names no layer: give the teacher layers to keep, e.g. 0,3,6,9")
+        if self.select == "importance" and (self.calibration is None or self.keep_layers is not None):
+            raise ValueError("`select: importance` needs `num_layers` and a `calibration` corpus")
+        if self.calibration is not None and self.select != "importance":
+            raise ValueError("`calibration` is read by `select: importance` only: add `--select importance`")
         return self
 
 
@@ -684,6 +712,7 @@ MINIMISED_MEASURES = ("kl",)
 # Nor which corpora train and how their teachers combine (names of corpora the run does not have).
 NOT_SEARCHABLE = {"overwrite", "allow_incomplete", "teacher_endpoint", "teacher_endpoints", "teacher_api_key",
                   "mix", "ensemble", "teacher_weights", *LAUNCH_FIELDS}
+NOT_SEARCHABLE = {"overwrite", "allow_incomplete", "teacher_endpoint", "teacher_api_key", "teacher", *LAUNCH_FIELDS}
 
 
 class SearchRange(BaseModel):

@@ -1,9 +1,11 @@
 """`distill init-student`: a student made of a subset of the teacher's layers.
 
 Depth pruning as in DistilBERT (every other layer) and Minitron: keep evenly spaced decoder layers
-(the first and the last always), copy the embeddings, final norm and LM head, and update the
-config. The student shares the teacher's tokenizer and chat template by construction, which is
-what token-level KD on the teacher's top-k needs. It starts damaged (a pruned network loops or
+or, with `select: importance`, those of highest Block Influence on a calibration corpus
+(`importance.py`), the first and the last always; copy the embeddings, final norm and LM head,
+and update the config, which records the kept teacher layers as `distill_layer_map`. The
+student shares the teacher's tokenizer and chat template by construction, which is what
+token-level KD on the teacher's top-k needs. It starts damaged (a pruned network loops or
 babbles) and is repaired by `distill train --full`.
 """
 
@@ -15,9 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from distill import files
+from distill import corpus, files
 from distill.config import InitStudentConfig
 from distill.engine import check_model
+
+
+LAYER_MAP_KEY = "distill_layer_map"  # in the student's config.json: the teacher layer each student layer was
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,17 @@ def _prune(cfg: InitStudentConfig, out: Path) -> InitStudentResult:
     teacher_parameters = model.num_parameters()
     layers = decoder_layers(model)
     total = len(layers)
-    keep = evenly_spaced(total, cfg.num_layers) if cfg.keep_layers is None else list(cfg.keep_layers)
+    scores = None
+    if cfg.keep_layers is not None:
+        keep = list(cfg.keep_layers)
+    elif cfg.select == "importance":
+        from distill.train.importance import block_influence, calibration_ids, most_important
+
+        corpus.read_manifest(cfg.calibration)  # one line if it is not a corpus
+        scores = block_influence(model, layers, calibration_ids(cfg.calibration, cfg.samples))
+        keep = most_important(scores, cfg.num_layers)
+    else:
+        keep = evenly_spaced(total, cfg.num_layers)
     if any(not 0 <= i < total for i in keep) or len(set(keep)) != len(keep) or keep != sorted(keep):
         raise ValueError(f"`keep_layers` {keep}: need distinct increasing indices in 0..{total - 1}")
     kept = torch.nn.ModuleList([layers[i] for i in keep])
@@ -84,6 +99,10 @@ def _prune(cfg: InitStudentConfig, out: Path) -> InitStudentResult:
                 module.layer_idx = new_index
     model.get_decoder().layers = kept
     model.config.num_hidden_layers = len(keep)
+    # Which teacher layer each student layer was: the default `layer_map` of `distill train --hidden-weight`.
+    setattr(model.config, LAYER_MAP_KEY, keep)
+    if scores is not None:
+        model.config.distill_layer_importance = [round(x, 6) for x in scores]
     if isinstance(getattr(model.config, "layer_types", None), list):  # per-layer attention kinds (sliding, full)
         model.config.layer_types = [model.config.layer_types[i] for i in keep]
     model.save_pretrained(out)
@@ -93,6 +112,9 @@ def _prune(cfg: InitStudentConfig, out: Path) -> InitStudentResult:
         embeddings += model.get_output_embeddings().weight.numel()
     result = InitStudentResult(path=out, layers=keep, parameters=model.num_parameters(),
                                teacher_parameters=teacher_parameters, embedding_parameters=embeddings)
+    if scores is not None:
+        print("block influence per teacher layer (kept *): " + ", ".join(
+            f"{i}{'*' if i in keep else ''} {score:.4f}" for i, score in enumerate(scores)), file=sys.stderr)
     print(f"student: {len(keep)} of the teacher's {total} layers {keep}\n"
           f"parameters: {result.parameters / 1e6:.1f}M ({result.parameters / teacher_parameters:.0%} of the teacher's "
           f"{teacher_parameters / 1e6:.1f}M; embeddings {embeddings / 1e6:.1f}M)", file=sys.stderr)

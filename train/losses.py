@@ -31,12 +31,16 @@ own teacher's partition, with `LossSpec.teacher_weights` (normalised to sum 1).
 training uses: it takes the last hidden states and the LM head weight and, a chunk of positions
 at a time, builds that chunk's logits and takes their gradients at once (fused), so `[B*T, V]`
 logits are never held and never recomputed; it also returns the CE term on the same logits.
+`chunked_online_loss` is the same against a teacher run in the training process
+(`train/online.py`): the teacher's logits are built from its last hidden states chunk by chunk
+too, and the divergence is taken over the whole vocabulary (`full_vocab_kd_per_position`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, get_args
 
 import torch
@@ -178,13 +182,34 @@ def _chunk_sums(hidden, weight, bias, labels, topk_ids, topk_logprobs, spec: Los
     return kd.sum(), ce
 
 
+def full_vocab_kd_per_position(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                               spec: LossSpec = LossSpec()) -> torch.Tensor:
+    """`student_logits`, `teacher_logits [N, V]` -> the divergence of `spec.kind` over the whole
+    vocabulary per position `[N]`, both tempered by T, times T^2 (`spec.tail` plays no part: nothing
+    is cut off)."""
+    lq = torch.log_softmax(_upcast(student_logits) / spec.temperature, dim=-1)
+    lp = torch.log_softmax(_upcast(teacher_logits).to(lq.dtype) / spec.temperature, dim=-1)
+    return _divergence(lq, lp, spec) * spec.temperature**2
+
+
+def _online_chunk_sums(hidden, weight, bias, labels, teacher_hidden, spec: LossSpec, teacher_head):
+    logits = F.linear(hidden, weight, bias)  # [c, V]
+    with torch.no_grad():
+        teacher_logits = F.linear(teacher_hidden, *teacher_head)  # [c, V]: the teacher's, this chunk only
+    kd = full_vocab_kd_per_position(logits, teacher_logits, spec)
+    ce = F.cross_entropy(_upcast(logits), labels, reduction="sum")
+    return kd.sum(), ce
+
+
 class _FusedChunkedLoss(torch.autograd.Function):
     """Forward and backward of each chunk happen together in `forward` (like a fused linear
     cross-entropy): the chunk's logits are built once, their gradients taken at once, and only
-    gradients of the size of the inputs are kept for `backward`. No logits are recomputed."""
+    gradients of the size of the inputs are kept for `backward`. No logits are recomputed.
+    `rows`: per-position tensors cut into the same chunks and handed to `chunk_sums(h, weight,
+    bias, *rows) -> (kd sum, ce sum)` (the stored top-k, or the teacher's hidden states)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, labels, topk_ids, topk_logprobs, coefficients, spec, chunk_size):
+    def forward(ctx, h, weight, bias, rows, coefficients, chunk_sums, chunk_size):
         alpha, denominator = coefficients
         needs = (h.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
         grads = [torch.zeros(t.shape, dtype=torch.promote_types(t.dtype, torch.float32), device=t.device)
@@ -196,7 +221,7 @@ class _FusedChunkedLoss(torch.autograd.Function):
             with torch.enable_grad():
                 leaves = [t.detach().requires_grad_(need) if t is not None else None
                           for t, need in zip((h[sl], weight, bias), needs)]
-                kd, ce = _chunk_sums(*leaves, labels[sl], topk_ids[sl], topk_logprobs[sl], spec)
+                kd, ce = chunk_sums(*leaves, *(r[sl] for r in rows))
                 wanted = [(i, t) for i, (t, need) in enumerate(zip(leaves, needs)) if need]
                 if wanted:
                     loss = (alpha * kd + (1 - alpha) * ce) / denominator
@@ -215,7 +240,19 @@ class _FusedChunkedLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
         out = [(g * grad_loss).to(dtype) if need else None
                for g, need, dtype in zip(ctx.saved_tensors, ctx.needs, ctx.dtypes)]
-        return (*out, None, None, None, None, None, None)
+        return (*out, None, None, None, None)
+
+
+def _chunked(h, weight, bias, rows, chunk_sums, alpha, denominator, chunk_size):
+    """(loss, kd sum, ce sum) over the rows of `h [N, H]`, a chunk of positions at a time."""
+    if torch.is_grad_enabled():
+        return _FusedChunkedLoss.apply(h, weight, bias, rows, (alpha, denominator), chunk_sums, chunk_size)
+    kd_sum = ce_sum = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+    for start in range(0, h.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        kd, ce = chunk_sums(h[sl], weight, bias, *(r[sl] for r in rows))
+        kd_sum, ce_sum = kd_sum + kd, ce_sum + ce
+    return (alpha * kd_sum + (1 - alpha) * ce_sum) / denominator, kd_sum, ce_sum
 
 
 def chunked_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -228,16 +265,27 @@ def chunked_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     transformers pass it) or else by this batch's masked count, so gradients do not depend on
     how a batch is split. Returns `(loss, {"kd": mean KD, "ce": mean CE})`, both detached."""
     m = mask.bool()
-    h, y, ids, lps = hidden[m], labels[m], topk_ids[m], topk_logprobs[m]  # [N, ...]: masked rows only
     denominator = num_items if num_items is not None else m.sum().clamp(min=1)
-    if torch.is_grad_enabled():
-        loss, kd_sum, ce_sum = _FusedChunkedLoss.apply(h, weight, bias, y, ids, lps, (alpha, denominator), spec,
-                                                       chunk_size)
-    else:
-        kd_sum = ce_sum = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
-        for start in range(0, h.shape[0], chunk_size):
-            sl = slice(start, start + chunk_size)
-            kd, ce = _chunk_sums(h[sl], weight, bias, y[sl], ids[sl], lps[sl], spec)
-            kd_sum, ce_sum = kd_sum + kd, ce_sum + ce
-        loss = (alpha * kd_sum + (1 - alpha) * ce_sum) / denominator
+    rows = (labels[m], topk_ids[m], topk_logprobs[m])  # [N, ...]: masked rows only
+    loss, kd_sum, ce_sum = _chunked(hidden[m], weight, bias, rows, partial(_chunk_sums, spec=spec), alpha,
+                                    denominator, chunk_size)
+    return loss, {"kd": (kd_sum / denominator).detach(), "ce": (ce_sum / denominator).detach()}
+
+
+def chunked_online_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, teacher_hidden: torch.Tensor,
+                        teacher_weight: torch.Tensor, mask: torch.Tensor, spec: LossSpec = LossSpec(), *,
+                        alpha: float = 0.5, bias: torch.Tensor | None = None,
+                        teacher_bias: torch.Tensor | None = None, chunk_size: int = 1024,
+                        num_items: int | torch.Tensor | None = None):
+    """`chunked_distill_loss` against a teacher run in the same process: alpha * full-vocabulary KD
+    + (1 - alpha) * CE, from the student's `hidden [B, T, H]` and head `weight [V, H]` and the
+    teacher's last hidden states `teacher_hidden [B, T, H_t]` and head `teacher_weight [V, H_t]`.
+    Both models' logits are built a chunk of `chunk_size` positions at a time: no `[B, T, V]`
+    tensor exists for either. Same denominators and return value as `chunked_distill_loss`."""
+    m = mask.bool()
+    denominator = num_items if num_items is not None else m.sum().clamp(min=1)
+    chunk_sums = partial(_online_chunk_sums, spec=spec, teacher_head=(teacher_weight.detach(),
+                         None if teacher_bias is None else teacher_bias.detach()))
+    loss, kd_sum, ce_sum = _chunked(hidden[m], weight, bias, (labels[m], teacher_hidden[m].detach()), chunk_sums,
+                                    alpha, denominator, chunk_size)
     return loss, {"kd": (kd_sum / denominator).detach(), "ce": (ce_sum / denominator).detach()}

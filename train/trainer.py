@@ -94,18 +94,25 @@ class DistillTrainer(SFTTrainer):
             loss = loss + part_loss * scale
             if model.training and not on_policy:
                 # per target of this batch: in an on-policy step the terms were divided by both batches' targets
-                per_target = targets / max(int(batch["target_mask"].sum()), 1) if mixed else scale
-                # the mean over processes, as Trainer logs the loss (one process's value would be noise);
-                # `gather`, not `gather_for_metrics`: at an epoch's end that cuts a tensor to the last
-                # batch's leftover rows, and with one row left it cut [kd, ce] to [kd]
-                kd, ce = self.accelerator.gather(
-                    torch.stack([terms["kd"], terms["ce"]]) * per_target).view(-1, 2).mean(0).tolist()
-                self._metrics["train"]["kd"].append(kd)
-                self._metrics["train"]["ce"].append(ce)
-        if model.training and not torch.isfinite(loss):
+                self._log_terms(terms, targets / max(int(batch["target_mask"].sum()), 1) if mixed else scale)
+        if model.training:
+            self._check_finite(loss)
+        return (loss, out) if return_outputs else loss
+
+    def _log_terms(self, terms: dict[str, torch.Tensor], per_target: float) -> None:
+        """Log each loss term (kd, ce, ...) per target: the mean over processes, as Trainer logs the
+        loss (one process's value would be noise). `gather`, not `gather_for_metrics`: at an epoch's
+        end that cuts a tensor to the last batch's leftover rows, and with one row left it cut
+        [kd, ce] to [kd]."""
+        names = list(terms)
+        values = self.accelerator.gather(torch.stack([terms[n] for n in names]) * per_target)
+        for name, value in zip(names, values.view(-1, len(names)).mean(0).tolist()):
+            self._metrics["train"][name].append(value)
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
             raise FloatingPointError(f"training stopped at step {self.state.global_step + 1}: the loss is {loss.item()}; "
                                      "no model was saved (lower `learning_rate`, or check the corpus)")
-        return (loss, out) if return_outputs else loss
 
     def _forward_kl(self, out, weight, bias, batch, spec: LossSpec, terms, targets) -> float:
         """KL(teacher || student) per token of the student's samples, before this update: the number
@@ -243,6 +250,12 @@ def _train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]) -> TrainResul
     start = time.time()
     manifests = corpora.read_manifests(cfg)
     check_model(cfg.student, "student")
+    online = None
+    if cfg.teacher:
+        from distill.train.online import check_online
+
+        check_model(cfg.teacher, "teacher")
+        online = check_online(cfg)  # from the configs, before the corpus is read or a model loads
     # A run resumed with the same settings continues its tracked run; with others (`--resume`) it opens a new one.
     continues_run = not changed_settings(cfg, Path(cfg.out))
     resume = start_from(cfg, Path(cfg.out))  # refuses another run's `out` before the corpus is read
@@ -255,7 +268,7 @@ def _train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]) -> TrainResul
         if data.skipped:
             print(f"skipped {data.skipped} records whose prompt fills max_length {cfg.max_length}")
         return _fit(cfg, manifests, data, resume, start, callbacks,
-                    continues_run=resume is not None and continues_run)
+                    continues_run=resume is not None and continues_run, online=online)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         with contextlib.suppress(OSError):  # another process's data may still be there
@@ -263,9 +276,11 @@ def _train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]) -> TrainResul
 
 
 def _fit(cfg: TrainConfig, manifests: list[corpus.Manifest], data: TrainingData, resume: Path | None,
-         start: float, callbacks: Sequence[TrainerCallback] = (), continues_run: bool = False) -> TrainResult:
+         start: float, callbacks: Sequence[TrainerCallback] = (), continues_run: bool = False,
+         online=None) -> TrainResult:
     """Train on the prepared records, from `resume` (a checkpoint) or from step 0; `continues_run`:
-    in the tracked run the checkpoint's run logged to. `manifests`: one per corpus, in `cfg.corpora` order."""
+    in the tracked run the checkpoint's run logged to; `manifests`: one per corpus, in `cfg.corpora`
+    order; `online`: the checked `online.OnlinePlan` when `cfg.teacher` runs in this process."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     manifest = manifests[0]  # all share its tokenizer (`corpora.read_manifests`)
@@ -304,11 +319,17 @@ def _fit(cfg: TrainConfig, manifests: list[corpus.Manifest], data: TrainingData,
     top_k, teachers = corpora.top_k_width(cfg, manifests)
     collator = DistillCollator(pad_token_id=pad_token_id(tokenizer), max_length=cfg.max_length, top_k=top_k,
                                teachers=teachers)
-    trainer = DistillTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+    trainer_class, online_args = DistillTrainer, {}
+    if online is not None:
+        from distill.train.online import OnlineDistillTrainer, load_teacher
+
+        trainer_class = OnlineDistillTrainer
+        online_args = {"teacher_model": load_teacher(cfg.teacher, model.dtype), "plan": online}
+    trainer = trainer_class(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                              processing_class=tokenizer, data_collator=collator, peft_config=peft_config,
                              callbacks=[JsonlMetrics(out / "metrics.jsonl"), MarkCompleteCheckpoints(), StopOnNonFinite(),
                                         *trainer_callbacks(run), *callbacks],
-                             distill=cfg, teacher=teacher)
+                             distill=cfg, teacher=teacher, **online_args)
     initial = held_out_metrics(trainer, eval_data, collator, cfg) if eval_data else {}
     try:
         with active(run):
