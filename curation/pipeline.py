@@ -154,6 +154,7 @@ def _curate(cfg: CurateConfig, out: Path) -> CurateResult:
                          "kept": summary["kept"], "rejected": summary["rejected"],
                          "rejected_by_filter": result.rejected_by_filter}
     manifest.history.append(corpus.history_entry("curate", cfg, time.time() - start))
+    corpus.copy_tokenizer(cfg.corpus, out)
     corpus.write_manifest(out, manifest)
     print(report.write(out), file=sys.stderr)
     return result
@@ -162,7 +163,7 @@ def _curate(cfg: CurateConfig, out: Path) -> CurateResult:
 def _interrupted_curation(out: Path) -> bool:
     """`out` as a killed curate leaves it: shards but no manifest (written last)."""
     return not (out / corpus.MANIFEST).exists() and all(
-        p.name in ("data", "rejected", files.LOCK_NAME) or p.match(files.PARTIAL_GLOB) for p in out.iterdir())
+        p.name in ("data", "rejected", corpus.TOKENIZER_DIR, files.LOCK_NAME) or p.match(files.PARTIAL_GLOB) for p in out.iterdir())
 
 
 def _write_shard(out: Path, index: int, table: pa.Table, subdir: str) -> None:

@@ -34,6 +34,10 @@ PromptFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt"]
 # fields, the CLI choices and the loss functions all take them from these.
 LossKind = Literal["forward_kl", "reverse_kl", "jsd"]
 LossTail = Literal["bucket", "renormalize"]
+# The cross-tokenizer losses of `train/cross_losses.py` (a student with another tokenizer than the
+# teacher's), declared here once; `auto` detects such a student and uses `span`, `off` refuses it.
+CrossLossKind = Literal["span", "uld"]
+CrossTokenizer = Literal["auto", "off", CrossLossKind]
 
 
 def load_yaml(path: Path) -> Any:
@@ -268,8 +272,16 @@ class TrainConfig(StageConfig):
     """`distill train`: a student learns the teacher's tokens (CE) and its top-k distributions (KL)."""
 
     corpus: Path = Field(description="Training corpus directory (from generate / curate).")
-    student: ModelPath = Field(description="Student model: a local directory, a hub id or a .gguf file (same tokenizer family).")
+    student: ModelPath = Field(description="Student model: a local directory, a hub id or a .gguf file (another tokenizer "
+                               "than the teacher's: see `cross_tokenizer`).")
     out: Path = Field(description="Output directory: merged model, adapter, metrics, model card.")
+    cross_tokenizer: CrossTokenizer = Field(
+        "auto", description="A student whose tokenizer is not the teacher's: `auto` detects one (fewer than 90% of the "
+        "teacher's token ids are the same token in the student) and trains it with `span`; `span` (KL on text spans both "
+        "tokenizations cover) or `uld` (universal logit distillation) force that loss; `off` refuses such a student.")
+    teacher_tokenizer: str | None = Field(
+        None, description="The teacher's tokenizer (directory or hub id) for a corpus that does not store it (written "
+        "before distill kept tokenizer files in the corpus); only read for a student of another tokenizer.")
     loss: LossKind = Field("forward_kl", description="KD divergence.")
     tail: LossTail = Field("bucket", description="How the teacher's mass outside its top-k is treated.")
     beta: float = Field(0.5, gt=0.0, lt=1.0, description="JSD interpolation (`loss: jsd`).")

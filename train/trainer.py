@@ -37,6 +37,7 @@ from distill.train.data import (
     check_vocabulary,
     prepare_training_data,
 )
+from distill.train.cross_tokenizer import CrossCollator, cross_training_data, detect
 from distill.train.head import lm_head
 from distill.train.losses import LossSpec, chunked_distill_loss
 from distill.train.onpolicy import on_policy_records, sample
@@ -267,11 +268,24 @@ def _fit(cfg: TrainConfig, manifest: corpus.Manifest, data: TrainingData, resume
     in the tracked run the checkpoint's run logged to."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from distill.train.cross_trainer import CrossTokenizerTrainer  # a subclass of this module's trainer
+
     out = Path(cfg.out)
     tokenizer = AutoTokenizer.from_pretrained(cfg.student)
     gpu = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.bfloat16 if gpu else torch.float32)
-    check_vocabulary(manifest, tokenizer, model.get_output_embeddings().weight.shape[0], data.max_token_id)
+    cross = detect(cfg, manifest, tokenizer)
+    if cross is None:
+        check_vocabulary(manifest, tokenizer, model.get_output_embeddings().weight.shape[0], data.max_token_id)
+    elif cfg.on_policy:
+        raise ValueError("on-policy training of a student with another tokenizer than the teacher's is not supported: "
+                         "train offline (without `on_policy`), or give the student the teacher's tokenizer")
+    else:  # the student's own tokens of the teacher's texts replace the stored ids (train/cross_tokenizer.py)
+        dataset, coverage = cross_training_data(cfg.corpus, cross, cfg.max_length)
+        data = TrainingData(dataset, data.records, data.records - len(dataset), data.max_token_id)
+        print(f"cross-tokenizer ({cross.kind}): {coverage.aligned_share:.1%} of the student's "
+              f"{coverage.student_tokens:,} response tokens aligned; {coverage.one_to_one_share:.1%} of the spans 1:1, "
+              f"{coverage.mapped_topk_mass:.1%} of their teacher top-k mass on tokens the student has")
     teacher = None
     if cfg.on_policy:
         teacher = TeacherClient(cfg.teacher_endpoint, api_key=cfg.teacher_api_key)
@@ -300,23 +314,29 @@ def _fit(cfg: TrainConfig, manifest: corpus.Manifest, data: TrainingData, resume
         gradient_checkpointing=cfg.gradient_checkpointing,
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
         report_to=trainer_report_to(cfg), run_name=run.run_name if run else cfg.run_name, max_length=None)
-    collator = DistillCollator(pad_token_id=pad_token_id(tokenizer), max_length=cfg.max_length,
-                               top_k=manifest.generation.top_k)
-    trainer = DistillTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-                             processing_class=tokenizer, data_collator=collator, peft_config=peft_config,
-                             callbacks=[JsonlMetrics(out / "metrics.jsonl"), MarkCompleteCheckpoints(), StopOnNonFinite(),
-                                        *trainer_callbacks(run), *callbacks],
-                             distill=cfg, teacher=teacher)
-    initial = held_out_metrics(trainer, eval_data, collator, cfg) if eval_data else {}
+    collator_class, trainer_class, extra = (DistillCollator, DistillTrainer, {}) if cross is None else \
+        (CrossCollator, CrossTokenizerTrainer, {"kind": cross.kind})
+    collator = collator_class(pad_token_id=pad_token_id(tokenizer), max_length=cfg.max_length,
+                              top_k=manifest.generation.top_k)
+    trainer = trainer_class(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+                            processing_class=tokenizer, data_collator=collator, peft_config=peft_config,
+                            callbacks=[JsonlMetrics(out / "metrics.jsonl"), MarkCompleteCheckpoints(), StopOnNonFinite(),
+                                       *trainer_callbacks(run), *callbacks],
+                            distill=cfg, teacher=teacher, **extra)
+    # held-out KL on the stored top-k needs the teacher's ids: a cross-tokenizer run logs only `eval_loss`
+    scored = eval_data is not None and cross is None
+    initial = held_out_metrics(trainer, eval_data, collator, cfg) if scored else {}
     try:
         with active(run):
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except EndpointError as e:
         raise EndpointError(f"{e} Training stopped at step {trainer.state.global_step}; rerun the same command to "
                             f"continue from the newest complete checkpoint in {out / 'checkpoints'}") from None
-    final = held_out_metrics(trainer, eval_data, collator, cfg) if eval_data else {}
+    final = held_out_metrics(trainer, eval_data, collator, cfg) if scored else {}
     card = StudentCard.of_run(cfg, manifest, trainer.state.global_step, trainer.state.log_history, initial, final,
-                              time.time() - start)
+                              time.time() - start,
+                              cross_tokenizer=None if cross is None else {"kind": cross.kind, **coverage.as_dict(),
+                                                                           "same_vocabulary_share": cross.vocabularies.same_share})
     _save(trainer, out, cfg, model.dtype)
     if trainer.is_world_process_zero():  # under torchrun / accelerate launch, one process writes
         write_student_files(out, cfg, card)

@@ -1,0 +1,124 @@
+"""Distillation losses between a teacher and a student of different tokenizers, on the spans of
+`train/cross_tokenizer.py` (docs/recipes/cross-tokenizer.md). One kind per `CrossLossKind`:
+
+- `span`: at a 1:1 span (one token each side), today's KD on the teacher's top-k mapped to
+  student ids (`losses.LossSpec`'s divergence, tail and temperature; teacher tokens the student
+  lacks count in the tail bin, so with the same tokenizer on both sides this *is* today's loss);
+  at a longer span, the divergence between the two models' probability of the span's text, as
+  two outcomes (this text, anything else): teacher log P = sum of the stored log-probabilities
+  of its tokens, student log Q = sum of its own. One term per span.
+- `uld`: universal logit distillation (Boizard et al. 2024): at each span's first token, the
+  L1 distance between the two probability vectors sorted in decreasing order, which needs no
+  mapping between vocabularies. The teacher's vector is only known to its top-k, so both are
+  compared on their k largest plus one bin for the rest (a lower bound of the full distance).
+  Positions are paired through the spans, not by index as in the paper.
+
+Every student response token also carries CE on its token (weight 1 - alpha), aligned or not.
+The student's `[N, V]` logits are built `chunk_size` rows at a time under activation
+checkpointing, so only per-row numbers are kept for backward (never `[B, T, V]`).
+"""
+
+from __future__ import annotations
+
+from typing import get_args
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from distill.config import CrossLossKind
+from distill.train.losses import EMPTY_LOG, LossSpec, _divergence, _log1mexp, _partition, _upcast
+
+CROSS_KINDS = get_args(CrossLossKind)
+
+
+def _chunk_rows(h, weight, bias, labels, topk_ids, temperature: float):
+    """Per row of a chunk: the student's log-probability of its label (T = 1), its tempered
+    log-probabilities at `topk_ids` (-1 ids: EMPTY_LOG) and its k largest probabilities (T = 1)."""
+    logits = _upcast(F.linear(h, weight, bias))
+    logprobs = torch.log_softmax(logits, dim=-1)
+    label_lp = logprobs.gather(-1, labels[:, None]).squeeze(-1)
+    tempered = logprobs if temperature == 1.0 else torch.log_softmax(logits / temperature, dim=-1)
+    at_topk = tempered.gather(-1, topk_ids.clamp(min=0))
+    at_topk = torch.where(topk_ids >= 0, at_topk, torch.full_like(at_topk, EMPTY_LOG))
+    largest = logprobs.exp().topk(min(topk_ids.shape[-1], logits.shape[-1]), dim=-1).values
+    return label_lp, at_topk, largest
+
+
+def student_rows(h, weight, bias, labels, topk_ids, temperature: float = 1.0, chunk_size: int = 1024):
+    """`_chunk_rows` over all rows, a chunk at a time; under grad, each chunk's logits are
+    recomputed in backward instead of kept."""
+    parts = []
+    for start in range(0, h.shape[0], chunk_size):
+        args = (h[start:start + chunk_size], weight, bias, labels[start:start + chunk_size],
+                topk_ids[start:start + chunk_size], temperature)
+        parts.append(checkpoint(_chunk_rows, *args, use_reentrant=False) if torch.is_grad_enabled()
+                     else _chunk_rows(*args))
+    if not parts:
+        k = topk_ids.shape[-1]
+        empty = h.new_zeros((0,), dtype=torch.float32)
+        return empty, h.new_zeros((0, k), dtype=torch.float32), h.new_zeros((0, k), dtype=torch.float32)
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def mapped_topk_kl(student_at_topk: torch.Tensor, teacher_logprobs: torch.Tensor, mapped: torch.Tensor,
+                   spec: LossSpec = LossSpec()) -> torch.Tensor:
+    """Today's KD (`spec`) per row on the teacher's top-k where `mapped` (the student has the
+    token); the rest of the teacher's mass joins its tail bin. `[N, K]` -> `[N]`."""
+    teacher = torch.where(mapped, teacher_logprobs, torch.full_like(teacher_logprobs, EMPTY_LOG))
+    lq, lp = _partition(student_at_topk, teacher, spec)
+    return _divergence(lq, lp, spec) * spec.temperature**2
+
+
+def span_text_kl(student_logprob: torch.Tensor, teacher_logprob: torch.Tensor, spec: LossSpec = LossSpec()) -> torch.Tensor:
+    """`spec`'s divergence between (P, 1 - P) and (Q, 1 - Q), P and Q the two models' probability
+    of a span's text, from their log-probabilities `[S]` -> `[S]`."""
+    lq = torch.stack([student_logprob.clamp(max=0.0), _log1mexp(student_logprob)], dim=-1)
+    lp = torch.stack([teacher_logprob.clamp(max=0.0), _log1mexp(teacher_logprob)], dim=-1)
+    return _divergence(lq, lp.to(lq.dtype), spec)
+
+
+def uld(student_largest: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Universal logit distillation per row: sum_i |p_(i) - q_(i)| over both distributions' k
+    largest probabilities in decreasing order, plus |P(rest) - Q(rest)|. `[N, K]` -> `[N]`."""
+    p = teacher_logprobs.exp().sort(dim=-1, descending=True).values
+    q = student_largest.sort(dim=-1, descending=True).values
+    rest = ((1 - p.sum(-1)).clamp(min=0) - (1 - q.sum(-1)).clamp(min=0)).abs()
+    return (p - q).abs().sum(-1) + rest
+
+
+def cross_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, batch: dict[str, torch.Tensor],
+                       kind: CrossLossKind, spec: LossSpec = LossSpec(), *, alpha: float = 0.5,
+                       bias: torch.Tensor | None = None, chunk_size: int = 1024,
+                       num_items: int | torch.Tensor | None = None):
+    """alpha * KD (`kind`, one term per span) + (1 - alpha) * CE (every trained student token), from
+    the student's last hidden states `[B, T, H]`, its LM head and a `CrossCollator` batch; divided by
+    `num_items` (the accumulated batch's trained tokens) or this batch's. Returns
+    `(loss, {"kd": ..., "ce": ...})`, both terms detached and per trained token."""
+    if kind not in CROSS_KINDS:
+        raise ValueError(f"cross-tokenizer loss must be one of {CROSS_KINDS}, got {kind!r}")
+    m = batch["target_mask"].bool()
+    span_index, span_of = batch["span_index"][m], batch["span_of"][m]
+    n_spans = batch["span_teacher_logprob"].shape[0]
+    # each row's teacher top-k: its span's if it is the span's first token (else unused, -1)
+    first = span_index >= 0
+    topk_ids = torch.full((span_index.shape[0], batch["span_topk_ids"].shape[-1]), -1, dtype=torch.long,
+                          device=hidden.device)
+    topk_ids[first] = batch["span_topk_ids"][span_index[first]]
+    label_lp, at_topk, largest = student_rows(hidden[m], weight, bias, batch["labels"][m], topk_ids,
+                                              spec.temperature, chunk_size)
+    teacher_topk = batch["span_topk_logprobs"][span_index[first]].to(at_topk.dtype)
+    one_to_one = batch["span_one_to_one"][span_index[first]]
+    if kind == "span":
+        token = mapped_topk_kl(at_topk[first], teacher_topk, topk_ids[first] >= 0, spec)
+        inside = span_of >= 0
+        student_span = torch.zeros(n_spans, dtype=label_lp.dtype, device=label_lp.device).index_add(
+            0, span_of[inside], label_lp[inside])
+        text = span_text_kl(student_span, batch["span_teacher_logprob"].to(label_lp.dtype), spec)
+        kd_sum = (token * one_to_one).sum() + (text * ~batch["span_one_to_one"]).sum()
+    else:
+        kd_sum = uld(largest[first], teacher_topk).sum()
+    ce_sum = -label_lp.sum()
+    denominator = num_items if num_items is not None else m.sum().clamp(min=1)
+    loss = (alpha * kd_sum + (1 - alpha) * ce_sum) / denominator
+    return loss, {"kd": (kd_sum / denominator).detach(), "ce": (ce_sum / denominator).detach()}
