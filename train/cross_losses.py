@@ -20,6 +20,7 @@ checkpointing, so only per-row numbers are kept for backward (never `[B, T, V]`)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import get_args
 
 import torch
@@ -34,7 +35,8 @@ CROSS_KINDS = get_args(CrossLossKind)
 
 def _chunk_rows(h, weight, bias, labels, topk_ids, temperature: float):
     """Per row of a chunk: the student's log-probability of its label (T = 1), its tempered
-    log-probabilities at `topk_ids` (-1 ids: EMPTY_LOG) and its k largest probabilities (T = 1)."""
+    log-probabilities at `topk_ids` (-1 ids: EMPTY_LOG), its k largest probabilities (T = 1) and its
+    most likely token."""
     logits = _upcast(F.linear(h, weight, bias))
     logprobs = torch.log_softmax(logits, dim=-1)
     label_lp = logprobs.gather(-1, labels[:, None]).squeeze(-1)
@@ -42,7 +44,7 @@ def _chunk_rows(h, weight, bias, labels, topk_ids, temperature: float):
     at_topk = tempered.gather(-1, topk_ids.clamp(min=0))
     at_topk = torch.where(topk_ids >= 0, at_topk, torch.full_like(at_topk, EMPTY_LOG))
     largest = logprobs.exp().topk(min(topk_ids.shape[-1], logits.shape[-1]), dim=-1).values
-    return label_lp, at_topk, largest
+    return label_lp, at_topk, largest, logits.argmax(-1)
 
 
 def student_rows(h, weight, bias, labels, topk_ids, temperature: float = 1.0, chunk_size: int = 1024):
@@ -57,7 +59,8 @@ def student_rows(h, weight, bias, labels, topk_ids, temperature: float = 1.0, ch
     if not parts:
         k = topk_ids.shape[-1]
         empty = h.new_zeros((0,), dtype=torch.float32)
-        return empty, h.new_zeros((0, k), dtype=torch.float32), h.new_zeros((0, k), dtype=torch.float32)
+        return (empty, h.new_zeros((0, k), dtype=torch.float32), h.new_zeros((0, k), dtype=torch.float32),
+                labels.new_zeros((0,)))
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
@@ -87,6 +90,53 @@ def uld(student_largest: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.
     return (p - q).abs().sum(-1) + rest
 
 
+@dataclass(frozen=True)
+class SpanRows:
+    """The student's numbers on a `CrossCollator` batch: per trained token its log-probability
+    (`label_lp [N]`, T = 1), and per span, read at the span's first student token (spans in order):
+    its tempered log-probabilities at the teacher's mapped top-k (`at_topk [S, K]`), its k largest
+    probabilities (`largest [S, K]`), its most likely token (`argmax [S]`), and the sum of its
+    log-probabilities of the span's tokens (`span_lp [S]`)."""
+
+    label_lp: torch.Tensor
+    at_topk: torch.Tensor
+    largest: torch.Tensor
+    argmax: torch.Tensor
+    span_lp: torch.Tensor
+
+
+def span_rows(hidden: torch.Tensor, weight: torch.Tensor, batch: dict[str, torch.Tensor], spec: LossSpec = LossSpec(),
+              bias: torch.Tensor | None = None, chunk_size: int = 1024) -> SpanRows:
+    m = batch["target_mask"].bool()
+    span_index, span_of = batch["span_index"][m], batch["span_of"][m]
+    first = span_index >= 0
+    # each row's teacher top-k: its span's if it is the span's first token, else none (-1)
+    topk_ids = torch.full((span_index.shape[0], batch["span_topk_ids"].shape[-1]), -1, dtype=torch.long,
+                          device=hidden.device)
+    topk_ids[first] = batch["span_topk_ids"][span_index[first]]
+    label_lp, at_topk, largest, argmax = student_rows(hidden[m], weight, bias, batch["labels"][m], topk_ids,
+                                                      spec.temperature, chunk_size)
+    order = torch.empty_like(span_index[first])  # row of each span's first token, in span order
+    order[span_index[first]] = torch.arange(int(first.sum()), device=order.device)
+    inside = span_of >= 0
+    span_lp = torch.zeros(batch["span_teacher_logprob"].shape[0], dtype=label_lp.dtype, device=label_lp.device
+                          ).index_add(0, span_of[inside], label_lp[inside])
+    return SpanRows(label_lp, at_topk[first][order], largest[first][order], argmax[first][order], span_lp)
+
+
+def span_kd(rows: SpanRows, batch: dict[str, torch.Tensor], kind: CrossLossKind, spec: LossSpec = LossSpec()) -> torch.Tensor:
+    """The KD term of each span `[S]` (module docstring)."""
+    if kind not in CROSS_KINDS:
+        raise ValueError(f"cross-tokenizer loss must be one of {CROSS_KINDS}, got {kind!r}")
+    teacher_topk = batch["span_topk_logprobs"].to(rows.at_topk.dtype)
+    if kind == "uld":
+        return uld(rows.largest, teacher_topk)
+    one_to_one = batch["span_one_to_one"]
+    token = mapped_topk_kl(rows.at_topk, teacher_topk, batch["span_topk_ids"] >= 0, spec)
+    text = span_text_kl(rows.span_lp, batch["span_teacher_logprob"].to(rows.span_lp.dtype), spec)
+    return torch.where(one_to_one, token, text)
+
+
 def cross_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, batch: dict[str, torch.Tensor],
                        kind: CrossLossKind, spec: LossSpec = LossSpec(), *, alpha: float = 0.5,
                        bias: torch.Tensor | None = None, chunk_size: int = 1024,
@@ -95,30 +145,8 @@ def cross_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, batch: dict[s
     the student's last hidden states `[B, T, H]`, its LM head and a `CrossCollator` batch; divided by
     `num_items` (the accumulated batch's trained tokens) or this batch's. Returns
     `(loss, {"kd": ..., "ce": ...})`, both terms detached and per trained token."""
-    if kind not in CROSS_KINDS:
-        raise ValueError(f"cross-tokenizer loss must be one of {CROSS_KINDS}, got {kind!r}")
-    m = batch["target_mask"].bool()
-    span_index, span_of = batch["span_index"][m], batch["span_of"][m]
-    n_spans = batch["span_teacher_logprob"].shape[0]
-    # each row's teacher top-k: its span's if it is the span's first token (else unused, -1)
-    first = span_index >= 0
-    topk_ids = torch.full((span_index.shape[0], batch["span_topk_ids"].shape[-1]), -1, dtype=torch.long,
-                          device=hidden.device)
-    topk_ids[first] = batch["span_topk_ids"][span_index[first]]
-    label_lp, at_topk, largest = student_rows(hidden[m], weight, bias, batch["labels"][m], topk_ids,
-                                              spec.temperature, chunk_size)
-    teacher_topk = batch["span_topk_logprobs"][span_index[first]].to(at_topk.dtype)
-    one_to_one = batch["span_one_to_one"][span_index[first]]
-    if kind == "span":
-        token = mapped_topk_kl(at_topk[first], teacher_topk, topk_ids[first] >= 0, spec)
-        inside = span_of >= 0
-        student_span = torch.zeros(n_spans, dtype=label_lp.dtype, device=label_lp.device).index_add(
-            0, span_of[inside], label_lp[inside])
-        text = span_text_kl(student_span, batch["span_teacher_logprob"].to(label_lp.dtype), spec)
-        kd_sum = (token * one_to_one).sum() + (text * ~batch["span_one_to_one"]).sum()
-    else:
-        kd_sum = uld(largest[first], teacher_topk).sum()
-    ce_sum = -label_lp.sum()
-    denominator = num_items if num_items is not None else m.sum().clamp(min=1)
+    rows = span_rows(hidden, weight, batch, spec, bias, chunk_size)
+    kd_sum, ce_sum = span_kd(rows, batch, kind, spec).sum(), -rows.label_lp.sum()
+    denominator = num_items if num_items is not None else batch["target_mask"].sum().clamp(min=1)
     loss = (alpha * kd_sum + (1 - alpha) * ce_sum) / denominator
     return loss, {"kd": (kd_sum / denominator).detach(), "ce": (ce_sum / denominator).detach()}

@@ -232,6 +232,7 @@ def cross_record(record: dict, plan: CrossTokenizer) -> dict:
         "span_teacher_logprob": [float(logprobs[sp.teacher[0]:sp.teacher[1]].sum()) for sp in spans],
         "span_topk_ids": vocab.to_student[topk_ids[firsts]].reshape(-1).tolist() if spans else [],
         "span_topk_logprobs": topk_lps[firsts].reshape(-1).tolist() if spans else [],
+        "span_teacher_top1": topk_ids[firsts, 0].tolist() if spans else [],  # the teacher's own id (eval's agreement)
     }
 
 
@@ -286,7 +287,8 @@ class CrossCollator:
     position predicts, -100 where none is trained), `target_mask`; per position `span_index`
     (the batch's span whose *first* student token it predicts, else -1) and `span_of` (the span
     whose any token it predicts, else -1); per span `span_one_to_one [S]`, `span_teacher_logprob [S]`,
-    `span_topk_ids [S, K]` (student ids, -1: the student lacks the token) and `span_topk_logprobs [S, K]`."""
+    `span_topk_ids [S, K]` (student ids, -1: the student lacks the token), `span_topk_logprobs [S, K]`
+    and `span_teacher_top1 [S]` (the teacher's id of its top-1)."""
 
     pad_token_id: int
     max_length: int
@@ -300,7 +302,7 @@ class CrossCollator:
         labels = torch.full((b, length), -100, dtype=torch.long)
         span_index = torch.full((b, length), -1, dtype=torch.long)
         span_of = torch.full((b, length), -1, dtype=torch.long)
-        one_to_one, teacher_lp, topk_ids, topk_lps = [], [], [], []
+        one_to_one, teacher_lp, topk_ids, topk_lps, top1 = [], [], [], [], []
         for i, r in enumerate(records):
             seq = list(r["input_ids"])[:length]
             p = len(r["input_ids"]) - r["response_length"]
@@ -322,10 +324,12 @@ class CrossCollator:
                 teacher_lp.append(float(r["span_teacher_logprob"][j]))
                 topk_ids.append(ids[j])
                 topk_lps.append(lps[j])
+                top1.append(int(r["span_teacher_top1"][j]))
         k = self.top_k
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "target_mask": labels >= 0,
                 "span_index": span_index, "span_of": span_of,
                 "span_one_to_one": torch.tensor(one_to_one, dtype=torch.bool),
                 "span_teacher_logprob": torch.tensor(teacher_lp, dtype=torch.float32),
                 "span_topk_ids": torch.tensor(np.array(topk_ids).reshape(-1, k), dtype=torch.long),
-                "span_topk_logprobs": torch.tensor(np.array(topk_lps).reshape(-1, k), dtype=torch.float32)}
+                "span_topk_logprobs": torch.tensor(np.array(topk_lps).reshape(-1, k), dtype=torch.float32),
+                "span_teacher_top1": torch.tensor(top1, dtype=torch.long)}
