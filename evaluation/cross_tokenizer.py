@@ -18,7 +18,13 @@ import torch
 
 from distill import corpus
 from distill.train.cross_losses import span_kd, span_rows
-from distill.train.cross_tokenizer import CROSS_COLUMNS, CrossCollator, CrossTokenizer, Vocabularies, cross_records
+from distill.train.cross_tokenizer import (
+    CROSS_COLUMNS,
+    CrossCollator,
+    CrossTokenizer,
+    Vocabularies,
+    cross_records,
+)
 from distill.train.head import lm_head
 from distill.train.scoring import pad_token_id
 

@@ -2,6 +2,7 @@
 files in the corpus, and a student of another tokenizer trained end to end (no vLLM: the corpus
 is built from the demo teacher's tokenizer with planted top-k)."""
 
+import itertools
 import json
 import math
 import shutil
@@ -14,7 +15,12 @@ from distill import corpus
 from distill.config import TrainConfig
 from distill.demo.student_tokenizer import build_student, build_student_tokenizer
 from distill.demo.teacher import SHIPPED
-from distill.train.cross_losses import cross_distill_loss, mapped_topk_kl, span_text_kl, uld
+from distill.train.cross_losses import (
+    cross_distill_loss,
+    mapped_topk_kl,
+    span_text_kl,
+    uld,
+)
 from distill.train.cross_tokenizer import (
     SAME_VOCABULARY,
     CrossCollator,
@@ -77,7 +83,7 @@ def test_spans_cover_the_text_exactly_with_real_tokenizers(tokenizers, text):
     assert all(a == b for a, b in spelled(spans, t, s))
     # contiguous and covering: every token of both sides in exactly one span
     assert spans[0].teacher[0] == spans[0].student[0] == 0
-    assert all(a.teacher[1] == b.teacher[0] and a.student[1] == b.student[0] for a, b in zip(spans, spans[1:]))
+    assert all(a.teacher[1] == b.teacher[0] and a.student[1] == b.student[0] for a, b in itertools.pairwise(spans))
     assert (spans[-1].teacher[1], spans[-1].student[1]) == (len(t), len(s))
     assert len(spans) < len(t)  # the two tokenisations really differ (digits, multi-byte characters)
 
@@ -150,7 +156,7 @@ class _Vocab:
 
 def test_auto_treats_a_student_as_the_teachers_tokenizer_only_above_the_threshold(tmp_path, tokenizers):
     base = [f"t{i}" for i in range(100)]
-    renamed = lambda n: base[:100 - n] + [f"x{i}" for i in range(n)]  # noqa: E731
+    renamed = lambda n: base[:100 - n] + [f"x{i}" for i in range(n)]
     assert same_vocabulary_share(_Vocab(base), _Vocab(renamed(10))) == pytest.approx(SAME_VOCABULARY)
     assert same_vocabulary_share(_Vocab(base), _Vocab(renamed(11))) < SAME_VOCABULARY
     teacher, student = tokenizers
@@ -212,9 +218,9 @@ def test_an_old_corpus_or_a_changed_tokenizer_file_is_one_line(tmp_path, tokeniz
 
 @pytest.mark.parametrize("kind", ["span", "uld"])
 def test_a_student_of_another_tokenizer_trains_end_to_end(tmp_path, tokenizers, kind):
+    from distill.evaluation.cross_tokenizer import cross_fidelity
     from distill.train.card import StudentCard
     from distill.train.trainer import train
-    from distill.evaluation.cross_tokenizer import cross_fidelity
 
     teacher, _ = tokenizers
     root = _corpus(tmp_path / "c", teacher, n=16)

@@ -28,7 +28,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from distill.config import CrossLossKind
-from distill.train.losses import EMPTY_LOG, LossSpec, _divergence, _log1mexp, _partition, _upcast
+from distill.train.losses import (
+    EMPTY_LOG,
+    LossSpec,
+    _divergence,
+    _log1mexp,
+    _partition,
+    _upcast,
+)
 
 CROSS_KINDS = get_args(CrossLossKind)
 

@@ -31,13 +31,13 @@ from distill.engine import check_model
 from distill.launcher import EndpointError
 from distill.teacher_client import TeacherClient
 from distill.train.card import StudentCard, TrainResult, write_student_files
+from distill.train.cross_tokenizer import CrossCollator, cross_training_data, detect
 from distill.train.data import (
     DistillCollator,
     TrainingData,
     check_vocabulary,
     prepare_training_data,
 )
-from distill.train.cross_tokenizer import CrossCollator, cross_training_data, detect
 from distill.train.head import lm_head
 from distill.train.losses import LossSpec, chunked_distill_loss
 from distill.train.onpolicy import on_policy_records, sample
@@ -268,7 +268,8 @@ def _fit(cfg: TrainConfig, manifest: corpus.Manifest, data: TrainingData, resume
     in the tracked run the checkpoint's run logged to."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.train.cross_trainer import CrossTokenizerTrainer  # a subclass of this module's trainer
+    # a subclass of this module's trainer, so imported here
+    from distill.train.cross_trainer import CrossTokenizerTrainer
 
     out = Path(cfg.out)
     tokenizer = AutoTokenizer.from_pretrained(cfg.student)

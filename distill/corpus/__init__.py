@@ -61,7 +61,12 @@ from distill.corpus.store import (
     unreadable,
     write_shard,
 )
-from distill.corpus.tokenizer_files import TOKENIZER_DIR, copy_tokenizer, store_tokenizer, teacher_tokenizer
+from distill.corpus.tokenizer_files import (
+    TOKENIZER_DIR,
+    copy_tokenizer,
+    store_tokenizer,
+    teacher_tokenizer,
+)
 from distill.corpus.validate import check_shards, validate, validated_batches
 
 __all__ = [
