@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/cross-tokenizer"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=500, help="optimiser steps of every student (demo.yaml: 500)")
+    ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -85,7 +86,7 @@ def main() -> None:
                                        "out": args.out / f"{arm}-seed{seed}", "run_name": f"{arm}-seed{seed}",
                                        **ARMS[arm]})
 
-    configs = {(arm, s): student(arm, s) for s in args.seeds for arm in ARMS}
+    configs = {(arm, s): student(arm, s) for s in args.seeds for arm in args.arms}
     t0 = time.time()
     train_many(list(configs.values()))
     trained = time.time() - t0
@@ -103,11 +104,11 @@ def main() -> None:
         files.atomic_write(results_path, json.dumps(results, indent=1))
         print(f"[cross] seed {seed} {arm}: accuracy {accuracy['overall']:.3f}, span KL {fidelity.span_kl:.4f}, "
               f"agreement {fidelity.agreement:.3f}, NLL/byte {fidelity.nll_per_byte:.4f}", flush=True)
-    summarise(results, args.steps)
+    summarise(results, args.steps, args.arms)
     print(f"training {trained:.0f} s; wall time {time.time() - started:.0f} s; load average {os.getloadavg()}")
 
 
-def summarise(results: dict, steps: int) -> None:
+def summarise(results: dict, steps: int, arms: list[str]) -> None:
     """Per seed, mean ± std, and the paired differences of each cross-tokenizer arm to SFT-only."""
     seeds = sorted(results, key=int)
     skills = sorted(next(iter(results.values()))["sft"]["per_skill"])
@@ -123,12 +124,12 @@ def summarise(results: dict, steps: int) -> None:
     metrics = [("accuracy", "accuracy, 300 held-out"), *[(f"skill:{s}", f"accuracy, {s}") for s in skills],
                ("span_kl", "span KL (held-out)"), ("agreement", "top-1 agreement"), ("nll_per_byte", "NLL per byte")]
     for key, label in metrics:
-        for arm in ARMS:
+        for arm in arms:
             values = [results[s][arm]["per_skill"][key[6:]] if key.startswith("skill:") else results[s][arm][key]
                       for s in seeds if arm in results[s]]
             row(label, arm, values)
         if key in ("accuracy", "span_kl"):
-            for arm in ("span", "uld"):
+            for arm in [a for a in ("span", "uld") if a in arms]:
                 row(label, f"{arm} − sft", [results[s][arm][key] - results[s]["sft"][key] for s in seeds])
 
 
