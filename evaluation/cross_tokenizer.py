@@ -70,7 +70,8 @@ def cross_fidelity(student: str | Path, corpus_dir: Path, teacher_tokenizer: str
     cross, coverage = cross_records(records, CrossTokenizer("span", teacher, tokenizer, vocabularies))
     text_bytes = sum(len(b"".join(vocabularies.teacher_bytes[i] for i in r["response_token_ids"])) for r in records)
     max_length = getattr(model.config, "max_position_embeddings", None) or 4096
-    collate = CrossCollator(pad_token_id(tokenizer), max_length, manifest.generation.top_k)
+    collate = CrossCollator(pad_token_id(tokenizer), max_length, manifest.generation.top_k,
+                            vocabularies.student_first_byte)
     kl, one_to_one, agreed, nll = [], [], 0, 0.0
     with torch.no_grad():
         for start in range(0, len(cross), batch_size):

@@ -18,6 +18,7 @@ from distill.demo.teacher import SHIPPED
 from distill.train.cross_losses import (
     cross_distill_loss,
     mapped_topk_kl,
+    next_byte_kl,
     span_text_kl,
     uld,
 )
@@ -89,7 +90,8 @@ def test_spans_cover_the_text_exactly_with_real_tokenizers(tokenizers, text):
 
 
 def _batch_of(records, plan, max_length=64):
-    return CrossCollator(plan.student.pad_token_id, max_length, K)([cross_record(r, plan) for r in records])
+    return CrossCollator(plan.student.pad_token_id, max_length, K, plan.vocabularies.student_first_byte)(
+        [cross_record(r, plan) for r in records])
 
 
 def test_span_loss_is_todays_kl_when_both_tokenizers_are_the_same(tokenizers):
@@ -127,6 +129,14 @@ def test_span_terms_are_zero_when_the_distributions_match():
     student = torch.where(mapped, lp, torch.full_like(lp, -1e4))
     assert mapped_topk_kl(student, lp, mapped).abs().max() < 1e-6
     assert mapped_topk_kl(lp - 0.1, lp, torch.ones(1, 4, dtype=torch.bool)).item() > 0
+    # the next byte: teacher tokens "2" 0.5, "25" 0.2, "3" 0.2 (tail 0.1) -> byte "2" 0.7, "3" 0.2
+    teacher_lp, first = torch.log(torch.tensor([[0.5, 0.2, 0.2]])), torch.tensor([[ord("2"), ord("2"), ord("3")]])
+    student = torch.full((1, 257), 1e-30)
+    student[0, ord("2")], student[0, ord("3")], student[0, ord("x")] = 0.7, 0.2, 0.1
+    assert next_byte_kl(student.log(), teacher_lp, first).abs().max() < 1e-6
+    student[0, ord("2")], student[0, ord("3")] = 0.2, 0.7
+    hand = 0.7 * math.log(0.7 / 0.2) + 0.2 * math.log(0.2 / 0.7)  # the tail bins match (0.1)
+    assert next_byte_kl(student.log(), teacher_lp, first).item() == pytest.approx(hand, rel=1e-5)
     text = torch.tensor([-0.2, -3.0, -1e-8])
     assert span_text_kl(text, text).abs().max() < 1e-6
     assert (span_text_kl(text - 0.5, text) > 0).all()

@@ -124,6 +124,15 @@ class Vocabularies:
     to_student: np.ndarray  # [teacher vocab] student id of the token spelling the same bytes, -1 if none
     same_share: float  # `same_vocabulary_share`
 
+    @staticmethod
+    def first_bytes(spelled: list[bytes]) -> np.ndarray:
+        """Each token's first byte; 256 for a token of no bytes (a special token)."""
+        return np.array([b[0] if b else 256 for b in spelled], dtype=np.int64)
+
+    @property
+    def student_first_byte(self) -> np.ndarray:
+        return self.first_bytes(self.student_bytes)
+
     @classmethod
     def of(cls, teacher, student) -> Vocabularies:
         teacher_bytes, student_bytes = token_bytes(teacher), token_bytes(student)
@@ -233,6 +242,8 @@ def cross_record(record: dict, plan: CrossTokenizer) -> dict:
         "span_topk_ids": vocab.to_student[topk_ids[firsts]].reshape(-1).tolist() if spans else [],
         "span_topk_logprobs": topk_lps[firsts].reshape(-1).tolist() if spans else [],
         "span_teacher_top1": topk_ids[firsts, 0].tolist() if spans else [],  # the teacher's own id (eval's agreement)
+        "span_topk_first_byte": Vocabularies.first_bytes(vocab.teacher_bytes)[topk_ids[firsts]].reshape(-1).tolist()
+        if spans else [],
     }
 
 
@@ -287,12 +298,15 @@ class CrossCollator:
     position predicts, -100 where none is trained), `target_mask`; per position `span_index`
     (the batch's span whose *first* student token it predicts, else -1) and `span_of` (the span
     whose any token it predicts, else -1); per span `span_one_to_one [S]`, `span_teacher_logprob [S]`,
-    `span_topk_ids [S, K]` (student ids, -1: the student lacks the token), `span_topk_logprobs [S, K]`
-    and `span_teacher_top1 [S]` (the teacher's id of its top-1)."""
+    `span_topk_ids [S, K]` (student ids, -1: the student lacks the token), `span_topk_logprobs [S, K]`,
+    `span_topk_first_byte [S, K]` (the first byte each teacher top-k token spells, 256: none) and
+    `span_teacher_top1 [S]` (the teacher's id of its top-1); and `student_first_byte [V]`, the same
+    for each student token."""
 
     pad_token_id: int
     max_length: int
     top_k: int
+    student_first_byte: np.ndarray  # `Vocabularies.first_bytes` of the student's tokens
 
     def __call__(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
         length = min(self.max_length, max(len(r["input_ids"]) for r in records))
@@ -302,7 +316,7 @@ class CrossCollator:
         labels = torch.full((b, length), -100, dtype=torch.long)
         span_index = torch.full((b, length), -1, dtype=torch.long)
         span_of = torch.full((b, length), -1, dtype=torch.long)
-        one_to_one, teacher_lp, topk_ids, topk_lps, top1 = [], [], [], [], []
+        one_to_one, teacher_lp, topk_ids, topk_lps, top1, first_byte = [], [], [], [], [], []
         for i, r in enumerate(records):
             seq = list(r["input_ids"])[:length]
             p = len(r["input_ids"]) - r["response_length"]
@@ -314,6 +328,7 @@ class CrossCollator:
             row[ce] = torch.tensor(seq[p:])[ce]
             ids = np.asarray(r["span_topk_ids"]).reshape(-1, self.top_k)
             lps = np.asarray(r["span_topk_logprobs"], dtype=np.float32).reshape(-1, self.top_k)
+            firsts = np.asarray(r["span_topk_first_byte"]).reshape(-1, self.top_k)
             for j, (start, end) in enumerate(zip(r["span_start"], r["span_end"])):
                 if end > n:  # cut by truncation
                     break
@@ -325,6 +340,7 @@ class CrossCollator:
                 topk_ids.append(ids[j])
                 topk_lps.append(lps[j])
                 top1.append(int(r["span_teacher_top1"][j]))
+                first_byte.append(firsts[j])
         k = self.top_k
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "target_mask": labels >= 0,
                 "span_index": span_index, "span_of": span_of,
@@ -332,4 +348,6 @@ class CrossCollator:
                 "span_teacher_logprob": torch.tensor(teacher_lp, dtype=torch.float32),
                 "span_topk_ids": torch.tensor(np.array(topk_ids).reshape(-1, k), dtype=torch.long),
                 "span_topk_logprobs": torch.tensor(np.array(topk_lps).reshape(-1, k), dtype=torch.float32),
-                "span_teacher_top1": torch.tensor(top1, dtype=torch.long)}
+                "span_teacher_top1": torch.tensor(top1, dtype=torch.long),
+                "span_topk_first_byte": torch.tensor(np.array(first_byte).reshape(-1, k), dtype=torch.long),
+                "student_first_byte": torch.as_tensor(self.student_first_byte, dtype=torch.long)}

@@ -318,7 +318,8 @@ def _fit(cfg: TrainConfig, manifest: corpus.Manifest, data: TrainingData, resume
     collator_class, trainer_class, extra = (DistillCollator, DistillTrainer, {}) if cross is None else \
         (CrossCollator, CrossTokenizerTrainer, {"kind": cross.kind})
     collator = collator_class(pad_token_id=pad_token_id(tokenizer), max_length=cfg.max_length,
-                              top_k=manifest.generation.top_k)
+                              top_k=manifest.generation.top_k,
+                              **({} if cross is None else {"student_first_byte": cross.vocabularies.student_first_byte}))
     trainer = trainer_class(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                             processing_class=tokenizer, data_collator=collator, peft_config=peft_config,
                             callbacks=[JsonlMetrics(out / "metrics.jsonl"), MarkCompleteCheckpoints(), StopOnNonFinite(),
