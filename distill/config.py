@@ -275,13 +275,6 @@ class TrainConfig(StageConfig):
     student: ModelPath = Field(description="Student model: a local directory, a hub id or a .gguf file (another tokenizer "
                                "than the teacher's: see `cross_tokenizer`).")
     out: Path = Field(description="Output directory: merged model, adapter, metrics, model card.")
-    cross_tokenizer: CrossTokenizer = Field(
-        "auto", description="A student whose tokenizer is not the teacher's: `auto` detects one (fewer than 90% of the "
-        "teacher's token ids are the same token in the student) and trains it with `span`; `span` (KL on text spans both "
-        "tokenizations cover) or `uld` (universal logit distillation) force that loss; `off` refuses such a student.")
-    teacher_tokenizer: str | None = Field(
-        None, description="The teacher's tokenizer (directory or hub id) for a corpus that does not store it (written "
-        "before distill kept tokenizer files in the corpus); only read for a student of another tokenizer.")
     loss: LossKind = Field("forward_kl", description="KD divergence.")
     tail: LossTail = Field("bucket", description="How the teacher's mass outside its top-k is treated.")
     beta: float = Field(0.5, gt=0.0, lt=1.0, description="JSD interpolation (`loss: jsd`).")
@@ -323,6 +316,13 @@ class TrainConfig(StageConfig):
                                "`--max-logprobs`).")
     on_policy_loss: LossKind = Field(
         "forward_kl", description="KD divergence on the student's samples (no CE: they are the student's own tokens).")
+    cross_tokenizer: CrossTokenizer = Field(
+        "auto", description="A student whose tokenizer is not the teacher's: `auto` detects one (fewer than 90% of the "
+        "teacher's token ids are the same token in the student) and trains it with `span`; `span` (KL on text spans both "
+        "tokenizations cover) or `uld` (universal logit distillation) force that loss; `off` refuses such a student.")
+    teacher_tokenizer: str | None = Field(
+        None, description="The teacher's tokenizer (directory or hub id) for a corpus that does not store it (written "
+        "before distill kept tokenizer files in the corpus); only read for a student of another tokenizer.")
     report_to: Annotated[list[Tracker], BeforeValidator(parse_trackers)] = Field(
         default_factory=list, description="Experiment trackers to log the run to, e.g. tensorboard,mlflow (also wandb, "
         "trackio; default: none). `distill eval` of the student logs to the same run.")
