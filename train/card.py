@@ -82,9 +82,9 @@ def write_readme(out: Path, cfg: TrainConfig, card: StudentCard) -> None:
              *([f"- on-policy: {cfg.lmbda:g} of each batch sampled by the student (at most {cfg.max_new_tokens} tokens, "
                 f"temperature {cfg.sample_temperature:g}), scored by the teacher at `{cfg.teacher_endpoint}` "
                 f"(top-{cfg.teacher_top_k}), loss {cfg.on_policy_loss}"] if cfg.on_policy else []),
-             *([f"- cross-tokenizer ({card.cross_tokenizer['kind']}): {card.cross_tokenizer['aligned_share']:.1%} of the "
-                f"student's response tokens aligned with the teacher's, "
-                f"{card.cross_tokenizer['mapped_topk_mass']:.1%} of the teacher's top-k mass at 1:1 spans mapped"]
+             *([(f"- cross-tokenizer ({card.cross_tokenizer['kind']}): {card.cross_tokenizer['aligned_share']:.1%} of the "
+                 f"student's response tokens aligned with the teacher's, "
+                 f"{card.cross_tokenizer['mapped_topk_mass']:.1%} of the teacher's top-k mass at 1:1 spans mapped")]
                if card.cross_tokenizer else []),
              f"- steps: {card.steps}; loss {card.first_loss} -> {card.last_loss}",
              *(f"- {key}: {card.initial.get(key, float('nan')):.4f} before training -> {value:.4f}"
