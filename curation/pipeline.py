@@ -159,6 +159,7 @@ def _curate(cfg: CurateConfig, out: Path) -> CurateResult:
                          "kept": summary["kept"], "rejected": summary["rejected"],
                          "rejected_by_filter": result.rejected_by_filter}
     manifest.history.append(corpus.history_entry("curate", cfg, time.time() - start))
+    corpus.copy_tokenizer(cfg.corpus, out)
     corpus.write_manifest(out, manifest)
     print(report.write(out), file=sys.stderr)
     return result
@@ -174,6 +175,12 @@ def columns_read(filters: list[Filter]) -> list[str] | None:
             return None
         wanted.update(reads)
     return [c for c in (*corpus.COLUMNS, "loss_mask") if c in wanted]
+
+
+def _interrupted_curation(out: Path) -> bool:
+    """`out` as a killed curate leaves it: shards but no manifest (written last)."""
+    return not (out / corpus.MANIFEST).exists() and all(
+        p.name in ("data", "rejected", corpus.TOKENIZER_DIR, files.LOCK_NAME) or p.match(files.PARTIAL_GLOB) for p in out.iterdir())
 
 
 def curate_shard(path: Path, filters: list[Filter], masker, decode, report: Report, columns: list[str] | None,

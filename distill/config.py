@@ -38,6 +38,10 @@ LossTail = Literal["bucket", "renormalize"]
 HiddenLoss = Literal["mse", "cosine"]
 # How `distill init-student` chooses the teacher layers the student keeps (`train/importance.py`).
 LayerSelection = Literal["even", "importance"]
+# The cross-tokenizer losses of `train/cross_losses.py` (a student with another tokenizer than the
+# teacher's), declared here once; `auto` detects such a student and uses `span`, `off` refuses it.
+CrossLossKind = Literal["span", "uld"]
+CrossTokenizer = Literal["auto", "off", CrossLossKind]
 
 
 def load_yaml(path: Path) -> Any:
@@ -352,7 +356,8 @@ class TrainConfig(StageConfig):
     teacher_weights: Annotated[list[float], BeforeValidator(_floats)] = Field(
         default_factory=list, description="One weight per corpus for `ensemble`, in `corpus` order, e.g. 0.7,0.3 "
         "(normalised to sum 1; default: equal).")
-    student: ModelPath = Field(description="Student model: a local directory, a hub id or a .gguf file (same tokenizer family).")
+    student: ModelPath = Field(description="Student model: a local directory, a hub id or a .gguf file (another tokenizer "
+                               "than the teacher's: see `cross_tokenizer`).")
     out: Path = Field(description="Output directory: merged model, adapter, metrics, model card.")
     loss: LossKind = Field("forward_kl", description="KD divergence.")
     tail: LossTail = Field("bucket", description="How the teacher's mass outside its top-k is treated.")
@@ -398,6 +403,13 @@ class TrainConfig(StageConfig):
                                "`--max-logprobs`).")
     on_policy_loss: LossKind = Field(
         "forward_kl", description="KD divergence on the student's samples (no CE: they are the student's own tokens).")
+    cross_tokenizer: CrossTokenizer = Field(
+        "auto", description="A student whose tokenizer is not the teacher's: `auto` detects one (fewer than 90% of the "
+        "teacher's token ids are the same token in the student) and trains it with `span`; `span` (KL on text spans both "
+        "tokenizations cover) or `uld` (universal logit distillation) force that loss; `off` refuses such a student.")
+    teacher_tokenizer: str | None = Field(
+        None, description="The teacher's tokenizer (directory or hub id) for a corpus that does not store it (written "
+        "before distill kept tokenizer files in the corpus); only read for a student of another tokenizer.")
     report_to: Annotated[list[Tracker], BeforeValidator(parse_trackers)] = Field(
         default_factory=list, description="Experiment trackers to log the run to, e.g. tensorboard,mlflow (also wandb, "
         "trackio; default: none). `distill eval` of the student logs to the same run.")

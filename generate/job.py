@@ -203,6 +203,8 @@ class CorpusJob:
         # This job's history entry is there from the start: an interrupted corpus says what made it.
         self.manifest = corpus.Manifest(**self.identity, history=[*old_history, corpus.history_entry(
             self.stage, cfg, 0.0, complete=False)])
+        # the tokenizer files too: a student of another tokenizer reads the top-k ids' strings from them
+        self.manifest.teacher.tokenizer_files = corpus.store_tokenizer(self.out, self.chat.tokenizer)
         self.manifest.source |= {"file": str(self.source), "prompts": good, "requests": total, "skipped": len(bad),
                                  "skipped_by_kind": dict(Counter(b.kind for b in bad)),
                                  "skipped_records": [str(b) for b in bad[:MAX_RECORDED_SKIPS]]}

@@ -121,8 +121,10 @@ def test_student_with_another_vocabulary_is_refused(tmp_path, tiny_models, teach
 
     build_tokenizer(tmp_path / "tok", vocab_size=300)
     small = build_model(tmp_path / "small", tmp_path / "tok", size="student")
+    # another tokenizer trains cross-tokenizer by default (tests/test_cross_tokenizer.py); `off` refuses it
     with pytest.raises(ValueError, match=r"the corpus uses token id \d+ but the student has 300 embeddings"):
-        train(TrainConfig(corpus=teacher_corpus, student=str(small), out=tmp_path / "y", max_steps=1))
+        train(TrainConfig(corpus=teacher_corpus, student=str(small), out=tmp_path / "y", max_steps=1,
+                          cross_tokenizer="off"))
 
 
 @pytest.mark.slow

@@ -39,6 +39,8 @@ class StudentCard(BaseModel):
     # `corpus`, `teacher` and the fields above describe the first.
     corpora: list[str] = Field(default_factory=list)
     teachers: list[TeacherInfo] = Field(default_factory=list)
+    # a student of another tokenizer: the loss kind and how much of the corpus aligned (train/cross_tokenizer.py)
+    cross_tokenizer: dict[str, Any] | None = None
 
     @classmethod
     def load(cls, student: Path) -> StudentCard:
@@ -46,7 +48,8 @@ class StudentCard(BaseModel):
 
     @classmethod
     def of_run(cls, cfg: TrainConfig, manifests: Manifest | list[Manifest], steps: int, log_history: list[dict],
-               initial: dict, final: dict, wall: float) -> StudentCard:
+               initial: dict, final: dict, wall: float,
+               cross_tokenizer: dict | None = None) -> StudentCard:
         """The card of a finished run: `log_history` is the trainer's logged metrics, one dict per log;
         `manifests`: the corpus's, or one per corpus of `cfg.corpora`."""
         manifests = manifests if isinstance(manifests, list) else [manifests]
@@ -62,7 +65,7 @@ class StudentCard(BaseModel):
             curation=manifest.curation, config=provenance(cfg), steps=steps,
             initial=initial, final=final, first_loss=logs[0]["loss"] if logs else None,
             last_loss=logs[-1]["loss"] if logs else None,
-            history=manifest.history + [history_entry("train", cfg, wall)])
+            history=manifest.history + [history_entry("train", cfg, wall)], cross_tokenizer=cross_tokenizer)
 
     def write(self, student: Path) -> None:
         write_json(Path(student) / CARD, self.model_dump(mode="json"))
@@ -92,6 +95,10 @@ def write_readme(out: Path, cfg: TrainConfig, card: StudentCard) -> None:
              *([f"- on-policy: {cfg.lmbda:g} of each batch sampled by the student (at most {cfg.max_new_tokens} tokens, "
                 f"temperature {cfg.sample_temperature:g}), scored by the teacher at `{cfg.teacher_endpoint}` "
                 f"(top-{cfg.teacher_top_k}), loss {cfg.on_policy_loss}"] if cfg.on_policy else []),
+             *([(f"- cross-tokenizer ({card.cross_tokenizer['kind']}): {card.cross_tokenizer['aligned_share']:.1%} of the "
+                 f"student's response tokens aligned with the teacher's, "
+                 f"{card.cross_tokenizer['mapped_topk_mass']:.1%} of the teacher's top-k mass at 1:1 spans mapped")]
+               if card.cross_tokenizer else []),
              f"- steps: {card.steps}; loss {card.first_loss} -> {card.last_loss}",
              *(f"- {key}: {card.initial.get(key, float('nan')):.4f} before training -> {value:.4f}"
                for key, value in card.final.items() if isinstance(value, float)),

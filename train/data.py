@@ -93,7 +93,7 @@ def check_vocabulary(manifest: corpus.Manifest, student_tokenizer, embedding_row
     if diff:
         shown = ", ".join(f"id {i}: teacher {a!r} vs student {b!r}" for i, a, b in diff[:3])
         raise ValueError(f"student and teacher vocabularies differ on {len(diff)} of the corpus's ids ({shown}); "
-                         "distil into a student of the same tokenizer family")
+                         "pass `--cross-tokenizer span` to distil across tokenizers, or use a student of the teacher's tokenizer")
 
 
 @dataclass

@@ -31,6 +31,7 @@ from distill.engine import check_model
 from distill.launcher import EndpointError
 from distill.train import corpora
 from distill.train.card import StudentCard, TrainResult, write_student_files
+from distill.train.cross_tokenizer import CrossCollator, cross_training_data, detect
 from distill.train.data import (
     TEACHER_COLUMN,
     DistillCollator,
@@ -284,11 +285,25 @@ def _fit(cfg: TrainConfig, manifests: list[corpus.Manifest], data: TrainingData,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     manifest = manifests[0]  # all share its tokenizer (`corpora.read_manifests`)
+    # a subclass of this module's trainer, so imported here
+    from distill.train.cross_trainer import CrossTokenizerTrainer
+
     out = Path(cfg.out)
     tokenizer = AutoTokenizer.from_pretrained(cfg.student)
     gpu = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.bfloat16 if gpu else torch.float32)
-    check_vocabulary(manifest, tokenizer, model.get_output_embeddings().weight.shape[0], data.max_token_id)
+    cross = detect(cfg, manifest, tokenizer)
+    if cross is None:
+        check_vocabulary(manifest, tokenizer, model.get_output_embeddings().weight.shape[0], data.max_token_id)
+    elif cfg.on_policy:
+        raise ValueError("on-policy training of a student with another tokenizer than the teacher's is not supported: "
+                         "train offline (without `on_policy`), or give the student the teacher's tokenizer")
+    else:  # the student's own tokens of the teacher's texts replace the stored ids (train/cross_tokenizer.py)
+        dataset, coverage = cross_training_data(cfg.corpora[0], cross, cfg.max_length)
+        data = TrainingData(dataset, data.records, data.records - len(dataset), data.max_token_id)
+        print(f"cross-tokenizer ({cross.kind}): {coverage.aligned_share:.1%} of the student's "
+              f"{coverage.student_tokens:,} response tokens aligned; {coverage.one_to_one_share:.1%} of the spans 1:1, "
+              f"{coverage.mapped_topk_mass:.1%} of their teacher top-k mass on tokens the student has")
     teacher = None
     if cfg.on_policy:
         teacher = routed_teachers(cfg, tokenizer)
@@ -317,29 +332,39 @@ def _fit(cfg: TrainConfig, manifests: list[corpus.Manifest], data: TrainingData,
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
         report_to=trainer_report_to(cfg), run_name=run.run_name if run else cfg.run_name, max_length=None)
     top_k, teachers = corpora.top_k_width(cfg, manifests)
-    collator = DistillCollator(pad_token_id=pad_token_id(tokenizer), max_length=cfg.max_length, top_k=top_k,
-                               teachers=teachers)
-    trainer_class, online_args = DistillTrainer, {}
-    if online is not None:
+    if cross is None:
+        collator = DistillCollator(pad_token_id=pad_token_id(tokenizer), max_length=cfg.max_length, top_k=top_k,
+                                   teachers=teachers)
+    else:
+        collator = CrossCollator(pad_token_id=pad_token_id(tokenizer), max_length=cfg.max_length, top_k=top_k,
+                                 student_first_byte=cross.vocabularies.student_first_byte)
+    trainer_class, extra = DistillTrainer, {}
+    if cross is not None:
+        trainer_class, extra = CrossTokenizerTrainer, {"kind": cross.kind}
+    elif online is not None:
         from distill.train.online import OnlineDistillTrainer, load_teacher
 
         trainer_class = OnlineDistillTrainer
-        online_args = {"teacher_model": load_teacher(cfg.teacher, model.dtype), "plan": online}
+        extra = {"teacher_model": load_teacher(cfg.teacher, model.dtype), "plan": online}
     trainer = trainer_class(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-                             processing_class=tokenizer, data_collator=collator, peft_config=peft_config,
-                             callbacks=[JsonlMetrics(out / "metrics.jsonl"), MarkCompleteCheckpoints(), StopOnNonFinite(),
-                                        *trainer_callbacks(run), *callbacks],
-                             distill=cfg, teacher=teacher, **online_args)
-    initial = held_out_metrics(trainer, eval_data, collator, cfg) if eval_data else {}
+                            processing_class=tokenizer, data_collator=collator, peft_config=peft_config,
+                            callbacks=[JsonlMetrics(out / "metrics.jsonl"), MarkCompleteCheckpoints(), StopOnNonFinite(),
+                                       *trainer_callbacks(run), *callbacks],
+                            distill=cfg, teacher=teacher, **extra)
+    # held-out KL on the stored top-k needs the teacher's ids: a cross-tokenizer run logs only `eval_loss`
+    scored = eval_data is not None and cross is None
+    initial = held_out_metrics(trainer, eval_data, collator, cfg) if scored else {}
     try:
         with active(run):
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except EndpointError as e:
         raise EndpointError(f"{e} Training stopped at step {trainer.state.global_step}; rerun the same command to "
                             f"continue from the newest complete checkpoint in {out / 'checkpoints'}") from None
-    final = held_out_metrics(trainer, eval_data, collator, cfg) if eval_data else {}
+    final = held_out_metrics(trainer, eval_data, collator, cfg) if scored else {}
     card = StudentCard.of_run(cfg, manifests, trainer.state.global_step, trainer.state.log_history, initial, final,
-                              time.time() - start)
+                              time.time() - start,
+                              cross_tokenizer=None if cross is None else {"kind": cross.kind, **coverage.as_dict(),
+                                                                           "same_vocabulary_share": cross.vocabularies.same_share})
     _save(trainer, out, cfg, model.dtype)
     if trainer.is_world_process_zero():  # under torchrun / accelerate launch, one process writes
         write_student_files(out, cfg, card)

@@ -5,9 +5,9 @@ A corpus is a directory holding `manifest.json` and zstd Parquet shards under `d
 carry their own record/token counts in the Parquet footer, so a reader never sees half a
 shard and the manifest's stats can always be recomputed from the shards alone.
 
-Four modules, each one job: `codec` (the logical columns and their stored encodings, no files),
-`manifest` (`manifest.json`), `store` (shards on disk and the readers), `validate` (the
-validator). Every stage imports the names below as `distill.corpus.X`.
+Five modules, each one job: `codec` (the logical columns and their stored encodings, no files),
+`manifest` (`manifest.json`), `store` (shards on disk and the readers), `tokenizer_files` (the
+teacher's tokenizer kept in the corpus), `validate` (the validator). Every stage imports the names below as `distill.corpus.X`.
 """
 
 from distill.corpus.codec import (
@@ -63,14 +63,21 @@ from distill.corpus.store import (
     unreadable,
     write_shard,
 )
+from distill.corpus.tokenizer_files import (
+    TOKENIZER_DIR,
+    copy_tokenizer,
+    store_tokenizer,
+    teacher_tokenizer,
+)
 from distill.corpus.validate import check_shards, validate, validated_batches
 
 __all__ = [
     "COLUMNS", "DEFAULT_ENCODING", "ENCODING_KEY", "FLOAT16_RELATIVE_ERROR", "LOGPROB_CODES", "LOGPROB_ENCODINGS",
     "MANIFEST", "PACKED_IDS", "QUANTIZED_MAX_ERROR", "QUANT_STEP", "READ_ERRORS", "SCHEMA", "STATS_KEY", "TAIL_STEP",
-    "TOKEN_COLUMNS", "TOKEN_ID_COLUMNS", "TOPK_ZSTD_LEVEL", "Corpus", "CorpusError", "CorpusStats", "GenerationInfo",
-    "Manifest", "TeacherInfo", "arrow_schema", "check_complete", "check_shards", "corpus_stats", "decode", "encode",
-    "history_entry", "iter_batches", "iter_records", "leaves", "load_dataset", "logprob_tolerance", "read_manifest",
-    "read_shard", "read_table", "records_to_table", "shard_batches", "shard_encoding", "shard_index", "shard_paths",
-    "shard_stats", "tokenizer_fingerprint", "unreadable", "validate", "validated_batches", "write_manifest", "write_shard",
+    "TOKENIZER_DIR", "TOKEN_COLUMNS", "TOKEN_ID_COLUMNS", "TOPK_ZSTD_LEVEL", "Corpus", "CorpusError", "CorpusStats",
+    "GenerationInfo", "Manifest", "TeacherInfo", "arrow_schema", "check_complete", "check_shards", "copy_tokenizer",
+    "corpus_stats", "decode", "encode", "history_entry", "iter_batches", "iter_records", "leaves", "load_dataset",
+    "logprob_tolerance", "read_manifest", "read_shard", "read_table", "records_to_table", "shard_batches",
+    "shard_encoding", "shard_index", "shard_paths", "shard_stats", "store_tokenizer", "teacher_tokenizer",
+    "tokenizer_fingerprint", "unreadable", "validate", "validated_batches", "write_manifest", "write_shard",
 ]

@@ -60,6 +60,8 @@ class TeacherInfo(_Section):
     # How many token ids the teacher has (ids 0 .. vocab_size - 1): `validate` refuses any other
     # id in the corpus. Corpora written before distill recorded it are checked for negatives only.
     vocab_size: int | None = Field(None, ge=1)
+    # The tokenizer's files stored under the corpus's `tokenizer/`: name -> SHA-256 (corpus/tokenizer_files.py).
+    tokenizer_files: dict[str, str] | None = None
 
 
 class GenerationInfo(_Section):

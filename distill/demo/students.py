@@ -90,6 +90,7 @@ def subset(source: Path, out: Path, select, description: str) -> Path:
     manifest.stats.complete = True
     manifest.rejected_stats = None
     manifest.source = {**manifest.source, "subset": description}
+    corpus.copy_tokenizer(source, out)
     corpus.write_manifest(out, manifest)
     return out
 

@@ -1,0 +1,250 @@
+"""Cross-tokenizer distillation: alignment, the span and ULD losses, detection, the tokenizer
+files in the corpus, and a student of another tokenizer trained end to end (no vLLM: the corpus
+is built from the demo teacher's tokenizer with planted top-k)."""
+
+import itertools
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from distill import corpus
+from distill.config import TrainConfig
+from distill.demo.student_tokenizer import build_student, build_student_tokenizer
+from distill.demo.teacher import SHIPPED
+from distill.train.cross_losses import (
+    cross_distill_loss,
+    mapped_topk_kl,
+    next_byte_kl,
+    span_text_kl,
+    uld,
+)
+from distill.train.cross_tokenizer import (
+    SAME_VOCABULARY,
+    CrossCollator,
+    CrossTokenizer,
+    Span,
+    Vocabularies,
+    align,
+    cross_record,
+    detect,
+    same_vocabulary_share,
+    token_bytes,
+)
+from distill.train.losses import LossSpec, chunked_distill_loss
+from tests.helpers import make_corpus, record
+
+K = 4
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    student = build_student_tokenizer(tmp_path_factory.mktemp("student-tokenizer"))
+    return AutoTokenizer.from_pretrained(SHIPPED), student
+
+
+def spelled(spans, teacher, student):
+    return [(b"".join(teacher[slice(*s.teacher)]), b"".join(student[slice(*s.student)])) for s in spans]
+
+
+def test_align_groups_tokens_until_both_tokenisations_end_together():
+    teacher = [b"2", b"5", b"3", b" ", b"o", b"k"]
+    student = [b"25", b"3 ", b"ok"]
+    spans = align(teacher, student)
+    assert spans == [Span((0, 2), (0, 1)), Span((2, 4), (1, 2)), Span((4, 6), (2, 3))]
+    assert all(a == b for a, b in spelled(spans, teacher, student))
+
+
+def test_align_multibyte_unicode_and_whitespace_merging():
+    # "é" is two bytes: the teacher splits it, the student does not; " 4" merges the space for the student
+    teacher = [b"\xc3", b"\xa9", b" ", b"4", b"!"]
+    student = [b"\xc3\xa9", b" 4", b"!"]
+    assert align(teacher, student) == [Span((0, 2), (0, 1)), Span((2, 4), (1, 2)), Span((4, 5), (2, 3))]
+    assert [s.one_to_one for s in align(teacher, student)] == [False, False, True]
+
+
+def test_align_stops_where_the_texts_differ():
+    assert align([b"ab", b"c", b"d"], [b"ab", b"x", b"d"]) == [Span((0, 1), (0, 1))]
+    assert align([b"a", b"b"], []) == []
+
+
+@pytest.mark.parametrize("text", ["Reverse 2530 → 0352, naïve café 😀", "  two  spaces\tand\nlines 12345"])
+def test_spans_cover_the_text_exactly_with_real_tokenizers(tokenizers, text):
+    teacher, student = tokenizers
+    t_bytes, s_bytes = token_bytes(teacher), token_bytes(student)
+    t = [t_bytes[i] for i in teacher(text, add_special_tokens=False)["input_ids"]]
+    s = [s_bytes[i] for i in student(text, add_special_tokens=False)["input_ids"]]
+    assert b"".join(t) == b"".join(s) == text.encode()
+    spans = align(t, s)
+    assert all(a == b for a, b in spelled(spans, t, s))
+    # contiguous and covering: every token of both sides in exactly one span
+    assert spans[0].teacher[0] == spans[0].student[0] == 0
+    assert all(a.teacher[1] == b.teacher[0] and a.student[1] == b.student[0] for a, b in itertools.pairwise(spans))
+    assert (spans[-1].teacher[1], spans[-1].student[1]) == (len(t), len(s))
+    assert len(spans) < len(t)  # the two tokenisations really differ (digits, multi-byte characters)
+
+
+def _batch_of(records, plan, max_length=64):
+    return CrossCollator(plan.student.pad_token_id, max_length, K, plan.vocabularies.student_first_byte)(
+        [cross_record(r, plan) for r in records])
+
+
+def test_span_loss_is_todays_kl_when_both_tokenizers_are_the_same(tokenizers):
+    from distill.train.cross_tokenizer import student_prompt
+    from distill.train.data import DistillCollator
+
+    teacher, _ = tokenizers
+    plan = CrossTokenizer("span", teacher, teacher, Vocabularies.of(teacher, teacher))
+    records = []
+    for i, text in enumerate(["2530", "Reverse 91 ok"]):
+        ids = teacher(text, add_special_tokens=False)["input_ids"] + [teacher.eos_token_id]
+        topk = np.array([[t] + [(t + 1 + 37 * j) % len(teacher) for j in range(K - 1)] for t in ids])
+        messages = [{"role": "user", "content": f"Sort {i}"}]
+        records.append(record(i, response_ids=ids, topk_ids=topk, question=messages[0]["content"],
+                              prompt_ids=student_prompt(teacher, messages)))
+        records[-1]["topk_logprobs"] = records[-1]["topk_logprobs"].copy()  # as stored: not a reversed view
+    batch = _batch_of(records, plan)
+    assert batch["span_one_to_one"].all() and (batch["span_topk_ids"] >= 0).all()
+    old = DistillCollator(teacher.pad_token_id, 64, K)(records)  # today's: the stored ids, no re-tokenisation
+    assert torch.equal(old["labels"], batch["labels"]) and torch.equal(old["input_ids"], batch["input_ids"])
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(*batch["input_ids"].shape, 16), torch.randn(len(teacher), 16)
+    for spec in (LossSpec(), LossSpec(kind="jsd", temperature=2.0)):
+        _, cross = cross_distill_loss(hidden, weight, batch, "span", spec, alpha=1.0)
+        _, today = chunked_distill_loss(hidden, weight, old["labels"].clamp(min=0), old["topk_ids"],
+                                        old["topk_logprobs"], old["target_mask"], spec, alpha=1.0)
+        assert torch.allclose(cross["kd"], today["kd"], rtol=1e-5) and torch.allclose(cross["ce"], today["ce"], rtol=1e-5)
+
+
+def test_span_terms_are_zero_when_the_distributions_match():
+    lp = torch.log(torch.tensor([[0.5, 0.3, 0.1, 0.05]]))
+    assert mapped_topk_kl(lp, lp, torch.ones(1, 4, dtype=torch.bool)).abs().max() < 1e-6
+    # unmapped teacher tokens go to the tail: a student with the same mass there still matches
+    mapped = torch.tensor([[True, True, False, False]])
+    student = torch.where(mapped, lp, torch.full_like(lp, -1e4))
+    assert mapped_topk_kl(student, lp, mapped).abs().max() < 1e-6
+    assert mapped_topk_kl(lp - 0.1, lp, torch.ones(1, 4, dtype=torch.bool)).item() > 0
+    # the next byte: teacher tokens "2" 0.5, "25" 0.2, "3" 0.2 (tail 0.1) -> byte "2" 0.7, "3" 0.2
+    teacher_lp, first = torch.log(torch.tensor([[0.5, 0.2, 0.2]])), torch.tensor([[ord("2"), ord("2"), ord("3")]])
+    student = torch.full((1, 257), 1e-30)
+    student[0, ord("2")], student[0, ord("3")], student[0, ord("x")] = 0.7, 0.2, 0.1
+    assert next_byte_kl(student.log(), teacher_lp, first).abs().max() < 1e-6
+    student[0, ord("2")], student[0, ord("3")] = 0.2, 0.7
+    hand = 0.7 * math.log(0.7 / 0.2) + 0.2 * math.log(0.2 / 0.7)  # the tail bins match (0.1)
+    assert next_byte_kl(student.log(), teacher_lp, first).item() == pytest.approx(hand, rel=1e-5)
+    text = torch.tensor([-0.2, -3.0, -1e-8])
+    assert span_text_kl(text, text).abs().max() < 1e-6
+    assert (span_text_kl(text - 0.5, text) > 0).all()
+
+
+def test_uld_against_a_hand_computation_and_its_invariances():
+    teacher = torch.log(torch.tensor([[0.6, 0.2, 0.1]]))  # tail 0.1
+    student = torch.tensor([[0.1, 0.7, 0.05]])  # sorted: 0.7, 0.1, 0.05; tail 0.15
+    hand = abs(0.6 - 0.7) + abs(0.2 - 0.1) + abs(0.1 - 0.05) + abs(0.1 - 0.15)
+    assert uld(student, teacher).item() == pytest.approx(hand, abs=1e-6)
+    assert uld(student[:, [2, 0, 1]], teacher).item() == pytest.approx(hand, abs=1e-6)  # order-free: no vocabulary map
+    assert uld(teacher.exp(), teacher).item() == pytest.approx(0.0, abs=1e-6)
+
+
+class _Vocab:
+    """A tokenizer as `same_vocabulary_share` sees it."""
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.tokens[i] for i in ids]
+
+
+def test_auto_treats_a_student_as_the_teachers_tokenizer_only_above_the_threshold(tmp_path, tokenizers):
+    base = [f"t{i}" for i in range(100)]
+    renamed = lambda n: base[:100 - n] + [f"x{i}" for i in range(n)]
+    assert same_vocabulary_share(_Vocab(base), _Vocab(renamed(10))) == pytest.approx(SAME_VOCABULARY)
+    assert same_vocabulary_share(_Vocab(base), _Vocab(renamed(11))) < SAME_VOCABULARY
+    teacher, student = tokenizers
+    root = _corpus(tmp_path / "c", teacher)
+    cfg = TrainConfig(corpus=root, student=str(SHIPPED), out=tmp_path / "o")
+    manifest = corpus.read_manifest(root)
+    assert detect(cfg, manifest, teacher) is None
+    plan = detect(cfg, manifest, student)
+    assert plan.kind == "span" and plan.vocabularies.same_share < SAME_VOCABULARY
+    assert detect(cfg.model_copy(update={"cross_tokenizer": "off"}), manifest, student) is None
+    assert detect(cfg.model_copy(update={"cross_tokenizer": "uld"}), manifest, teacher).kind == "uld"
+
+
+def _corpus(root, teacher, n=8):
+    """A corpus of the demo teacher's tokens of right demo answers, its top-1 the answer's token
+    (logprob -0.3), the rest other digits; the tokenizer files stored as `generate` stores them."""
+    from distill.demo import skills
+
+    digits = [teacher.convert_tokens_to_ids(str(d)) for d in range(10)]
+    records = []
+    for i, ex in enumerate(skills.examples("distill", n, 0, system_prompts=False)):
+        ids = teacher(ex["answer"], add_special_tokens=False)["input_ids"] + [teacher.eos_token_id]
+        topk = np.array([[t] + [d for d in digits if d != t][:K - 1] for t in ids])
+        lps = np.tile(np.array([-0.3, -1.8, -2.5, -3.5], dtype=np.float32), (len(ids), 1))
+        records.append(record(i, response_ids=ids, topk_ids=topk, topk_logprobs=lps, question=ex["messages"][-1]["content"],
+                              response=ex["answer"]))
+    make_corpus(root, records, k=K, teacher={"model": str(SHIPPED), **corpus.tokenizer_fingerprint(teacher)})
+    manifest = corpus.read_manifest(root)
+    manifest.teacher.tokenizer_files = corpus.store_tokenizer(root, teacher)
+    corpus.write_manifest(root, manifest)
+    return root
+
+
+def test_an_old_corpus_or_a_changed_tokenizer_file_is_one_line(tmp_path, tokenizers):
+    teacher, _ = tokenizers
+    root = _corpus(tmp_path / "c", teacher)
+    manifest = corpus.read_manifest(root)
+    assert corpus.teacher_tokenizer(root, manifest).get_vocab() == teacher.get_vocab()
+    (root / corpus.TOKENIZER_DIR / "tokenizer.json").write_text(
+        (root / corpus.TOKENIZER_DIR / "tokenizer.json").read_text().replace('"2"', '"two"'))
+    with pytest.raises(corpus.CorpusError, match=r"tokenizer\.json` does not match the SHA-256 in .*manifest\.json"):
+        corpus.teacher_tokenizer(root, manifest)
+    # an old corpus: no files, a teacher path that does not load -> what to pass
+    shutil.rmtree(root / corpus.TOKENIZER_DIR)
+    old = manifest.model_copy(update={"teacher": manifest.teacher.model_copy(
+        update={"tokenizer_files": None, "model": str(tmp_path / "gone")})})
+    with pytest.raises(corpus.CorpusError) as e:
+        corpus.teacher_tokenizer(root, old)
+    assert "\n" not in str(e.value) and "pass --teacher-tokenizer" in str(e.value)
+    # the manifest's teacher still loads: an old corpus works without the flag
+    assert corpus.teacher_tokenizer(root, manifest.model_copy(update={"teacher": manifest.teacher.model_copy(
+        update={"tokenizer_files": None})})).get_vocab() == teacher.get_vocab()
+    # a given tokenizer that is not the one that wrote the corpus
+    other = tmp_path / "other"
+    build_student_tokenizer(other)
+    with pytest.raises(corpus.CorpusError, match=r"is not the tokenizer that wrote"):
+        corpus.teacher_tokenizer(root, old, given=other)
+
+
+@pytest.mark.parametrize("kind", ["span", "uld"])
+def test_a_student_of_another_tokenizer_trains_end_to_end(tmp_path, tokenizers, kind):
+    from distill.evaluation.cross_tokenizer import cross_fidelity
+    from distill.train.card import StudentCard
+    from distill.train.trainer import train
+
+    teacher, _ = tokenizers
+    root = _corpus(tmp_path / "c", teacher, n=16)
+    student = build_student(tmp_path / "student", seed=0)
+    before = cross_fidelity(student, root)
+    cfg = TrainConfig(corpus=root, student=str(student), out=tmp_path / "s", lora=False, max_steps=12, batch_size=8,
+                      learning_rate=1e-2, logging_steps=1, save_steps=100, eval_fraction=0.0, alpha=0.9,
+                      max_length=128, cross_tokenizer="auto" if kind == "span" else kind)
+    out = train(cfg).path
+    card = StudentCard.load(out)
+    assert card.cross_tokenizer["kind"] == kind and card.cross_tokenizer["aligned_share"] > 0.9
+    assert 0 < card.cross_tokenizer["mapped_topk_mass"] <= 1
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(m["kd"]) for m in logs if "kd" in m) and card.last_loss < card.first_loss
+    after = cross_fidelity(out, root)
+    assert after.nll_per_byte < before.nll_per_byte and after.aligned_share == before.aligned_share
+    assert "cross-tokenizer" in (out / "README.md").read_text()

@@ -1,0 +1,353 @@
+"""A student whose tokenizer is not the teacher's: detecting one, and aligning the two
+tokenisations of the teacher's answer through the text they spell (docs/recipes/cross-tokenizer.md).
+
+The student re-tokenises the teacher's response *text* (never its ids). Both token sequences
+spell the same bytes, so each token covers a byte range; a *span* closes wherever both
+sequences have a token boundary at the same byte: a group of teacher tokens and a group of
+student tokens covering exactly the same text. Before the span's first token both models have
+read the same text, so their predictions there are comparable:
+- a 1:1 span (one token each side): the teacher's top-k is mapped to student ids by the bytes
+  each token spells (mass on teacher tokens the student lacks goes to the tail bin);
+- a longer span: the probability both models give the span's whole text.
+Bytes, not token strings: `Ġ4` (byte-level BPE) and `▁4` (SentencePiece) both spell b" 4".
+
+`cross_records` turns corpus records into the student's training records (its own prompt and
+response ids, the spans, the teacher's numbers per span); `CrossCollator` batches them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill import corpus
+from distill.config import CrossLossKind, TrainConfig
+
+# `auto` treats a student as the teacher's tokenizer at or above this share of the teacher's ids
+# naming the same token string in both (one renamed special token is not another tokenizer).
+SAME_VOCABULARY = 0.9
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte <-> printable character table, inverted (byte-level BPE's token alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def token_bytes(tokenizer) -> list[bytes]:
+    """The bytes each token id spells (special tokens: none), for byte-level BPE, SentencePiece
+    (`▁`, `<0xNN>` byte fallback) and otherwise what the tokenizer decodes the token to."""
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    special = set(tokenizer.all_special_ids)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    byte_level = backend is not None and '"ByteLevel"' in backend.to_str()
+    table = _byte_level_decoder() if byte_level else None
+    out = []
+    for i, token in enumerate(tokens):
+        if i in special or token is None:
+            out.append(b"")
+        elif table is not None and all(c in table for c in token):
+            out.append(bytes(table[c] for c in token))
+        elif (m := _BYTE_TOKEN.fullmatch(token)) is not None:
+            out.append(bytes([int(m.group(1), 16)]))
+        elif "▁" in token:
+            out.append(token.replace("▁", " ").encode())
+        else:
+            out.append(tokenizer.convert_tokens_to_string([token]).encode())
+    return out
+
+
+def same_vocabulary_share(teacher, student) -> float:
+    """Share of the teacher's token ids whose token string is the same in the student."""
+    ids = list(range(len(teacher)))
+    theirs = teacher.convert_ids_to_tokens(ids)
+    ours = student.convert_ids_to_tokens([i for i in ids if i < len(student)])
+    return sum(a == b for a, b in zip(theirs, ours)) / max(len(ids), 1)
+
+
+@dataclass(frozen=True)
+class Span:
+    """Teacher tokens `teacher[0]:teacher[1]` and student tokens `student[0]:student[1]` (indices
+    into the two responses) that spell exactly the same bytes."""
+
+    teacher: tuple[int, int]
+    student: tuple[int, int]
+
+    @property
+    def one_to_one(self) -> bool:
+        return self.teacher[1] - self.teacher[0] == 1 and self.student[1] - self.student[0] == 1
+
+
+def align(teacher: Sequence[bytes], student: Sequence[bytes]) -> list[Span]:
+    """The spans of two tokenisations, given the bytes of each token, in order. Only text both
+    spell is aligned: past the first byte where they differ (a tokenizer that normalises the text,
+    a response cut inside a character) the rest of both stays unaligned. Tokens of no bytes
+    (special tokens) join the span that follows them."""
+    t_text, s_text = b"".join(teacher), b"".join(student)
+    common = next((i for i, (a, b) in enumerate(zip(t_text, s_text)) if a != b), min(len(t_text), len(s_text)))
+    t_ends, s_ends = np.cumsum([len(b) for b in teacher]), np.cumsum([len(b) for b in student])
+    spans, i, j, t0, s0, done = [], 0, 0, 0, 0, 0
+    while i < len(teacher) and j < len(student):
+        t_end, s_end = int(t_ends[i]), int(s_ends[j])
+        if t_end == s_end:
+            if t_end > common:
+                break
+            if t_end > done:  # a span spells at least one byte
+                spans.append(Span((t0, i + 1), (s0, j + 1)))
+                t0, s0, done = i + 1, j + 1, t_end
+            i, j = i + 1, j + 1
+        elif t_end < s_end:
+            i += 1
+        else:
+            j += 1
+    return spans
+
+
+@dataclass(frozen=True)
+class Vocabularies:
+    """Everything about the two tokenizers the alignment needs, computed once per run."""
+
+    teacher_bytes: list[bytes]
+    student_bytes: list[bytes]
+    to_student: np.ndarray  # [teacher vocab] student id of the token spelling the same bytes, -1 if none
+    same_share: float  # `same_vocabulary_share`
+
+    @staticmethod
+    def first_bytes(spelled: list[bytes]) -> np.ndarray:
+        """Each token's first byte; 256 for a token of no bytes (a special token)."""
+        return np.array([b[0] if b else 256 for b in spelled], dtype=np.int64)
+
+    @property
+    def student_first_byte(self) -> np.ndarray:
+        return self.first_bytes(self.student_bytes)
+
+    @classmethod
+    def of(cls, teacher, student) -> Vocabularies:
+        teacher_bytes, student_bytes = token_bytes(teacher), token_bytes(student)
+        by_bytes: dict[bytes, int] = {}
+        for i, b in enumerate(student_bytes):
+            if b:
+                by_bytes.setdefault(b, i)
+        to_student = np.array([by_bytes.get(b, -1) if b else -1 for b in teacher_bytes], dtype=np.int64)
+        # specials: the same token string, and the end of turn to the end of turn whatever its name
+        student_ids = {t: i for i, t in enumerate(student.convert_ids_to_tokens(list(range(len(student)))))}
+        for i in teacher.all_special_ids:
+            to_student[i] = student_ids.get(teacher.convert_ids_to_tokens(i), -1)
+        if teacher.eos_token_id is not None and student.eos_token_id is not None:
+            to_student[teacher.eos_token_id] = student.eos_token_id
+        return cls(teacher_bytes, student_bytes, to_student, same_vocabulary_share(teacher, student))
+
+
+@dataclass(frozen=True)
+class CrossTokenizer:
+    """The plan of a cross-tokenizer run: its loss and the two tokenizers."""
+
+    kind: CrossLossKind
+    teacher: object  # transformers tokenizer
+    student: object
+    vocabularies: Vocabularies
+
+
+def detect(cfg: TrainConfig, manifest: corpus.Manifest, student_tokenizer) -> CrossTokenizer | None:
+    """None when the student has the teacher's tokenizer (same fingerprint, or `auto` and at least
+    SAME_VOCABULARY of the ids the same), or when `cross_tokenizer` is `off` (then `check_vocabulary`
+    refuses a different one); else the plan. Loads the teacher's tokenizer only if the fingerprints differ."""
+    mode = cfg.cross_tokenizer
+    if mode == "off":
+        return None
+    same_fingerprint = corpus.tokenizer_fingerprint(student_tokenizer)["tokenizer_sha256"] == manifest.teacher.tokenizer_sha256
+    if mode == "auto" and same_fingerprint:
+        return None
+    teacher = corpus.teacher_tokenizer(cfg.corpora[0], manifest, cfg.teacher_tokenizer)
+    vocabularies = Vocabularies.of(teacher, student_tokenizer)
+    if mode == "auto" and vocabularies.same_share >= SAME_VOCABULARY:
+        return None
+    return CrossTokenizer("span" if mode == "auto" else mode, teacher, student_tokenizer, vocabularies)
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of the corpus the alignment could use (logged and written to the model card)."""
+
+    records: int
+    student_tokens: int
+    aligned_share: float  # of the student's response tokens, inside a span
+    one_to_one_share: float  # of the spans, one token each side
+    mapped_topk_mass: float  # of the teacher's top-k mass at 1:1 spans, on tokens the student has
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"records": self.records, "student_tokens": self.student_tokens, "aligned_share": self.aligned_share,
+                "one_to_one_share": self.one_to_one_share, "mapped_topk_mass": self.mapped_topk_mass}
+
+
+def student_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def cross_record(record: dict, plan: CrossTokenizer) -> dict:
+    """One corpus record -> the student's training record: `input_ids` (its prompt + its tokens of
+    the teacher's response text, + its end of turn where the teacher's answer had one),
+    `prompt_length`, `ce_mask` (per student response token: trained by CE), and per span its
+    student token range, whether it is 1:1, the teacher's log-probability of its text, and the
+    teacher's top-k at its first token (ids mapped to student ids, -1 where the student lacks
+    the token; log-probabilities as stored)."""
+    vocab, student = plan.vocabularies, plan.student
+    t_ids = [int(i) for i in record["response_token_ids"]]
+    t_bytes = [vocab.teacher_bytes[i] for i in t_ids]
+    text = b"".join(t_bytes).decode("utf-8", errors="ignore")
+    s_ids = student(text, add_special_tokens=False)["input_ids"] if text else []
+    # the end of turn: the teacher's answer closed with a special token (its stop), the student's with its own
+    if t_ids and not t_bytes[-1] and student.eos_token_id is not None:
+        s_ids = [*s_ids, student.eos_token_id]
+    s_bytes = [vocab.student_bytes[i] for i in s_ids]
+    spans = align(t_bytes, s_bytes)
+    if t_ids and s_ids and not t_bytes[-1] and (not spans or spans[-1].student[1] < len(s_ids)):
+        # the two ends of turn, aligned with each other: both follow the whole text
+        last = spans[-1] if spans else Span((0, 0), (0, 0))
+        if last.teacher[1] == len(t_ids) - 1 and last.student[1] == len(s_ids) - 1:
+            spans.append(Span((len(t_ids) - 1, len(t_ids)), (len(s_ids) - 1, len(s_ids))))
+    keep = record.get("loss_mask")
+    ce_mask = [True] * len(s_ids)
+    if keep is not None:  # curation masked teacher tokens: the student tokens of their spans go too
+        for sp in spans:
+            if not all(keep[sp.teacher[0]:sp.teacher[1]]):
+                ce_mask[sp.student[0]:sp.student[1]] = [False] * (sp.student[1] - sp.student[0])
+        spans = [sp for sp in spans if all(keep[sp.teacher[0]:sp.teacher[1]])]
+    logprobs = np.asarray(record["response_logprobs"], dtype=np.float64)
+    topk_ids = np.asarray(record["topk_token_ids"], dtype=np.int64).reshape(len(t_ids), -1)
+    topk_lps = np.asarray(record["topk_logprobs"], dtype=np.float32).reshape(len(t_ids), -1)
+    firsts = [sp.teacher[0] for sp in spans]
+    return {
+        "id": record["id"],
+        "input_ids": student_prompt(student, record["messages"]) + s_ids,
+        "response_length": len(s_ids),
+        "ce_mask": ce_mask,
+        "span_start": [sp.student[0] for sp in spans],
+        "span_end": [sp.student[1] for sp in spans],
+        "span_one_to_one": [sp.one_to_one for sp in spans],
+        "span_teacher_logprob": [float(logprobs[sp.teacher[0]:sp.teacher[1]].sum()) for sp in spans],
+        "span_topk_ids": vocab.to_student[topk_ids[firsts]].reshape(-1).tolist() if spans else [],
+        "span_topk_logprobs": topk_lps[firsts].reshape(-1).tolist() if spans else [],
+        "span_teacher_top1": topk_ids[firsts, 0].tolist() if spans else [],  # the teacher's own id (eval's agreement)
+        "span_topk_first_byte": Vocabularies.first_bytes(vocab.teacher_bytes)[topk_ids[firsts]].reshape(-1).tolist()
+        if spans else [],
+    }
+
+
+# What `cross_record` reads of a corpus record.
+CROSS_COLUMNS = ("id", "messages", "response_token_ids", "response_logprobs", "topk_token_ids", "topk_logprobs",
+                 "loss_mask")
+
+
+def cross_records(records: Iterable[dict], plan: CrossTokenizer) -> tuple[list[dict], Coverage]:
+    out, tokens, aligned, spans, one_to_one, mapped, topk_mass = [], 0, 0, 0, 0, 0.0, 0.0
+    for record in records:
+        r = cross_record(record, plan)
+        out.append(r)
+        tokens += r["response_length"]
+        aligned += sum(e - s for s, e in zip(r["span_start"], r["span_end"]))
+        spans += len(r["span_start"])
+        k = len(r["span_topk_ids"]) // max(len(r["span_start"]), 1)
+        ids = np.asarray(r["span_topk_ids"]).reshape(-1, k) if k else np.zeros((0, 0))
+        probs = np.exp(np.asarray(r["span_topk_logprobs"], dtype=np.float64)).reshape(-1, k) if k else np.zeros((0, 0))
+        rows = np.asarray(r["span_one_to_one"], dtype=bool)
+        one_to_one += int(rows.sum())
+        mapped += float((probs[rows] * (ids[rows] >= 0)).sum())
+        topk_mass += float(probs[rows].sum())
+    coverage = Coverage(len(out), tokens, aligned / max(tokens, 1), one_to_one / max(spans, 1),
+                        mapped / topk_mass if topk_mass else 0.0)
+    return out, coverage
+
+
+def cross_training_data(root: Path, plan: CrossTokenizer, max_length: int):
+    """The corpus as the student's training records (a `datasets.Dataset`), and their `Coverage`.
+    Records whose student prompt fills `max_length` are left out, as `prepare_training_data` does."""
+    import datasets
+
+    columns = [c for c in CROSS_COLUMNS if c != "loss_mask" or c in _column_names(root)]
+    records, coverage = cross_records(corpus.iter_records(root, columns=columns), plan)
+    kept = [r for r in records if len(r["input_ids"]) - r["response_length"] < max_length]
+    if not kept:
+        raise ValueError(f"`{root}` holds no record to train on: every student prompt fills max_length {max_length}")
+    return datasets.Dataset.from_list(kept), coverage
+
+
+def _column_names(root: Path) -> set[str]:
+    import pyarrow.parquet as pq
+
+    paths = corpus.shard_paths(root)
+    return set(pq.read_schema(paths[0]).names) if paths else set()
+
+
+@dataclass
+class CrossCollator:
+    """Student training records -> `input_ids`, `attention_mask`, `labels` (the student token each
+    position predicts, -100 where none is trained), `target_mask`; per position `span_index`
+    (the batch's span whose *first* student token it predicts, else -1) and `span_of` (the span
+    whose any token it predicts, else -1); per span `span_one_to_one [S]`, `span_teacher_logprob [S]`,
+    `span_topk_ids [S, K]` (student ids, -1: the student lacks the token), `span_topk_logprobs [S, K]`,
+    `span_topk_first_byte [S, K]` (the first byte each teacher top-k token spells, 256: none) and
+    `span_teacher_top1 [S]` (the teacher's id of its top-1); and `student_first_byte [V]`, the same
+    for each student token."""
+
+    pad_token_id: int
+    max_length: int
+    top_k: int
+    student_first_byte: np.ndarray  # `Vocabularies.first_bytes` of the student's tokens
+
+    def __call__(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
+        length = min(self.max_length, max(len(r["input_ids"]) for r in records))
+        b = len(records)
+        input_ids = torch.full((b, length), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((b, length), dtype=torch.long)
+        labels = torch.full((b, length), -100, dtype=torch.long)
+        span_index = torch.full((b, length), -1, dtype=torch.long)
+        span_of = torch.full((b, length), -1, dtype=torch.long)
+        one_to_one, teacher_lp, topk_ids, topk_lps, top1, first_byte = [], [], [], [], [], []
+        for i, r in enumerate(records):
+            seq = list(r["input_ids"])[:length]
+            p = len(r["input_ids"]) - r["response_length"]
+            n = len(seq) - p  # student response tokens kept after truncation
+            input_ids[i, :len(seq)] = torch.tensor(seq)
+            attention[i, :len(seq)] = 1
+            ce = torch.tensor(list(r["ce_mask"])[:n], dtype=torch.bool)
+            row = labels[i, p - 1:p - 1 + n]
+            row[ce] = torch.tensor(seq[p:])[ce]
+            ids = np.asarray(r["span_topk_ids"]).reshape(-1, self.top_k)
+            lps = np.asarray(r["span_topk_logprobs"], dtype=np.float32).reshape(-1, self.top_k)
+            firsts = np.asarray(r["span_topk_first_byte"]).reshape(-1, self.top_k)
+            for j, (start, end) in enumerate(zip(r["span_start"], r["span_end"])):
+                if end > n:  # cut by truncation
+                    break
+                s = len(one_to_one)
+                span_index[i, p - 1 + start] = s
+                span_of[i, p - 1 + start:p - 1 + end] = s
+                one_to_one.append(bool(r["span_one_to_one"][j]))
+                teacher_lp.append(float(r["span_teacher_logprob"][j]))
+                topk_ids.append(ids[j])
+                topk_lps.append(lps[j])
+                top1.append(int(r["span_teacher_top1"][j]))
+                first_byte.append(firsts[j])
+        k = self.top_k
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "target_mask": labels >= 0,
+                "span_index": span_index, "span_of": span_of,
+                "span_one_to_one": torch.tensor(one_to_one, dtype=torch.bool),
+                "span_teacher_logprob": torch.tensor(teacher_lp, dtype=torch.float32),
+                "span_topk_ids": torch.tensor(np.array(topk_ids).reshape(-1, k), dtype=torch.long),
+                "span_topk_logprobs": torch.tensor(np.array(topk_lps).reshape(-1, k), dtype=torch.float32),
+                "span_teacher_top1": torch.tensor(top1, dtype=torch.long),
+                "span_topk_first_byte": torch.tensor(np.array(first_byte).reshape(-1, k), dtype=torch.long),
+                "student_first_byte": torch.as_tensor(self.student_first_byte, dtype=torch.long)}
