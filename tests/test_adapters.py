@@ -77,3 +77,17 @@ def test_the_server_command_lists_every_adapter_and_one_rank_for_all(tmp_path, t
     too_big = Adapter("big", tmp_path, LORA_RANKS[-1] + 1, str(base))
     with pytest.raises(ValueError, match="vLLM serves ranks up to"):
         max_lora_rank([too_big])
+
+
+def test_the_chat_page_offers_every_served_model():
+    """The dropdown the student pane asks through (in a browser: not run here, see docs/limitations.md)."""
+    from distill.serve.ui import Endpoint, build_ui
+
+    def dropdowns(page):
+        return [c["props"] for c in page.config["components"] if c.get("type") == "dropdown"]
+
+    many = dropdowns(build_ui(Endpoint("http://127.0.0.1:1/v1", "support"), models=["support", "legal", "base"]))
+    assert [(d["value"], [c[0] for c in d["choices"]], d["visible"]) for d in many] == \
+        [("support", ["support", "legal", "base"], True)]
+    (one,) = dropdowns(build_ui(Endpoint("http://127.0.0.1:1/v1", "student")))
+    assert one["visible"] is False
