@@ -75,8 +75,8 @@ def ready_message(server: Server, page_url: str | None = None) -> str:
     where = server.url if server.listen_url == server.url else f"{server.listen_url} (from this machine: {server.url})"
     return "\n".join([
         f"ready: {where}  model: {server.model}  (server log: {server.log_path})",
-        *([f"models: {', '.join(server.models)}  (each a `model` to request)"] if len(server.models) > 1 else []),
         *page,
+        *([f"models: {', '.join(server.models)}  (each a `model` to request)"] if len(server.models) > 1 else []),
         "",
         f"  curl {server.url}/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'",
         "",
