@@ -513,6 +513,9 @@ class TrainSection(TrainFields):
             raise ValueError("`launcher: accelerate` needs `config_file` (e.g. examples/accelerate/ddp.yaml)")
         if self.launcher != "accelerate" and (self.config_file is not None or self.num_processes is not None):
             raise ValueError("`config_file` and `num_processes` apply to `launcher: accelerate` only")
+        if self.keep_adapter:  # eval (and `--serve`) load the run's student as a model directory
+            raise ValueError("`keep_adapter` leaves no merged model for the run's eval: train the adapter with "
+                             "`distill train --keep-adapter` on the run's curated corpus instead")
         return self
 
 EvalSection = section(EvalConfig, {"student", "teacher", "prompts", "format", "out"},
@@ -561,7 +564,7 @@ def format_validation_error(err: ValidationError, source: str = "") -> str:
 SweepMeasure = Literal["kl", "top1_agreement", "score"]
 MINIMISED_MEASURES = ("kl",)
 # Train fields a sweep may not search: where things are and how training is launched, not what it computes.
-NOT_SEARCHABLE = {"overwrite", "allow_incomplete", "teacher_endpoint", "teacher_api_key", *LAUNCH_FIELDS}
+NOT_SEARCHABLE = {"overwrite", "allow_incomplete", "teacher_endpoint", "teacher_api_key", "keep_adapter", *LAUNCH_FIELDS}
 
 
 class SearchRange(BaseModel):
