@@ -9,7 +9,7 @@ teacher's tokens only), each seed its own adapter, all served by ONE vLLM engine
 Measures: rule-following rate, teacher-forced KL(teacher-with-prompt || model-without-it) per
 token on the teacher's held-out answers, prompt tokens per request.
 
-    python experiments/context_distillation.py --out runs/context-distillation --seeds 1
+    python experiments/context_distillation.py --out runs/context-distillation --seeds 1 [--arms kd,sft]
 """
 
 from __future__ import annotations
@@ -89,8 +89,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--train", type=int, default=64, help="Training prompts.")
     parser.add_argument("--eval", type=int, default=32, help="Held-out prompts.")
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--max-tokens", type=int, default=48, help="Teacher answer tokens (the training targets).")
+    parser.add_argument("--check-tokens", type=int, default=8, help="Answer tokens generated to check the rule "
+                        "(a prefix: the first few decide it).")
+    parser.add_argument("--arms", default="kd", help="Comma-separated students to train: kd, sft.")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -119,9 +122,10 @@ def main() -> None:
             engine.close()
     timings["generate_s"] = round(time.time() - start, 1)
 
-    students: dict[str, list[Path]] = {arm: [] for arm in ARMS}
+    arms = {arm: ARMS[arm] for arm in args.arms.split(",")}
+    students: dict[str, list[Path]] = {arm: [] for arm in arms}
     for seed in range(args.seeds):
-        for arm, alpha in ARMS.items():
+        for arm, alpha in arms.items():
             cfg = TrainConfig(corpus=corpora["corpus"], student=teacher, out=out / "students" / f"{arm}-seed{seed}",
                               alpha=alpha, lora_r=16, lora_alpha=32, keep_adapter=True, max_steps=args.steps,
                               batch_size=4, learning_rate=1e-3, eval_fraction=0.0, max_length=256, seed=seed,
@@ -133,7 +137,7 @@ def main() -> None:
 
     held = list(corpus.iter_records(corpora["held-out"]))
     teacher_rate = sum(follows(r["response"]) for r in held)
-    answers = answer_without_prompt(teacher, [r[corpus.STUDENT_PROMPT_IDS] for r in held], students, args.max_tokens)
+    answers = answer_without_prompt(teacher, [r[corpus.STUDENT_PROMPT_IDS] for r in held], students, args.check_tokens)
     rows = {"teacher (with the prompt)": {"follows": [teacher_rate], "kl": [0.0]},
             "base (no prompt)": {"follows": [sum(map(follows, answers["base"]))],
                                  "kl": [kl_to_teacher(teacher, None, corpora["held-out"])]}}
@@ -144,7 +148,8 @@ def main() -> None:
     prompt_tokens = {"teacher": statistics.mean(len(r["prompt_token_ids"]) for r in held),
                      "student": statistics.mean(len(r[corpus.STUDENT_PROMPT_IDS]) for r in held)}
     timings["total_s"] = round(time.time() - start, 1)
-    result = {"held_out": len(held), "rule": RULE, "rows": rows, "prompt_tokens": prompt_tokens, "timings": timings,
+    result = {"held_out": len(held), "rule": RULE, "settings": vars(args) | {"out": str(args.out)},
+              "teacher_follows_in_training_corpus": sum(follows(r["response"]) for r in corpus.iter_records(corpora["corpus"])), "rows": rows, "prompt_tokens": prompt_tokens, "timings": timings,
               "examples": [{"question": r[corpus.STUDENT_MESSAGES][-1]["content"][:120], "teacher": r["response"][:160],
                             "base": answers["base"][i][:160],
                             "kd student": answers[str(students["kd"][0])][i][:160]} for i, r in enumerate(held[:3])]}
