@@ -89,6 +89,16 @@ def serving_adapters(cfg: ServeConfig) -> list[Adapter]:
     return load_adapters(cfg.lora, cfg.model, cfg.served_model_name) if cfg.lora else []
 
 
+def base_model_name(cfg: ServeConfig, adapters: list[Adapter]) -> str:
+    """The name the base model is served under: `served_model_name` or the model's own; beside a
+    lone bare `--lora DIR` (which takes that name), `NAME-base`."""
+    lone_unnamed = len(cfg.lora) == 1 and "=" not in cfg.lora[0]
+    name = f"{adapters[0].name}-base" if lone_unnamed else cfg.served_model_name or served_name(cfg.model)
+    if name in {a.name for a in adapters}:
+        raise ServerError(f"the base model and a LoRA adapter are both named `{name}`: rename the adapter (NAME=DIR)")
+    return name
+
+
 def served_name(model: str) -> str:
     """What clients request: a directory's name; for a converted GGUF its file's stem (the cache
     directory is named by the file's hash, which goes to the log instead)."""
@@ -205,10 +215,7 @@ def start_server(cfg: ServeConfig, log_path: Path | None = None) -> Server:
     check_startup(cfg)
     adapters, host = serving_adapters(cfg), cfg.host
     port = cfg.port or free_port()
-    lone_unnamed = len(cfg.lora) == 1 and "=" not in cfg.lora[0]
-    base_name = f"{adapters[0].name}-base" if lone_unnamed else cfg.served_model_name or served_name(cfg.model)
-    if base_name in {a.name for a in adapters}:
-        raise ServerError(f"the base model and a LoRA adapter are both named `{base_name}`: rename the adapter (NAME=DIR)")
+    base_name = base_model_name(cfg, adapters)
     api_key = cfg.api_key or os.environ.get(KEY_VARIABLE)
     cmd = server_command(cfg.model, cfg, name=base_name, host=host, port=port, adapters=adapters,
                          api_key=bool(api_key), extra=cfg.vllm_args)

@@ -10,7 +10,7 @@ import pytest
 
 from distill.adapters import LORA_RANKS, Adapter, load_adapter, load_adapters, max_lora_rank, parse_spec
 from distill.config import ServeConfig
-from distill.launcher import check_startup, server_command
+from distill.launcher import ServerError, base_model_name, check_startup, server_command
 
 
 def write_adapter(path, base, r: int = 8, peft_type: str = "LORA"):
@@ -91,3 +91,20 @@ def test_the_chat_page_offers_every_served_model():
         [("support", ["support", "legal", "base"], True)]
     (one,) = dropdowns(build_ui(Endpoint("http://127.0.0.1:1/v1", "student")))
     assert one["visible"] is False
+
+
+def test_names_of_the_base_beside_its_adapters(tmp_path, tiny_models):
+    base = str(tiny_models["llama-teacher"])
+    bare = str(write_adapter(tmp_path / "student" / "adapter", base))
+
+    def names(**settings):
+        cfg = ServeConfig(model=base, **settings)
+        return [a.name for a in load_adapters(cfg.lora, base, cfg.served_model_name)], base_model_name(
+            cfg, load_adapters(cfg.lora, base, cfg.served_model_name))
+
+    assert names(lora=[bare]) == (["student"], "student-base")  # as before NAME=DIR existed
+    assert names(lora=[bare], served_model_name="bot") == (["bot"], "bot-base")
+    assert names(lora=[f"a={bare}", f"b={bare}"], served_model_name="base") == (["a", "b"], "base")
+    assert names(lora=[f"a={bare}"]) == (["a"], "llama-teacher")
+    with pytest.raises(ServerError, match="both named `a`"):
+        names(lora=[f"a={bare}"], served_model_name="a")
