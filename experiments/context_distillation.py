@@ -149,7 +149,9 @@ def main() -> None:
                      "student": statistics.mean(len(r[corpus.STUDENT_PROMPT_IDS]) for r in held)}
     timings["total_s"] = round(time.time() - start, 1)
     result = {"held_out": len(held), "rule": RULE, "settings": vars(args) | {"out": str(args.out)},
-              "teacher_follows_in_training_corpus": sum(follows(r["response"]) for r in corpus.iter_records(corpora["corpus"])), "rows": rows, "prompt_tokens": prompt_tokens, "timings": timings,
+              "teacher_follows_in_training_corpus": sum(follows(r["response"])
+                                                        for r in corpus.iter_records(corpora["corpus"])),
+              "rows": rows, "prompt_tokens": prompt_tokens, "timings": timings,
               "examples": [{"question": r[corpus.STUDENT_MESSAGES][-1]["content"][:120], "teacher": r["response"][:160],
                             "base": answers["base"][i][:160],
                             "kd student": answers[str(students["kd"][0])][i][:160]} for i, r in enumerate(held[:3])]}

@@ -25,7 +25,8 @@ def serve(cfg: ServeConfig) -> int:
     check_startup(cfg)
     if cfg.ui:  # the page starts after the model has loaded: check its port before that
         check_port(cfg.host, cfg.ui_port, "ui_port")
-    print(f"starting vLLM for {cfg.model}{' with ' + ', '.join(cfg.lora) if cfg.lora else ''}: waiting until it answers /health ...", file=sys.stderr)
+    adapters = f" with {', '.join(cfg.lora)}" if cfg.lora else ""
+    print(f"starting vLLM for {cfg.model}{adapters}: waiting until it answers /health ...", file=sys.stderr)
     servers: list[Server] = []
     page = None
     try:
