@@ -194,6 +194,10 @@ class GenerateConfig(CorpusJobConfig):
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
     seed: int = Field(0, description="Base seed; each sample's seed derives from it and the record id.")
+    student_view: str | None = Field(
+        None, description="Context distillation: the teacher answers the whole prompt, the student is trained on this "
+        "view of it: `drop-system`, `drop-examples` (the system prompt and the last user turn), `user-only`, or a "
+        "YAML / JSON file `{system: TEXT, examples: keep | drop}` (docs/recipes/context-distillation.md).")
 
     @model_validator(mode="after")
     def _check_max_tokens(self) -> GenerateConfig:
@@ -368,6 +372,9 @@ class TrainConfig(StageConfig):
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    keep_adapter: bool = Field(False, description="With `lora`: keep the adapter unmerged (`out/adapter`, PEFT format) "
+                               "instead of writing a merged model: many such students share one base in `distill serve "
+                               "--lora NAME=DIR ...`.")
     epochs: float = Field(1.0, gt=0.0, description="Training epochs (ignored when `max_steps` is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     learning_rate: float = Field(2e-4, gt=0.0, description="Peak learning rate.")
@@ -429,6 +436,12 @@ class TrainConfig(StageConfig):
     layer_map: Annotated[list[int] | None, BeforeValidator(_comma_separated)] = Field(
         None, description="Teacher layer each student layer is matched to by the intermediate-state loss, e.g. "
         "0,3,6,9 (default: the student's `distill_layer_map`, written by `distill init-student`).")
+
+    @model_validator(mode="after")
+    def _check_keep_adapter(self) -> TrainConfig:
+        if self.keep_adapter and not self.lora:
+            raise ValueError("`keep_adapter` keeps a LoRA adapter: full fine-tuning (`--no-lora`) has none")
+        return self
 
     @model_validator(mode="after")
     def _check_on_policy(self) -> TrainConfig:
@@ -536,7 +549,9 @@ class ServeConfig(EngineConfig):
     """`distill serve`: a model behind vLLM's OpenAI-compatible server, until Ctrl-C / SIGTERM."""
 
     model: ModelPath = Field(description="Model directory (a trained student), hub id or .gguf file; with `lora`, the base model.")
-    lora: Path | None = Field(None, description="LoRA adapter directory to serve on top of `model` (e.g. STUDENT/adapter).")
+    lora: list[str] = Field(default_factory=list, description="LoRA adapter to serve on top of `model`, as NAME=DIR "
+                            "(repeatable: one base, many students, each a model name); DIR is an adapter or a student "
+                            "trained with `--lora` (its `adapter/`). A lone bare DIR is served as `served_model_name`.")
     served_model_name: str | None = Field(None, description="Name clients request (default: the model's directory name).")
     host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 exposes the server to the network: it needs "
                       "an API key, or `insecure_public`).")
@@ -673,6 +688,9 @@ class TrainSection(TrainFields):
             raise ValueError("`launcher: accelerate` needs `config_file` (e.g. examples/accelerate/ddp.yaml)")
         if self.launcher != "accelerate" and (self.config_file is not None or self.num_processes is not None):
             raise ValueError("`config_file` and `num_processes` apply to `launcher: accelerate` only")
+        if self.keep_adapter:  # eval (and `--serve`) load the run's student as a model directory
+            raise ValueError("`keep_adapter` leaves no merged model for the run's eval: train the adapter with "
+                             "`distill train --keep-adapter` on the run's curated corpus instead")
         return self
 
 EvalSection = section(EvalConfig, {"student", "teacher", "prompts", "format", "out"},
@@ -722,9 +740,8 @@ SweepMeasure = Literal["kl", "top1_agreement", "score"]
 MINIMISED_MEASURES = ("kl",)
 # Train fields a sweep may not search: where things are and how training is launched, not what it computes.
 # Nor which corpora train and how their teachers combine (names of corpora the run does not have).
-NOT_SEARCHABLE = {"overwrite", "allow_incomplete", "teacher_endpoint", "teacher_endpoints", "teacher_api_key",
-                  "mix", "ensemble", "teacher_weights", *LAUNCH_FIELDS}
-NOT_SEARCHABLE = {"overwrite", "allow_incomplete", "teacher_endpoint", "teacher_api_key", "teacher", *LAUNCH_FIELDS}
+NOT_SEARCHABLE = {"overwrite", "allow_incomplete", "teacher_endpoint", "teacher_endpoints", "teacher_api_key", "teacher",
+                  "keep_adapter", "mix", "ensemble", "teacher_weights", *LAUNCH_FIELDS}
 
 
 class SearchRange(BaseModel):

@@ -25,8 +25,10 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 
+from distill.adapters import Adapter, load_adapters, max_lora_rank
 from distill.api_key import KEY_VARIABLE
 from distill.api_key import MIDDLEWARE as API_KEY_MIDDLEWARE
 from distill.config import EngineConfig, ServeConfig
@@ -41,9 +43,6 @@ class ServerError(RuntimeError):
 
 class EndpointError(ServerError):
     """A running server (`--urls`, `--teacher-endpoint`) cannot be used or stopped answering."""
-
-
-LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's `--max-lora-rank` accepts
 
 
 def free_port() -> int:
@@ -78,10 +77,26 @@ def check_startup(cfg: ServeConfig) -> None:
     """What would make the server fail to start, found in a second instead of in its log; and a
     server open to the network without a key, refused unless asked for by name."""
     check_model(cfg.model, "model")
+    serving_adapters(cfg)
     if not (cfg.api_key or os.environ.get(KEY_VARIABLE) or cfg.insecure_public or is_loopback(cfg.host)):
         raise ServerError(f"`host` {cfg.host} exposes the model to the network without an API key: set $VLLM_API_KEY "
                           "(or `api_key`), or pass `--insecure-public` to serve it to anyone who can reach the port")
     check_port(cfg.host, cfg.port)
+
+
+def serving_adapters(cfg: ServeConfig) -> list[Adapter]:
+    """`cfg.lora`, each found and checked against `cfg.model` (one line for the first problem)."""
+    return load_adapters(cfg.lora, cfg.model, cfg.served_model_name) if cfg.lora else []
+
+
+def base_model_name(cfg: ServeConfig, adapters: list[Adapter]) -> str:
+    """The name the base model is served under: `served_model_name` or the model's own; beside a
+    lone bare `--lora DIR` (which takes that name), `NAME-base`."""
+    lone_unnamed = len(cfg.lora) == 1 and "=" not in cfg.lora[0]
+    name = f"{adapters[0].name}-base" if lone_unnamed else cfg.served_model_name or served_name(cfg.model)
+    if name in {a.name for a in adapters}:
+        raise ServerError(f"the base model and a LoRA adapter are both named `{name}`: rename the adapter (NAME=DIR)")
+    return name
 
 
 def served_name(model: str) -> str:
@@ -95,22 +110,17 @@ def served_name(model: str) -> str:
     return path.name if path.exists() else model
 
 
-def lora_rank(adapter: Path) -> int:
-    config = Path(adapter) / "adapter_config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"`{adapter}`: not a LoRA adapter directory (no adapter_config.json)")
-    r = json.loads(config.read_text())["r"]
-    return next((rank for rank in LORA_RANKS if rank >= r), r)
-
-
-def server_command(model: str, cfg: EngineConfig, *, name: str, host: str, port: int, lora: Path | None = None,
-                   lora_name: str | None = None, api_key: bool = False, extra: list[str] = ()) -> list[str]:
-    """The server's command line. With `api_key`, our key middleware guards every route; the key
-    itself goes in the child's environment (`server_environment`), never here."""
+def server_command(model: str, cfg: EngineConfig, *, name: str, host: str, port: int, adapters: Sequence[Adapter] = (),
+                   api_key: bool = False, extra: list[str] = ()) -> list[str]:
+    """The server's command line: the base model as `name`, each adapter as its own name. With
+    `api_key`, our key middleware guards every route; the key itself goes in the child's
+    environment (`server_environment`), never here."""
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
            *server_flags(engine_kwargs(model, cfg)), "--served-model-name", name, "--host", host, "--port", str(port)]
-    if lora is not None:
-        cmd += ["--enable-lora", "--lora-modules", f"{lora_name}={lora}", "--max-lora-rank", str(lora_rank(lora))]
+    if adapters:
+        # one engine holds every adapter at once (`--max-loras`): a request for any never waits for a swap
+        cmd += ["--enable-lora", "--lora-modules", *(f"{a.name}={a.path}" for a in adapters),
+                "--max-lora-rank", str(max_lora_rank(list(adapters))), "--max-loras", str(len(adapters))]
     if api_key:
         cmd += ["--middleware", API_KEY_MIDDLEWARE]
     return cmd + list(extra)
@@ -125,12 +135,14 @@ def server_environment(api_key: str | None) -> dict[str, str]:
 
 class Server:
     """A running server: `url` (ends in /v1; the address this machine's clients use), `listen_url`
-    (the address it is bound to: 0.0.0.0 is every interface), `model` (the name to request), `stop()`."""
+    (the address it is bound to: 0.0.0.0 is every interface), `model` (the name to request by
+    default: the first adapter's, else the model's), `models` (every name it serves), `stop()`."""
 
     def __init__(self, process: subprocess.Popen, url: str, model: str, log_path: Path, api_key: str | None,
-                 temporary_log: bool = False, listen_url: str | None = None):
+                 temporary_log: bool = False, listen_url: str | None = None, models: Sequence[str] = ()):
         self.process, self.url, self.model, self.log_path, self.api_key = process, url, model, log_path, api_key
         self.temporary_log, self.listen_url = temporary_log, listen_url or url
+        self.models = list(models) or [model]
 
     def log_tail(self, lines: int = 20) -> str:
         with open(self.log_path, errors="replace") as f:
@@ -197,14 +209,15 @@ def _url(host: str, port: int) -> str:
 
 def start_server(cfg: ServeConfig, log_path: Path | None = None) -> Server:
     """Start the server and return once `/health` answers (`cfg.port` 0: any free port). With
-    `cfg.lora`, the adapter is served as the model name and the base model as `NAME-base`."""
+    `cfg.lora`, each adapter is served under its name (NAME=DIR; a lone bare DIR: as
+    `served_model_name`, and the base model as `NAME-base`), the base model under
+    `served_model_name` or its own name."""
     check_startup(cfg)
-    lora, host = cfg.lora, cfg.host
+    adapters, host = serving_adapters(cfg), cfg.host
     port = cfg.port or free_port()
-    name = cfg.served_model_name or served_name(str(lora.parent if lora and lora.name == "adapter" else lora or cfg.model))
-    base_name = f"{name}-base" if lora else name
+    base_name = base_model_name(cfg, adapters)
     api_key = cfg.api_key or os.environ.get(KEY_VARIABLE)
-    cmd = server_command(cfg.model, cfg, name=base_name, host=host, port=port, lora=lora, lora_name=name,
+    cmd = server_command(cfg.model, cfg, name=base_name, host=host, port=port, adapters=adapters,
                          api_key=bool(api_key), extra=cfg.vllm_args)
     temporary_log = log_path is None
     if temporary_log:
@@ -216,8 +229,9 @@ def start_server(cfg: ServeConfig, log_path: Path | None = None) -> Server:
         process = subprocess.Popen(command_dying_with_parent(cmd), stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True, env=server_environment(api_key))
     client_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    server = Server(process, _url(client_host, port), name, log_path, api_key, temporary_log,
-                    listen_url=_url(host or "0.0.0.0", port))
+    names = [a.name for a in adapters] + [base_name]
+    server = Server(process, _url(client_host, port), names[0], log_path, api_key, temporary_log,
+                    listen_url=_url(host or "0.0.0.0", port), models=names)
     try:
         server.wait_ready(cfg.startup_timeout)
     except BaseException as e:

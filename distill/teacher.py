@@ -35,6 +35,9 @@ class Request:
     response_token_ids: list[int] = field(default_factory=list)  # score: the answer to score
     response: str | None = None  # score: its text
     finish_reason: str = "stop"  # score: an existing answer is a finished one
+    # generate --student-view: what the student will see of the prompt (stored beside the teacher's)
+    student_messages: list[dict[str, str]] | None = None
+    student_prompt_token_ids: list[int] | None = None
 
 
 @dataclass

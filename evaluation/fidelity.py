@@ -30,9 +30,12 @@ def fidelity(student: str, corpus_dir: Path, engine: EngineConfig, prompt_ids: s
 
 def scoring_inputs(corpus_dir: Path, tokenizer, model, prompt_ids: set[str] | None = None) -> tuple[list[dict], DistillCollator]:
     """The teacher's answers `model` is scored along, and their collator: what `fidelity` reads
-    (`distill sweep` scores its students in training on the same, for its pruner)."""
+    (`distill sweep` scores its students in training on the same, for its pruner). Where the corpus
+    holds a student view, the student reads the teacher's answer after its own view of the prompt,
+    as it was trained and will be asked."""
     manifest = corpus.read_manifest(corpus_dir)
-    records = [r for r in corpus.iter_records(corpus_dir) if prompt_ids is None or r["prompt_id"] in prompt_ids]
+    records = [r for batch in corpus.iter_batches(corpus_dir) for r in corpus.as_student_view(batch).to_pylist()
+               if prompt_ids is None or r["prompt_id"] in prompt_ids]
     if not records:
         raise ValueError(f"`{corpus_dir}` holds no teacher responses to the evaluation prompts")
     max_id = max(int(np.max(np.asarray(r["topk_token_ids"]))) for r in records)

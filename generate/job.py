@@ -31,6 +31,7 @@ from distill.generate.prompts import (
     iter_prompts,
     resolve_format,
 )
+from distill.generate.student_view import StudentView, load_view
 from distill.generate.templating import (
     ChatTokenizer,
     load_tokenizer,
@@ -75,6 +76,13 @@ def request_seed(base: int, rid: str) -> int:
     return int(hashlib.sha256(f"{base}:{rid}".encode()).hexdigest()[:15], 16)
 
 
+@dataclass(frozen=True)
+class StudentPrompt:
+    """The student's view of a prompt (`--student-view`) and its token ids."""
+    messages: list[dict[str, str]]
+    prompt_token_ids: list[int]
+
+
 @dataclass
 class Chunks:
     """Finished requests grouped by chunk until the chunk is whole."""
@@ -99,6 +107,8 @@ class CorpusJob:
     def _prepare(self) -> None:
         cfg = self.cfg
         self.format = resolve_format(self.source, cfg.format)
+        view = None if self.scoring else cfg.student_view
+        self.view: StudentView | None = load_view(view) if view else None
         check_model(cfg.teacher, "teacher")
         tokenizer = load_tokenizer(cfg)
         self.chat = ChatTokenizer(tokenizer, stop_token_ids(cfg, tokenizer))
@@ -117,7 +127,8 @@ class CorpusJob:
                       "logprobs": "raw_logprobs", "logprob_encoding": cfg.logprob_encoding}
         if not self.scoring:
             generation |= {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
-                           "samples_per_prompt": cfg.samples, "seed": cfg.seed}
+                           "samples_per_prompt": cfg.samples, "seed": cfg.seed,
+                           "student_view": self.view.identity if self.view else None}
         source = model_source(cfg.teacher)
         teacher_source = {"source": source.model_dump()} if source else {}
         return {
@@ -160,19 +171,26 @@ class CorpusJob:
             raise PromptError(f"{bad[0]}{more}; fix the input or pass `--skip-bad` to skip them")
         return good, bad
 
-    def _items(self, max_len: int) -> Iterator[BadRecord | tuple[Prompt, list[int], list[int]]]:
-        """Input records in order, each bad or tokenised (in batches: the tokenizer is Rust)."""
+    def _items(self, max_len: int) -> Iterator[BadRecord | tuple[Prompt, list[int], list[int], StudentPrompt | None]]:
+        """Input records in order, each bad or tokenised (in batches: the tokenizer is Rust), with
+        the student's view of the prompt when there is one."""
         records = iter_prompts(self.source, self.format, with_response=self.scoring)
         while batch := list(itertools.islice(records, TOKENIZE_BATCH)):
             prompts = [item for item in batch if isinstance(item, Prompt)]
             encoded = iter(self.chat.tokenize_many([p.messages for p in prompts], self.scoring))
+            views = [self.view(p.messages) for p in prompts] if self.view else []
+            student = iter(zip(views, self.chat.tokenize_many(views, False)) if views else [])
             for item in batch:
                 if isinstance(item, BadRecord):
                     yield item
                     continue
                 result = next(encoded)
+                view = next(student, None)
                 if isinstance(result, Exception):  # the template raised (e.g. on the order of roles)
                     yield BadRecord(item.where, f"chat template failed: {result}", "malformed")
+                    continue
+                if view is not None and isinstance(view[1], Exception):
+                    yield BadRecord(item.where, f"chat template failed on the student view: {view[1]}", "malformed")
                     continue
                 prompt_ids, response_ids = result
                 length = len(prompt_ids) + len(response_ids)
@@ -180,7 +198,7 @@ class CorpusJob:
                     yield BadRecord(item.where, f"{'conversation' if self.scoring else 'prompt'} has {length} "
                                     f"tokens; the context (`max_model_len`) holds {max_len}", "too_long")
                     continue
-                yield item, prompt_ids, response_ids
+                yield item, prompt_ids, response_ids, StudentPrompt(view[0], view[1][0]) if view else None
 
     # -- the run ----------------------------------------------------------------------------
     def run(self, teacher: Teacher | None = None) -> corpus.Corpus:
@@ -239,7 +257,7 @@ class CorpusJob:
             for item in self._items(max_len):
                 if isinstance(item, BadRecord):
                     continue
-                prompt, prompt_ids, response_ids = item
+                prompt, prompt_ids, response_ids, student = item
                 messages = prompt.messages[:-1] if self.scoring else prompt.messages
                 for sample in range(self.samples):
                     chunk = index // cfg.chunk_size
@@ -252,7 +270,9 @@ class CorpusJob:
                         yield Request(index, rid, prompt.prompt_id, messages, prompt_ids,
                                       seed=request_seed(self.seed, rid),
                                       response_token_ids=response_ids,
-                                      response=prompt.messages[-1]["content"] if self.scoring else None)
+                                      response=prompt.messages[-1]["content"] if self.scoring else None,
+                                      student_messages=student.messages if student else None,
+                                      student_prompt_token_ids=student.prompt_token_ids if student else None)
                     index += 1
             for chunk in todo:
                 self._close(chunks, chunk)
@@ -308,6 +328,8 @@ class CorpusJob:
             "prompt_token_ids": req.prompt_token_ids, "response_token_ids": c.response_token_ids,
             "response_logprobs": c.response_logprobs, "topk_token_ids": c.topk_token_ids,
             "topk_logprobs": c.topk_logprobs, "finish_reason": c.finish_reason,
+            **({corpus.STUDENT_MESSAGES: req.student_messages, corpus.STUDENT_PROMPT_IDS: req.student_prompt_token_ids}
+               if req.student_prompt_token_ids is not None else {}),
         }
 
     def _update_stats(self, complete: bool, wall_time: float | None = None) -> corpus.CorpusStats:

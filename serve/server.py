@@ -25,7 +25,8 @@ def serve(cfg: ServeConfig) -> int:
     check_startup(cfg)
     if cfg.ui:  # the page starts after the model has loaded: check its port before that
         check_port(cfg.host, cfg.ui_port, "ui_port")
-    print(f"starting vLLM for {cfg.lora or cfg.model}: waiting until it answers /health ...", file=sys.stderr)
+    adapters = f" with {', '.join(cfg.lora)}" if cfg.lora else ""
+    print(f"starting vLLM for {cfg.model}{adapters}: waiting until it answers /health ...", file=sys.stderr)
     servers: list[Server] = []
     page = None
     try:
@@ -61,10 +62,10 @@ def _launch_page(cfg: ServeConfig, servers: list[Server]):
     elif cfg.compare:
         print(f"starting vLLM for the teacher {cfg.compare} ...", file=sys.stderr)
         servers.append(start_server(cfg.model_copy(
-            update={"model": cfg.compare, "port": 0, "served_model_name": "teacher", "lora": None})))
+            update={"model": cfg.compare, "port": 0, "served_model_name": "teacher", "lora": []})))
         teacher = Endpoint(servers[1].url, servers[1].model, servers[1].api_key)
     return launch_ui(Endpoint(student.url, student.model, student.api_key), teacher, api_key=student.api_key,
-                     host=cfg.host, port=cfg.ui_port)
+                     host=cfg.host, port=cfg.ui_port, models=student.models)
 
 
 def ready_message(server: Server, page_url: str | None = None) -> str:
@@ -76,6 +77,7 @@ def ready_message(server: Server, page_url: str | None = None) -> str:
     return "\n".join([
         f"ready: {where}  model: {server.model}  (server log: {server.log_path})",
         *page,
+        *([f"models: {', '.join(server.models)}  (each a `model` to request)"] if len(server.models) > 1 else []),
         "",
         f"  curl {server.url}/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'",
         "",

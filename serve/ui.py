@@ -11,8 +11,8 @@ from __future__ import annotations
 import hmac
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home from a local tool
 
@@ -76,12 +76,18 @@ def stream_answer(endpoint: Endpoint, messages: list[dict], temperature: float, 
     yield text, f"{tokens} token{'s' * (tokens != 1)} · {rate} tok/s · TTFT {((first or end) - start) * 1000:.0f} ms"
 
 
-def build_ui(student: Endpoint, teacher: Endpoint | None = None, title: str = "distill chat") -> gr.Blocks:
-    """The chat page: one message box; one pane per model (teacher left, student right)."""
+def build_ui(student: Endpoint, teacher: Endpoint | None = None, title: str = "distill chat",
+             models: Sequence[str] = ()) -> gr.Blocks:
+    """The chat page: one message box; one pane per model (teacher left, student right).
+    `models`: the names the student's server answers to (its LoRA adapters and their base): with
+    more than one, a dropdown picks which one the student pane asks."""
     names = (["teacher"] if teacher else []) + ["student"]
     endpoints = ([teacher] if teacher else []) + [student]
+    choices = list(models) or [student.model]
     with gr.Blocks(title=title) as page:
         gr.Markdown(f"## {title}\n" + " · ".join(f"**{n}**: `{e.model}` at {e.url}" for n, e in zip(names, endpoints)))
+        adapter = gr.Dropdown(choices, value=student.model, label="Student model (LoRA adapter)", elem_id="student-model",
+                              visible=len(choices) > 1)
         panes, stats = [], []
         with gr.Row(equal_height=True):
             for name, endpoint in zip(names, endpoints):
@@ -97,9 +103,10 @@ def build_ui(student: Endpoint, teacher: Endpoint | None = None, title: str = "d
             temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature", scale=1)
             max_tokens = gr.Slider(1, 4096, value=512, step=1, label="Max tokens", scale=1)
 
-        def respond(text: str, system_prompt: str, temp: float, limit: float, *histories):
+        def respond(text: str, system_prompt: str, temp: float, limit: float, chosen: str | None, *histories):
             # An untouched textbox arrives as None, not "".
             text, system_prompt = (text or "").strip(), (system_prompt or "").strip()
+            asked = [*endpoints[:-1], replace(student, model=chosen or student.model)]
             histories = [list(h or []) for h in histories]
             lines = [""] * len(endpoints)
             if not text:
@@ -110,7 +117,7 @@ def build_ui(student: Endpoint, teacher: Endpoint | None = None, title: str = "d
             yield "", *histories, *lines  # the message shows at once; the last answer's stats go
             # One model after the other, not both at once: teacher and student often share a
             # machine, and answering in turn keeps each one's tokens/s and TTFT its own.
-            for i, endpoint in enumerate(endpoints):
+            for i, endpoint in enumerate(asked):
                 prior = [{"role": m["role"], "content": _text(m["content"])} for m in histories[i]]
                 messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + prior
                 histories[i].append({"role": "assistant", "content": ""})
@@ -122,7 +129,7 @@ def build_ui(student: Endpoint, teacher: Endpoint | None = None, title: str = "d
                     lines[i] = f"error from {endpoint.url}: {e}"
                     yield "", *histories, *lines
 
-        inputs = [message, system, temperature, max_tokens, *panes]
+        inputs = [message, system, temperature, max_tokens, adapter, *panes]
         outputs = [message, *panes, *stats]
         message.submit(respond, inputs, outputs)
         send.click(respond, inputs, outputs)
@@ -131,10 +138,10 @@ def build_ui(student: Endpoint, teacher: Endpoint | None = None, title: str = "d
 
 
 def launch_ui(student: Endpoint, teacher: Endpoint | None = None, *, api_key: str | None = None,
-              host: str = "127.0.0.1", port: int = 7860) -> gr.Blocks:
+              host: str = "127.0.0.1", port: int = 7860, models: Sequence[str] = ()) -> gr.Blocks:
     """Serve the page in a background thread; `page.local_url` is its address, `page.close()`
     stops it. With `api_key`, the login form asks for it as the password (any user name)."""
-    page = build_ui(student, teacher)
+    page = build_ui(student, teacher, models=models)
     # Constant-time comparison: the page must not leak the key through response timing.
     auth = (lambda _user, password: hmac.compare_digest(password.encode(), api_key.encode())) if api_key else None
     page.launch(server_name=host, server_port=port or free_port(), auth=auth, prevent_thread_lock=True,

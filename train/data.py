@@ -8,7 +8,9 @@ training dataset memory-maps. `check_vocabulary` refuses a student that does not
 teacher's vocabulary on the ids the corpus uses.
 
 The student trains on `prompt_token_ids + response_token_ids` exactly as stored (never
-re-tokenised). Position t of the sequence predicts token t + 1, so response token j (at
+re-tokenised); where the corpus holds a student view (`student_prompt_token_ids`, context
+distillation) that is the prompt instead: the teacher's answer and top-k, conditioned on the full
+prompt, become the targets of the shorter one. Position t of the sequence predicts token t + 1, so response token j (at
 index P + j) is predicted at position P + j - 1, and that position carries the teacher's top-k
 row j. Truncation to `max_length` cuts tokens and top-k rows together, and `loss_mask` from
 curation removes positions from every loss.
@@ -59,6 +61,7 @@ def prepare_training_data(root: Path, max_length: int, scratch: Path) -> Trainin
     writer, schema, records, kept, max_token_id = None, None, 0, 0, 0
     try:
         for batch in corpus.validated_batches(root):
+            batch = corpus.as_student_view(batch)
             for column in corpus.TOKEN_ID_COLUMNS:
                 max_token_id = max(max_token_id, pc.max(corpus.leaves(batch.column(column))).as_py() or 0)
             # `trainable`'s rule on the whole batch: the prompt leaves room for a target

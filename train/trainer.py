@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from distill import corpus, files, tracking
+from distill.adapters import ADAPTER_DIR
 from distill.config import TrainConfig
 from distill.engine import check_model
 from distill.launcher import EndpointError
@@ -257,6 +258,10 @@ def _train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]) -> TrainResul
 
         check_model(cfg.teacher, "teacher")
         online = check_online(cfg)  # from the configs, before the corpus is read or a model loads
+    viewed = [m.generation.student_view for m in manifests if m.generation.student_view]
+    if cfg.on_policy and viewed:
+        # the student samples after its view of the prompt; the teacher would score that without the full context
+        raise ValueError(f"`on_policy` with a student-view corpus (view {viewed[0]}) is not supported: train it offline")
     # A run resumed with the same settings continues its tracked run; with others (`--resume`) it opens a new one.
     continues_run = not changed_settings(cfg, Path(cfg.out))
     resume = start_from(cfg, Path(cfg.out))  # refuses another run's `out` before the corpus is read
@@ -381,17 +386,20 @@ def held_out_metrics(trainer: DistillTrainer, data, collator: DistillCollator, c
 
 
 def _save(trainer: DistillTrainer, out: Path, cfg: TrainConfig, dtype: torch.dtype) -> None:
-    """The model vLLM serves goes to `out` (safetensors); LoRA's adapter to `out/adapter`. Every
-    process calls this: under ZeRO-3 / FSDP `save_model` gathers the shards (a collective) and the
-    first process writes. The merged LoRA model is rebuilt from the saved files, so merging never
-    depends on how training sharded the model."""
+    """The model vLLM serves goes to `out` (safetensors); LoRA's adapter to `out/adapter` (with
+    `keep_adapter`, only the adapter and its tokenizer: served on its base by `distill serve --lora`).
+    Every process calls this: under ZeRO-3 / FSDP `save_model` gathers the shards (a collective)
+    and the first process writes. The merged LoRA model is rebuilt from the saved files, so
+    merging never depends on how training sharded the model."""
     if not cfg.lora:
         trainer.save_model(str(out))
         return
-    trainer.save_model(str(out / "adapter"))
+    trainer.save_model(str(out / ADAPTER_DIR))
+    if cfg.keep_adapter:
+        return
     if trainer.is_world_process_zero():
         from peft import AutoPeftModelForCausalLM
 
-        merged = AutoPeftModelForCausalLM.from_pretrained(out / "adapter", dtype=dtype).merge_and_unload()
+        merged = AutoPeftModelForCausalLM.from_pretrained(out / ADAPTER_DIR, dtype=dtype).merge_and_unload()
         merged.save_pretrained(out, safe_serialization=True)
         trainer.processing_class.save_pretrained(out)

@@ -21,6 +21,11 @@ COLUMNS = (
 TOKEN_COLUMNS = ("response_logprobs", "topk_token_ids", "topk_logprobs", "loss_mask")
 # The columns of token ids: each must be a token of the teacher's vocabulary.
 TOKEN_ID_COLUMNS = ("prompt_token_ids", "response_token_ids", "topk_token_ids")
+# The student view (`distill generate --student-view`): what the student is shown of the prompt
+# where it differs from what the teacher answered (context distillation). Optional, both or
+# neither; absent means the student sees the teacher's prompt.
+STUDENT_MESSAGES, STUDENT_PROMPT_IDS = "student_messages", "student_prompt_token_ids"
+STUDENT_VIEW_COLUMNS = (STUDENT_MESSAGES, STUDENT_PROMPT_IDS)
 # How `topk_token_ids` / `topk_logprobs` are stored (`--logprob-encoding`; the manifest's
 # `generation.logprob_encoding` names it, and each shard's footer too). Readers decode every
 # encoding to the logical columns of docs/corpus-format.md, so consumers never see the difference.
@@ -49,9 +54,10 @@ class CorpusError(ValueError):
     """A corpus directory violates the contract of docs/corpus-format.md."""
 
 
-def arrow_schema(encoding: str = DEFAULT_ENCODING, loss_mask: bool = False) -> pa.Schema:
+def arrow_schema(encoding: str = DEFAULT_ENCODING, loss_mask: bool = False, student_view: bool = False) -> pa.Schema:
     """The stored schema. Readers return the columns of `arrow_schema("float32")` (float16 values
-    stay float16; decoded top-k logprobs are float32)."""
+    stay float16; decoded top-k logprobs are float32). `student_view`: with STUDENT_VIEW_COLUMNS."""
+    message = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
     lp = pa.float32() if encoding == "float32" else pa.float16()
     topk = [pa.field(PACKED_IDS, pa.large_binary()), pa.field(LOGPROB_CODES, pa.large_binary())] \
         if encoding == "quantized" else \
@@ -59,7 +65,7 @@ def arrow_schema(encoding: str = DEFAULT_ENCODING, loss_mask: bool = False) -> p
     fields = [
         pa.field("id", pa.string()),
         pa.field("prompt_id", pa.string()),
-        pa.field("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        pa.field("messages", message),
         pa.field("response", pa.string()),
         pa.field("prompt_token_ids", pa.list_(pa.int32())),
         pa.field("response_token_ids", pa.list_(pa.int32())),
@@ -69,7 +75,24 @@ def arrow_schema(encoding: str = DEFAULT_ENCODING, loss_mask: bool = False) -> p
     ]
     if loss_mask:
         fields.append(pa.field("loss_mask", pa.list_(pa.bool_())))
+    if student_view:
+        fields += [pa.field(STUDENT_MESSAGES, message), pa.field(STUDENT_PROMPT_IDS, pa.list_(pa.int32()))]
     return pa.schema(fields)
+
+
+def as_student_view(data: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
+    """`data` with `prompt_token_ids` replaced by the student's (`student_prompt_token_ids` where a
+    record has one): what the student reads before the teacher's answer. The student columns go."""
+    if STUDENT_PROMPT_IDS not in data.column_names:
+        return data
+    student = pc.if_else(pc.is_null(data[STUDENT_PROMPT_IDS]), data["prompt_token_ids"],
+                         data[STUDENT_PROMPT_IDS].cast(data.schema.field("prompt_token_ids").type))
+    data = data.set_column(data.schema.get_field_index("prompt_token_ids"), "prompt_token_ids", student)
+    for name in STUDENT_VIEW_COLUMNS:
+        if name in data.column_names:
+            data = data.drop_columns([name]) if isinstance(data, pa.Table) else \
+                data.select([n for n in data.column_names if n != name])
+    return data
 
 
 def logprob_tolerance(encoding: str, values: np.ndarray) -> np.ndarray:
@@ -99,13 +122,14 @@ def _nested(values: np.ndarray, lengths: np.ndarray, k: int | None, dtype: pa.Da
 def records_to_table(records: Sequence[dict[str, Any]], k: int, encoding: str = DEFAULT_ENCODING) -> pa.Table:
     """Records as produced by the stages (top-k as `[T, k]` numpy arrays) -> a stored Arrow table."""
     has_mask = any(r.get("loss_mask") is not None for r in records)
-    schema = arrow_schema("float32", loss_mask=has_mask)
+    has_view = any(r.get(STUDENT_PROMPT_IDS) is not None for r in records)
+    schema = arrow_schema("float32", loss_mask=has_mask, student_view=has_view)
     columns = {}
     for name in schema.names:
         field = schema.field(name)
         if name in ("topk_token_ids", "topk_logprobs"):
             columns[name] = _lists([r[name] for r in records], field.type.value_type.value_type, k)
-        elif name in ("prompt_token_ids", "response_token_ids", "response_logprobs"):
+        elif name in ("prompt_token_ids", "response_token_ids", "response_logprobs", STUDENT_PROMPT_IDS):
             columns[name] = _lists([r[name] for r in records], field.type.value_type)
         elif name == "loss_mask":
             columns[name] = pa.array(
@@ -122,7 +146,8 @@ def encode(table: pa.Table, k: int, encoding: str) -> pa.Table:
     the original float32 ones (copy stored shards as they are where you can, as curation does)."""
     if encoding not in LOGPROB_ENCODINGS:
         raise ValueError(f"logprob encoding must be one of {LOGPROB_ENCODINGS}, got {encoding!r}")
-    schema = arrow_schema(encoding, loss_mask="loss_mask" in table.column_names)
+    schema = arrow_schema(encoding, loss_mask="loss_mask" in table.column_names,
+                          student_view=STUDENT_PROMPT_IDS in table.column_names)
     extra = [n for n in table.column_names if n not in schema.names and n not in ("topk_token_ids", "topk_logprobs")]
     columns = {}
     if encoding == "quantized":
@@ -290,7 +315,7 @@ def decode(data: pa.Table | pa.RecordBatch, params: dict | None = None) -> pa.Ta
 
 # What every reader hands out: the contract's type per logical column (a logprob column may also
 # stay float16, as float16 and quantized shards store it).
-LOGICAL = arrow_schema("float32", loss_mask=True)
+LOGICAL = arrow_schema("float32", loss_mask=True, student_view=True)
 INT32 = (-2**31, 2**31)
 
 
@@ -308,7 +333,7 @@ def conform(data: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
                 array = values.to_numpy(zero_copy_only=False)
                 first = int(np.argmax((array < INT32[0]) | (array >= INT32[1])))
                 record, position = locate(column, first)
-                at = "prompt position" if name == "prompt_token_ids" else "response position"
+                at = "prompt position" if name in ("prompt_token_ids", STUDENT_PROMPT_IDS) else "response position"
                 raise CorpusError(f"record {_name(data, record)!r}, {at} {position}: `{name}` holds "
                                   f"{array[first]}, which does not fit a token id (int32)")
         data = data.set_column(data.schema.get_field_index(name), name, column.cast(target))

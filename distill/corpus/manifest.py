@@ -82,6 +82,7 @@ class GenerationInfo(_Section):
     max_tokens: int | None = None
     samples_per_prompt: int | None = None
     seed: int | None = None
+    student_view: str | None = None  # `--student-view`: a view's name, or `file:SHA256` of its file
 
 
 class CorpusStats(_Section):

@@ -13,6 +13,8 @@ import pyarrow.parquet as pq
 
 from distill.corpus.codec import (
     COLUMNS,
+    STUDENT_PROMPT_IDS,
+    STUDENT_VIEW_COLUMNS,
     TOKEN_COLUMNS,
     TOKEN_ID_COLUMNS,
     CorpusError,
@@ -148,6 +150,13 @@ def _batch_problems(table: pa.Table, where: str, k: int, vocab_size: int | None,
             problems.append(f"{where}: `{col}` has rows with {pc.min_max(widths).as_py()} entries, expected k={k}")
     problems += _rows(table, pc.equal(pc.list_value_length(table["prompt_token_ids"]), 0),
                       f"{where}: empty `prompt_token_ids`")
+    view = [c for c in STUDENT_VIEW_COLUMNS if c in table.column_names]
+    if view and len(view) != len(STUDENT_VIEW_COLUMNS):
+        problems.append(f"{where}: `{view[0]}` without `{(set(STUDENT_VIEW_COLUMNS) - set(view)).pop()}`: a student "
+                        "view needs both columns")
+    if STUDENT_PROMPT_IDS in table.column_names:
+        problems += _rows(table, pc.equal(pc.list_value_length(table[STUDENT_PROMPT_IDS]), 0),
+                          f"{where}: empty `{STUDENT_PROMPT_IDS}`")
     problems += _unsorted_topk(table, where)
     problems += _non_finite(table, where)
     problems += _out_of_vocabulary(table, where, vocab_size)
@@ -201,7 +210,7 @@ def _out_of_vocabulary(table: pa.Table, where: str, vocab_size: int | None) -> l
     (a min/max per column; the values are looked at only to name the first bad one)."""
     problems = []
     outside = f"outside the teacher's vocabulary [0, {vocab_size})" if vocab_size else "below 0"
-    for col in TOKEN_ID_COLUMNS:
+    for col in [*TOKEN_ID_COLUMNS, *([STUDENT_PROMPT_IDS] if STUDENT_PROMPT_IDS in table.column_names else [])]:
         values = leaves(table[col])
         low, high = (v.as_py() for v in pc.min_max(values).values())
         if low is None or (low >= 0 and (vocab_size is None or high < vocab_size)):
@@ -210,7 +219,7 @@ def _out_of_vocabulary(table: pa.Table, where: str, vocab_size: int | None) -> l
         bad = (ids < 0) | (ids >= vocab_size) if vocab_size else ids < 0
         first = int(np.argmax(bad))
         record, position = locate(table[col], first)
-        at = "prompt position" if col == "prompt_token_ids" else "response position"
+        at = "prompt position" if col in ("prompt_token_ids", STUDENT_PROMPT_IDS) else "response position"
         n = int(bad.sum())
         problems.append(f"{where}: `{col}` holds {n} {'id' if n == 1 else 'ids'} {outside} (first: record "
                         f"{table['id'][record].as_py()!r}, {at} {position}: {ids[first]})")
