@@ -58,3 +58,21 @@ def tiny_models() -> dict[str, Path]:
     from distill.tiny import build_cached
 
     return build_cached(TINY_MODELS_CACHE)
+
+
+def train_until_first_step(flags: list[str]) -> None:
+    """Run `distill train FLAGS` as the command line does; print the time its first training step
+    starts and exit there (what the start-up benchmarks time)."""
+    import time
+
+    import transformers
+
+    def first_step(self, *args, **kwargs):
+        print(json.dumps({"first_step_at": time.time()}), flush=True)
+        os._exit(0)
+
+    transformers.Trainer.training_step = first_step  # every DistillTrainer step starts here
+    from distill.cli import main
+
+    main(["train", *flags])
+    raise SystemExit("training ended without a step")

@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from common import ROOT, Headline, emit, parse_args
+from common import ROOT, Headline, emit, parse_args, train_until_first_step
 
 DEMO = ROOT / "distill" / "demo"
 TEACHER, STUDENT = DEMO / "teacher", DEMO / "student-init"
@@ -145,17 +145,7 @@ def measure(argv: list[str], env: dict | None = None) -> dict:
 
 def child_train(corpus_dir: str, out: str) -> None:
     """`distill train` as the command line runs it, stopped when its first training step starts."""
-    import transformers
-
-    def first_step(self, *args, **kwargs):
-        print(json.dumps({"first_step_at": time.time()}), flush=True)
-        os._exit(0)
-
-    transformers.Trainer.training_step = first_step  # every DistillTrainer step starts here
-    from distill.cli import main
-
-    main(["train", "--corpus", corpus_dir, "--out", out, *TRAIN_FLAGS])
-    raise SystemExit("training ended without a step")
+    train_until_first_step(["--corpus", corpus_dir, "--out", out, *TRAIN_FLAGS])
 
 
 def run_stage(stage: str, root: Path, work: Path) -> dict:

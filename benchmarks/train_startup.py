@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from common import train_until_first_step
 
 DEMO = Path(__file__).resolve().parent.parent / "distill" / "demo"
 TEACHER, STUDENT = DEMO / "teacher", DEMO / "student-init"
@@ -84,17 +85,7 @@ def copies(source: Path, root: Path, n: int, shards: int) -> Path:
 
 def child_startup(corpus_dir: str, out: str) -> None:
     """`distill train` as the command line runs it, stopped when its first training step starts."""
-    import transformers
-
-    def first_step(self, *args, **kwargs):
-        print(json.dumps({"first_step_at": time.time()}), flush=True)
-        os._exit(0)
-
-    transformers.Trainer.training_step = first_step  # every DistillTrainer step starts here
-    from distill.cli import main
-
-    main(["train", "--corpus", corpus_dir, "--out", out, *TRAIN_FLAGS])
-    raise SystemExit("training ended without a step")
+    train_until_first_step(["--corpus", corpus_dir, "--out", out, *TRAIN_FLAGS])
 
 
 def child_prepass(corpus_dir: str, scratch: str) -> None:
