@@ -36,6 +36,9 @@ LossKind = Literal["forward_kl", "reverse_kl", "jsd"]
 LossTail = Literal["bucket", "renormalize"]
 # How a student layer's hidden states are compared with its teacher layer's (`train/online.py`).
 HiddenLoss = Literal["mse", "cosine"]
+# What the online teacher's KD term compares against (`train/losses.py: chunked_online_loss`): its
+# whole-vocabulary distribution, or its top `teacher_top_k` + tail taken live (the offline loss).
+OnlineTargets = Literal["full", "topk"]
 # How `distill init-student` chooses the teacher layers the student keeps (`train/importance.py`).
 LayerSelection = Literal["even", "importance"]
 # The cross-tokenizer losses of `train/cross_losses.py` (a student with another tokenizer than the
@@ -407,7 +410,7 @@ class TrainConfig(StageConfig):
     max_new_tokens: int = Field(128, ge=1, description="Most tokens the student samples per on-policy answer.")
     sample_temperature: float = Field(1.0, ge=0.0, description="Temperature of the student's on-policy samples (0 = greedy).")
     teacher_top_k: int = Field(20, ge=1, description="Teacher top-k per on-policy position (at most the server's "
-                               "`--max-logprobs`).")
+                               "`--max-logprobs`), and per position of the online `teacher` with `online_targets: topk`.")
     on_policy_loss: LossKind = Field(
         "forward_kl", description="KD divergence on the student's samples (no CE: they are the student's own tokens).")
     cross_tokenizer: CrossTokenizer = Field(
@@ -428,7 +431,12 @@ class TrainConfig(StageConfig):
 
     teacher: ModelPath | None = Field(
         None, description="Online teacher: a model (directory, hub id or .gguf file, same tokenizer as the student) run "
-        "frozen in the training process on each batch; KD is then full-vocabulary against it, not the stored top-k.")
+        "frozen in the training process on each batch; KD is then against it (see `online_targets`), not the stored "
+        "top-k. With it, `corpus` may also be a chat dataset file (JSONL / JSON / Parquet / CSV messages or ShareGPT "
+        "records, as `distill generate` reads): each record's last assistant turn is the answer the student learns.")
+    online_targets: OnlineTargets = Field(
+        "full", description="KD targets of the online `teacher`: `full` (its whole-vocabulary distribution) or `topk` "
+        "(its `teacher_top_k` best tokens + tail, taken live: the offline loss, with `tail`).")
     hidden_weight: float = Field(0.0, ge=0.0, description="Weight of the intermediate-state loss against the online "
                                  "`teacher` (0 = off), added to the KD + CE loss.")
     hidden_loss: HiddenLoss = Field("mse", description="Intermediate-state loss per position: `mse` (squared error "
@@ -455,8 +463,8 @@ class TrainConfig(StageConfig):
             self._check_corpus_names("teacher_endpoints", _check_named(self.teacher_endpoints, "teacher_endpoints", False))
         if self.on_policy and self.teacher:
             raise ValueError("`on_policy` and the online `teacher` cannot be combined: choose one")
-        if (self.hidden_weight > 0 or self.layer_map is not None) and not self.teacher:
-            raise ValueError("`hidden_weight` and `layer_map` need the online `teacher` (`--teacher MODEL`)")
+        if (self.hidden_weight > 0 or self.layer_map is not None or self.online_targets != "full") and not self.teacher:
+            raise ValueError("`hidden_weight`, `layer_map` and `online_targets` need the online `teacher` (`--teacher MODEL`)")
         return self
 
     @model_validator(mode="after")

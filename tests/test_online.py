@@ -237,3 +237,115 @@ def test_two_processes_with_the_online_teacher_give_the_single_process_curve(tmp
     single = run("single", [sys.executable], 4)
     assert len(two) == len(single) == 20
     assert two == pytest.approx(single, rel=1e-4)
+
+
+def chat_dataset(path, tokenizer_dir):
+    """QUESTIONS as a JSONL chat dataset: every record ends in the assistant answer; some have a
+    system turn and an earlier exchange."""
+    from tests.helpers import write_jsonl
+
+    records = []
+    for i, q in enumerate(QUESTIONS):
+        turns = [{"role": "user", "content": q}, {"role": "assistant", "content": f"the answer is {i * 3}"}]
+        if i % 3 == 0:
+            turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                     {"role": "assistant", "content": "hello"}, *turns]
+        records.append({"id": f"c{i}", "messages": turns})
+    return write_jsonl(path, records)
+
+
+def test_a_chat_dataset_becomes_the_prompt_and_the_last_assistant_turn_as_generate_templates_them(tmp_path, tiny_models):
+    from transformers import AutoTokenizer
+
+    from distill.train.chat_data import chat_training_data
+    from tests.helpers import write_jsonl
+
+    teacher = tiny_models["llama-teacher"]
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    path = chat_dataset(tmp_path / "chat.jsonl", teacher)
+    cfg = TrainConfig(corpus=path, student=str(tiny_models["llama-student"]), out=tmp_path / "o", teacher=str(teacher))
+    data = chat_training_data(path, cfg, tmp_path / "scratch")
+    assert (data.records, data.skipped, len(data.dataset)) == (16, 0, 16)
+    assert set(data.dataset.column_names) == {"id", "prompt_token_ids", "response_token_ids"}
+    row = data.dataset[3]  # the one with a system turn and an earlier exchange
+    messages = [json.loads(line) for line in path.read_text().splitlines()][3]["messages"]
+    assert row["prompt_token_ids"] == tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True,
+                                                                    tokenize=True, return_dict=True)["input_ids"]
+    assert tokenizer.decode(row["response_token_ids"], skip_special_tokens=True).strip() == "the answer is 9"
+    # ShareGPT, the other loader of `generate`: the same tokens
+    sharegpt = write_jsonl(tmp_path / "chat-sharegpt.jsonl", [
+        {"conversations": [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[t["role"]],
+                            "value": t["content"]} for t in messages]}])
+    assert chat_training_data(sharegpt, cfg, tmp_path / "scratch2").dataset[0]["prompt_token_ids"] == \
+        row["prompt_token_ids"]
+    # a record whose last turn is not the answer stops the run, naming the file and the line
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": messages}, {"messages": messages[:-1]}])
+    with pytest.raises(ValueError, match=r"bad\.jsonl line 2: last turn is not an assistant response.*fix or remove"):
+        chat_training_data(bad, cfg, tmp_path / "scratch3")
+
+
+def test_the_online_teacher_trains_on_a_chat_dataset_with_live_top_k(tmp_path, tiny_models):
+    """No corpus: the file's answers are the CE targets, the teacher's top-8 + tail, taken live, the KD's."""
+    from distill.train.card import StudentCard
+
+    teacher = tiny_models["llama-teacher"]
+    path = chat_dataset(tmp_path / "chat.jsonl", teacher)
+    logs = train_online(tmp_path, path, tiny_models["llama-student"], teacher, max_steps=10, alpha=0.9,
+                        online_targets="topk", teacher_top_k=8)
+    assert len(logs) == 10 and logs[-1]["kd"] < 0.8 * logs[0]["kd"] and logs[-1]["loss"] < logs[0]["loss"]
+    card = StudentCard.load(tmp_path / "s")
+    assert card.teacher.model == str(teacher) and card.corpus == str(path)
+
+
+def test_a_chat_dataset_without_the_online_teacher_is_refused_in_one_line(tmp_path, tiny_models):
+    from distill.train.trainer import train
+
+    path = chat_dataset(tmp_path / "chat.jsonl", tiny_models["llama-teacher"])
+    with pytest.raises(ValueError, match=r"chat\.jsonl is a chat dataset, not a corpus directory: a chat dataset "
+                                         r"needs the online `teacher`"):
+        train(TrainConfig(corpus=path, student=str(tiny_models["llama-student"]), out=tmp_path / "o"))
+    with pytest.raises(ValueError, match="`online_targets` need the online `teacher`"):
+        TrainConfig(corpus=path, student="s", out=tmp_path / "o", online_targets="topk")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_live_top_k_with_k_the_vocabulary_is_full_vocabulary_kd(temperature):
+    torch.manual_seed(0)
+    b, t, hs, ht, v = 2, 5, 8, 12, 50
+    h = torch.randn(b, t, hs, requires_grad=True)
+    w = torch.randn(v, hs, requires_grad=True)
+    th, tw = torch.randn(b, t, ht), torch.randn(v, ht)
+    labels, mask = torch.randint(0, v, (b, t)), torch.rand(b, t) > 0.3
+    spec = LossSpec(kind="forward_kl", temperature=temperature)
+    full, full_terms = chunked_online_loss(h, w, labels, th, tw, mask, spec, alpha=0.7, chunk_size=3)
+    topk, topk_terms = chunked_online_loss(h, w, labels, th, tw, mask, spec, alpha=0.7, chunk_size=3, top_k=v)
+    torch.testing.assert_close(topk, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(topk_terms["kd"], full_terms["kd"], rtol=1e-5, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(topk, [h, w]), torch.autograd.grad(full, [h, w])):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # with k below the vocabulary it is another loss (the tail bucket is coarser)
+    fewer, _ = chunked_online_loss(h, w, labels, th, tw, mask, spec, alpha=0.7, chunk_size=3, top_k=5)
+    assert not torch.allclose(fewer, full, rtol=1e-3)
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_live_top_k_is_the_offline_loss_on_a_corpus_of_the_teacher_s_top_k(kind, tail):
+    from distill.train.losses import chunked_distill_loss
+
+    torch.manual_seed(1)
+    b, t, hs, ht, v, k = 2, 6, 8, 12, 40, 4
+    h = torch.randn(b, t, hs, requires_grad=True)
+    w = torch.randn(v, hs, requires_grad=True)
+    th, tw = torch.randn(b, t, ht), torch.randn(v, ht)
+    labels, mask = torch.randint(0, v, (b, t)), torch.rand(b, t) > 0.3
+    spec = LossSpec(kind=kind, temperature=1.5, tail=tail)
+    # what `generate` stores: the teacher's raw logprobs of its k best tokens, best first
+    stored_lps, stored_ids = torch.log_softmax(th @ tw.T, -1).topk(k, -1)
+    offline, offline_terms = chunked_distill_loss(h, w, labels, stored_ids, stored_lps, mask, spec, alpha=0.6,
+                                                  chunk_size=4)
+    online, online_terms = chunked_online_loss(h, w, labels, th, tw, mask, spec, alpha=0.6, chunk_size=4, top_k=k)
+    torch.testing.assert_close(online, offline)
+    torch.testing.assert_close(online_terms["kd"], offline_terms["kd"])
+    for got, want in zip(torch.autograd.grad(online, [h, w]), torch.autograd.grad(offline, [h, w])):
+        torch.testing.assert_close(got, want)

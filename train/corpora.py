@@ -24,12 +24,17 @@ import pyarrow as pa
 
 from distill import corpus
 from distill.config import TrainConfig
+from distill.train.chat_data import chat_manifest, chat_training_data, check_chat_datasets, is_chat_dataset
 from distill.train.data import TrainingData, prepare_training_data
 from distill.train.ensemble import mixture_rows, stacked_rows
 
 
 def read_manifests(cfg: TrainConfig) -> list[corpus.Manifest]:
-    """Every corpus's manifest, complete (or accepted incomplete), all of one tokenizer."""
+    """Every corpus's manifest, complete (or accepted incomplete), all of one tokenizer (a chat
+    dataset's stands in for it: `chat_data.chat_manifest`)."""
+    check_chat_datasets(cfg)
+    if is_chat_dataset(cfg.corpora[0]):
+        return [chat_manifest(cfg.corpora[0], cfg)]
     manifests = []
     for path in cfg.corpora:
         manifest = corpus.read_manifest(path)
@@ -44,7 +49,10 @@ def read_manifests(cfg: TrainConfig) -> list[corpus.Manifest]:
 
 
 def top_k_width(cfg: TrainConfig, manifests: list[corpus.Manifest]) -> tuple[int, int]:
-    """(K, M): the collator's top-k width and teacher dimension (0: none) for these corpora."""
+    """(K, M): the collator's top-k width and teacher dimension (0: none) for these corpora (a chat
+    dataset stores no top-k: K = 0)."""
+    if is_chat_dataset(cfg.corpora[0]):
+        return 0, 0
     ks = [m.generation.top_k for m in manifests]
     if cfg.ensemble == "mixture":
         return sum(ks), 0
@@ -55,7 +63,9 @@ def top_k_width(cfg: TrainConfig, manifests: list[corpus.Manifest]) -> tuple[int
 
 def prepare(cfg: TrainConfig, manifests: list[corpus.Manifest], scratch: Path) -> TrainingData:
     """The training records of all corpora (one corpus: `prepare_training_data` as it is, plus the
-    `teacher` column)."""
+    `teacher` column; a chat dataset: `chat_data.chat_training_data`)."""
+    if is_chat_dataset(cfg.corpora[0]):
+        return chat_training_data(cfg.corpora[0], cfg, scratch / "corpus-0")
     parts = [prepare_training_data(path, cfg.max_length, scratch / f"corpus-{i}") for i, path in enumerate(cfg.corpora)]
     records, skipped = sum(p.records for p in parts), sum(p.skipped for p in parts)
     max_token_id = max(p.max_token_id for p in parts)

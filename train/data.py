@@ -141,7 +141,7 @@ class DistillCollator:
             keep = torch.tensor(r["loss_mask"][:n], dtype=torch.bool) if r.get("loss_mask") is not None \
                 else torch.ones(n, dtype=torch.bool)
             target[i, rows] = keep
-            if n == 0:
+            if n == 0 or k == 0:  # k 0: no stored top-k (a chat dataset: the online teacher gives the targets)
                 continue
             ids = torch.tensor(r["topk_token_ids"][:n], dtype=torch.long).reshape(n, *per_row[:-1], -1)
             width = ids.shape[-1]

@@ -33,7 +33,8 @@ at a time, builds that chunk's logits and takes their gradients at once (fused),
 logits are never held and never recomputed; it also returns the CE term on the same logits.
 `chunked_online_loss` is the same against a teacher run in the training process
 (`train/online.py`): the teacher's logits are built from its last hidden states chunk by chunk
-too, and the divergence is taken over the whole vocabulary (`full_vocab_kd_per_position`).
+too, and the divergence is taken over the whole vocabulary (`full_vocab_kd_per_position`) or on
+the teacher's top-k + tail taken from those logits (`kd_per_position`, as offline).
 """
 
 from __future__ import annotations
@@ -192,11 +193,17 @@ def full_vocab_kd_per_position(student_logits: torch.Tensor, teacher_logits: tor
     return _divergence(lq, lp, spec) * spec.temperature**2
 
 
-def _online_chunk_sums(hidden, weight, bias, labels, teacher_hidden, spec: LossSpec, teacher_head):
+def _online_chunk_sums(hidden, weight, bias, labels, teacher_hidden, spec: LossSpec, teacher_head, top_k):
     logits = F.linear(hidden, weight, bias)  # [c, V]
     with torch.no_grad():
         teacher_logits = F.linear(teacher_hidden, *teacher_head)  # [c, V]: the teacher's, this chunk only
-    kd = full_vocab_kd_per_position(logits, teacher_logits, spec)
+        if top_k is not None:
+            # what a corpus would store: raw (temperature 1) logprobs of the k best tokens, best first
+            topk_logprobs, topk_ids = torch.log_softmax(_upcast(teacher_logits), dim=-1).topk(top_k, dim=-1)
+    if top_k is None:
+        kd = full_vocab_kd_per_position(logits, teacher_logits, spec)
+    else:
+        kd = kd_per_position(logits, topk_ids, topk_logprobs, spec)
     ce = F.cross_entropy(_upcast(logits), labels, reduction="sum")
     return kd.sum(), ce
 
@@ -276,16 +283,19 @@ def chunked_online_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
                         teacher_weight: torch.Tensor, mask: torch.Tensor, spec: LossSpec = LossSpec(), *,
                         alpha: float = 0.5, bias: torch.Tensor | None = None,
                         teacher_bias: torch.Tensor | None = None, chunk_size: int = 1024,
-                        num_items: int | torch.Tensor | None = None):
-    """`chunked_distill_loss` against a teacher run in the same process: alpha * full-vocabulary KD
-    + (1 - alpha) * CE, from the student's `hidden [B, T, H]` and head `weight [V, H]` and the
-    teacher's last hidden states `teacher_hidden [B, T, H_t]` and head `teacher_weight [V, H_t]`.
-    Both models' logits are built a chunk of `chunk_size` positions at a time: no `[B, T, V]`
-    tensor exists for either. Same denominators and return value as `chunked_distill_loss`."""
+                        num_items: int | torch.Tensor | None = None, top_k: int | None = None):
+    """`chunked_distill_loss` against a teacher run in the same process: alpha * KD + (1 - alpha) *
+    CE, from the student's `hidden [B, T, H]` and head `weight [V, H]` and the teacher's last
+    hidden states `teacher_hidden [B, T, H_t]` and head `teacher_weight [V, H_t]`. KD is over the
+    whole vocabulary (`top_k` None; `spec.tail` plays no part), or, with `top_k`, the offline loss
+    (`kd_per_position`, with `spec.tail`) on the teacher's `top_k` best tokens taken from its
+    logits: what training on a corpus of this teacher's top-k would give. Both models' logits are
+    built a chunk of `chunk_size` positions at a time: no `[B, T, V]` tensor exists for either.
+    Same denominators and return value as `chunked_distill_loss`."""
     m = mask.bool()
     denominator = num_items if num_items is not None else m.sum().clamp(min=1)
-    chunk_sums = partial(_online_chunk_sums, spec=spec, teacher_head=(teacher_weight.detach(),
-                         None if teacher_bias is None else teacher_bias.detach()))
+    chunk_sums = partial(_online_chunk_sums, spec=spec, top_k=top_k, teacher_head=(
+        teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach()))
     loss, kd_sum, ce_sum = _chunked(hidden[m], weight, bias, (labels[m], teacher_hidden[m].detach()), chunk_sums,
                                     alpha, denominator, chunk_size)
     return loss, {"kd": (kd_sum / denominator).detach(), "ce": (ce_sum / denominator).detach()}

@@ -3,8 +3,10 @@
 `OnlineDistillTrainer` is `DistillTrainer` with `compute_loss` overridden (as TRL's GKD trainer
 holds its teacher). Each step the teacher, in eval mode under `no_grad`, runs on the batch's
 tokens for its hidden states only (`logits_to_keep=1`), and `losses.chunked_online_loss` builds
-both models' logits a chunk of positions at a time: KD is the full-vocabulary divergence of the
-config's `loss` kind (no top-k, no tail), and no `[B, T, V]` tensor exists for either model.
+both models' logits a chunk of positions at a time: KD is the divergence of the config's `loss`
+kind over the full vocabulary (`online_targets: full`: no top-k, no tail) or on the teacher's
+`teacher_top_k` best tokens + tail taken from its logits (`topk`: the offline loss, so the two can
+be compared at equal everything else), and no `[B, T, V]` tensor exists for either model.
 The stored top-k of the corpus is not read; its tokens are the CE targets and the text both
 models see.
 
@@ -69,7 +71,10 @@ def check_online(cfg: TrainConfig) -> OnlinePlan:
                          "must share the student's tokenizer")
     if student.vocab_size != teacher.vocab_size:
         raise ValueError(f"`teacher` {cfg.teacher}: {teacher.vocab_size} output logits, the student has "
-                         f"{student.vocab_size}; full-vocabulary KD needs the same vocabulary")
+                         f"{student.vocab_size}; online KD needs the same vocabulary")
+    if cfg.online_targets == "topk" and cfg.teacher_top_k > teacher.vocab_size:
+        raise ValueError(f"`teacher_top_k` {cfg.teacher_top_k} is more than the teacher's {teacher.vocab_size} tokens "
+                         "(`online_targets: full` is the whole vocabulary)")
     n_student, n_teacher = student.num_hidden_layers, teacher.num_hidden_layers
     if cfg.hidden_weight == 0:
         return OnlinePlan(None, n_teacher, n_student)
@@ -135,7 +140,8 @@ class OnlineDistillTrainer(DistillTrainer):
             loss, terms = chunked_online_loss(
                 out.hidden_states[-1], weight, inputs["labels"].clamp(min=0), teacher_out.hidden_states[-1],
                 teacher_head.weight, mask, self.offline_loss, alpha=cfg.alpha, bias=bias,
-                teacher_bias=teacher_head.bias, chunk_size=cfg.chunk_size, num_items=num_items_in_batch)
+                teacher_bias=teacher_head.bias, chunk_size=cfg.chunk_size, num_items=num_items_in_batch,
+                top_k=cfg.teacher_top_k if cfg.online_targets == "topk" else None)
         if hidden:
             denominator = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
             states, teacher_states = self._matched_states(model, out.hidden_states, teacher_out.hidden_states)

@@ -250,7 +250,6 @@ def train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> TrainR
 
 def _train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]) -> TrainResult:
     start = time.time()
-    manifests = corpora.read_manifests(cfg)
     check_model(cfg.student, "student")
     online = None
     if cfg.teacher:
@@ -258,6 +257,7 @@ def _train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]) -> TrainResul
 
         check_model(cfg.teacher, "teacher")
         online = check_online(cfg)  # from the configs, before the corpus is read or a model loads
+    manifests = corpora.read_manifests(cfg)  # a chat dataset's needs the checked teacher
     viewed = [m.generation.student_view for m in manifests if m.generation.student_view]
     if cfg.on_policy and viewed:
         # the student samples after its view of the prompt; the teacher would score that without the full context
@@ -356,8 +356,9 @@ def _fit(cfg: TrainConfig, manifests: list[corpus.Manifest], data: TrainingData,
                             callbacks=[JsonlMetrics(out / "metrics.jsonl"), MarkCompleteCheckpoints(), StopOnNonFinite(),
                                        *trainer_callbacks(run), *callbacks],
                             distill=cfg, teacher=teacher, **extra)
-    # held-out KL on the stored top-k needs the teacher's ids: a cross-tokenizer run logs only `eval_loss`
-    scored = eval_data is not None and cross is None
+    # held-out KL on the stored top-k needs the teacher's ids: a cross-tokenizer run, or one on a chat
+    # dataset (no top-k stored), logs only `eval_loss`
+    scored = eval_data is not None and cross is None and top_k > 0
     initial = held_out_metrics(trainer, eval_data, collator, cfg) if scored else {}
     try:
         with active(run):
