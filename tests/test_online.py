@@ -141,9 +141,10 @@ def test_layer_map_checks_are_one_line_before_any_model_loads(tmp_path, tiny_mod
         plan(hidden_weight=0.5, layer_map=[0, 1, 3])
     with pytest.raises(ValueError, match=r"teacher layers are 0\.\.3"):
         plan(hidden_weight=0.5, layer_map=[0, 4])
-    with pytest.raises(ValueError, match="hidden size 128 differs from the student's 64 and no projection is built"):
-        check_online(TrainConfig(corpus=tmp_path, student=str(tiny_models["llama-student"]), out=tmp_path / "o",
-                                 teacher=str(teacher), hidden_weight=0.5, layer_map=[0]))
+    assert plan(hidden_weight=0.5).projection is None  # the same width
+    narrow = check_online(TrainConfig(corpus=tmp_path, student=str(tiny_models["llama-student"]), out=tmp_path / "o",
+                                      teacher=str(teacher), hidden_weight=0.5, layer_map=[0]))
+    assert narrow.projection == (64, 128)
     with pytest.raises(ValueError, match="records no `distill_layer_map`"):
         check_online(TrainConfig(corpus=tmp_path, student=str(tiny_models["llama-student"]), out=tmp_path / "o",
                                  teacher=str(teacher), hidden_weight=0.5))
@@ -349,3 +350,22 @@ def test_live_top_k_is_the_offline_loss_on_a_corpus_of_the_teacher_s_top_k(kind,
     torch.testing.assert_close(online_terms["kd"], offline_terms["kd"])
     for got, want in zip(torch.autograd.grad(online, [h, w]), torch.autograd.grad(offline, [h, w])):
         torch.testing.assert_close(got, want)
+
+
+def test_a_narrower_student_learns_through_projections_that_train_and_are_not_saved(tmp_path, tiny_models):
+    """A 64-wide student against a 128-wide teacher: its state is projected into the teacher's space.
+    The hidden loss drops, the projection changes between checkpoints (it receives gradients and
+    the optimizer steps it), checkpoints hold it, and the saved student does not."""
+    from safetensors.torch import load_file
+
+    from distill.train.online import PROJECTIONS
+
+    teacher = deep_teacher(tmp_path, tiny_models, layers=3)
+    data = chat_corpus(tmp_path / "corpus", teacher)
+    logs = train_online(tmp_path, data, tiny_models["llama-student"], teacher, max_steps=6, hidden_weight=5.0,
+                        layer_map=[1], save_steps=3, learning_rate=1e-2)
+    assert logs[-1]["hidden"] < 0.8 * logs[0]["hidden"]
+    key = f"{PROJECTIONS}.0.weight"
+    first, last = (load_file(tmp_path / "s" / "checkpoints" / f"checkpoint-{n}" / "model.safetensors") for n in (3, 6))
+    assert first[key].shape == (128, 64) and not torch.allclose(first[key], last[key])
+    assert not any(PROJECTIONS in name for name in load_file(tmp_path / "s" / "model.safetensors"))

@@ -21,7 +21,16 @@ It is averaged over the mapped layers and divided by the same target count as KD
 adds up across gradient accumulation and processes the same way). A state at a model's last
 layer is the one after the final norm (what `output_hidden_states` returns); when only one side
 of a pair is a last layer, the other side is passed through its own model's final norm too, so
-like is compared with like. Hidden sizes must match: a learned projection is not built.
+like is compared with like.
+
+Where the hidden sizes differ, each student state first goes through a learned projection into the
+teacher's space (`nn.Linear(student hidden, teacher hidden, bias=False)`, one per matched layer:
+layers of one model hold their features in different bases, so one shared map would tie them
+together), and the loss is taken there: `mse` stays relative to the teacher state's norm, so
+`hidden_weight` means the same as without one. The projections start (semi-)orthogonal, a student
+state keeping its norm when the teacher is wider, and train with the student: attached to the
+model under `PROJECTIONS` so the optimizer, gradient clipping, DDP and checkpoints (resume) take
+them like any weight, and removed for the saved student, which is the student alone.
 
 Memory: the teacher's weights and, for one micro-batch, its activations without gradients (the
 hidden states of every layer when the hidden loss is on); for a GPU, roughly the teacher's
@@ -50,6 +59,8 @@ class OnlinePlan:
     layer_map: list[int] | None  # None: no intermediate-state loss
     teacher_layers: int
     student_layers: int
+    # (student, teacher) hidden sizes where they differ and the hidden loss is on: projections are built
+    projection: tuple[int, int] | None = None
 
 
 def check_online(cfg: TrainConfig) -> OnlinePlan:
@@ -87,10 +98,8 @@ def check_online(cfg: TrainConfig) -> OnlinePlan:
                          "layers: give one teacher layer per student layer")
     if any(not 0 <= j < n_teacher for j in layer_map):
         raise ValueError(f"`layer_map` {layer_map}: teacher layers are 0..{n_teacher - 1}")
-    if student.hidden_size != teacher.hidden_size:
-        raise ValueError(f"`hidden_weight`: the teacher's hidden size {teacher.hidden_size} differs from the "
-                         f"student's {student.hidden_size} and no projection is built: set hidden_weight 0")
-    return OnlinePlan(list(layer_map), n_teacher, n_student)
+    sizes = (student.hidden_size, teacher.hidden_size)
+    return OnlinePlan(list(layer_map), n_teacher, n_student, sizes if sizes[0] != sizes[1] else None)
 
 
 def load_teacher(path: str, dtype: torch.dtype):
@@ -118,11 +127,39 @@ def hidden_state_loss(student_states, teacher_states, pairs: list[tuple[int, int
     return total / len(pairs)
 
 
+# The student model's attribute that holds the hidden-state projections while it trains.
+PROJECTIONS = "distill_hidden_projections"
+
+
+def hidden_projections(plan: OnlinePlan, dtype: torch.dtype) -> torch.nn.ModuleList:
+    """One projection per matched layer, student space -> teacher space, (semi-)orthogonal."""
+    student, teacher = plan.projection
+    projections = torch.nn.ModuleList(torch.nn.Linear(student, teacher, bias=False) for _ in plan.layer_map)
+    for projection in projections:
+        torch.nn.init.orthogonal_(projection.weight)
+    return projections.to(dtype)
+
+
 class OnlineDistillTrainer(DistillTrainer):
     def __init__(self, *args, teacher_model, plan: OnlinePlan, **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher_model = teacher_model.to(self.accelerator.device)
         self.plan = plan
+        self.projections = None
+        if plan.projection is not None:  # before the optimizer and DDP see the model
+            self.projections = hidden_projections(plan, self.model.dtype).to(self.model.device)
+            self.model.add_module(PROJECTIONS, self.projections)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints (`_internal_call`) keep the projections, so a resumed run continues them; the
+        student saved at the end is the student alone."""
+        if self.projections is None or _internal_call:
+            return super().save_model(output_dir, _internal_call)
+        delattr(self.model, PROJECTIONS)
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            self.model.add_module(PROJECTIONS, self.projections)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg, plan = self.distill, self.plan
@@ -145,6 +182,8 @@ class OnlineDistillTrainer(DistillTrainer):
         if hidden:
             denominator = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
             states, teacher_states = self._matched_states(model, out.hidden_states, teacher_out.hidden_states)
+            if self.projections is not None:
+                states = [projection(state) for projection, state in zip(self.projections, states)]
             pairs = [(i, i) for i in range(len(states))]
             terms["hidden"] = hidden_state_loss(states, teacher_states, pairs, mask, cfg.hidden_loss) / denominator
             loss = loss + cfg.hidden_weight * terms["hidden"]
