@@ -369,3 +369,23 @@ def test_a_narrower_student_learns_through_projections_that_train_and_are_not_sa
     first, last = (load_file(tmp_path / "s" / "checkpoints" / f"checkpoint-{n}" / "model.safetensors") for n in (3, 6))
     assert first[key].shape == (128, 64) and not torch.allclose(first[key], last[key])
     assert not any(PROJECTIONS in name for name in load_file(tmp_path / "s" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("env", [{"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+                                 {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}])
+def test_fsdp_and_zero3_are_refused_in_one_line_before_any_model_loads(tmp_path, tiny_models, monkeypatch, env):
+    """What `accelerate launch` sets in the environment of each process with an FSDP or ZeRO-3 config."""
+    from distill.train.online import check_online
+
+    cfg = TrainConfig(corpus=tmp_path, student=str(tiny_models["llama-student"]), out=tmp_path / "o",
+                      teacher=str(tiny_models["llama-teacher"]))
+    assert check_online(cfg).layer_map is None  # without the launcher's environment: accepted
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=r"^the online `teacher` is not supported under FSDP or DeepSpeed ZeRO-3 "
+                                         r"\(it would be loaded whole on every process, unsharded\): launch with "
+                                         r"examples/accelerate/ddp\.yaml$"):
+        check_online(cfg)
+    if "ACCELERATE_DEEPSPEED_ZERO_STAGE" in env:  # ZeRO-2 is not refused: the teacher, outside the engine, is whole as under DDP
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+        assert check_online(cfg).layer_map is None
