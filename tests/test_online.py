@@ -389,3 +389,20 @@ def test_fsdp_and_zero3_are_refused_in_one_line_before_any_model_loads(tmp_path,
     if "ACCELERATE_DEEPSPEED_ZERO_STAGE" in env:  # ZeRO-2 is not refused: the teacher, outside the engine, is whole as under DDP
         monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
         assert check_online(cfg).layer_map is None
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_the_teacher_s_decoder_alone_gives_the_last_hidden_state_kd_reads(tiny_models, family):
+    """Without the hidden loss the teacher runs as its decoder only (no layer's state kept): its
+    output must be the state after the final norm that `hidden_states[-1]` is with the loss on."""
+    from distill.train.online import load_teacher
+
+    teacher = load_teacher(str(tiny_models[f"{family}-teacher"]), torch.float32)
+    ids = torch.tensor([[5, 9, 40, 41, 3, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    with torch.no_grad():
+        full = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        alone = teacher.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    torch.testing.assert_close(alone, full)
+    assert not torch.allclose(alone, teacher.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False,
+                                                           output_hidden_states=True).hidden_states[-2])

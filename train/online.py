@@ -32,10 +32,10 @@ state keeping its norm when the teacher is wider, and train with the student: at
 model under `PROJECTIONS` so the optimizer, gradient clipping, DDP and checkpoints (resume) take
 them like any weight, and removed for the saved student, which is the student alone.
 
-Memory: the teacher's weights and, for one micro-batch, its activations without gradients (the
-hidden states of every layer when the hidden loss is on); for a GPU, roughly the teacher's
-parameters x bytes per parameter + batch x length x hidden x layers x bytes (hidden loss on) +
-2 x chunk_size x vocabulary x 4 bytes for the two chunks of logits.
+Memory (docs/recipes/online-teacher.md#memory): the teacher's weights and, for one micro-batch,
+its last hidden state (the hidden states of every layer when the hidden loss is on: without it
+the teacher's decoder runs alone, so no layer's state is kept), and a few float32
+`[chunk_size, vocabulary]` tensors for the two chunks of logits.
 """
 
 from __future__ import annotations
@@ -170,18 +170,22 @@ class OnlineDistillTrainer(DistillTrainer):
                  "output_hidden_states": True, "logits_to_keep": 1, "use_cache": False}
         out = model(**batch)
         with torch.no_grad():
-            teacher_out = self.teacher_model(**batch)
+            if hidden:
+                teacher_states = self.teacher_model(**batch).hidden_states
+            else:  # its last state only (after the final norm, as `hidden_states[-1]`): no layer's is kept
+                teacher_states = [self.teacher_model.get_decoder()(
+                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).last_hidden_state]
         mask = inputs["target_mask"]
         teacher_head = self.teacher_model.get_output_embeddings()
         with lm_head(self.accelerator.unwrap_model(model)) as (weight, bias):
             loss, terms = chunked_online_loss(
-                out.hidden_states[-1], weight, inputs["labels"].clamp(min=0), teacher_out.hidden_states[-1],
+                out.hidden_states[-1], weight, inputs["labels"].clamp(min=0), teacher_states[-1],
                 teacher_head.weight, mask, self.offline_loss, alpha=cfg.alpha, bias=bias,
                 teacher_bias=teacher_head.bias, chunk_size=cfg.chunk_size, num_items=num_items_in_batch,
                 top_k=cfg.teacher_top_k if cfg.online_targets == "topk" else None)
         if hidden:
             denominator = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
-            states, teacher_states = self._matched_states(model, out.hidden_states, teacher_out.hidden_states)
+            states, teacher_states = self._matched_states(model, out.hidden_states, teacher_states)
             if self.projections is not None:
                 states = [projection(state) for projection, state in zip(self.projections, states)]
             pairs = [(i, i) for i in range(len(states))]
