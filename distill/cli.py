@@ -107,7 +107,8 @@ def _argument(name: str, field, parser: argparse.ArgumentParser | None = None) -
         help_text += " (required)"
     elif field.default_factory is None and field.default is not None:
         help_text += f" [default: {field.default}]"
-    kwargs: dict = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
+    # argparse %-formats help text: a literal % ("90% of ...") would break `--help`
+    kwargs: dict = dict(dest=name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
     if ann is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
         if name in NEGATIVE_ALIASES and parser is not None:

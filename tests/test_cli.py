@@ -33,6 +33,14 @@ def test_generate_flags_derive_from_config_fields(capsys):
     assert "Teacher top-k logprobs stored per response token. [default: 20]" in " ".join(out.split())
 
 
+def test_train_help_prints_a_description_with_a_percent_sign_and_the_online_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exit_.value.code == 0 and "fewer than 90% of the teacher's token ids" in out
+    assert "--online-targets {full,topk}" in out and "--teacher-top-k" in out
+
+
 @pytest.mark.parametrize("flags, lora", [([], True), (["--lora"], True), (["--no-lora"], False), (["--full"], False)])
 def test_full_is_the_other_name_of_no_lora(flags, lora):
     args = vars(build_parser().parse_args(["train", "--corpus", "c", "--student", "s", "--out", "o", *flags]))
