@@ -695,7 +695,8 @@ class TrainSection(TrainFields):
 
 EvalSection = section(EvalConfig, {"student", "teacher", "prompts", "format", "out"},
                       "`eval` fields; engine settings default to the teacher section's.")
-ServeSection = section(ServeConfig, {"model", "lora"}, "`serve` fields (`distill run --serve`).")
+ServeSection = section(ServeConfig, {"model"}, "`serve` fields (`distill run --serve`); `lora`: other students "
+                       "trained on the run's student base, served beside the run's own (its adapter, named after `out`).")
 
 
 class RunConfig(StageConfig):
@@ -713,6 +714,13 @@ class RunConfig(StageConfig):
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     serve: ServeSection = Field(default_factory=ServeSection)
+
+    @model_validator(mode="after")
+    def _serve_adapters(self) -> RunConfig:
+        if self.serve.lora and not self.train.lora:
+            raise ValueError("`serve.lora` serves the run's student as a LoRA adapter beside the others: it needs "
+                             "`train.lora: true`")
+        return self
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> RunConfig:

@@ -272,16 +272,30 @@ def summary(stages: dict[str, dict]) -> str:
     return "\n".join([line(("stage", "status", "time", "result")), *(line(r) for r in rows)])
 
 
+def serving_config(cfg: RunConfig, ui: bool = False) -> ServeConfig:
+    """What `distill run --serve` serves: the run's student; with `serve.lora` (other students
+    trained on the same base), the base model with the run's student as one more adapter,
+    named after the run directory, so one server answers for all of them."""
+    fields = {**given(cfg.serve), **({"ui": True} if ui else {})}
+    student = Path(cfg.out) / "student"
+    if not cfg.serve.lora:
+        return ServeConfig(model=str(student), **fields)
+    return ServeConfig(**{**fields, "model": cfg.student.model, "lora": [f"{Path(cfg.out).name}={student}", *cfg.serve.lora]})
+
+
 def main(config: Path, set: list[str] | None = None, only: str | None = None, start_from: str | None = None,
          serve: bool = False, ui: bool = False) -> int:
     cfg = load_config(config, set or [])
     serve_cfg = None
     if serve or ui:  # checked before the run, not after hours of training
         try:
-            fields = {**given(cfg.serve), **({"ui": True} if ui else {})}
-            serve_cfg = ServeConfig(model=str(Path(cfg.out) / "student"), **fields)
+            serve_cfg = serving_config(cfg, ui)
         except ValidationError as e:
             raise ValueError(f"invalid run config `{config}`:\n" + format_validation_error(e, "  serve: ")) from None
+        if serve_cfg.lora:
+            from distill.adapters import load_adapters
+
+            load_adapters(serve_cfg.lora[1:], serve_cfg.model)  # the other students: the run's own is not trained yet
     run(cfg, only=only, start_from=start_from)
     if serve_cfg is not None:
         from distill.serve.server import serve as serve_model
