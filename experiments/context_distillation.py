@@ -7,10 +7,8 @@ Rows, on held-out ShareGPT first turns (not used in training): the teacher (with
 the base model without it, and the students (KD: alpha 1, top-k KL only; SFT: alpha 0, the
 teacher's tokens only), each seed its own adapter, all served by ONE vLLM engine with LoRA.
 Measures: rule-following rate, teacher-forced KL(teacher-with-prompt || model-without-it) per
-token on the teacher's held-out answers, prompt tokens per request, and what serving costs: TTFT
-and tokens/s of the teacher's requests (the whole prompt) against the KD student's (the user turn
-alone) at concurrency 1 and 8, both sent to ONE `distill serve` of the base with the student's
-adapter, with vLLM's prefix caching on (its default: the shared prompt is computed once) and off.
+token on the teacher's held-out answers, prompt tokens per request. What serving costs (TTFT,
+tokens/s) is `benchmarks/context_serving.py` on this run's held-out corpus and KD adapter.
 
     python experiments/context_distillation.py --out runs/context-distillation --seeds 3 --arms kd,sft
 """
@@ -97,9 +95,6 @@ def main() -> None:
     parser.add_argument("--check-tokens", type=int, default=8, help="Answer tokens generated to check the rule "
                         "(a prefix: the first few decide it).")
     parser.add_argument("--arms", default="kd,sft", help="Comma-separated students to train: kd, sft.")
-    parser.add_argument("--serving-requests", type=int, default=16, help="Requests per concurrency level when "
-                        "measuring serving (0: skip it).")
-    parser.add_argument("--serving-tokens", type=int, default=16, help="Output tokens per serving request.")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -153,13 +148,8 @@ def main() -> None:
             "kl": [kl_to_teacher(teacher, a, corpora["held-out"]) for a in adapters]}
     prompt_tokens = {"teacher": statistics.mean(len(r["prompt_token_ids"]) for r in held),
                      "student": statistics.mean(len(r[corpus.STUDENT_PROMPT_IDS]) for r in held)}
-    serving = {}
-    if args.serving_requests:
-        serving = {f"prefix_caching_{state}": serving_costs(teacher, students["kd"][0], held, args.serving_requests,
-                                                           args.serving_tokens, vllm_args)
-                   for state, vllm_args in (("on", []), ("off", ["--no-enable-prefix-caching"]))}
     timings["total_s"] = round(time.time() - start, 1)
-    result = {"serving": serving, "held_out": len(held), "rule": RULE, "settings": vars(args) | {"out": str(args.out)},
+    result = {"held_out": len(held), "rule": RULE, "settings": vars(args) | {"out": str(args.out)},
               "teacher_follows_in_training_corpus": sum(follows(r["response"])
                                                         for r in corpus.iter_records(corpora["corpus"])),
               "rows": rows, "prompt_tokens": prompt_tokens, "timings": timings,
@@ -168,24 +158,6 @@ def main() -> None:
                             "kd student": answers[str(students["kd"][0])][i][:160]} for i, r in enumerate(held[:3])]}
     files.write_json(out / "results.json", result)
     print(json.dumps(result, indent=2))
-
-
-def serving_costs(base: str, adapter: Path, held: list[dict], requests: int, max_tokens: int,
-                  vllm_args: list[str]) -> dict[str, list[dict]]:
-    """TTFT and tokens/s at concurrency 1 and 8 from one `distill serve` of the base with the
-    student's adapter: the teacher's requests carry the whole prompt, the student's its own view."""
-    from distill.config import ServeConfig
-    from distill.evaluation.load import measure
-    from distill.launcher import start_server
-
-    server = start_server(ServeConfig(model=base, lora=[f"student={adapter}"], served_model_name="teacher", port=0,
-                                      max_model_len=1024, vllm_args=vllm_args))
-    try:
-        return {name: measure(server.url, name, [r[key] for r in held], concurrency=(1, 8), requests=requests,
-                              max_tokens=max_tokens)
-                for name, key in (("teacher", "messages"), ("student", corpus.STUDENT_MESSAGES))}
-    finally:
-        server.stop()
 
 
 def answer_without_prompt(base: str, prompts: list[list[int]], students: dict[str, list[Path]],
