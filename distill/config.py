@@ -740,7 +740,8 @@ class RunConfig(StageConfig):
         None, min_length=1, description="Several teachers instead of `teacher`, each answering its own domain's "
         "prompts into its own corpus; one student trains on all of them, each record against its own teacher "
         "(routing), and is evaluated against each teacher on that teacher's `prompts.eval`.")
-    prompts: PromptsSection | None = Field(None, description="The prompts (with `teachers`: each teacher's own).")
+    prompts: PromptsSection | None = Field(None, description="The training and held-out prompts (required with `teacher`; "
+                                           "with `teachers`, each teacher has its own `prompts`).")
     student: StudentSection
     synthesize: SynthesizeSection | None = Field(
         None, description="Have the teacher write the training prompts first (instead of `prompts.train`).")

@@ -10,7 +10,7 @@ import yaml
 
 from distill import corpus, pipeline
 from distill.cli import main
-from tests.helpers import MAX_MODEL_LEN, one_line_error, write_jsonl
+from tests.helpers import MAX_MODEL_LEN, ROOT, one_line_error, write_jsonl
 
 
 def domain_prompts(tmp_path, name: str, train: list[str], held_out: list[str]) -> dict[str, str]:
@@ -55,6 +55,12 @@ def test_teachers_become_a_generate_curate_and_eval_stage_each_around_one_train(
     evaluate = configs["eval[chat]"]
     assert (evaluate.teacher, evaluate.student, evaluate.prompts, evaluate.out) == (
         "org/chatter", str(out / "student"), tmp_path / "chat-eval.jsonl", out / "eval" / "chat")
+
+
+def test_the_shipped_example_has_two_teachers_weighted_into_one_train():
+    configs = pipeline.stage_configs(pipeline.load_config(ROOT / "examples" / "run-multi-teacher.yaml"))
+    assert [name for name in configs if name.startswith("eval")] == ["eval[code]", "eval[chat]"]
+    assert configs["train"].mix_weights() == {"code": 0.4, "chat": 0.6}
 
 
 def test_teachers_without_weights_train_on_every_record_once(two_teachers):
