@@ -752,7 +752,7 @@ class RunConfig(StageConfig):
     serve: ServeSection = Field(default_factory=ServeSection)
 
     @model_validator(mode="after")
-    def _one_prompt_source(self) -> RunConfig:
+    def _check_teacher_and_prompts(self) -> RunConfig:
         if (self.teacher is None) == (self.teachers is None):
             raise ValueError("give exactly one of `teacher` (one teacher) and `teachers` (a list, each with its "
                              "own prompts)")
@@ -787,7 +787,7 @@ class RunConfig(StageConfig):
                 backend = getattr(self, section).model_fields_set & {"backend", "urls"}
                 if t.urls and backend:
                     raise ValueError(f"`teachers.{i}.urls` and `{section}.{sorted(backend)[0]}` both say where the "
-                                     f"teacher runs: give one")
+                                     "teacher runs: give one")
 
 
 def format_validation_error(err: ValidationError, source: str = "") -> str:

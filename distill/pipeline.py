@@ -325,7 +325,8 @@ def _run(cfg: RunConfig, only: str | None, start_from: str | None, log, until: s
     log(summary({name: state["stages"][name] for name in stages if name in state["stages"]}))
     evals = [s for s in stages if stage_kind(s) == "eval"]
     if cfg.teachers is not None and all(state["stages"].get(s, {}).get("hash") == hashes[s]
-                                        and state["stages"][s]["status"] != "running" for s in evals):
+                                        and state["stages"][s]["status"] != "running"
+                                        and (Path(configs[s].out) / DONE_MARKERS["eval"]).exists() for s in evals):
         log(domains_summary(cfg))
     return state["stages"]
 
