@@ -434,9 +434,6 @@ class TrainConfig(StageConfig):
                                  "`teacher` (0 = off), added to the KD + CE loss.")
     hidden_loss: HiddenLoss = Field("mse", description="Intermediate-state loss per position: `mse` (squared error "
                                     "relative to the teacher state's squared norm) or `cosine` (1 - cosine similarity).")
-    online_top_k: int | None = Field(
-        None, ge=1, description="With the online `teacher`: KD on the teacher's top-k + tail taken live at each "
-        "position (what a corpus would store; `tail` applies) instead of the full vocabulary (default).")
     layer_map: Annotated[list[int] | None, BeforeValidator(_comma_separated)] = Field(
         None, description="Teacher layer each student layer is matched to by the intermediate-state loss, e.g. "
         "0,3,6,9 (default: the student's `distill_layer_map`, written by `distill init-student`).")
@@ -459,8 +456,6 @@ class TrainConfig(StageConfig):
             self._check_corpus_names("teacher_endpoints", _check_named(self.teacher_endpoints, "teacher_endpoints", False))
         if self.on_policy and self.teacher:
             raise ValueError("`on_policy` and the online `teacher` cannot be combined: choose one")
-        if self.online_top_k is not None and not self.teacher:
-            raise ValueError("`online_top_k` takes the top-k live from the online `teacher` (`--teacher MODEL`)")
         if (self.hidden_weight > 0 or self.layer_map is not None) and not self.teacher:
             raise ValueError("`hidden_weight` and `layer_map` need the online `teacher` (`--teacher MODEL`)")
         return self

@@ -10,7 +10,7 @@ from distill import corpus
 from distill.config import InitStudentConfig, TrainConfig
 from distill.train.importance import block_influence, most_important
 from distill.train.init_student import LAYER_MAP_KEY, init_student
-from distill.train.losses import KINDS, LossSpec, chunked_distill_loss, chunked_online_loss
+from distill.train.losses import KINDS, LossSpec, chunked_online_loss
 from tests.helpers import make_corpus, record
 
 QUESTIONS = [f"Sort the numbers {i} {i * 3 % 7} {i % 4}, then add {i}" for i in range(16)]
@@ -85,44 +85,6 @@ def test_full_vocabulary_kd_equals_a_float64_dense_reference_at_every_chunk_size
     torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=1e-6)
 
 
-def test_live_top_k_is_the_stored_corpus_loss_and_with_every_id_the_full_vocabulary_kd():
-    """`online_top_k`: the teacher's top-k + tail taken live gives what `chunked_distill_loss` gives
-    on a corpus that stored that top-k; with k = V (nothing in the tail) it is full-vocabulary KD."""
-    torch.manual_seed(1)
-    b, t, hs, ht, v, k = 2, 6, 8, 12, 40, 5
-    h, w = torch.randn(b, t, hs, dtype=torch.float64), torch.randn(v, hs, dtype=torch.float64)
-    th, tw = torch.randn(b, t, ht, dtype=torch.float64), torch.randn(v, ht, dtype=torch.float64)
-    labels, mask = torch.randint(0, v, (b, t)), torch.rand(b, t) > 0.3
-    spec = LossSpec(temperature=2.0)
-    stored = torch.log_softmax(th @ tw.T, dim=-1).topk(k, dim=-1)  # what generate would have written
-    live, live_terms = chunked_online_loss(h, w, labels, th, tw, mask, spec, alpha=0.6, chunk_size=4, top_k=k)
-    offline, offline_terms = chunked_distill_loss(h, w, labels, stored.indices, stored.values, mask, spec, alpha=0.6,
-                                                  chunk_size=4)
-    torch.testing.assert_close(live, offline)
-    torch.testing.assert_close(live_terms["kd"], offline_terms["kd"])
-    every_id, _ = chunked_online_loss(h, w, labels, th, tw, mask, spec, alpha=0.6, top_k=v)
-    full, _ = chunked_online_loss(h, w, labels, th, tw, mask, spec, alpha=0.6)
-    torch.testing.assert_close(every_id, full, rtol=1e-6, atol=1e-8)
-    assert not torch.allclose(live, full)  # k = 5 of 40 is another loss
-    with pytest.raises(ValueError, match="`online_top_k` takes the top-k live from the online `teacher`"):
-        TrainConfig(corpus="c", student="s", out="o", online_top_k=20)
-
-
-@pytest.mark.parametrize("env", [{"ACCELERATE_USE_FSDP": "true"},
-                                 {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}])
-def test_fsdp_and_zero3_are_refused_in_one_line_before_any_model_loads(tmp_path, monkeypatch, env):
-    """What `accelerate launch` sets for an FSDP or ZeRO-3 config: the online teacher would be whole
-    on every process, so it is refused before the models (here: paths that do not exist) are read."""
-    from distill.train.online import check_online
-
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    with pytest.raises(ValueError, match="not supported under FSDP or DeepSpeed ZeRO-3") as err:
-        check_online(TrainConfig(corpus=tmp_path, student=str(tmp_path / "none"), out=tmp_path / "o",
-                                 teacher=str(tmp_path / "none")))
-    assert "\n" not in str(err.value)
-
-
 def test_hidden_state_loss_against_a_hand_computation():
     from distill.train.online import hidden_state_loss
 
@@ -143,10 +105,6 @@ def test_online_training_lowers_the_loss_and_logs_full_vocabulary_kd(tmp_path, t
                         alpha=0.9)
     assert len(logs) == 12 and all("kd" in m and "ce" in m and "hidden" not in m for m in logs)
     assert logs[-1]["kd"] < 0.7 * logs[0]["kd"] and logs[-1]["loss"] < logs[0]["loss"]
-    # the live top-k loss trains the same way, and is another number than the full-vocabulary one
-    top = train_online(tmp_path, data, tiny_models["llama-student"], tiny_models["llama-teacher"], name="top",
-                       max_steps=12, alpha=0.9, online_top_k=4)
-    assert top[-1]["kd"] < 0.7 * top[0]["kd"] and top[0]["kd"] != pytest.approx(logs[0]["kd"])
 
 
 def test_a_student_that_is_a_slice_of_the_teacher_has_zero_hidden_loss(tmp_path, tiny_models):

@@ -192,14 +192,11 @@ def full_vocab_kd_per_position(student_logits: torch.Tensor, teacher_logits: tor
     return _divergence(lq, lp, spec) * spec.temperature**2
 
 
-def _online_chunk_sums(hidden, weight, bias, labels, teacher_hidden, spec: LossSpec, teacher_head, top_k):
+def _online_chunk_sums(hidden, weight, bias, labels, teacher_hidden, spec: LossSpec, teacher_head):
     logits = F.linear(hidden, weight, bias)  # [c, V]
     with torch.no_grad():
         teacher_logits = F.linear(teacher_hidden, *teacher_head)  # [c, V]: the teacher's, this chunk only
-        if top_k is not None:  # what generate would store for these positions, taken live
-            top = torch.log_softmax(_upcast(teacher_logits), dim=-1).topk(top_k, dim=-1)
-    kd = full_vocab_kd_per_position(logits, teacher_logits, spec) if top_k is None else \
-        kd_per_position(logits, top.indices, top.values, spec)
+    kd = full_vocab_kd_per_position(logits, teacher_logits, spec)
     ce = F.cross_entropy(_upcast(logits), labels, reduction="sum")
     return kd.sum(), ce
 
@@ -279,18 +276,16 @@ def chunked_online_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
                         teacher_weight: torch.Tensor, mask: torch.Tensor, spec: LossSpec = LossSpec(), *,
                         alpha: float = 0.5, bias: torch.Tensor | None = None,
                         teacher_bias: torch.Tensor | None = None, chunk_size: int = 1024,
-                        num_items: int | torch.Tensor | None = None, top_k: int | None = None):
+                        num_items: int | torch.Tensor | None = None):
     """`chunked_distill_loss` against a teacher run in the same process: alpha * full-vocabulary KD
     + (1 - alpha) * CE, from the student's `hidden [B, T, H]` and head `weight [V, H]` and the
     teacher's last hidden states `teacher_hidden [B, T, H_t]` and head `teacher_weight [V, H_t]`.
     Both models' logits are built a chunk of `chunk_size` positions at a time: no `[B, T, V]`
-    tensor exists for either. `top_k`: KD on the teacher's top-k + tail of each position instead of
-    the full vocabulary (the stored-corpus loss, taken live). Same denominators and return value as
-    `chunked_distill_loss`."""
+    tensor exists for either. Same denominators and return value as `chunked_distill_loss`."""
     m = mask.bool()
     denominator = num_items if num_items is not None else m.sum().clamp(min=1)
     chunk_sums = partial(_online_chunk_sums, spec=spec, teacher_head=(teacher_weight.detach(),
-                         None if teacher_bias is None else teacher_bias.detach()), top_k=top_k)
+                         None if teacher_bias is None else teacher_bias.detach()))
     loss, kd_sum, ce_sum = _chunked(hidden[m], weight, bias, (labels[m], teacher_hidden[m].detach()), chunk_sums,
                                     alpha, denominator, chunk_size)
     return loss, {"kd": (kd_sum / denominator).detach(), "ce": (ce_sum / denominator).detach()}

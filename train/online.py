@@ -135,8 +135,7 @@ class OnlineDistillTrainer(DistillTrainer):
             loss, terms = chunked_online_loss(
                 out.hidden_states[-1], weight, inputs["labels"].clamp(min=0), teacher_out.hidden_states[-1],
                 teacher_head.weight, mask, self.offline_loss, alpha=cfg.alpha, bias=bias,
-                teacher_bias=teacher_head.bias, chunk_size=cfg.chunk_size, num_items=num_items_in_batch,
-                top_k=cfg.online_top_k)
+                teacher_bias=teacher_head.bias, chunk_size=cfg.chunk_size, num_items=num_items_in_batch)
         if hidden:
             denominator = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
             states, teacher_states = self._matched_states(model, out.hidden_states, teacher_out.hidden_states)
