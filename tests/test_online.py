@@ -237,3 +237,18 @@ def test_two_processes_with_the_online_teacher_give_the_single_process_curve(tmp
     single = run("single", [sys.executable], 4)
     assert len(two) == len(single) == 20
     assert two == pytest.approx(single, rel=1e-4)
+
+
+@pytest.mark.parametrize("env", [{"ACCELERATE_USE_FSDP": "true"},
+                                 {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}])
+def test_fsdp_and_zero3_are_refused_in_one_line_before_any_model_loads(tmp_path, monkeypatch, env):
+    """What `accelerate launch` sets for an FSDP or ZeRO-3 config: the online teacher would be whole
+    on every process, so it is refused before the models (here: paths that do not exist) are read."""
+    from distill.train.online import check_online
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="not supported under FSDP or DeepSpeed ZeRO-3") as err:
+        check_online(TrainConfig(corpus=tmp_path, student=str(tmp_path / "none"), out=tmp_path / "o",
+                                 teacher=str(tmp_path / "none")))
+    assert "\n" not in str(err.value)
