@@ -137,12 +137,14 @@ def _inspect_arguments(p: argparse.ArgumentParser) -> None:
 def _run_arguments(p: argparse.ArgumentParser) -> None:
     from distill.pipeline import ALL_STAGES
 
-    p.add_argument("config", type=Path, help="Run config YAML (sections: teacher, prompts, student, synthesize, generate, "
+    p.add_argument("config", type=Path, help="Run config YAML (sections: teacher or teachers, prompts, student, synthesize, generate, "
                    "curate, train, eval, serve); see distill/demo/demo.yaml.")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="Override a config value, e.g. --set train.max_steps=10 (repeatable).")
-    p.add_argument("--only", choices=ALL_STAGES, help="Run only this stage (its inputs must be complete).")
-    p.add_argument("--from", dest="start_from", choices=ALL_STAGES, help="Re-run this stage and every later one.")
+    p.add_argument("--only", choices=ALL_STAGES, help="Run only this stage (its inputs must be complete); with "
+                   "`teachers`, every teacher's.")
+    p.add_argument("--from", dest="start_from", choices=ALL_STAGES, help="Re-run this stage (with `teachers`: every "
+                   "teacher's) and every later one.")
     p.add_argument("--serve", action="store_true", help="Serve the student when the run is done (until Ctrl-C).")
     p.add_argument("--ui", action="store_true", help="Serve it with the browser chat page too (implies --serve; "
                    "`serve.ui_port`, `serve.compare` in the config).")

@@ -4,6 +4,7 @@ YAML keys both derive from these fields (see `distill.cli`)."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -665,6 +666,37 @@ class PromptsSection(StageConfig):
     format: PromptFormat = Field("auto", description="Format of both prompt files; `auto` detects it.")
 
 
+class DomainPromptsSection(PromptsSection):
+    """One teacher's domain: the prompts it answers for training and those its eval compares on."""
+
+    train: Path = Field(description="Prompts this teacher answers for its part of the training corpus.")
+    eval: Path = Field(description="Held-out prompts of this teacher's domain (disjoint from every teacher's `train`): "
+                       "its `eval` compares the student with this teacher on them.")
+
+
+def _teacher_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ValueError(f"{name!r}: use letters, digits, `-` and `_` only (it names the teacher's directories and "
+                         "its `mix` share)")
+    return name
+
+
+class TeacherEntry(TeacherSection):
+    """One teacher of `teachers`: its model, how vLLM runs it (or the servers that already do), its
+    share of the training data and its domain's prompts."""
+
+    name: Annotated[str, AfterValidator(_teacher_name)] = Field(
+        description="The teacher's name: its corpus is corpus/NAME, curated/NAME, its eval eval/NAME, and "
+        "`train.teacher_endpoints` calls it NAME.")
+    urls: list[str] = Field(
+        default_factory=list, description="Running vLLM OpenAI servers of `model` to generate and evaluate with "
+        "(`backend: endpoint`) instead of a vLLM engine in the run's process.")
+    weight: float | None = Field(None, gt=0, description="Share of this teacher's corpus in the training data (its "
+                                 "`train.mix` weight; give it for every teacher or none: none trains on every "
+                                 "record once).")
+    prompts: DomainPromptsSection
+
+
 class StudentSection(StageConfig):
     model: ModelPath = Field(description="Student base model: a local directory, a hub id or a .gguf file (same tokenizer family).")
 
@@ -703,7 +735,8 @@ class TrainSection(TrainFields):
 
 EvalSection = section(EvalConfig, {"student", "teacher", "prompts", "format", "out"},
                       "`eval` fields; engine settings default to the teacher section's.")
-ServeSection = section(ServeConfig, {"model", "lora"}, "`serve` fields (`distill run --serve`).")
+ServeSection = section(ServeConfig, {"model"}, "`serve` fields (`distill run --serve`); `lora`: other students "
+                       "trained on the run's student base, served beside the run's own (its adapter, named after `out`).")
 
 
 class RunConfig(StageConfig):
@@ -711,8 +744,13 @@ class RunConfig(StageConfig):
     takes its stage's fields except those the run fills in (paths between stages, the teacher)."""
 
     out: Path = Field(description="Run directory: corpus/, curated/, student/, eval/, run.json.")
-    teacher: TeacherSection
-    prompts: PromptsSection
+    teacher: TeacherSection | None = Field(None, description="The teacher (or `teachers`).")
+    teachers: list[TeacherEntry] | None = Field(
+        None, min_length=1, description="Several teachers instead of `teacher`, each answering its own domain's "
+        "prompts into its own corpus; one student trains on all of them, each record against its own teacher "
+        "(routing), and is evaluated against each teacher on that teacher's `prompts.eval`.")
+    prompts: PromptsSection | None = Field(None, description="The training and held-out prompts (required with `teacher`; "
+                                           "with `teachers`, each teacher has its own `prompts`).")
     student: StudentSection
     synthesize: SynthesizeSection | None = Field(
         None, description="Have the teacher write the training prompts first (instead of `prompts.train`).")
@@ -723,11 +761,49 @@ class RunConfig(StageConfig):
     serve: ServeSection = Field(default_factory=ServeSection)
 
     @model_validator(mode="after")
-    def _one_prompt_source(self) -> RunConfig:
-        if (self.prompts.train is None) == (self.synthesize is None):
+    def _serve_adapters(self) -> RunConfig:
+        if self.serve.lora and not self.train.lora:
+            raise ValueError("`serve.lora` serves the run's student as a LoRA adapter beside the others: it needs "
+                             "`train.lora: true`")
+        return self
+
+    @model_validator(mode="after")
+    def _check_teacher_and_prompts(self) -> RunConfig:
+        if (self.teacher is None) == (self.teachers is None):
+            raise ValueError("give exactly one of `teacher` (one teacher) and `teachers` (a list, each with its "
+                             "own prompts)")
+        if self.teachers is not None:
+            self._check_teachers()
+        elif self.prompts is None:
+            raise ValueError("`prompts`: Field required")
+        elif (self.prompts.train is None) == (self.synthesize is None):
             raise ValueError("give exactly one source of training prompts: `prompts.train` (a file) or a "
                              "`synthesize` section (the teacher writes them)")
         return self
+
+    def _check_teachers(self) -> None:
+        names = [t.name for t in self.teachers]
+        if len(set(names)) < len(names):
+            raise ValueError(f"`teachers`: two teachers are named {next(n for n in names if names.count(n) > 1)!r}: "
+                             "each name is its own corpus directory")
+        if self.prompts is not None:
+            raise ValueError("`prompts` applies to `teacher`; with `teachers`, each teacher has its own `prompts`")
+        if self.synthesize is not None:
+            raise ValueError("`synthesize` writes one teacher's prompts; with `teachers`, give each teacher's "
+                             "`prompts.train`")
+        if len({t.weight is None for t in self.teachers}) > 1:
+            raise ValueError("`teachers`: give `weight` to every teacher or to none")
+        # the teachers' weights are train's `mix`; their corpora hold different prompts (routing, not an ensemble)
+        for field in ("mix", "ensemble", "teacher_weights"):
+            if field in self.train.model_fields_set:
+                raise ValueError(f"`train.{field}` does not apply to `teachers`: each teacher's `weight` is its "
+                                 "share of the training data")
+        for i, t in enumerate(self.teachers):
+            for section in ("generate", "eval"):
+                backend = getattr(self, section).model_fields_set & {"backend", "urls"}
+                if t.urls and backend:
+                    raise ValueError(f"`teachers.{i}.urls` and `{section}.{sorted(backend)[0]}` both say where the "
+                                     "teacher runs: give one")
 
 
 def format_validation_error(err: ValidationError, source: str = "") -> str:

@@ -7,9 +7,10 @@ Rows, on held-out ShareGPT first turns (not used in training): the teacher (with
 the base model without it, and the students (KD: alpha 1, top-k KL only; SFT: alpha 0, the
 teacher's tokens only), each seed its own adapter, all served by ONE vLLM engine with LoRA.
 Measures: rule-following rate, teacher-forced KL(teacher-with-prompt || model-without-it) per
-token on the teacher's held-out answers, prompt tokens per request.
+token on the teacher's held-out answers, prompt tokens per request. What serving costs (TTFT,
+tokens/s) is `benchmarks/context_serving.py` on this run's held-out corpus and KD adapter.
 
-    python experiments/context_distillation.py --out runs/context-distillation --seeds 1 [--arms kd,sft]
+    python experiments/context_distillation.py --out runs/context-distillation --seeds 3 --arms kd,sft
 """
 
 from __future__ import annotations
@@ -86,14 +87,14 @@ def kl_to_teacher(model_dir: str, adapter: Path | None, held_out: Path) -> float
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("runs/context-distillation"))
-    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--train", type=int, default=64, help="Training prompts.")
     parser.add_argument("--eval", type=int, default=32, help="Held-out prompts.")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--max-tokens", type=int, default=48, help="Teacher answer tokens (the training targets).")
     parser.add_argument("--check-tokens", type=int, default=8, help="Answer tokens generated to check the rule "
                         "(a prefix: the first few decide it).")
-    parser.add_argument("--arms", default="kd", help="Comma-separated students to train: kd, sft.")
+    parser.add_argument("--arms", default="kd,sft", help="Comma-separated students to train: kd, sft.")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

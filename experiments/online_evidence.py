@@ -79,7 +79,7 @@ def teacher_logprobs(teacher, records: list[dict]) -> list[torch.Tensor]:
     for r in records:
         p, a = list(r["prompt_token_ids"]), list(r["response_token_ids"])
         rows.append(torch.log_softmax(teacher(torch.tensor([p + a])).logits[0, len(p) - 1: len(p) + len(a) - 1]
-                                      .double(), -1))
+                                      .double(), -1).float())  # float32 kept: 48 answers' rows are 1.1 GB
     return rows
 
 
@@ -93,6 +93,7 @@ def held_out(student_dir: Path, teacher_rows: list[torch.Tensor], records: list[
     for r, t in zip(records, teacher_rows):
         p, a = list(r["prompt_token_ids"]), list(r["response_token_ids"])
         s = torch.log_softmax(student(torch.tensor([p + a])).logits[0, len(p) - 1: len(p) + len(a) - 1].double(), -1)
+        t = t.double()
         kl += (t.exp() * (t - s)).sum().item()
         agree += (s.argmax(-1) == t.argmax(-1)).sum().item()
         nll -= s.gather(-1, torch.tensor(a).view(-1, 1)).sum().item()
@@ -108,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", type=int, default=24)
     ap.add_argument("--eval", type=int, default=8)
     ap.add_argument("--samples", type=int, default=8, help="calibration records for Block Influence")
+    ap.add_argument("--corpus", type=Path, help="an existing teacher corpus to train on (teacher answers, e.g. the "
+                    "curated corpus of a `distill run` of distill/demo/real.yaml) instead of user-turn text")
+    ap.add_argument("--held-out", type=Path, help="with --corpus: the teacher's corpus of the held-out prompts (e.g. "
+                    "that run's eval/teacher-answers)")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--learning-rate", type=float, default=5e-4)
     ap.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="INIT/ARM, INIT in even, importance; ARM in "
@@ -124,14 +129,19 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out
     teacher_dir = resolve(str(teacher_gguf()))
-    train_file, eval_file = write_prompts(out / "prompts", teacher_dir)
-    read = [json.loads(line) for line in train_file.read_text().splitlines()][:args.train]
-    held = [json.loads(line) for line in eval_file.read_text().splitlines()][:args.eval]
-    data = out / "corpus"
-    if not (data / "manifest.json").exists():
-        teacher_corpus(teacher_dir, read, data)
-    held_records = teacher_corpus(teacher_dir, held, out / "held-out") \
-        if not (out / "held-out" / "manifest.json").exists() else list(corpus.iter_records(out / "held-out"))
+    if args.corpus is not None:
+        if args.held_out is None:
+            ap.error("--corpus needs --held-out")
+        data, held_records = args.corpus, list(corpus.iter_records(args.held_out))[:args.eval]
+    else:
+        train_file, eval_file = write_prompts(out / "prompts", teacher_dir)
+        read = [json.loads(line) for line in train_file.read_text().splitlines()][:args.train]
+        held = [json.loads(line) for line in eval_file.read_text().splitlines()][:args.eval]
+        data = out / "corpus"
+        if not (data / "manifest.json").exists():
+            teacher_corpus(teacher_dir, read, data)
+        held_records = teacher_corpus(teacher_dir, held, out / "held-out") \
+            if not (out / "held-out" / "manifest.json").exists() else list(corpus.iter_records(out / "held-out"))
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     teacher_rows = teacher_logprobs(teacher, held_records)
     del teacher

@@ -7,10 +7,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from distill.adapters import LORA_RANKS, Adapter, load_adapter, load_adapters, max_lora_rank, parse_spec
+from distill.cli import main
 from distill.config import ServeConfig
 from distill.launcher import ServerError, base_model_name, check_startup, server_command
+from distill.pipeline import config_from_data, serving_config
 
 
 def write_adapter(path, base, r: int = 8, peft_type: str = "LORA"):
@@ -108,3 +111,37 @@ def test_names_of_the_base_beside_its_adapters(tmp_path, tiny_models):
     assert names(lora=[f"a={bare}"]) == (["a"], "llama-teacher")
     with pytest.raises(ServerError, match="both named `a`"):
         names(lora=[f"a={bare}"], served_model_name="a")
+
+
+def run_config(tmp_path, base, **serve):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    return config_from_data({"out": str(tmp_path / "support-bot"), "teacher": {"model": str(base)},
+                             "prompts": {"train": str(prompts), "eval": str(prompts)}, "student": {"model": str(base)},
+                             "serve": serve}, tmp_path / "run.yaml")
+
+
+def test_a_run_ends_serving_its_student_beside_the_other_students_of_its_base(tmp_path, tiny_models):
+    """`distill run --serve` with `serve.lora`: the run's base with its own student (the adapter
+    `distill train --lora` leaves in student/adapter, named after the run) and the others."""
+    base = tiny_models["llama-teacher"]
+    legal = write_adapter(tmp_path / "legal" / "adapter", base).parent
+    cfg = serving_config(run_config(tmp_path, base, lora=[f"legal={legal}"], port=0))
+    assert cfg.model == str(base)
+    assert cfg.lora == [f"support-bot={tmp_path / 'support-bot' / 'student'}", f"legal={legal}"]
+    assert serving_config(run_config(tmp_path, base)).model == str(tmp_path / "support-bot" / "student")  # no others: as before
+
+
+def test_a_run_refuses_other_students_it_cannot_serve_before_it_starts(tmp_path, tiny_models, capsys):
+    """A bad `serve.lora` is one line before any stage runs, not after training."""
+    base, other = tiny_models["llama-teacher"], tiny_models["qwen2-student"]
+    wrong = write_adapter(tmp_path / "wrong" / "adapter", other).parent
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(run_config(tmp_path, base, lora=[f"wrong={wrong}"]).model_dump(mode="json")))
+    assert main(["run", str(config), "--serve"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("distill run: error: ") and "was trained on" in err and "\n" not in err, err
+    assert not (tmp_path / "support-bot").exists()  # nothing ran
+    data = yaml.safe_load(config.read_text())
+    with pytest.raises(ValueError, match="needs `train.lora: true`"):
+        config_from_data({**data, "train": {"lora": False}}, config)

@@ -115,7 +115,8 @@ def test_shipped_configs_validate(path, tmp_path):
         from distill.sweep.study import load_plan
 
         build_filters(load_plan(path, tmp_path).run.curate.filters)
-    elif isinstance(yaml.safe_load(path.read_text()).get("teacher"), dict):  # a `distill run` config
+    elif isinstance(yaml.safe_load(path.read_text()).get("teacher"), dict) or \
+            "teachers" in yaml.safe_load(path.read_text()):  # a `distill run` config
         from distill.curation.pipeline import build_filters
         from distill.pipeline import load_config
 

@@ -1,6 +1,7 @@
 """Many students on one base: one real `distill serve` (vLLM's OpenAI server on CPU) with two
-LoRA adapters, each a model name that answers as its own weights make it; an adapter for another
-base is refused in one line before any server starts."""
+LoRA students trained by `distill train --keep-adapter` to two behaviours, each a model name that
+answers per its behaviour; an adapter for another base is refused in one line before any server
+starts."""
 
 import json
 import os
@@ -12,9 +13,33 @@ import urllib.request
 import pytest
 
 from distill.launcher import free_port
-from tests.helpers import ROOT
+from tests.helpers import ROOT, make_corpus, record
 
 pytestmark = pytest.mark.engine  # `distill serve` starts vLLM's OpenAI server
+
+
+def trained_adapter(base, out, answer: str):
+    """A student with one behaviour: whatever it is asked, it answers `answer` (SFT on answers that
+    all say it: alpha 0, LoRA kept unmerged in `out/adapter`)."""
+    from transformers import AutoTokenizer
+
+    from distill import corpus
+    from distill.config import TrainConfig
+    from distill.train.trainer import train
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    answer_ids = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    records = []
+    for i in range(32):  # questions of many lengths: the behaviour must not hang on one prompt shape
+        question = " ".join(["what", "is", "the", "sum", "of", str(i), "and", str(i * 7), "please"][: 2 + i % 8])
+        text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                             tokenize=False)
+        prompt = tokenizer(text, add_special_tokens=False).input_ids
+        records.append(record(i, question=question, prompt_ids=prompt, response=answer, response_ids=answer_ids))
+    source = make_corpus(out.parent / f"{out.name}-corpus", records,
+                         teacher={"model": str(base), **corpus.tokenizer_fingerprint(tokenizer)})
+    return train(TrainConfig(corpus=source, student=str(base), out=out, alpha=0.0, keep_adapter=True, lora_r=8,
+                             max_steps=40, learning_rate=1e-2, batch_size=8, eval_fraction=0.0, logging_steps=10)).path
 
 
 def make_adapter(base, out, seed: int):
@@ -38,9 +63,10 @@ def post(url: str, body: dict) -> dict:
 
 def test_two_adapters_on_one_server_answer_under_their_names(tiny_models, tmp_path):
     base = tiny_models["llama-teacher"]
-    # one as a bare adapter directory, one as a student directory holding `adapter/`
-    one = make_adapter(base, tmp_path / "one", seed=1)
-    two = make_adapter(base, tmp_path / "student-two" / "adapter", seed=2).parent
+    behaviours = {"support": "Answer: four.", "legal": "Large sum"}
+    # one as a bare adapter directory, one as the student directory holding `adapter/`
+    one = trained_adapter(base, tmp_path / "support", behaviours["support"]) / "adapter"
+    two = trained_adapter(base, tmp_path / "legal", behaviours["legal"])
     port = free_port()
     cmd = [sys.executable, "-m", "distill.cli", "serve", "--model", str(base), "--served-model-name", "base",
            "--lora", f"support={one}", "--lora", f"legal={two}", "--port", str(port), "--max-model-len", "256"]
@@ -60,7 +86,11 @@ def test_two_adapters_on_one_server_answer_under_their_names(tiny_models, tmp_pa
                                                      "messages": [{"role": "user", "content": "Hello there"}]})
             assert reply["model"] == name
             texts[name] = reply["choices"][0]["message"]["content"]
-        assert len(set(texts.values())) == 3, texts  # each name is its own weights
+        # a question neither student saw: each opens its answer per its own behaviour, the base per neither
+        openings = {name: answer.split()[0].rstrip(":") for name, answer in behaviours.items()}
+        assert texts["support"].startswith(openings["support"]), texts
+        assert texts["legal"].startswith(openings["legal"]), texts
+        assert not texts["base"].startswith(tuple(openings.values())), texts
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)

@@ -57,6 +57,9 @@ def load_plan(path: Path, out: Path, overrides: list[str] = ()) -> SweepPlan:
         lines = format_validation_error(e, "").replace("`space", "`sweep.space").replace("`start_with", "`sweep.start_with")
         raise ValueError(f"invalid sweep config `{path}`: " + "; ".join(lines.splitlines())) from None
     run = config_from_data({**run_data, "out": str(Path(out) / RUN)}, path)
+    if run.teachers is not None:
+        raise ValueError(f"invalid sweep config `{path}`: a sweep judges trials against one teacher: give `teacher`, "
+                         "not `teachers`")
     if sweep.objective == "score" and not run.eval.scorer:
         raise ValueError(f"invalid sweep config `{path}`: `sweep.objective: score` needs `eval.scorer`")
     return SweepPlan(run, sweep, run_data, Path(path))

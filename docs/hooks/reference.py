@@ -85,7 +85,7 @@ def _run_sections(run_config: type[BaseModel]) -> str:
             continue
         doc = _one_paragraph(sub.__doc__ or field.description or "")
         parts.append(f"#### `{name}`" + ("" if field.is_required() else " (optional)") + f"\n\n{doc}\n\n"
-                     + _key_table(sub.model_fields, name + "."))
+                     + _key_table(sub.model_fields, name + ("[]." if _is_list(field.annotation) else ".")))
     return "\n".join(parts)
 
 
@@ -94,7 +94,8 @@ def _key_table(fields: dict[str, FieldInfo], prefix: str) -> str:
     for name, field in fields.items():
         sub = _submodel(field.annotation)
         if sub is not None:  # a nested section: its keys in the same table
-            rows.extend(_key_table(sub.model_fields, f"{prefix}{name}.").splitlines()[2:])
+            nested = f"{prefix}{name}[]." if _is_list(field.annotation) else f"{prefix}{name}."
+            rows.extend(_key_table(sub.model_fields, nested).splitlines()[2:])
             continue
         rows.append(f"| `{prefix}{name}` | {_cell(_type(field.annotation))} | {_cell(_default(field))} "
                     f"| {_cell(field.description or '')} |")
@@ -102,7 +103,21 @@ def _key_table(fields: dict[str, FieldInfo], prefix: str) -> str:
 
 
 def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The section model of a field: `Section`, `Section | None` (an optional section) or
+    `list[Section] | None` (a list of them, e.g. `teachers`)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _submodel(args[0])
+    if typing.get_origin(annotation) is list and len(args) == 1:
+        return _submodel(args[0])
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _is_list(annotation: Any) -> bool:
+    """A list of sections (`teachers`): its keys are written `teachers[].name`."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_is_list(a) for a in typing.get_args(annotation))
+    return typing.get_origin(annotation) is list
 
 
 def _type(annotation: Any) -> str:
