@@ -334,6 +334,9 @@ def _fit(cfg: TrainConfig, manifests: list[corpus.Manifest], data: TrainingData,
         eval_steps=cfg.save_steps, seed=cfg.seed, bf16=gpu, use_cpu=not gpu,
         ddp_backend="gloo" if not gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        # the online teacher's hidden-state projections run outside the model's forward: DDP's search for
+        # unused parameters would mark them unused there and then see their gradients (every weight is used)
+        ddp_find_unused_parameters=False if online is not None and online.projection else None,
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
         report_to=trainer_report_to(cfg), run_name=run.run_name if run else cfg.run_name, max_length=None)
     top_k, teachers = corpora.top_k_width(cfg, manifests)
