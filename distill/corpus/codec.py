@@ -448,26 +448,24 @@ def _unlayout2(id_bytes, id_offsets, out, code_offsets, k, names) -> tuple[np.nd
     if bad.any():
         raise _corrupted(names, int(np.argmax(bad)), id_len, code_len, k,
                          "hold a number of literal id bytes that is not 2 or 3 per literal")
-    entry = np.arange(n * k)
-    back, slot = (refs - 1) // k + 1, (refs - 1) % k
-    row_in_record = entry // k - first_row[np.repeat(record_of, k)]
-    bad_ref = ~literal & ((refs > _max_back(k) * k) | (back > row_in_record))
-    if bad_ref.any():
-        raise _corrupted(names, int(record_of[np.argmax(bad_ref) // k]), id_len, code_len, k,
+    ref = np.flatnonzero(~literal)
+    back, slot = (refs[ref] - 1) // k + 1, (refs[ref] - 1) % k
+    row = ref // k
+    bad = (refs[ref] > _max_back(k) * k) | (back > row - first_row[record_of[row]])
+    if bad.any():
+        raise _corrupted(names, int(record_of[row[np.argmax(bad)]]), id_len, code_len, k,
                          "refer to an id before the record's first row")
-    source = np.where(literal, entry, (entry // k - back) * k + slot)
+    source = np.arange(n * k)
+    source[ref] = (row - back) * k + slot
     literal_width = np.repeat(width, literal_count)
-    literal_at = np.concatenate([[0], np.cumsum(literal_width)])[:-1]
     base = _spread(id_offsets[:-1] + tokens * k, literal_count * width)
     ids = np.zeros(n * k, dtype=np.int64)
-    ids[literal] = _ints(id_bytes, base[literal_at], literal_width)
-    # A reference points up to an earlier entry, maybe itself a reference: follow every chain to
-    # its literal by pointer doubling (log2 of the longest chain rounds).
-    while True:
-        further = source[source]
-        if np.array_equal(further, source):
-            break
-        source = further
+    ids[literal] = _ints(id_bytes, base[np.concatenate([[0], np.cumsum(literal_width)])[:-1]], literal_width)
+    # A reference points up to an earlier entry, maybe itself a reference: follow the chains to
+    # their literals by pointer doubling (log2 of the longest chain rounds, over fewer each round).
+    while ref.size:
+        source[ref] = source[source[ref]]
+        ref = ref[~literal[source[ref]]]
     return ids[source].reshape(n, k), codes, tokens
 
 
