@@ -107,25 +107,24 @@ def compare_layouts(source: Path, work: Path, repeat: int) -> dict[int, dict[str
     k = corpus.read_manifest(source).generation.top_k
     logical = corpus.read_table(source)
     entries = corpus.corpus_stats(source).response_tokens * k
+    times: dict[int, dict[str, list[float]]] = {layout: {"write": [], "read": []} for layout in corpus.TOPK_LAYOUTS}
     out, decoded = {}, {}
-    for layout in corpus.TOPK_LAYOUTS:
-        root = work / f"layout-{layout}"
-        writes, reads = [], []
-        for _ in range(repeat):
+    for _ in range(repeat):  # the layouts take turns: a change in the machine's load hits both
+        for layout in corpus.TOPK_LAYOUTS:
+            root = work / f"layout-{layout}"
             started = time.perf_counter()
             paths = [corpus.write_shard(root, index, corpus.encode(logical.slice(start, SHARD_RECORDS), k, "quantized", layout))
                      for index, start in enumerate(range(0, logical.num_rows, SHARD_RECORDS))]
-            writes.append(time.perf_counter() - started)
+            times[layout]["write"].append(time.perf_counter() - started)
             started = time.perf_counter()
             back = [corpus.read_shard(p, ["topk_token_ids", "topk_logprobs"]) for p in paths]
-            reads.append(time.perf_counter() - started)
-        sizes = [column_bytes(p) for p in paths]
-        decoded[layout] = [(t["topk_token_ids"].to_pylist(), t["topk_logprobs"].to_pylist()) for t in back]
-        assert decoded[layout] == decoded[corpus.TOPK_LAYOUTS[0]], f"layout {layout} decodes to other values"
-        out[layout] = {"ids": sum(s[corpus.PACKED_IDS] for s in sizes) / entries,
-                       "codes": sum(s[corpus.LOGPROB_CODES] for s in sizes) / entries,
-                       "write": statistics.median(writes), "read": statistics.median(reads)}
-        out[layout]["top-k"] = out[layout]["ids"] + out[layout]["codes"]
+            times[layout]["read"].append(time.perf_counter() - started)
+            sizes = [column_bytes(p) for p in paths]
+            decoded[layout] = [(t["topk_token_ids"].to_pylist(), t["topk_logprobs"].to_pylist()) for t in back]
+            assert decoded[layout] == decoded[corpus.TOPK_LAYOUTS[0]], f"layout {layout} decodes to other values"
+            ids, codes = (sum(s[c] for s in sizes) / entries for c in (corpus.PACKED_IDS, corpus.LOGPROB_CODES))
+            out[layout] = {"ids": ids, "codes": codes, "top-k": ids + codes,
+                           **{name: statistics.median(t) for name, t in times[layout].items()}}
     old, new = out[min(out)], out[max(out)]
     print(f"\nquantized top-k layouts, {entries // k} response tokens x k={k} "
           f"(zstd level {corpus.TOPK_ZSTD_LEVEL}, shards of {SHARD_RECORDS} records)")
