@@ -172,7 +172,7 @@ def test_layout2_names_the_record_of_corrupted_bytes():
         (corpus.PACKED_IDS, [ids[0], ids[1][:-1]], r"record 'r1': .* literal id bytes"),
         # row 0's first id, a literal, made a reference ("slot 0, one row up"): there is no row above
         (corpus.PACKED_IDS, [ids[0], bytes([1]) + ids[1][1:3 * K] + ids[1][3 * K + 2:]],
-         r"record 'r1': .* before the record's first row"),
+         r"record 'r1': .* a reference to no earlier row of the record"),
     ]
     for column, values, message in cases:
         with pytest.raises(corpus.CorpusError, match=message):

@@ -355,7 +355,7 @@ def _unpack_topk(data: pa.Table | pa.RecordBatch, params: dict) -> tuple[pa.Arra
     return _nested(ids.reshape(-1).astype(np.int32), tokens, k, pa.int32()), _nested(logprobs.reshape(-1), tokens, k, pa.float32())
 
 
-def _corrupted(names: list, record: int, id_len: np.ndarray, code_len: np.ndarray, k: int, why: str) -> CorpusError:
+def _corrupted(names: list, record: int, id_len: np.ndarray, code_len: np.ndarray, why: str) -> CorpusError:
     return CorpusError(f"record {names[record]!r}: top-k byte strings of {id_len[record]} (ids) and {code_len[record]} "
                        f"(codes) bytes {why}: corrupted")
 
@@ -367,7 +367,7 @@ def _unlayout1(id_bytes, id_offsets, planes, code_offsets, k, names) -> tuple[np
     width = np.where(tokens > 0, id_len // np.maximum(tokens * k, 1), 2)
     bad = (code_len % (2 * (k + 1)) != 0) | (id_len != tokens * k * width) | ~np.isin(width, (2, 3))
     if bad.any():
-        raise _corrupted(names, int(np.argmax(bad)), id_len, code_len, k, f"do not hold whole rows of k={k}")
+        raise _corrupted(names, int(np.argmax(bad)), id_len, code_len, f"do not hold whole rows of k={k}")
     n = int(tokens.sum())
     starts = np.concatenate([[0], np.cumsum(tokens)]) * (k + 1)
     a, b = np.repeat(starts[:-1], tokens * (k + 1)), np.repeat(starts[1:], tokens * (k + 1))
@@ -394,12 +394,12 @@ def _unlayout2(id_bytes, id_offsets, out, code_offsets, k, names) -> tuple[np.nd
     records = len(code_len)
     short = code_len < 4
     if short.any():
-        raise _corrupted(names, int(np.argmax(short)), id_len, code_len, k, "are too short to hold a length")
+        raise _corrupted(names, int(np.argmax(short)), id_len, code_len, "are too short to hold a length")
     tokens = _spread(code_offsets[:-1], np.full(records, 4))
     tokens = out[tokens].reshape(records, 4).copy().view("<u4").reshape(-1).astype(np.int64)
     fits = (code_len >= 4 + (k + 3) * tokens) & (id_len >= tokens * k)
     if not fits.all():
-        raise _corrupted(names, int(np.argmax(~fits)), id_len, code_len, k, f"are too short for their rows of k={k}")
+        raise _corrupted(names, int(np.argmax(~fits)), id_len, code_len, f"are too short for their rows of k={k}")
     n = int(tokens.sum())
     record_of = np.repeat(np.arange(records), tokens)
     first_row = np.concatenate([[0], np.cumsum(tokens)])
@@ -412,7 +412,7 @@ def _unlayout2(id_bytes, id_offsets, out, code_offsets, k, names) -> tuple[np.nd
                                minlength=records).astype(np.int64)
     bad = code_len != 4 + (k + 3) * tokens + 2 * escape_count
     if bad.any():
-        raise _corrupted(names, int(np.argmax(bad)), id_len, code_len, k,
+        raise _corrupted(names, int(np.argmax(bad)), id_len, code_len,
                          f"do not hold {k + 3} bytes per row plus the escaped differences")
     escape_at = _spread(starts + 4 + (k + 3) * tokens, escape_count)
     stored[escaped] = (out[escape_at].astype(np.int64) << 8) | out[escape_at + np.repeat(escape_count, escape_count)]
@@ -431,21 +431,22 @@ def _unlayout2(id_bytes, id_offsets, out, code_offsets, k, names) -> tuple[np.nd
     width = np.where(literal_count > 0, literal_bytes // np.maximum(literal_count, 1), 2)
     bad = (literal_bytes != literal_count * width) | ~np.isin(width, (2, 3))
     if bad.any():
-        raise _corrupted(names, int(np.argmax(bad)), id_len, code_len, k,
+        raise _corrupted(names, int(np.argmax(bad)), id_len, code_len,
                          "hold a number of literal id bytes that is not 2 or 3 per literal")
     ref = np.flatnonzero(~literal)
     back, slot = (refs[ref] - 1) // k + 1, (refs[ref] - 1) % k
     row = ref // k
     bad = (refs[ref] > _max_back(k) * k) | (back > row - first_row[record_of[row]])
     if bad.any():
-        raise _corrupted(names, int(record_of[row[np.argmax(bad)]]), id_len, code_len, k,
-                         "refer to an id before the record's first row")
+        raise _corrupted(names, int(record_of[row[np.argmax(bad)]]), id_len, code_len,
+                         "hold a reference to no earlier row of the record")
     source = np.arange(n * k)
     source[ref] = (row - back) * k + slot
+    # literals: 2 or 3 bytes each (the width may differ between records of different shards)
     literal_width = np.repeat(width, literal_count)
-    base = _spread(id_offsets[:-1] + tokens * k, literal_count * width)
+    literal_bytes_at = _spread(id_offsets[:-1] + tokens * k, literal_count * width)
     ids = np.zeros(n * k, dtype=np.int64)
-    ids[literal] = _ints(id_bytes, base[np.concatenate([[0], np.cumsum(literal_width)])[:-1]], literal_width)
+    ids[literal] = _ints(id_bytes, literal_bytes_at[np.concatenate([[0], np.cumsum(literal_width)])[:-1]], literal_width)
     # A reference points up to an earlier entry, maybe itself a reference: follow the chains to
     # their literals by pointer doubling (log2 of the longest chain rounds, over fewer each round).
     while ref.size:
