@@ -131,12 +131,14 @@ def repeating_rows(rng, n: int, k: int, vocab: int) -> np.ndarray:
     return rows
 
 
-@pytest.mark.parametrize("k, vocab", [(20, 49_152), (20, 70_000), (4, 6), (1, 3), (13, 500), (300, 1_000)])
-def test_layouts_store_the_same_values(k, vocab):
+@pytest.mark.parametrize("k, vocab, referenced", [(20, 49_152, True), (20, 70_000, True), (4, 6, None), (1, 3, None),
+                                                (13, 500, True), (300, 1_000, False)])
+def test_layouts_store_the_same_values(k, vocab, referenced):
     """Layout 2 (references to earlier rows, byte codes) decodes to exactly what layout 1 does:
     ids identical to the input, logprobs the same grid values; with ids recurring across rows and
     far up (beyond 255 // k rows), ids past 65,535, rows of k = 1 and k > 255, empty responses,
-    differences of 255 and more (escaped) and -inf."""
+    differences of 255 and more (escaped) and -inf. `referenced`: whether the writer uses
+    references (None: either; k > 255 leaves no reference byte)."""
     rng = np.random.default_rng(k + vocab)
     recs = []
     for i, n in enumerate([0, 1, 2, 40, 0, 7, 200]):
@@ -146,7 +148,10 @@ def test_layouts_store_the_same_values(k, vocab):
             lps[-1, -1] = -np.inf
         recs.append(record(i, k=k, topk_ids=ids, topk_logprobs=lps.astype(np.float32)))
     logical = corpus.records_to_table(recs, k, "float32")
-    old, new = (corpus.decode(corpus.encode(logical, k, "quantized", layout=layout)) for layout in (1, 2))
+    stored = corpus.encode(logical, k, "quantized", layout=2)
+    references = [blob[:len(r["topk_token_ids"]) * k] for blob, r in zip(stored[corpus.PACKED_IDS].to_pylist(), recs)]
+    assert referenced is None or any(any(b) for b in references) == referenced
+    old, new = corpus.decode(corpus.encode(logical, k, "quantized", layout=1)), corpus.decode(stored)
     assert new["topk_token_ids"].to_pylist() == [r["topk_token_ids"].tolist() for r in recs]
     assert new["topk_token_ids"].to_pylist() == old["topk_token_ids"].to_pylist()
     assert new["topk_logprobs"].to_pylist() == old["topk_logprobs"].to_pylist()
@@ -156,9 +161,19 @@ def test_layouts_store_the_same_values(k, vocab):
     assert np.all(np.abs(got - sent)[held] <= corpus.logprob_tolerance("quantized", sent[held]) + 1e-6)
 
 
+def test_layout2_stores_plain_ids_where_references_do_not_pay():
+    """Over a few hundred ids (the demo teacher's 402, Zipf-drawn) a 2-byte id compresses better
+    than a reference to it: the writer stores every id as a literal (reference bytes all 0)."""
+    rng = np.random.default_rng(0)
+    p = 1 / np.arange(1, 403) ** 1.1
+    recs = [record(i, k=20, topk_ids=np.stack([rng.choice(402, size=20, replace=False, p=p / p.sum()) for _ in range(60)]))
+            for i in range(5)]
+    table = corpus.records_to_table(recs, 20)
+    assert not any(any(blob[:60 * 20]) for blob in table[corpus.PACKED_IDS].to_pylist())
+    assert corpus.decode(table)["topk_token_ids"].to_pylist() == [r["topk_token_ids"].tolist() for r in recs]
+
 def test_layout2_names_the_record_of_corrupted_bytes():
     recs = [record(0, n_tokens=3), record(1, n_tokens=3)]
-    recs[1]["topk_token_ids"][1] = recs[1]["topk_token_ids"][0]  # row 1 refers to row 0
     table = corpus.records_to_table(recs, K)
     ids, codes = table[corpus.PACKED_IDS].to_pylist(), table[corpus.LOGPROB_CODES].to_pylist()
 

@@ -269,7 +269,15 @@ def _layout2(ids: np.ndarray, codes: np.ndarray, tokens: np.ndarray, k: int, wid
     back = entry // k - earlier // k
     hit = (earlier >= 0) & (back >= 1) & (back <= _max_back(k))  # an id twice in one row: a literal
     refs = np.where(hit, 1 + (back - 1) * k + earlier % k, 0).astype(np.uint8)
-    literals = flat[~hit].astype("<u4").view(np.uint8).reshape(-1, 4)[:, :width]
+    plain = flat.astype("<u4").view(np.uint8).reshape(-1, 4)[:, :width]
+    # References pay where ids are costly and recur (a real teacher's vocabulary); over a few
+    # hundred ids a plain id is cheaper than its reference (benchmarks/storage.py on the tiny
+    # teacher, topk_zstd_level.py's Zipf rows: 4-8 % more bytes). Keep them only where they shrink
+    # the bytes' order-0 entropy, which ranked the two as zstd did on all of those; without
+    # them the reference bytes are all 0 and cost next to nothing after zstd.
+    if _entropy(np.concatenate([refs, plain[~hit].reshape(-1)])) >= _entropy(plain.reshape(-1)):
+        hit[:], refs[:] = False, 0
+    literals = plain[~hit]
     literal_count = np.bincount(record_of, weights=(~hit).reshape(n, k).sum(1), minlength=len(tokens)).astype(np.int64)
     id_len = tokens * k + literal_count * width
     ref_at = _spread(np.concatenate([[0], np.cumsum(id_len)])[:-1], tokens * k)
@@ -295,6 +303,13 @@ def _layout2(ids: np.ndarray, codes: np.ndarray, tokens: np.ndarray, k: int, wid
     out[escape_at] = values >> 8
     out[escape_at + np.repeat(escape_count, escape_count)] = values & 0xFF
     return _binary(id_bytes, np.concatenate([[0], np.cumsum(id_len)])), _binary(out, np.concatenate([[0], np.cumsum(code_len)]))
+
+
+def _entropy(data: np.ndarray) -> float:
+    """The order-0 entropy of a byte array, in bytes: about what zstd's entropy stage makes of it."""
+    counts = np.bincount(data, minlength=256)
+    p = counts[counts > 0] / max(len(data), 1)
+    return float(-(p * np.log2(p)).sum() * len(data) / 8)
 
 
 def _spread(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
