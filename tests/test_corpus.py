@@ -86,9 +86,10 @@ DATA = Path(__file__).parent / "data"
 
 @pytest.mark.parametrize("width", ["w2", "w3"])
 def test_layout1_shards_still_read_identically(width):
-    """tests/data/quantized-layout1-*.parquet were written by the layout-1 codec (before the
-    footer named a layout; 3-byte ids in w3, an empty response, -inf, a row repeated); the JSON
-    holds what that codec decoded them to. Re-encoded, they come back the same in layout 2."""
+    """tests/data/quantized-layout1-*.parquet were written by the layout-1 codec of c11cb65
+    (`records_to_table`, before the footer named a layout; k = 4, 3-byte ids in w3, an empty
+    response, -inf, a row repeated); the JSON holds what that codec decoded them to. Re-encoded,
+    they come back the same in layout 2."""
     path = DATA / f"quantized-layout1-{width}.parquet"
     expected = json.loads((DATA / "quantized-layout1.json").read_text())[width]
     params = corpus.shard_encoding(pq.read_schema(path))
