@@ -54,7 +54,7 @@ _CODE_MAX = 2**16 - 1  # codes are uint16: logprobs below -1023.98 nats (65535 s
 # - 1: ids as fixed-width ints; codes as two uint16 byte planes (`_layout1`).
 # - 2: ids as references to the same id in the previous rows or literals; codes as bytes
 #   (`_layout2`). On real SmolLM2 rows 3-4 % fewer top-k bytes at the same zstd level, for
-#   ~1.4x layout 1's encode + write time and ~1.5-2x its read + decode time.
+#   1.35-2.1x layout 1's encode + write time and 1.5-2x its read + decode time.
 TOPK_LAYOUTS = (1, 2)
 TOPK_LAYOUT = 2
 
