@@ -16,6 +16,10 @@ them, so this is exactly a full-vocabulary student with those values; (b) with `
 a real model's distribution at the same positions (transformers, teacher forcing on
 `prompt_token_ids + response_token_ids`).
 
+First, the quantized encoding's byte layouts (`corpus.TOPK_LAYOUTS`) side by side on the same
+rows: B per top-k entry of the ids and of the logprob codes, and the seconds to encode + write
+and to read + decode the corpus (median of `--repeat`), new / old as ratios.
+
     python benchmarks/storage.py --corpus DIR [--student DIR]
     python benchmarks/storage.py [--teacher DIR] [--prompts N] [--max-tokens N] [--quick]   # generates one first
 
@@ -29,7 +33,9 @@ import argparse
 import json
 import math
 import os
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +96,46 @@ def rewrite(source: Path, encoding: str, out: Path) -> dict[str, int]:
     corpus.write_manifest(out, manifest)
     corpus.validate(out)
     return sizes
+
+
+def compare_layouts(source: Path, work: Path, repeat: int) -> dict[int, dict[str, float]]:
+    """Per quantized top-k layout: B per entry of the ids and of the codes (`source` rewritten in
+    shards of SHARD_RECORDS), seconds to encode + write and to read + decode it all (median of
+    `repeat`); every layout must decode to the same ids and logprobs."""
+    from distill import corpus
+
+    k = corpus.read_manifest(source).generation.top_k
+    logical = corpus.read_table(source)
+    entries = corpus.corpus_stats(source).response_tokens * k
+    times: dict[int, dict[str, list[float]]] = {layout: {"write": [], "read": []} for layout in corpus.TOPK_LAYOUTS}
+    out, decoded = {}, {}
+    for _ in range(repeat):  # the layouts take turns: a change in the machine's load hits both
+        for layout in corpus.TOPK_LAYOUTS:
+            root = work / f"layout-{layout}"
+            started = time.perf_counter()
+            paths = [corpus.write_shard(root, index, corpus.encode(logical.slice(start, SHARD_RECORDS), k, "quantized", layout))
+                     for index, start in enumerate(range(0, logical.num_rows, SHARD_RECORDS))]
+            times[layout]["write"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            back = [corpus.read_shard(p, ["topk_token_ids", "topk_logprobs"]) for p in paths]
+            times[layout]["read"].append(time.perf_counter() - started)
+            sizes = [column_bytes(p) for p in paths]
+            decoded[layout] = [(t["topk_token_ids"].to_pylist(), t["topk_logprobs"].to_pylist()) for t in back]
+            assert decoded[layout] == decoded[corpus.TOPK_LAYOUTS[0]], f"layout {layout} decodes to other values"
+            ids, codes = (sum(s[c] for s in sizes) / entries for c in (corpus.PACKED_IDS, corpus.LOGPROB_CODES))
+            out[layout] = {"ids": ids, "codes": codes, "top-k": ids + codes,
+                           **{name: statistics.median(t) for name, t in times[layout].items()}}
+    old, new = out[min(out)], out[max(out)]
+    print(f"\nquantized top-k layouts, {entries // k} response tokens x k={k} "
+          f"(zstd level {corpus.TOPK_ZSTD_LEVEL}, shards of {SHARD_RECORDS} records)")
+    print(f"{'':<26}" + "".join(f"{f'layout {n}':>12}" for n in out) + f"{'new / old':>12}")
+    labels = {"ids": "ids (B/entry)", "codes": "logprob codes (B/entry)", "top-k": "top-k data (B/entry)",
+              "write": "encode + write (s)", "read": "read + decode (s)"}
+    for name, label in labels.items():
+        print(f"{label:<26}" + "".join(f"{row[name]:>12.3f}" for row in out.values())
+              + f"{new[name] / old[name]:>12.3f}")
+    print(f"{'written tokens/s':<26}" + "".join(f"{entries / k / row['write']:>12,.0f}" for row in out.values()))
+    return out
 
 
 def topk(root: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -180,7 +226,8 @@ def main(argv: list[str] | None = None) -> list[Headline]:
     ap.add_argument("--top-k", type=int, default=20)
     ap.add_argument("--student", type=Path, help="also measure the loss against this model's distribution")
     ap.add_argument("--vocab-size", type=int, help="for DistillKit's id width (default: the teacher's config)")
-    args = parse_args(ap, argv, quick={"prompts": 16, "max_tokens": 64})
+    ap.add_argument("--repeat", type=int, default=3, help="the layout comparison's timings: median of this many")
+    args = parse_args(ap, argv, quick={"prompts": 16, "max_tokens": 64, "repeat": 1})
 
     from distill import corpus
 
@@ -199,6 +246,9 @@ def main(argv: list[str] | None = None) -> list[Headline]:
     vocab = vocab or int(ref_ids.max()) + 1
     print(f"corpus {source}: {stats.records} records, {tokens} response tokens, k={k}, vocab {vocab}, "
           f"teacher {manifest.teacher.model}")
+
+    layouts = compare_layouts(source, work, args.repeat)
+    old, new = layouts[min(layouts)], layouts[max(layouts)]
 
     top_cols = {"topk_token_ids", "topk_logprobs", corpus.PACKED_IDS, corpus.LOGPROB_CODES}
     decoded, sizes = {}, {}
@@ -241,7 +291,9 @@ def main(argv: list[str] | None = None) -> list[Headline]:
             worst_loss_error[name] = max(worst_loss_error[name], *rel)
             print(f"{name:<26}" + "".join(f"{r:>12.1e}" for r in rel))
     whole = per_token["whole corpus"]
-    return [Headline(f"whole corpus, {encoding}, bytes per response token", f"{whole[encoding]:.1f} B",
+    return [Headline(f"top-k data, quantized layout {max(layouts)}, B per entry", f"{new['top-k']:.2f} B",
+                     f"{new['top-k'] / old['top-k']:.3f} of layout {min(layouts)} ({old['top-k']:.2f} B), "
+                     f"write time {new['write'] / old['write']:.2f}x; the issue's target: <= 2.0 B on SmolLM2")] + [Headline(f"whole corpus, {encoding}, bytes per response token", f"{whole[encoding]:.1f} B",
                      f"{whole[encoding] / whole['float32']:.2f} of float32; KD loss error <= "
                      f"{worst_loss_error[encoding]:.1e}") for encoding in ("float16", "quantized")]
 

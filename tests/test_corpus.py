@@ -1,6 +1,8 @@
 """The corpus contract: writer, reader and a validator that catches every broken invariant."""
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -77,6 +79,124 @@ def test_quantized_error_bounds_on_teacher_like_rows(tmp_path):
     tail, tail_back = 1 - np.exp(exact).sum(1), 1 - np.exp(got).sum(1)
     small = tail <= 0.5
     assert np.all(np.abs(tail_back - tail)[small] <= 0.008 * tail[small] + 1e-6)
+
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("width", ["w2", "w3"])
+def test_layout1_shards_still_read_identically(width):
+    """tests/data/quantized-layout1-*.parquet were written by the layout-1 codec of c11cb65
+    (`records_to_table`, before the footer named a layout; k = 4, 3-byte ids in w3, an empty
+    response, -inf, a row repeated); the JSON holds what that codec decoded them to. Re-encoded,
+    they come back the same in layout 2."""
+    path = DATA / f"quantized-layout1-{width}.parquet"
+    expected = json.loads((DATA / "quantized-layout1.json").read_text())[width]
+    params = corpus.shard_encoding(pq.read_schema(path))
+    assert "layout" not in params
+    back = corpus.read_shard(path)
+    assert back["topk_token_ids"].to_pylist() == expected["topk_token_ids"]
+    assert back["topk_logprobs"].to_pylist() == expected["topk_logprobs"]
+    encoded = corpus.encode(back, params["k"], "quantized")
+    assert corpus.shard_encoding(encoded.schema)["layout"] == corpus.TOPK_LAYOUT == 2
+    again = corpus.decode(encoded)
+    assert again["topk_token_ids"].to_pylist() == expected["topk_token_ids"]
+    assert again["topk_logprobs"].to_pylist() == expected["topk_logprobs"]
+
+
+def test_a_corpus_of_both_layouts_reads_in_every_reader(tmp_path):
+    """A corpus begun by a layout-1 distill and resumed by a layout-2 one: each shard decodes with
+    its own footer, in `load_dataset` (one decoder per dataset) too."""
+    root = make_corpus(tmp_path / "c", [record(0), record(1)])
+    shutil.copy(DATA / "quantized-layout1-w2.parquet", root / "data" / "part-00001.parquet")
+    expected = json.loads((DATA / "quantized-layout1.json").read_text())["w2"]
+    table = corpus.read_table(root)
+    assert table["topk_token_ids"].to_pylist()[2:] == expected["topk_token_ids"]
+    dataset = corpus.load_dataset(root)
+    assert [[list(row) for row in rows] for rows in dataset["topk_token_ids"]] == table["topk_token_ids"].to_pylist()
+    assert [[list(row) for row in rows] for rows in dataset["topk_logprobs"]] == table["topk_logprobs"].to_pylist()
+
+
+def repeating_rows(rng, n: int, k: int, vocab: int) -> np.ndarray:
+    """Top-k id rows whose ids recur as a teacher's do: from the row before (in other slots), from
+    rows further up, or new."""
+    rows = np.zeros((n, k), dtype=np.int64)
+    for t in range(n):
+        pool = rows[max(0, t - 20):t].reshape(-1)
+        row = list(dict.fromkeys(rng.choice(pool, size=min(len(pool), k)).tolist())) if t and rng.random() < 0.8 else []
+        while len(row) < k:
+            new = int(rng.integers(vocab))
+            if new not in row:
+                row.append(new)
+        rows[t] = rng.permutation(row[:k])
+    return rows
+
+
+@pytest.mark.parametrize("k, vocab, referenced", [(20, 49_152, True), (20, 70_000, True), (4, 6, None), (1, 3, None),
+                                                (13, 500, True), (300, 1_000, False)])
+def test_layouts_store_the_same_values(k, vocab, referenced):
+    """Layout 2 (references to earlier rows, byte codes) decodes to exactly what layout 1 does:
+    ids identical to the input, logprobs the same grid values; with ids recurring across rows and
+    far up (beyond 255 // k rows), ids past 65,535, rows of k = 1 and k > 255, empty responses,
+    differences of 255 and more (escaped) and -inf. `referenced`: whether the writer uses
+    references (None: either; k > 255 leaves no reference byte)."""
+    rng = np.random.default_rng(k + vocab)
+    recs = []
+    for i, n in enumerate([0, 1, 2, 40, 0, 7, 200]):
+        ids = repeating_rows(rng, n, k, vocab) if vocab >= k else rng.permuted(np.tile(np.arange(k), (n, 1)), axis=1)
+        lps = np.sort(np.log(rng.dirichlet(np.full(k + 1, 0.2), size=n))[:, :k], axis=1)[:, ::-1] * rng.uniform(0.5, 40)
+        if n:
+            lps[-1, -1] = -np.inf
+        recs.append(record(i, k=k, topk_ids=ids, topk_logprobs=lps.astype(np.float32)))
+    logical = corpus.records_to_table(recs, k, "float32")
+    stored = corpus.encode(logical, k, "quantized", layout=2)
+    references = [blob[:len(r["topk_token_ids"]) * k] for blob, r in zip(stored[corpus.PACKED_IDS].to_pylist(), recs)]
+    assert referenced is None or any(any(b) for b in references) == referenced
+    old, new = corpus.decode(corpus.encode(logical, k, "quantized", layout=1)), corpus.decode(stored)
+    assert new["topk_token_ids"].to_pylist() == [r["topk_token_ids"].tolist() for r in recs]
+    assert new["topk_token_ids"].to_pylist() == old["topk_token_ids"].to_pylist()
+    assert new["topk_logprobs"].to_pylist() == old["topk_logprobs"].to_pylist()
+    got = np.array(corpus.leaves(new["topk_logprobs"]), dtype=np.float64)
+    sent = np.concatenate([r["topk_logprobs"].reshape(-1) for r in recs]).astype(np.float64)
+    held = sent > -1000  # below -1023.98 (and -inf) is stored as -1023.98
+    assert np.all(np.abs(got - sent)[held] <= corpus.logprob_tolerance("quantized", sent[held]) + 1e-6)
+
+
+def test_layout2_stores_plain_ids_where_references_do_not_pay():
+    """Over a few hundred ids (the demo teacher's 402, Zipf-drawn) a 2-byte id compresses better
+    than a reference to it: the writer stores every id as a literal (reference bytes all 0)."""
+    rng = np.random.default_rng(0)
+    p = 1 / np.arange(1, 403) ** 1.1
+    recs = [record(i, k=20, topk_ids=np.stack([rng.choice(402, size=20, replace=False, p=p / p.sum()) for _ in range(60)]))
+            for i in range(5)]
+    table = corpus.records_to_table(recs, 20)
+    assert not any(any(blob[:60 * 20]) for blob in table[corpus.PACKED_IDS].to_pylist())
+    assert corpus.decode(table)["topk_token_ids"].to_pylist() == [r["topk_token_ids"].tolist() for r in recs]
+
+def test_layout2_names_the_record_of_corrupted_bytes():
+    recs = [record(0, n_tokens=3), record(1, n_tokens=3)]
+    table = corpus.records_to_table(recs, K)
+    ids, codes = table[corpus.PACKED_IDS].to_pylist(), table[corpus.LOGPROB_CODES].to_pylist()
+
+    def broken(column: str, values: list) -> pa.Table:
+        return table.set_column(table.column_names.index(column), column, pa.array(values, pa.large_binary()))
+
+    cases = [
+        (corpus.LOGPROB_CODES, [codes[0], codes[1][:-1]], r"record 'r1': top-k byte strings .* corrupted"),
+        (corpus.LOGPROB_CODES, [codes[0], codes[1] + b"\0"], r"record 'r1': .* do not hold 7 bytes per row"),
+        (corpus.LOGPROB_CODES, [codes[0], codes[1][:2]], r"record 'r1': .* too short to hold a length"),
+        (corpus.PACKED_IDS, [ids[0], ids[1][:-1]], r"record 'r1': .* literal id bytes"),
+        # row 0's first id, a literal, made a reference ("slot 0, one row up"): there is no row above
+        (corpus.PACKED_IDS, [ids[0], bytes([1]) + ids[1][1:3 * K] + ids[1][3 * K + 2:]],
+         r"record 'r1': .* a reference to no earlier row of the record"),
+    ]
+    for column, values, message in cases:
+        with pytest.raises(corpus.CorpusError, match=message):
+            corpus.decode(broken(column, values))
+    newer = table.replace_schema_metadata({corpus.ENCODING_KEY: json.dumps(
+        {**corpus.shard_encoding(table.schema), "layout": 3}).encode()})
+    with pytest.raises(corpus.CorpusError, match=r"top-k layout 3 is unknown .* newer distill"):
+        corpus.decode(newer)
 
 
 def test_quantized_writer_refuses_what_it_cannot_store():

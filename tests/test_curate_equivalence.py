@@ -74,7 +74,9 @@ def planted_records() -> list[list[dict]]:
 
 def build(root: Path, encoding: str) -> Path:
     for index, records in enumerate(planted_records()):
-        corpus.write_shard(root, index, corpus.records_to_table(records, K, encoding))
+        # top-k layout 1, as when the expectations were recorded: curate copies stored bytes in any layout
+        logical = corpus.records_to_table(records, K, "float32")
+        corpus.write_shard(root, index, corpus.encode(logical, K, encoding, layout=1))
     corpus.write_manifest(root, corpus.Manifest(teacher={"model": "t"}, generation={"top_k": K, "logprob_encoding": encoding},
                                                 stats=corpus.corpus_stats(root)))
     return root

@@ -227,3 +227,31 @@ def test_wrong_lengths_non_finite_values_and_bad_counts_are_always_detected(buil
         except corpus.CorpusError:
             return
         raise AssertionError(f"validate passed a corpus with a {kind} corruption")
+
+
+# -- top-k byte layouts -----------------------------------------------------------------------------
+
+
+@st.composite
+def topk_records(draw) -> tuple[list[dict], int]:
+    """Records whose top-k ids are drawn from a few values (so they repeat within rows, across
+    neighbouring rows and far up) or from the whole 3-byte range, with any sorted logprobs."""
+    k = draw(st.integers(1, 8))
+    pool = draw(st.lists(st.integers(0, 2**24 - 1), min_size=1, max_size=12))
+    ids = st.sampled_from(pool) | st.integers(0, 2**24 - 1)
+    out = []
+    for i, n in enumerate(draw(st.lists(st.integers(0, 40), min_size=1, max_size=3))):
+        rows = [draw(st.lists(ids, min_size=k, max_size=k)) for _ in range(n)]
+        logprobs = [sorted(draw(st.lists(st.floats(-2000, 0), min_size=k, max_size=k)), reverse=True) for _ in range(n)]
+        out.append(record(i, k=k, topk_ids=rows, topk_logprobs=logprobs))
+    return out, k
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(topk_records())
+def test_every_top_k_layout_decodes_to_the_same_values(built):
+    recs, k = built
+    logical = corpus.records_to_table(recs, k, "float32")
+    old, new = (corpus.decode(corpus.encode(logical, k, "quantized", layout)) for layout in corpus.TOPK_LAYOUTS)
+    assert new["topk_token_ids"].to_pylist() == logical["topk_token_ids"].to_pylist()
+    assert new["topk_logprobs"].to_pylist() == old["topk_logprobs"].to_pylist()

@@ -48,6 +48,15 @@ TAIL_STEP = 2.0**-6  # grid of log(mass outside the top-k), nats
 # measured what coarser / finer grids cost in bytes and KD-loss error
 QUANTIZED_MAX_ERROR = QUANT_STEP
 _CODE_MAX = 2**16 - 1  # codes are uint16: logprobs below -1023.98 nats (65535 steps; -inf) store as that
+# The byte layout of the two quantized columns (the footer's `layout`; absent: 1). Both hold the
+# same values (ids exact, the same logprob codes); readers decode either. `encode` writes
+# TOPK_LAYOUT; layout 1 stays writable for benchmarks/storage.py's old-vs-new comparison.
+# - 1: ids as fixed-width ints; codes as two uint16 byte planes (`_layout1`).
+# - 2: ids as references to the same id in the previous rows or literals; codes as bytes
+#   (`_layout2`). On real SmolLM2 rows 3-4 % fewer top-k bytes at the same zstd level, for
+#   1.35-2.1x layout 1's encode + write time and 1.5-2x its read + decode time.
+TOPK_LAYOUTS = (1, 2)
+TOPK_LAYOUT = 2
 
 
 class CorpusError(ValueError):
@@ -140,10 +149,11 @@ def records_to_table(records: Sequence[dict[str, Any]], k: int, encoding: str = 
     return encode(pa.table(columns, schema=schema), k, encoding)
 
 
-def encode(table: pa.Table, k: int, encoding: str) -> pa.Table:
-    """A logical table (as readers return it) -> the stored form of `encoding`. A decoded
-    `quantized` table encodes back to the same grid points, so its values stay within the bound of
-    the original float32 ones (copy stored shards as they are where you can, as curation does)."""
+def encode(table: pa.Table, k: int, encoding: str, layout: int = TOPK_LAYOUT) -> pa.Table:
+    """A logical table (as readers return it) -> the stored form of `encoding` (`quantized`: in
+    byte `layout`). A decoded `quantized` table encodes back to the same grid points, so its values
+    stay within the bound of the original float32 ones (copy stored shards as they are where you
+    can, as curation does)."""
     if encoding not in LOGPROB_ENCODINGS:
         raise ValueError(f"logprob encoding must be one of {LOGPROB_ENCODINGS}, got {encoding!r}")
     schema = arrow_schema(encoding, loss_mask="loss_mask" in table.column_names,
@@ -151,29 +161,30 @@ def encode(table: pa.Table, k: int, encoding: str) -> pa.Table:
     extra = [n for n in table.column_names if n not in schema.names and n not in ("topk_token_ids", "topk_logprobs")]
     columns = {}
     if encoding == "quantized":
-        columns[PACKED_IDS], columns[LOGPROB_CODES] = _pack_topk(table, k)
+        columns[PACKED_IDS], columns[LOGPROB_CODES] = _pack_topk(table, k, layout)
     for name in schema.names:
         if name not in columns:
             columns[name] = table[name].cast(schema.field(name).type)
     for name in extra:  # e.g. `reject_reason` of rejected records
         schema = schema.append(table.schema.field(name))
         columns[name] = table[name]
-    meta = {ENCODING_KEY: json.dumps({"encoding": encoding, "k": k, "step": QUANT_STEP, "tail_step": TAIL_STEP}
-                                     if encoding == "quantized" else {"encoding": encoding}).encode()}
+    # layout 1 shards were written before the key existed: leaving it out keeps them byte-identical
+    quantized = {"encoding": encoding, "k": k, "step": QUANT_STEP, "tail_step": TAIL_STEP} | \
+        ({} if layout == 1 else {"layout": layout})
+    meta = {ENCODING_KEY: json.dumps(quantized if encoding == "quantized" else {"encoding": encoding}).encode()}
     return pa.table([columns[n] for n in schema.names], schema=schema.with_metadata(meta))
 
 
-def _pack_topk(table: pa.Table, k: int) -> tuple[pa.Array, pa.Array]:
-    """The quantized encoding: per record, two byte strings.
+def _pack_topk(table: pa.Table, k: int, layout: int) -> tuple[pa.Array, pa.Array]:
+    """The quantized encoding: per record, two byte strings (`topk_token_ids_packed`,
+    `topk_logprob_codes`) in byte `layout`.
 
-    `topk_token_ids_packed`: the T*k ids, row after row, as little-endian unsigned ints of 2
-    bytes (3 when the table holds an id >= 65536). Exact.
-
-    `topk_logprob_codes`: T*(k+1) uint16 codes stored as two byte planes (every high byte, then
-    every low byte: zstd sees the nearly all-zero high plane apart). Per response token: first
-    the tail code round(-log(1 - sum_i p_i) / TAIL_STEP) (_CODE_MAX when the top-k hold all the
-    mass), then q_0, q_1 - q_0, ..., q_{k-1} - q_{k-2} with q_i = round(-logprob_i / QUANT_STEP);
-    rows are best first, so the differences are small non-negative ints (~5 bits of entropy)."""
+    The values: the T*k ids, exact; and per response token k+1 uint16 codes: first the tail code
+    round(-log(1 - sum_i p_i) / TAIL_STEP) (_CODE_MAX when the top-k hold all the mass), then q_0,
+    q_1 - q_0, ..., q_{k-1} - q_{k-2} with q_i = round(-logprob_i / QUANT_STEP); rows are best
+    first, so the differences are small non-negative ints (~5 bits of entropy)."""
+    if layout not in TOPK_LAYOUTS:
+        raise ValueError(f"top-k layout must be one of {TOPK_LAYOUTS}, got {layout!r}")
     names = table["id"].to_pylist()
     ids_col, lp_col = table["topk_token_ids"].combine_chunks(), table["topk_logprobs"].combine_chunks()
     for name, col in (("topk_token_ids", ids_col), ("topk_logprobs", lp_col)):
@@ -200,14 +211,21 @@ def _pack_topk(table: pa.Table, k: int) -> tuple[pa.Array, pa.Array]:
     refuse(np.isnan(lps) | (lps > 1e-3), "a NaN or positive top-k logprob")
     refuse(np.diff(lps, axis=1) > 1e-3, "top-k logprobs not sorted best first")
     width = 2 if ids.size == 0 or ids.max() < 2**16 else 3
-    id_bytes = ids.astype("<u4").view(np.uint8).reshape(-1, 4)[:, :width].reshape(-1)
 
     with np.errstate(divide="ignore", invalid="ignore"):
         tail = -np.expm1(_logsumexp(lps))  # the mass outside the top-k
         tail_code = np.where(tail > 0, np.round(-np.log(tail) / TAIL_STEP), _CODE_MAX)
     q = np.maximum.accumulate(np.clip(np.round(-lps / QUANT_STEP), 0, _CODE_MAX), axis=1)  # -inf -> _CODE_MAX
     codes = np.concatenate([np.clip(tail_code, 0, _CODE_MAX)[:, None], np.diff(q, axis=1, prepend=0)], axis=1)
-    codes = codes.astype(np.uint16).reshape(-1)
+    pack = _layout1 if layout == 1 else _layout2
+    return pack(ids, codes.astype(np.int64), tokens, k, width)
+
+
+def _layout1(ids: np.ndarray, codes: np.ndarray, tokens: np.ndarray, k: int, width: int) -> tuple[pa.Array, pa.Array]:
+    """Layout 1. Ids: row after row, little-endian unsigned ints of `width` bytes. Codes: the
+    T*(k+1) uint16 codes as two byte planes (every high byte, then every low byte)."""
+    id_bytes = ids.astype("<u4").view(np.uint8).reshape(-1, 4)[:, :width].reshape(-1)
+    codes = codes.reshape(-1)
     # byte planes per record: record r's codes [a_r, b_r) -> high bytes at a_r + j, low bytes at b_r + j
     starts = np.concatenate([[0], np.cumsum(tokens)]) * (k + 1)
     a, b = np.repeat(starts[:-1], tokens * (k + 1)), np.repeat(starts[1:], tokens * (k + 1))
@@ -216,6 +234,92 @@ def _pack_topk(table: pa.Table, k: int) -> tuple[pa.Array, pa.Array]:
     planes[a + j], planes[b + j] = codes >> 8, codes & 0xFF
     return (_binary(id_bytes, np.concatenate([[0], np.cumsum(tokens)]) * k * width),
             _binary(planes, 2 * starts))
+
+
+def _max_back(k: int) -> int:
+    """Layout 2: how many rows back an id may be referenced (a reference is one byte, 1..255)."""
+    return 255 // k
+
+
+def _layout2(ids: np.ndarray, codes: np.ndarray, tokens: np.ndarray, k: int, width: int) -> tuple[pa.Array, pa.Array]:
+    """Layout 2: the slot order is kept (it is the rank, and the codes follow it).
+
+    Ids: T*k reference bytes, row after row, then the literal ids as little-endian ints of
+    `width` bytes. A reference 1 + (d - 1) * k + j says "the id in slot j, d rows up" (the
+    latest such row; d <= 255 // k); 0 says "the next literal". A teacher's top-k at
+    neighbouring positions share ids: on real SmolLM2 rows (k = 20) about half of the ids are
+    references, and the ids take 5 % fewer bytes after zstd than layout 1's (benchmarks/storage.py).
+
+    Codes: T as uint32 LE (the one length the reader cannot infer), then the tail codes' high
+    bytes, q_0's high bytes, the tail codes' low bytes, q_0's low bytes (T each), then the k-1
+    differences as one byte each, row after row, 255 meaning "escaped": the escaped values
+    follow as uint16, high bytes then low bytes. k + 3 bytes per row before zstd where layout 1
+    had 2(k + 1) (its high plane nearly all zero); 2-3 % fewer after."""
+    n = len(ids)
+    record_of = np.repeat(np.arange(len(tokens)), tokens)
+    first_row = np.concatenate([[0], np.cumsum(tokens)])
+    # the latest earlier occurrence of each id in its record: a stable sort by (record, id)
+    flat, entry = ids.reshape(-1), np.arange(n * k)
+    key = (np.repeat(record_of, k) << 24) | flat  # ids < 2**24 (checked)
+    order = np.argsort(key, kind="stable")
+    repeat = np.zeros(n * k, dtype=bool)
+    repeat[1:] = key[order[1:]] == key[order[:-1]]
+    earlier = np.full(n * k, -1)
+    earlier[order[repeat]] = order[np.flatnonzero(repeat) - 1]
+    back = entry // k - earlier // k
+    hit = (earlier >= 0) & (back >= 1) & (back <= _max_back(k))  # an id twice in one row: a literal
+    refs = np.where(hit, 1 + (back - 1) * k + earlier % k, 0).astype(np.uint8)
+    plain = flat.astype("<u4").view(np.uint8).reshape(-1, 4)[:, :width]
+    # References pay where ids are costly and recur (a real teacher's vocabulary); over a few
+    # hundred ids a plain id is cheaper than its reference (benchmarks/storage.py on the tiny
+    # teacher, topk_zstd_level.py's Zipf rows: 4-8 % more bytes). Keep them only where they shrink
+    # the bytes' order-0 entropy, which ranked the two as zstd did on all of those; without
+    # them the reference bytes are all 0 and cost next to nothing after zstd.
+    if _entropy(np.concatenate([refs, plain[~hit].reshape(-1)])) >= _entropy(plain.reshape(-1)):
+        hit[:], refs[:] = False, 0
+    literals = plain[~hit]
+    literal_count = np.bincount(record_of, weights=(~hit).reshape(n, k).sum(1), minlength=len(tokens)).astype(np.int64)
+    id_len = tokens * k + literal_count * width
+    ref_at = _spread(np.concatenate([[0], np.cumsum(id_len)])[:-1], tokens * k)
+    literal_at = _spread(np.concatenate([[0], np.cumsum(id_len)])[:-1] + tokens * k, literal_count * width)
+    id_bytes = np.empty(int(id_len.sum()), dtype=np.uint8)
+    id_bytes[ref_at], id_bytes[literal_at] = refs, literals.reshape(-1)
+
+    stored = codes[:, 2:].reshape(-1)  # the k-1 differences per row
+    escaped = stored >= 255
+    escape_count = np.bincount(np.repeat(np.arange(len(tokens)), (k - 1) * tokens), weights=escaped,
+                               minlength=len(tokens)).astype(np.int64)
+    code_len = 4 + (k + 3) * tokens + 2 * escape_count
+    starts = np.concatenate([[0], np.cumsum(code_len)])[:-1]
+    out = np.empty(int(code_len.sum()), dtype=np.uint8)
+    out[_spread(starts, np.full(len(tokens), 4))] = tokens.astype("<u4").view(np.uint8)
+    heads = np.stack([codes[:, 0] >> 8, codes[:, 1] >> 8, codes[:, 0] & 0xFF, codes[:, 1] & 0xFF])  # [4, n]
+    head_at = starts[record_of] + 4 + (np.arange(n) - first_row[record_of])  # + part * T
+    for part in range(4):
+        out[head_at + part * tokens[record_of]] = heads[part]
+    out[_spread(starts + 4 + 4 * tokens, (k - 1) * tokens)] = np.minimum(stored, 255)
+    values = stored[escaped]
+    escape_at = _spread(starts + 4 + (k + 3) * tokens, escape_count)
+    out[escape_at] = values >> 8
+    out[escape_at + np.repeat(escape_count, escape_count)] = values & 0xFF
+    return _binary(id_bytes, np.concatenate([[0], np.cumsum(id_len)])), _binary(out, np.concatenate([[0], np.cumsum(code_len)]))
+
+
+def _entropy(data: np.ndarray) -> float:
+    """The order-0 entropy of a byte array, in bytes: about what zstd's entropy stage makes of it."""
+    counts = np.bincount(data, minlength=256)
+    p = counts[counts > 0] / max(len(data), 1)
+    return float(-(p * np.log2(p)).sum() * len(data) / 8)
+
+
+def _spread(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """[starts[0], starts[0] + 1, ..., starts[0] + counts[0] - 1, starts[1], ...]: the positions of
+    consecutive runs, for every run at once."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if not counts.sum():
+        return np.zeros(0, dtype=np.int64)
+    first = np.concatenate([[0], np.cumsum(counts)])[:-1]
+    return np.repeat(np.asarray(starts, dtype=np.int64) - first, counts) + np.arange(int(counts.sum()))
 
 
 def _binary(data: np.ndarray, offsets: np.ndarray) -> pa.Array:
@@ -244,29 +348,15 @@ def _unpack_topk(data: pa.Table | pa.RecordBatch, params: dict) -> tuple[pa.Arra
     """Inverse of `_pack_topk`: the logical `topk_token_ids` and `topk_logprobs` (float32).
     Raises `CorpusError` naming the record when the byte strings do not fit together."""
     k, step, tail_step = params["k"], params["step"], params["tail_step"]
+    layout = params.get("layout", 1)
+    if layout not in TOPK_LAYOUTS:
+        raise CorpusError(f"top-k layout {layout!r} is unknown (this distill reads {TOPK_LAYOUTS}): "
+                          "written by a newer distill?")
     names = data["id"].to_pylist() if "id" in data.column_names else list(range(data.num_rows))
     planes, code_offsets = _blobs(data[LOGPROB_CODES])
     id_bytes, id_offsets = _blobs(data[PACKED_IDS])
-    code_len, id_len = np.diff(code_offsets), np.diff(id_offsets)
-    tokens = code_len // (2 * (k + 1))
-    width = np.where(tokens > 0, id_len // np.maximum(tokens * k, 1), 2)
-    bad = (code_len % (2 * (k + 1)) != 0) | (id_len != tokens * k * width) | ~np.isin(width, (2, 3))
-    if bad.any():
-        r = int(np.argmax(bad))
-        raise CorpusError(f"record {names[r]!r}: top-k byte strings of {id_len[r]} (ids) and {code_len[r]} (codes) "
-                          f"bytes do not hold whole rows of k={k}: corrupted")
-    n = int(tokens.sum())
-    starts = np.concatenate([[0], np.cumsum(tokens)]) * (k + 1)
-    a, b = np.repeat(starts[:-1], tokens * (k + 1)), np.repeat(starts[1:], tokens * (k + 1))
-    j = np.arange(n * (k + 1))
-    codes = ((planes[a + j].astype(np.int64) << 8) | planes[b + j]).reshape(n, k + 1)
-    # ids: 2 or 3 bytes each (the width may differ between records of different shards)
-    id_width = np.repeat(width, tokens * k)
-    first = np.repeat(np.concatenate([[0], np.cumsum(tokens * k)])[:-1], tokens * k)  # its record's first id
-    at = np.repeat(id_offsets[:-1], tokens * k) + (np.arange(n * k) - first) * id_width
-    ids = id_bytes[at].astype(np.int64) | (id_bytes[at + 1].astype(np.int64) << 8)
-    wide = id_width == 3
-    ids[wide] |= id_bytes[at[wide] + 2].astype(np.int64) << 16
+    unpack = _unlayout1 if layout == 1 else _unlayout2
+    ids, codes, tokens = unpack(id_bytes, id_offsets, planes, code_offsets, k, names)
 
     grid = -np.cumsum(codes[:, 1:], axis=1) * step
     tail = np.exp(-codes[:, 0] * tail_step)  # the stored mass outside the top-k
@@ -278,7 +368,107 @@ def _unpack_topk(data: pa.Table | pa.RecordBatch, params: dict) -> tuple[pa.Arra
     shift = np.where(empty | (tail <= 0.5), target - _logsumexp(grid), 0.0)
     shift = np.clip(shift, -0.499 * step, 0.499 * step)  # re-encoding rounds back to the same grid point
     logprobs = (grid + shift[:, None]).astype(np.float32)
-    return _nested(ids.astype(np.int32), tokens, k, pa.int32()), _nested(logprobs.reshape(-1), tokens, k, pa.float32())
+    return _nested(ids.reshape(-1).astype(np.int32), tokens, k, pa.int32()), _nested(logprobs.reshape(-1), tokens, k, pa.float32())
+
+
+def _corrupted(names: list, record: int, id_len: np.ndarray, code_len: np.ndarray, why: str) -> CorpusError:
+    return CorpusError(f"record {names[record]!r}: top-k byte strings of {id_len[record]} (ids) and {code_len[record]} "
+                       f"(codes) bytes {why}: corrupted")
+
+
+def _unlayout1(id_bytes, id_offsets, planes, code_offsets, k, names) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Layout 1's byte strings -> (ids [n, k], codes [n, k+1], tokens per record)."""
+    code_len, id_len = np.diff(code_offsets), np.diff(id_offsets)
+    tokens = code_len // (2 * (k + 1))
+    width = np.where(tokens > 0, id_len // np.maximum(tokens * k, 1), 2)
+    bad = (code_len % (2 * (k + 1)) != 0) | (id_len != tokens * k * width) | ~np.isin(width, (2, 3))
+    if bad.any():
+        raise _corrupted(names, int(np.argmax(bad)), id_len, code_len, f"do not hold whole rows of k={k}")
+    n = int(tokens.sum())
+    starts = np.concatenate([[0], np.cumsum(tokens)]) * (k + 1)
+    a, b = np.repeat(starts[:-1], tokens * (k + 1)), np.repeat(starts[1:], tokens * (k + 1))
+    j = np.arange(n * (k + 1))
+    codes = ((planes[a + j].astype(np.int64) << 8) | planes[b + j]).reshape(n, k + 1)
+    # ids: 2 or 3 bytes each (the width may differ between records of different shards)
+    id_width = np.repeat(width, tokens * k)
+    first = np.repeat(np.concatenate([[0], np.cumsum(tokens * k)])[:-1], tokens * k)  # its record's first id
+    at = np.repeat(id_offsets[:-1], tokens * k) + (np.arange(n * k) - first) * id_width
+    return _ints(id_bytes, at, id_width).reshape(n, k), codes, tokens
+
+
+def _ints(data: np.ndarray, at: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """The little-endian ints of 2 or 3 bytes (`width`, per int) starting at `at`."""
+    ints = data[at].astype(np.int64) | (data[at + 1].astype(np.int64) << 8)
+    wide = width == 3
+    ints[wide] |= data[at[wide] + 2].astype(np.int64) << 16
+    return ints
+
+
+def _unlayout2(id_bytes, id_offsets, out, code_offsets, k, names) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Layout 2's byte strings (see `_layout2`) -> (ids [n, k], codes [n, k+1], tokens per record)."""
+    code_len, id_len = np.diff(code_offsets), np.diff(id_offsets)
+    records = len(code_len)
+    short = code_len < 4
+    if short.any():
+        raise _corrupted(names, int(np.argmax(short)), id_len, code_len, "are too short to hold a length")
+    tokens = _spread(code_offsets[:-1], np.full(records, 4))
+    tokens = out[tokens].reshape(records, 4).copy().view("<u4").reshape(-1).astype(np.int64)
+    fits = (code_len >= 4 + (k + 3) * tokens) & (id_len >= tokens * k)
+    if not fits.all():
+        raise _corrupted(names, int(np.argmax(~fits)), id_len, code_len, f"are too short for their rows of k={k}")
+    n = int(tokens.sum())
+    record_of = np.repeat(np.arange(records), tokens)
+    first_row = np.concatenate([[0], np.cumsum(tokens)])
+    starts = code_offsets[:-1]
+
+    # codes
+    stored = out[_spread(starts + 4 + 4 * tokens, (k - 1) * tokens)].astype(np.int64)
+    escaped = stored == 255
+    escape_count = np.bincount(np.repeat(np.arange(records), (k - 1) * tokens), weights=escaped,
+                               minlength=records).astype(np.int64)
+    bad = code_len != 4 + (k + 3) * tokens + 2 * escape_count
+    if bad.any():
+        raise _corrupted(names, int(np.argmax(bad)), id_len, code_len,
+                         f"do not hold {k + 3} bytes per row plus the escaped differences")
+    escape_at = _spread(starts + 4 + (k + 3) * tokens, escape_count)
+    stored[escaped] = (out[escape_at].astype(np.int64) << 8) | out[escape_at + np.repeat(escape_count, escape_count)]
+    codes = np.empty((n, k + 1), dtype=np.int64)
+    head_at = starts[record_of] + 4 + (np.arange(n) - first_row[record_of])
+    head = [out[head_at + part * tokens[record_of]].astype(np.int64) for part in range(4)]
+    codes[:, 0], codes[:, 1] = (head[0] << 8) | head[2], (head[1] << 8) | head[3]
+    codes[:, 2:] = stored.reshape(n, k - 1)
+
+    # ids: references first, then literals
+    refs = id_bytes[_spread(id_offsets[:-1], tokens * k)].astype(np.int64)
+    literal = refs == 0
+    literal_count = np.bincount(np.repeat(np.arange(records), tokens * k), weights=literal,
+                                minlength=records).astype(np.int64)
+    literal_bytes = id_len - tokens * k
+    width = np.where(literal_count > 0, literal_bytes // np.maximum(literal_count, 1), 2)
+    bad = (literal_bytes != literal_count * width) | ~np.isin(width, (2, 3))
+    if bad.any():
+        raise _corrupted(names, int(np.argmax(bad)), id_len, code_len,
+                         "hold a number of literal id bytes that is not 2 or 3 per literal")
+    ref = np.flatnonzero(~literal)
+    back, slot = (refs[ref] - 1) // k + 1, (refs[ref] - 1) % k
+    row = ref // k
+    bad = (refs[ref] > _max_back(k) * k) | (back > row - first_row[record_of[row]])
+    if bad.any():
+        raise _corrupted(names, int(record_of[row[np.argmax(bad)]]), id_len, code_len,
+                         "hold a reference to no earlier row of the record")
+    source = np.arange(n * k)
+    source[ref] = (row - back) * k + slot
+    # literals: 2 or 3 bytes each (the width may differ between records of different shards)
+    literal_width = np.repeat(width, literal_count)
+    literal_bytes_at = _spread(id_offsets[:-1] + tokens * k, literal_count * width)
+    ids = np.zeros(n * k, dtype=np.int64)
+    ids[literal] = _ints(id_bytes, literal_bytes_at[np.concatenate([[0], np.cumsum(literal_width)])[:-1]], literal_width)
+    # A reference points up to an earlier entry, maybe itself a reference: follow the chains to
+    # their literals by pointer doubling (log2 of the longest chain rounds, over fewer each round).
+    while ref.size:
+        source[ref] = source[source[ref]]
+        ref = ref[~literal[source[ref]]]
+    return ids[source].reshape(n, k), codes, tokens
 
 
 def shard_encoding(schema: pa.Schema) -> dict:

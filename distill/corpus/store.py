@@ -153,9 +153,18 @@ def load_dataset(root: Path, subdir: str = "data"):
     import datasets
 
     paths = shard_paths(root, subdir)
+    schemas = [pq.read_schema(p) for p in paths]
+    params = [shard_encoding(schema) for schema in schemas]
+    if any(p != params[0] for p in params):  # e.g. top-k layouts 1 and 2 in a corpus resumed by a newer distill
+        return datasets.concatenate_datasets([_dataset([path], schema, p) for path, schema, p in zip(paths, schemas, params)])
+    return _dataset(paths, schemas[0] if paths else None, params[0] if paths else {"encoding": "float32"})
+
+
+def _dataset(paths: list[Path], schema: pa.Schema | None, params: dict):
+    """`paths` (shards of one encoding, `params`) as one dataset of the logical columns."""
+    import datasets
+
     dataset = datasets.Dataset.from_parquet([str(p) for p in paths])
-    schema = pq.read_schema(paths[0]) if paths else None
-    params = shard_encoding(schema) if paths else {"encoding": "float32"}
     quantized = params["encoding"] == "quantized"
     if not quantized and not (paths and logical_types(schema)):
         return dataset  # stored as the readers hand it out
