@@ -351,7 +351,8 @@ def domains_summary(cfg: RunConfig) -> str:
                            "quality_measure": report.headline.quality_measure}
     files.write_json(Path(cfg.out) / "eval" / DOMAINS, domains)
     return _table(("teacher", "prompts", "kl", "top-1", "quality retained"),
-                  [(name, f"{Path(d['prompts']).name}", "n/a" if d["kl"] is None else f"{d['kl']:.3f}", f"{d['top1_agreement']:.3f}",
+                  [(name, f"{Path(d['prompts']).name}", "n/a" if d["kl"] is None else f"{d['kl']:.3f}",
+                    f"{d['top1_agreement']:.3f}",
                     f"{d['quality_retained']:.3f} ({d['quality_measure']})") for name, d in domains.items()])
 
 

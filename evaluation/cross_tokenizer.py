@@ -66,7 +66,8 @@ def cross_fidelity(student: str | Path, corpus_dir: Path, teacher_tokenizer: str
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(student)
-    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.bfloat16 if gpu else torch.float32).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.bfloat16 if gpu else torch.float32)
+    model = model.to(device).eval()
     teacher = corpus.teacher_tokenizer(corpus_dir, manifest, teacher_tokenizer)
     vocabularies = Vocabularies.of(teacher, tokenizer)
     columns = [c for c in CROSS_COLUMNS if c != "loss_mask"] + ["prompt_id"]

@@ -92,8 +92,8 @@ def _evaluate(cfg: EvalConfig, teacher_engine: Teacher | None, student_engine: T
                              "for any pair")
         on_policy_corpus = teacher_on_student_answers(cfg, student_corpus, teacher_corpus, teacher_engine) \
             if cfg.on_policy_kl else None
-        teacher_scored = teacher_nll_per_byte(student_corpus, teacher_corpus, ids, teacher_engine,
-                                              corpus.teacher_tokenizer(teacher_corpus, corpus.read_manifest(teacher_corpus)),
+        teacher_tokenizer = corpus.teacher_tokenizer(teacher_corpus, corpus.read_manifest(teacher_corpus))
+        teacher_scored = teacher_nll_per_byte(student_corpus, teacher_corpus, ids, teacher_engine, teacher_tokenizer,
                                               model_max_len(cfg))
     finally:
         if isinstance(teacher_engine, OnDemandTeacher):
@@ -179,7 +179,8 @@ def another_tokenizer(cfg: EvalConfig, teacher_corpus: Path) -> bool:
 
     from distill.train.cross_tokenizer import cross_plan
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.student, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.student, revision=cfg.revision,
+                                              trust_remote_code=cfg.trust_remote_code)
     return cross_plan(teacher_corpus, corpus.read_manifest(teacher_corpus), tokenizer) is not None
 
 
