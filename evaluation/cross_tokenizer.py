@@ -117,7 +117,7 @@ def nll_per_byte(logprobs: list[list[float]], texts: list[str]) -> TeacherScored
     size = sum(len(t.encode("utf-8")) for t in texts)
     nll = -sum(float(sum(lp)) for lp in logprobs)
     return TeacherScored(answers=len(texts), teacher_tokens=sum(len(lp) for lp in logprobs), bytes=size,
-                         nll_per_byte=nll / size if size else float("nan"))
+                         nll_per_byte=nll / size)
 
 
 def teacher_nll_per_byte(student_corpus: Path, teacher_corpus: Path, prompt_ids: set[str], teacher: Teacher,
