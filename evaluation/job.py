@@ -112,7 +112,8 @@ def _evaluate(cfg: EvalConfig, teacher_engine: Teacher | None, student_engine: T
         cross_tokenizer=_cross_fidelity(across, different_tokenizer=different),
         teacher_scored_student_answers=TeacherScoredAnswers.model_validate(teacher_scored, from_attributes=True),
         answers=answer_stats, cost=cost, config=json.loads(cfg.model_dump_json()),
-        headline=headline(answer_stats, scored.top1_agreement if scored else across.agreement, cost, teacher, student),
+        headline=headline(answer_stats, (scored.top1_agreement, "top-1 agreement with the teacher") if scored else
+                          (across.agreement, "top-1 agreement with the teacher per aligned span"), cost, teacher, student),
         wall_seconds=time.time() - start)
     write_report(out, report, scored.per_record_kl if scored else [])
     log_to_student_run(Path(cfg.student), out, report)
@@ -299,15 +300,16 @@ def model_size(model: str) -> dict:
     return {"parameters": params, "bytes": sum(f.stat().st_size for f in files)}
 
 
-def headline(answers: Answers, top1_agreement: float, cost: dict[str, list[LoadLevel]] | None, teacher: ModelInfo,
-             student: ModelInfo) -> Headline:
-    """Quality retained (the student's task score over the teacher's, else its top-1 agreement)
-    and speedup (output tokens/s at the highest concurrency, student over teacher)."""
+def headline(answers: Answers, agreement: tuple[float, str], cost: dict[str, list[LoadLevel]] | None,
+             teacher: ModelInfo, student: ModelInfo) -> Headline:
+    """Quality retained (the student's task score over the teacher's, else its top-1 agreement:
+    `agreement`, value and name, per token or, across tokenizers, per span) and speedup (output
+    tokens/s at the highest concurrency, student over teacher)."""
     if answers.student.score is not None and answers.teacher.score:
         quality = dict(quality_retained=answers.student.score / answers.teacher.score,
                        quality_measure="task score, student / teacher")
     else:
-        quality = dict(quality_retained=top1_agreement, quality_measure="top-1 agreement with the teacher")
+        quality = dict(quality_retained=agreement[0], quality_measure=agreement[1])
     speed = {}
     if cost:
         t, s = cost["teacher"][-1], cost["student"][-1]

@@ -72,6 +72,7 @@ def test_a_student_of_another_tokenizer_is_evaluated_across_tokenizers(tmp_path,
     report = evaluate(cfg, teacher_engine=teacher)  # the student answers in its own engine
     x, scored = report.cross_tokenizer, report.teacher_scored_student_answers
     assert report.fidelity is None and x.different_tokenizer
+    assert report.headline.quality_retained == x.top1_agreement and "per aligned span" in report.headline.quality_measure
     assert 0 < x.aligned_share <= 1 and x.spans > 0 and 0 <= x.top1_agreement <= 1
     assert all(math.isfinite(v) and v >= 0 for v in (x.span_kl, x.student_nll_per_byte))
     assert scored.answers > 0 and scored.bytes > 0 and math.isfinite(scored.nll_per_byte) and scored.nll_per_byte > 0
