@@ -344,13 +344,15 @@ def domains_summary(cfg: RunConfig) -> str:
     domains = {}
     for t in cfg.teachers:
         report = EvalReport.load(Path(cfg.out) / "eval" / t.name)
-        domains[t.name] = {"teacher": t.model, "prompts": report.prompts.file, "kl": report.fidelity.kl,
-                           "top1_agreement": report.fidelity.top1_agreement,
+        metrics = report.headline_metrics()  # a student of another tokenizer has no per-token KL (None)
+        domains[t.name] = {"teacher": t.model, "prompts": report.prompts.file, "kl": metrics["eval_report/kl"],
+                           "top1_agreement": metrics["eval_report/top1_agreement"],
                            "quality_retained": report.headline.quality_retained,
                            "quality_measure": report.headline.quality_measure}
     files.write_json(Path(cfg.out) / "eval" / DOMAINS, domains)
     return _table(("teacher", "prompts", "kl", "top-1", "quality retained"),
-                  [(name, f"{Path(d['prompts']).name}", f"{d['kl']:.3f}", f"{d['top1_agreement']:.3f}",
+                  [(name, f"{Path(d['prompts']).name}", "n/a" if d["kl"] is None else f"{d['kl']:.3f}",
+                    f"{d['top1_agreement']:.3f}",
                     f"{d['quality_retained']:.3f} ({d['quality_measure']})") for name, d in domains.items()])
 
 

@@ -7,6 +7,9 @@ KL per span (on the mapped top-k at 1:1 spans, on the probability of the span's 
 top-1 agreement at each span's start, and the student's NLL per byte of the teacher's text
 (a number comparable between students of any tokenizers). For a student of the teacher's own
 tokenizer every span is 1:1 and `token_kl` is the KL `distill eval` reports.
+
+The other way round, `teacher_nll_per_byte`: the teacher reads the student's own answers (their
+text, in the teacher's tokens) and its NLL per byte says how likely the teacher finds them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 import torch
 
 from distill import corpus
+from distill.teacher import Request, Teacher
 from distill.train.cross_losses import span_kd, span_rows
 from distill.train.cross_tokenizer import (
     CROSS_COLUMNS,
@@ -59,8 +63,11 @@ def cross_fidelity(student: str | Path, corpus_dir: Path, teacher_tokenizer: str
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     manifest = corpus.read_manifest(corpus_dir)
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(student)
-    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.bfloat16 if gpu else torch.float32)
+    model = model.to(device).eval()
     teacher = corpus.teacher_tokenizer(corpus_dir, manifest, teacher_tokenizer)
     vocabularies = Vocabularies.of(teacher, tokenizer)
     columns = [c for c in CROSS_COLUMNS if c != "loss_mask"] + ["prompt_id"]
@@ -75,7 +82,7 @@ def cross_fidelity(student: str | Path, corpus_dir: Path, teacher_tokenizer: str
     kl, one_to_one, agreed, nll = [], [], 0, 0.0
     with torch.no_grad():
         for start in range(0, len(cross), batch_size):
-            batch = collate(cross[start:start + batch_size])
+            batch = {k: v.to(device) for k, v in collate(cross[start:start + batch_size]).items()}
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                         output_hidden_states=True, logits_to_keep=1, use_cache=False)
             with lm_head(model) as (weight, bias):
@@ -94,3 +101,46 @@ def cross_fidelity(student: str | Path, corpus_dir: Path, teacher_tokenizer: str
     return CrossFidelity(span_kl=mean(kl_all), token_kl=mean(kl_all[single]), text_kl=mean(kl_all[~single]),
                          agreement=agreed / max(spans, 1), nll_per_byte=nll / max(text_bytes, 1),
                          aligned_share=coverage.aligned_share, spans=spans)
+
+
+@dataclass(frozen=True)
+class TeacherScored:
+    """The teacher's negative log-likelihood of the student's answer texts."""
+    answers: int
+    teacher_tokens: int
+    bytes: int  # UTF-8 bytes of those answers
+    nll_per_byte: float  # nats per byte: comparable across tokenizers, where nats per token are not
+
+
+def nll_per_byte(logprobs: list[list[float]], texts: list[str]) -> TeacherScored:
+    """`logprobs[i]`: the teacher's logprob of each of its tokens of `texts[i]`."""
+    size = sum(len(t.encode("utf-8")) for t in texts)
+    nll = -sum(float(sum(lp)) for lp in logprobs)
+    return TeacherScored(answers=len(texts), teacher_tokens=sum(len(lp) for lp in logprobs), bytes=size,
+                         nll_per_byte=nll / size)
+
+
+def teacher_nll_per_byte(student_corpus: Path, teacher_corpus: Path, prompt_ids: set[str], teacher: Teacher,
+                         teacher_tokenizer, max_model_len: int) -> TeacherScored:
+    """The teacher (an engine that can `score`) reads each of the student's answers in
+    `student_corpus` after its own tokens of the same prompt (from its answers in `teacher_corpus`),
+    the answer's text re-tokenised with `teacher_tokenizer`: never the student's ids, which name
+    other strings when the tokenizers differ. Empty answers spell no bytes and answers that do not
+    fit `max_model_len` after the prompt are left out (`answers` counts the rest)."""
+    prompts = {r["prompt_id"]: list(r["prompt_token_ids"])
+               for r in corpus.iter_records(teacher_corpus, columns=["prompt_id", "prompt_token_ids"])}
+    requests = []
+    for r in corpus.iter_records(student_corpus, columns=["id", "prompt_id", "messages", "response"]):
+        if r["prompt_id"] not in prompt_ids or r["prompt_id"] not in prompts or not r["response"]:
+            continue
+        ids = teacher_tokenizer(r["response"], add_special_tokens=False)["input_ids"]
+        # one position left for the token the engine still samples after scoring
+        if len(prompts[r["prompt_id"]]) + len(ids) < max_model_len:
+            requests.append(Request(len(requests), r["id"], r["prompt_id"], r["messages"], prompts[r["prompt_id"]],
+                                    response_token_ids=ids, response=r["response"]))
+    if not requests:
+        raise ValueError(f"`{student_corpus}` holds no student answer the teacher can score")
+    logprobs: dict[str, list[float]] = {}
+    teacher.score(requests, 1, lambda req, c: logprobs.__setitem__(req.id, c.response_logprobs.tolist()),
+                  window=len(requests))
+    return nll_per_byte([logprobs[r.id] for r in requests], [r.response for r in requests])

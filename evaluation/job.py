@@ -4,6 +4,7 @@ along the teacher's answers (fidelity); both are served the same way and timed (
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Iterable
@@ -18,12 +19,14 @@ from distill.engine import check_model
 from distill.evaluation.report import (
     Answers,
     AnswerStats,
+    CrossTokenizerFidelity,
     EvalReport,
     Fidelity,
     Headline,
     LoadLevel,
     ModelInfo,
     PromptSet,
+    TeacherScoredAnswers,
     write_report,
 )
 from distill.plugins import load_callable
@@ -39,6 +42,7 @@ from distill.teacher_client import TeacherClient
 from distill.train.card import CARD, StudentCard
 
 if TYPE_CHECKING:
+    from distill.evaluation.cross_tokenizer import CrossFidelity
     from distill.train.scoring import TeacherForced
 
 
@@ -49,6 +53,7 @@ def evaluate(cfg: EvalConfig, teacher_engine: Teacher | None = None, student_eng
 
 
 def _evaluate(cfg: EvalConfig, teacher_engine: Teacher | None, student_engine: Teacher | None) -> EvalReport:
+    from distill.evaluation.cross_tokenizer import cross_fidelity, teacher_nll_per_byte
     from distill.evaluation.fidelity import fidelity
     from distill.generate.job import generate
     from distill.generate.prompts import BadRecord, iter_prompts
@@ -80,24 +85,37 @@ def _evaluate(cfg: EvalConfig, teacher_engine: Teacher | None, student_engine: T
     try:
         teacher_corpus = cfg.corpus or answers(cfg.teacher, "teacher-answers", cfg.top_k, teacher_engine,
                                                cfg.backend_settings())
+        different = another_tokenizer(cfg, teacher_corpus)
+        if different and cfg.on_policy_kl:
+            raise ValueError("`on_policy_kl` needs a student of the teacher's tokenizer (the teacher scores the "
+                             "student's token ids); the teacher's NLL per byte of the student's answers is reported "
+                             "for any pair")
         on_policy_corpus = teacher_on_student_answers(cfg, student_corpus, teacher_corpus, teacher_engine) \
             if cfg.on_policy_kl else None
+        teacher_tokenizer = corpus.teacher_tokenizer(teacher_corpus, corpus.read_manifest(teacher_corpus))
+        teacher_scored = teacher_nll_per_byte(student_corpus, teacher_corpus, ids, teacher_engine, teacher_tokenizer,
+                                              model_max_len(cfg))
     finally:
         if isinstance(teacher_engine, OnDemandTeacher):
             teacher_engine.close()
-    scored = fidelity(cfg.student, teacher_corpus, cfg, ids, batch_size=cfg.batch_size)
+    # per-token KL only where the two vocabularies are one; the span measures for any pair, beside it
+    scored = fidelity(cfg.student, teacher_corpus, cfg, ids, batch_size=cfg.batch_size) if not different else None
     on_policy = fidelity(cfg.student, on_policy_corpus, cfg, ids, batch_size=cfg.batch_size) if cfg.on_policy_kl else None
+    across = cross_fidelity(cfg.student, teacher_corpus, prompt_ids=ids, batch_size=cfg.batch_size)
     teacher, student = ModelInfo(model=cfg.teacher, **model_size(cfg.teacher)), \
         ModelInfo(model=cfg.student, **model_size(cfg.student))
     answer_stats = compare_answers(teacher_corpus, student_corpus, ids, scorer)
     cost = measure_cost(cfg, prompts) if cfg.latency else None
     report = EvalReport(
         teacher=teacher, student=student, prompts=PromptSet(file=str(cfg.prompts), count=len(ids)),
-        fidelity=_fidelity(scored), on_policy=_fidelity(on_policy) if on_policy else None,
+        fidelity=_fidelity(scored) if scored else None, on_policy=_fidelity(on_policy) if on_policy else None,
+        cross_tokenizer=_cross_fidelity(across, different_tokenizer=different),
+        teacher_scored_student_answers=TeacherScoredAnswers.model_validate(teacher_scored, from_attributes=True),
         answers=answer_stats, cost=cost, config=json.loads(cfg.model_dump_json()),
-        headline=headline(answer_stats, scored.top1_agreement, cost, teacher, student),
+        headline=headline(answer_stats, (scored.top1_agreement, "top-1 agreement with the teacher") if scored else
+                          (across.agreement, "top-1 agreement with the teacher per aligned span"), cost, teacher, student),
         wall_seconds=time.time() - start)
-    write_report(out, report, scored.per_record_kl)
+    write_report(out, report, scored.per_record_kl if scored else [])
     log_to_student_run(Path(cfg.student), out, report)
     return report
 
@@ -144,6 +162,27 @@ class OnDemandTeacher:
 def _fidelity(scored: TeacherForced) -> Fidelity:
     """The report's summary of a teacher-forced scoring (its per-record KLs go to a plot instead)."""
     return Fidelity(**{k: v for k, v in vars(scored).items() if k != "per_record_kl"}, perplexity=scored.perplexity)
+
+
+def _cross_fidelity(across: CrossFidelity, different_tokenizer: bool) -> CrossTokenizerFidelity:
+    """The report's names for `cross_fidelity`'s numbers; a kind of span that never occurred is None."""
+    finite = lambda v: v if math.isfinite(v) else None
+    return CrossTokenizerFidelity(different_tokenizer=different_tokenizer, span_kl=across.span_kl,
+                                  one_to_one_kl=finite(across.token_kl), longer_span_kl=finite(across.text_kl),
+                                  top1_agreement=across.agreement, student_nll_per_byte=across.nll_per_byte,
+                                  aligned_share=across.aligned_share, spans=across.spans)
+
+
+def another_tokenizer(cfg: EvalConfig, teacher_corpus: Path) -> bool:
+    """The student's tokenizer is not the one that wrote the teacher's answers, decided as
+    `distill train` decides (`cross_plan`)."""
+    from transformers import AutoTokenizer
+
+    from distill.train.cross_tokenizer import cross_plan
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.student, revision=cfg.revision,
+                                              trust_remote_code=cfg.trust_remote_code)
+    return cross_plan(teacher_corpus, corpus.read_manifest(teacher_corpus), tokenizer) is not None
 
 
 STUDENT_ANSWER_COLUMNS = ["id", "prompt_id", "messages", "response", "prompt_token_ids", "response_token_ids",
@@ -261,15 +300,16 @@ def model_size(model: str) -> dict:
     return {"parameters": params, "bytes": sum(f.stat().st_size for f in files)}
 
 
-def headline(answers: Answers, top1_agreement: float, cost: dict[str, list[LoadLevel]] | None, teacher: ModelInfo,
-             student: ModelInfo) -> Headline:
-    """Quality retained (the student's task score over the teacher's, else its top-1 agreement)
-    and speedup (output tokens/s at the highest concurrency, student over teacher)."""
+def headline(answers: Answers, agreement: tuple[float, str], cost: dict[str, list[LoadLevel]] | None,
+             teacher: ModelInfo, student: ModelInfo) -> Headline:
+    """Quality retained (the student's task score over the teacher's, else its top-1 agreement:
+    `agreement`, value and name, per token or, across tokenizers, per span) and speedup (output
+    tokens/s at the highest concurrency, student over teacher)."""
     if answers.student.score is not None and answers.teacher.score:
         quality = dict(quality_retained=answers.student.score / answers.teacher.score,
                        quality_measure="task score, student / teacher")
     else:
-        quality = dict(quality_retained=top1_agreement, quality_measure="top-1 agreement with the teacher")
+        quality = dict(quality_retained=agreement[0], quality_measure=agreement[1])
     speed = {}
     if cost:
         t, s = cost["teacher"][-1], cost["student"][-1]

@@ -36,6 +36,29 @@ class Fidelity(BaseModel):
     perplexity: float
 
 
+class CrossTokenizerFidelity(BaseModel):
+    """Along the teacher's answers, on the spans where the two tokenisations end at the same byte
+    (`distill.evaluation.cross_tokenizer`): defined for any pair, so that students of different
+    tokenizers compare on it; for a student of the teacher's tokenizer every span is one token each side."""
+    different_tokenizer: bool  # the student's tokenizer is not the teacher's (then there is no per-token `fidelity`)
+    span_kl: float  # KL(teacher || student) per span, nats
+    one_to_one_kl: float | None = None  # over the spans of one token each side (None: no such span)
+    longer_span_kl: float | None = None  # over the others, on the probability of the span's text
+    top1_agreement: float  # share of spans where both models' most likely next text agrees
+    student_nll_per_byte: float  # the student's NLL of the teacher's answer text, nats per UTF-8 byte
+    aligned_share: float  # share of the student's tokens of those answers inside a span (0..1)
+    spans: int
+
+
+class TeacherScoredAnswers(BaseModel):
+    """The teacher's NLL of the student's own answers (their text in the teacher's tokens), per
+    UTF-8 byte of that text: how likely the teacher finds what the student says, for any pair."""
+    answers: int
+    teacher_tokens: int
+    bytes: int
+    nll_per_byte: float  # nats per byte
+
+
 class AnswerStats(BaseModel):
     mean_tokens: float
     p50_tokens: float
@@ -76,8 +99,10 @@ class EvalReport(BaseModel):
     teacher: ModelInfo
     student: ModelInfo
     prompts: PromptSet
-    fidelity: Fidelity
+    fidelity: Fidelity | None = None  # None for a student of another tokenizer: per-token KL is not defined
     on_policy: Fidelity | None = None  # the same, along the student's own answers (`on_policy_kl`)
+    cross_tokenizer: CrossTokenizerFidelity
+    teacher_scored_student_answers: TeacherScoredAnswers
     answers: Answers
     cost: dict[str, list[LoadLevel]] | None = None  # role -> one row per concurrency level
     config: dict[str, Any]
@@ -91,8 +116,14 @@ class EvalReport(BaseModel):
     def headline_metrics(self) -> dict[str, float | None]:
         """The numbers a tracker compares runs by (None: not measured)."""
         student_cost = self.cost["student"][-1] if self.cost else None
-        return {"eval_report/kl": self.fidelity.kl, "eval_report/top1_agreement": self.fidelity.top1_agreement,
-                "eval_report/perplexity": self.fidelity.perplexity, "eval_report/accuracy": self.answers.student.score,
+        f, x = self.fidelity, self.cross_tokenizer
+        return {"eval_report/kl": f.kl if f else None,
+                "eval_report/top1_agreement": f.top1_agreement if f else x.top1_agreement,
+                "eval_report/perplexity": f.perplexity if f else None,
+                "eval_report/span_kl": x.span_kl, "eval_report/student_nll_per_byte": x.student_nll_per_byte,
+                "eval_report/aligned_share": x.aligned_share,
+                "eval_report/teacher_nll_per_byte": self.teacher_scored_student_answers.nll_per_byte,
+                "eval_report/accuracy": self.answers.student.score,
                 "eval_report/teacher_accuracy": self.answers.teacher.score,
                 "eval_report/answer_agreement": self.answers.exact_match,
                 "eval_report/on_policy_kl": self.on_policy.kl if self.on_policy else None,
@@ -106,8 +137,10 @@ def _fmt(x, spec: str = ".3f") -> str:
 
 
 def write_report(out: Path, report: EvalReport, per_record_kl: list[float]) -> None:
+    """`per_record_kl`: for the KL histogram; empty for a student of another tokenizer."""
     plots = _plots(out, report, per_record_kl)
-    h, f, a = report.headline, report.fidelity, report.answers
+    h, f, a, x = report.headline, report.fidelity, report.answers, report.cross_tokenizer
+    scored = report.teacher_scored_student_answers
     t, s = report.teacher, report.student
     lines = [
         "# Student vs teacher", "",
@@ -120,12 +153,22 @@ def write_report(out: Path, report: EvalReport, per_record_kl: list[float]) -> N
            if h.speedup is not None else "not measured | not measured |")
         + f" {_fmt(h.size_ratio)} |", "",
         "## Fidelity (teacher-forced on the teacher's answers)", "",
-        f"- KL(teacher || student) per token: {f.kl:.4f} nats (top-k + tail bucket)",
-        f"- top-1 agreement: {f.top1_agreement:.3f}",
-        f"- student perplexity on teacher text: {f.perplexity:.3f} ({f.tokens:,} tokens, {f.records} answers)",
+        *([f"- KL(teacher || student) per token: {f.kl:.4f} nats (top-k + tail bucket)",
+           f"- top-1 agreement: {f.top1_agreement:.3f}",
+           f"- student perplexity on teacher text: {f.perplexity:.3f} ({f.tokens:,} tokens, {f.records} answers)"]
+          if f else ["- the student's tokenizer is not the teacher's: no per-token KL (two vocabularies); "
+                     "the measures across tokenizers below stand for it"]),
         *([f"- on the student's own answers (scored by the teacher): KL(teacher || student) per token "
            f"{report.on_policy.kl:.4f} nats, top-1 agreement {report.on_policy.top1_agreement:.3f} "
            f"({report.on_policy.tokens:,} tokens)"] if report.on_policy else []),
+        "", "### Across tokenizers (comparable between students of any tokenizers)", "",
+        f"- KL(teacher || student) per aligned span: {x.span_kl:.4f} nats ({x.spans:,} spans; one token each side "
+        f"{_fmt(x.one_to_one_kl, '.4f')}, longer {_fmt(x.longer_span_kl, '.4f')})",
+        f"- top-1 agreement per span: {x.top1_agreement:.3f}",
+        f"- student NLL of the teacher's answers: {x.student_nll_per_byte:.4f} nats per byte",
+        f"- aligned share: {x.aligned_share:.1%} of the student's tokens of the teacher's answers",
+        f"- teacher NLL of the student's answers: {scored.nll_per_byte:.4f} nats per byte "
+        f"({scored.bytes:,} bytes, {scored.answers} answers, {scored.teacher_tokens:,} teacher tokens)",
         "", "## Answers (same prompts, same sampling)", "",
         "| | mean tokens | p50 tokens | max tokens | truncated | task score |", "|---|---|---|---|---|---|",
         *(f"| {role} | {x.mean_tokens:.1f} | {x.p50_tokens:.0f} | {x.max_tokens} | {x.truncated:.3f} | {_fmt(x.score)} |"
@@ -156,14 +199,15 @@ def _plots(out: Path, report: EvalReport, per_record_kl: list[float]) -> list[Pa
     import matplotlib.pyplot as plt
 
     paths = []
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(per_record_kl, bins=40)
-    ax.set_xlabel("KL(teacher || student), mean per token of an answer (nats)")
-    ax.set_ylabel("answers")
-    fig.tight_layout()
-    paths.append(out / "kl_histogram.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    if per_record_kl:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.hist(per_record_kl, bins=40)
+        ax.set_xlabel("KL(teacher || student), mean per token of an answer (nats)")
+        ax.set_ylabel("answers")
+        fig.tight_layout()
+        paths.append(out / "kl_histogram.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
     if report.cost:
         fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
         for role, rows in report.cost.items():

@@ -200,6 +200,14 @@ def _corpus(root, teacher, n=8):
     return root
 
 
+def test_nll_per_byte_is_nats_over_the_utf8_bytes_of_the_texts():
+    from distill.evaluation.cross_tokenizer import TeacherScored, nll_per_byte
+
+    # 1 + 0.5 + 2 nats over "ab" (2 bytes) and "é" (2 bytes, one character)
+    assert nll_per_byte([[-1.0, -0.5], [-2.0]], ["ab", "é"]) == TeacherScored(answers=2, teacher_tokens=3, bytes=4,
+                                                                              nll_per_byte=0.875)
+
+
 def test_an_old_corpus_or_a_changed_tokenizer_file_is_one_line(tmp_path, tokenizers):
     teacher, _ = tokenizers
     root = _corpus(tmp_path / "c", teacher)

@@ -2,10 +2,12 @@
 (KL ~0, agreement ~1, identical answers), measured with the real vLLM engine and servers."""
 
 import json
+import math
 import shutil
 
 import pytest
 
+from distill import corpus
 from distill.config import EvalConfig
 from distill.evaluation.job import evaluate
 from distill.evaluation.report import EvalReport
@@ -54,6 +56,41 @@ def test_copy_of_teacher_matches_teacher(tmp_path, tiny_models, teacher, copy_of
     assert markdown.index("quality retained") < markdown.index("## Fidelity")  # headline first
     for plot in ("kl_histogram.png", "latency.png"):
         assert (out / plot).stat().st_size > 1000
+
+
+@pytest.mark.engine
+def test_a_student_of_another_tokenizer_is_evaluated_across_tokenizers(tmp_path, tiny_models, teacher, copy_of_teacher):
+    """No per-token KL across two vocabularies: the span measures and the teacher's NLL per byte
+    of the student's answers instead; a student of the teacher's tokenizer gets both."""
+    from distill import tiny
+    from distill.demo.student_tokenizer import build_student_tokenizer
+
+    build_student_tokenizer(tmp_path / "student-tokenizer")
+    other = tiny.build_model(tmp_path / "other", tmp_path / "student-tokenizer", "llama", "student")
+    cfg = eval_config(tmp_path, other, tiny_models["llama-teacher"], latency=False).model_copy(
+        update={"max_tokens": 8, "prompts": write_jsonl(tmp_path / "four.jsonl", HELD_OUT[:4])})
+    report = evaluate(cfg, teacher_engine=teacher)  # the student answers in its own engine
+    x, scored = report.cross_tokenizer, report.teacher_scored_student_answers
+    assert report.fidelity is None and x.different_tokenizer
+    assert report.headline.quality_retained == x.top1_agreement and "per aligned span" in report.headline.quality_measure
+    assert 0 < x.aligned_share <= 1 and x.spans > 0 and 0 <= x.top1_agreement <= 1
+    assert all(math.isfinite(v) and v >= 0 for v in (x.span_kl, x.student_nll_per_byte))
+    assert scored.answers > 0 and scored.bytes > 0 and math.isfinite(scored.nll_per_byte) and scored.nll_per_byte > 0
+    markdown = (cfg.out / "report.md").read_text()
+    assert "no per-token KL" in markdown and "teacher NLL of the student's answers" in markdown
+    assert not (cfg.out / "kl_histogram.png").exists()
+    with pytest.raises(ValueError, match="`on_policy_kl` needs a student of the teacher's tokenizer"):
+        evaluate(cfg.model_copy(update={"on_policy_kl": True}), teacher_engine=teacher)
+
+    same = evaluate(cfg.model_copy(update={"student": str(copy_of_teacher), "out": tmp_path / "same"}),
+                    teacher_engine=teacher, student_engine=teacher)
+    assert abs(same.fidelity.kl) < 1e-3 and not same.cross_tokenizer.different_tokenizer
+    # its spans are one token each side, where the student reads what the teacher read: no divergence
+    assert 0 < same.cross_tokenizer.aligned_share <= 1 and abs(same.cross_tokenizer.one_to_one_kl) < 1e-3
+    # the teacher read every byte of the student's answer texts
+    texts = [r["response"] for r in corpus.iter_records(tmp_path / "same" / "student-answers", columns=["response"])]
+    assert same.teacher_scored_student_answers.bytes == sum(len(t.encode()) for t in texts)
+    assert 0 < same.teacher_scored_student_answers.nll_per_byte < math.inf
 
 
 def answer_length(prompt: str, answer: str) -> float:

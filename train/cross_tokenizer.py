@@ -161,20 +161,29 @@ class CrossTokenizer:
 
 
 def detect(cfg: TrainConfig, manifest: corpus.Manifest, student_tokenizer) -> CrossTokenizer | None:
-    """None when the student has the teacher's tokenizer (same fingerprint, or `auto` and at least
-    SAME_VOCABULARY of the ids the same), or when `cross_tokenizer` is `off` (then `check_vocabulary`
-    refuses a different one); else the plan. Loads the teacher's tokenizer only if the fingerprints differ."""
+    """The plan of `cfg.cross_tokenizer` for this student: None when `off` (then `check_vocabulary`
+    refuses another tokenizer) or when `auto` finds the teacher's tokenizer (`cross_plan`)."""
     mode = cfg.cross_tokenizer
     if mode == "off":
         return None
+    return cross_plan(cfg.corpora[0], manifest, student_tokenizer, "span" if mode == "auto" else mode,
+                      cfg.teacher_tokenizer, force=mode != "auto")
+
+
+def cross_plan(root: Path, manifest: corpus.Manifest, student_tokenizer, kind: CrossLossKind = "span",
+               teacher_tokenizer: str | Path | None = None, force: bool = False) -> CrossTokenizer | None:
+    """The plan for a student of another tokenizer than the one that wrote the corpus at `root`;
+    None (unless `force`) when the student has the teacher's tokenizer: the same fingerprint, or at
+    least SAME_VOCABULARY of the ids the same. Loads the teacher's tokenizer only if the fingerprints
+    differ or `force`. `distill train` and `distill eval` both decide by it."""
     same_fingerprint = corpus.tokenizer_fingerprint(student_tokenizer)["tokenizer_sha256"] == manifest.teacher.tokenizer_sha256
-    if mode == "auto" and same_fingerprint:
+    if not force and same_fingerprint:
         return None
-    teacher = corpus.teacher_tokenizer(cfg.corpora[0], manifest, cfg.teacher_tokenizer)
+    teacher = corpus.teacher_tokenizer(root, manifest, teacher_tokenizer)
     vocabularies = Vocabularies.of(teacher, student_tokenizer)
-    if mode == "auto" and vocabularies.same_share >= SAME_VOCABULARY:
+    if not force and vocabularies.same_share >= SAME_VOCABULARY:
         return None
-    return CrossTokenizer("span" if mode == "auto" else mode, teacher, student_tokenizer, vocabularies)
+    return CrossTokenizer(kind, teacher, student_tokenizer, vocabularies)
 
 
 @dataclass(frozen=True)
