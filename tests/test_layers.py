@@ -1,5 +1,5 @@
 """The layering of docs/design.md, checked statically: core imports no stage, stages import only core
-(evaluation may use generate and train), the app layer alone imports stages; nothing imports a
+(evaluation may use generate and train, train generate's prompt loaders), the app layer alone imports stages; nothing imports a
 stage folder (or the script folders benchmarks/ and experiments/) by its top-level name; scripts
 and tests use only public names.
 
@@ -20,7 +20,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("generate", "curation", "train", "serve", "evaluation", "export")
 APP = ("distill.cli", "distill.pipeline", "distill.inspect", "distill.demo", "distill.sweep", "distill.synthesize")
-STAGE_MAY_IMPORT = {"evaluation": ("generate", "train")}  # docs/design.md: evaluation uses their functions
+# docs/design.md: evaluation uses their functions; train reads a chat dataset with generate's
+# prompt loaders and chat templating (the online teacher's `--corpus FILE`)
+STAGE_MAY_IMPORT = {"evaluation": ("generate", "train"), "train": ("generate",)}
 SCRIPTS = ("benchmarks", "experiments")  # folders of scripts, not packages
 TOP_LEVEL_FORBIDDEN = (*STAGES, *SCRIPTS)  # installed only as distill.<stage>
 SOURCE_DIRS = ("distill", *STAGES, *SCRIPTS, "tests")
