@@ -121,12 +121,13 @@ def nll_per_byte(logprobs: list[list[float]], texts: list[str]) -> TeacherScored
 
 
 def teacher_nll_per_byte(student_corpus: Path, teacher_corpus: Path, prompt_ids: set[str], teacher: Teacher,
-                         teacher_tokenizer, max_model_len: int) -> TeacherScored:
+                         teacher_tokenizer, max_model_len: int) -> TeacherScored | None:
     """The teacher (an engine that can `score`) reads each of the student's answers in
     `student_corpus` after its own tokens of the same prompt (from its answers in `teacher_corpus`),
     the answer's text re-tokenised with `teacher_tokenizer`: never the student's ids, which name
     other strings when the tokenizers differ. Empty answers spell no bytes and answers that do not
-    fit `max_model_len` after the prompt are left out (`answers` counts the rest)."""
+    fit `max_model_len` after the prompt are left out (`answers` counts the rest); None when no
+    answer is left (every one empty or past the context: nothing to score, not an error of the eval)."""
     prompts = {r["prompt_id"]: list(r["prompt_token_ids"])
                for r in corpus.iter_records(teacher_corpus, columns=["prompt_id", "prompt_token_ids"])}
     requests = []
@@ -139,7 +140,7 @@ def teacher_nll_per_byte(student_corpus: Path, teacher_corpus: Path, prompt_ids:
             requests.append(Request(len(requests), r["id"], r["prompt_id"], r["messages"], prompts[r["prompt_id"]],
                                     response_token_ids=ids, response=r["response"]))
     if not requests:
-        raise ValueError(f"`{student_corpus}` holds no student answer the teacher can score")
+        return None
     logprobs: dict[str, list[float]] = {}
     teacher.score(requests, 1, lambda req, c: logprobs.__setitem__(req.id, c.response_logprobs.tolist()),
                   window=len(requests))

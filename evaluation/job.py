@@ -110,7 +110,8 @@ def _evaluate(cfg: EvalConfig, teacher_engine: Teacher | None, student_engine: T
         teacher=teacher, student=student, prompts=PromptSet(file=str(cfg.prompts), count=len(ids)),
         fidelity=_fidelity(scored) if scored else None, on_policy=_fidelity(on_policy) if on_policy else None,
         cross_tokenizer=_cross_fidelity(across, different_tokenizer=different),
-        teacher_scored_student_answers=TeacherScoredAnswers.model_validate(teacher_scored, from_attributes=True),
+        teacher_scored_student_answers=None if teacher_scored is None else
+        TeacherScoredAnswers.model_validate(teacher_scored, from_attributes=True),
         answers=answer_stats, cost=cost, config=json.loads(cfg.model_dump_json()),
         headline=headline(answer_stats, (scored.top1_agreement, "top-1 agreement with the teacher") if scored else
                           (across.agreement, "top-1 agreement with the teacher per aligned span"), cost, teacher, student),

@@ -102,7 +102,7 @@ class EvalReport(BaseModel):
     fidelity: Fidelity | None = None  # None for a student of another tokenizer: per-token KL is not defined
     on_policy: Fidelity | None = None  # the same, along the student's own answers (`on_policy_kl`)
     cross_tokenizer: CrossTokenizerFidelity
-    teacher_scored_student_answers: TeacherScoredAnswers
+    teacher_scored_student_answers: TeacherScoredAnswers | None = None  # None: no non-empty answer to score
     answers: Answers
     cost: dict[str, list[LoadLevel]] | None = None  # role -> one row per concurrency level
     config: dict[str, Any]
@@ -122,7 +122,8 @@ class EvalReport(BaseModel):
                 "eval_report/perplexity": f.perplexity if f else None,
                 "eval_report/span_kl": x.span_kl, "eval_report/student_nll_per_byte": x.student_nll_per_byte,
                 "eval_report/aligned_share": x.aligned_share,
-                "eval_report/teacher_nll_per_byte": self.teacher_scored_student_answers.nll_per_byte,
+                "eval_report/teacher_nll_per_byte": self.teacher_scored_student_answers.nll_per_byte
+                if self.teacher_scored_student_answers else None,
                 "eval_report/accuracy": self.answers.student.score,
                 "eval_report/teacher_accuracy": self.answers.teacher.score,
                 "eval_report/answer_agreement": self.answers.exact_match,
@@ -168,7 +169,8 @@ def write_report(out: Path, report: EvalReport, per_record_kl: list[float]) -> N
         f"- student NLL of the teacher's answers: {x.student_nll_per_byte:.4f} nats per byte",
         f"- aligned share: {x.aligned_share:.1%} of the student's tokens of the teacher's answers",
         f"- teacher NLL of the student's answers: {scored.nll_per_byte:.4f} nats per byte "
-        f"({scored.bytes:,} bytes, {scored.answers} answers, {scored.teacher_tokens:,} teacher tokens)",
+        f"({scored.bytes:,} bytes, {scored.answers} answers, {scored.teacher_tokens:,} teacher tokens)"
+        if scored else "- teacher NLL of the student's answers: none scored (every answer empty or past the context)",
         "", "## Answers (same prompts, same sampling)", "",
         "| | mean tokens | p50 tokens | max tokens | truncated | task score |", "|---|---|---|---|---|---|",
         *(f"| {role} | {x.mean_tokens:.1f} | {x.p50_tokens:.0f} | {x.max_tokens} | {x.truncated:.3f} | {_fmt(x.score)} |"
