@@ -12,7 +12,9 @@ read the same text, so their predictions there are comparable:
 Bytes, not token strings: `Ġ4` (byte-level BPE) and `▁4` (SentencePiece) both spell b" 4".
 
 `cross_records` turns corpus records into the student's training records (its own prompt and
-response ids, the spans, the teacher's numbers per span); `CrossCollator` batches them.
+response ids, the spans, the teacher's numbers per span); `CrossCollator` batches them. On-policy,
+the other way round: the teacher scores its own tokens of the student's answer text
+(`teacher_tokens`), and `aligned_record` aligns them with the student's sampled tokens.
 """
 
 from __future__ import annotations
@@ -207,41 +209,65 @@ def student_prompt(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def cross_record(record: dict, plan: CrossTokenizer) -> dict:
-    """One corpus record -> the student's training record: `input_ids` (its prompt + its tokens of
-    the teacher's response text, + its end of turn where the teacher's answer had one),
-    `prompt_length`, `ce_mask` (per student response token: trained by CE), and per span its
-    student token range, whether it is 1:1, the teacher's log-probability of its text, and the
-    teacher's top-k at its first token (ids mapped to student ids, -1 where the student lacks
-    the token; log-probabilities as stored)."""
+    """One corpus record -> the student's training record (`aligned_record`): the student
+    re-tokenises the teacher's response text, and closes it with its own end of turn where the
+    teacher's answer had one (a special token: its stop)."""
     vocab, student = plan.vocabularies, plan.student
     t_ids = [int(i) for i in record["response_token_ids"]]
-    t_bytes = [vocab.teacher_bytes[i] for i in t_ids]
-    text = b"".join(t_bytes).decode("utf-8", errors="ignore")
+    text = b"".join(vocab.teacher_bytes[i] for i in t_ids).decode("utf-8", errors="ignore")
     s_ids = student(text, add_special_tokens=False)["input_ids"] if text else []
-    # the end of turn: the teacher's answer closed with a special token (its stop), the student's with its own
-    if t_ids and not t_bytes[-1] and student.eos_token_id is not None:
+    if t_ids and not vocab.teacher_bytes[t_ids[-1]] and student.eos_token_id is not None:
         s_ids = [*s_ids, student.eos_token_id]
+    return aligned_record(record["id"], student_prompt(student, record["messages"]), list(record["prompt_token_ids"]),
+                          t_ids, s_ids, record["response_logprobs"], record["topk_token_ids"], record["topk_logprobs"],
+                          plan, record.get("loss_mask"))
+
+
+def teacher_tokens(student_response: Sequence[int], plan: CrossTokenizer) -> list[int]:
+    """The teacher's tokens of a student's answer (on-policy): its own tokenisation of the answer's
+    text, closed with its end of turn where the student's answer closed with a special token."""
+    vocab, teacher = plan.vocabularies, plan.teacher
+    text = b"".join(vocab.student_bytes[i] for i in student_response).decode("utf-8", errors="ignore")
+    ids = teacher(text, add_special_tokens=False)["input_ids"] if text else []
+    if student_response and not vocab.student_bytes[student_response[-1]] and teacher.eos_token_id is not None:
+        ids = [*ids, teacher.eos_token_id]
+    return ids
+
+
+def aligned_record(record_id: str, prompt_ids: Sequence[int], teacher_prompt_ids: Sequence[int],
+                   t_ids: Sequence[int], s_ids: Sequence[int], logprobs, topk_ids, topk_logprobs,
+                   plan: CrossTokenizer, keep: Sequence[bool] | None = None) -> dict:
+    """The student's training record of one answer both models tokenised: the teacher's tokens
+    `t_ids` with its log-probability of each (`logprobs`) and its top-k at each, the student's
+    `s_ids` of the same text. Holds `input_ids` (the student's prompt + `s_ids`), `teacher_prompt_ids`
+    (for on-policy scoring), `ce_mask` (per student response token: trained by CE; `keep`, the
+    curation's mask per teacher token, masks the student tokens of its spans), and per span its
+    student token range, whether it is 1:1, the teacher's log-probability of its text, and the
+    teacher's top-k at its first token (ids mapped to student ids, -1 where the student lacks
+    the token; log-probabilities as given)."""
+    vocab = plan.vocabularies
+    t_bytes = [vocab.teacher_bytes[i] for i in t_ids]
     s_bytes = [vocab.student_bytes[i] for i in s_ids]
     spans = align(t_bytes, s_bytes)
-    if t_ids and s_ids and not t_bytes[-1] and (not spans or spans[-1].student[1] < len(s_ids)):
+    if t_ids and s_ids and not t_bytes[-1] and not s_bytes[-1] and (not spans or spans[-1].student[1] < len(s_ids)):
         # the two ends of turn, aligned with each other: both follow the whole text
         last = spans[-1] if spans else Span((0, 0), (0, 0))
         if last.teacher[1] == len(t_ids) - 1 and last.student[1] == len(s_ids) - 1:
             spans.append(Span((len(t_ids) - 1, len(t_ids)), (len(s_ids) - 1, len(s_ids))))
-    keep = record.get("loss_mask")
     ce_mask = [True] * len(s_ids)
-    if keep is not None:  # curation masked teacher tokens: the student tokens of their spans go too
+    if keep is not None:
         for sp in spans:
             if not all(keep[sp.teacher[0]:sp.teacher[1]]):
                 ce_mask[sp.student[0]:sp.student[1]] = [False] * (sp.student[1] - sp.student[0])
         spans = [sp for sp in spans if all(keep[sp.teacher[0]:sp.teacher[1]])]
-    logprobs = np.asarray(record["response_logprobs"], dtype=np.float64)
-    topk_ids = np.asarray(record["topk_token_ids"], dtype=np.int64).reshape(len(t_ids), -1)
-    topk_lps = np.asarray(record["topk_logprobs"], dtype=np.float32).reshape(len(t_ids), -1)
+    logprobs = np.asarray(logprobs, dtype=np.float64)
+    topk_ids = np.asarray(topk_ids, dtype=np.int64).reshape(len(t_ids), -1)
+    topk_lps = np.asarray(topk_logprobs, dtype=np.float32).reshape(len(t_ids), -1)
     firsts = [sp.teacher[0] for sp in spans]
     return {
-        "id": record["id"],
-        "input_ids": student_prompt(student, record["messages"]) + s_ids,
+        "id": record_id,
+        "input_ids": [*prompt_ids, *s_ids],
+        "teacher_prompt_ids": list(teacher_prompt_ids),
         "response_length": len(s_ids),
         "ce_mask": ce_mask,
         "span_start": [sp.student[0] for sp in spans],
@@ -257,8 +283,8 @@ def cross_record(record: dict, plan: CrossTokenizer) -> dict:
 
 
 # What `cross_record` reads of a corpus record.
-CROSS_COLUMNS = ("id", "messages", "response_token_ids", "response_logprobs", "topk_token_ids", "topk_logprobs",
-                 "loss_mask")
+CROSS_COLUMNS = ("id", "messages", "prompt_token_ids", "response_token_ids", "response_logprobs", "topk_token_ids",
+                 "topk_logprobs", "loss_mask")
 
 
 def cross_records(records: Iterable[dict], plan: CrossTokenizer) -> tuple[list[dict], Coverage]:
@@ -309,8 +335,10 @@ class CrossCollator:
     whose any token it predicts, else -1); per span `span_one_to_one [S]`, `span_teacher_logprob [S]`,
     `span_topk_ids [S, K]` (student ids, -1: the student lacks the token), `span_topk_logprobs [S, K]`,
     `span_topk_first_byte [S, K]` (the first byte each teacher top-k token spells, 256: none) and
-    `span_teacher_top1 [S]` (the teacher's id of its top-1); and `student_first_byte [V]`, the same
-    for each student token."""
+    `span_teacher_top1 [S]` (the teacher's id of its top-1); `student_first_byte [V]`, the same
+    for each student token; and for on-policy sampling `prompt_lengths [B]` (the student's prompt:
+    `input_ids[i, :prompt_lengths[i]]`) and the teacher's prompt, `teacher_prompt_ids [B, P]`
+    (-1 past `teacher_prompt_lengths [B]`)."""
 
     pad_token_id: int
     max_length: int
@@ -326,9 +354,13 @@ class CrossCollator:
         span_index = torch.full((b, length), -1, dtype=torch.long)
         span_of = torch.full((b, length), -1, dtype=torch.long)
         one_to_one, teacher_lp, topk_ids, topk_lps, top1, first_byte = [], [], [], [], [], []
+        prompt_lengths = [len(r["input_ids"]) - r["response_length"] for r in records]
+        teacher_prompt_lengths = [len(r["teacher_prompt_ids"]) for r in records]
+        teacher_prompts = torch.full((b, max(teacher_prompt_lengths)), -1, dtype=torch.long)
         for i, r in enumerate(records):
+            teacher_prompts[i, :teacher_prompt_lengths[i]] = torch.tensor(r["teacher_prompt_ids"], dtype=torch.long)
             seq = list(r["input_ids"])[:length]
-            p = len(r["input_ids"]) - r["response_length"]
+            p = prompt_lengths[i]
             n = len(seq) - p  # student response tokens kept after truncation
             input_ids[i, :len(seq)] = torch.tensor(seq)
             attention[i, :len(seq)] = 1
@@ -359,4 +391,7 @@ class CrossCollator:
                 "span_topk_logprobs": torch.tensor(np.array(topk_lps).reshape(-1, k), dtype=torch.float32),
                 "span_teacher_top1": torch.tensor(top1, dtype=torch.long),
                 "span_topk_first_byte": torch.tensor(np.array(first_byte).reshape(-1, k), dtype=torch.long),
-                "student_first_byte": torch.as_tensor(self.student_first_byte, dtype=torch.long)}
+                "student_first_byte": torch.as_tensor(self.student_first_byte, dtype=torch.long),
+                "prompt_lengths": torch.tensor(prompt_lengths, dtype=torch.long),
+                "teacher_prompt_ids": teacher_prompts,
+                "teacher_prompt_lengths": torch.tensor(teacher_prompt_lengths, dtype=torch.long)}

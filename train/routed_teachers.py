@@ -43,13 +43,14 @@ class RoutedTeachers:
         return scored
 
 
-def routed_teachers(cfg: TrainConfig, tokenizer) -> RoutedTeachers:
-    """The on-policy teachers of `cfg`, each checked to share the student's tokenizer."""
+def routed_teachers(cfg: TrainConfig, tokenizer, local: str = "student") -> RoutedTeachers:
+    """The on-policy teachers of `cfg`, each checked to use `tokenizer` (the `local` one: the
+    student's, or the teacher's where the student has another tokenizer)."""
     if cfg.teacher_endpoint:
         clients, names = [TeacherClient(cfg.teacher_endpoint, api_key=cfg.teacher_api_key)], ["teacher"]
     else:
         urls, names = cfg.endpoints(), cfg.corpus_names()
         clients = [TeacherClient(urls[name], api_key=cfg.teacher_api_key) for name in names]
     for client, name in zip(clients, names):
-        client.check_tokenizer(tokenizer, "student")
+        client.check_tokenizer(tokenizer, local)
     return RoutedTeachers(clients, names)

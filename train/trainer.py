@@ -83,16 +83,8 @@ class DistillTrainer(SFTTrainer):
         loss = 0.0
         for batch, alpha, spec in parts:
             on_policy = batch is inputs.get("on_policy")
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        output_hidden_states=True, logits_to_keep=1, use_cache=False)
-            with lm_head(self.accelerator.unwrap_model(model)) as (weight, bias):
-                part_loss, terms = chunked_distill_loss(
-                    out.hidden_states[-1], weight, batch["labels"].clamp(min=0), batch["topk_ids"],
-                    batch["topk_logprobs"], batch["target_mask"], spec, bias=bias, alpha=alpha,
-                    chunk_size=cfg.chunk_size, num_items=targets if mixed else num_items_in_batch)
-                if model.training and on_policy:  # measured while the head is at hand
-                    self._metrics["train"]["on_policy_kl"].append(
-                        self._forward_kl(out, weight, bias, batch, spec, terms, targets))
+            out, part_loss, terms = self._batch_loss(model, batch, alpha, spec, targets if mixed else num_items_in_batch,
+                                                     measure_on_policy=model.training and on_policy)
             loss = loss + part_loss * scale
             if model.training and not on_policy:
                 # per target of this batch: in an on-policy step the terms were divided by both batches' targets
@@ -100,6 +92,21 @@ class DistillTrainer(SFTTrainer):
         if model.training:
             self._check_finite(loss)
         return (loss, out) if return_outputs else loss
+
+    def _batch_loss(self, model, batch: dict, alpha: float, spec: LossSpec, num_items, measure_on_policy: bool):
+        """The loss of one collated batch (`(model output, loss, its terms)`), divided by `num_items`;
+        with `measure_on_policy` (a batch of the student's samples) it logs `on_policy_kl`."""
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        with lm_head(self.accelerator.unwrap_model(model)) as (weight, bias):
+            loss, terms = chunked_distill_loss(
+                out.hidden_states[-1], weight, batch["labels"].clamp(min=0), batch["topk_ids"],
+                batch["topk_logprobs"], batch["target_mask"], spec, bias=bias, alpha=alpha,
+                chunk_size=self.distill.chunk_size, num_items=num_items)
+            if measure_on_policy:  # measured while the head is at hand
+                self._metrics["train"]["on_policy_kl"].append(
+                    self._forward_kl(out, weight, bias, batch, spec, terms, num_items))
+        return out, loss, terms
 
     def _log_terms(self, terms: dict[str, torch.Tensor], per_target: float) -> None:
         """Log each loss term (kd, ce, ...) per target: the mean over processes, as Trainer logs the
@@ -159,15 +166,21 @@ class DistillTrainer(SFTTrainer):
                            eos_token_id=student.generation_config.eos_token_id or self.processing_class.eos_token_id)
         sampled = time.perf_counter()
         routes = inputs[TEACHER_COLUMN][:n].tolist() if TEACHER_COLUMN in inputs else None
-        scored = self.teacher.score_pairs(list(zip(prompts, responses)), cfg.teacher_top_k, routes)
-        scoring = time.perf_counter() - sampled
+        collated = self._scored_samples(inputs, prompts, responses, routes)
         metrics = self._metrics["train"]
         metrics["sample_s"].append(sampled - started)
-        metrics["score_s"].append(scoring)
-        metrics["teacher_tokens"].append(sum(len(r) for r in responses))
-        collated = DistillCollator(self.data_collator.pad_token_id, cfg.max_length, cfg.teacher_top_k)(
-            on_policy_records(prompts, responses, scored))
+        metrics["score_s"].append(time.perf_counter() - sampled)
         return {"offline": offline, "on_policy": self._prepare_inputs(collated)}
+
+    def _scored_samples(self, inputs: dict, prompts: list[list[int]], responses: list[list[int]],
+                        routes: list[int] | None) -> dict:
+        """The student's samples (the first rows of `inputs`), scored by their teachers (`routes`),
+        collated as this trainer's batches; logs `teacher_tokens`."""
+        cfg = self.distill
+        scored = self.teacher.score_pairs(list(zip(prompts, responses)), cfg.teacher_top_k, routes)
+        self._metrics["train"]["teacher_tokens"].append(sum(len(r) for r in responses))
+        return DistillCollator(self.data_collator.pad_token_id, cfg.max_length, cfg.teacher_top_k)(
+            on_policy_records(prompts, responses, scored))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         metrics = self._metrics["train"]
@@ -300,9 +313,6 @@ def _fit(cfg: TrainConfig, manifests: list[corpus.Manifest], data: TrainingData,
     cross = detect(cfg, manifest, tokenizer)
     if cross is None:
         check_vocabulary(manifest, tokenizer, model.get_output_embeddings().weight.shape[0], data.max_token_id)
-    elif cfg.on_policy:
-        raise ValueError("on-policy training of a student with another tokenizer than the teacher's is not supported: "
-                         "train offline (without `on_policy`), or give the student the teacher's tokenizer")
     else:  # the student's own tokens of the teacher's texts replace the stored ids (train/cross_tokenizer.py)
         dataset, coverage = cross_training_data(cfg.corpora[0], cross, cfg.max_length)
         data = TrainingData(dataset, data.records, data.records - len(dataset), data.max_token_id)
@@ -310,8 +320,8 @@ def _fit(cfg: TrainConfig, manifests: list[corpus.Manifest], data: TrainingData,
               f"{coverage.student_tokens:,} response tokens aligned; {coverage.one_to_one_share:.1%} of the spans 1:1, "
               f"{coverage.mapped_topk_mass:.1%} of their teacher top-k mass on tokens the student has")
     teacher = None
-    if cfg.on_policy:
-        teacher = routed_teachers(cfg, tokenizer)
+    if cfg.on_policy:  # the served teacher reads its own tokens: across tokenizers, the teacher's
+        teacher = routed_teachers(cfg, tokenizer) if cross is None else routed_teachers(cfg, cross.teacher, "teacher")
     # one process logs (under torchrun every rank trains); a resumed run continues its tracked run
     run = open_training_run(cfg, manifest, continues_run) if is_first_process() else None
 
@@ -348,7 +358,7 @@ def _fit(cfg: TrainConfig, manifests: list[corpus.Manifest], data: TrainingData,
                                  student_first_byte=cross.vocabularies.student_first_byte)
     trainer_class, extra = DistillTrainer, {}
     if cross is not None:
-        trainer_class, extra = CrossTokenizerTrainer, {"kind": cross.kind}
+        trainer_class, extra = CrossTokenizerTrainer, {"plan": cross}
     elif online is not None:
         from distill.train.online import OnlineDistillTrainer, load_teacher
 
