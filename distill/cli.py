@@ -174,6 +174,13 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-to", action="append", metavar="TRACKER",
                    help="Log every headline student (training, eval) and the summary to these trackers, e.g. "
                    "tensorboard,mlflow; files in --out (docs/recipes/tracking.md).")
+    p.add_argument("--cross-tokenizer", action="store_true",
+                   help="Instead: distil the demo teacher into a student of another tokenizer, per seed SFT-only vs "
+                   "the span loss (about 10 minutes on 2 cores); students and report in OUT/cross-tokenizer/ "
+                   "(docs/recipes/cross-tokenizer.md).")
+    p.add_argument("--steps", type=int, help="With --cross-tokenizer: optimiser steps per student [default: 200].")
+    p.add_argument("--arms", nargs="+", choices=["sft", "span", "uld", "same_tokenizer_kd"],
+                   help="With --cross-tokenizer: the arms, `sft` among them [default: sft span].")
 
 
 def _demo_real_arguments(p: argparse.ArgumentParser) -> None:

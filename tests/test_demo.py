@@ -74,3 +74,29 @@ def test_first_records_is_a_valid_corpus_of_the_first_n(tmp_path):
 
 def test_mean_std_is_the_sample_std():
     assert mean_std([0.8, 0.9, 1.0]) == {"mean": pytest.approx(0.9), "std": pytest.approx(0.1)}
+
+
+def test_cross_tokenizer_flags_apply_to_the_cross_tokenizer_demo_only(tmp_path, capsys):
+    from distill.cli import main
+
+    assert main(["demo", "--out", str(tmp_path), "--steps", "5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["distill demo: error: --steps and --arms apply to `distill demo --cross-tokenizer` only"]
+    assert main(["demo", "--cross-tokenizer", "--out", str(tmp_path), "--arms", "span"]) == 1
+    assert "arms must include `sft`" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything was made
+
+
+def test_cross_tokenizer_report_pairs_each_arm_with_sft_by_seed():
+    from distill.demo.cross_tokenizer import markdown
+
+    def student(accuracy, span_kl):
+        return {"accuracy": accuracy, "span_kl": span_kl, "agreement": 0.5, "nll_per_byte": 2.0,
+                "per_skill": {"length": accuracy}}
+
+    results = {"0": {"sft": student(0.2, 1.0), "span": student(0.3, 0.9)},
+               "1": {"sft": student(0.1, 1.2), "span": student(0.15, 1.0)}}
+    table = markdown(results, 500, ["sft", "span"])
+    assert "500 steps per student, seeds 0, 1" in table
+    assert "| accuracy, 300 held-out | span − sft | 0.100 | 0.050 | 0.075 ± 0.035 |" in table
+    assert "| span KL (held-out) | span − sft | -0.100 | -0.200 | -0.150 ± 0.071 |" in table

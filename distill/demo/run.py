@@ -68,10 +68,18 @@ def student_init(out: Path, seed: int) -> Path:
 
 
 def main(out: Path, seeds: int = 3, serve: bool = False, build_teacher: bool = False,
-         ground_truth: Path | None = None, report_to: list[str] | None = None) -> int:
+         ground_truth: Path | None = None, report_to: list[str] | None = None, cross_tokenizer: bool = False,
+         steps: int | None = None, arms: list[str] | None = None) -> int:
     from distill import pipeline, tracking
     from distill.demo import report, students
     from distill.demo.teacher import SHIPPED, distribution_stats
+
+    if cross_tokenizer:
+        from distill.demo import cross_tokenizer as cross
+
+        return cross.main(Path(out), seeds, steps or cross.DEFAULT_STEPS, tuple(arms or cross.DEFAULT_ARMS))
+    if steps is not None or arms is not None:
+        raise ValueError("--steps and --arms apply to `distill demo --cross-tokenizer` only")
 
     trackers = tracking.parse_trackers(report_to)
     tracking.check_installed(trackers)

@@ -2,7 +2,7 @@
 byte-level BPE trained on the demo prompts and answers with a smaller vocabulary and without
 splitting digits, so "253" may be one token for the student and three for the teacher, and
 alignment has real work to do. Used by tests/test_cross_tokenizer.py and
-experiments/cross_tokenizer_evidence.py (docs/results/cross-tokenizer.md)."""
+`distill demo --cross-tokenizer` (distill/demo/cross_tokenizer.py; docs/results/cross-tokenizer.md)."""
 
 from __future__ import annotations
 
