@@ -23,7 +23,7 @@ import pyarrow as pa
 from distill import files
 from distill.config import TeacherConfig, TrainConfig
 from distill.corpus import GenerationInfo, Manifest, TeacherInfo, tokenizer_fingerprint
-from distill.train.data import TrainingData, trainable
+from distill.train.data import TrainingData, write_training_data
 
 
 def is_chat_dataset(path: Path) -> bool:
@@ -83,29 +83,7 @@ def _rows(path: Path, cfg: TrainConfig):
 
 def chat_training_data(path: Path, cfg: TrainConfig, scratch: Path) -> TrainingData:
     """The file's records as training data, written once as an Arrow file the dataset memory-maps
-    (as `data.prepare_training_data` does)."""
-    import datasets
-
-    scratch.mkdir(parents=True, exist_ok=True)
-    out, writer, schema, records, kept, max_token_id = scratch / "records.arrow", None, None, 0, 0, 0
+    (`data.write_training_data`, as for a corpus)."""
     rows = _rows(path, cfg)
-    try:
-        while batch := list(itertools.islice(rows, 512)):
-            records += len(batch)
-            batch = [r for r in batch if trainable(r, cfg.max_length)]
-            max_token_id = max([max_token_id, *(max(r["prompt_token_ids"] + r["response_token_ids"]) for r in batch)])
-            if not batch:
-                continue
-            table = pa.Table.from_pylist(batch, schema=schema)
-            if writer is None:
-                schema = table.schema
-                writer = pa.ipc.new_stream(out, schema)
-            writer.write_table(table)
-            kept += len(batch)
-    finally:
-        if writer is not None:
-            writer.close()
-    if not kept:
-        raise ValueError(f"`{path}` holds no record to train on: " + (
-            f"the prompts of all {records:,} fill max_length {cfg.max_length}" if records else "it is empty"))
-    return TrainingData(datasets.Dataset.from_file(str(out)), records, records - kept, max_token_id)
+    tables = (pa.Table.from_pylist(batch) for batch in iter(lambda: list(itertools.islice(rows, 512)), []))
+    return write_training_data(tables, path, cfg.max_length, scratch)

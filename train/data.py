@@ -18,7 +18,7 @@ curation removes positions from every loss.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,29 +54,38 @@ class TrainingData:
 def prepare_training_data(root: Path, max_length: int, scratch: Path) -> TrainingData:
     """Read the corpus once (see the module's docstring); the Arrow file goes into `scratch`,
     which the caller removes after training. Raises `CorpusError` if the corpus is invalid."""
+    batches = (corpus.as_student_view(batch) for batch in corpus.validated_batches(root))
+    return write_training_data(batches, root, max_length, scratch)
+
+
+def write_training_data(batches: Iterable[pa.RecordBatch | pa.Table], source: Path, max_length: int,
+                        scratch: Path) -> TrainingData:
+    """Records in Arrow batches -> `TrainingData`: each batch's largest token id taken, its records
+    that cannot train dropped and counted (`trainable`'s rule, on columns), the kept ones written
+    to one Arrow file in `scratch` that the dataset memory-maps. `source` names the data in the
+    error when no record is left."""
     import datasets
 
     scratch.mkdir(parents=True, exist_ok=True)
     path = scratch / "records.arrow"
     writer, schema, records, kept, max_token_id = None, None, 0, 0, 0
     try:
-        for batch in corpus.validated_batches(root):
-            batch = corpus.as_student_view(batch)
+        for batch in batches:
             for column in corpus.TOKEN_ID_COLUMNS:
-                max_token_id = max(max_token_id, pc.max(corpus.leaves(batch.column(column))).as_py() or 0)
-            # `trainable`'s rule on the whole batch: the prompt leaves room for a target
+                if column in batch.schema.names:
+                    max_token_id = max(max_token_id, pc.max(corpus.leaves(batch.column(column))).as_py() or 0)
             room = pc.less(pc.list_value_length(batch.column("prompt_token_ids")), max_length)
             rows = batch.select([c for c in TRAINING_COLUMNS if c in batch.schema.names]).filter(room)
             if writer is None:
                 schema = rows.schema
                 writer = pa.ipc.new_stream(path, schema)
-            writer.write_batch(rows if rows.schema.equals(schema) else rows.cast(schema))  # e.g. `element` vs `item`
+            writer.write(rows if rows.schema.equals(schema) else rows.cast(schema))  # e.g. `element` vs `item`
             records, kept = records + batch.num_rows, kept + rows.num_rows
     finally:
         if writer is not None:
             writer.close()
     if not kept:
-        raise ValueError(f"`{root}` holds no record to train on: " + (
+        raise ValueError(f"`{source}` holds no record to train on: " + (
             f"the prompts of all {records:,} fill max_length {max_length}" if records else "it is empty"))
     return TrainingData(datasets.Dataset.from_file(str(path)), records, records - kept, max_token_id)
 
