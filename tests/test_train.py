@@ -25,7 +25,7 @@ def teacher_corpus(tiny_models, teacher, tmp_path_factory):
 def test_student_learns_the_teacher(tmp_path, tiny_models, teacher_corpus):
     out = train(TrainConfig(corpus=teacher_corpus, student=str(tiny_models["llama-student"]), out=tmp_path / "s",
                             lora=False, max_steps=200, batch_size=8, learning_rate=1e-2, logging_steps=20,
-                            save_steps=100, eval_fraction=0.2, chunk_size=16)).path
+                            save_steps=100, eval_fraction=0.2, chunk_size=64)).path
     card = json.loads((out / "distill.json").read_text())
     before, after = card["initial"], card["final"]
     print("held-out before/after:", before, after)
