@@ -30,8 +30,8 @@ HERE = Path(__file__).parent
 ARMS = {"sft": {"alpha": 0.0, "cross_tokenizer": "span"}, "span": {"cross_tokenizer": "span"},
         "uld": {"cross_tokenizer": "uld"}, "same_tokenizer_kd": {}}
 DEFAULT_ARMS = ("sft", "span")
-# Two arms x 3 seeds in about 10 minutes on 2 cores; the results page also reports 500 (demo.yaml's).
-DEFAULT_STEPS = 200
+# demo.yaml's steps: two arms x 3 seeds trained in ~6 minutes on 2 quiet cores (docs/results/cross-tokenizer.md)
+DEFAULT_STEPS = 500
 
 
 def corpora(out: Path) -> tuple[Path, Path, dict]:
