@@ -100,3 +100,19 @@ def test_cross_tokenizer_report_pairs_each_arm_with_sft_by_seed():
     assert "500 steps per student, seeds 0, 1" in table
     assert "| accuracy, 300 held-out | span − sft | 0.100 | 0.050 | 0.075 ± 0.035 |" in table
     assert "| span KL (held-out) | span − sft | -0.100 | -0.200 | -0.150 ± 0.071 |" in table
+
+
+def test_first_records_of_a_corpus_of_both_top_k_layouts(tmp_path):
+    """A corpus resumed by a newer distill holds layout-1 and layout-2 shards: the subset decodes
+    each with its own footer (one shard, one footer)."""
+    import shutil
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data"
+    root = make_corpus(tmp_path / "c", [record(0, k=4), record(1, k=4)], k=4, encoding="quantized")
+    shutil.copy(data / "quantized-layout1-w2.parquet", root / "data" / "part-00001.parquet")
+    whole = corpus.read_table(root)
+    sub = first_records(root, 3, tmp_path / "sub")
+    got = corpus.read_table(sub)
+    for column in ("id", "topk_token_ids", "topk_logprobs", "response_token_ids"):
+        assert got[column].to_pylist() == whole[column].to_pylist()[:3]

@@ -79,13 +79,20 @@ def first_records(source: Path, n: int, out: Path) -> Path:
 
 def subset(source: Path, out: Path, select, description: str) -> Path:
     """A corpus of the records `select(table)` keeps from `source`'s stored rows (as stored: no
-    second encoding); `description` goes into the manifest's `source.subset`. Kept if it exists."""
+    second encoding, unless its shards differ in encoding: then decoded and encoded once more, which
+    gives a quantized grid point back exactly); `description` goes into the manifest's
+    `source.subset`. Kept if it exists."""
     if (out / corpus.MANIFEST).exists():
         return out
-    stored = pa.concat_tables([pq.read_table(path) for path in corpus.shard_paths(source)],
-                              promote_options="permissive")
-    corpus.write_shard(out, 0, select(stored))
     manifest = corpus.read_manifest(source)
+    paths = corpus.shard_paths(source)
+    encodings = [corpus.shard_encoding(pq.read_schema(path)) for path in paths]
+    if all(e == encodings[0] for e in encodings):
+        kept = select(pa.concat_tables([pq.read_table(path) for path in paths], promote_options="permissive"))
+    else:  # shards of several layouts (a corpus resumed by a newer distill): one footer cannot name both
+        kept = corpus.encode(select(corpus.read_table(source)), manifest.generation.top_k,
+                             manifest.generation.logprob_encoding)
+    corpus.write_shard(out, 0, kept)
     manifest.stats = corpus.corpus_stats(out)
     manifest.stats.complete = True
     manifest.rejected_stats = None
