@@ -142,8 +142,8 @@ def measure(student: Path, step: int, prompts: list[dict], teacher_answers: Path
            "repeated_10char_share": repetition(answers), "seconds": round(time.time() - t0, 1)}
     print(f"[smollm2] step {step}: aligned {fidelity.aligned_share:.3f}, span KL {fidelity.span_kl:.3f}, "
           f"agreement {fidelity.agreement:.3f}, student NLL/byte {fidelity.nll_per_byte:.3f}, teacher-scored "
-          f"NLL/byte {scored.get('nll_per_byte', float('nan')):.3f}, repeated 10-char grams {row['repeated_10char_share']:.2f}",
-          flush=True)
+          f"NLL/byte {scored.get('nll_per_byte', float('nan')):.3f}, "
+          f"repeated 10-char grams {row['repeated_10char_share']:.2f}", flush=True)
     return row
 
 
