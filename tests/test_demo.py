@@ -77,14 +77,19 @@ def test_mean_std_is_the_sample_std():
 
 
 def test_cross_tokenizer_flags_apply_to_the_cross_tokenizer_demo_only(tmp_path, capsys):
+    import os
+
     from distill.cli import main
 
+    engine_settings = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING")
+    before = {key: os.environ.get(key) for key in engine_settings}
     assert main(["demo", "--out", str(tmp_path), "--steps", "5"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["distill demo: error: --steps and --arms apply to `distill demo --cross-tokenizer` only"]
     assert main(["demo", "--cross-tokenizer", "--out", str(tmp_path), "--arms", "span"]) == 1
     assert "arms must include `sft`" in capsys.readouterr().err
-    assert not any(tmp_path.iterdir())  # refused before anything was made
+    # refused before anything was made or set (the demo's engine settings would reach every later engine)
+    assert not any(tmp_path.iterdir()) and {key: os.environ.get(key) for key in engine_settings} == before
 
 
 def test_cross_tokenizer_report_pairs_each_arm_with_sft_by_seed():

@@ -57,6 +57,10 @@ def corpora(out: Path) -> tuple[Path, Path, dict]:
 
 
 def main(out: Path, seeds: int = 3, steps: int = DEFAULT_STEPS, arms: tuple[str, ...] = DEFAULT_ARMS) -> int:
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown or "sft" not in arms:
+        raise ValueError(f"arms must include `sft` (the baseline) and be among {', '.join(ARMS)}; got {', '.join(arms)}")
+    # as `distill demo`: the demo's models are tiny (1 GiB of KV cache), the engine core in this process
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from distill.config import TrainConfig
@@ -66,9 +70,6 @@ def main(out: Path, seeds: int = 3, steps: int = DEFAULT_STEPS, arms: tuple[str,
     from distill.demo.teacher import exact_match
     from distill.evaluation.cross_tokenizer import cross_fidelity
 
-    unknown = sorted(set(arms) - set(ARMS))
-    if unknown or "sft" not in arms:
-        raise ValueError(f"arms must include `sft` (the baseline) and be among {', '.join(ARMS)}; got {', '.join(arms)}")
     started = time.time()
     out = Path(out)
     here = out / "cross-tokenizer"
