@@ -208,30 +208,29 @@ def student_prompt(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def retokenise(ids: Sequence[int], spelled: list[bytes], tokenizer) -> list[int]:
+    """`tokenizer`'s tokens of the text that `ids` spell (`spelled`: the bytes of each id of the
+    other tokenizer), closed with its end of turn where `ids` closed with a special token (a stop)."""
+    text = b"".join(spelled[i] for i in ids).decode("utf-8", errors="ignore")
+    out = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    if ids and not spelled[ids[-1]] and tokenizer.eos_token_id is not None:
+        out = [*out, tokenizer.eos_token_id]
+    return out
+
+
 def cross_record(record: dict, plan: CrossTokenizer) -> dict:
     """One corpus record -> the student's training record (`aligned_record`): the student
-    re-tokenises the teacher's response text, and closes it with its own end of turn where the
-    teacher's answer had one (a special token: its stop)."""
-    vocab, student = plan.vocabularies, plan.student
+    re-tokenises the teacher's response text."""
     t_ids = [int(i) for i in record["response_token_ids"]]
-    text = b"".join(vocab.teacher_bytes[i] for i in t_ids).decode("utf-8", errors="ignore")
-    s_ids = student(text, add_special_tokens=False)["input_ids"] if text else []
-    if t_ids and not vocab.teacher_bytes[t_ids[-1]] and student.eos_token_id is not None:
-        s_ids = [*s_ids, student.eos_token_id]
-    return aligned_record(record["id"], student_prompt(student, record["messages"]), list(record["prompt_token_ids"]),
-                          t_ids, s_ids, record["response_logprobs"], record["topk_token_ids"], record["topk_logprobs"],
-                          plan, record.get("loss_mask"))
+    s_ids = retokenise(t_ids, plan.vocabularies.teacher_bytes, plan.student)
+    return aligned_record(record["id"], student_prompt(plan.student, record["messages"]),
+                          list(record["prompt_token_ids"]), t_ids, s_ids, record["response_logprobs"],
+                          record["topk_token_ids"], record["topk_logprobs"], plan, record.get("loss_mask"))
 
 
 def teacher_tokens(student_response: Sequence[int], plan: CrossTokenizer) -> list[int]:
-    """The teacher's tokens of a student's answer (on-policy): its own tokenisation of the answer's
-    text, closed with its end of turn where the student's answer closed with a special token."""
-    vocab, teacher = plan.vocabularies, plan.teacher
-    text = b"".join(vocab.student_bytes[i] for i in student_response).decode("utf-8", errors="ignore")
-    ids = teacher(text, add_special_tokens=False)["input_ids"] if text else []
-    if student_response and not vocab.student_bytes[student_response[-1]] and teacher.eos_token_id is not None:
-        ids = [*ids, teacher.eos_token_id]
-    return ids
+    """The teacher's tokens of a student's answer (on-policy): its own tokenisation of the text."""
+    return retokenise(student_response, plan.vocabularies.student_bytes, plan.teacher)
 
 
 def aligned_record(record_id: str, prompt_ids: Sequence[int], teacher_prompt_ids: Sequence[int],
