@@ -74,6 +74,7 @@ def write_training_data(batches: Iterable[pa.RecordBatch | pa.Table], source: Pa
             for column in corpus.TOKEN_ID_COLUMNS:
                 if column in batch.schema.names:
                     max_token_id = max(max_token_id, pc.max(corpus.leaves(batch.column(column))).as_py() or 0)
+            # `trainable`'s rule on the whole batch: the prompt leaves room for a target
             room = pc.less(pc.list_value_length(batch.column("prompt_token_ids")), max_length)
             rows = batch.select([c for c in TRAINING_COLUMNS if c in batch.schema.names]).filter(room)
             if writer is None:

@@ -26,7 +26,6 @@ from pathlib import Path
 
 from distill import files
 
-HERE = Path(__file__).parent
 ARMS = {"sft": {"alpha": 0.0, "cross_tokenizer": "span"}, "span": {"cross_tokenizer": "span"},
         "uld": {"cross_tokenizer": "uld"}, "same_tokenizer_kd": {}}
 DEFAULT_ARMS = ("sft", "span")
