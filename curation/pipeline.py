@@ -238,12 +238,6 @@ def filter_batch(batch: pa.RecordBatch, filters: list[Filter], masker, decode, r
     return BatchVerdict(np.array([n is None for n in rejected_by], dtype=bool), reasons, masks)
 
 
-def _interrupted_curation(out: Path) -> bool:
-    """`out` as a killed curate leaves it: shards but no manifest (written last)."""
-    return not (out / corpus.MANIFEST).exists() and all(
-        p.name in ("data", "rejected", files.LOCK_NAME) or p.match(files.PARTIAL_GLOB) for p in out.iterdir())
-
-
 def _write_outputs(out: Path, index: int, kept: pa.Table, rejected: pa.Table) -> None:
     for subdir, table in (("data", kept), ("rejected", rejected)):
         if table.num_rows:

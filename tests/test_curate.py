@@ -7,6 +7,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from transformers import AutoTokenizer
 
 from distill import corpus
 from distill.cli import main
@@ -317,6 +318,16 @@ def test_an_interrupted_curate_reruns_and_a_finished_one_needs_overwrite(tmp_pat
     with pytest.raises(FileExistsError, match="holds a finished corpus.*--overwrite"):
         curate(CurateConfig(corpus=planted, out=out))
     assert curate(CurateConfig(corpus=planted, out=out, overwrite=True)).kept == first.kept
+
+
+def test_a_curate_killed_after_copying_the_tokenizer_reruns(tmp_path, planted):
+    out = tmp_path / "out"
+    corpus.store_tokenizer(planted, AutoTokenizer.from_pretrained(corpus.read_manifest(planted).teacher.model))
+    first = curate(CurateConfig(corpus=planted, out=out))
+    assert (out / corpus.TOKENIZER_DIR).is_dir()
+    for written_last in [p for p in out.iterdir() if p.is_file()]:
+        written_last.unlink()  # the manifest (and report) are written after the tokenizer's files
+    assert curate(CurateConfig(corpus=planted, out=out)).kept == first.kept
 
 
 def test_a_full_disk_says_what_the_rerun_does(tmp_path, planted, monkeypatch):
