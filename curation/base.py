@@ -27,6 +27,9 @@ class Filter(BaseModel):
 
     name: ClassVar[str]
     columns: ClassVar[tuple[str, ...]] = ("response",)
+    # True when a verdict depends on the records seen before (dedup): such a filter runs in the
+    # curating process in corpus order; the others may run ahead in workers (curation/workers.py).
+    remembers: ClassVar[bool] = False
     registry: ClassVar[dict[str, type["Filter"]]] = {}
 
     def __init_subclass__(cls, **kwargs):

@@ -4,23 +4,23 @@ seen is kept; later ones are rejected naming the id they duplicate."""
 from __future__ import annotations
 
 import hashlib
-import re
+import itertools
 import zlib
 from typing import Literal
 
 import numpy as np
 
+from distill.curation import disk_state
 from distill.curation.base import WORD, Filter, prompt_text, response_text
 
-_SPACE = re.compile(r"\s+")
-
-
 def normalise(text: str) -> str:
-    return _SPACE.sub(" ", text.lower()).strip()
+    """Lower case, whitespace runs as one space, none at the ends (`str.split` splits on what `\\s` matches)."""
+    return " ".join(text.lower().split())
 
 
 class ExactDedupFilter(Filter):
     name = "dedup_exact"
+    remembers = True
     columns = ("id", "messages", "response")
     key: Literal["response", "prompt_response"] = "response"
 
@@ -43,11 +43,14 @@ class NearDedupFilter(Filter):
     """Word n-gram shingles -> MinHash signature (`num_perm` hashes) -> LSH with `bands` bands;
     a candidate counts as a duplicate when its estimated Jaccard similarity >= `threshold`.
 
-    Memory per kept record (~1.7 KB at the defaults, was ~5 KB): its signature as `num_perm`
-    uint32 in one growing array (the hashes are 32-bit), and per band a 64-bit hash of the band
-    (not its bytes) mapping to the record's index (a list only when several share it). A hash
-    collision can only add a candidate, which the signature comparison then checks."""
+    A batch's signatures are computed together (one vectorised MinHash over all its shingles);
+    then its records are decided in order, each against every earlier kept record, so the kept
+    set is what record-at-a-time checking gives. What is kept per record is on disk
+    (`disk_state`: ~0.7 KB at the defaults, file-backed, not heap): its signature as `num_perm`
+    uint32, its id, and per band a 64-bit hash of the band in one hash index. A hash collision
+    can only add a candidate, which the signature comparison then checks."""
     name = "dedup_near"
+    remembers = True
     columns = ("id", "response")
     threshold: float = 0.8
     shingle: int = 5
@@ -63,21 +66,46 @@ class NearDedupFilter(Filter):
         # arithmetic wraps, which is the mod.
         self._a = rng.integers(0, 2**63, size=self.num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
         self._b = rng.integers(0, 2**63, size=self.num_perm, dtype=np.uint64)
-        self._buckets: list[dict[int, int | list[int]]] = [{} for _ in range(self.bands)]
-        self._signatures = np.empty((1024, self.num_perm), dtype=np.uint32)  # rows [0, len(_ids)) in use
-        self._ids: list[str] = []
+        self._folder = disk_state.Folder(self.name)
+        self._signatures = disk_state.Rows(self._folder, "signatures", np.uint32, self.num_perm)
+        self._ids = disk_state.Strings(self._folder, "ids")
+        self._bands = disk_state.HashIndex(self._folder, "bands")
+
+    def signatures(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """MinHash signatures [texts with words, num_perm] and which texts have words (bool per text)."""
+        words = [WORD.findall(t.lower()) for t in texts]
+        counts = np.array([len(w) for w in words], dtype=np.int64)
+        hashes = np.fromiter(map(zlib.crc32, map(str.encode, itertools.chain.from_iterable(words))),
+                             dtype=np.uint64, count=int(counts.sum()))
+        has = counts > 0
+        counts = counts[has]
+        if not len(counts):
+            return np.empty((0, self.num_perm), dtype=np.uint32), has
+        starts = np.cumsum(counts) - counts  # each text's first word
+        n = np.minimum(self.shingle, counts)  # words per shingle (all of a shorter text's)
+        windows = counts - n + 1
+        text_of = np.repeat(np.arange(len(counts)), windows)
+        first = starts[text_of] + np.arange(len(text_of)) - np.repeat(np.cumsum(windows) - windows, windows)
+        shingles = np.zeros(len(first), dtype=np.uint64)
+        for j in range(self.shingle):  # polynomial combination of the n word hashes
+            inside = j < n[text_of]
+            word = hashes[np.minimum(first + j, len(hashes) - 1)]
+            shingles = np.where(inside, shingles * np.uint64(1_000_003) + word, shingles)
+        out = np.empty((len(counts), self.num_perm), dtype=np.uint32)
+        bounds = np.cumsum(windows) - windows
+        step = max(1, (1 << 14) // int(windows.mean()))  # texts per [num_perm, shingles] block: ~16 MB
+        for lo in range(0, len(counts), step):
+            hi = min(lo + step, len(counts))
+            block = shingles[bounds[lo]: bounds[hi - 1] + windows[hi - 1]]
+            hashed = np.multiply(self._a[:, None], block[None, :])  # in place from here: one [num_perm, S] array
+            hashed += self._b[:, None]
+            hashed >>= np.uint64(32)
+            out[lo:hi] = np.minimum.reduceat(hashed, bounds[lo:hi] - bounds[lo], axis=1).T
+        return out, has
 
     def signature(self, text: str) -> np.ndarray | None:
-        words = WORD.findall(text.lower())
-        if not words:
-            return None
-        n = min(self.shingle, len(words))
-        word_hashes = np.fromiter((zlib.crc32(w.encode()) for w in words), dtype=np.uint64, count=len(words))
-        shingles = np.zeros(len(words) - n + 1, dtype=np.uint64)
-        for j in range(n):  # polynomial combination of the n word hashes
-            shingles = shingles * np.uint64(1_000_003) + word_hashes[j: len(words) - n + 1 + j]
-        shingles = np.unique(shingles)
-        return ((self._a[:, None] * shingles[None, :] + self._b[:, None]) >> np.uint64(32)).min(axis=1)  # [num_perm]
+        sigs, has = self.signatures([text])
+        return sigs[0] if has[0] else None
 
     def check(self, record):
         sig = self.signature(response_text(record))
@@ -89,33 +117,76 @@ class NearDedupFilter(Filter):
         self.add(sig, record["id"])
         return None
 
-    def _keys(self, sig: np.ndarray) -> list[int]:
+    def check_batch(self, batch, rows):
+        texts, ids = batch.column("response").to_pylist(), batch.column("id").to_pylist()
+        sigs, has = self.signatures([texts[i] or "" for i in rows])
+        rows = [i for i, h in zip(rows, has) if h]  # a text without words has no shingle: kept, not remembered
+        keys = self._keys(sigs)
+        earlier = self._candidates(keys)  # position in `rows` -> stored rows sharing a band
+        in_batch = _sharing(keys)  # position in `rows` -> earlier positions sharing a band
+        failed, kept = {}, []
+        row_of: dict[int, int] = {}  # position in `rows` of a kept record -> its stored row
+        base = self._signatures.count
+        for j, i in enumerate(rows):
+            candidates = [(self._ids, c, self._signatures[c]) for c in sorted(earlier.get(j, ()))]
+            candidates += [(None, q, sigs[q]) for q in sorted(in_batch.get(j, ())) if q in row_of]
+            for stored, c, sig in candidates:  # the first kept (oldest) similar enough, as one by one
+                similarity = float(np.mean(sig == sigs[j]))
+                if similarity >= self.threshold:
+                    who = stored[c] if stored is not None else ids[rows[c]]
+                    failed[i] = f"near duplicate of {who} (Jaccard ~{similarity:.2f})"
+                    break
+            else:
+                row_of[j] = base + len(kept)
+                kept.append(j)
+        self._remember(sigs[kept], keys[kept], [ids[rows[j]] for j in kept])
+        return failed
+
+    def _keys(self, sigs: np.ndarray) -> np.ndarray:
+        """[records, bands] uint64: a hash of each band's rows of the signature, and of the band's number."""
         rows = self.num_perm // self.bands
-        return [hash(sig[b * rows:(b + 1) * rows].tobytes()) for b in range(self.bands)]
+        banded = sigs.reshape(len(sigs), self.bands, rows).astype(np.uint64)
+        keys = np.arange(self.bands, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        for r in range(rows):
+            keys = (keys ^ banded[:, :, r]) * np.uint64(0x100000001B3)
+        return keys ^ (keys >> np.uint64(29))
+
+    def _candidates(self, keys: np.ndarray) -> dict[int, set[int]]:
+        at, found = self._bands.find(keys.ravel())
+        candidates: dict[int, set[int]] = {}
+        for position, row in zip((at // self.bands).tolist(), found.tolist()):
+            candidates.setdefault(position, set()).add(row)
+        return candidates
 
     def nearest(self, sig: np.ndarray) -> tuple[str, float] | None:
         """(id, estimated Jaccard) of the first text seen that is at least `threshold` similar."""
-        candidates = set()
-        for band, key in zip(self._buckets, self._keys(sig)):
-            found = band.get(key)
-            if found is not None:
-                candidates.update(found if isinstance(found, list) else (found,))
-        for c in sorted(candidates):
+        for c in sorted(self._candidates(self._keys(sig[None].astype(np.uint32))).get(0, ())):
             similarity = float(np.mean(self._signatures[c] == sig))
             if similarity >= self.threshold:
                 return self._ids[c], similarity
         return None
 
     def add(self, sig: np.ndarray, record_id: str) -> None:
-        index = len(self._ids)
-        if index == len(self._signatures):
-            self._signatures = np.concatenate([self._signatures, np.empty_like(self._signatures)])
-        self._signatures[index] = sig
-        self._ids.append(record_id)
-        for band, key in zip(self._buckets, self._keys(sig)):
-            found = band.setdefault(key, index)
-            if found != index:
-                if isinstance(found, list):
-                    found.append(index)
-                else:
-                    band[key] = [found, index]
+        sig = sig[None].astype(np.uint32)
+        self._remember(sig, self._keys(sig), [record_id])
+
+    def _remember(self, sigs: np.ndarray, keys: np.ndarray, ids: list[str]) -> None:
+        rows = self._signatures.count + np.arange(len(sigs))
+        self._signatures.append(sigs)
+        self._ids.append(ids)
+        self._bands.insert(keys.ravel(), np.repeat(rows, self.bands))
+
+
+def _sharing(keys: np.ndarray) -> dict[int, set[int]]:
+    """Record (row of `keys`) -> the earlier records that share one of its band keys."""
+    flat = keys.ravel()
+    order = np.argsort(flat, kind="stable")  # equal keys stay in record order
+    ordered, record = flat[order], order // keys.shape[1]
+    shared: dict[int, set[int]] = {}
+    for at in (np.flatnonzero(ordered[1:] == ordered[:-1]) + 1).tolist():  # equal to the one before
+        k = at - 1
+        while k >= 0 and ordered[k] == ordered[at]:
+            if record[k] < record[at]:
+                shared.setdefault(int(record[at]), set()).add(int(record[k]))
+            k -= 1
+    return shared

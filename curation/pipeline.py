@@ -7,6 +7,8 @@ first."""
 
 from __future__ import annotations
 
+import itertools
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +32,7 @@ from distill.curation import (  # noqa: F401 (registry)
     pii,
     quality,
     refusal,
+    workers,
 )
 from distill.curation.base import Filter
 from distill.curation.report import Report
@@ -42,6 +45,7 @@ DEFAULT_PIPELINE = ["finish_reason", "length", "repetition", "refusal", "pii", "
 class PluginFilter(Filter):
     """A user filter `module:callable(record, **params)`: falsy or None keeps the record, a
     string (the reason) or False rejects it. It sees the whole record as a dict."""
+    remembers = True  # a plug-in may keep state: it sees the records in corpus order
     label: str
     plugin: str
     params: dict[str, Any] = {}
@@ -133,21 +137,31 @@ def _curate(cfg: CurateConfig, out: Path) -> CurateResult:
         raise FileExistsError(f"`{out}` holds a finished corpus or other files: choose another `out` or pass `--overwrite`")
     files.clear_dir(out)  # curation has nothing to resume: an interrupted one starts over
     masker = next((f for f in filters if isinstance(f, pii.PIIFilter) and f.mode == "mask"), None)
-    decode = _decoder(manifest) if masker else None
+    decode = decoder(manifest) if masker else None
     report = Report([label(f) for f in filters])
     columns = columns_read(filters)
+    paths = corpus.shard_paths(cfg.corpus)
+    n_workers = workers.default_workers(manifest.stats.records, os.cpu_count()) if cfg.workers is None else cfg.workers
+    ahead = workers.Ahead(filters, masker, cfg.corpus, cfg.batch_size, n_workers) \
+        if n_workers and workers.independent(filters) else None
     # closed on an error too: the error then starts on its own line. One writer thread: a shard
     # is compressed and written (pyarrow lets go of the GIL) while the next one is filtered.
     with tqdm(total=manifest.stats.records, unit="rec", desc="curate", file=sys.stderr, dynamic_ncols=True) as bar, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="curate-writer") as writer:
-        pending = None
-        for path in corpus.shard_paths(cfg.corpus):
-            kept, rejected = curate_shard(path, filters, masker, decode, report, columns, cfg.batch_size, bar.update)
+        try:
+            pending = None
+            judged = ahead.shards(paths) if ahead else itertools.repeat(None)
+            for path, verdicts in zip(paths, judged):
+                kept, rejected = curate_shard(path, filters, masker, decode, report, columns, cfg.batch_size,
+                                              bar.update, verdicts)
+                if pending is not None:
+                    pending.result()  # one shard in flight at a time: memory stays at two shards
+                pending = writer.submit(_write_outputs, out, corpus.shard_index(path), kept, rejected)
             if pending is not None:
-                pending.result()  # one shard in flight at a time: memory stays at two shards
-            pending = writer.submit(_write_outputs, out, corpus.shard_index(path), kept, rejected)
-        if pending is not None:
-            pending.result()
+                pending.result()
+        finally:
+            if ahead:
+                ahead.close()
     summary = report.summary()
     result = CurateResult(out, kept=summary["kept"]["records"], rejected=summary["rejected"]["records"],
                           rejected_by_filter={f["name"]: f["rejected"] for f in summary["filters"]})
@@ -177,23 +191,19 @@ def columns_read(filters: list[Filter]) -> list[str] | None:
     return [c for c in (*corpus.COLUMNS, "loss_mask") if c in wanted]
 
 
-def _interrupted_curation(out: Path) -> bool:
-    """`out` as a killed curate leaves it: shards but no manifest (written last)."""
-    return not (out / corpus.MANIFEST).exists() and all(
-        p.name in ("data", "rejected", corpus.TOKENIZER_DIR, files.LOCK_NAME) or p.match(files.PARTIAL_GLOB) for p in out.iterdir())
-
-
 def curate_shard(path: Path, filters: list[Filter], masker, decode, report: Report, columns: list[str] | None,
-                 batch_size: int, progress=lambda n: None) -> tuple[pa.Table, pa.Table]:
+                 batch_size: int, progress=lambda n: None,
+                 judged: list[workers.BatchVerdicts] | None = None) -> tuple[pa.Table, pa.Table]:
     """One shard through the filters, batch by batch, reading only `columns`; then its kept and
     rejected rows (the latter with `reject_reason`) taken from the stored shard with Arrow, so a
-    quantized corpus stays quantized without being decoded or encoded again."""
+    quantized corpus stays quantized without being decoded or encoded again. `judged`: the
+    verdicts of the filters that judge records alone, per batch, from the workers."""
     keep: list[np.ndarray] = []
     reasons: list[str] = []
     masks: dict[int, list[bool]] = {}  # shard row -> loss mask of a PII-masked record
     offset = 0
-    for batch in corpus.shard_batches(path, columns, batch_size):
-        verdict = filter_batch(batch, filters, masker, decode, report)
+    for n, batch in enumerate(corpus.shard_batches(path, columns, batch_size)):
+        verdict = filter_batch(batch, filters, masker, decode, report, judged[n] if judged is not None else None)
         keep.append(verdict.keep)
         reasons += [r for r in verdict.reasons if r is not None]
         masks.update({offset + i: m for i, m in verdict.masks.items()})
@@ -215,9 +225,13 @@ class BatchVerdict:
     masks: dict[int, list[bool]]  # row -> loss mask, for the records the PII masker masked
 
 
-def filter_batch(batch: pa.RecordBatch, filters: list[Filter], masker, decode, report: Report) -> BatchVerdict:
+def filter_batch(batch: pa.RecordBatch, filters: list[Filter], masker, decode, report: Report,
+                 judged: workers.BatchVerdicts | None = None) -> BatchVerdict:
     """The filters over one batch of logical columns; each sees only the rows that every filter
-    before it kept, so a record failing several is charged to the first."""
+    before it kept, so a record failing several is charged to the first. `judged`: verdicts
+    already reached in a worker, over every row, for the filters that judge records alone."""
+    if judged is not None and judged.rows != batch.num_rows:
+        raise RuntimeError(f"a curate worker read a batch of {judged.rows} rows where curate read {batch.num_rows}")
     reasons: list[str | None] = [None] * batch.num_rows
     rejected_by: list[int | None] = [None] * batch.num_rows  # per row: index of the filter that dropped it
     alive = list(range(batch.num_rows))
@@ -225,9 +239,13 @@ def filter_batch(batch: pa.RecordBatch, filters: list[Filter], masker, decode, r
     for n, f in enumerate(filters):
         if not alive:
             break
-        failed = f.check_batch(batch, alive)
+        if judged is not None and n in judged.failed:
+            failed = {i: judged.failed[n][i] for i in alive if i in judged.failed[n]}
+        else:
+            failed = f.check_batch(batch, alive)
         if f is masker:  # keep the record, exclude the PII tokens from every loss
-            masks.update(_pii_masks(batch, list(failed), masker, decode))
+            masks.update({i: judged.masks[i] for i in failed} if judged is not None
+                         else pii_masks(batch, list(failed), masker, decode))
             report.masked += len(failed)
             continue
         for i, detail in failed.items():
@@ -236,6 +254,12 @@ def filter_batch(batch: pa.RecordBatch, filters: list[Filter], masker, decode, r
         alive = [i for i in alive if i not in failed]
     report.add(batch, rejected_by, reasons)
     return BatchVerdict(np.array([n is None for n in rejected_by], dtype=bool), reasons, masks)
+
+
+def _interrupted_curation(out: Path) -> bool:
+    """`out` as a killed curate leaves it: shards but no manifest (written last)."""
+    return not (out / corpus.MANIFEST).exists() and all(
+        p.name in ("data", "rejected", corpus.TOKENIZER_DIR, files.LOCK_NAME) or p.match(files.PARTIAL_GLOB) for p in out.iterdir())
 
 
 def _write_outputs(out: Path, index: int, kept: pa.Table, rejected: pa.Table) -> None:
@@ -253,7 +277,7 @@ def _write_shard(out: Path, index: int, table: pa.Table, subdir: str) -> None:
                              "same command: curation starts over (no --overwrite needed)") from e
 
 
-def _pii_masks(batch, rows, masker: pii.PIIFilter, decode) -> dict[int, list[bool]]:
+def pii_masks(batch, rows, masker: pii.PIIFilter, decode) -> dict[int, list[bool]]:
     text = batch.column("response").to_pylist()
     ids = batch.column("response_token_ids").to_pylist()
     return {i: pii.token_mask(ids[i], [(s, e) for _, s, e in pii.find_pii(text[i], list(masker.kinds))], decode)
@@ -274,7 +298,7 @@ def _set_loss_mask(table: pa.Table, masks: dict[int, list[bool]]) -> pa.Table:
     return table.append_column("loss_mask", column)
 
 
-def _decoder(manifest: corpus.Manifest):
+def decoder(manifest: corpus.Manifest):
     from transformers import AutoTokenizer
 
     model = manifest.teacher.model

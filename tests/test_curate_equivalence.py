@@ -102,17 +102,19 @@ def footer(table) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
 
 
-def run(tmp: Path, encoding: str) -> dict:
+def run(tmp: Path, encoding: str, workers: int = 0) -> dict:
     source = build(tmp / f"corpus-{encoding}", encoding)
-    result = curate(CurateConfig(corpus=source, out=tmp / f"curated-{encoding}", filters=FILTERS, batch_size=50))
+    result = curate(CurateConfig(corpus=source, out=tmp / f"curated-{encoding}", filters=FILTERS, batch_size=50,
+                                 workers=workers))
     return {"kept": result.kept, "rejected": result.rejected, "rejected_by_filter": result.rejected_by_filter,
             "shards": outcome(result.path)}
 
 
-@pytest.mark.parametrize("encoding", ["quantized", "float32"])
-def test_curated_corpus_is_the_old_implementations(tmp_path, encoding):
+@pytest.mark.parametrize(("encoding", "workers"), [("quantized", 0), ("float32", 0), ("quantized", 2)])
+def test_curated_corpus_is_the_old_implementations(tmp_path, encoding, workers):
+    """In the curating process alone, and with the filters that judge records alone in 2 workers."""
     expected = json.loads(EXPECTATIONS.read_text())[encoding]
-    got = run(tmp_path, encoding)
+    got = run(tmp_path, encoding, workers)
     assert got["rejected_by_filter"] == expected["rejected_by_filter"]
     assert set(got["shards"]) == set(expected["shards"])
     for name, shard in expected["shards"].items():

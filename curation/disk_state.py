@@ -1,0 +1,164 @@
+"""The dedup filters' state, on disk: what they remember of every kept record grows with the
+corpus (10M records at the defaults: ~8 GB), so it lives in memory-mapped files under a
+temporary folder. Their pages are file-backed, which the OS reclaims under pressure, and the
+process's heap (RssAnon) stays flat however many records pass.
+
+`HashIndex` is a multimap from 64-bit keys to row numbers (open addressing, linear probing,
+vectorised over many keys at once); `Rows` an append-only table of fixed-width rows; `Strings`
+append-only strings. The folder goes when the state is garbage-collected or the process ends.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+_EMPTY = np.uint64(0)  # a key of 0 is stored as 1 (`_stored_keys`): a collision can only add a candidate
+
+
+class Folder:
+    """A temporary folder for one filter's files, removed with the filter (or at exit)."""
+
+    def __init__(self, prefix: str):
+        self.path = Path(tempfile.mkdtemp(prefix=f"distill-{prefix}-"))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.path, True)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+def _mapped(path: Path, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A zero-filled array of `shape` in a new (sparse) file at `path`."""
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+
+class Rows:
+    """Append-only rows of `width` values of `dtype`, in files of `block` rows each (no file is
+    ever copied to grow)."""
+
+    def __init__(self, folder: Folder, name: str, dtype, width: int = 1, block: int = 1 << 16):
+        self._folder, self._name, self._dtype, self._width, self._block = folder, name, dtype, width, block
+        self._blocks: list[np.ndarray] = []
+        self.count = 0
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = rows.reshape(len(rows), self._width)
+        done = 0
+        while done < len(rows):
+            block, at = divmod(self.count, self._block)
+            if block == len(self._blocks):
+                self._blocks.append(_mapped(self._folder.file(f"{self._name}-{block:05d}.npy"), self._dtype,
+                                            (self._block, self._width)))
+            n = min(self._block - at, len(rows) - done)
+            self._blocks[block][at:at + n] = rows[done:done + n]
+            done += n
+            self.count += n
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        block, at = divmod(int(row), self._block)
+        return self._blocks[block][at]
+
+
+class Strings:
+    """Append-only strings (UTF-8 bytes in one file, their end offsets as `Rows`)."""
+
+    def __init__(self, folder: Folder, name: str):
+        self._data = open(folder.file(f"{name}.bin"), "w+b")  # noqa: SIM115 (closed with the process)
+        weakref.finalize(self, self._data.close)
+        self._ends = Rows(folder, f"{name}-ends", np.int64)
+        self._size = 0
+
+    def append(self, texts: list[str]) -> None:
+        encoded = [t.encode() for t in texts]
+        self._data.seek(self._size)
+        self._data.write(b"".join(encoded))
+        ends = self._size + np.cumsum([len(e) for e in encoded], dtype=np.int64)
+        self._ends.append(ends)
+        self._size = int(ends[-1]) if len(ends) else self._size
+
+    def __getitem__(self, row: int) -> str:
+        start = int(self._ends[row - 1][0]) if row else 0
+        self._data.seek(start)
+        return self._data.read(int(self._ends[row][0]) - start).decode()
+
+    def __len__(self) -> int:
+        return self._ends.count
+
+
+class HashIndex:
+    """Multimap uint64 key -> row number (int64), in two memory-mapped arrays: open addressing
+    with linear probing, doubled (every entry re-inserted) when more than half full."""
+
+    def __init__(self, folder: Folder, name: str, capacity: int = 1 << 16):
+        self._folder, self._name, self._generation = folder, name, 0
+        self.count = 0
+        self._allocate(capacity)
+
+    def _allocate(self, capacity: int) -> None:
+        self._generation += 1
+        old = [self._folder.file(f"{self._name}-{part}-{self._generation - 1}.npy") for part in ("keys", "rows")]
+        self._keys = _mapped(self._folder.file(f"{self._name}-keys-{self._generation}.npy"), np.uint64, (capacity,))
+        self._rows = _mapped(self._folder.file(f"{self._name}-rows-{self._generation}.npy"), np.int64, (capacity,))
+        self._mask = np.uint64(capacity - 1)
+        for path in old:
+            path.unlink(missing_ok=True)
+
+    def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every (query position, row) pair whose stored key equals `keys[query position]`."""
+        keys = _stored_keys(keys)
+        active = np.arange(len(keys))
+        slots = _slots(keys, self._mask)
+        found_at, found_rows = [], []
+        while len(active):
+            stored = self._keys[slots]
+            hit = stored == keys[active]
+            found_at.append(active[hit])
+            found_rows.append(self._rows[slots[hit]])
+            more = stored != _EMPTY
+            active, slots = active[more], (slots[more] + np.uint64(1)) & self._mask
+        return np.concatenate(found_at), np.concatenate(found_rows)
+
+    def insert(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        if 2 * (self.count + len(keys)) > len(self._keys):
+            self._grow(self.count + len(keys))
+        self._place(_stored_keys(keys), np.asarray(rows, dtype=np.int64))
+        self.count += len(keys)
+
+    def _grow(self, entries: int) -> None:
+        used = self._keys != _EMPTY
+        keys, rows = np.array(self._keys[used]), np.array(self._rows[used])
+        capacity = len(self._keys)
+        while 2 * entries > capacity:
+            capacity *= 2
+        self._allocate(capacity)
+        self._place(keys, rows)
+
+    def _place(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        slots = _slots(keys, self._mask)
+        pending = np.arange(len(keys))
+        while len(pending):
+            free = self._keys[slots] == _EMPTY
+            # one key per free slot takes it (the first of those that reached it); the rest probe on
+            _, first = np.unique(slots[free], return_index=True)
+            taking = np.flatnonzero(free)[first]
+            self._keys[slots[taking]] = keys[pending[taking]]
+            self._rows[slots[taking]] = rows[pending[taking]]
+            left = np.ones(len(pending), dtype=bool)
+            left[taking] = False
+            pending, slots = pending[left], slots[left]
+            probing = self._keys[slots] != _EMPTY  # taken (by another key): the next slot
+            slots[probing] = (slots[probing] + np.uint64(1)) & self._mask
+
+
+def _stored_keys(keys: np.ndarray) -> np.ndarray:
+    keys = np.asarray(keys, dtype=np.uint64)
+    return np.where(keys == _EMPTY, np.uint64(1), keys)
+
+
+def _slots(keys: np.ndarray, mask: np.uint64) -> np.ndarray:
+    # the keys are hashes already; a multiply mixes their high bits into the slot's low ones
+    return ((keys * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(17)) & mask

@@ -1,0 +1,105 @@
+"""The filters that judge each record alone, run ahead in worker processes.
+
+A filter's verdict on a record depends only on that record unless the filter `remembers` the
+records before it (the dedup filters, plug-ins): those run in the curating process, in corpus
+order. The others run here, over whole shards, a few shards ahead of it, in as many processes
+as `workers`; the curating process then only looks their verdicts up. They judge every row of a
+batch (not only the rows that earlier filters kept), which gives the same verdict on the rows
+that count: a record is still charged to the first filter, in the configured order, that
+rejects it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+
+from distill import corpus
+from distill.curation.base import Filter
+
+# Below this many records a worker's start-up (~2 s of imports) costs more than it saves.
+MIN_RECORDS = 10_000
+
+
+@dataclass(frozen=True)
+class BatchVerdicts:
+    rows: int  # the batch's row count (the curating process reads the same batches: checked)
+    failed: dict[int, dict[int, str]]  # filter index -> {row: detail} over every row of the batch
+    masks: dict[int, list[bool]]  # row -> loss mask, for the rows the PII masker matched
+
+
+def independent(filters: list[Filter]) -> list[int]:
+    """Indices of the filters that judge each record alone."""
+    return [n for n, f in enumerate(filters) if not f.remembers]
+
+
+def default_workers(records: int, cpus: int | None) -> int:
+    return max(0, (cpus or 1) - 1) if records >= MIN_RECORDS else 0
+
+
+class Ahead:
+    """Submits shards to the worker pool, at most `2 * workers` ahead of the one being read; `for
+    verdicts in ahead.shards(paths)` yields each shard's batch verdicts in order."""
+
+    def __init__(self, filters: list[Filter], masker: Filter | None, root: Path, batch_size: int, workers: int):
+        self._indices = independent(filters)
+        self._masker = filters.index(masker) if masker is not None else None
+        self._columns = sorted({c for n in self._indices for c in filters[n].reads()})
+        self._batch_size, self._workers = batch_size, workers
+        specs = [filters[n].settings() for n in self._indices]
+        # spawn: the curating process holds threads (the writer, tqdm's) that a fork would copy mid-state
+        self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_start, initargs=(specs, self._indices, self._masker, str(root)))
+
+    def shards(self, paths: list[Path]) -> Iterator[list[BatchVerdicts]]:
+        pending: deque[Future] = deque()
+        upcoming = iter(paths)
+        for _ in paths:
+            while len(pending) < 2 * self._workers:
+                path = next(upcoming, None)
+                if path is None:
+                    break
+                pending.append(self._pool.submit(_judge, path, self._columns, self._batch_size))
+            try:
+                yield pending.popleft().result()
+            except BrokenProcessPool as e:
+                raise RuntimeError("curate's worker processes died (a script that calls `curate()` needs an "
+                                   "`if __name__ == \"__main__\":` guard, as for any spawned process; or set "
+                                   "`workers: 0`)") from e
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# In each worker process: the independent filters, built once from their settings.
+_filters: dict[int, Filter] = {}
+_masking: tuple[int, object] | None = None  # (masker index, token decoder)
+
+
+def _start(specs: list[dict], indices: list[int], masker: int | None, root: str) -> None:
+    from distill.curation.pipeline import build_filters, decoder
+
+    global _masking
+    _filters.update(zip(indices, build_filters(specs)))
+    if masker is not None:
+        _masking = (masker, decoder(corpus.read_manifest(root)))
+
+
+def _judge(path: Path, columns: list[str], batch_size: int) -> list[BatchVerdicts]:
+    from distill.curation.pipeline import pii_masks
+
+    verdicts = []
+    for batch in corpus.shard_batches(path, columns, batch_size):
+        every = list(range(batch.num_rows))
+        failed = {n: f.check_batch(batch, every) for n, f in _filters.items()}
+        masks = {}
+        if _masking is not None:
+            n, decode = _masking
+            masks = pii_masks(batch, list(failed[n]), _filters[n], decode)
+        verdicts.append(BatchVerdicts(batch.num_rows, failed, masks))
+    return verdicts
