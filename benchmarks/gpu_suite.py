@@ -1,17 +1,29 @@
-"""The GPU suite, training half: KD and SFT step time and peak memory of a student built from its
-config (no weights downloaded), and the peak memory of the chunked vs the plain KD loss at that
-vocabulary. On a GPU the default is a Qwen2.5-0.5B-shaped student (V = 151,936, H = 896, 24
-layers) in bf16 at T = 4,096; `--quick` runs the same code on the CPU with a tiny student in
-float32 in seconds (the test suite does). Not here yet: the vLLM half (`distill generate` vs raw
-`LLM.generate` tokens/s, serving tok/s at concurrency 1/16/64).
+"""The GPU suite: what training, generating and serving cost at a real model's size, with nothing
+downloaded (every model is built from its config, its weights random). On a GPU the default shape
+is Qwen2.5-0.5B's (V = 151,936, H = 896, 24 layers); `--quick` runs the same code on the CPU
+with a tiny shape in float32 (the test suite does; those are not GPU numbers, and the output
+says so). `--only train generate serve` picks sections.
 
-A step: forward, loss, backward, AdamW step, on one sequence of T tokens with random token ids
-and a random top-k teacher row (k = 20) per position. KD: `chunked_distill_loss` (alpha 0.5: KD
-+ CE) on the last hidden states and the LM head, as `distill train` computes it; SFT: the model's
-own cross-entropy. Peak memory: `torch.cuda.max_memory_allocated` on a GPU; on the CPU, the
-growth of the process's peak RSS, each variant in a fresh process.
+train: KD and SFT step time and peak memory of the student in bf16 at T = 4,096, and the peak
+memory of the chunked vs the plain KD loss at that vocabulary. A step: forward, loss, backward,
+AdamW step, on one sequence of T tokens with random token ids and a random top-k teacher row
+(k = 20) per position. KD: `chunked_distill_loss` (alpha 0.5: KD + CE) on the last hidden
+states and the LM head, as `distill train` computes it; SFT: the model's own cross-entropy. Peak
+memory: `torch.cuda.max_memory_allocated` on a GPU; on the CPU, the growth of the process's
+peak RSS, each variant in a fresh process.
 
-    python benchmarks/gpu_suite.py [--tokens 4096] [--steps 5] [--quick]
+generate and serve run a teacher of the same shape under vLLM with `load_format: dummy` (given
+through the config's `engine_args`, as a user would) and a locally built byte-level tokenizer of
+exactly V ids (`dummy_teacher`: why). generate: tokens/s of `distill generate` end to end (engine,
+top-k k = 20 extraction, corpus shards) vs raw `LLM.generate` with the same prompts, sampling,
+seeds and `logprobs=20` on the same engine (generate_throughput.py's runs, in a fresh process).
+Random weights rarely sample the end of turn, so replies run to about `--max-tokens`. serve:
+output tokens/s of vLLM's OpenAI server started as `distill serve` starts it, at concurrency
+1/16/64 (streaming chat, greedy, every reply `--max-tokens` long via `ignore_eos`). vLLM runs
+where the installed vLLM does (`--device` is the training half's).
+
+    python benchmarks/gpu_suite.py [--only train generate serve] [--tokens 4096] [--steps 5]
+                                   [--prompts 512] [--max-tokens 256] [--concurrency 1 16 64] [--quick]
 """
 
 from __future__ import annotations
