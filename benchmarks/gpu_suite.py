@@ -1,8 +1,9 @@
-"""The GPU suite: what training, generating and serving cost at a real model's size, with nothing
-downloaded (every model is built from its config, its weights random). On a GPU the default shape
-is Qwen2.5-0.5B's (V = 151,936, H = 896, 24 layers); `--quick` runs the same code on the CPU
-with a tiny shape in float32 (the test suite does; those are not GPU numbers, and the output
-says so). `--only train generate serve` picks sections.
+"""The GPU suite: what training, generating and serving cost at a real model's size.
+
+Nothing is downloaded: every model is built from its config, its weights random. On a GPU the
+default shape is Qwen2.5-0.5B's (V = 151,936, H = 896, 24 layers); `--quick` runs the same code
+on the CPU with a tiny shape in float32 (the test suite does; those are not GPU numbers, and the
+output says so). `--only train generate serve` picks sections.
 
 train: KD and SFT step time and peak memory of the student in bf16 at T = 4,096, and the peak
 memory of the chunked vs the plain KD loss at that vocabulary. A step: forward, loss, backward,
@@ -23,7 +24,7 @@ output tokens/s of vLLM's OpenAI server started as `distill serve` starts it, at
 where the installed vLLM does (`--device` is the training half's).
 
     python benchmarks/gpu_suite.py [--only train generate serve] [--tokens 4096] [--steps 5]
-                                   [--prompts 512] [--max-tokens 256] [--concurrency 1 16 64] [--quick]
+                                   [--prompts 256] [--max-tokens 256] [--concurrency 1 16 64] [--quick]
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ K, ALPHA, CHUNK = 20, 0.5, 1024
 SECTIONS = ("train", "generate", "serve")
 # The dummy teacher's chat markers, Qwen2.5's (its last three ids, as Qwen's follow its vocabulary).
 SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# ChatML as Qwen2.5 writes it, without Qwen's default system prompt.
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -187,7 +189,7 @@ def in_fresh_process(what: str, args: argparse.Namespace, device: str | None = N
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def dummy_teacher(shape: str, where: Path) -> Path:
+def dummy_teacher(shape: str, where: Path) -> None:
     """A model directory vLLM runs with `load_format="dummy"` (random weights, nothing downloaded):
     SHAPES[shape] as a Qwen2 config.json, and a byte-level BPE tokenizer of exactly `vocab_size`
     ids with a ChatML template, loaded as Qwen2.5's is (`Qwen2Tokenizer`: its pre-tokenizer and
@@ -210,7 +212,6 @@ def dummy_teacher(shape: str, where: Path) -> Path:
                             extra_special_tokens=list(SPECIAL), chat_template=CHAT_TEMPLATE).save_pretrained(where)
     Qwen2Config(**SHAPES[shape], max_position_embeddings=32_768, eos_token_id=words.index("<|im_end|>"),
                 architectures=["Qwen2ForCausalLM"], dtype="bfloat16").save_pretrained(where)
-    return where
 
 
 def dummy_conversations(n: int, length: int) -> list[list[dict]]:
@@ -287,17 +288,20 @@ def run_child(what: str, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> list[Headline]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="sections to run [default: all]")
+    ap.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                    help="sections to run [default: all]")
     ap.add_argument("--shape", choices=SHAPES, help="the student's and the dummy teacher's shape "
                     "[default: qwen2.5-0.5b; tiny with --quick]")
     ap.add_argument("--tokens", type=int, help="train: tokens per sequence [default: 4096; 128 with --quick]")
     ap.add_argument("--steps", type=int, default=5, help="train: timed steps after one warm-up step")
     ap.add_argument("--device", choices=("cuda", "cpu"), help="train: [default: cuda when available]; vLLM runs "
                     "where the installed vLLM does")
-    ap.add_argument("--prompts", type=int, default=512, help="generate: prompts")
-    ap.add_argument("--prompt-tokens", type=int, default=128, help="generate, serve: tokens per prompt (random letters)")
+    ap.add_argument("--prompts", type=int, default=256, help="generate: prompts")
+    ap.add_argument("--prompt-tokens", type=int, default=128,
+                    help="generate, serve: tokens per prompt (random letters)")
     ap.add_argument("--max-tokens", type=int, default=256, help="generate, serve: tokens per reply")
-    ap.add_argument("--requests", type=int, default=128, help="serve: requests per concurrency level")
+    # 64 at concurrency 1 are 64 x 256 decode steps one after another: the level that sets the suite's time
+    ap.add_argument("--requests", type=int, default=64, help="serve: requests per concurrency level")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64], help="serve: concurrency levels")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -348,13 +352,14 @@ def train_section(args: argparse.Namespace) -> list[Headline]:
 
 
 def vllm_section(args: argparse.Namespace) -> list[Headline]:
-    from generate_throughput import RUNS, best, print_runs
+    from generate_throughput import best, print_runs
 
     from distill.engine import on_cpu
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # read on the CPU only; the dummy teacher needs little
     dummy_teacher(args.shape, Path(args.work) / "teacher")
-    if on_cpu():
+    device = "cpu" if on_cpu() else "cuda"
+    if device == "cpu":
         where = "CPU (no GPU: not a GPU number)"
     else:
         import torch
@@ -371,8 +376,8 @@ def vllm_section(args: argparse.Namespace) -> list[Headline]:
         ratio = best(runs["distill"]) / best(runs["raw"])
         print(f"ratio distill / raw with vLLM defaults: {ratio:.3f}; distill's last corpus: {result['records']} "
               f"records, {result['response_tokens']:,} response tokens")
-        headlines.append(Headline(f"distill generate, {args.shape} dummy teacher, tokens/s", f"{best(runs['distill']):,.0f}",
-                                  f"{ratio:.3f} of raw LLM.generate ({dict(RUNS)['raw']})"))
+        headlines.append(Headline(f"distill generate, {args.shape} dummy teacher, {device}, tokens/s",
+                                  f"{best(runs['distill']):,.0f}", f"{ratio:.3f} of raw LLM.generate, vLLM defaults"))
     if "serve" in args.only:
         rows = serve_rates(args)
         print(f"\nserve: vLLM's OpenAI server as `distill serve` starts it; {args.requests} requests per level, "
@@ -382,7 +387,7 @@ def vllm_section(args: argparse.Namespace) -> list[Headline]:
             print(f"{r['concurrency']:>11}{r['requests']:>10}{r['failures']:>10}{r['output_tokens']:>10,}"
                   f"{r['tokens_per_s']:>12,.0f}{r['ttft_ms_p50']:>13.1f}")
         top = rows[-1]
-        headlines.append(Headline(f"vLLM server, {args.shape} dummy, concurrency {top['concurrency']}, output tok/s",
+        headlines.append(Headline(f"vLLM server, {args.shape} dummy, {device}, concurrency {top['concurrency']}, output tok/s",
                                   f"{top['tokens_per_s']:,.0f}",
                                   f"{top['tokens_per_s'] / rows[0]['tokens_per_s']:.1f}x concurrency "
                                   f"{rows[0]['concurrency']}", met=False if top["failures"] else None))
