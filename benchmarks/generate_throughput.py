@@ -45,6 +45,64 @@ def synthetic_prompts(n: int) -> list[dict]:
     return [{"id": f"s{i}", "conversations": [{"from": "human", "value": line}]} for i, line in enumerate(lines)]
 
 
+RUNS = (("raw", "LLM.generate, vLLM defaults"), ("fast", "LLM.generate, flat + no detok"),
+        ("distill", "distill generate (end to end)"))
+
+
+def timed_runs(cfg, teacher, records: list[dict], prompt_ids: list[list[int]], work: Path,
+               repeats: int = 2) -> dict[str, list[tuple]]:
+    """`cfg`'s prompts (`records`, written to `cfg.prompts`; `prompt_ids`: their chat-templated
+    ids) through one engine, three ways, `repeats` times each: raw `LLM.generate` with the same
+    sampling and seeds as distill (vLLM's defaults otherwise: what a user would write; and with
+    the flat logprobs and no detokenisation distill asks for), and `distill generate` end to end
+    into `work/corpusI`. {"raw" | "fast": [(seconds, tokens)], "distill": [(seconds, tokens, corpus)]}."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from distill.generate.job import request_id, request_seed
+
+    def run_raw(**fast) -> tuple[float, int]:
+        params = [SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                 logprobs=cfg.top_k, seed=request_seed(cfg.seed, request_id(str(r["id"]), 0)), **fast)
+                  for r in records]
+        t = time.perf_counter()
+        outs = teacher.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+        return time.perf_counter() - t, sum(len(o.outputs[0].token_ids) for o in outs)
+
+    # What distill asks of vLLM: logprobs as flat arrays, no per-token detokenisation.
+    fast = dict(flat_logprobs=True, detokenize=False)
+    run_raw(**fast)  # warm-up: first batches pay one-off costs
+    runs = {name: [] for name, _ in RUNS}
+    for i in range(repeats):  # interleaved, so drift on a noisy machine hits all three
+        runs["raw"].append(run_raw())
+        runs["fast"].append(run_raw(**fast))
+        runs["distill"].append(run_distill(cfg, teacher, work / f"corpus{i}"))
+    return runs
+
+
+def run_distill(cfg, teacher, out: Path, **update) -> tuple[float, int, Path]:
+    """`distill generate` of `cfg` (with `update`) into `out` on `teacher`: seconds, response tokens, `out`."""
+    from distill import corpus
+    from distill.generate import generate
+
+    c = cfg.model_copy(update={"out": out, **update})
+    t = time.perf_counter()
+    generate(c, teacher=teacher)
+    return time.perf_counter() - t, corpus.corpus_stats(c.out).response_tokens, c.out
+
+
+def best(runs: list[tuple]) -> float:
+    """The best tokens/s of `timed_runs` rows."""
+    return max(r[1] / r[0] for r in runs)
+
+
+def print_runs(runs: dict[str, list[tuple]]) -> None:
+    print(f"{f'path (best of {len(runs[RUNS[0][0]])})':<34}{'tokens':>10}{'seconds':>10}{'tok/s':>12}")
+    for key, name in RUNS:
+        sec, tok = max(runs[key], key=lambda r: r[1] / r[0])[:2]
+        print(f"{name:<34}{tok:>10,}{sec:>10.2f}{tok / sec:>12,.0f}")
+
+
 def main(argv: list[str] | None = None) -> list[Headline]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, help="teacher model dir (default: the tiny test teacher)")
@@ -55,12 +113,8 @@ def main(argv: list[str] | None = None) -> list[Headline]:
     args = parse_args(ap, argv, quick={"prompts": 32, "max_tokens": 64})
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
     from distill import corpus
     from distill.config import GenerateConfig
-    from distill.generate import generate
     from distill.generate.engine import VLLMTeacher
     from distill.generate.templating import ChatTokenizer, load_tokenizer, model_max_len
 
@@ -84,43 +138,14 @@ def main(argv: list[str] | None = None) -> list[Headline]:
     cfg.prompts.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     teacher = VLLMTeacher(cfg, max_logprobs=args.top_k, max_model_len=model_max_len(cfg))
-    llm = teacher.llm
-
-    def run_raw(**fast) -> tuple[float, int]:
-        from distill.generate.job import request_id, request_seed
-
-        params = [SamplingParams(max_tokens=args.max_tokens, temperature=1.0, logprobs=args.top_k,
-                                 seed=request_seed(0, request_id(str(r["id"]), 0)), **fast) for r in kept]
-        t = time.perf_counter()
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
-        return time.perf_counter() - t, sum(len(o.outputs[0].token_ids) for o in outs)
-
-    def run_distill(name: str, **update) -> tuple[float, int, Path]:
-        c = cfg.model_copy(update={"out": work / name, **update})
-        t = time.perf_counter()
-        generate(c, teacher=teacher)
-        return time.perf_counter() - t, corpus.corpus_stats(c.out).response_tokens, c.out
-
-    # What distill asks of vLLM: logprobs as flat arrays, no per-token detokenisation.
-    fast = dict(flat_logprobs=True, detokenize=False)
-    run_raw(**fast)  # warm-up: first batches pay one-off costs
-    raw_runs, fast_runs, distill_runs = [], [], []
-    for i in range(2):  # interleaved, so drift on a noisy machine hits all three
-        raw_runs.append(run_raw())
-        fast_runs.append(run_raw(**fast))
-        distill_runs.append(run_distill(f"corpus{i}"))
-    best = lambda runs: max(r[1] / r[0] for r in runs)
+    runs = timed_runs(cfg, teacher, kept, ids, work)
+    raw_runs, fast_runs, distill_runs = runs["raw"], runs["fast"], runs["distill"]
     out_default = distill_runs[0][2]
-    _, _, out32 = run_distill("corpus32", logprob_encoding="float32")
+    _, _, out32 = run_distill(cfg, teacher, work / "corpus32", logprob_encoding="float32")
 
     print(f"\nmodel {model}, {len(kept)} prompts ({source}), max_tokens {args.max_tokens}, k={args.top_k}, "
           f"temperature 1.0")
-    rows = [("LLM.generate, vLLM defaults", raw_runs), ("LLM.generate, flat + no detok", fast_runs),
-            ("distill generate (end to end)", distill_runs)]
-    print(f"{'path (best of 2)':<34}{'tokens':>10}{'seconds':>10}{'tok/s':>12}")
-    for name, runs in rows:
-        sec, tok = max(runs, key=lambda r: r[1] / r[0])[:2]
-        print(f"{name:<34}{tok:>10,}{sec:>10.2f}{tok / sec:>12,.0f}")
+    print_runs(runs)
     ratio = best(distill_runs) / best(raw_runs)
     print(f"ratio distill / raw with vLLM defaults: {ratio:.3f}   (target >= 0.90)")
     print(f"ratio distill / fastest raw:            {best(distill_runs) / best(fast_runs):.3f}")
