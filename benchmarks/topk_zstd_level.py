@@ -1,8 +1,10 @@
 """Which zstd level for the packed top-k columns? Bytes per top-k entry and seconds to write one
-shard of 1,024 realistic records (corpus_scale.py's) at several levels; `corpus.TOPK_ZSTD_LEVEL`
-is the level `write_shard` uses. The other columns stay at level 6 throughout.
+shard at several levels: 1,024 realistic records (corpus_scale.py's: Zipf-drawn ids over the demo
+teacher's small vocabulary), or with `--corpus DIR` a real teacher's corpus, its shards joined
+and encoded in the current layout. `corpus.TOPK_ZSTD_LEVEL` is the level `write_shard` uses; the
+other columns stay at level 6 throughout.
 
-    python benchmarks/topk_zstd_level.py [--levels 6 9 12 17] [--repeat 3] [--quick]
+    python benchmarks/topk_zstd_level.py [--corpus DIR] [--levels 1 3 6 9 17] [--repeat 3] [--quick]
 """
 
 from __future__ import annotations
@@ -39,12 +41,18 @@ def topk_bytes(path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> list[Headline]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--levels", type=int, nargs="+", default=[6, 9, 12, 17])
+    ap.add_argument("--corpus", type=Path, help="a real corpus instead of the synthetic shard")
+    ap.add_argument("--levels", type=int, nargs="+", default=[1, 3, 6, 9, 17])
     ap.add_argument("--repeat", type=int, default=3)
-    args = parse_args(ap, argv, quick={"levels": [9, 17], "repeat": 1})
-    table = corpus.records_to_table(base_records(SHARD), K)
-    entries = int(pc.sum(pc.list_value_length(table["response_token_ids"])).as_py()) * K
-    print(f"{SHARD:,} records, {entries // K:,} response tokens, k = {K}; the current level is {corpus.TOPK_ZSTD_LEVEL}")
+    args = parse_args(ap, argv, quick={"levels": [1, 17], "repeat": 1})
+    if args.corpus:
+        k = corpus.read_manifest(args.corpus).generation.top_k
+        table = corpus.encode(corpus.read_table(args.corpus), k, "quantized")
+    else:
+        k, table = K, corpus.records_to_table(base_records(SHARD), K)
+    entries = int(pc.sum(pc.list_value_length(table["response_token_ids"])).as_py()) * k
+    print(f"{args.corpus or 'synthetic'}: {table.num_rows:,} records, {entries // k:,} response tokens, k = {k}; "
+          f"the current level is {corpus.TOPK_ZSTD_LEVEL}")
     print(f"{'level':>6}{'B/entry (top-k)':>18}{'write s (median)':>18}{'bytes vs 17':>14}{'time vs 17':>12}")
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,7 +62,7 @@ def main(argv: list[str] | None = None) -> list[Headline]:
             rows[level] = (topk_bytes(path) / entries, seconds)
     ref = rows.get(17, next(iter(rows.values())))
     for level, (b, s) in rows.items():
-        print(f"{level:>6}{b:>18.3f}{s:>18.2f}{b / ref[0]:>14.3f}{s / ref[1]:>12.2f}")
+        print(f"{level:>6}{b:>18.3f}{s:>18.3f}{b / ref[0]:>14.3f}{s / ref[1]:>12.2f}")
     b, s = rows.get(corpus.TOPK_ZSTD_LEVEL, ref)
     return [Headline(f"top-k at zstd {corpus.TOPK_ZSTD_LEVEL}, B/entry", f"{b:.3f}", f"{b / ref[0]:.3f}x level 17's bytes, "
                      f"{s / ref[1]:.2f}x its time")]

@@ -24,9 +24,10 @@ from distill.files import DiskFull, atomic_path
 
 STATS_KEY = b"distill.stats"
 # zstd level of the packed top-k columns (every other column: 6). benchmarks/topk_zstd_level.py
-# measured it on 1,024 realistic records (docs/results/scale.md): level 17 wrote 8x slower than 9
-# for a few % fewer bytes, and curate and generate rewrite every byte of the top-k.
-TOPK_ZSTD_LEVEL = 9
+# on three real SmolLM2 corpora (docs/results/scale.md): level 1 stores 0.3-1.2 % more bytes than
+# 9 and writes 3-4x faster (17: 1.5-2.2 % fewer bytes, 5x slower than 9). The layout has already
+# taken out what a slower level would find, and generate and curate write every byte of it.
+TOPK_ZSTD_LEVEL = 1
 
 
 def _stored_columns(schema: pa.Schema, columns: Sequence[str] | None) -> list[str] | None:
