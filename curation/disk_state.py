@@ -46,7 +46,7 @@ class Rows:
         self.count = 0
 
     def append(self, rows: np.ndarray) -> None:
-        rows = rows.reshape(len(rows), self._width)
+        rows = rows.reshape(-1, self._width)
         done = 0
         while done < len(rows):
             block, at = divmod(self.count, self._block)
