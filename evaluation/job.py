@@ -212,9 +212,11 @@ def teacher_on_student_answers(cfg: EvalConfig, student_corpus: Path, teacher_co
     records.sort(key=lambda r: r["id"])
     if path.exists():
         files.clear_dir(path)
-    corpus.write_shard(path, 0, corpus.records_to_table(records, cfg.top_k))
+    teacher_info = corpus.read_manifest(teacher_corpus).teacher
+    table, stamp = corpus.records_to_stamped_table(records, cfg.top_k, corpus.DEFAULT_ENCODING, teacher_info.vocab_size)
+    corpus.write_shard(path, 0, table, stamp=stamp)
     corpus.write_manifest(path, corpus.Manifest(
-        teacher=corpus.read_manifest(teacher_corpus).teacher,
+        teacher=teacher_info,
         generation={"mode": "score", "top_k": cfg.top_k, "logprob_encoding": corpus.DEFAULT_ENCODING},
         source={"corpus": str(student_corpus)}, stats=corpus.corpus_stats(path)))
     return path

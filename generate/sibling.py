@@ -76,7 +76,7 @@ def _score(cfg: ScoreConfig, teacher: Teacher | None) -> corpus.Corpus:
                                                                    max_model_len=model_max_len(cfg))
         try:
             for path in todo:
-                _score_shard(teacher or started, cfg, path, out)
+                _score_shard(teacher or started, cfg, path, out, manifest.teacher.vocab_size)
                 print(f"score: {path.name} of `{src}` scored", file=sys.stderr, flush=True)
         finally:
             if started is not None:
@@ -88,7 +88,7 @@ def _score(cfg: ScoreConfig, teacher: Teacher | None) -> corpus.Corpus:
     return corpus.Corpus(out, manifest)
 
 
-def _score_shard(teacher: Teacher, cfg: ScoreConfig, path: Path, out: Path) -> None:
+def _score_shard(teacher: Teacher, cfg: ScoreConfig, path: Path, out: Path, teacher_vocab_size: int | None) -> None:
     table = corpus.read_shard(path)
     columns = [*COPIED, *(["loss_mask"] if "loss_mask" in table.column_names else [])]
     records = table.select(columns).to_pylist()
@@ -99,4 +99,5 @@ def _score_shard(teacher: Teacher, cfg: ScoreConfig, path: Path, out: Path) -> N
     teacher.score(iter(requests), cfg.top_k, lambda req, c: scored.__setitem__(req.index, c), window=2 * cfg.chunk_size)
     rows = [{**r, "response_logprobs": scored[i].response_logprobs, "topk_token_ids": scored[i].topk_token_ids,
              "topk_logprobs": scored[i].topk_logprobs} for i, r in enumerate(records)]
-    corpus.write_shard(out, corpus.shard_index(path), corpus.records_to_table(rows, cfg.top_k, cfg.logprob_encoding))
+    table, stamp = corpus.records_to_stamped_table(rows, cfg.top_k, cfg.logprob_encoding, teacher_vocab_size)
+    corpus.write_shard(out, corpus.shard_index(path), table, stamp=stamp)

@@ -51,11 +51,14 @@ def record(i: int | str, *, n_tokens: int = 3, k: int = K, question: str | None 
     return built
 
 
-def make_corpus(root, records, k=K, encoding=corpus.DEFAULT_ENCODING, vocab_size=None, teacher: str | dict = "t"):
+def make_corpus(root, records, k=K, encoding=corpus.DEFAULT_ENCODING, vocab_size=None, teacher: str | dict = "t",
+                stamped: bool = False):
     """A one-shard corpus of `records`. `teacher`: the teacher's model, or the manifest's whole
     teacher section; `vocab_size`: the teacher's, as generate records it (None: not recorded, as
-    in corpora written before it was)."""
-    corpus.write_shard(root, 0, corpus.records_to_table(records, k, encoding))
+    in corpora written before it was); `stamped`: with the validation stamp generate writes where
+    the records pass its checks."""
+    table, stamp = corpus.records_to_stamped_table(records, k, encoding, vocab_size)
+    corpus.write_shard(root, 0, table, stamp=stamp if stamped else None)
     stats = corpus.corpus_stats(root)
     section = {"model": teacher} if isinstance(teacher, str) else teacher
     corpus.write_manifest(root, corpus.Manifest(teacher={**section, "vocab_size": vocab_size},

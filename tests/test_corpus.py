@@ -408,17 +408,21 @@ def test_without_a_recorded_vocabulary_negative_ids_are_still_refused(tmp_path):
         corpus.validate(make_corpus(tmp_path / "b", negative, encoding="float16"))
 
 
-def test_validated_batches_yield_only_clean_records_then_raise(tmp_path):
+@pytest.mark.parametrize("trust_stamps", [False, True])
+def test_checked_batches_yield_only_clean_records_then_raise(tmp_path, trust_stamps):
     """Reading and validating in one pass (what train does before step 1): a batch with a problem
-    is never handed out, and the problems are raised once the shards are read."""
+    is never handed out, and the problems are raised once the shards are read; trusting stamps or
+    not, the same records and the same largest top-k id."""
     recs = [record(i) for i in range(3)]
-    good = make_corpus(tmp_path / "good", recs, vocab_size=512)
-    batches = list(corpus.validated_batches(good, batch_size=2))
-    assert pa.Table.from_batches(batches).equals(corpus.read_table(good))
+    good = make_corpus(tmp_path / "good", recs, vocab_size=512, stamped=True)
+    batches = list(corpus.checked_batches(good, batch_size=2, trust_stamps=trust_stamps))
+    assert pa.Table.from_batches([b.decoded() for b in batches]).equals(corpus.read_table(good))
+    largest = max(max(map(max, r["topk_token_ids"])) for r in corpus.iter_records(good))
+    assert max(b.max_topk_id for b in batches) == largest
     recs[1]["response_token_ids"] = [0, 99999, 2]
-    bad = make_corpus(tmp_path / "bad", recs, vocab_size=512)
+    bad = make_corpus(tmp_path / "bad", recs, vocab_size=512, stamped=True)
     seen = []
     with pytest.raises(corpus.CorpusError, match=r"record 'r1', response position 1: 99999"):
-        for batch in corpus.validated_batches(bad, batch_size=1):
-            seen += batch.column("id").to_pylist()
+        for batch in corpus.checked_batches(bad, batch_size=1, trust_stamps=trust_stamps):
+            seen += batch.stored.column("id").to_pylist()
     assert seen == ["r0", "r2"]

@@ -30,6 +30,7 @@ def test_generated_corpus_validates_and_matches_transformers(tmp_path, tiny_mode
                    teacher=teacher)
     stats = corpus.validate(out)
     assert stats["records"] == 2 * len(PROMPTS)
+    assert all(corpus.verified_stamp(path) for path in corpus.shard_paths(out))  # checked as written
     manifest = corpus.read_manifest(out)
     assert manifest == out.manifest  # what generate returns is what it wrote
     assert manifest.stats.complete and manifest.stats.shards == 3  # 12 requests / chunk 5

@@ -66,12 +66,15 @@ def test_generate_and_score_run_through_a_toy_backend(tmp_path, tiny_models, toy
         assert record["topk_token_ids"][0][0] == record["response_token_ids"][0]
         assert record["finish_reason"] == "length"
     assert corpus.read_manifest(out).history[-1]["config"]["backend"] == "toy"
+    # each shard stamped over the top-k it holds: readers may skip decoding it again
+    assert all(corpus.verified_stamp(path) for path in corpus.shard_paths(out))
 
     data = write_jsonl(tmp_path / "answers.jsonl", [{"prompt": "What is 2+3?", "response": "The sum is 5."}])
     scored = score(ScoreConfig(data=data, out=tmp_path / "scored", backend="toy", **common)).path
     (record,) = corpus.iter_records(scored)
     assert record["response"] == "The sum is 5." and len(record["response_token_ids"]) > 3
     assert [row[0] for row in record["topk_token_ids"]] == record["response_token_ids"]
+    assert corpus.verified_stamp(corpus.shard_paths(scored)[0])
     assert (toy.started, toy.closed) == (2, 2)
 
 

@@ -54,7 +54,7 @@ class TrainingData:
 def prepare_training_data(root: Path, max_length: int, scratch: Path) -> TrainingData:
     """Read the corpus once (see the module's docstring); the Arrow file goes into `scratch`,
     which the caller removes after training. Raises `CorpusError` if the corpus is invalid."""
-    batches = (corpus.as_student_view(batch) for batch in corpus.validated_batches(root))
+    batches = (corpus.as_student_view(batch.decoded()) for batch in corpus.checked_batches(root))
     return write_training_data(batches, root, max_length, scratch)
 
 

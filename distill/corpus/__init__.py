@@ -5,9 +5,10 @@ A corpus is a directory holding `manifest.json` and zstd Parquet shards under `d
 carry their own record/token counts in the Parquet footer, so a reader never sees half a
 shard and the manifest's stats can always be recomputed from the shards alone.
 
-Five modules, each one job: `codec` (the logical columns and their stored encodings, no files),
-`manifest` (`manifest.json`), `store` (shards on disk and the readers), `tokenizer_files` (the
-teacher's tokenizer kept in the corpus), `validate` (the validator). Every stage imports the names below as `distill.corpus.X`.
+Six modules, each one job: `codec` (the logical columns and their stored encodings, no files),
+`manifest` (`manifest.json`), `store` (shards on disk and the readers), `stamp` (the footer saying
+a shard's top-k was validated), `tokenizer_files` (the teacher's tokenizer kept in the corpus),
+`validate` (the validator). Every stage imports the names below as `distill.corpus.X`.
 """
 
 from distill.corpus.codec import (
@@ -37,6 +38,7 @@ from distill.corpus.codec import (
     logprob_tolerance,
     records_to_table,
     shard_encoding,
+    topk_rows,
 )
 from distill.corpus.manifest import (
     MANIFEST,
@@ -51,6 +53,16 @@ from distill.corpus.manifest import (
     read_manifest,
     tokenizer_fingerprint,
     write_manifest,
+)
+from distill.corpus.stamp import (
+    STAMP_KEY,
+    STAMP_VERSION,
+    Stamp,
+    read_stamp,
+    stamp_of,
+    stored_topk_columns,
+    topk_digest,
+    verified_stamp,
 )
 from distill.corpus.store import (
     READ_ERRORS,
@@ -75,16 +87,25 @@ from distill.corpus.tokenizer_files import (
     store_tokenizer,
     teacher_tokenizer,
 )
-from distill.corpus.validate import check_shards, validate, validated_batches
+from distill.corpus.validate import (
+    CheckedBatch,
+    check_shards,
+    checked_batches,
+    records_to_stamped_table,
+    validate,
+    validated_stamp,
+)
 
 __all__ = [
     "COLUMNS", "DEFAULT_ENCODING", "ENCODING_KEY", "FLOAT16_RELATIVE_ERROR", "LOGPROB_CODES", "LOGPROB_ENCODINGS",
-    "MANIFEST", "PACKED_IDS", "QUANTIZED_MAX_ERROR", "QUANT_STEP", "READ_ERRORS", "SCHEMA", "STATS_KEY",
+    "MANIFEST", "PACKED_IDS", "QUANTIZED_MAX_ERROR", "QUANT_STEP", "READ_ERRORS", "SCHEMA", "STAMP_KEY",
+    "STAMP_VERSION", "STATS_KEY", "CheckedBatch", "Stamp", "checked_batches", "read_stamp", "records_to_stamped_table", "stamp_of",
+    "stored_topk_columns", "topk_digest", "topk_rows", "validated_stamp", "verified_stamp",
     "STUDENT_MESSAGES", "STUDENT_PROMPT_IDS", "STUDENT_VIEW_COLUMNS", "TAIL_STEP", "TOKENIZER_DIR", "TOKEN_COLUMNS",
     "TOKEN_ID_COLUMNS", "TOPK_LAYOUT", "TOPK_LAYOUTS", "TOPK_ZSTD_LEVEL", "Corpus", "CorpusError", "CorpusStats", "GenerationInfo", "Manifest",
     "TeacherInfo", "arrow_schema", "as_student_view", "check_complete", "check_shards", "copy_tokenizer",
     "corpus_stats", "decode", "encode", "history_entry", "iter_batches", "iter_records", "leaves", "load_dataset",
     "logprob_tolerance", "read_manifest", "read_shard", "read_table", "records_to_table", "shard_batches",
     "shard_encoding", "shard_index", "shard_paths", "shard_stats", "store_tokenizer", "teacher_tokenizer",
-    "tokenizer_fingerprint", "unreadable", "validate", "validated_batches", "write_manifest", "write_shard",
+    "tokenizer_fingerprint", "unreadable", "validate", "write_manifest", "write_shard",
 ]

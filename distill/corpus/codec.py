@@ -130,6 +130,11 @@ def _nested(values: np.ndarray, lengths: np.ndarray, k: int | None, dtype: pa.Da
 
 def records_to_table(records: Sequence[dict[str, Any]], k: int, encoding: str = DEFAULT_ENCODING) -> pa.Table:
     """Records as produced by the stages (top-k as `[T, k]` numpy arrays) -> a stored Arrow table."""
+    return encode(logical_table(records, k), k, encoding)
+
+
+def logical_table(records: Sequence[dict[str, Any]], k: int) -> pa.Table:
+    """Records as produced by the stages -> the logical table (float32 logprobs)."""
     has_mask = any(r.get("loss_mask") is not None for r in records)
     has_view = any(r.get(STUDENT_PROMPT_IDS) is not None for r in records)
     schema = arrow_schema("float32", loss_mask=has_mask, student_view=has_view)
@@ -146,7 +151,7 @@ def records_to_table(records: Sequence[dict[str, Any]], k: int, encoding: str = 
                  for r in records], type=field.type)
         else:
             columns[name] = pa.array([r[name] for r in records], type=field.type)
-    return encode(pa.table(columns, schema=schema), k, encoding)
+    return pa.table(columns, schema=schema)
 
 
 def encode(table: pa.Table, k: int, encoding: str, layout: int = TOPK_LAYOUT) -> pa.Table:
@@ -469,6 +474,23 @@ def _unlayout2(id_bytes, id_offsets, out, code_offsets, k, names) -> tuple[np.nd
         source[ref] = source[source[ref]]
         ref = ref[~literal[source[ref]]]
     return ids[source].reshape(n, k), codes, tokens
+
+
+def topk_rows(data: pa.Table | pa.RecordBatch, params: dict) -> np.ndarray:
+    """The top-k rows of each record (its response positions), read off the stored columns without
+    decoding them: the nested lists' lengths, or the quantized byte strings' (layout 1: their
+    length; layout 2: the count they start with). Byte strings too short to hold one count 0."""
+    if params["encoding"] != "quantized":
+        return pc.list_value_length(data["topk_token_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
+    codes, offsets = _blobs(data[LOGPROB_CODES])
+    lengths = np.diff(offsets)
+    if params.get("layout", 1) == 1:
+        return lengths // (2 * (params["k"] + 1))
+    rows = np.zeros(len(lengths), dtype=np.int64)
+    whole = lengths >= 4
+    counts = codes[_spread(offsets[:-1][whole], np.full(int(whole.sum()), 4))].reshape(-1, 4).copy()
+    rows[whole] = counts.view("<u4").reshape(-1)
+    return rows
 
 
 def shard_encoding(schema: pa.Schema) -> dict:

@@ -3,8 +3,10 @@ problem named by shard (and record where it has one)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -18,12 +20,17 @@ from distill.corpus.codec import (
     TOKEN_COLUMNS,
     TOKEN_ID_COLUMNS,
     CorpusError,
+    conform,
     decode,
+    encode,
     leaves,
     locate,
+    logical_table,
     shard_encoding,
+    topk_rows,
 )
 from distill.corpus.manifest import SCHEMA, CorpusStats, Manifest, read_manifest
+from distill.corpus.stamp import Stamp, TopkDigest, stamp_in, stamp_of, stored_topk_columns
 from distill.corpus.store import READ_ERRORS, shard_paths, unreadable
 
 
@@ -46,20 +53,43 @@ def check_shards(root: Path, subdir: str = "data") -> list[str]:
 
 
 def validate(root: Path, subdir: str = "data", max_problems: int = 20) -> dict[str, int]:
-    """Check every invariant of docs/corpus-format.md; return the stats or raise `CorpusError`
-    listing the problems."""
-    for _ in validated_batches(root, subdir, max_problems):
+    """Check every invariant of docs/corpus-format.md on every byte (stamps are not trusted: this is
+    the check of everything); return the stats or raise `CorpusError` listing the problems."""
+    for _ in checked_batches(root, subdir, max_problems, trust_stamps=False):
         pass
     stats = _expected_stats(read_manifest(root), subdir)  # what the shards hold: checked equal
     return {"records": stats.records, "response_tokens": stats.response_tokens}
 
 
-def validated_batches(root: Path, subdir: str = "data", max_problems: int = 20,
-                      batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
-    """The corpus's records as decoded record batches, each checked as it is read (every page
-    against its checksum, every invariant of docs/corpus-format.md): validation and reading in
-    one pass. Only batches without a problem are yielded; after the last one (or `max_problems`)
-    the problems found are raised as one `CorpusError`."""
+@dataclass(frozen=True)
+class CheckedBatch:
+    """Records that passed every check. `stored`: their columns with the contract's types, the top-k
+    as the shard stores it (`encoding`: the shard's); `max_topk_id`: the largest top-k id, or where
+    the shard's stamp vouched for its top-k, the stamp's (of the shard; for rows taken from other
+    shards, an upper bound)."""
+
+    stored: pa.RecordBatch
+    encoding: dict
+    max_topk_id: int
+
+    def decoded(self) -> pa.RecordBatch:
+        """The logical columns of docs/corpus-format.md."""
+        return decode(self.stored, self.encoding)
+
+
+def checked_batches(root: Path, subdir: str = "data", max_problems: int = 20, batch_size: int = 1024,
+                    trust_stamps: bool = False) -> Iterator[CheckedBatch]:
+    """The corpus's records in batches, each checked as it is read (every page against its
+    checksum, every invariant of docs/corpus-format.md): validation and reading in one pass. Only
+    batches without a problem are yielded; after the last one (or `max_problems`) the problems
+    found are raised as one `CorpusError`.
+
+    `trust_stamps`: a shard whose stamp vouches for the top-k it holds (`stamp.py`: the digest of
+    its stored top-k equal, the rules' version, the manifest's k, below its `vocab_size`) is read
+    without decoding its top-k, whose own checks (widths, sorted, finite, in the vocabulary) are
+    skipped; every other check runs (the top-k's rows against the response length among them).
+    Such a shard is read whole before its first batch is yielded (its digest is known only then);
+    any other is validated in full, as without `trust_stamps`."""
     root = Path(root)
     manifest = read_manifest(root)
     problems: list[str] = []
@@ -77,6 +107,9 @@ def validated_batches(root: Path, subdir: str = "data", max_problems: int = 20,
             shard.schema_arrow.names  # decoded lazily: a damaged name fails here
             encoding = shard_encoding(shard.schema_arrow)
             stored = shard.iter_batches(batch_size=batch_size)
+            stamp = stamp_in(shard.schema_arrow) if trust_stamps else None
+            if stamp is not None:
+                stored, stamp = _vouched(stored, stamp, encoding, k, vocab_size)
         except CorpusError as e:
             problems.append(f"{where}: {e}")
             every_shard_counted = False
@@ -100,25 +133,35 @@ def validated_batches(root: Path, subdir: str = "data", max_problems: int = 20,
             if batch is None:
                 break
             try:  # decoding also casts the stored widths to the contract's, or names a type problem
-                batch = decode(batch, encoding)
+                if stamp is None:
+                    table = pa.Table.from_batches([decode(batch, encoding)])
+                    topk_rows_ = None
+                else:  # the top-k vouched for: only the other columns are decoded and checked
+                    batch = conform(batch)
+                    table = pa.Table.from_batches([batch]).drop_columns(list(stored_topk_columns(encoding)))
+                    topk_rows_ = topk_rows(batch, encoding)
             except (CorpusError, pa.ArrowException, KeyError) as e:
                 problems.append(f"{where}: {e}")
                 every_shard_counted = False
                 break
-            table = pa.Table.from_batches([batch])
             if first:  # the shard's columns: once per shard
                 first = False
-                missing = [c for c in COLUMNS if c not in table.column_names]
+                held = set(table.column_names) | ({"topk_token_ids", "topk_logprobs"} if stamp else set())
+                missing = [c for c in COLUMNS if c not in held]
                 if missing:
                     problems.append(f"{where}: missing columns {missing}")
                     every_shard_counted = False
                     break
-            found = _batch_problems(table, where, k, vocab_size, seen)
+            found = _batch_problems(table, where, k, vocab_size, seen, topk_rows_)
             problems += found
             records += table.num_rows
             tokens += int(pc.sum(pc.list_value_length(table["response_token_ids"])).as_py() or 0)
             if clean and not found:
-                yield batch
+                if stamp is None:
+                    top = leaves(table["topk_token_ids"])
+                    yield CheckedBatch(conform(batch), encoding, (pc.max(top).as_py() if len(top) else None) or 0)
+                else:
+                    yield CheckedBatch(batch, encoding, stamp.max_topk_id)
         if len(problems) >= max_problems:
             every_shard_counted = False
             break
@@ -131,19 +174,65 @@ def validated_batches(root: Path, subdir: str = "data", max_problems: int = 20,
         raise CorpusError(f"`{root}` is not a valid corpus:\n  " + "\n  ".join(problems[:max_problems]) + more)
 
 
+def _vouched(batches: Iterator[pa.RecordBatch], stamp: Stamp, encoding: dict, k: int,
+             vocab_size: int | None) -> tuple[Iterator[pa.RecordBatch], Stamp | None]:
+    """A stamped shard's batches (read whole), and its stamp where it vouches for the top-k they hold
+    under this manifest: the digest of their stored top-k equal to the stamp's, rows of the
+    manifest's k, ids below its `vocab_size`. None: the shard is validated in full."""
+    batches = list(batches)
+    digest = TopkDigest(encoding)
+    try:
+        for batch in batches:
+            digest.update(batch)
+    except KeyError:  # a top-k column missing: the full validation names it
+        return iter(batches), None
+    if digest.hexdigest() != stamp.digest or stamp.top_k != k or \
+            (vocab_size is not None and stamp.max_topk_id >= vocab_size):
+        return iter(batches), None
+    return iter(batches), stamp
+
+
+def records_to_stamped_table(records: Sequence[dict[str, Any]], k: int, encoding: str,
+                             vocab_size: int | None) -> tuple[pa.Table, Stamp | None]:
+    """`codec.records_to_table`, and the table's stamp where its records pass the checks
+    (`validated_stamp`): what the stages that have the decoded top-k in hand write with
+    `store.write_shard(..., stamp=)`."""
+    logical = logical_table(records, k)
+    stored = encode(logical, k, encoding)
+    return stored, validated_stamp(stored, logical, k, vocab_size)
+
+
+def validated_stamp(stored: pa.Table, logical: pa.Table, k: int, vocab_size: int | None) -> Stamp | None:
+    """The stamp of a shard about to be written (`stored`, the stored form of `logical`) where its
+    records pass the validator's checks of one batch (`_batch_problems`: the top-k's widths for
+    `k`, sorted, finite, in the vocabulary; ids unique within it); None where any fails: the shard
+    is then written without one, and the validator reports the problem as for any shard."""
+    if _batch_problems(logical, "", k, vocab_size, set()):
+        return None
+    top = leaves(logical["topk_token_ids"])
+    return stamp_of(stored, k, (pc.max(top).as_py() if len(top) else None) or 0)
+
+
 def _expected_stats(manifest: Manifest, subdir: str) -> CorpusStats:
     return manifest.stats if subdir == "data" else manifest.rejected_stats or CorpusStats()
 
 
-def _batch_problems(table: pa.Table, where: str, k: int, vocab_size: int | None, seen: set[str]) -> list[str]:
-    """What is wrong in these records of a shard with the right columns; `seen`: the ids read so far."""
+def _batch_problems(table: pa.Table, where: str, k: int, vocab_size: int | None, seen: set[str],
+                    topk_rows: np.ndarray | None = None) -> list[str]:
+    """What is wrong in these records of a shard with the right columns; `seen`: the ids read so far.
+    `topk_rows`: where the top-k was vouched for by the shard's stamp and is not in `table`, its
+    rows per record (`codec.topk_rows`), checked against the response length; its own checks are
+    left out (each check below looks only at the columns `table` holds)."""
     problems = []
     n_tokens = pc.list_value_length(table["response_token_ids"])
-    for col in TOKEN_COLUMNS:
-        if col in table.column_names:
-            bad = pc.not_equal(pc.list_value_length(table[col]), n_tokens)
-            problems += _rows(table, bad, f"{where}: `{col}` length differs from `response_token_ids`")
+    lengths = {col: pc.list_value_length(table[col]) for col in TOKEN_COLUMNS if col in table.column_names}
+    if topk_rows is not None:
+        lengths["topk_token_ids"] = pa.array(topk_rows, type=n_tokens.type)
+    for col, length in lengths.items():
+        problems += _rows(table, pc.not_equal(length, n_tokens), f"{where}: `{col}` length differs from `response_token_ids`")
     for col in ("topk_token_ids", "topk_logprobs"):
+        if col not in table.column_names:
+            continue
         rows = pc.list_flatten(table[col])
         widths = pc.list_value_length(rows)
         if len(widths) and pc.any(pc.not_equal(widths, k)).as_py():
@@ -175,7 +264,7 @@ def _rows(table: pa.Table, mask: pa.ChunkedArray, message: str) -> list[str]:
 def _non_finite(table: pa.Table, where: str) -> list[str]:
     """NaN or infinite logprobs (a NaN passes every comparison, so no other check catches it)."""
     problems = []
-    for col in ("response_logprobs", "topk_logprobs"):
+    for col in [c for c in ("response_logprobs", "topk_logprobs") if c in table.column_names]:
         column = table[col].combine_chunks()  # list per record: of values, or of top-k rows
         positions = pc.list_flatten(column)
         record_of = pc.list_parent_indices(column).to_numpy()
@@ -191,6 +280,8 @@ def _non_finite(table: pa.Table, where: str) -> list[str]:
 
 
 def _unsorted_topk(table: pa.Table, where: str) -> list[str]:
+    if "topk_logprobs" not in table.column_names:
+        return []
     rows = pc.list_flatten(table["topk_logprobs"])
     values = pc.list_flatten(rows).to_numpy(zero_copy_only=False).astype(np.float32)
     widths = pc.list_value_length(rows).to_numpy()
@@ -210,7 +301,7 @@ def _out_of_vocabulary(table: pa.Table, where: str, vocab_size: int | None) -> l
     (a min/max per column; the values are looked at only to name the first bad one)."""
     problems = []
     outside = f"outside the teacher's vocabulary [0, {vocab_size})" if vocab_size else "below 0"
-    for col in [*TOKEN_ID_COLUMNS, *([STUDENT_PROMPT_IDS] if STUDENT_PROMPT_IDS in table.column_names else [])]:
+    for col in [c for c in (*TOKEN_ID_COLUMNS, STUDENT_PROMPT_IDS) if c in table.column_names]:
         values = leaves(table[col])
         low, high = (v.as_py() for v in pc.min_max(values).values())
         if low is None or (low >= 0 and (vocab_size is None or high < vocab_size)):
