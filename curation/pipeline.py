@@ -132,7 +132,9 @@ def _curate(cfg: CurateConfig, out: Path) -> CurateResult:
     manifest = corpus.read_manifest(cfg.corpus)
     files.check_not_being_written(cfg.corpus, "corpus")  # else it would look like an interrupted corpus
     corpus.check_complete(cfg.corpus, manifest, cfg.allow_incomplete)
-    corpus.validate(cfg.corpus)  # refuse a broken corpus with the reason, before any work
+    # refuse a broken corpus with the reason, before any work; a shard whose stamp vouches for its
+    # top-k is checked without decoding it (docs/corpus-format.md, the validation stamp)
+    max_topk_id = max((b.max_topk_id for b in corpus.checked_batches(cfg.corpus, trust_stamps=True)), default=0)
     if not (cfg.overwrite or files.is_empty(out) or _interrupted_curation(out)):
         raise FileExistsError(f"`{out}` holds a finished corpus or other files: choose another `out` or pass `--overwrite`")
     files.clear_dir(out)  # curation has nothing to resume: an interrupted one starts over
@@ -156,7 +158,8 @@ def _curate(cfg: CurateConfig, out: Path) -> CurateResult:
                                               bar.update, verdicts)
                 if pending is not None:
                     pending.result()  # one shard in flight at a time: memory stays at two shards
-                pending = writer.submit(_write_outputs, out, corpus.shard_index(path), kept, rejected)
+                pending = writer.submit(_write_outputs, out, corpus.shard_index(path), kept, rejected,
+                                    manifest.generation.top_k, max_topk_id)
             if pending is not None:
                 pending.result()
         finally:
@@ -262,15 +265,17 @@ def _interrupted_curation(out: Path) -> bool:
         p.name in ("data", "rejected", corpus.TOKENIZER_DIR, files.LOCK_NAME) or p.match(files.PARTIAL_GLOB) for p in out.iterdir())
 
 
-def _write_outputs(out: Path, index: int, kept: pa.Table, rejected: pa.Table) -> None:
+def _write_outputs(out: Path, index: int, kept: pa.Table, rejected: pa.Table, k: int, max_topk_id: int) -> None:
+    """Both parts of a curated shard, each stamped: its rows come from validated shards, so its top-k
+    passed the checks; the largest top-k id of the whole source is its stamp's bound."""
     for subdir, table in (("data", kept), ("rejected", rejected)):
         if table.num_rows:
-            _write_shard(out, index, table, subdir)
+            _write_shard(out, index, table, subdir, corpus.stamp_of(table, k, max_topk_id))
 
 
-def _write_shard(out: Path, index: int, table: pa.Table, subdir: str) -> None:
+def _write_shard(out: Path, index: int, table: pa.Table, subdir: str, stamp: corpus.Stamp) -> None:
     try:
-        corpus.write_shard(out, index, table, subdir)
+        corpus.write_shard(out, index, table, subdir, stamp=stamp)
     except files.DiskFull as e:  # generate's advice (its shards are kept) is wrong here: say what a rerun does
         path = out / subdir / f"part-{index:05d}.parquet"
         raise files.DiskFull(f"no space left on device writing shard {index} (`{path}`); free space and rerun the "

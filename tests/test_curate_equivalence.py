@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -98,8 +99,9 @@ def outcome(out: Path) -> dict:
 
 
 def footer(table) -> dict[str, str]:
-    """The shard's footer metadata (its encoding, its stats)."""
-    return {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    """The shard's footer metadata (its encoding, its stats), but the validation stamp that curate
+    now adds (checked by `test_every_curated_shard_is_stamped`)."""
+    return {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items() if k != corpus.STAMP_KEY}
 
 
 def run(tmp: Path, encoding: str, workers: int = 0) -> dict:
@@ -124,6 +126,32 @@ def test_curated_corpus_is_the_old_implementations(tmp_path, encoding, workers):
         assert got["shards"][name]["metadata"] == shard["metadata"], name
         assert got["shards"][name]["sha256"] == shard["sha256"], f"{name}: stored values differ"
     assert (got["kept"], got["rejected"]) == (expected["kept"], expected["rejected"])
+
+
+def test_every_curated_shard_is_stamped(tmp_path):
+    """Curate's shards (kept and rejected) carry a stamp that vouches for their top-k, bounded by
+    the source's largest top-k id, so readers skip decoding it."""
+    source = build(tmp_path / "corpus", "quantized")
+    result = curate(CurateConfig(corpus=source, out=tmp_path / "curated", filters=FILTERS[:-1], batch_size=50))
+    largest = max(b.max_topk_id for b in corpus.checked_batches(source))
+    paths = corpus.shard_paths(result.path) + corpus.shard_paths(result.path, "rejected")
+    assert len(paths) == 2 * SHARDS
+    for path in paths:
+        stamp = corpus.verified_stamp(path)
+        assert stamp is not None and (stamp.top_k, stamp.max_topk_id) == (K, largest), path
+
+
+def test_a_stamped_shard_whose_top_k_was_edited_is_validated_in_full(tmp_path):
+    source = build(tmp_path / "corpus", "float32")  # float32 stores any row, an unsorted one too
+    curated = curate(CurateConfig(corpus=source, out=tmp_path / "curated", filters=FILTERS[:-1])).path
+    path = corpus.shard_paths(curated)[0]
+    stored = pq.read_table(path)
+    rows = stored.to_pylist()
+    rows[0]["topk_logprobs"][0] = sorted(rows[0]["topk_logprobs"][0])  # worst first
+    assert corpus.STAMP_KEY in stored.schema.metadata
+    pq.write_table(pa.Table.from_pylist(rows, schema=stored.schema), path)  # the footer (and stamp) kept
+    with pytest.raises(corpus.CorpusError, match="part-00000.parquet: `topk_logprobs` rows are not sorted best first"):
+        curate(CurateConfig(corpus=curated, out=tmp_path / "again", filters=FILTERS[:-1]))
 
 
 def test_every_planted_kind_is_rejected():
