@@ -80,7 +80,8 @@ def prepare(cfg: TrainConfig, manifests: list[corpus.Manifest], scratch: Path) -
 
 
 def _with_teacher(dataset, index: int):
-    return dataset.add_column("teacher", [index] * len(dataset))
+    # a numpy column: a Python list of 1M ints took ~6 s of a 1M-record start-up
+    return dataset.add_column("teacher", np.full(len(dataset), index, dtype=np.int64))
 
 
 def _concatenate(parts: list):
