@@ -149,13 +149,15 @@ def measure(argv: list[str], env: dict | None = None) -> dict:
     return {"seconds": ended - started, "anon_gb": peak["RssAnon"] / 1e6, "file_gb": peak["RssFile"] / 1e6}
 
 
-def child_train(corpus_dir: str, out: str) -> None:
+def child_train(corpus_dir: str, out: str, eval_fraction: float | None) -> None:
     """`distill train` as the command line runs it, stopped when its first training step starts."""
-    train_until_first_step(["--corpus", corpus_dir, "--out", out, *TRAIN_FLAGS])
+    held_out = [] if eval_fraction is None else ["--eval-fraction", str(eval_fraction)]
+    train_until_first_step(["--corpus", corpus_dir, "--out", out, *TRAIN_FLAGS, *held_out])
 
 
-def run_stage(stage: str, root: Path, work: Path, py: str = sys.executable) -> dict:
-    """`stage` on the corpus `root`, by the interpreter `py` (another's: its checkout's code)."""
+def run_stage(stage: str, root: Path, work: Path, py: str = sys.executable, eval_fraction: float | None = None) -> dict:
+    """`stage` on the corpus `root`, by the interpreter `py` (another's: its checkout's code);
+    `eval_fraction`: train's, where not its default."""
     cli = [py, "-m", "distill.cli"]
     out = Path(tempfile.mkdtemp(dir=work))
     # another checkout's interpreter imports its own `distill`, not this worktree's
@@ -171,7 +173,8 @@ def run_stage(stage: str, root: Path, work: Path, py: str = sys.executable) -> d
         config.write_text(json.dumps({"corpus": str(root), "out": str(out / "c"), "filters": NO_NEAR}))
         return measure([*cli, "curate", "--config", str(config)], env)
     try:
-        return measure([py, __file__, "--child-train", str(root), str(out / "t")],
+        held_out = [] if eval_fraction is None else ["--eval-fraction", str(eval_fraction)]
+        return measure([py, __file__, "--child-train", str(root), str(out / "t"), *held_out],
                        {**env, "HF_DATASETS_CACHE": str(out / "hf")})
     finally:  # the training data it left (a process stopped at its first step does not clean up)
         shutil.rmtree(out, ignore_errors=True)
@@ -197,10 +200,12 @@ def main(argv: list[str] | None = None) -> list[Headline]:
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--before", help="the Python of another checkout: every stage also runs on its code")
+    ap.add_argument("--eval-fraction", type=float, help="train's held-out share (default: train's own); with 0 "
+                    "no held-out metrics are scored before the first step")
     ap.add_argument("--child-train", nargs=2, help=argparse.SUPPRESS)
     args = parse_args(ap, argv, quick={"records": [1_000, 10_000]})
     if args.child_train:
-        child_train(*args.child_train)
+        child_train(*args.child_train, args.eval_fraction)
         return []
     from distill import corpus
 
@@ -222,7 +227,7 @@ def main(argv: list[str] | None = None) -> list[Headline]:
             for stage in args.stages:
                 runs = {f"{stage} (before)": args.before} if args.before else {}
                 for name, python in {**runs, stage: sys.executable}.items():
-                    r = run_stage(stage, root, tmp, python)
+                    r = run_stage(stage, root, tmp, python, args.eval_fraction)
                     results[n][name] = r
                     print(f"  {name:<25}{r['seconds']:>9.1f} s {n / r['seconds']:>10,.0f} rec/s   peak anon "
                           f"{r['anon_gb']:.2f} GB, file {r['file_gb']:.2f} GB", flush=True)
