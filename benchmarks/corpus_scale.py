@@ -9,15 +9,19 @@ response of 64-128 tokens of the demo teacher's tokenizer (random words, so neit
 near-dedup collapses the corpus), a top-20 row per response token whose first entry is the
 response token, the rest drawn Zipf-like from the vocabulary, logprobs falling off like a
 teacher's, stored in the default quantized encoding in shards of 1,024 records (generate's
-`chunk_size`). A base set of 1,024 records is encoded once; larger corpora repeat its stored
-top-k rows under new ids and new unique responses (the replicas are written at zstd level 1 to
-build them fast; `write` times `corpus.write_shard` itself on the base shard).
+`chunk_size`), each with the validation stamp generate writes. A base set of 1,024 records is
+encoded once; larger corpora repeat its stored top-k rows under new ids and new unique responses
+(the replicas are written at zstd level 1 to build them fast; `write` times `corpus.write_shard`
+itself on the base shard).
+
+With `--before PYTHON`, the interpreter of another checkout (e.g. main's venv), every stage also
+runs on that code, on the same corpus, just before this checkout's run (a row "... (before)").
 
 Every stage runs as its own process (`distill ...` as the command line runs it); peak memory is
 sampled from /proc every 50 ms: RssAnon (heap: what must stay flat) and RssFile (memory-mapped
 shards and libraries, which the OS can reclaim).
 
-    python benchmarks/corpus_scale.py [--records 1000 10000 100000] [--stages ...] [--quick]
+    python benchmarks/corpus_scale.py [--records 1000 10000 100000] [--stages ...] [--before PYTHON] [--quick]
 """
 
 from __future__ import annotations
@@ -83,8 +87,9 @@ def unique_text(rng: np.random.Generator, words: list[str]) -> str:
     return " ".join(words[j] for j in rng.integers(0, len(words), size=int(rng.integers(80, 141))))
 
 
-def build(root: Path, n: int, base: pa.Table, seed: int) -> Path:
-    """`n` records in shards of SHARD: `base`'s stored rows repeated, with new ids and responses."""
+def build(root: Path, n: int, base: pa.Table, max_topk_id: int, seed: int) -> Path:
+    """`n` records in shards of SHARD: `base`'s stored rows repeated, with new ids and responses,
+    each shard stamped (its top-k rows are base's, validated: `max_topk_id` is theirs)."""
     from distill import corpus
     from distill.tiny import WORDS
 
@@ -101,7 +106,8 @@ def build(root: Path, n: int, base: pa.Table, seed: int) -> Path:
         # the footer stats write_shard adds; level 1: building is not what is measured
         tokens = int(pc.sum(pc.list_value_length(table["response_token_ids"])).as_py())
         stats = json.dumps({"records": size, "response_tokens": tokens}).encode()
-        meta = {**(table.schema.metadata or {}), corpus.STATS_KEY: stats}
+        stamp = corpus.stamp_of(table, K, max_topk_id).to_json()
+        meta = {**(table.schema.metadata or {}), corpus.STATS_KEY: stats, corpus.STAMP_KEY: stamp}
         pq.write_table(table.replace_schema_metadata(meta), path, compression="zstd", compression_level=1)
     write_manifest(root)
     return root
@@ -143,25 +149,35 @@ def measure(argv: list[str], env: dict | None = None) -> dict:
     return {"seconds": ended - started, "anon_gb": peak["RssAnon"] / 1e6, "file_gb": peak["RssFile"] / 1e6}
 
 
-def child_train(corpus_dir: str, out: str) -> None:
+def child_train(corpus_dir: str, out: str, eval_fraction: float | None) -> None:
     """`distill train` as the command line runs it, stopped when its first training step starts."""
-    train_until_first_step(["--corpus", corpus_dir, "--out", out, *TRAIN_FLAGS])
+    held_out = [] if eval_fraction is None else ["--eval-fraction", str(eval_fraction)]
+    train_until_first_step(["--corpus", corpus_dir, "--out", out, *TRAIN_FLAGS, *held_out])
 
 
-def run_stage(stage: str, root: Path, work: Path) -> dict:
-    py, cli = sys.executable, [sys.executable, "-m", "distill.cli"]
+def run_stage(stage: str, root: Path, work: Path, py: str = sys.executable, eval_fraction: float | None = None) -> dict:
+    """`stage` on the corpus `root`, by the interpreter `py` (another's: its checkout's code);
+    `eval_fraction`: train's, where not its default."""
+    cli = [py, "-m", "distill.cli"]
     out = Path(tempfile.mkdtemp(dir=work))
+    # another checkout's interpreter imports its own `distill`, not this worktree's
+    env = {} if py == sys.executable else {"PYTHONPATH": "", "DISTILL_WORKTREE": ""}
     if stage == "validate":
-        return measure([py, "-c", f"from distill import corpus; corpus.validate({str(root)!r})"])
+        return measure([py, "-c", f"from distill import corpus; corpus.validate({str(root)!r})"], env)
     if stage == "inspect":
-        return measure([*cli, "inspect", str(root)])
+        return measure([*cli, "inspect", str(root)], env)
     if stage == "curate":
-        return measure([*cli, "curate", "--corpus", str(root), "--out", str(out / "c")])
+        return measure([*cli, "curate", "--corpus", str(root), "--out", str(out / "c")], env)
     if stage == "curate_no_near":
         config = out / "curate.yaml"
         config.write_text(json.dumps({"corpus": str(root), "out": str(out / "c"), "filters": NO_NEAR}))
-        return measure([*cli, "curate", "--config", str(config)])
-    return measure([py, __file__, "--child-train", str(root), str(out / "t")], env={"HF_DATASETS_CACHE": str(out / "hf")})
+        return measure([*cli, "curate", "--config", str(config)], env)
+    try:
+        held_out = [] if eval_fraction is None else ["--eval-fraction", str(eval_fraction)]
+        return measure([py, __file__, "--child-train", str(root), str(out / "t"), *held_out],
+                       {**env, "HF_DATASETS_CACHE": str(out / "hf")})
+    finally:  # the training data it left (a process stopped at its first step does not clean up)
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def write_rate(base: pa.Table, repeat: int = 3) -> float:
@@ -183,10 +199,13 @@ def main(argv: list[str] | None = None) -> list[Headline]:
     ap.add_argument("--records", type=int, nargs="+", default=[1_000, 10_000, 100_000])
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--before", help="the Python of another checkout: every stage also runs on its code")
+    ap.add_argument("--eval-fraction", type=float, help="train's held-out share (default: train's own); with 0 "
+                    "no held-out metrics are scored before the first step")
     ap.add_argument("--child-train", nargs=2, help=argparse.SUPPRESS)
     args = parse_args(ap, argv, quick={"records": [1_000, 10_000]})
     if args.child_train:
-        child_train(*args.child_train)
+        child_train(*args.child_train, args.eval_fraction)
         return []
     from distill import corpus
 
@@ -194,27 +213,29 @@ def main(argv: list[str] | None = None) -> list[Headline]:
     with tempfile.TemporaryDirectory(prefix="distill-scale-") as tmp:
         tmp = Path(tmp)
         started = time.perf_counter()
-        base = corpus.records_to_table(base_records(SHARD), K)
+        base, base_stamp = corpus.records_to_stamped_table(base_records(SHARD), K, corpus.DEFAULT_ENCODING, None)
         print(f"base shard: {SHARD:,} records, {sum(len(x) for x in base['response_token_ids'].to_pylist()):,} "
               f"response tokens, built in {time.perf_counter() - started:.1f} s")
         rate = write_rate(base)
         print(f"write (corpus.write_shard, median of 3): {rate:,.0f} records/s")
         results: dict[int, dict[str, dict]] = {}
         for n in args.records:
-            root = build(tmp / f"c{n}", n, base, seed=n)
+            root = build(tmp / f"c{n}", n, base, base_stamp.max_topk_id, seed=n)
             size = corpus.corpus_stats(root)
             print(f"\n{n:,} records: {size.shards} shards, {size.bytes / 1e6:.1f} MB", flush=True)
             results[n] = {}
             for stage in args.stages:
-                r = run_stage(stage, root, tmp)
-                results[n][stage] = r
-                print(f"  {stage:<16}{r['seconds']:>9.1f} s {n / r['seconds']:>10,.0f} rec/s   peak anon "
-                      f"{r['anon_gb']:.2f} GB, file {r['file_gb']:.2f} GB", flush=True)
+                runs = {f"{stage} (before)": args.before} if args.before else {}
+                for name, python in {**runs, stage: sys.executable}.items():
+                    r = run_stage(stage, root, tmp, python, args.eval_fraction)
+                    results[n][name] = r
+                    print(f"  {name:<25}{r['seconds']:>9.1f} s {n / r['seconds']:>10,.0f} rec/s   peak anon "
+                          f"{r['anon_gb']:.2f} GB, file {r['file_gb']:.2f} GB", flush=True)
             shutil.rmtree(root)
     sizes = list(results)
     print(f"\n{'seconds (peak anon GB)':<24}" + "".join(f"{n:>18,}" for n in sizes)
           + "".join(f"{f'x{b // a} recs: ratio':>20}" for a, b in zip(sizes, sizes[1:])))
-    for stage in args.stages:
+    for stage in results[sizes[0]]:
         cells = "".join(f"{results[n][stage]['seconds']:>10.1f} ({results[n][stage]['anon_gb']:.2f})" for n in sizes)
         # growth of the time per 10x records, over the growth linear scaling predicts
         ratios = "".join(f"{results[b][stage]['seconds'] / results[a][stage]['seconds'] / (b / a):>20.2f}"

@@ -153,11 +153,13 @@ def test_the_pre_pass_reads_the_corpus_once_keeping_what_can_train_and_counting_
     assert sorted(opened) == corpus.shard_paths(root)
     kept = [r for r in records if len(r["prompt_token_ids"]) < 5]
     assert (data.records, data.skipped, data.max_token_id) == (3000, 3000 - len(kept), 9000)
-    assert data.dataset.column_names == [c for c in TRAINING_COLUMNS if c != "loss_mask"]
+    # the file keeps the top-k as stored; the rows read come decoded
+    assert data.dataset.column_names == [c for c in TRAINING_COLUMNS if c not in ("topk_token_ids", "topk_logprobs", "loss_mask")]
     assert data.dataset["id"] == [r["id"] for r in kept]
     stored = {r["id"]: r for r in corpus.iter_records(root)}
     for row in (data.dataset[0], data.dataset[len(kept) - 1]):
-        assert row == {c: stored[row["id"]][c] for c in data.dataset.column_names}
+        assert set(row) == {"id", "prompt_token_ids", "response_token_ids", "topk_token_ids", "topk_logprobs"}
+        assert row == {c: stored[row["id"]][c] for c in row}
 
 
 def test_the_pre_pass_refuses_an_invalid_corpus_as_validate_does(tmp_path):
@@ -222,3 +224,65 @@ def test_an_epoch_whose_last_batch_holds_one_record_trains(tmp_path, tiny_models
                             max_steps=2, batch_size=4, logging_steps=1, eval_fraction=0)).path
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"kd"' in line]
     assert [m["step"] for m in logs] == [1, 2] and all(m["ce"] > 0 for m in logs)
+
+
+def mixed_corpus(root, kind: str):
+    """Several shards as corpora hold them: `stamped` (generate's stamped shards, one written
+    without a stamp, curated `loss_mask` and a student view), `layouts` (a corpus resumed by a newer
+    distill: a layout-1 shard among layout-2 ones), `float16`."""
+    import shutil
+
+    from distill import corpus
+    from tests.helpers import ROOT, K
+    from tests.helpers import record as corpus_record
+
+    def rec(i):
+        r = corpus_record(f"x{i}", n_tokens=1 + i % 5, prompt_ids=list(range(1, 2 + i % 6)))
+        if kind == "stamped":
+            r["loss_mask"] = [bool((i + j) % 3) for j in range(len(r["response_token_ids"]))]
+            r["student_prompt_token_ids"] = [7, 8] if i % 2 else r["prompt_token_ids"]
+            r["student_messages"] = [{"role": "user", "content": "q"}] if i % 2 else r["messages"]
+        return r
+
+    encoding = "float16" if kind == "float16" else "quantized"
+    for shard in range(3):
+        table, stamp = corpus.records_to_stamped_table([rec(10 * shard + i) for i in range(10)], K, encoding, 512)
+        corpus.write_shard(root, shard, table, stamp=stamp if shard != 1 else None)
+    if kind == "layouts":
+        shutil.copy(ROOT / "tests" / "data" / "quantized-layout1-w2.parquet", root / "data" / "part-00003.parquet")
+    corpus.write_manifest(root, corpus.Manifest(teacher={"model": "t", "vocab_size": 512},
+                                                generation={"top_k": K, "logprob_encoding": encoding},
+                                                stats=corpus.corpus_stats(root)))
+    return root
+
+
+@pytest.mark.parametrize("kind", ["stamped", "layouts", "float16"])
+def test_training_batches_are_those_of_the_decoded_corpus(tmp_path, kind):
+    """Whatever the pre-pass keeps stored or skips decoding, training reads the same records in the
+    same order as the decoded corpus gives them (the pre-pass of before: decode, student view,
+    `trainable`), and a seeded sampler collates the same batches from them."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from distill import corpus
+    from distill.train.data import TRAINING_COLUMNS, prepare_training_data, trainable
+
+    root = mixed_corpus(tmp_path / "c", kind)
+    max_length = 5
+    reference = [{c: r[c] for c in TRAINING_COLUMNS if c in r}
+                 for batch in corpus.iter_batches(root) for r in corpus.as_student_view(batch).to_pylist()
+                 if trainable(r, max_length)]
+    data = prepare_training_data(root, max_length, tmp_path / "scratch")
+    # the top-k kept as stored where the shards share one quantized encoding, else decoded before step 1
+    assert (corpus.PACKED_IDS in data.dataset.column_names) == (kind == "stamped")
+    assert 0 < len(reference) < data.records and data.skipped == data.records - len(reference)
+    assert data.dataset.__getitems__(list(range(len(data.dataset)))) == reference
+    largest = max(max(max(r["topk_token_ids"], key=max, default=[0]), default=0) for r in reference)
+    assert data.max_token_id >= largest
+    collator = DistillCollator(pad_token_id=0, max_length=max_length, top_k=4)
+
+    def batches(dataset):
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(3))
+        return list(DataLoader(dataset, batch_size=4, sampler=sampler, collate_fn=collator))
+
+    for got, want in zip(batches(data.dataset), batches(reference), strict=True):
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)

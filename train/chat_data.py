@@ -83,7 +83,7 @@ def _rows(path: Path, cfg: TrainConfig):
 
 def chat_training_data(path: Path, cfg: TrainConfig, scratch: Path) -> TrainingData:
     """The file's records as training data, written once as an Arrow file the dataset memory-maps
-    (`data.write_training_data`, as for a corpus)."""
+    (`data.write_training_data`, as for a corpus; no top-k: its largest id 0)."""
     rows = _rows(path, cfg)
-    tables = (pa.Table.from_pylist(batch) for batch in iter(lambda: list(itertools.islice(rows, 512)), []))
+    tables = ((pa.Table.from_pylist(batch), 0) for batch in iter(lambda: list(itertools.islice(rows, 512)), []))
     return write_training_data(tables, path, cfg.max_length, scratch)

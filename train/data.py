@@ -2,10 +2,14 @@
 turned into tensors aligned for next-token prediction.
 
 `prepare_training_data` is the one pass over the shards before training: each record batch is
-validated, decoded, its largest token id taken and its records that cannot train dropped (and
-counted), all on Arrow columns, and the kept records are written once to an Arrow file that the
-training dataset memory-maps. `check_vocabulary` refuses a student that does not share the
-teacher's vocabulary on the ids the corpus uses.
+validated, its largest token id taken and its records that cannot train dropped (and counted),
+all on Arrow columns, and the kept records are written once to an Arrow file that the training
+dataset memory-maps. The top-k is never decoded there where it can be helped: a shard whose
+validation stamp vouches for its top-k is read without decoding it (`corpus.checked_batches`),
+the file keeps the top-k as the shards store it, and the dataset decodes the rows each training
+batch reads (`DecodedTopk`). Decoding a 1M-record corpus's top-k before step 1 took minutes;
+the records a batch reads take milliseconds. `check_vocabulary` refuses a student that does not
+share the teacher's vocabulary on the ids the corpus uses.
 
 The student trains on `prompt_token_ids + response_token_ids` exactly as stored (never
 re-tokenised); where the corpus holds a student view (`student_prompt_token_ids`, context
@@ -18,21 +22,24 @@ curation removes positions from every loss.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from distill import corpus
 from distill.train.losses import PAD_LOGPROB
 
-# What the collator reads of a record (`loss_mask` only in curated corpora): the rest of the
-# corpus (messages, texts, sampled logprobs) never enters the training dataset.
-TRAINING_COLUMNS = ("id", "prompt_token_ids", "response_token_ids", "topk_token_ids", "topk_logprobs", "loss_mask")
+# What the collator reads of a record (`loss_mask` only in curated corpora), the top-k decoded or
+# as quantized shards store it: the rest of the corpus (messages, texts, sampled logprobs) never
+# enters the training dataset.
+TRAINING_COLUMNS = ("id", "prompt_token_ids", "response_token_ids", "topk_token_ids", "topk_logprobs",
+                    corpus.PACKED_IDS, corpus.LOGPROB_CODES, "loss_mask")
 # Added to the training records when several corpora train together (train/corpora.py): the
 # index of the corpus a record came from, which on-policy routing sends its prompt's samples by.
 TEACHER_COLUMN = "teacher"
@@ -45,33 +52,84 @@ def trainable(record: dict, max_length: int) -> bool:
 
 @dataclass(frozen=True)
 class TrainingData:
-    dataset: Any  # `datasets.Dataset` of the kept records' TRAINING_COLUMNS, memory-mapped
+    dataset: Any  # `datasets.Dataset` of the kept records' TRAINING_COLUMNS (top-k decoded as rows are read), memory-mapped
     records: int  # in the corpus
     skipped: int  # records whose prompt fills `max_length` (not in `dataset`)
-    max_token_id: int  # the largest token id in the corpus (prompts, responses, top-k)
+    max_token_id: int  # the largest token id in the corpus (prompts, responses, top-k), or an upper bound (`check_vocabulary`)
 
 
-def prepare_training_data(root: Path, max_length: int, scratch: Path) -> TrainingData:
+@dataclass(frozen=True)
+class DecodedTopk:
+    """The training dataset's transform where its file keeps the top-k as the shards store it:
+    each batch of rows read gets its logical `topk_token_ids` / `topk_logprobs` (`corpus.decode`
+    of their stored bytes, `encoding` the shards'), so the collators see decoded records. Equal
+    for equal encodings: `datasets` keeps it on datasets concatenated from several corpora."""
+
+    encoding: dict
+
+    def __call__(self, rows: dict[str, list]) -> dict[str, list]:
+        stored = corpus.stored_topk_columns(self.encoding)
+        if not all(c in rows for c in stored):  # a query of other columns
+            return rows
+        table = pa.table({"id": rows["id"], **{c: pa.array(rows.pop(c), pa.large_binary()) for c in stored}})
+        decoded = corpus.decode(table, self.encoding)
+        return {**rows, "topk_token_ids": decoded["topk_token_ids"].to_pylist(),
+                "topk_logprobs": decoded["topk_logprobs"].to_pylist()}
+
+
+def kept_topk_encoding(roots: Sequence[Path]) -> dict | None:
+    """The quantized encoding every shard of these corpora (trained together) shares, whose stored
+    top-k the training file keeps (`DecodedTopk` decodes it as rows are read); None where they do
+    not share one (another encoding, or quantized shards of several layouts or k): the pre-pass then
+    decodes the top-k, and the file holds it decoded. Reads each shard's footer; an unreadable one
+    gives None (the validator then names it)."""
+    encodings = []
+    try:
+        for root in roots:
+            encodings += [corpus.shard_encoding(pq.read_schema(path)) for path in corpus.shard_paths(root)]
+    except (*corpus.READ_ERRORS, corpus.CorpusError):
+        return None
+    if not encodings or encodings[0]["encoding"] != "quantized" or any(e != encodings[0] for e in encodings):
+        return None
+    return encodings[0]
+
+
+def prepare_training_data(root: Path, max_length: int, scratch: Path,
+                          trained_with: Sequence[Path] = ()) -> TrainingData:
     """Read the corpus once (see the module's docstring); the Arrow file goes into `scratch`,
-    which the caller removes after training. Raises `CorpusError` if the corpus is invalid."""
-    batches = (corpus.as_student_view(batch.decoded()) for batch in corpus.checked_batches(root))
-    return write_training_data(batches, root, max_length, scratch)
+    which the caller removes after training. `trained_with`: the other corpora trained together
+    (their datasets are concatenated: all keep their top-k stored, or none). Raises `CorpusError`
+    if the corpus is invalid."""
+    encoding = kept_topk_encoding([root, *trained_with])
+
+    def batches() -> Iterator[tuple[pa.RecordBatch, int]]:
+        for checked in corpus.checked_batches(root, trust_stamps=True):
+            batch = checked.stored if encoding is not None else checked.decoded()
+            yield corpus.as_student_view(batch), checked.max_topk_id
+
+    data = write_training_data(batches(), root, max_length, scratch)
+    if encoding is None:
+        return data
+    return TrainingData(data.dataset.with_transform(DecodedTopk(encoding)), data.records, data.skipped,
+                        data.max_token_id)
 
 
-def write_training_data(batches: Iterable[pa.RecordBatch | pa.Table], source: Path, max_length: int,
+def write_training_data(batches: Iterable[tuple[pa.RecordBatch | pa.Table, int]], source: Path, max_length: int,
                         scratch: Path) -> TrainingData:
-    """Records in Arrow batches -> `TrainingData`: each batch's largest token id taken, its records
-    that cannot train dropped and counted (`trainable`'s rule, on columns), the kept ones written
-    to one Arrow file in `scratch` that the dataset memory-maps. `source` names the data in the
-    error when no record is left."""
+    """Record batches, each with the largest top-k id it holds (0: none; or an upper bound of it)
+    -> `TrainingData`: each batch's largest token id taken, its records that cannot train dropped
+    and counted (`trainable`'s rule, on columns), the kept ones written to one Arrow file in
+    `scratch` that the dataset memory-maps, with their top-k as the batches hold it. `source`
+    names the data in the error when no record is left."""
     import datasets
 
     scratch.mkdir(parents=True, exist_ok=True)
     path = scratch / "records.arrow"
     writer, schema, records, kept, max_token_id = None, None, 0, 0, 0
     try:
-        for batch in batches:
-            for column in corpus.TOKEN_ID_COLUMNS:
+        for batch, max_topk_id in batches:
+            max_token_id = max(max_token_id, max_topk_id)
+            for column in ("prompt_token_ids", "response_token_ids"):
                 if column in batch.schema.names:
                     max_token_id = max(max_token_id, pc.max(corpus.leaves(batch.column(column))).as_py() or 0)
             # `trainable`'s rule on the whole batch: the prompt leaves room for a target
@@ -92,7 +150,9 @@ def write_training_data(batches: Iterable[pa.RecordBatch | pa.Table], source: Pa
 
 
 def check_vocabulary(manifest: corpus.Manifest, student_tokenizer, embedding_rows: int, max_teacher_id: int) -> None:
-    """Refuse a student whose vocabulary differs from the teacher's on the ids the corpus uses."""
+    """Refuse a student whose vocabulary differs from the teacher's on the ids the corpus uses
+    (`max_teacher_id`: the largest; where it comes from the stamps of curated shards, an upper
+    bound of it, the largest of the shards they were taken from)."""
     if max_teacher_id >= embedding_rows:
         raise ValueError(f"the corpus uses token id {max_teacher_id} but the student has {embedding_rows} embeddings")
     if corpus.tokenizer_fingerprint(student_tokenizer)["tokenizer_sha256"] == manifest.teacher.tokenizer_sha256:
