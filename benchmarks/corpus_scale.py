@@ -127,20 +127,23 @@ def write_manifest(root: Path) -> None:
 def measure(argv: list[str], env: dict | None = None) -> dict:
     """Run `argv`; seconds to its end (or to its `first_step_at` line), and peak RssAnon / RssFile (GB)."""
     started = time.time()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
-    peak = {"RssAnon": 0, "RssFile": 0}
-    while proc.poll() is None:
-        try:
-            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-                key = line.split(":")[0]
-                if key in peak:
-                    peak[key] = max(peak[key], int(line.split()[1]))
-        except OSError:
-            pass
-        time.sleep(0.05)
-    out, err = proc.communicate()
-    ended = time.time()
+    # its output goes to files: a pipe nobody reads until the end fills (a progress bar over 1M
+    # records does) and blocks the command
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen(argv, stdout=stdout, stderr=stderr, text=True,
+                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
+        peak = {"RssAnon": 0, "RssFile": 0}
+        while proc.poll() is None:
+            try:
+                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                    key = line.split(":")[0]
+                    if key in peak:
+                        peak[key] = max(peak[key], int(line.split()[1]))
+            except OSError:
+                pass
+            time.sleep(0.05)
+        ended = time.time()
+        out, err = (f.seek(0) or f.read() for f in (stdout, stderr))
     if proc.returncode:
         raise SystemExit(f"{' '.join(map(str, argv))} failed ({proc.returncode}):\n{err[-3000:]}")
     for line in out.splitlines():

@@ -393,6 +393,8 @@ class TrainConfig(StageConfig):
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
     max_length: int = Field(2048, ge=2, description="Truncate prompt + response to this many tokens.")
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of records held out for eval loss / KL / agreement.")
+    eval_max_records: int = Field(2000, ge=1, description="At most this many records held out: a share of a large corpus "
+                                  "would make every evaluation (one before step 1 among them) score tens of thousands.")
     chunk_size: int = Field(1024, ge=1, description="Positions per chunk of the KD loss (memory vs speed).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     save_steps: int = Field(500, ge=1, description="Checkpoint every this many steps.")

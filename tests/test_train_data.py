@@ -286,3 +286,19 @@ def test_training_batches_are_those_of_the_decoded_corpus(tmp_path, kind):
 
     for got, want in zip(batches(data.dataset), batches(reference), strict=True):
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_the_held_out_share_is_capped():
+    import datasets
+
+    from distill.config import TrainConfig
+    from distill.train.trainer import held_out_split
+
+    rows = datasets.Dataset.from_dict({"id": [f"r{i}" for i in range(200)]})
+    cfg = TrainConfig(corpus="c", student="s", out="o", eval_fraction=0.05)
+    train, held = held_out_split(rows, cfg)
+    assert (len(train), len(held)) == (190, 10)
+    assert held["id"] == rows.train_test_split(test_size=0.05, seed=cfg.seed)["test"]["id"]  # the split as before
+    train, held = held_out_split(rows, cfg.model_copy(update={"eval_max_records": 4}))
+    assert (len(train), len(held)) == (196, 4) and set(train["id"]).isdisjoint(held["id"])
+    assert held_out_split(rows, cfg.model_copy(update={"eval_fraction": 0.0})) == (rows, None)

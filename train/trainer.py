@@ -19,6 +19,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -325,8 +326,7 @@ def _fit(cfg: TrainConfig, manifests: list[corpus.Manifest], data: TrainingData,
     # one process logs (under torchrun every rank trains); a resumed run continues its tracked run
     run = open_training_run(cfg, manifest, continues_run) if is_first_process() else None
 
-    split = data.dataset.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed) if cfg.eval_fraction else None
-    train_data, eval_data = (split["train"], split["test"]) if split else (data.dataset, None)
+    train_data, eval_data = held_out_split(data.dataset, cfg)
 
     peft_config = None
     if cfg.lora:
@@ -389,6 +389,17 @@ def _fit(cfg: TrainConfig, manifests: list[corpus.Manifest], data: TrainingData,
         write_student_files(out, cfg, card)
         log_result(run, out, trainer.state.global_step, initial, final)
     return TrainResult(out, card)
+
+
+def held_out_split(dataset, cfg: TrainConfig) -> tuple[Any, Any]:
+    """(train, held-out) records: `eval_fraction` of them held out, at most `eval_max_records`
+    (seeded; None held out when `eval_fraction` is 0)."""
+    if not cfg.eval_fraction:
+        return dataset, None
+    # the share as a float, as `datasets` rounds it, unless the cap applies
+    size = cfg.eval_max_records if math.ceil(cfg.eval_fraction * len(dataset)) > cfg.eval_max_records else cfg.eval_fraction
+    split = dataset.train_test_split(test_size=size, seed=cfg.seed)
+    return split["train"], split["test"]
 
 
 def held_out_metrics(trainer: DistillTrainer, data, collator: DistillCollator, cfg: TrainConfig) -> dict[str, float]:
