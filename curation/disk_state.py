@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 _EMPTY = np.uint64(0)  # a key of 0 is stored as 1 (`_stored_keys`): a collision can only add a candidate
+_GROW_STEP = 1 << 20  # entries re-inserted at once when a hash index doubles
 
 
 class Folder:
@@ -129,13 +130,15 @@ class HashIndex:
         self.count += len(keys)
 
     def _grow(self, entries: int) -> None:
-        used = self._keys != _EMPTY
-        keys, rows = np.array(self._keys[used]), np.array(self._rows[used])
-        capacity = len(self._keys)
+        old_keys, old_rows = self._keys, self._rows  # still mapped after their files are unlinked
+        capacity = len(old_keys)
         while 2 * entries > capacity:
             capacity *= 2
         self._allocate(capacity)
-        self._place(keys, rows)
+        for start in range(0, len(old_keys), _GROW_STEP):  # a slice at a time: the heap stays small
+            keys = np.asarray(old_keys[start:start + _GROW_STEP])
+            used = keys != _EMPTY
+            self._place(keys[used], np.asarray(old_rows[start:start + _GROW_STEP])[used])
 
     def _place(self, keys: np.ndarray, rows: np.ndarray) -> None:
         slots = _slots(keys, self._mask)

@@ -13,7 +13,8 @@ from distill.curation.dedup import ExactDedupFilter, NearDedupFilter
 from distill.tiny import WORDS
 
 
-def test_hash_index_finds_every_row_of_a_key_through_growth():
+def test_hash_index_finds_every_row_of_a_key_through_growth(monkeypatch):
+    monkeypatch.setattr(disk_state, "_GROW_STEP", 7)  # re-inserted a few slots at a time
     rng = np.random.default_rng(0)
     index = disk_state.HashIndex(disk_state.Folder("test"), "keys", capacity=16)
     expected: dict[int, set[int]] = {}
