@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import operator
 import re
 from collections import Counter
 
@@ -81,22 +83,33 @@ class RepetitionFilter(Filter):
             if char_limit is not None and char_frac > char_limit:
                 return f"duplicate {unit} char fraction {char_frac:.2f} > {char_limit}"
         words = WORD.findall(text.lower())
-        total = sum(len(w) for w in words)
-        if not total or len(set(zip(words, words[1:]))) == len(words) - 1:
+        lengths = list(map(len, words))
+        total = sum(lengths)
+        pairs = Counter(zip(words, words[1:]))
+        if not total or len(pairs) == len(words) - 1:
             return None  # no word pair repeats, so no n-gram (n >= 2) does: the common case, fast
+        # Bounds that skip work without changing a verdict: an n-gram (n >= 2) occurs at most as
+        # often as the most frequent pair, and covers at most the most characters n words in a row do.
+        most_pairs = max(pairs.values())
+        ends = [0, *itertools.accumulate(lengths)]
         for n, limit in self.top_ngram_frac.items():
-            grams = Counter(zip(*(words[i:] for i in range(n))))
+            if n >= 2 and most_pairs * max(map(operator.sub, ends[n:], ends[:-n]), default=0) <= limit * total:
+                continue  # its top n-gram cannot cover more than `limit`
+            grams = pairs if n == 2 else Counter(zip(*(words[i:] for i in range(n))))
             if grams:
                 gram, count = grams.most_common(1)[0]
                 frac = sum(len(w) for w in gram) * count / total
                 if count > 1 and frac > limit:
                     return f"top {n}-gram {' '.join(gram)!r} covers {frac:.2f} > {limit}"
-        for n, limit in sorted(self.dup_ngram_frac.items()):
+        ordered = sorted(self.dup_ngram_frac.items())
+        for j, (n, limit) in enumerate(ordered):
             chars = _duplicated_ngram_chars(words, n)
             if chars is None:
                 break  # nothing repeats at this n, so nothing longer does
             if chars / total > limit:
                 return f"duplicated {n}-grams cover {chars / total:.2f} > {limit}"
+            if all(chars / total <= later for _, later in ordered[j + 1:]):
+                break  # the words in repeated longer n-grams are among these: none can cover more
         return None
 
 
