@@ -341,3 +341,55 @@ def test_a_full_disk_says_what_the_rerun_does(tmp_path, planted, monkeypatch):
     monkeypatch.setattr(pq, "write_table", full)
     with pytest.raises(DiskFull, match=r"no space left on device writing shard 0 .*rerun the same command: curation starts over"):
         curate(CurateConfig(corpus=planted, out=tmp_path / "out"))
+
+
+def repetition_by_the_rules(words: list[str], top: dict[int, float], dup: dict[int, float]) -> str | None:
+    """The n-gram checks of `RepetitionFilter` with every count computed (no shortcut)."""
+    from collections import Counter
+
+    from distill.curation.quality import _duplicated_ngram_chars
+
+    total = sum(map(len, words))
+    if not total or len(set(zip(words, words[1:]))) == len(words) - 1:
+        return None
+    for n, limit in top.items():
+        grams = Counter(zip(*(words[i:] for i in range(n))))
+        if grams:
+            gram, count = grams.most_common(1)[0]
+            frac = sum(map(len, gram)) * count / total
+            if count > 1 and frac > limit:
+                return f"top {n}-gram {' '.join(gram)!r} covers {frac:.2f} > {limit}"
+    for n, limit in sorted(dup.items()):
+        chars = _duplicated_ngram_chars(words, n)
+        if chars is None:
+            break
+        if chars / total > limit:
+            return f"duplicated {n}-grams cover {chars / total:.2f} > {limit}"
+    return None
+
+
+def test_repetition_shortcuts_never_change_a_verdict():
+    """Few distinct words of varied lengths (repeats, loops, near misses of every threshold) under
+    random settings: the filter's bounds skip counts, never a rejection."""
+    import random
+
+    rng = random.Random(0)
+    words = ["a", "to", "the", "frog", "splash", "silently", "x" * 15]
+    rejected = 0
+    for _ in range(3000):
+        text = [rng.choice(words) for _ in range(rng.randint(0, 60))]
+        top = {n: rng.uniform(0, 0.5) for n in rng.sample(range(1, 7), rng.randint(1, 4))}
+        dup = {n: rng.uniform(0, 0.5) for n in rng.sample(range(2, 11), rng.randint(1, 6))}
+        rep = RepetitionFilter(top_ngram_frac=top, dup_ngram_frac=dup, dup_line_frac=None, dup_para_frac=None,
+                               dup_line_char_frac=None, dup_para_char_frac=None)
+        verdict = rep.check({"response": " ".join(text)})
+        assert verdict == repetition_by_the_rules(text, top, dup), (text, top, dup)
+        rejected += verdict is not None
+    assert 300 < rejected < 2700
+    # a longer n-gram's limit well below a shorter one's: its check still runs
+    from distill.curation.quality import _duplicated_ngram_chars
+
+    text = "an old silent pond where a frog jumps in".split() * 2 + "then silence again".split()
+    six = _duplicated_ngram_chars(text, 6) / sum(map(len, text))
+    rep = RepetitionFilter(top_ngram_frac={}, dup_ngram_frac={5: 1.0, 6: 0.9 * six})
+    assert rep.check({"response": " ".join(text)}) == f"duplicated 6-grams cover {six:.2f} > {0.9 * six}"
