@@ -135,8 +135,8 @@ class NearDedupFilter(Filter):
             block = shingles[bounds[lo]: bounds[hi - 1] + windows[hi - 1]]
             hashed = np.multiply(self._a[:, None], block[None, :])  # in place from here: one [num_perm, S] array
             hashed += self._b[:, None]
-            hashed >>= np.uint64(32)
-            out[lo:hi] = np.minimum.reduceat(hashed, bounds[lo:hi] - bounds[lo], axis=1).T
+            # `>> 32` keeps the order of unsigned values, so it is taken after the minimum, on [num_perm, texts]
+            out[lo:hi] = (np.minimum.reduceat(hashed, bounds[lo:hi] - bounds[lo], axis=1) >> np.uint64(32)).T
         return out, has
 
     def signature(self, text: str) -> np.ndarray | None:
