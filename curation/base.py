@@ -7,7 +7,8 @@ filter's name, so every rejection reads `filter_name: detail`; the report counts
 against the filter that made it, never by parsing that string (a plug-in's label, its YAML
 `name` or else `module:callable`, may itself contain a colon).
 
-Filters that can look at a whole Arrow batch at once override `check_batch` (vectorised).
+Filters that can look at a whole Arrow batch at once override `check_batch` (vectorised); a
+filter that `remembers` earlier records can split off what it computes per record (`prepare`).
 `reads()` names the corpus columns a filter reads (by default its `columns`; a filter whose
 settings change what it reads overrides it): curation reads and decodes only those, so the top-k
 is never decoded unless a filter asks for it.
@@ -43,6 +44,12 @@ class Filter(BaseModel):
     def reads(self) -> tuple[str, ...] | None:
         """The logical columns `check_batch` reads (None: every column)."""
         return self.columns
+
+    def prepare(self, batch: pa.RecordBatch) -> Any:
+        """What a remembering filter's `check_batch` computes from each record alone (a signature, a
+        digest), for every row of `batch`: computed ahead in a worker (curation/workers.py) and handed
+        to `check_batch` as `prepared`. None: nothing to compute ahead."""
+        return None
 
     def check_batch(self, batch: pa.RecordBatch, rows: list[int]) -> dict[int, str]:
         """Reasons for the failing rows among `rows` (indices into `batch`)."""

@@ -46,10 +46,15 @@ class ExactDedupFilter(Filter):
         first = self.firsts([self.digest(record)], [record["id"]])[0]
         return None if first is None else f"duplicate of {first}"
 
-    def check_batch(self, batch, rows):
+    def prepare(self, batch) -> list[bytes]:
+        """Every row's digest."""
         columns = {c: batch.column(c).to_pylist() for c in self.reads()}
-        records = [{c: columns[c][i] for c in columns} for i in rows]
-        firsts = self.firsts([self.digest(r) for r in records], [r["id"] for r in records])
+        return [self.digest({c: columns[c][i] for c in columns}) for i in range(batch.num_rows)]
+
+    def check_batch(self, batch, rows, prepared: list[bytes] | None = None):
+        digests = prepared if prepared is not None else self.prepare(batch)
+        ids = batch.column("id").to_pylist()
+        firsts = self.firsts([digests[i] for i in rows], [ids[i] for i in rows])
         return {i: f"duplicate of {first}" for i, first in zip(rows, firsts) if first is not None}
 
     def firsts(self, digests: list[bytes], ids: list[str]) -> list[str | None]:
@@ -153,10 +158,16 @@ class NearDedupFilter(Filter):
         self.add(sig, record["id"])
         return None
 
-    def check_batch(self, batch, rows):
-        texts, ids = batch.column("response").to_pylist(), batch.column("id").to_pylist()
-        sigs, has = self.signatures([texts[i] or "" for i in rows])
-        rows = [i for i, h in zip(rows, has) if h]  # a text without words has no shingle: kept, not remembered
+    def prepare(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's signature: `signatures` of the batch's responses."""
+        return self.signatures([t or "" for t in batch.column("response").to_pylist()])
+
+    def check_batch(self, batch, rows, prepared: tuple[np.ndarray, np.ndarray] | None = None):
+        ids = batch.column("id").to_pylist()
+        every, has = prepared if prepared is not None else self.prepare(batch)
+        at = np.cumsum(has) - 1  # row -> its row of `every` (rows with words)
+        rows = [i for i in rows if has[i]]  # a text without words has no shingle: kept, not remembered
+        sigs = every[at[rows]] if rows else every[:0]
         keys = self._keys(sigs)
         earlier = self._candidates(keys)  # position in `rows` -> stored rows sharing a band
         in_batch = _sharing(keys)  # position in `rows` -> earlier positions sharing a band

@@ -145,7 +145,7 @@ def _curate(cfg: CurateConfig, out: Path) -> CurateResult:
     paths = corpus.shard_paths(cfg.corpus)
     n_workers = workers.default_workers(manifest.stats.records, os.cpu_count()) if cfg.workers is None else cfg.workers
     ahead = workers.Ahead(filters, masker, cfg.corpus, cfg.batch_size, n_workers) \
-        if n_workers and workers.independent(filters) else None
+        if n_workers and (workers.independent(filters) or workers.preparing(filters)) else None
     # closed on an error too: the error then starts on its own line. One writer thread: a shard
     # is compressed and written (pyarrow lets go of the GIL) while the next one is filtered.
     with tqdm(total=manifest.stats.records, unit="rec", desc="curate", file=sys.stderr, dynamic_ncols=True) as bar, \
@@ -244,6 +244,8 @@ def filter_batch(batch: pa.RecordBatch, filters: list[Filter], masker, decode, r
             break
         if judged is not None and n in judged.failed:
             failed = {i: judged.failed[n][i] for i in alive if i in judged.failed[n]}
+        elif judged is not None and n in judged.prepared:
+            failed = f.check_batch(batch, alive, judged.prepared[n])
         else:
             failed = f.check_batch(batch, alive)
         if f is masker:  # keep the record, exclude the PII tokens from every loss

@@ -2,7 +2,8 @@
 
 A filter's verdict on a record depends only on that record unless the filter `remembers` the
 records before it (the dedup filters, plug-ins): those run in the curating process, in corpus
-order. The others run here, over whole shards, a few shards ahead of it, in as many processes
+order, and only what they compute per record (`Filter.prepare`: MinHash signatures, digests) is
+computed here. The others run here, over whole shards, a few shards ahead of it, in as many processes
 as `workers`; the curating process then only looks their verdicts up. They judge every row of a
 batch (not only the rows that earlier filters kept), which gives the same verdict on the rows
 that count: a record is still charged to the first filter, in the configured order, that
@@ -18,6 +19,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from distill import corpus
 from distill.curation.base import Filter
@@ -31,11 +33,17 @@ class BatchVerdicts:
     rows: int  # the batch's row count (the curating process reads the same batches: checked)
     failed: dict[int, dict[int, str]]  # filter index -> {row: detail} over every row of the batch
     masks: dict[int, list[bool]]  # row -> loss mask, for the rows the PII masker matched
+    prepared: dict[int, Any]  # remembering filter index -> its `prepare` of the batch
 
 
 def independent(filters: list[Filter]) -> list[int]:
     """Indices of the filters that judge each record alone."""
     return [n for n, f in enumerate(filters) if not f.remembers]
+
+
+def preparing(filters: list[Filter]) -> list[int]:
+    """Indices of the remembering filters with per-record work to compute ahead (`Filter.prepare`)."""
+    return [n for n, f in enumerate(filters) if f.remembers and type(f).prepare is not Filter.prepare]
 
 
 def default_workers(records: int, cpus: int | None) -> int:
@@ -47,7 +55,7 @@ class Ahead:
     verdicts in ahead.shards(paths)` yields each shard's batch verdicts in order."""
 
     def __init__(self, filters: list[Filter], masker: Filter | None, root: Path, batch_size: int, workers: int):
-        self._indices = independent(filters)
+        self._indices = independent(filters) + preparing(filters)
         self._masker = filters.index(masker) if masker is not None else None
         self._columns = sorted({c for n in self._indices for c in filters[n].reads()})
         self._batch_size, self._workers = batch_size, workers
@@ -96,10 +104,11 @@ def _judge(path: Path, columns: list[str], batch_size: int) -> list[BatchVerdict
     verdicts = []
     for batch in corpus.shard_batches(path, columns, batch_size):
         every = list(range(batch.num_rows))
-        failed = {n: f.check_batch(batch, every) for n, f in _filters.items()}
+        failed = {n: f.check_batch(batch, every) for n, f in _filters.items() if not f.remembers}
         masks = {}
         if _masking is not None:
             n, decode = _masking
             masks = pii_masks(batch, list(failed[n]), _filters[n], decode)
-        verdicts.append(BatchVerdicts(batch.num_rows, failed, masks))
+        prepared = {n: f.prepare(batch) for n, f in _filters.items() if f.remembers}
+        verdicts.append(BatchVerdicts(batch.num_rows, failed, masks, prepared))
     return verdicts
