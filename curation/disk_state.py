@@ -68,7 +68,7 @@ class Strings:
     """Append-only strings (UTF-8 bytes in one file, their end offsets as `Rows`)."""
 
     def __init__(self, folder: Folder, name: str):
-        self._data = open(folder.file(f"{name}.bin"), "w+b")  # noqa: SIM115 (closed with the process)
+        self._data = open(folder.file(f"{name}.bin"), "w+b")  # noqa: SIM115 (closed when this object goes)
         weakref.finalize(self, self._data.close)
         self._ends = Rows(folder, f"{name}-ends", np.int64)
         self._size = 0

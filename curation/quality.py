@@ -103,7 +103,7 @@ class RepetitionFilter(Filter):
                     return f"top {n}-gram {' '.join(gram)!r} covers {frac:.2f} > {limit}"
         ordered = sorted(self.dup_ngram_frac.items())
         for j, (n, limit) in enumerate(ordered):
-            chars = _duplicated_ngram_chars(words, n)
+            chars = duplicated_ngram_chars(words, n)
             if chars is None:
                 break  # nothing repeats at this n, so nothing longer does
             if chars / total > limit:
@@ -125,7 +125,7 @@ def _duplicates(parts: list[str]) -> tuple[float, float]:
     return dup / len(parts), dup_chars / max(sum(len(p) for p in parts), 1)
 
 
-def _duplicated_ngram_chars(words: list[str], n: int) -> int | None:
+def duplicated_ngram_chars(words: list[str], n: int) -> int | None:
     """Characters of words inside an n-gram seen earlier (each word counted once); None when
     no n-gram repeats."""
     grams = list(zip(*(words[i:] for i in range(n))))

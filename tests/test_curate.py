@@ -347,7 +347,7 @@ def repetition_by_the_rules(words: list[str], top: dict[int, float], dup: dict[i
     """The n-gram checks of `RepetitionFilter` with every count computed (no shortcut)."""
     from collections import Counter
 
-    from distill.curation.quality import _duplicated_ngram_chars
+    from distill.curation.quality import duplicated_ngram_chars
 
     total = sum(map(len, words))
     if not total or len(set(zip(words, words[1:]))) == len(words) - 1:
@@ -360,7 +360,7 @@ def repetition_by_the_rules(words: list[str], top: dict[int, float], dup: dict[i
             if count > 1 and frac > limit:
                 return f"top {n}-gram {' '.join(gram)!r} covers {frac:.2f} > {limit}"
     for n, limit in sorted(dup.items()):
-        chars = _duplicated_ngram_chars(words, n)
+        chars = duplicated_ngram_chars(words, n)
         if chars is None:
             break
         if chars / total > limit:
@@ -387,9 +387,9 @@ def test_repetition_shortcuts_never_change_a_verdict():
         rejected += verdict is not None
     assert 300 < rejected < 2700
     # a longer n-gram's limit well below a shorter one's: its check still runs
-    from distill.curation.quality import _duplicated_ngram_chars
+    from distill.curation.quality import duplicated_ngram_chars
 
     text = "an old silent pond where a frog jumps in".split() * 2 + "then silence again".split()
-    six = _duplicated_ngram_chars(text, 6) / sum(map(len, text))
+    six = duplicated_ngram_chars(text, 6) / sum(map(len, text))
     rep = RepetitionFilter(top_ngram_frac={}, dup_ngram_frac={5: 1.0, 6: 0.9 * six})
     assert rep.check({"response": " ".join(text)}) == f"duplicated 6-grams cover {six:.2f} > {0.9 * six}"
