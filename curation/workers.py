@@ -1,13 +1,13 @@
-"""The filters that judge each record alone, run ahead in worker processes.
+"""Per-record filter work, run ahead in worker processes.
 
 A filter's verdict on a record depends only on that record unless the filter `remembers` the
-records before it (the dedup filters, plug-ins): those run in the curating process, in corpus
-order, and only what they compute per record (`Filter.prepare`: MinHash signatures, digests) is
-computed here. The others run here, over whole shards, a few shards ahead of it, in as many processes
-as `workers`; the curating process then only looks their verdicts up. They judge every row of a
-batch (not only the rows that earlier filters kept), which gives the same verdict on the rows
-that count: a record is still charged to the first filter, in the configured order, that
-rejects it.
+records before it (the dedup filters, plug-ins). The others run here, over whole shards, a few
+shards ahead of the curating process, in as many processes as `workers`, and it only looks their
+verdicts up. They judge every row of a batch (not only the rows that earlier filters kept), which
+gives the same verdict on the rows that count: a record is still charged to the first filter, in
+the configured order, that rejects it. Of a remembering filter only what it computes from each
+record alone (`Filter.prepare`: MinHash signatures, digests) is computed here; its matching
+against the records before stays in the curating process, in corpus order.
 """
 
 from __future__ import annotations
