@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -68,7 +69,8 @@ def train_until_first_step(flags: list[str]) -> None:
     import transformers
 
     def first_step(self, *args, **kwargs):
-        print(json.dumps({"first_step_at": time.time()}), flush=True)
+        # the real stdout: `distill train` sends `print` to stderr while it runs (distill/cli.py)
+        print(json.dumps({"first_step_at": time.time()}), file=sys.__stdout__, flush=True)
         os._exit(0)
 
     transformers.Trainer.training_step = first_step  # every DistillTrainer step starts here
