@@ -10,7 +10,7 @@ from typing import Literal
 
 import numpy as np
 
-from distill.curation import disk_state
+from distill import disk_state
 from distill.curation.base import WORD, Filter, prompt_text, response_text
 
 

@@ -8,7 +8,7 @@ import gc
 import numpy as np
 import pyarrow as pa
 
-from distill.curation import disk_state
+from distill import disk_state
 from distill.curation.dedup import ExactDedupFilter, NearDedupFilter
 from distill.tiny import WORDS
 
@@ -102,3 +102,19 @@ def test_exact_dedup_names_the_first_record_across_batches():
     assert f.check_batch(first, [0, 1, 2]) == {2: "duplicate of a"}
     assert f.check_batch(second, [0, 1]) == {0: "duplicate of b"}
     assert f.check({"id": "f", "response": "new"}) == "duplicate of e"
+
+
+def test_seen_strings_is_a_set():
+    seen = disk_state.SeenStrings("test")
+    assert seen.add(["a", "b", "a", "ü"]) == [False, False, True, False]
+    assert seen.add(["b", "c", "c", "ü", ""]) == [True, False, True, True, False]
+    rng = np.random.default_rng(1)
+    words = [f"r{int(i)}" for i in rng.integers(0, 3000, size=20_000)]
+    reference: set[str] = set()
+    for start in range(0, len(words), 1000):
+        chunk = words[start:start + 1000]
+        expected = []
+        for w in chunk:
+            expected.append(w in reference)
+            reference.add(w)
+        assert seen.add(chunk) == expected

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from distill import disk_state
 from distill.corpus.codec import (
     COLUMNS,
     STUDENT_PROMPT_IDS,
@@ -97,7 +98,7 @@ def checked_batches(root: Path, subdir: str = "data", max_problems: int = 20, ba
         problems.append(f"manifest `schema` is {manifest.schema_!r}, expected {SCHEMA!r}")
     k, encoding_named = manifest.generation.top_k, manifest.generation.logprob_encoding
     vocab_size = manifest.teacher.vocab_size
-    seen: set[str] = set()
+    seen = disk_state.SeenStrings("ids")  # on disk: ~100 B per id would be 1 GB of heap at 10M records
     records = tokens = 0
     every_shard_counted = True  # else the totals are unknown: no follow-on "the shards hold 0"
     for path in shard_paths(root, subdir):
@@ -207,7 +208,7 @@ def validated_stamp(stored: pa.Table, logical: pa.Table, k: int, vocab_size: int
     records pass the validator's checks of one batch (`_batch_problems`: the top-k's widths for
     `k`, sorted, finite, in the vocabulary; ids unique within it); None where any fails: the shard
     is then written without one, and the validator reports the problem as for any shard."""
-    if _batch_problems(logical, "", k, vocab_size, set()):
+    if _batch_problems(logical, "", k, vocab_size, disk_state.SeenStrings("ids")):
         return None
     top = leaves(logical["topk_token_ids"])
     return stamp_of(stored, k, (pc.max(top).as_py() if len(top) else None) or 0)
@@ -217,7 +218,7 @@ def _expected_stats(manifest: Manifest, subdir: str) -> CorpusStats:
     return manifest.stats if subdir == "data" else manifest.rejected_stats or CorpusStats()
 
 
-def _batch_problems(table: pa.Table, where: str, k: int, vocab_size: int | None, seen: set[str],
+def _batch_problems(table: pa.Table, where: str, k: int, vocab_size: int | None, seen: disk_state.SeenStrings,
                     topk_rows: np.ndarray | None = None) -> list[str]:
     """What is wrong in these records of a shard with the right columns; `seen`: the ids read so far.
     `topk_rows`: where the top-k was vouched for by the shard's stamp and is not in `table`, its
@@ -249,10 +250,8 @@ def _batch_problems(table: pa.Table, where: str, k: int, vocab_size: int | None,
     problems += _unsorted_topk(table, where)
     problems += _non_finite(table, where)
     problems += _out_of_vocabulary(table, where, vocab_size)
-    for rid in table["id"].to_pylist():
-        if rid in seen:
-            problems.append(f"{where}: duplicate id {rid!r}")
-        seen.add(rid)
+    ids = table["id"].to_pylist()
+    problems += [f"{where}: duplicate id {rid!r}" for rid, before in zip(ids, seen.add(ids)) if before]
     return problems
 
 

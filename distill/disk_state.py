@@ -1,11 +1,12 @@
-"""The dedup filters' state, on disk: what they remember of every kept record grows with the
-corpus (10M records at the defaults: ~8 GB), so it lives in memory-mapped files under a
-temporary folder. Their pages are file-backed, which the OS reclaims under pressure, and the
-process's heap (RssAnon) stays flat however many records pass.
+"""State that grows with the corpus, on disk: what curation's dedup filters remember of every
+kept record (10M records at the defaults: ~8 GB) and the ids the validator has read live in
+memory-mapped files under a temporary folder. Their pages are file-backed, which the OS reclaims
+under pressure, and the process's heap (RssAnon) stays flat however many records pass.
 
 `HashIndex` is a multimap from 64-bit keys to row numbers (open addressing, linear probing,
 vectorised over many keys at once); `Rows` an append-only table of fixed-width rows; `Strings`
-append-only strings. The folder goes when the state is garbage-collected or the process ends.
+append-only strings; `SeenStrings` a set of strings. The folder goes when the state is
+garbage-collected or the process ends.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ class Folder:
 
 
 def _mapped(path: Path, dtype, shape: tuple[int, ...]) -> np.ndarray:
-    """A zero-filled array of `shape` in a new (sparse) file at `path`."""
-    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    """A zero-filled array of `shape` in a new (sparse) file at `path`: a plain ndarray over the
+    mapping (`np.memmap`'s own indexing runs Python code on every access)."""
+    return np.asarray(np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape))
 
 
 class Rows:
@@ -165,3 +167,37 @@ def _stored_keys(keys: np.ndarray) -> np.ndarray:
 def _slots(keys: np.ndarray, mask: np.uint64) -> np.ndarray:
     # the keys are hashes already; a multiply mixes their high bits into the slot's low ones
     return ((keys * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(17)) & mask
+
+
+class SeenStrings:
+    """A set of strings: `add` says of each string, in turn, whether it was added before."""
+
+    def __init__(self, prefix: str):
+        self._folder = Folder(prefix)
+        self._strings = Strings(self._folder, "strings")
+        self._index = HashIndex(self._folder, "strings")
+
+    def add(self, strings: list[str]) -> list[bool]:
+        """Whether each of `strings` was added before (by this call too); adds those that were not."""
+        # Python's string hash: salted per process, as long-lived as this set; a collision only adds
+        # a candidate, compared in full
+        keys = np.fromiter(map(hash, strings), dtype=np.int64, count=len(strings)).view(np.uint64)
+        at, found = self._index.find(keys)
+        if not len(at) and len(set(strings)) == len(strings):  # the common case: all new
+            before, remember = [False] * len(strings), list(range(len(strings)))
+        else:
+            stored: dict[int, list[int]] = {}
+            for position, row in zip(at.tolist(), found.tolist()):
+                stored.setdefault(position, []).append(row)
+            new: set[str] = set()
+            before, remember = [], []
+            for j, s in enumerate(strings):
+                seen = s in new or any(self._strings[r] == s for r in stored.get(j, ()))
+                if not seen:
+                    new.add(s)
+                    remember.append(j)
+                before.append(seen)
+        rows = len(self._strings) + np.arange(len(remember))
+        self._strings.append([strings[j] for j in remember])
+        self._index.insert(keys[remember], rows)
+        return before
