@@ -1,4 +1,4 @@
-"""The dedup filters' on-disk state (curation/disk_state.py) against plain Python containers, and
+"""The on-disk state (distill/disk_state.py) against plain Python containers, and
 the near-dedup filter's batch path against its one-record path."""
 
 from __future__ import annotations
