@@ -20,64 +20,39 @@ def normalise(text: str) -> str:
 
 
 class ExactDedupFilter(Filter):
-    """A 16-byte BLAKE2b digest of the normalised text; what is kept per record is on disk
-    (`disk_state`): the digest, the id, and the digest's first 8 bytes in a hash index."""
+    """A 16-byte BLAKE2b digest of the normalised text; the digests seen, each with the id of its
+    first record, are on disk (`disk_state.SeenStrings`)."""
     name = "dedup_exact"
     remembers = True
     columns = ("id", "messages", "response")
     key: Literal["response", "prompt_response"] = "response"
 
     def model_post_init(self, _):
-        self._folder = disk_state.Folder(self.name)
-        self._digests = disk_state.Rows(self._folder, "digests", np.uint8, 16)
-        self._ids = disk_state.Strings(self._folder, "ids")
-        self._index = disk_state.HashIndex(self._folder, "digests")
+        self._seen = disk_state.SeenStrings(self.name, labelled=True)
 
     def reads(self):
         return self.columns if self.key == "prompt_response" else ("id", "response")
 
-    def digest(self, record: dict) -> bytes:
+    def digest(self, record: dict) -> str:
         text = normalise(response_text(record))
         if self.key == "prompt_response":
             text = normalise(prompt_text(record)) + "\x00" + text
-        return hashlib.blake2b(text.encode(), digest_size=16).digest()
+        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
     def check(self, record):
-        first = self.firsts([self.digest(record)], [record["id"]])[0]
+        first = self._seen.first([self.digest(record)], [record["id"]])[0]
         return None if first is None else f"duplicate of {first}"
 
-    def prepare(self, batch) -> list[bytes]:
+    def prepare(self, batch) -> list[str]:
         """Every row's digest."""
         columns = {c: batch.column(c).to_pylist() for c in self.reads()}
         return [self.digest({c: columns[c][i] for c in columns}) for i in range(batch.num_rows)]
 
-    def check_batch(self, batch, rows, prepared: list[bytes] | None = None):
+    def check_batch(self, batch, rows, prepared: list[str] | None = None):
         digests = prepared if prepared is not None else self.prepare(batch)
         ids = batch.column("id").to_pylist()
-        firsts = self.firsts([digests[i] for i in rows], [ids[i] for i in rows])
+        firsts = self._seen.first([digests[i] for i in rows], [ids[i] for i in rows])
         return {i: f"duplicate of {first}" for i, first in zip(rows, firsts) if first is not None}
-
-    def firsts(self, digests: list[bytes], ids: list[str]) -> list[str | None]:
-        """Per record in order: the id of the first record seen with its digest, or None (then it is
-        the first, and remembered)."""
-        at, found = self._index.find(np.frombuffer(b"".join(d[:8] for d in digests), dtype=np.uint64))
-        stored: dict[int, list[int]] = {}
-        for position, row in zip(at.tolist(), found.tolist()):
-            stored.setdefault(position, []).append(row)
-        new: dict[bytes, str] = {}  # digest -> id, of this call's first records
-        firsts, remember = [], []
-        for j, (digest, rid) in enumerate(zip(digests, ids)):
-            first = next((self._ids[r] for r in sorted(stored.get(j, ())) if self._digests[r].tobytes() == digest),
-                         None) or new.get(digest)
-            if first is None:
-                new[digest] = rid
-                remember.append(j)
-            firsts.append(first)
-        rows = self._digests.count + np.arange(len(remember))
-        self._digests.append(np.frombuffer(b"".join(digests[j] for j in remember), dtype=np.uint8))
-        self._ids.append([ids[j] for j in remember])
-        self._index.insert(np.frombuffer(b"".join(digests[j][:8] for j in remember), dtype=np.uint64), rows)
-        return firsts
 
 
 class NearDedupFilter(Filter):

@@ -170,34 +170,43 @@ def _slots(keys: np.ndarray, mask: np.uint64) -> np.ndarray:
 
 
 class SeenStrings:
-    """A set of strings: `add` says of each string, in turn, whether it was added before."""
+    """A set of strings; `labelled`: each with the label it was first seen with (else its label is
+    itself, not stored twice)."""
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, labelled: bool = False):
         self._folder = Folder(prefix)
         self._strings = Strings(self._folder, "strings")
+        self._labels = Strings(self._folder, "labels") if labelled else self._strings
         self._index = HashIndex(self._folder, "strings")
 
     def add(self, strings: list[str]) -> list[bool]:
         """Whether each of `strings` was added before (by this call too); adds those that were not."""
+        return [first is not None for first in self.first(strings, strings)]
+
+    def first(self, strings: list[str], labels: list[str]) -> list[str | None]:
+        """Per string in turn: the label it was first seen with (in this call too), or None: then it
+        is new, and remembered with its label (`labels`, ignored where the set is not `labelled`)."""
         # Python's string hash: salted per process, as long-lived as this set; a collision only adds
         # a candidate, compared in full
         keys = np.fromiter(map(hash, strings), dtype=np.int64, count=len(strings)).view(np.uint64)
         at, found = self._index.find(keys)
         if not len(at) and len(set(strings)) == len(strings):  # the common case: all new
-            before, remember = [False] * len(strings), list(range(len(strings)))
+            firsts, remember = [None] * len(strings), list(range(len(strings)))
         else:
             stored: dict[int, list[int]] = {}
             for position, row in zip(at.tolist(), found.tolist()):
                 stored.setdefault(position, []).append(row)
-            new: set[str] = set()
-            before, remember = [], []
+            new: dict[str, str] = {}  # string -> label, of this call's new strings
+            firsts, remember = [], []
             for j, s in enumerate(strings):
-                seen = s in new or any(self._strings[r] == s for r in stored.get(j, ()))
-                if not seen:
-                    new.add(s)
+                first = next((self._labels[r] for r in stored.get(j, ()) if self._strings[r] == s), None) or new.get(s)
+                if first is None:
+                    new[s] = labels[j]
                     remember.append(j)
-                before.append(seen)
+                firsts.append(first)
         rows = len(self._strings) + np.arange(len(remember))
         self._strings.append([strings[j] for j in remember])
+        if self._labels is not self._strings:
+            self._labels.append([labels[j] for j in remember])
         self._index.insert(keys[remember], rows)
-        return before
+        return firsts
