@@ -145,7 +145,7 @@ def _curate(cfg: CurateConfig, out: Path) -> CurateResult:
     paths = corpus.shard_paths(cfg.corpus)
     n_workers = workers.default_workers(manifest.stats.records, os.cpu_count()) if cfg.workers is None else cfg.workers
     ahead = workers.Ahead(filters, masker, cfg.corpus, cfg.batch_size, n_workers) \
-        if n_workers and (workers.independent(filters) or workers.preparing(filters)) else None
+        if n_workers and workers.offloaded(filters) else None
     # closed on an error too: the error then starts on its own line. One writer thread: a shard
     # is compressed and written (pyarrow lets go of the GIL) while the next one is filtered.
     with tqdm(total=manifest.stats.records, unit="rec", desc="curate", file=sys.stderr, dynamic_ncols=True) as bar, \

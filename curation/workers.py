@@ -46,6 +46,11 @@ def preparing(filters: list[Filter]) -> list[int]:
     return [n for n, f in enumerate(filters) if f.remembers and type(f).prepare is not Filter.prepare]
 
 
+def offloaded(filters: list[Filter]) -> list[int]:
+    """Indices of the filters with work for the workers."""
+    return independent(filters) + preparing(filters)
+
+
 def default_workers(records: int, cpus: int | None) -> int:
     """One per CPU (the curating process's share, matching and writing, is the lighter one: on 2
     CPUs, 2 workers curated 1M records in 189 s, 1 worker in 252 s), none for a small corpus."""
@@ -57,7 +62,7 @@ class Ahead:
     verdicts in ahead.shards(paths)` yields each shard's batch verdicts in order."""
 
     def __init__(self, filters: list[Filter], masker: Filter | None, root: Path, batch_size: int, workers: int):
-        self._indices = independent(filters) + preparing(filters)
+        self._indices = offloaded(filters)
         self._masker = filters.index(masker) if masker is not None else None
         self._columns = sorted({c for n in self._indices for c in filters[n].reads()})
         self._batch_size, self._workers = batch_size, workers
