@@ -146,6 +146,28 @@ def sweep_command(config: str, out, *flags: str) -> list[str]:
     return [sys.executable, "-m", "distill.cli", "sweep", config, "--out", str(out), *flags]
 
 
+def test_a_live_worker_stays_alive_when_the_wall_clock_steps(monkeypatch):
+    """A worker is known by its pid and start; a step of the wall clock (NTP, mocked: psutil's
+    boot time moved by a second) must not make a live one look dead (other workers would fail
+    its running trial under it), while another start or a pid that is gone is a dead worker."""
+    from types import SimpleNamespace
+
+    import psutil
+
+    from distill.sweep.study import WORKER_ATTR, alive, worker_identity
+
+    me = worker_identity()
+    worker = lambda **changed: SimpleNamespace(user_attrs={WORKER_ATTR: {**me, **changed}})  # noqa: E731
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    stepped = (lambda boot: lambda: boot() + 1.0)(psutil.boot_time)
+    monkeypatch.setattr(psutil, "boot_time", stepped)
+    if hasattr(psutil, "_pslinux"):  # where create_time() reads it
+        monkeypatch.setattr(psutil._pslinux, "boot_time", stepped)
+    assert alive(worker()) and worker_identity() == me
+    assert not alive(worker(started=me["started"] - 0.5)) and not alive(worker(pid=child.pid))
+
+
 @pytest.mark.slow
 def test_a_rerun_after_kill_9_neither_loses_nor_double_counts_a_trial(sweep_config, tmp_path):
     config, out = sweep_config(trials=3, start_with=[{"learning_rate": FAST}]), tmp_path / "s"
@@ -227,7 +249,7 @@ def test_two_sweeps_on_one_postgresql_study_share_the_budget(sweep_config, tmp_p
     machines = [subprocess.Popen(sweep_command(config, tmp_path / name, "--storage", postgres), stderr=subprocess.PIPE,
                                  text=True, cwd=ROOT, env=env) for name in ("a", "b")]
     errors = [m.communicate()[1] for m in machines]
-    assert [m.returncode for m in machines] == [0, 0], errors
+    assert [m.returncode for m in machines] == [0, 0], "\n\n".join(f"{name}: {e[-4000:]}" for name, e in zip("ab", errors))
     trials = optuna.load_study(study_name="distill-sweep", storage=postgres).trials
     finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert 4 <= len(finished) <= 5 and len(finished) == len(trials)

@@ -116,9 +116,24 @@ def open_study(plan: SweepPlan, storage, seed: int = 0):
 
 
 def worker_identity() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": started(os.getpid())}
+
+
+def started(pid: int) -> float:
+    """When process `pid` started, in seconds since boot (Linux's /proc), so that a step of the wall
+    clock (NTP on a machine that just booted) cannot make a live worker look like another process,
+    as psutil's create_time() (boot time in wall-clock seconds + ticks) can; elsewhere create_time().
+    Raises psutil.NoSuchProcess where there is no such process."""
     import psutil
 
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": psutil.Process().create_time()}
+    stat = Path(f"/proc/{pid}/stat")
+    if not stat.parent.parent.is_dir():  # no procfs (macOS)
+        return psutil.Process(pid).create_time()
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()  # the command name, in (), may hold spaces
+    except (FileNotFoundError, ProcessLookupError):
+        raise psutil.NoSuchProcess(pid) from None
+    return int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks since boot
 
 
 def alive(trial) -> bool:
@@ -129,7 +144,7 @@ def alive(trial) -> bool:
     if not worker or worker["host"] != socket.gethostname():
         return True
     try:
-        return psutil.Process(worker["pid"]).create_time() == worker["started"]
+        return started(worker["pid"]) == worker["started"]
     except psutil.NoSuchProcess:
         return False
 
