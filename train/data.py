@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 import torch
 
 from distill import corpus
+from distill.read_ahead import read_ahead
 from distill.train.losses import PAD_LOGPROB
 
 # What the collator reads of a record (`loss_mask` only in curated corpora), the top-k decoded or
@@ -107,7 +108,8 @@ def prepare_training_data(root: Path, max_length: int, scratch: Path,
             batch = checked.stored if encoding is not None else checked.decoded()
             yield corpus.as_student_view(batch), checked.max_topk_id
 
-    data = write_training_data(batches(), root, max_length, scratch)
+    # the next batches are read and checked while this one is written (read_ahead's thread)
+    data = write_training_data(read_ahead(batches()), root, max_length, scratch)
     if encoding is None:
         return data
     return TrainingData(data.dataset.with_transform(DecodedTopk(encoding)), data.records, data.skipped,
