@@ -24,11 +24,14 @@ from distill.corpus.stamp import STAMP_KEY, Stamp, topk_digest
 from distill.files import DiskFull, atomic_path
 
 STATS_KEY = b"distill.stats"
-# zstd level of the packed top-k columns (every other column: 6). benchmarks/topk_zstd_level.py
+# zstd level of the packed top-k columns (every other column: OTHER_ZSTD_LEVEL). benchmarks/topk_zstd_level.py
 # on three real SmolLM2 corpora (docs/results/scale.md): level 1 stores 0.3-1.2 % more bytes than
 # 9 and writes 3-4x faster (17: 1.5-2.2 % fewer bytes, 5x slower than 9). The layout has already
 # taken out what a slower level would find, and generate and curate write every byte of it.
 TOPK_ZSTD_LEVEL = 1
+# Texts, token ids, sampled logprobs: level 6 wrote realistic shards in 48.5 us per record, 3 in
+# 38.0, in as many bytes (real SmolLM2 shards: 0.1 % more; docs/results/scale.md).
+OTHER_ZSTD_LEVEL = 3
 
 
 def _stored_columns(schema: pa.Schema, columns: Sequence[str] | None) -> list[str] | None:
@@ -66,7 +69,8 @@ def write_shard(root: Path, index: int, table: pa.Table, subdir: str = "data", s
             # The packed top-k columns: TOPK_ZSTD_LEVEL, and no min/max statistics (they would
             # copy two whole byte strings per page into the file).
             pq.write_table(table, tmp, compression="zstd", write_page_checksum=True,
-                           compression_level={c: TOPK_ZSTD_LEVEL if c in packed else 6 for c in table.column_names},
+                           compression_level={c: TOPK_ZSTD_LEVEL if c in packed else OTHER_ZSTD_LEVEL
+                                              for c in table.column_names},
                            write_statistics=[c for c in table.column_names if c not in packed])
     except DiskFull:
         raise DiskFull(f"no space left on device writing shard {index} (`{path}`); the finished shards are "
