@@ -240,6 +240,29 @@ def postgres():
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.parametrize("collision", ["IntegrityError", "ProgrammingError"])
+def test_a_worker_whose_table_creation_collides_with_another_tries_again(monkeypatch, collision):
+    """Two workers creating Optuna's tables in one empty PostgreSQL database: the later CREATE fails
+    with a unique violation or "relation already exists", depending on when the earlier one
+    committed. That timing cannot be forced on a real server, so the storage here (a mock) fails
+    its first creation as the later worker's does; the second try finds the tables."""
+    import optuna
+    import sqlalchemy.exc
+
+    from distill.sweep.study import open_storage
+
+    made = []
+
+    def storage(url, **kwargs):
+        made.append(url)
+        if len(made) == 1:
+            raise getattr(sqlalchemy.exc, collision)("CREATE TABLE studies", {}, Exception("collided"))
+        return "storage"
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", storage)
+    assert open_storage("postgresql+psycopg2://distill@127.0.0.1:5432/postgres") == "storage" and len(made) == 2
+
+
 @pytest.mark.slow
 def test_two_sweeps_on_one_postgresql_study_share_the_budget(sweep_config, tmp_path, postgres):
     """Two `distill sweep` commands, each with its own directory (as on two machines), on one study."""

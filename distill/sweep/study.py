@@ -71,16 +71,18 @@ def storage_url(out: Path, storage: str | None) -> str:
 
 def open_storage(url: str, tries: int = 3):
     import optuna
-    from sqlalchemy.exc import IntegrityError
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
 
     if url.startswith("sqlite"):  # several local processes write it: wait for the lock instead of failing
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
     try:
         # Workers on other machines: a trial whose worker stops beating for 3 minutes is failed.
         return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
-    except IntegrityError:
+    except (IntegrityError, ProgrammingError):
         # Two workers creating Optuna's tables in an empty database at once: the later one's
-        # CREATE collides with the earlier one's (PostgreSQL); by the next try the tables exist.
+        # CREATE collides with the earlier one's (PostgreSQL: a unique violation while the first
+        # is uncommitted, "relation already exists" once it committed after the later one looked);
+        # by the next try the tables exist.
         if tries <= 1:
             raise
         return open_storage(url, tries - 1)
