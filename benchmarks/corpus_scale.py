@@ -216,14 +216,14 @@ def main(argv: list[str] | None = None) -> list[Headline]:
     with tempfile.TemporaryDirectory(prefix="distill-scale-") as tmp:
         tmp = Path(tmp)
         started = time.perf_counter()
-        base, base_stamp = corpus.records_to_stamped_table(base_records(SHARD), K, corpus.DEFAULT_ENCODING, None)
+        base, base_checked = corpus.records_to_checked_table(base_records(SHARD), K, corpus.DEFAULT_ENCODING, None)
         print(f"base shard: {SHARD:,} records, {sum(len(x) for x in base['response_token_ids'].to_pylist()):,} "
               f"response tokens, built in {time.perf_counter() - started:.1f} s")
         rate = write_rate(base)
         print(f"write (corpus.write_shard, median of 3): {rate:,.0f} records/s")
         results: dict[int, dict[str, dict]] = {}
         for n in args.records:
-            root = build(tmp / f"c{n}", n, base, base_stamp.max_topk_id, seed=n)
+            root = build(tmp / f"c{n}", n, base, base_checked.max_topk_id, seed=n)
             size = corpus.corpus_stats(root)
             print(f"\n{n:,} records: {size.shards} shards, {size.bytes / 1e6:.1f} MB", flush=True)
             results[n] = {}

@@ -60,8 +60,8 @@ def synthetic_demo_corpus(root: Path, n: int = 2000, seed: int = 0) -> Path:
                         "response": f"a{i}", "prompt_token_ids": rng.integers(0, len(tokenizer), size=22).tolist(),
                         "response_token_ids": ids[:, 0].tolist(), "response_logprobs": top[:, 0].copy(),
                         "topk_token_ids": ids, "topk_logprobs": top, "finish_reason": "stop"})
-    table, stamp = corpus.records_to_stamped_table(records, K, corpus.DEFAULT_ENCODING, len(tokenizer))
-    corpus.write_shard(root, 0, table, stamp=stamp)  # stamped, as generate writes it
+    table, checked = corpus.records_to_checked_table(records, K, corpus.DEFAULT_ENCODING, len(tokenizer))
+    corpus.write_shard(root, 0, table, checked=checked)  # stamped, as generate writes it
     teacher = corpus.TeacherInfo(model=str(TEACHER), **corpus.tokenizer_fingerprint(tokenizer))
     corpus.write_manifest(root, corpus.Manifest(teacher=teacher, generation={"top_k": K},
                                                 stats=corpus.corpus_stats(root)))
@@ -80,10 +80,9 @@ def copies(source: Path, root: Path, n: int, shards: int) -> Path:
     size = -(-n // shards)
     stamps = [corpus.verified_stamp(p) for p in corpus.shard_paths(source)]
     bound = max(s.max_topk_id for s in stamps) if all(stamps) else None
+    checked = None if bound is None else corpus.TopkChecked(corpus.read_manifest(source).generation.top_k, bound)
     for shard in range(shards):
-        part = table.slice(shard * size, size)
-        stamp = None if bound is None else corpus.stamp_of(part, corpus.read_manifest(source).generation.top_k, bound)
-        corpus.write_shard(root, shard, part, stamp=stamp)
+        corpus.write_shard(root, shard, table.slice(shard * size, size), checked=checked)
     manifest = corpus.read_manifest(source)
     corpus.write_manifest(root, manifest.model_copy(update={"stats": corpus.corpus_stats(root)}))
     return root

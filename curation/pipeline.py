@@ -272,12 +272,12 @@ def _write_outputs(out: Path, index: int, kept: pa.Table, rejected: pa.Table, k:
     passed the checks; the largest top-k id of the whole source is its stamp's bound."""
     for subdir, table in (("data", kept), ("rejected", rejected)):
         if table.num_rows:
-            _write_shard(out, index, table, subdir, corpus.stamp_of(table, k, max_topk_id))
+            _write_shard(out, index, table, subdir, corpus.TopkChecked(k, max_topk_id))
 
 
-def _write_shard(out: Path, index: int, table: pa.Table, subdir: str, stamp: corpus.Stamp) -> None:
+def _write_shard(out: Path, index: int, table: pa.Table, subdir: str, checked: corpus.TopkChecked) -> None:
     try:
-        corpus.write_shard(out, index, table, subdir, stamp=stamp)
+        corpus.write_shard(out, index, table, subdir, checked=checked)
     except files.DiskFull as e:  # generate's advice (its shards are kept) is wrong here: say what a rerun does
         path = out / subdir / f"part-{index:05d}.parquet"
         raise files.DiskFull(f"no space left on device writing shard {index} (`{path}`); free space and rerun the "

@@ -213,8 +213,8 @@ def teacher_on_student_answers(cfg: EvalConfig, student_corpus: Path, teacher_co
     if path.exists():
         files.clear_dir(path)
     teacher_info = corpus.read_manifest(teacher_corpus).teacher
-    table, stamp = corpus.records_to_stamped_table(records, cfg.top_k, corpus.DEFAULT_ENCODING, teacher_info.vocab_size)
-    corpus.write_shard(path, 0, table, stamp=stamp)
+    table, checked = corpus.records_to_checked_table(records, cfg.top_k, corpus.DEFAULT_ENCODING, teacher_info.vocab_size)
+    corpus.write_shard(path, 0, table, checked=checked)
     corpus.write_manifest(path, corpus.Manifest(
         teacher=teacher_info,
         generation={"mode": "score", "top_k": cfg.top_k, "logprob_encoding": corpus.DEFAULT_ENCODING},

@@ -313,8 +313,9 @@ class CorpusJob:
         texts = self.chat.decode_many([c.response_token_ids for _, c in done])
         records = [self._record(req, c, text) for (req, c), text in zip(done, texts)]
         # stamped where the records pass the validator's checks, so readers need not decode the top-k again
-        table, stamp = corpus.records_to_stamped_table(records, self.cfg.top_k, self.cfg.logprob_encoding, self.vocab_size)
-        path = corpus.write_shard(self.out, chunk, table, stamp=stamp)
+        table, checked = corpus.records_to_checked_table(records, self.cfg.top_k, self.cfg.logprob_encoding,
+                                                         self.vocab_size)
+        path = corpus.write_shard(self.out, chunk, table, checked=checked)
         stats = self.manifest.stats
         stats.records += table.num_rows
         stats.response_tokens += corpus.shard_stats(path)["response_tokens"]

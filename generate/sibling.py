@@ -99,5 +99,5 @@ def _score_shard(teacher: Teacher, cfg: ScoreConfig, path: Path, out: Path, teac
     teacher.score(iter(requests), cfg.top_k, lambda req, c: scored.__setitem__(req.index, c), window=2 * cfg.chunk_size)
     rows = [{**r, "response_logprobs": scored[i].response_logprobs, "topk_token_ids": scored[i].topk_token_ids,
              "topk_logprobs": scored[i].topk_logprobs} for i, r in enumerate(records)]
-    table, stamp = corpus.records_to_stamped_table(rows, cfg.top_k, cfg.logprob_encoding, teacher_vocab_size)
-    corpus.write_shard(out, corpus.shard_index(path), table, stamp=stamp)
+    table, checked = corpus.records_to_checked_table(rows, cfg.top_k, cfg.logprob_encoding, teacher_vocab_size)
+    corpus.write_shard(out, corpus.shard_index(path), table, checked=checked)

@@ -57,8 +57,8 @@ def make_corpus(root, records, k=K, encoding=corpus.DEFAULT_ENCODING, vocab_size
     teacher section; `vocab_size`: the teacher's, as generate records it (None: not recorded, as
     in corpora written before it was); `stamped`: with the validation stamp generate writes where
     the records pass its checks."""
-    table, stamp = corpus.records_to_stamped_table(records, k, encoding, vocab_size)
-    corpus.write_shard(root, 0, table, stamp=stamp if stamped else None)
+    table, checked = corpus.records_to_checked_table(records, k, encoding, vocab_size)
+    corpus.write_shard(root, 0, table, checked=checked if stamped else None)
     stats = corpus.corpus_stats(root)
     section = {"model": teacher} if isinstance(teacher, str) else teacher
     corpus.write_manifest(root, corpus.Manifest(teacher={**section, "vocab_size": vocab_size},

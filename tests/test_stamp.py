@@ -62,23 +62,22 @@ def test_a_stamp_binds_the_stored_top_k(tmp_path, encoding):
 
 def test_records_that_fail_a_check_are_written_without_a_stamp():
     recs = [record(0), record(1, topk_ids=np.full((3, K), 600))]  # outside the vocabulary of 512
-    table, stamp = corpus.records_to_stamped_table(recs, K, "quantized", VOCAB)
-    assert stamp is None and table.num_rows == 2
-    assert corpus.records_to_stamped_table(recs, K, "quantized", None)[1] is not None  # no vocabulary known
-    assert corpus.records_to_stamped_table([record(0), record(0)], K, "quantized", VOCAB)[1] is None  # id twice
+    table, checked = corpus.records_to_checked_table(recs, K, "quantized", VOCAB)
+    assert checked is None and table.num_rows == 2
+    assert corpus.records_to_checked_table(recs, K, "quantized", None)[1] is not None  # no vocabulary known
+    assert corpus.records_to_checked_table([record(0), record(0)], K, "quantized", VOCAB)[1] is None  # id twice
 
 
-def test_write_shard_refuses_the_stamp_of_another_table(tmp_path):
-    table, stamp = corpus.records_to_stamped_table([record(0)], K, "quantized", VOCAB)
-    other = corpus.records_to_table([record(1)], K)
-    with pytest.raises(ValueError, match="not that of the table's top-k"):
-        corpus.write_shard(tmp_path, 0, other, stamp=stamp)
-    # a table read from a stamped shard and written without one keeps no stale stamp
-    path = corpus.write_shard(tmp_path, 1, table, stamp=stamp)
+def test_write_shard_stamps_the_top_k_it_writes_and_nothing_else(tmp_path):
+    table, checked = corpus.records_to_checked_table([record(0)], K, "quantized", VOCAB)
+    path = corpus.write_shard(tmp_path, 1, table, checked=checked)
+    assert corpus.read_stamp(path) == corpus.Stamp(corpus.topk_digest(table), K, checked.max_topk_id)
+    assert corpus.verified_stamp(path) is not None
+    # a table read from a stamped shard and written without `checked` keeps no stale stamp
     assert corpus.read_stamp(corpus.write_shard(tmp_path, 2, pq.read_table(path))) is None
 
 
-def test_stamp_of_rows_taken_from_stamped_shards(tmp_path):
+def test_rows_taken_from_stamped_shards_are_stamped_with_their_bound(tmp_path):
     """What curate writes: a subset of a stamped shard's stored rows, stamped with the source's
     largest id as the bound; trusted like generate's."""
     recs = [record(i) for i in range(6)]
@@ -86,7 +85,7 @@ def test_stamp_of_rows_taken_from_stamped_shards(tmp_path):
     bound = corpus.read_stamp(shard(source)).max_topk_id
     subset = pq.read_table(shard(source)).filter(pc.is_in(pc.field("id"), pa.array(["r1", "r4"])))
     out = tmp_path / "sub"
-    corpus.write_shard(out, 0, subset, stamp=corpus.stamp_of(subset, K, bound))
+    corpus.write_shard(out, 0, subset, checked=corpus.TopkChecked(K, bound))
     corpus.write_manifest(out, corpus.read_manifest(source).model_copy(update={"stats": corpus.corpus_stats(out)}))
     assert corpus.verified_stamp(shard(out)).max_topk_id == bound
     assert [b.max_topk_id for b in corpus.checked_batches(out, trust_stamps=True)] == [bound]

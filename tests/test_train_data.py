@@ -246,8 +246,8 @@ def mixed_corpus(root, kind: str):
 
     encoding = "float16" if kind == "float16" else "quantized"
     for shard in range(3):
-        table, stamp = corpus.records_to_stamped_table([rec(10 * shard + i) for i in range(10)], K, encoding, 512)
-        corpus.write_shard(root, shard, table, stamp=stamp if shard != 1 else None)
+        table, checked = corpus.records_to_checked_table([rec(10 * shard + i) for i in range(10)], K, encoding, 512)
+        corpus.write_shard(root, shard, table, checked=checked if shard != 1 else None)
     if kind == "layouts":
         shutil.copy(ROOT / "tests" / "data" / "quantized-layout1-w2.parquet", root / "data" / "part-00003.parquet")
     corpus.write_manifest(root, corpus.Manifest(teacher={"model": "t", "vocab_size": 512},

@@ -58,6 +58,7 @@ from distill.corpus.stamp import (
     STAMP_KEY,
     STAMP_VERSION,
     Stamp,
+    TopkChecked,
     read_stamp,
     stamp_of,
     stored_topk_columns,
@@ -91,16 +92,16 @@ from distill.corpus.validate import (
     CheckedBatch,
     check_shards,
     checked_batches,
-    records_to_stamped_table,
+    records_to_checked_table,
+    topk_checked,
     validate,
-    validated_stamp,
 )
 
 __all__ = [
     "COLUMNS", "DEFAULT_ENCODING", "ENCODING_KEY", "FLOAT16_RELATIVE_ERROR", "LOGPROB_CODES", "LOGPROB_ENCODINGS",
     "MANIFEST", "PACKED_IDS", "QUANTIZED_MAX_ERROR", "QUANT_STEP", "READ_ERRORS", "SCHEMA", "STAMP_KEY",
-    "STAMP_VERSION", "STATS_KEY", "CheckedBatch", "Stamp", "checked_batches", "read_stamp", "records_to_stamped_table", "stamp_of",
-    "stored_topk_columns", "topk_digest", "topk_rows", "validated_stamp", "verified_stamp",
+    "STAMP_VERSION", "STATS_KEY", "CheckedBatch", "Stamp", "TopkChecked", "checked_batches", "read_stamp", "records_to_checked_table",
+    "stamp_of", "stored_topk_columns", "topk_checked", "topk_digest", "topk_rows", "verified_stamp",
     "STUDENT_MESSAGES", "STUDENT_PROMPT_IDS", "STUDENT_VIEW_COLUMNS", "TAIL_STEP", "TOKENIZER_DIR", "TOKEN_COLUMNS",
     "TOKEN_ID_COLUMNS", "TOPK_LAYOUT", "TOPK_LAYOUTS", "TOPK_ZSTD_LEVEL", "Corpus", "CorpusError", "CorpusStats", "GenerationInfo", "Manifest",
     "TeacherInfo", "arrow_schema", "as_student_view", "check_complete", "check_shards", "copy_tokenizer",

@@ -64,6 +64,17 @@ class Stamp:
         return stamp if stamp.version == STAMP_VERSION else None
 
 
+@dataclass(frozen=True)
+class TopkChecked:
+    """What a writer knows of a table's top-k: it passed the validator's top-k checks for rows of
+    `top_k` (checked by `validate.topk_checked`, or rows taken from validated shards, as curate
+    takes them); `max_topk_id`: its largest id, or an upper bound of it. `store.write_shard`
+    stamps the shard with it, hashing the top-k it writes (`stamp_of`)."""
+
+    top_k: int
+    max_topk_id: int
+
+
 class TopkDigest:
     """The digest of a shard's stored top-k, fed batch after batch: the same for any split of the
     rows into batches (each part is hashed as one stream of lengths and one of values). `None`

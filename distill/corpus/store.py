@@ -20,7 +20,7 @@ from distill.corpus.codec import (
     shard_encoding,
 )
 from distill.corpus.manifest import CorpusStats
-from distill.corpus.stamp import STAMP_KEY, Stamp, topk_digest
+from distill.corpus.stamp import STAMP_KEY, TopkChecked, stamp_of
 from distill.files import DiskFull, atomic_path
 
 STATS_KEY = b"distill.stats"
@@ -48,18 +48,17 @@ def _select(data, columns: Sequence[str] | None):
     return data if columns is None else data.select(list(columns))
 
 
-def write_shard(root: Path, index: int, table: pa.Table, subdir: str = "data", stamp: Stamp | None = None) -> Path:
+def write_shard(root: Path, index: int, table: pa.Table, subdir: str = "data",
+                checked: TopkChecked | None = None) -> Path:
     """Write one shard atomically: readers see the whole shard or none of it. Its record and
-    token counts go into the Parquet footer, so stats never need a scan. `stamp`: the table's
-    validation stamp (`validate.checked_table`, `stamp.stamp_of`), written into the footer; a stamp
-    of another top-k is a bug of the caller (ValueError), never written."""
+    token counts go into the Parquet footer, so stats never need a scan. `checked`: the table's
+    top-k passed the validator's checks; the footer then gets its validation stamp (the digest
+    of the top-k written here: docs/corpus-format.md)."""
     tokens = int(pc.sum(pc.list_value_length(table.column("response_token_ids"))).as_py() or 0)
     meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != STAMP_KEY}  # a copied shard's stamp
     meta[STATS_KEY] = json.dumps({"records": table.num_rows, "response_tokens": tokens}).encode()
-    if stamp is not None:
-        if topk_digest(table) != stamp.digest:
-            raise ValueError(f"shard {index}: the stamp given is not that of the table's top-k")
-        meta[STAMP_KEY] = stamp.to_json()
+    if checked is not None:
+        meta[STAMP_KEY] = stamp_of(table, checked.top_k, checked.max_topk_id).to_json()
     table = table.replace_schema_metadata(meta)
     path = Path(root) / subdir / f"part-{index:05d}.parquet"
     packed = [c for c in (PACKED_IDS, LOGPROB_CODES) if c in table.column_names]

@@ -31,7 +31,7 @@ from distill.corpus.codec import (
     topk_rows,
 )
 from distill.corpus.manifest import SCHEMA, CorpusStats, Manifest, read_manifest
-from distill.corpus.stamp import Stamp, TopkDigest, stamp_in, stamp_of, stored_topk_columns
+from distill.corpus.stamp import Stamp, TopkChecked, TopkDigest, stamp_in, stored_topk_columns
 from distill.corpus.store import READ_ERRORS, shard_paths, unreadable
 
 
@@ -193,25 +193,24 @@ def _vouched(batches: Iterator[pa.RecordBatch], stamp: Stamp, encoding: dict, k:
     return iter(batches), stamp
 
 
-def records_to_stamped_table(records: Sequence[dict[str, Any]], k: int, encoding: str,
-                             vocab_size: int | None) -> tuple[pa.Table, Stamp | None]:
-    """`codec.records_to_table`, and the table's stamp where its records pass the checks
-    (`validated_stamp`): what the stages that have the decoded top-k in hand write with
-    `store.write_shard(..., stamp=)`."""
+def records_to_checked_table(records: Sequence[dict[str, Any]], k: int, encoding: str,
+                             vocab_size: int | None) -> tuple[pa.Table, TopkChecked | None]:
+    """`codec.records_to_table`, and what its checks found (`topk_checked`): what the stages that
+    have the decoded top-k in hand write with `store.write_shard(..., checked=)`."""
     logical = logical_table(records, k)
-    stored = encode(logical, k, encoding)
-    return stored, validated_stamp(stored, logical, k, vocab_size)
+    return encode(logical, k, encoding), topk_checked(logical, k, vocab_size)
 
 
-def validated_stamp(stored: pa.Table, logical: pa.Table, k: int, vocab_size: int | None) -> Stamp | None:
-    """The stamp of a shard about to be written (`stored`, the stored form of `logical`) where its
-    records pass the validator's checks of one batch (`_batch_problems`: the top-k's widths for
-    `k`, sorted, finite, in the vocabulary; ids unique within it); None where any fails: the shard
-    is then written without one, and the validator reports the problem as for any shard."""
+def topk_checked(logical: pa.Table, k: int, vocab_size: int | None) -> TopkChecked | None:
+    """Where the records of a shard about to be written (`logical`: its decoded columns) pass the
+    validator's checks of one batch (`_batch_problems`: the top-k's widths for `k`, sorted,
+    finite, in the vocabulary; ids unique within it), what `write_shard` stamps it with; None
+    where any fails: the shard is then written without a stamp, and the validator reports the
+    problem as for any shard."""
     if _batch_problems(logical, "", k, vocab_size, disk_state.SeenStrings("ids")):
         return None
     top = leaves(logical["topk_token_ids"])
-    return stamp_of(stored, k, (pc.max(top).as_py() if len(top) else None) or 0)
+    return TopkChecked(k, (pc.max(top).as_py() if len(top) else None) or 0)
 
 
 def _expected_stats(manifest: Manifest, subdir: str) -> CorpusStats:
