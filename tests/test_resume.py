@@ -19,7 +19,9 @@ from tests.helpers import write_jsonl
 
 pytestmark = pytest.mark.engine
 
-N_PROMPTS, CHUNK, MAX_TOKENS = 240, 16, 48
+# Long answers: the kill lands after the first new shard, and the run must still be far from done
+# then (48 tokens left ~2.4 s after it, which a loaded CI machine once slept through; 192 leave ~9 s).
+N_PROMPTS, CHUNK, MAX_TOKENS = 240, 16, 192
 ORPHAN_LIMIT_S = 15
 
 
