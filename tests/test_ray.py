@@ -84,7 +84,7 @@ def reference(tmp_path_factory, tiny_models, teacher):
 
 def test_driver_killed_with_sigkill_then_rerun_loses_and_repeats_nothing(request, tmp_path, tiny_models, teacher):
     """First in the module: the killed CLI starts its own local Ray, before this process starts one."""
-    n_prompts, chunk = 240, 16
+    n_prompts, chunk = 720, 16  # many shards: the driver must still be far from done after its first
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Reverse the list {i} {i * 7 % 13} {i % 5}"}
                                                  for i in range(n_prompts)])
     cfg = GenerateConfig(teacher=str(tiny_models["llama-teacher"]), prompts=prompts, out=tmp_path / "killed",
