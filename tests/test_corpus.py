@@ -242,6 +242,29 @@ def test_manifests_from_before_encodings_had_names_still_read(tmp_path):
     corpus.validate(root)
 
 
+def test_a_damaged_encoding_footer_is_refused_and_its_parquet_copy_is_never_read(tmp_path):
+    """A footer holds `distill.encoding` twice: in the Arrow schema, and as a Parquet key-value pair
+    (which pyarrow gives each batch it reads). Validate and every reader take the Arrow schema's, so
+    damage to the other copy is harmless, and damage to the one read is refused, naming the shard."""
+    root = make_corpus(tmp_path / "c", [record(0), record(1)])
+    before = list(corpus.iter_records(root))
+    path = corpus.shard_paths(root)[0]
+    raw = path.read_bytes()
+    assert raw.count(b'{"encoding": "quantized"') == 1  # the key-value copy; the Arrow schema's is base64
+    path.write_bytes(raw.replace(b'{"encoding": "quantized"', b'{"encoding": "quantizeX"'))
+    corpus.validate(root)
+    assert list(corpus.iter_records(root)) == before and corpus.read_shard(path).num_rows == 2
+
+    table = pq.read_table(path)
+    for damaged in (b'{"encoding": "quantizeX"}', b'\xfb{"encoding"', b'{"encodin": "quantized"}', b'[]'):
+        pq.write_table(table.replace_schema_metadata({**table.schema.metadata, corpus.ENCODING_KEY: damaged}), path)
+        with pytest.raises(corpus.CorpusError, match="`distill.encoding` footer is damaged"):
+            corpus.validate(root)
+        for read in (lambda: list(corpus.iter_records(root)), lambda: corpus.read_shard(path)):
+            with pytest.raises(corpus.CorpusError, match=f"`{path}`: its `distill.encoding` footer is damaged"):
+                read()
+
+
 @pytest.mark.parametrize("break_it, message", [
     (lambda r: r.__setitem__("response_logprobs", r["response_logprobs"][:-1]), "`response_logprobs` length differs"),
     (lambda r: r.__setitem__("topk_token_ids", r["topk_token_ids"][:-1]), "`topk_token_ids` length differs"),

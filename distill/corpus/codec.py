@@ -498,7 +498,14 @@ def shard_encoding(schema: pa.Schema) -> dict:
     names: from the stored logprob type)."""
     meta = (schema.metadata or {}).get(ENCODING_KEY)
     if meta is not None:
-        return json.loads(meta)
+        try:
+            params = json.loads(meta)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
+            params = None
+        if not isinstance(params, dict) or params.get("encoding") not in LOGPROB_ENCODINGS:
+            raise CorpusError(f"its `{ENCODING_KEY.decode()}` footer is damaged ({meta[:80]!r}): "
+                              f"not one of the encodings {LOGPROB_ENCODINGS}")
+        return params
     if PACKED_IDS in schema.names:
         raise CorpusError(f"a shard holds `{PACKED_IDS}` but no `{ENCODING_KEY.decode()}` footer: cannot decode it")
     lp = schema.field("topk_logprobs").type.value_type.value_type if "topk_logprobs" in schema.names else None

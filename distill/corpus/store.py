@@ -128,8 +128,11 @@ def shard_batches(path: Path, columns: Sequence[str] | None = None, batch_size: 
     """One shard's record batches with the logical `columns` (None: all), reading and decoding
     only the stored columns they need: without a top-k column, the top-k bytes are never read."""
     shard = pq.ParquetFile(path)
+    # The footer's Arrow schema is where validate and read_shard find the encoding; a batch's own
+    # metadata comes from the Parquet key-value copy, which a damaged byte can make differ.
+    encoding = _encoding(path, shard.schema_arrow)
     for batch in shard.iter_batches(batch_size=batch_size, columns=_stored_columns(shard.schema_arrow, columns)):
-        yield _select(_decoded(path, batch), columns)
+        yield _select(_decoded(path, batch, encoding), columns)
 
 
 def iter_records(root: Path, subdir: str = "data", columns: Sequence[str] | None = None) -> Iterator[dict]:
@@ -141,13 +144,22 @@ def iter_records(root: Path, subdir: str = "data", columns: Sequence[str] | None
 def read_shard(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
     """One shard with the logical columns."""
     schema = pq.read_schema(path)
-    return _select(_decoded(path, pq.read_table(path, columns=_stored_columns(schema, columns))), columns)
+    table = pq.read_table(path, columns=_stored_columns(schema, columns))
+    return _select(_decoded(path, table, _encoding(path, schema)), columns)
 
 
-def _decoded(path: Path, data: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
-    """`decode(data)`, its error naming the shard."""
+def _encoding(path: Path, schema: pa.Schema) -> dict:
+    """`shard_encoding(schema)`, its error naming the shard."""
     try:
-        return decode(data)
+        return shard_encoding(schema)
+    except CorpusError as e:
+        raise CorpusError(f"`{path}`: {e}") from None
+
+
+def _decoded(path: Path, data: pa.Table | pa.RecordBatch, encoding: dict) -> pa.Table | pa.RecordBatch:
+    """`decode(data, encoding)`, its error naming the shard."""
+    try:
+        return decode(data, encoding)
     except CorpusError as e:
         raise CorpusError(f"`{path}`: {e}") from None
 
