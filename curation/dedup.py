@@ -4,14 +4,13 @@ seen is kept; later ones are rejected naming the id they duplicate."""
 from __future__ import annotations
 
 import hashlib
-import itertools
-import zlib
 from typing import Literal
 
 import numpy as np
 
 from distill import disk_state
-from distill.curation.base import WORD, Filter, prompt_text, response_text
+from distill.curation.base import Filter, prompt_text, response_text
+from distill.curation.words import Words, response_words
 
 
 def normalise(text: str) -> str:
@@ -87,17 +86,15 @@ class NearDedupFilter(Filter):
         self._ids = disk_state.Strings(self._folder, "ids")
         self._bands = disk_state.HashIndex(self._folder, "bands")
 
-    def signatures(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """MinHash signatures [texts with words, num_perm] and which texts have words (bool per text)."""
-        words = [WORD.findall(t.lower()) for t in texts]
-        counts = np.array([len(w) for w in words], dtype=np.int64)
-        hashes = np.fromiter(map(zlib.crc32, map(str.encode, itertools.chain.from_iterable(words))),
-                             dtype=np.uint64, count=int(counts.sum()))
+    def signatures(self, words: Words) -> tuple[np.ndarray, np.ndarray]:
+        """MinHash signatures [rows with words, num_perm] and which rows have words (bool per row)."""
+        counts = np.diff(words.offsets)
+        hashes = words.crc32
         has = counts > 0
         counts = counts[has]
         if not len(counts):
             return np.empty((0, self.num_perm), dtype=np.uint32), has
-        starts = np.cumsum(counts) - counts  # each text's first word
+        starts = words.offsets[:-1][has]  # each text's first word
         n = np.minimum(self.shingle, counts)  # words per shingle (all of a shorter text's)
         windows = counts - n + 1
         text_of = np.repeat(np.arange(len(counts)), windows)
@@ -120,7 +117,7 @@ class NearDedupFilter(Filter):
         return out, has
 
     def signature(self, text: str) -> np.ndarray | None:
-        sigs, has = self.signatures([text])
+        sigs, has = self.signatures(Words.split([text]))
         return sigs[0] if has[0] else None
 
     def check(self, record):
@@ -135,7 +132,7 @@ class NearDedupFilter(Filter):
 
     def prepare(self, batch) -> tuple[np.ndarray, np.ndarray]:
         """Every row's signature: `signatures` of the batch's responses."""
-        return self.signatures([t or "" for t in batch.column("response").to_pylist()])
+        return self.signatures(response_words(batch))
 
     def check_batch(self, batch, rows, prepared: tuple[np.ndarray, np.ndarray] | None = None):
         ids = batch.column("id").to_pylist()

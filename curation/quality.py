@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import itertools
 import json
-import operator
 import re
-from collections import Counter
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from distill.curation.base import WORD, Filter, response_text
+from distill.curation.base import Filter, response_text
+from distill.curation.words import Words, most_repeated, ngrams, response_words, windows
 
 
 class FinishReasonFilter(Filter):
@@ -63,7 +61,8 @@ class LengthFilter(Filter):
 class RepetitionFilter(Filter):
     """Gopher repetition checks (Rae et al. 2021, thresholds as in datatrove), adapted to chat
     answers: a top n-gram only counts when it actually repeats, so a short answer without any
-    repetition can never trip it (README, "`distill curate`", the `repetition` row); loops still do."""
+    repetition can never trip it (README, "`distill curate`", the `repetition` row); loops still do.
+    The n-gram counts run over a whole batch at once (`curation/words.py`)."""
     name = "repetition"
     dup_line_frac: float | None = 0.30
     dup_para_frac: float | None = 0.30
@@ -73,7 +72,22 @@ class RepetitionFilter(Filter):
     dup_ngram_frac: dict[int, float] = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
 
     def check(self, record):
-        text = response_text(record)
+        return self.check_batch(pa.RecordBatch.from_pydict({"response": [response_text(record)]}), [0]).get(0)
+
+    def check_batch(self, batch: pa.RecordBatch, rows: list[int]) -> dict[int, str]:
+        texts = batch.column("response").to_pylist()
+        failed, counted = {}, []
+        for i in rows:
+            detail = self._repeated_parts(texts[i] or "")
+            if detail is None:
+                counted.append(i)
+            else:
+                failed[i] = detail
+        if counted:
+            failed.update(self._repeated_ngrams(response_words(batch), np.array(counted, dtype=np.int64)))
+        return failed
+
+    def _repeated_parts(self, text: str) -> str | None:
         for unit, parts in (("line", [p.strip() for p in text.split("\n") if p.strip()]),
                             ("para", [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()])):
             frac, char_frac = _duplicates(parts)
@@ -82,35 +96,60 @@ class RepetitionFilter(Filter):
                 return f"duplicate {unit} fraction {frac:.2f} > {limit}"
             if char_limit is not None and char_frac > char_limit:
                 return f"duplicate {unit} char fraction {char_frac:.2f} > {char_limit}"
-        words = WORD.findall(text.lower())
-        lengths = list(map(len, words))
-        total = sum(lengths)
-        pairs = Counter(zip(words, words[1:]))
-        if not total or len(pairs) == len(words) - 1:
-            return None  # no word pair repeats, so no n-gram (n >= 2) does: the common case, fast
-        # Bounds that skip work without changing a verdict: an n-gram (n >= 2) occurs at most as
-        # often as the most frequent pair, and covers at most the most characters n words in a row do.
-        most_pairs = max(pairs.values())
-        ends = [0, *itertools.accumulate(lengths)]
+        return None
+
+    def _repeated_ngrams(self, words: Words, rows: np.ndarray) -> dict[int, str]:
+        """The n-gram checks of `rows` (of `words`), all rows at once; a row leaves once its verdict
+        is known."""
+        ends = np.r_[0, np.cumsum(words.lengths)]  # characters before each word position
+        total = ends[words.offsets[rows + 1]] - ends[words.offsets[rows]]
+        most_pairs = most_repeated(words, rows, 2)
+        alive = (total > 0) & (most_pairs > 1)  # no word pair repeats, so no n-gram (n >= 2) does: the common case
+        failed = {}
         for n, limit in self.top_ngram_frac.items():
-            if n >= 2 and most_pairs * max(map(operator.sub, ends[n:], ends[:-n]), default=0) <= limit * total:
-                continue  # its top n-gram cannot cover more than `limit`
-            grams = pairs if n == 2 else Counter(zip(*(words[i:] for i in range(n))))
-            if grams:
-                gram, count = grams.most_common(1)[0]
-                frac = sum(len(w) for w in gram) * count / total
-                if count > 1 and frac > limit:
-                    return f"top {n}-gram {' '.join(gram)!r} covers {frac:.2f} > {limit}"
+            at = np.flatnonzero(alive)
+            if n >= 2:  # a bound that skips the count without changing a verdict: an n-gram occurs at most
+                # as often as the most frequent pair, and covers at most the most characters n words in a row do
+                row, start = windows(words, rows[at], n)
+                widest = _row_max(row, ends[start + n] - ends[start], len(at))
+                at = at[most_pairs[at] * widest > limit * total[at]]
+            if not len(at):
+                continue
+            grams = ngrams(words, rows[at], n)
+            most = _row_max(grams.row, grams.count, len(at))
+            top = np.flatnonzero(grams.count == most[grams.row])
+            top = top[np.r_[True, grams.row[top][1:] != grams.row[top][:-1]]]  # each row's earliest top n-gram
+            row, start, count = at[grams.row[top]], grams.start[top], grams.count[top]
+            frac = (ends[start + n] - ends[start]) * count / total[row]
+            for k in np.flatnonzero((count > 1) & (frac > limit)).tolist():
+                failed[int(rows[row[k]])] = f"top {n}-gram {words.text(start[k], n)!r} covers {frac[k]:.2f} > {limit}"
+                alive[row[k]] = False
         ordered = sorted(self.dup_ngram_frac.items())
         for j, (n, limit) in enumerate(ordered):
-            chars = duplicated_ngram_chars(words, n)
-            if chars is None:
-                break  # nothing repeats at this n, so nothing longer does
-            if chars / total > limit:
-                return f"duplicated {n}-grams cover {chars / total:.2f} > {limit}"
-            if all(chars / total <= later for _, later in ordered[j + 1:]):
-                break  # the words in repeated longer n-grams are among these: none can cover more
-        return None
+            at = np.flatnonzero(alive)
+            at = at[most_repeated(words, rows[at], n) > 1]  # the others: nothing repeats at this n, nor longer
+            alive[:] = False
+            if not len(at):
+                break
+            grams = ngrams(words, rows[at], n)
+            repeats = _row_max(grams.row, grams.count, len(at)) > 1  # else nothing longer repeats either
+            later = grams.start[~grams.first]  # the words of every occurrence after an n-gram's first
+            cover = np.bincount(later, minlength=len(words.ids) + n) - np.bincount(later + n, minlength=len(words.ids) + n)
+            covered = np.r_[0, np.cumsum(np.where(np.cumsum(cover)[:len(words.ids)] > 0, words.lengths, 0))]
+            frac = (covered[words.offsets[rows[at] + 1]] - covered[words.offsets[rows[at]]]) / total[at]
+            for k in np.flatnonzero(repeats & (frac > limit)).tolist():
+                failed[int(rows[at[k]])] = f"duplicated {n}-grams cover {frac[k]:.2f} > {limit}"
+            # done: nothing repeats, or failed, or the words in repeated longer n-grams are among these, so
+            # none can cover more than any later limit
+            alive[at] = repeats & (frac <= limit) & (frac > min((later for _, later in ordered[j + 1:]), default=np.inf))
+        return failed
+
+
+def _row_max(row: np.ndarray, values: np.ndarray, rows: int) -> np.ndarray:
+    """The largest of `values` per row (0 for a row without any)."""
+    out = np.zeros(rows, dtype=np.int64)
+    np.maximum.at(out, row, values)
+    return out
 
 
 def _duplicates(parts: list[str]) -> tuple[float, float]:
@@ -123,20 +162,6 @@ def _duplicates(parts: list[str]) -> tuple[float, float]:
             dup_chars += len(p)
         seen.add(p)
     return dup / len(parts), dup_chars / max(sum(len(p) for p in parts), 1)
-
-
-def duplicated_ngram_chars(words: list[str], n: int) -> int | None:
-    """Characters of words inside an n-gram seen earlier (each word counted once); None when
-    no n-gram repeats."""
-    grams = list(zip(*(words[i:] for i in range(n))))
-    if len(set(grams)) == len(grams):
-        return None
-    seen, covered = set(), np.zeros(len(words), dtype=bool)
-    for i, gram in enumerate(grams):
-        if gram in seen:
-            covered[i:i + n] = True
-        seen.add(gram)
-    return sum(len(w) for w, c in zip(words, covered) if c)
 
 
 class FormatFilter(Filter):

@@ -343,11 +343,23 @@ def test_a_full_disk_says_what_the_rerun_does(tmp_path, planted, monkeypatch):
         curate(CurateConfig(corpus=planted, out=tmp_path / "out"))
 
 
-def repetition_by_the_rules(words: list[str], top: dict[int, float], dup: dict[int, float]) -> str | None:
-    """The n-gram checks of `RepetitionFilter` with every count computed (no shortcut)."""
-    from collections import Counter
+def duplicated_ngram_chars(words: list[str], n: int) -> int | None:
+    """Characters of words inside an n-gram seen earlier (each word counted once); None when
+    no n-gram repeats."""
+    grams = list(zip(*(words[i:] for i in range(n))))
+    if len(set(grams)) == len(grams):
+        return None
+    seen, covered = set(), [False] * len(words)
+    for i, gram in enumerate(grams):
+        if gram in seen:
+            covered[i:i + n] = [True] * n
+        seen.add(gram)
+    return sum(len(w) for w, c in zip(words, covered) if c)
 
-    from distill.curation.quality import duplicated_ngram_chars
+
+def repetition_by_the_rules(words: list[str], top: dict[int, float], dup: dict[int, float]) -> str | None:
+    """The n-gram checks of `RepetitionFilter`, one record, with every count computed (no shortcut)."""
+    from collections import Counter
 
     total = sum(map(len, words))
     if not total or len(set(zip(words, words[1:]))) == len(words) - 1:
@@ -368,27 +380,73 @@ def repetition_by_the_rules(words: list[str], top: dict[int, float], dup: dict[i
     return None
 
 
-def test_repetition_shortcuts_never_change_a_verdict():
-    """Few distinct words of varied lengths (repeats, loops, near misses of every threshold) under
-    random settings: the filter's bounds skip counts, never a rejection."""
-    import random
+def random_repetition_cases(rng, settings: int, texts: int, words=("a", "to", "the", "frog", "splash", "silently",
+                                                                   "x" * 15)):
+    """(filter, texts as word lists) under random settings. With the default few distinct words of
+    varied lengths: repeats, loops, near misses of every threshold. With many words, each text
+    repeats one slice of itself or none (n-grams beyond pairs are then grouped by hash)."""
+    def text():
+        drawn = [rng.choice(words) for _ in range(rng.randint(0, 60))]
+        if len(words) > 100 and drawn and rng.random() < 0.7:
+            at = rng.randrange(len(drawn))
+            drawn[at:at] = drawn[at:at + rng.randint(1, 15)] * rng.randint(1, 3)
+        return drawn
 
-    rng = random.Random(0)
-    words = ["a", "to", "the", "frog", "splash", "silently", "x" * 15]
-    rejected = 0
-    for _ in range(3000):
-        text = [rng.choice(words) for _ in range(rng.randint(0, 60))]
+    for _ in range(settings):
         top = {n: rng.uniform(0, 0.5) for n in rng.sample(range(1, 7), rng.randint(1, 4))}
         dup = {n: rng.uniform(0, 0.5) for n in rng.sample(range(2, 11), rng.randint(1, 6))}
         rep = RepetitionFilter(top_ngram_frac=top, dup_ngram_frac=dup, dup_line_frac=None, dup_para_frac=None,
                                dup_line_char_frac=None, dup_para_char_frac=None)
-        verdict = rep.check({"response": " ".join(text)})
-        assert verdict == repetition_by_the_rules(text, top, dup), (text, top, dup)
-        rejected += verdict is not None
-    assert 300 < rejected < 2700
-    # a longer n-gram's limit well below a shorter one's: its check still runs
-    from distill.curation.quality import duplicated_ngram_chars
+        yield rep, [text() for _ in range(texts)]
 
+
+def test_repetition_over_a_batch_gives_each_record_the_verdict_of_the_rules():
+    """The batch's rows are counted together (one hash grouping per n over all of them), the rows
+    asked for only; each verdict is what the rules give that record alone, and the bounds that skip
+    counts never skip a rejection."""
+    import random
+
+    import pyarrow as pa
+
+    rng = random.Random(0)
+    rejected = 0
+    many = [f"w{i}" * (i % 4 + 1) for i in range(3000)]
+    for rep, texts in [*random_repetition_cases(rng, 60, 50), *random_repetition_cases(rng, 20, 50, many)]:
+        batch = pa.RecordBatch.from_pydict({"response": [" ".join(t) for t in texts]})
+        rows = sorted(rng.sample(range(len(texts)), 40))
+        expected = {i: v for i in rows
+                    if (v := repetition_by_the_rules(texts[i], rep.top_ngram_frac, rep.dup_ngram_frac)) is not None}
+        assert rep.check_batch(batch, rows) == expected, (texts, rep)
+        assert rep.check({"response": " ".join(texts[rows[0]])}) == expected.get(rows[0])
+        rejected += len(expected)
+    assert 300 < rejected < 3000
+
+
+def test_a_hash_collision_between_ngrams_is_found_and_redrawn(monkeypatch):
+    """Mock: the first hash draw puts every n-gram in one group (a 64-bit collision cannot be
+    produced on purpose); the grouping notices that its members differ and draws again."""
+    import random
+
+    import pyarrow as pa
+
+    from distill.curation import words as words_module
+
+    real, calls = words_module._mix, []
+
+    def colliding_first(x):
+        calls.append(len(x))
+        return real(x) if len(calls) > 3 else x * 0  # ngrams(n=2): 3 calls per draw
+
+    monkeypatch.setattr(words_module, "_mix", colliding_first)
+    rep, texts = next(random_repetition_cases(random.Random(1), 1, 30))
+    batch = pa.RecordBatch.from_pydict({"response": [" ".join(t) for t in texts]})
+    expected = {i: v for i, t in enumerate(texts)
+                if (v := repetition_by_the_rules(t, rep.top_ngram_frac, rep.dup_ngram_frac)) is not None}
+    assert rep.check_batch(batch, list(range(len(texts)))) == expected and len(calls) > 6
+
+
+def test_a_longer_ngrams_lower_limit_is_still_checked():
+    """The dup n-gram loop stops early only when no later limit can be exceeded."""
     text = "an old silent pond where a frog jumps in".split() * 2 + "then silence again".split()
     six = duplicated_ngram_chars(text, 6) / sum(map(len, text))
     rep = RepetitionFilter(top_ngram_frac={}, dup_ngram_frac={5: 1.0, 6: 0.9 * six})

@@ -1,0 +1,142 @@
+"""The words of a batch's responses, split once for every filter that counts words.
+
+`repetition` and `dedup_near` both read a response as its lower-cased `\\w+` words; splitting is
+the larger part of either's work on a realistic answer, so the batch is split once and both read
+the same `Words` (`response_words` remembers the last batch it split)."""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import pyarrow as pa
+
+from distill.curation.base import WORD
+
+
+@dataclass(frozen=True)
+class Words:
+    """Every row's words as ids into `vocabulary`, row after row."""
+    vocabulary: list[str]  # the distinct words, in the order first seen
+    ids: np.ndarray  # int64, every word of every row
+    offsets: np.ndarray  # int64 [rows + 1]: row r's words are ids[offsets[r]:offsets[r + 1]]
+
+    @classmethod
+    def split(cls, texts: list[str]) -> Words:
+        words = [WORD.findall(t.lower()) for t in texts]
+        flat = list(itertools.chain.from_iterable(words))
+        index = {w: i for i, w in enumerate(dict.fromkeys(flat))}
+        ids = np.fromiter(map(index.__getitem__, flat), dtype=np.int64, count=len(flat))
+        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum([len(w) for w in words], out=offsets[1:])
+        return cls(list(index), ids, offsets)
+
+    @cached_property
+    def lengths(self) -> np.ndarray:
+        """Characters of each word of `ids` (int64)."""
+        return np.fromiter(map(len, self.vocabulary), dtype=np.int64, count=len(self.vocabulary))[self.ids]
+
+    @cached_property
+    def crc32(self) -> np.ndarray:
+        """zlib.crc32 of each word of `ids` in UTF-8 (uint64); computed once per distinct word."""
+        per_word = np.fromiter(map(zlib.crc32, map(str.encode, self.vocabulary)), dtype=np.uint64,
+                               count=len(self.vocabulary))
+        return per_word[self.ids]
+
+    def text(self, start: int, n: int) -> str:
+        """The `n` words from position `start` of `ids`, joined by spaces."""
+        return " ".join(self.vocabulary[i] for i in self.ids[start:start + n].tolist())
+
+
+_last: tuple[pa.RecordBatch, Words] | None = None
+
+
+def response_words(batch: pa.RecordBatch) -> Words:
+    """`Words` of the batch's `response` column; the filters of one batch share one split."""
+    global _last
+    if _last is None or _last[0] is not batch:
+        _last = (batch, Words.split([t or "" for t in batch.column("response").to_pylist()]))
+    return _last[1]
+
+
+@dataclass(frozen=True)
+class NGrams:
+    """Every n-gram occurrence inside some rows of a `Words`, in position order (so row by row)."""
+    row: np.ndarray  # index into the rows asked for
+    start: np.ndarray  # position in `Words.ids` of its first word
+    first: np.ndarray  # bool: the first occurrence of this n-gram in its row
+    count: np.ndarray  # occurrences of this n-gram in its row
+
+
+def windows(words: Words, rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where each n-gram of `rows` starts: (its row, as an index into `rows`; its position in `ids`)."""
+    starts = words.offsets[rows]
+    counts = np.maximum(words.offsets[rows + 1] - starts - (n - 1), 0)
+    row = np.repeat(np.arange(len(rows)), counts)
+    return row, np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts) + starts[row]
+
+
+def most_repeated(words: Words, rows: np.ndarray, n: int) -> np.ndarray:
+    """Per row of `rows`: the occurrences of its most frequent n-gram (0 for a row without one).
+    One sort of a key per occurrence: the row, then the n-gram, exactly where the word ids fit in
+    it (pairs of a batch's words), else a hash of the n-gram, whose collisions can only raise a
+    count: such a count is an upper bound, for deciding which rows `ngrams` must group."""
+    row, start = windows(words, rows, n)
+    out = np.zeros(len(rows), dtype=np.int64)
+    if not len(start):
+        return out
+    vocabulary = max(len(words.vocabulary), 1)
+    exact = len(rows) * vocabulary ** n < 2 ** 63
+    if exact:
+        key = row.copy()
+        for j in range(n):
+            key = key * vocabulary + words.ids[start + j]
+    else:
+        shift = np.uint64(64 - int(len(rows)).bit_length())
+        hashed = _mix(words.ids[start].astype(np.uint64))
+        for j in range(1, n):
+            hashed = _mix(hashed + words.ids[start + j].astype(np.uint64))
+        key = (row.astype(np.uint64) << shift) | (hashed >> (np.uint64(64) - shift))
+    key.sort()
+    heads = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    row_of = key[heads] // vocabulary ** n if exact else (key[heads] >> shift).astype(np.int64)
+    np.maximum.at(out, row_of, np.diff(np.r_[heads, len(key)]))
+    return out
+
+
+def ngrams(words: Words, rows: np.ndarray, n: int) -> NGrams:
+    """The n-grams of `rows` (indices into `words.offsets`), grouped by a 64-bit hash of the row and
+    the n word ids; every group is checked member by member and a collision draws another hash."""
+    row, start = windows(words, rows, n)
+    first = np.zeros(len(start), dtype=bool)
+    count = np.zeros(len(start), dtype=np.int64)
+    if not len(start):
+        return NGrams(row, start, first, count)
+    for seed in itertools.count(1):
+        key = _mix(row.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed))
+        for j in range(n):
+            key = _mix(key + words.ids[start + j].astype(np.uint64))
+        order = np.argsort(key)
+        ordered = key[order]
+        heads = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # each group's place in `order`
+        sizes = np.diff(np.r_[heads, len(order)])
+        group = np.repeat(np.arange(len(heads)), sizes)
+        shared = sizes[group] > 1  # only a group of several can hold a collision
+        member, head = order[shared], order[heads][group[shared]]
+        if np.array_equal(row[member], row[head]) and all(
+                np.array_equal(words.ids[start[member] + j], words.ids[start[head] + j]) for j in range(n)):
+            break
+    earliest = np.minimum.reduceat(order, heads)  # occurrences are in position order
+    first[order] = order == earliest[group]
+    count[order] = sizes[group]
+    return NGrams(row, start, first, count)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser (uint64 arithmetic wraps)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
