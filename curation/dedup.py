@@ -106,7 +106,8 @@ class NearDedupFilter(Filter):
             shingles = np.where(inside, shingles * np.uint64(1_000_003) + word, shingles)
         out = np.empty((len(counts), self.num_perm), dtype=np.uint32)
         bounds = np.cumsum(windows) - windows
-        step = max(1, (1 << 14) // int(windows.mean()))  # texts per [num_perm, shingles] block: ~16 MB
+        # texts per [num_perm, shingles] block: ~4 MB, which stays in the cache (16 MB blocks: 1.4x slower)
+        step = max(1, (1 << 12) // int(windows.mean()))
         for lo in range(0, len(counts), step):
             hi = min(lo + step, len(counts))
             block = shingles[bounds[lo]: bounds[hi - 1] + windows[hi - 1]]

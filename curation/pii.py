@@ -54,14 +54,22 @@ def _combined(kinds: tuple[str, ...]) -> re.Pattern:
 
 _DIGITS = re.compile(r"\d[ .()+-]?\d")
 # What each kind cannot match without: most answers have none of these and are not scanned.
-_NEEDS = {"secret": lambda t: any(p in t for p in ("sk-", "AKIA", "gh", "xox", "AIza")),
+_NEEDS = {"secret": lambda t: "sk-" in t or "AKIA" in t or "xox" in t or "AIza" in t or ("gh" in t and "_" in t),
           "email": lambda t: "@" in t}
 _NEEDS_DIGITS = ("credit_card", "ipv4", "phone")
 
 
+def _has_digit_pair(text: str) -> bool:
+    # An ASCII text without any of 0-9 cannot match: ten substring searches cost a fifth of one
+    # regex scan (`\d` matches other scripts' digits too, so other texts are scanned).
+    if text.isascii() and not any(d in text for d in "0123456789"):
+        return False
+    return _DIGITS.search(text) is not None
+
+
 def find_pii(text: str, kinds: list[str]) -> list[tuple[str, int, int]]:
     """(kind, start, end) of each match in `text`."""
-    has_digits = _DIGITS.search(text) is not None
+    has_digits = _has_digit_pair(text)
     possible = tuple(k for k in kinds if (has_digits if k in _NEEDS_DIGITS else _NEEDS[k](text)))
     if not possible:
         return []

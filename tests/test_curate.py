@@ -227,6 +227,9 @@ def test_repetition_spares_short_answers_and_catches_loops():
     ("card 4111 1111 1111 1111 exp 12/29", "credit_card"),
     ("key sk-abcdefghijklmnopqrstuvwxyz123456", "secret"),
     ("aws AKIAIOSFODNN7EXAMPLE here", "secret"),
+    ("token ghp_" + "a1" * 18 + " leaked", "secret"),
+    ("card \u0664\u0661\u0661\u0661 \u0661\u0661\u0661\u0661 \u0661\u0661\u0661\u0661 \u0661\u0661\u0661\u0661 (Arabic-Indic digits)",
+     "credit_card"),
 ])
 def test_pii_kinds(text, kind):
     from distill.curation.pii import PATTERNS, find_pii
