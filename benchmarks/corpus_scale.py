@@ -87,18 +87,24 @@ def unique_text(rng: np.random.Generator, words: list[str]) -> str:
     return " ".join(words[j] for j in rng.integers(0, len(words), size=int(rng.integers(80, 141))))
 
 
-def build(root: Path, n: int, base: pa.Table, max_topk_id: int, seed: int) -> Path:
-    """`n` records in shards of SHARD: `base`'s stored rows repeated, with new ids and responses,
-    each shard stamped (its top-k rows are base's, validated: `max_topk_id` is theirs)."""
+def build(root: Path, n: int, base: pa.Table, max_topk_id: int, seed: int, source: str = "words") -> Path:
+    """`n` records in shards of SHARD: `base`'s stored rows repeated, with new ids and responses
+    (`source`: unique random words, or ShareGPT's real answers in file order, repeated after the
+    last), each shard stamped (its top-k rows are base's, validated: `max_topk_id` is theirs)."""
     from distill import corpus
     from distill.tiny import WORDS
 
     rng = np.random.default_rng(seed)
+    if source == "sharegpt":
+        from distill.demo.sharegpt import answers
+
+        real = list(answers())
     for index, start in enumerate(range(0, n, SHARD)):
         size = min(SHARD, n - start)
         table = base.slice(0, size)
         ids = pa.array([f"r{start + i}" for i in range(size)])
-        texts = pa.array([unique_text(rng, WORDS) for _ in range(size)])
+        texts = pa.array([real[(start + i) % len(real)] for i in range(size)] if source == "sharegpt"
+                         else [unique_text(rng, WORDS) for _ in range(size)])
         table = table.set_column(table.schema.get_field_index("id"), "id", ids)
         table = table.set_column(table.schema.get_field_index("response"), "response", texts)
         path = root / "data" / f"part-{index:05d}.parquet"
@@ -205,6 +211,9 @@ def main(argv: list[str] | None = None) -> list[Headline]:
     ap.add_argument("--before", help="the Python of another checkout: every stage also runs on its code")
     ap.add_argument("--eval-fraction", type=float, help="train's held-out share (default: train's own); with 0 "
                     "no held-out metrics are scored before the first step")
+    ap.add_argument("--texts", choices=("words", "sharegpt"), default="words",
+                    help="the responses: unique random words, or ShareGPT's real answers (~67k, then repeated: "
+                    "dedup_exact rejects the repeats); the tokens and top-k stay the base shard's")
     ap.add_argument("--child-train", nargs=2, help=argparse.SUPPRESS)
     args = parse_args(ap, argv, quick={"records": [1_000, 10_000]})
     if args.child_train:
@@ -223,7 +232,7 @@ def main(argv: list[str] | None = None) -> list[Headline]:
         print(f"write (corpus.write_shard, median of 3): {rate:,.0f} records/s")
         results: dict[int, dict[str, dict]] = {}
         for n in args.records:
-            root = build(tmp / f"c{n}", n, base, base_checked.max_topk_id, seed=n)
+            root = build(tmp / f"c{n}", n, base, base_checked.max_topk_id, seed=n, source=args.texts)
             size = corpus.corpus_stats(root)
             print(f"\n{n:,} records: {size.shards} shards, {size.bytes / 1e6:.1f} MB", flush=True)
             results[n] = {}

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import ValidationError
 from tqdm import tqdm
 
@@ -197,15 +196,16 @@ def columns_read(filters: list[Filter]) -> list[str] | None:
 def curate_shard(path: Path, filters: list[Filter], masker, decode, report: Report, columns: list[str] | None,
                  batch_size: int, progress=lambda n: None,
                  judged: list[workers.BatchVerdicts] | None = None) -> tuple[pa.Table, pa.Table]:
-    """One shard through the filters, batch by batch, reading only `columns`; then its kept and
-    rejected rows (the latter with `reject_reason`) taken from the stored shard with Arrow, so a
+    """One shard, read once as stored, through the filters batch by batch (decoding only `columns`);
+    then its kept and rejected rows (the latter with `reject_reason`) taken from the stored shard with Arrow, so a
     quantized corpus stays quantized without being decoded or encoded again. `judged`: the
     verdicts of the filters that judge records alone, per batch, from the workers."""
     keep: list[np.ndarray] = []
     reasons: list[str] = []
     masks: dict[int, list[bool]] = {}  # shard row -> loss mask of a PII-masked record
     offset = 0
-    for n, batch in enumerate(corpus.shard_batches(path, columns, batch_size)):
+    table = corpus.read_stored(path)  # once: the filters' columns, then the rows kept and rejected, as stored
+    for n, batch in enumerate(corpus.stored_batches(path, table, columns, batch_size)):
         verdict = filter_batch(batch, filters, masker, decode, report, judged[n] if judged is not None else None)
         keep.append(verdict.keep)
         reasons += [r for r in verdict.reasons if r is not None]
@@ -213,7 +213,6 @@ def curate_shard(path: Path, filters: list[Filter], masker, decode, report: Repo
         offset += batch.num_rows
         progress(batch.num_rows)
     keep_all = np.concatenate(keep) if keep else np.zeros(0, dtype=bool)
-    table = pq.read_table(path)  # as stored
     if masker is not None or "loss_mask" in table.column_names:  # every shard gets the same schema
         table = _set_loss_mask(table, masks)
     kept = table.take(np.flatnonzero(keep_all))

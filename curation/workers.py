@@ -109,7 +109,8 @@ def _judge(path: Path, columns: list[str], batch_size: int) -> list[BatchVerdict
     from distill.curation.pipeline import pii_masks
 
     verdicts = []
-    for batch in corpus.shard_batches(path, columns, batch_size):
+    # the batches of the curating process (`corpus.stored_batches`), from the columns read here
+    for batch in corpus.stored_batches(path, corpus.read_stored(path, columns), columns, batch_size):
         every = list(range(batch.num_rows))
         failed = {n: f.check_batch(batch, every) for n, f in _filters.items() if not f.remembers}
         masks = {}

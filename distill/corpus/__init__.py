@@ -74,11 +74,13 @@ from distill.corpus.store import (
     iter_records,
     load_dataset,
     read_shard,
+    read_stored,
     read_table,
     shard_batches,
     shard_index,
     shard_paths,
     shard_stats,
+    stored_batches,
     unreadable,
     write_shard,
 )
@@ -106,7 +108,7 @@ __all__ = [
     "TOKEN_ID_COLUMNS", "TOPK_LAYOUT", "TOPK_LAYOUTS", "TOPK_ZSTD_LEVEL", "Corpus", "CorpusError", "CorpusStats", "GenerationInfo", "Manifest",
     "TeacherInfo", "arrow_schema", "as_student_view", "check_complete", "check_shards", "copy_tokenizer",
     "corpus_stats", "decode", "encode", "history_entry", "iter_batches", "iter_records", "leaves", "load_dataset",
-    "logprob_tolerance", "read_manifest", "read_shard", "read_table", "records_to_table", "shard_batches",
+    "logprob_tolerance", "read_manifest", "read_shard", "read_stored", "read_table", "records_to_table", "shard_batches", "stored_batches",
     "shard_encoding", "shard_index", "shard_paths", "shard_stats", "store_tokenizer", "teacher_tokenizer",
     "tokenizer_fingerprint", "unreadable", "validate", "write_manifest", "write_shard",
 ]

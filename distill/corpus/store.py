@@ -146,9 +146,24 @@ def iter_records(root: Path, subdir: str = "data", columns: Sequence[str] | None
 
 def read_shard(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
     """One shard with the logical columns."""
-    schema = pq.read_schema(path)
-    table = pq.read_table(path, columns=_stored_columns(schema, columns))
-    return _select(_decoded(path, table, _encoding(path, schema)), columns)
+    table = read_stored(path, columns)
+    return _select(_decoded(path, table, _encoding(path, table.schema)), columns)
+
+
+def read_stored(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
+    """One shard as stored (not decoded): the stored columns that hold the logical `columns` (None: all)."""
+    return pq.read_table(path, columns=_stored_columns(pq.read_schema(path), columns))
+
+
+def stored_batches(path: Path, table: pa.Table, columns: Sequence[str] | None = None,
+                   batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
+    """Batches of `batch_size` rows (the last one shorter) with the logical `columns`, sliced from
+    `table`, the shard at `path` as `read_stored` gave it: one read of a shard serves both its
+    filtering and the copying of its rows (curate)."""
+    encoding = _encoding(path, table.schema)
+    stored = table.select(_stored_columns(table.schema, columns) or table.column_names).combine_chunks()
+    for batch in stored.to_batches(max_chunksize=batch_size):
+        yield _select(_decoded(path, batch, encoding), columns)
 
 
 def _encoding(path: Path, schema: pa.Schema) -> dict:
