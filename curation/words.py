@@ -17,16 +17,29 @@ import pyarrow as pa
 from distill.curation.base import WORD
 
 
+# An ASCII text's `WORD.findall(text.lower())`, as bytes, is one `bytes.translate` (upper case to
+# lower, every other byte outside `\w` to a space) and a split: ~3x faster than the regex.
+_ASCII_WORDS = bytes(c + 32 if 65 <= c <= 90 else c if WORD.fullmatch(chr(c)) else 32 for c in range(128)) \
+    + bytes(range(128, 256))
+
+
+def words_of(text: str) -> list[bytes]:
+    """`WORD.findall(text.lower())`, each word in UTF-8."""
+    if text.isascii():
+        return text.encode("ascii").translate(_ASCII_WORDS).split()
+    return [w.encode() for w in WORD.findall(text.lower())]
+
+
 @dataclass(frozen=True)
 class Words:
     """Every row's words as ids into `vocabulary`, row after row."""
-    vocabulary: list[str]  # the distinct words, in the order first seen
+    vocabulary: list[bytes]  # the distinct words in UTF-8, in the order first seen
     ids: np.ndarray  # int64, every word of every row
     offsets: np.ndarray  # int64 [rows + 1]: row r's words are ids[offsets[r]:offsets[r + 1]]
 
     @classmethod
     def split(cls, texts: list[str]) -> Words:
-        words = [WORD.findall(t.lower()) for t in texts]
+        words = [words_of(t) for t in texts]
         flat = list(itertools.chain.from_iterable(words))
         index = {w: i for i, w in enumerate(dict.fromkeys(flat))}
         ids = np.fromiter(map(index.__getitem__, flat), dtype=np.int64, count=len(flat))
@@ -37,18 +50,19 @@ class Words:
     @cached_property
     def lengths(self) -> np.ndarray:
         """Characters of each word of `ids` (int64)."""
-        return np.fromiter(map(len, self.vocabulary), dtype=np.int64, count=len(self.vocabulary))[self.ids]
+        per_word = np.fromiter((len(w) if w.isascii() else len(w.decode()) for w in self.vocabulary),
+                               dtype=np.int64, count=len(self.vocabulary))
+        return per_word[self.ids]
 
     @cached_property
     def crc32(self) -> np.ndarray:
-        """zlib.crc32 of each word of `ids` in UTF-8 (uint64); computed once per distinct word."""
-        per_word = np.fromiter(map(zlib.crc32, map(str.encode, self.vocabulary)), dtype=np.uint64,
-                               count=len(self.vocabulary))
+        """zlib.crc32 of each word of `ids` (uint64); computed once per distinct word."""
+        per_word = np.fromiter(map(zlib.crc32, self.vocabulary), dtype=np.uint64, count=len(self.vocabulary))
         return per_word[self.ids]
 
     def text(self, start: int, n: int) -> str:
         """The `n` words from position `start` of `ids`, joined by spaces."""
-        return " ".join(self.vocabulary[i] for i in self.ids[start:start + n].tolist())
+        return " ".join(self.vocabulary[i].decode() for i in self.ids[start:start + n].tolist())
 
 
 _last: tuple[pa.RecordBatch, Words] | None = None

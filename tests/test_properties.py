@@ -255,3 +255,17 @@ def test_every_top_k_layout_decodes_to_the_same_values(built):
     old, new = (corpus.decode(corpus.encode(logical, k, "quantized", layout)) for layout in corpus.TOPK_LAYOUTS)
     assert new["topk_token_ids"].to_pylist() == logical["topk_token_ids"].to_pylist()
     assert new["topk_logprobs"].to_pylist() == old["topk_logprobs"].to_pylist()
+
+
+# -- the words curation counts ----------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(), st.text(alphabet=st.characters(max_codepoint=127))))
+def test_a_texts_words_are_the_lowercased_word_regexs(text):
+    """`words_of` (bytes.translate for ASCII text) gives what the `\\w+` regex finds in the
+    lower-cased text, on any text and on ASCII text (controls, digits, `_` included)."""
+    from distill.curation.base import WORD
+    from distill.curation.words import words_of
+
+    assert words_of(text) == [w.encode() for w in WORD.findall(text.lower())]
