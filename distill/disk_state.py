@@ -147,16 +147,17 @@ class HashIndex:
         pending = np.arange(len(keys))
         while len(pending):
             free = self._keys[slots] == _EMPTY
-            # one key per free slot takes it (the first of those that reached it); the rest probe on
-            _, first = np.unique(slots[free], return_index=True)
-            taking = np.flatnonzero(free)[first]
-            self._keys[slots[taking]] = keys[pending[taking]]
-            self._rows[slots[taking]] = rows[pending[taking]]
-            left = np.ones(len(pending), dtype=bool)
-            left[taking] = False
-            pending, slots = pending[left], slots[left]
-            probing = self._keys[slots] != _EMPTY  # taken (by another key): the next slot
-            slots[probing] = (slots[probing] + np.uint64(1)) & self._mask
+            # One key per free slot takes it: every key that reached one writes its number into the
+            # slot's row, one write stands, and the key whose number reads back is in (no sort).
+            claimants, claimed = pending[free], slots[free]
+            self._rows[claimed] = claimants
+            won = self._rows[claimed] == claimants
+            self._keys[claimed[won]] = keys[claimants[won]]
+            self._rows[claimed[won]] = rows[claimants[won]]
+            left = ~free
+            left[np.flatnonzero(free)[~won]] = True
+            # the rest found their slot taken (before, or by the winner): the next slot
+            pending, slots = pending[left], (slots[left] + np.uint64(1)) & self._mask
 
 
 def _stored_keys(keys: np.ndarray) -> np.ndarray:
