@@ -31,9 +31,10 @@ $(STAMP): pyproject.toml
 test: install
 	$(BIN)/python -m pytest -q
 
-# No vLLM engine or server, no long training: losses, corpus, prompts, config, curation, CLI parsing.
+# No vLLM engine or server, no long training: losses, corpus, prompts, config, curation, CLI parsing;
+# in two processes (pytest-xdist). The full suite stays in one: its engine fixture is per session.
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not engine and not slow and not browser"
+	$(BIN)/python -m pytest -q -n 2 -m "not engine and not slow and not browser"
 
 # The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or a missing page fails.
 docs: install

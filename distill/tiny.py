@@ -8,6 +8,7 @@ path treats them exactly like a hub model.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import random
@@ -133,8 +134,12 @@ def build_cached(cache: Path) -> dict[str, Path]:
     key = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
     root = Path(cache) / f"models-{key}"
     marker = root / "paths.json"
-    if not marker.exists():
-        shutil.rmtree(root, ignore_errors=True)
-        paths = build_all(root)
-        marker.write_text(json.dumps({name: str(path) for name, path in paths.items()}))
+    Path(cache).mkdir(parents=True, exist_ok=True)
+    # test processes started together (`make test-fast` runs two): one builds, the others wait for it
+    with open(Path(cache) / f"models-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not marker.exists():
+            shutil.rmtree(root, ignore_errors=True)
+            paths = build_all(root)
+            marker.write_text(json.dumps({name: str(path) for name, path in paths.items()}))
     return {name: Path(path) for name, path in json.loads(marker.read_text()).items()}
