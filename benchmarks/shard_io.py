@@ -67,9 +67,10 @@ def main(argv: list[str] | None = None) -> list[Headline]:
             rows[label] = per_record = [x / records * 1e6 for x in (w, r, rk)] + [size / records]
             print(f"{label:>22}" + "".join(f"{v:>{width}.1f}" for v, width in zip(per_record, (14, 13, 19, 9))))
     new, old = rows["no dictionary"], rows["dictionary tried"]
-    print(f"{'no dictionary / tried':>22}" + "".join(f"{a / b:>{width}.2f}" for a, b, width in zip(new, old, (14, 13, 19, 9))))
+    ratios = [a / b for a, b in zip(new, old)]
+    print(f"{'no dictionary / tried':>22}" + "".join(f"{r:>{width}.2f}" for r, width in zip(ratios, (14, 13, 19, 9))))
     return [Headline("shard write, us/record (no dictionary on top-k)", f"{new[0]:.1f}",
-                     f"{new[0] / old[0]:.2f}x with a dictionary tried; read {new[1] / old[1]:.2f}x, bytes {new[3] / old[3]:.3f}x")]
+                     f"{ratios[0]:.2f}x with a dictionary tried; read {ratios[1]:.2f}x, bytes {ratios[3]:.3f}x")]
 
 
 if __name__ == "__main__":

@@ -134,14 +134,16 @@ class RepetitionFilter(Filter):
             grams = ngrams(words, rows[at], n)
             repeats = _row_max(grams.row, grams.count, len(at)) > 1  # else nothing longer repeats either
             later = grams.start[~grams.first]  # the words of every occurrence after an n-gram's first
-            cover = np.bincount(later, minlength=len(words.ids) + n) - np.bincount(later + n, minlength=len(words.ids) + n)
+            size = len(words.ids) + n
+            cover = np.bincount(later, minlength=size) - np.bincount(later + n, minlength=size)
             covered = np.r_[0, np.cumsum(np.where(np.cumsum(cover)[:len(words.ids)] > 0, words.lengths, 0))]
             frac = (covered[words.offsets[rows[at] + 1]] - covered[words.offsets[rows[at]]]) / total[at]
             for k in np.flatnonzero(repeats & (frac > limit)).tolist():
                 failed[int(rows[at[k]])] = f"duplicated {n}-grams cover {frac[k]:.2f} > {limit}"
             # done: nothing repeats, or failed, or the words in repeated longer n-grams are among these, so
             # none can cover more than any later limit
-            alive[at] = repeats & (frac <= limit) & (frac > min((later for _, later in ordered[j + 1:]), default=np.inf))
+            lowest_later = min((later for _, later in ordered[j + 1:]), default=np.inf)
+            alive[at] = repeats & (frac <= limit) & (frac > lowest_later)
         return failed
 
 
