@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from distill.curation.base import Filter, response_text
-from distill.curation.words import Words, most_repeated, ngrams, response_words, windows
+from distill.curation.words import Words, most_repeated, ngrams, response_words, row_max, windows
 
 
 class FinishReasonFilter(Filter):
@@ -111,12 +111,12 @@ class RepetitionFilter(Filter):
             if n >= 2:  # a bound that skips the count without changing a verdict: an n-gram occurs at most
                 # as often as the most frequent pair, and covers at most the most characters n words in a row do
                 row, start = windows(words, rows[at], n)
-                widest = _row_max(row, ends[start + n] - ends[start], len(at))
+                widest = row_max(row, ends[start + n] - ends[start], len(at))
                 at = at[most_pairs[at] * widest > limit * total[at]]
             if not len(at):
                 continue
             grams = ngrams(words, rows[at], n)
-            most = _row_max(grams.row, grams.count, len(at))
+            most = row_max(grams.row, grams.count, len(at))
             top = np.flatnonzero(grams.count == most[grams.row])
             top = top[np.r_[True, grams.row[top][1:] != grams.row[top][:-1]]]  # each row's earliest top n-gram
             row, start, count = at[grams.row[top]], grams.start[top], grams.count[top]
@@ -132,7 +132,7 @@ class RepetitionFilter(Filter):
             if not len(at):
                 break
             grams = ngrams(words, rows[at], n)
-            repeats = _row_max(grams.row, grams.count, len(at)) > 1  # else nothing longer repeats either
+            repeats = row_max(grams.row, grams.count, len(at)) > 1  # else nothing longer repeats either
             later = grams.start[~grams.first]  # the words of every occurrence after an n-gram's first
             size = len(words.ids) + n
             cover = np.bincount(later, minlength=size) - np.bincount(later + n, minlength=size)
@@ -145,13 +145,6 @@ class RepetitionFilter(Filter):
             lowest_later = min((later for _, later in ordered[j + 1:]), default=np.inf)
             alive[at] = repeats & (frac <= limit) & (frac > lowest_later)
         return failed
-
-
-def _row_max(row: np.ndarray, values: np.ndarray, rows: int) -> np.ndarray:
-    """The largest of `values` per row (0 for a row without any)."""
-    out = np.zeros(rows, dtype=np.int64)
-    np.maximum.at(out, row, values)
-    return out
 
 
 def _duplicates(parts: list[str]) -> tuple[float, float]:

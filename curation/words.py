@@ -99,9 +99,8 @@ def most_repeated(words: Words, rows: np.ndarray, n: int) -> np.ndarray:
     it (pairs of a batch's words), else a hash of the n-gram, whose collisions can only raise a
     count: such a count is an upper bound, for deciding which rows `ngrams` must group."""
     row, start = windows(words, rows, n)
-    out = np.zeros(len(rows), dtype=np.int64)
     if not len(start):
-        return out
+        return np.zeros(len(rows), dtype=np.int64)
     vocabulary = max(len(words.vocabulary), 1)
     exact = len(rows) * vocabulary ** n < 2 ** 63
     if exact:
@@ -117,7 +116,13 @@ def most_repeated(words: Words, rows: np.ndarray, n: int) -> np.ndarray:
     key.sort()
     heads = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
     row_of = key[heads] // vocabulary ** n if exact else (key[heads] >> shift).astype(np.int64)
-    np.maximum.at(out, row_of, np.diff(np.r_[heads, len(key)]))
+    return row_max(row_of, np.diff(np.r_[heads, len(key)]), len(rows))
+
+
+def row_max(row: np.ndarray, values: np.ndarray, rows: int) -> np.ndarray:
+    """The largest of `values` per row (0 for a row without any)."""
+    out = np.zeros(rows, dtype=np.int64)
+    np.maximum.at(out, row, values)
     return out
 
 
