@@ -126,44 +126,50 @@ def curate(cfg: CurateConfig) -> CurateResult:
 
 
 def _curate(cfg: CurateConfig, out: Path) -> CurateResult:
-    start = time.time()
     filters = build_filters(cfg.filters)
     manifest = corpus.read_manifest(cfg.corpus)
     files.check_not_being_written(cfg.corpus, "corpus")  # else it would look like an interrupted corpus
     corpus.check_complete(cfg.corpus, manifest, cfg.allow_incomplete)
-    # refuse a broken corpus with the reason, before any work; a shard whose stamp vouches for its
-    # top-k is checked without decoding it (docs/corpus-format.md, the validation stamp)
-    max_topk_id = max((b.max_topk_id for b in corpus.checked_batches(cfg.corpus, trust_stamps=True)), default=0)
+    masker = next((f for f in filters if isinstance(f, pii.PIIFilter) and f.mode == "mask"), None)
+    n_workers = workers.default_workers(manifest.stats.records, os.cpu_count()) if cfg.workers is None else cfg.workers
+    ahead = workers.Ahead(filters, masker, cfg.corpus, cfg.batch_size, n_workers) \
+        if n_workers and workers.offloaded(filters) else None
+    try:
+        return _curate_checked(cfg, out, filters, manifest, masker, ahead)
+    finally:
+        if ahead:
+            ahead.close()
+
+
+def _curate_checked(cfg: CurateConfig, out: Path, filters: list[Filter], manifest: corpus.Manifest, masker,
+                    ahead: workers.Ahead | None) -> CurateResult:
+    start = time.time()
+    # refuse a broken corpus with the reason, before any work (the workers check shards in
+    # parallel); a shard whose stamp vouches for its top-k is checked without decoding it
+    # (docs/corpus-format.md, the validation stamp)
+    max_topk_id = corpus.check_records(cfg.corpus, trust_stamps=True, map_shards=ahead.map if ahead else map)
     if not (cfg.overwrite or files.is_empty(out) or _interrupted_curation(out)):
         raise FileExistsError(f"`{out}` holds a finished corpus or other files: choose another `out` or pass `--overwrite`")
     files.clear_dir(out)  # curation has nothing to resume: an interrupted one starts over
-    masker = next((f for f in filters if isinstance(f, pii.PIIFilter) and f.mode == "mask"), None)
     decode = decoder(manifest) if masker else None
     report = Report([label(f) for f in filters])
     columns = columns_read(filters)
     paths = corpus.shard_paths(cfg.corpus)
-    n_workers = workers.default_workers(manifest.stats.records, os.cpu_count()) if cfg.workers is None else cfg.workers
-    ahead = workers.Ahead(filters, masker, cfg.corpus, cfg.batch_size, n_workers) \
-        if n_workers and workers.offloaded(filters) else None
     # closed on an error too: the error then starts on its own line. One writer thread: a shard
     # is compressed and written (pyarrow lets go of the GIL) while the next one is filtered.
     with tqdm(total=manifest.stats.records, unit="rec", desc="curate", file=sys.stderr, dynamic_ncols=True) as bar, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="curate-writer") as writer:
-        try:
-            pending = None
-            judged = ahead.shards(paths) if ahead else itertools.repeat(None)
-            for path, verdicts in zip(paths, judged):
-                kept, rejected = curate_shard(path, filters, masker, decode, report, columns, cfg.batch_size,
-                                              bar.update, verdicts)
-                if pending is not None:
-                    pending.result()  # one shard in flight at a time: memory stays at two shards
-                pending = writer.submit(_write_outputs, out, corpus.shard_index(path), kept, rejected,
-                                    manifest.generation.top_k, max_topk_id)
+        pending = None
+        judged = ahead.shards(paths) if ahead else itertools.repeat(None)
+        for path, verdicts in zip(paths, judged):
+            kept, rejected = curate_shard(path, filters, masker, decode, report, columns, cfg.batch_size,
+                                          bar.update, verdicts)
             if pending is not None:
-                pending.result()
-        finally:
-            if ahead:
-                ahead.close()
+                pending.result()  # one shard in flight at a time: memory stays at two shards
+            pending = writer.submit(_write_outputs, out, corpus.shard_index(path), kept, rejected,
+                                    manifest.generation.top_k, max_topk_id)
+        if pending is not None:
+            pending.result()
     summary = report.summary()
     result = CurateResult(out, kept=summary["kept"]["records"], rejected=summary["rejected"]["records"],
                           rejected_by_filter={f["name"]: f["rejected"] for f in summary["filters"]})

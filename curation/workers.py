@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -59,7 +59,8 @@ def default_workers(records: int, cpus: int | None) -> int:
 
 class Ahead:
     """Submits shards to the worker pool, at most `2 * workers` ahead of the one being read; `for
-    verdicts in ahead.shards(paths)` yields each shard's batch verdicts in order."""
+    verdicts in ahead.shards(paths)` yields each shard's batch verdicts in order. `map` lends the
+    pool to other work (the corpus's checks before curating)."""
 
     def __init__(self, filters: list[Filter], masker: Filter | None, root: Path, batch_size: int, workers: int):
         self._indices = offloaded(filters)
@@ -70,6 +71,10 @@ class Ahead:
         # spawn: the curating process holds threads (the writer, tqdm's) that a fork would copy mid-state
         self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_start, initargs=(specs, self._indices, self._masker, str(root)))
+
+    def map(self, fn: Callable, *iterables) -> Iterator:
+        """`fn` over the iterables in the worker processes, results in order (`Executor.map`)."""
+        return self._pool.map(fn, *iterables)
 
     def shards(self, paths: list[Path]) -> Iterator[list[BatchVerdicts]]:
         pending: deque[Future] = deque()

@@ -115,7 +115,7 @@ class HashIndex:
         keys = _stored_keys(keys)
         active = np.arange(len(keys))
         slots = _slots(keys, self._mask)
-        found_at, found_rows = [], []
+        found_at, found_rows = [active[:0]], [active[:0]]  # so that no keys find nothing
         while len(active):
             stored = self._keys[slots]
             hit = stored == keys[active]

@@ -431,6 +431,39 @@ def test_without_a_recorded_vocabulary_negative_ids_are_still_refused(tmp_path):
         corpus.validate(make_corpus(tmp_path / "b", negative, encoding="float16"))
 
 
+def test_checking_shards_in_worker_processes_finds_what_reading_them_in_order_finds(tmp_path):
+    """`check_records` over a process pool (how curate checks a corpus before its work) against
+    `checked_batches` in one process: the same problems, an id repeated across shards among them,
+    and on a clean corpus the same largest top-k id."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    root = make_corpus(tmp_path / "c", [record(i) for i in range(4)], vocab_size=512, stamped=True)
+    table, checked = corpus.records_to_checked_table([record(i) for i in range(4, 8)], K, corpus.DEFAULT_ENCODING, 512)
+    corpus.write_shard(root, 1, table, checked=checked)
+    manifest = corpus.read_manifest(root)
+    manifest.stats = corpus.corpus_stats(root)
+    corpus.write_manifest(root, manifest)
+    largest = max(b.max_topk_id for b in corpus.checked_batches(root, trust_stamps=True))
+    with ProcessPoolExecutor(2) as pool:
+        assert corpus.check_records(root, trust_stamps=True, map_shards=pool.map) == largest
+
+        broken = [record(i) for i in range(4, 8)]
+        broken[0]["id"] = "r1"  # in the first shard too
+        broken[2]["response_logprobs"] = broken[2]["response_logprobs"][:-1]
+        corpus.write_shard(root, 1, corpus.records_to_table(broken, K))
+        manifest.stats.records = 9
+        corpus.write_manifest(root, manifest)
+        problems = []
+        for check in (lambda: list(corpus.checked_batches(root, trust_stamps=True)),
+                      lambda: corpus.check_records(root, trust_stamps=True, map_shards=pool.map)):
+            with pytest.raises(corpus.CorpusError) as err:
+                check()
+            problems.append(sorted(str(err.value).splitlines()))
+    assert problems[0] == problems[1] and len(problems[0]) == 4, problems
+    assert any("part-00001.parquet: duplicate id 'r1'" in p for p in problems[0])
+    assert any("`stats.records` is 9 but the shards hold 8" in p for p in problems[0])
+
+
 @pytest.mark.parametrize("trust_stamps", [False, True])
 def test_checked_batches_yield_only_clean_records_then_raise(tmp_path, trust_stamps):
     """Reading and validating in one pass (what train does before step 1): a batch with a problem

@@ -202,12 +202,15 @@ def test_bad_configs_name_the_yaml_key(tmp_path, planted, monkeypatch):
         curate(CurateConfig(corpus=planted, out=tmp_path / "o", filters=[{"name": "boom", "plugin": "boom:check"}]))
 
 
-def test_a_corpus_that_fails_validation_is_refused(tmp_path, planted):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_corpus_that_fails_validation_is_refused_before_any_work(tmp_path, planted, workers):
+    """Checked in the curating process, or shard by shard in the workers: refused, nothing written."""
     manifest = corpus.read_manifest(planted)
     manifest.stats.records += 1
     corpus.write_manifest(planted, manifest)
     with pytest.raises(corpus.CorpusError, match="`stats.records`"):
-        curate(CurateConfig(corpus=planted, out=tmp_path / "out"))
+        curate(CurateConfig(corpus=planted, out=tmp_path / "out", workers=workers))
+    assert not list((tmp_path / "out").rglob("*.parquet"))
 
 
 def test_repetition_spares_short_answers_and_catches_loops():

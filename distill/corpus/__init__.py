@@ -92,6 +92,7 @@ from distill.corpus.tokenizer_files import (
 )
 from distill.corpus.validate import (
     CheckedBatch,
+    check_records,
     check_shards,
     checked_batches,
     records_to_checked_table,
@@ -102,7 +103,8 @@ from distill.corpus.validate import (
 __all__ = [
     "COLUMNS", "DEFAULT_ENCODING", "ENCODING_KEY", "FLOAT16_RELATIVE_ERROR", "LOGPROB_CODES", "LOGPROB_ENCODINGS",
     "MANIFEST", "PACKED_IDS", "QUANTIZED_MAX_ERROR", "QUANT_STEP", "READ_ERRORS", "SCHEMA", "STAMP_KEY",
-    "STAMP_VERSION", "STATS_KEY", "CheckedBatch", "Stamp", "TopkChecked", "checked_batches", "read_stamp", "records_to_checked_table",
+    "STAMP_VERSION", "STATS_KEY", "CheckedBatch", "Stamp", "TopkChecked", "check_records",
+    "checked_batches", "read_stamp", "records_to_checked_table",
     "stamp_of", "stored_topk_columns", "topk_checked", "topk_digest", "topk_rows", "verified_stamp",
     "STUDENT_MESSAGES", "STUDENT_PROMPT_IDS", "STUDENT_VIEW_COLUMNS", "TAIL_STEP", "TOKENIZER_DIR", "TOKEN_COLUMNS",
     "TOKEN_ID_COLUMNS", "TOPK_LAYOUT", "TOPK_LAYOUTS", "TOPK_ZSTD_LEVEL", "Corpus", "CorpusError", "CorpusStats", "GenerationInfo", "Manifest",

@@ -66,15 +66,16 @@ def write_shard(root: Path, index: int, table: pa.Table, subdir: str = "data",
         with atomic_path(path) as tmp:
             # Page checksums: `validate` finds a flipped byte in the data instead of reading it.
             # The packed top-k columns: TOPK_ZSTD_LEVEL; no min/max statistics (they would copy two
-            # whole byte strings per page into the file) and no dictionary (every value is unique:
-            # Parquet built a ~2 MB one before giving up; without it realistic shards write in
-            # 0.92-0.94x the time, their top-k reads in 0.59-0.93x, 0.5 % fewer bytes:
-            # benchmarks/shard_io.py).
+            # whole byte strings per page into the file). No Parquet dictionary on any column: a
+            # record's values are its own (ids, texts, token lists; a prompt is asked once), so
+            # Parquet built one only to give up, and zstd finds what repeats. Without it realistic
+            # shards write in 0.85-0.89x the time (the top-k's alone: 0.92-0.94x), with no more
+            # bytes (benchmarks/shard_io.py).
             others = [c for c in table.column_names if c not in packed]
             pq.write_table(table, tmp, compression="zstd", write_page_checksum=True,
                            compression_level={c: TOPK_ZSTD_LEVEL if c in packed else OTHER_ZSTD_LEVEL
                                               for c in table.column_names},
-                           write_statistics=others, use_dictionary=others)
+                           write_statistics=others, use_dictionary=False)
     except DiskFull:
         raise DiskFull(f"no space left on device writing shard {index} (`{path}`); the finished shards are "
                        "kept: free space and rerun") from None

@@ -3,8 +3,9 @@ problem named by shard (and record where it has one)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import itertools
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,7 @@ def check_shards(root: Path, subdir: str = "data") -> list[str]:
 def validate(root: Path, subdir: str = "data", max_problems: int = 20) -> dict[str, int]:
     """Check every invariant of docs/corpus-format.md on every byte (stamps are not trusted: this is
     the check of everything); return the stats or raise `CorpusError` listing the problems."""
-    for _ in checked_batches(root, subdir, max_problems, trust_stamps=False):
-        pass
+    check_records(root, subdir, max_problems, trust_stamps=False)
     stats = _expected_stats(read_manifest(root), subdir)  # what the shards hold: checked equal
     return {"records": stats.records, "response_tokens": stats.response_tokens}
 
@@ -93,86 +93,165 @@ def checked_batches(root: Path, subdir: str = "data", max_problems: int = 20, ba
     any other is validated in full, as without `trust_stamps`."""
     root = Path(root)
     manifest = read_manifest(root)
-    problems: list[str] = []
-    if manifest.schema_ != SCHEMA:
-        problems.append(f"manifest `schema` is {manifest.schema_!r}, expected {SCHEMA!r}")
+    seen = disk_state.SeenStrings("ids")  # on disk: ~100 B per id would be 1 GB of heap at 10M records
+    totals = _Totals(manifest, subdir, max_problems)
+    for path in shard_paths(root, subdir):
+        shard = yield from _check_shard(path, root, manifest, batch_size, trust_stamps, seen,
+                                        max_problems - len(totals.problems))
+        if not totals.add(shard):
+            break
+    totals.raise_problems(root)
+
+
+def check_records(root: Path, subdir: str = "data", max_problems: int = 20, trust_stamps: bool = False,
+          map_shards: Callable = map, batch_size: int = 1024) -> int:
+    """`checked_batches` without the records, shard by shard through `map_shards`: a process pool's
+    `map` checks the shards in parallel (each alone; the ids unique across shards are checked here,
+    in shard order). The problems are those `checked_batches` finds (in another order within a
+    shard), raised as one `CorpusError`; else the largest top-k id, as `checked_batches` reports it
+    (a vouching stamp's bound)."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    seen = disk_state.SeenStrings("ids")
+    totals = _Totals(manifest, subdir, max_problems)
+    largest = 0
+    repeat = itertools.repeat
+    for shard in map_shards(_shard_summary, shard_paths(root, subdir), repeat(root), repeat(manifest),
+                            repeat(batch_size), repeat(trust_stamps), repeat(max_problems)):
+        shard.problems += [f"{shard.where}: duplicate id {rid!r}"
+                           for rid, before in zip(shard.ids, seen.add(shard.ids)) if before]
+        largest = max(largest, shard.max_topk_id)
+        if not totals.add(shard):
+            break
+    totals.raise_problems(root)
+    return largest
+
+
+@dataclass
+class ShardCheck:
+    """What the checks of one shard found."""
+
+    where: str  # the shard, as its problems name it
+    problems: list[str] = field(default_factory=list)
+    records: int = 0
+    tokens: int = 0
+    counted: bool = True  # False: some of the shard was not read, so the corpus's totals are unknown
+    max_topk_id: int = 0  # of its clean batches
+    ids: list[str] = field(default_factory=list)  # where the caller checks them for repeats: every id read
+
+
+class _Totals:
+    """The problems and counts over the shards in order; at the end, the counts against the manifest's."""
+
+    def __init__(self, manifest: Manifest, subdir: str, max_problems: int):
+        self.problems: list[str] = []
+        if manifest.schema_ != SCHEMA:
+            self.problems.append(f"manifest `schema` is {manifest.schema_!r}, expected {SCHEMA!r}")
+        self._stats, self._max_problems = _expected_stats(manifest, subdir), max_problems
+        self._records = self._tokens = 0
+        self._every_shard_counted = True  # else the totals are unknown: no follow-on "the shards hold 0"
+
+    def add(self, shard: ShardCheck) -> bool:
+        """Count one shard in; False: enough problems, stop."""
+        self.problems += shard.problems
+        self._records += shard.records
+        self._tokens += shard.tokens
+        self._every_shard_counted &= shard.counted and len(self.problems) < self._max_problems
+        return len(self.problems) < self._max_problems
+
+    def raise_problems(self, root: Path) -> None:
+        for key, actual in (("records", self._records), ("response_tokens", self._tokens)):
+            if self._every_shard_counted and getattr(self._stats, key) != actual:
+                self.problems.append(f"manifest `stats.{key}` is {getattr(self._stats, key)!r} but the shards "
+                                     f"hold {actual}")
+        if self.problems:
+            more = "\n  ... and more" if len(self.problems) > self._max_problems else ""
+            listed = "\n  ".join(self.problems[:self._max_problems])
+            raise CorpusError(f"`{root}` is not a valid corpus:\n  {listed}{more}")
+
+
+def _shard_summary(path: Path, root: Path, manifest: Manifest, batch_size: int, trust_stamps: bool,
+                   max_problems: int) -> ShardCheck:
+    """`check_records`'s work on one shard (in a worker process where it maps over a pool): the
+    shard's checks run to the end, its batches dropped."""
+    batches = _check_shard(path, root, manifest, batch_size, trust_stamps, None, max_problems)
+    while True:
+        try:
+            next(batches)
+        except StopIteration as done:
+            return done.value
+
+
+def _check_shard(path: Path, root: Path, manifest: Manifest, batch_size: int, trust_stamps: bool,
+                 seen: disk_state.SeenStrings | None, room: int) -> Generator[CheckedBatch, None, ShardCheck]:
+    """One shard's checks, batch by batch: yields its clean batches, returns what it found (up to
+    `room` problems). `seen`: the ids read so far, checked for repeats batch by batch (None: the
+    shard's ids are returned for the caller to check)."""
     k, encoding_named = manifest.generation.top_k, manifest.generation.logprob_encoding
     vocab_size = manifest.teacher.vocab_size
-    seen = disk_state.SeenStrings("ids")  # on disk: ~100 B per id would be 1 GB of heap at 10M records
-    records = tokens = 0
-    every_shard_counted = True  # else the totals are unknown: no follow-on "the shards hold 0"
-    for path in shard_paths(root, subdir):
-        where = f"{path.relative_to(root)}"
-        try:  # every page checked against its checksum as it is read
-            shard = pq.ParquetFile(path, page_checksum_verification=True)
-            shard.schema_arrow.names  # decoded lazily: a damaged name fails here
-            encoding = shard_encoding(shard.schema_arrow)
-            stored = shard.iter_batches(batch_size=batch_size)
-            stamp = stamp_in(shard.schema_arrow) if trust_stamps else None
-            if stamp is not None:
-                stored, stamp = _vouched(stored, stamp, encoding, k, vocab_size)
-        except CorpusError as e:
-            problems.append(f"{where}: {e}")
-            every_shard_counted = False
-            continue
+    where = f"{path.relative_to(root)}"
+    found = ShardCheck(where)
+    try:  # every page checked against its checksum as it is read
+        shard = pq.ParquetFile(path, page_checksum_verification=True)
+        shard.schema_arrow.names  # decoded lazily: a damaged name fails here
+        encoding = shard_encoding(shard.schema_arrow)
+        stored = shard.iter_batches(batch_size=batch_size)
+        stamp = stamp_in(shard.schema_arrow) if trust_stamps else None
+        if stamp is not None:
+            stored, stamp = _vouched(stored, stamp, encoding, k, vocab_size)
+    except CorpusError as e:
+        return ShardCheck(where, [f"{where}: {e}"], counted=False)
+    except READ_ERRORS as e:
+        return ShardCheck(where, [str(unreadable(where, e))], counted=False)
+    clean = encoding_named is None or encoding["encoding"] == encoding_named
+    if not clean:
+        found.problems.append(f"{where}: stored as `{encoding['encoding']}` but the manifest says "
+                              f"`generation.logprob_encoding: {encoding_named}`")
+    first = True
+    while len(found.problems) < room:
+        try:
+            batch = next(stored, None)
         except READ_ERRORS as e:
-            problems.append(str(unreadable(where, e)))
-            every_shard_counted = False
-            continue
-        clean = encoding_named is None or encoding["encoding"] == encoding_named
-        if not clean:
-            problems.append(f"{where}: stored as `{encoding['encoding']}` but the manifest says "
-                            f"`generation.logprob_encoding: {encoding_named}`")
-        first = True
-        while len(problems) < max_problems:
-            try:
-                batch = next(stored, None)
-            except READ_ERRORS as e:
-                problems.append(str(unreadable(where, e)))
-                every_shard_counted = False
-                break
-            if batch is None:
-                break
-            try:  # decoding also casts the stored widths to the contract's, or names a type problem
-                if stamp is None:
-                    table = pa.Table.from_batches([decode(batch, encoding)])
-                    topk_rows_ = None
-                else:  # the top-k vouched for: only the other columns are decoded and checked
-                    batch = conform(batch)
-                    table = pa.Table.from_batches([batch]).drop_columns(list(stored_topk_columns(encoding)))
-                    topk_rows_ = topk_rows(batch, encoding)
-            except (CorpusError, pa.ArrowException, KeyError) as e:
-                problems.append(f"{where}: {e}")
-                every_shard_counted = False
-                break
-            if first:  # the shard's columns: once per shard
-                first = False
-                held = set(table.column_names) | ({"topk_token_ids", "topk_logprobs"} if stamp else set())
-                missing = [c for c in COLUMNS if c not in held]
-                if missing:
-                    problems.append(f"{where}: missing columns {missing}")
-                    every_shard_counted = False
-                    break
-            found = _batch_problems(table, where, k, vocab_size, seen, topk_rows_)
-            problems += found
-            records += table.num_rows
-            tokens += int(pc.sum(pc.list_value_length(table["response_token_ids"])).as_py() or 0)
-            if clean and not found:
-                if stamp is None:
-                    top = leaves(table["topk_token_ids"])
-                    yield CheckedBatch(conform(batch), encoding, (pc.max(top).as_py() if len(top) else None) or 0)
-                else:
-                    yield CheckedBatch(batch, encoding, stamp.max_topk_id)
-        if len(problems) >= max_problems:
-            every_shard_counted = False
+            found.problems.append(str(unreadable(where, e)))
+            found.counted = False
             break
-    stats = _expected_stats(manifest, subdir)
-    for key, actual in (("records", records), ("response_tokens", tokens)):
-        if every_shard_counted and getattr(stats, key) != actual:
-            problems.append(f"manifest `stats.{key}` is {getattr(stats, key)!r} but the shards hold {actual}")
-    if problems:
-        more = "\n  ... and more" if len(problems) > max_problems else ""
-        raise CorpusError(f"`{root}` is not a valid corpus:\n  " + "\n  ".join(problems[:max_problems]) + more)
+        if batch is None:
+            break
+        try:  # decoding also casts the stored widths to the contract's, or names a type problem
+            if stamp is None:
+                table = pa.Table.from_batches([decode(batch, encoding)])
+                topk_rows_ = None
+            else:  # the top-k vouched for: only the other columns are decoded and checked
+                batch = conform(batch)
+                table = pa.Table.from_batches([batch]).drop_columns(list(stored_topk_columns(encoding)))
+                topk_rows_ = topk_rows(batch, encoding)
+        except (CorpusError, pa.ArrowException, KeyError) as e:
+            found.problems.append(f"{where}: {e}")
+            found.counted = False
+            break
+        if first:  # the shard's columns: once per shard
+            first = False
+            held = set(table.column_names) | ({"topk_token_ids", "topk_logprobs"} if stamp else set())
+            missing = [c for c in COLUMNS if c not in held]
+            if missing:
+                found.problems.append(f"{where}: missing columns {missing}")
+                found.counted = False
+                break
+        problems = _batch_problems(table, where, k, vocab_size, seen, topk_rows_)
+        found.problems += problems
+        if seen is None:
+            found.ids += table["id"].to_pylist()
+        found.records += table.num_rows
+        found.tokens += int(pc.sum(pc.list_value_length(table["response_token_ids"])).as_py() or 0)
+        if clean and not problems:
+            if stamp is None:
+                top = leaves(table["topk_token_ids"])
+                checked = CheckedBatch(conform(batch), encoding, (pc.max(top).as_py() if len(top) else None) or 0)
+            else:
+                checked = CheckedBatch(batch, encoding, stamp.max_topk_id)
+            found.max_topk_id = max(found.max_topk_id, checked.max_topk_id)
+            yield checked
+    return found
 
 
 def _vouched(batches: Iterator[pa.RecordBatch], stamp: Stamp, encoding: dict, k: int,
@@ -217,12 +296,13 @@ def _expected_stats(manifest: Manifest, subdir: str) -> CorpusStats:
     return manifest.stats if subdir == "data" else manifest.rejected_stats or CorpusStats()
 
 
-def _batch_problems(table: pa.Table, where: str, k: int, vocab_size: int | None, seen: disk_state.SeenStrings,
+def _batch_problems(table: pa.Table, where: str, k: int, vocab_size: int | None, seen: disk_state.SeenStrings | None,
                     topk_rows: np.ndarray | None = None) -> list[str]:
     """What is wrong in these records of a shard with the right columns; `seen`: the ids read so far.
     `topk_rows`: where the top-k was vouched for by the shard's stamp and is not in `table`, its
     rows per record (`codec.topk_rows`), checked against the response length; its own checks are
-    left out (each check below looks only at the columns `table` holds)."""
+    left out (each check below looks only at the columns `table` holds). None `seen`: the ids are
+    not checked for repeats."""
     problems = []
     n_tokens = pc.list_value_length(table["response_token_ids"])
     lengths = {col: pc.list_value_length(table[col]) for col in TOKEN_COLUMNS if col in table.column_names}
@@ -249,8 +329,9 @@ def _batch_problems(table: pa.Table, where: str, k: int, vocab_size: int | None,
     problems += _unsorted_topk(table, where)
     problems += _non_finite(table, where)
     problems += _out_of_vocabulary(table, where, vocab_size)
-    ids = table["id"].to_pylist()
-    problems += [f"{where}: duplicate id {rid!r}" for rid, before in zip(ids, seen.add(ids)) if before]
+    if seen is not None:
+        ids = table["id"].to_pylist()
+        problems += [f"{where}: duplicate id {rid!r}" for rid, before in zip(ids, seen.add(ids)) if before]
     return problems
 
 
