@@ -104,7 +104,7 @@ def checked_batches(root: Path, subdir: str = "data", max_problems: int = 20, ba
 
 
 def check_records(root: Path, subdir: str = "data", max_problems: int = 20, trust_stamps: bool = False,
-          map_shards: Callable = map, batch_size: int = 1024) -> int:
+                  map_shards: Callable = map, batch_size: int = 1024) -> int:
     """`checked_batches` without the records, shard by shard through `map_shards`: a process pool's
     `map` checks the shards in parallel (each alone; the ids unique across shards are checked here,
     in shard order). The problems are those `checked_batches` finds (in another order within a
