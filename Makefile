@@ -28,11 +28,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c 'import vllm, transformers, trl, peft; print("vllm", vllm.__version__, "transformers", transformers.__version__)'
 	touch $(STAMP)
 
+# In two processes (pytest-xdist); the tests of the shared vLLM engine all in one of them (loadgroup:
+# tests/conftest.py), so that it starts once.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
-# No vLLM engine or server, no long training: losses, corpus, prompts, config, curation, CLI parsing;
-# in two processes (pytest-xdist). The full suite stays in one: its engine fixture is per session.
+# No vLLM engine or server, no long training: losses, corpus, prompts, config, curation, CLI parsing.
 test-fast: install
 	$(BIN)/python -m pytest -q -n 2 -m "not engine and not slow and not browser"
 

@@ -19,6 +19,15 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    """Every Python process a test starts runs child_site/sitecustomize.py first (why: its
+    docstring). Not the processes pytest-xdist starts: they run tests themselves."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return  # pytest-xdist's controller: its children are the test processes
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).parent / "child_site"), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 @pytest.fixture(scope="session")
 def tiny_models() -> dict[str, Path]:
     """name -> model dir: tokenizer, llama-teacher, llama-student, qwen2-teacher, qwen2-student.
@@ -66,3 +75,11 @@ def browser():
         chromium = playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`--dist loadgroup`), the tests of the shared engine run in one process:
+    one engine, not one per test process."""
+    for item in items:
+        if "teacher" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("engine"))

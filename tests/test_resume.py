@@ -29,6 +29,13 @@ def cli(*args):
     return [sys.executable, "-m", "distill.cli", "generate", *args]
 
 
+def engine_processes() -> dict[str, str]:
+    """The environment of a run whose engine runs in its own processes, as by default (the tests'
+    children run it in-process: tests/child_site/sitecustomize.py): those are what must not
+    outlive a stopped run."""
+    return {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+
+
 def snapshot(out):
     return sorted((r["id"], r["prompt_id"], tuple(r["response_token_ids"]), tuple(map(tuple, r["topk_token_ids"])))
                   for r in corpus.iter_records(out))
@@ -52,7 +59,8 @@ def stop_mid_run(args, out, sig) -> tuple[int, str, list[str]]:
     log = out.parent / f"stderr-{signal.Signals(sig).name}.txt"  # a file: a full pipe would stall the run
     # Its own session: if the test fails, `finally` can still kill everything it started.
     with open(log, "w") as err:
-        proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=err,
+                                env=engine_processes())
     try:
         deadline = time.time() + 300
         while len(corpus.shard_paths(out)) <= before and proc.poll() is None and time.time() < deadline:
@@ -98,7 +106,7 @@ def test_sigterm_and_sigkill_leave_no_process_behind_and_the_rerun_equals_an_uni
     # the stopped job already says what it was: curate and train carry this history forward
     assert [(h["stage"], h["complete"]) for h in killed.history] == [("generate", False)] * 2
 
-    resumed = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=600, env=engine_processes())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"({len(kept)} shards kept from an earlier run)" in resumed.stderr
     assert all(p.stat().st_mtime_ns == kept[p.name] for p in corpus.shard_paths(out) if p.name in kept)
