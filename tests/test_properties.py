@@ -269,3 +269,26 @@ def test_a_texts_words_are_the_lowercased_word_regexs(text):
     from distill.curation.words import words_of
 
     assert words_of(text) == [w.encode() for w in WORD.findall(text.lower())]
+
+
+# -- personal data ---------------------------------------------------------------------------------
+
+# Digits (ASCII and Arabic-Indic), the separators of the digit kinds' patterns, and what borders
+# them (letters, `_`, `@`, line breaks), with whole phone / IP / card numbers among the pieces.
+PII_PIECES = st.lists(st.one_of(st.text(alphabet="0123456789 .-()+aZ_@\n\u0661\u0662", max_size=12),
+                                st.sampled_from(["+1 (555) 123-4567", "8.8.8.8", "4111 1111 1111 1111",
+                                                 "020 7946 0958", "sk-" + "a1" * 12, "a@b.io"])), max_size=8)
+
+
+@settings(max_examples=400, deadline=None)
+@given(PII_PIECES.map("".join), st.sampled_from([["credit_card", "ipv4", "phone"], ["phone"], ["ipv4"],
+                                                  ["credit_card", "phone", "email", "secret"]]))
+def test_pii_finds_what_one_scan_of_the_whole_text_finds(text, kinds):
+    """`find_pii` skips texts that cannot match and scans only the digit stretches where only the
+    digit kinds can: the same matches as the combined regex over the whole text, on any text."""
+    from distill.curation.pii import _combined, _valid, find_pii
+
+    whole = [(m.lastgroup, m.start(), m.end()) for m in _combined(tuple(k for k in
+             ("secret", "email", "credit_card", "ipv4", "phone") if k in kinds)).finditer(text)
+             if _valid(m.lastgroup, m.group(0))]
+    assert find_pii(text, kinds) == whole
