@@ -68,9 +68,9 @@ def write_shard(root: Path, index: int, table: pa.Table, subdir: str = "data",
             # The packed top-k columns: TOPK_ZSTD_LEVEL; no min/max statistics (they would copy two
             # whole byte strings per page into the file). No Parquet dictionary on any column: a
             # record's values are its own (ids, texts, token lists; a prompt is asked once), so
-            # Parquet built one only to give up, and zstd finds what repeats. Without it realistic
-            # shards write in 0.85-0.89x the time (the top-k's alone: 0.92-0.94x), with no more
-            # bytes (benchmarks/shard_io.py).
+            # Parquet built one only to give up, and zstd finds what repeats. Without it, 10 shards
+            # of real ShareGPT answers and of realistic records rewrote in 0.85-0.89x the time in
+            # no more bytes (docs/results/scale.md); benchmarks/shard_io.py compares the settings.
             others = [c for c in table.column_names if c not in packed]
             pq.write_table(table, tmp, compression="zstd", write_page_checksum=True,
                            compression_level={c: TOPK_ZSTD_LEVEL if c in packed else OTHER_ZSTD_LEVEL
