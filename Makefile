@@ -28,10 +28,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c 'import vllm, transformers, trl, peft; print("vllm", vllm.__version__, "transformers", transformers.__version__)'
 	touch $(STAMP)
 
-# In two processes (pytest-xdist); the tests of the shared vLLM engine all in one of them (loadgroup:
-# tests/conftest.py), so that it starts once.
+# In one process: its vLLM engine fixture is per session, and the kill tests time their signals
+# against a run that two test processes would slow unevenly.
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q
 
 # No vLLM engine or server, no long training: losses, corpus, prompts, config, curation, CLI parsing.
 test-fast: install

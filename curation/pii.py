@@ -35,7 +35,7 @@ def luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
-def _valid(kind: str, text: str) -> bool:
+def valid_match(kind: str, text: str) -> bool:
     if kind == "credit_card":
         digits = re.sub(r"\D", "", text)
         return 13 <= len(digits) <= 19 and luhn_ok(digits)
@@ -48,7 +48,7 @@ def _valid(kind: str, text: str) -> bool:
 
 
 @functools.lru_cache(maxsize=16)
-def _combined(kinds: tuple[str, ...]) -> re.Pattern:
+def combined_pattern(kinds: tuple[str, ...]) -> re.Pattern:
     """One pass over the text for all kinds (order matters: secrets and cards before phones)."""
     order = [k for k in PATTERNS if k in kinds]
     return re.compile("|".join(f"(?P<{k}>{PATTERNS[k]})" for k in order))
@@ -98,7 +98,7 @@ def find_pii(text: str, kinds: list[str]) -> list[tuple[str, int, int]]:
     possible = tuple(k for k in kinds if (has_digits if k in _NEEDS_DIGITS else _NEEDS[k](text)))
     if not possible:
         return []
-    pattern = _combined(possible)
+    pattern = combined_pattern(possible)
     if all(k in _NEEDS_DIGITS for k in possible):
         # Only the digit kinds: the scan visits their stretches alone (2x faster on ShareGPT answers
         # with digits). The same matches as over the whole text: a match never leaves its stretch,
@@ -108,7 +108,7 @@ def find_pii(text: str, kinds: list[str]) -> list[tuple[str, int, int]]:
     else:
         spans = [(0, len(text))]
     return [(m.lastgroup, m.start(), m.end()) for start, end in spans for m in pattern.finditer(text, start, end)
-            if _valid(m.lastgroup, m.group(0))]
+            if valid_match(m.lastgroup, m.group(0))]
 
 
 class PIIFilter(Filter):

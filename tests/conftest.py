@@ -76,10 +76,3 @@ def browser():
         yield chromium
         chromium.close()
 
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`--dist loadgroup`), the tests of the shared engine run in one process:
-    one engine, not one per test process."""
-    for item in items:
-        if "teacher" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("engine"))

@@ -286,9 +286,9 @@ PII_PIECES = st.lists(st.one_of(st.text(alphabet="0123456789 .-()+aZ_@\n\u0661\u
 def test_pii_finds_what_one_scan_of_the_whole_text_finds(text, kinds):
     """`find_pii` skips texts that cannot match and scans only the digit stretches where only the
     digit kinds can: the same matches as the combined regex over the whole text, on any text."""
-    from distill.curation.pii import _combined, _valid, find_pii
+    from distill.curation.pii import combined_pattern, find_pii, valid_match
 
-    whole = [(m.lastgroup, m.start(), m.end()) for m in _combined(tuple(k for k in
+    whole = [(m.lastgroup, m.start(), m.end()) for m in combined_pattern(tuple(k for k in
              ("secret", "email", "credit_card", "ipv4", "phone") if k in kinds)).finditer(text)
-             if _valid(m.lastgroup, m.group(0))]
+             if valid_match(m.lastgroup, m.group(0))]
     assert find_pii(text, kinds) == whole
