@@ -118,8 +118,7 @@ def check_records(root: Path, subdir: str = "data", max_problems: int = 20, trus
     repeat = itertools.repeat
     for shard in map_shards(_shard_summary, shard_paths(root, subdir), repeat(root), repeat(manifest),
                             repeat(batch_size), repeat(trust_stamps), repeat(max_problems)):
-        shard.problems += [f"{shard.where}: duplicate id {rid!r}"
-                           for rid, before in zip(shard.ids, seen.add(shard.ids)) if before]
+        shard.problems += _repeated_ids(shard.where, shard.ids, seen)
         largest = max(largest, shard.max_topk_id)
         if not totals.add(shard):
             break
@@ -330,9 +329,13 @@ def _batch_problems(table: pa.Table, where: str, k: int, vocab_size: int | None,
     problems += _non_finite(table, where)
     problems += _out_of_vocabulary(table, where, vocab_size)
     if seen is not None:
-        ids = table["id"].to_pylist()
-        problems += [f"{where}: duplicate id {rid!r}" for rid, before in zip(ids, seen.add(ids)) if before]
+        problems += _repeated_ids(where, table["id"].to_pylist(), seen)
     return problems
+
+
+def _repeated_ids(where: str, ids: list[str], seen: disk_state.SeenStrings) -> list[str]:
+    """A problem per id of `ids` read before (`seen`, which remembers them from here on)."""
+    return [f"{where}: duplicate id {rid!r}" for rid, before in zip(ids, seen.add(ids)) if before]
 
 
 def _rows(table: pa.Table, mask: pa.ChunkedArray, message: str) -> list[str]:
