@@ -51,6 +51,10 @@ class Filter(BaseModel):
         to `check_batch` as `prepared`. None: nothing to compute ahead."""
         return None
 
+    def reserve(self, records: int) -> None:
+        """Make room at once for what a remembering filter keeps of up to `records` records (curate
+        knows the corpus's size): state grown instead is copied at every doubling."""
+
     def check_batch(self, batch: pa.RecordBatch, rows: list[int]) -> dict[int, str]:
         """Reasons for the failing rows among `rows` (indices into `batch`)."""
         columns = self.reads()

@@ -32,6 +32,9 @@ class ExactDedupFilter(Filter):
     def reads(self):
         return self.columns if self.key == "prompt_response" else ("id", "response")
 
+    def reserve(self, records: int) -> None:
+        self._seen.reserve(records)
+
     def digest(self, record: dict) -> str:
         text = normalise(response_text(record))
         if self.key == "prompt_response":
@@ -85,6 +88,9 @@ class NearDedupFilter(Filter):
         self._signatures = disk_state.Rows(self._folder, "signatures", np.uint32, self.num_perm)
         self._ids = disk_state.Strings(self._folder, "ids")
         self._bands = disk_state.HashIndex(self._folder, "bands")
+
+    def reserve(self, records: int) -> None:
+        self._bands.reserve(records * self.bands)
 
     def signatures(self, words: Words) -> tuple[np.ndarray, np.ndarray]:
         """MinHash signatures [rows with words, num_perm] and which rows have words (bool per row)."""

@@ -130,6 +130,8 @@ def _curate(cfg: CurateConfig, out: Path) -> CurateResult:
     manifest = corpus.read_manifest(cfg.corpus)
     files.check_not_being_written(cfg.corpus, "corpus")  # else it would look like an interrupted corpus
     corpus.check_complete(cfg.corpus, manifest, cfg.allow_incomplete)
+    for f in filters:
+        f.reserve(manifest.stats.records)
     masker = next((f for f in filters if isinstance(f, pii.PIIFilter) and f.mode == "mask"), None)
     n_workers = workers.default_workers(manifest.stats.records, os.cpu_count()) if cfg.workers is None else cfg.workers
     ahead = workers.Ahead(filters, masker, cfg.corpus, cfg.batch_size, n_workers) \

@@ -16,7 +16,6 @@ import pyarrow as pa
 
 from distill.curation.base import WORD
 
-
 # An ASCII text's `WORD.findall(text.lower())`, as bytes, is one `bytes.translate` (upper case to
 # lower, every other byte outside `\w` to a space) and a split: ~3x faster than the regex.
 _ASCII_WORDS = bytes(c + 32 if 65 <= c <= 90 else c if WORD.fullmatch(chr(c)) else 32 for c in range(128)) \

@@ -20,6 +20,9 @@ import numpy as np
 
 _EMPTY = np.uint64(0)  # a key of 0 is stored as 1 (`_stored_keys`): a collision can only add a candidate
 _GROW_STEP = 1 << 20  # entries re-inserted at once when a hash index doubles
+# `reserve` sizes for at most this many entries (32 GB of sparse files): the count it is given comes
+# from a manifest, which is read before it is checked; beyond it the index grows as it fills.
+_MAX_RESERVED = 1 << 30
 
 
 class Folder:
@@ -125,6 +128,13 @@ class HashIndex:
             active, slots = active[more], (slots[more] + np.uint64(1)) & self._mask
         return np.concatenate(found_at), np.concatenate(found_rows)
 
+    def reserve(self, entries: int) -> None:
+        """Room for `entries` in all without doubling: every doubling re-inserts what is stored
+        (sized once, 16M entries went in with half the work of a table grown to that size)."""
+        entries = min(entries, _MAX_RESERVED)
+        if 2 * entries > len(self._keys):
+            self._grow(entries)
+
     def insert(self, keys: np.ndarray, rows: np.ndarray) -> None:
         if 2 * (self.count + len(keys)) > len(self._keys):
             self._grow(self.count + len(keys))
@@ -179,6 +189,10 @@ class SeenStrings:
         self._strings = Strings(self._folder, "strings")
         self._labels = Strings(self._folder, "labels") if labelled else self._strings
         self._index = HashIndex(self._folder, "strings")
+
+    def reserve(self, strings: int) -> None:
+        """Room for `strings` in all (`HashIndex.reserve`)."""
+        self._index.reserve(strings)
 
     def add(self, strings: list[str]) -> list[bool]:
         """Whether each of `strings` was added before (by this call too); adds those that were not."""

@@ -14,7 +14,6 @@ when the server failed.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import signal
 import socket

@@ -7,19 +7,23 @@ import gc
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from distill import disk_state
 from distill.curation.dedup import ExactDedupFilter, NearDedupFilter
 from distill.tiny import WORDS
 
 
-def test_hash_index_finds_every_row_of_a_key_through_growth(monkeypatch):
+@pytest.mark.parametrize("reserved", [0, 6000])  # 6000: sized for every entry after the first batch
+def test_hash_index_finds_every_row_of_a_key_through_growth(monkeypatch, reserved):
     monkeypatch.setattr(disk_state, "_GROW_STEP", 7)  # re-inserted a few slots at a time
     rng = np.random.default_rng(0)
     index = disk_state.HashIndex(disk_state.Folder("test"), "keys", capacity=16)
     expected: dict[int, set[int]] = {}
     row = 0
-    for _ in range(30):  # grows from 16 slots to several thousand
+    for batch in range(30):  # grows from 16 slots to several thousand
+        if batch == 1:
+            index.reserve(reserved)  # what the first batch stored moves into the reserved table
         keys = rng.integers(0, 400, size=int(rng.integers(1, 200))).astype(np.uint64)  # repeats: a multimap
         keys[:2] = [0, 1]  # 0 is the empty slot's mark: stored as 1, so it may only add a candidate
         rows = np.arange(row, row + len(keys))

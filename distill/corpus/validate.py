@@ -93,7 +93,7 @@ def checked_batches(root: Path, subdir: str = "data", max_problems: int = 20, ba
     any other is validated in full, as without `trust_stamps`."""
     root = Path(root)
     manifest = read_manifest(root)
-    seen = disk_state.SeenStrings("ids")  # on disk: ~100 B per id would be 1 GB of heap at 10M records
+    seen = _ids_seen(manifest, subdir)
     totals = _Totals(manifest, subdir, max_problems)
     for path in shard_paths(root, subdir):
         shard = yield from _check_shard(path, root, manifest, batch_size, trust_stamps, seen,
@@ -112,7 +112,7 @@ def check_records(root: Path, subdir: str = "data", max_problems: int = 20, trus
     (a vouching stamp's bound)."""
     root = Path(root)
     manifest = read_manifest(root)
-    seen = disk_state.SeenStrings("ids")
+    seen = _ids_seen(manifest, subdir)
     totals = _Totals(manifest, subdir, max_problems)
     largest = 0
     repeat = itertools.repeat
@@ -289,6 +289,14 @@ def topk_checked(logical: pa.Table, k: int, vocab_size: int | None) -> TopkCheck
         return None
     top = leaves(logical["topk_token_ids"])
     return TopkChecked(k, (pc.max(top).as_py() if len(top) else None) or 0)
+
+
+def _ids_seen(manifest: Manifest, subdir: str) -> disk_state.SeenStrings:
+    """The set of the ids read, sized for the records the manifest counts (on disk: ~100 B per id
+    would be 1 GB of heap at 10M records)."""
+    seen = disk_state.SeenStrings("ids")
+    seen.reserve(_expected_stats(manifest, subdir).records)
+    return seen
 
 
 def _expected_stats(manifest: Manifest, subdir: str) -> CorpusStats:
