@@ -24,9 +24,6 @@ from typing import Any
 from distill import corpus
 from distill.curation.base import Filter
 
-# Below this many records a worker's start-up (~2 s of imports) costs more than it saves.
-MIN_RECORDS = 10_000
-
 
 @dataclass(frozen=True)
 class BatchVerdicts:
@@ -53,8 +50,9 @@ def offloaded(filters: list[Filter]) -> list[int]:
 
 def default_workers(records: int, cpus: int | None) -> int:
     """One per CPU (the curating process's share, matching and writing, is the lighter one: on 2
-    CPUs, 2 workers curated 1M records in 189 s, 1 worker in 252 s), none for a small corpus."""
-    return (cpus or 1) if records >= MIN_RECORDS else 0
+    CPUs, 2 workers curated 1M records in 189 s, 1 worker in 252 s), none for a small corpus (their
+    start-up would cost more than they save)."""
+    return (cpus or 1) if records >= corpus.PARALLEL_MIN_RECORDS else 0
 
 
 class Ahead:

@@ -462,6 +462,10 @@ def test_checking_shards_in_worker_processes_finds_what_reading_them_in_order_fi
     assert problems[0] == problems[1] and len(problems[0]) == 4, problems
     assert any("part-00001.parquet: duplicate id 'r1'" in p for p in problems[0])
     assert any("`stats.records` is 9 but the shards hold 8" in p for p in problems[0])
+    for workers in (0, 2):  # `validate` (`inspect --check`) in one process and over its own pool
+        with pytest.raises(corpus.CorpusError) as err:
+            corpus.validate(root, workers=workers)
+        assert sorted(str(err.value).splitlines()) == problems[0], workers
 
 
 @pytest.mark.parametrize("trust_stamps", [False, True])

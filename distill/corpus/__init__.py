@@ -91,6 +91,7 @@ from distill.corpus.tokenizer_files import (
     teacher_tokenizer,
 )
 from distill.corpus.validate import (
+    PARALLEL_MIN_RECORDS,
     CheckedBatch,
     check_records,
     check_shards,
@@ -102,7 +103,7 @@ from distill.corpus.validate import (
 
 __all__ = [
     "COLUMNS", "DEFAULT_ENCODING", "ENCODING_KEY", "FLOAT16_RELATIVE_ERROR", "LOGPROB_CODES", "LOGPROB_ENCODINGS",
-    "MANIFEST", "PACKED_IDS", "QUANTIZED_MAX_ERROR", "QUANT_STEP", "READ_ERRORS", "SCHEMA", "STAMP_KEY",
+    "MANIFEST", "PACKED_IDS", "PARALLEL_MIN_RECORDS", "QUANTIZED_MAX_ERROR", "QUANT_STEP", "READ_ERRORS", "SCHEMA", "STAMP_KEY",
     "STAMP_VERSION", "STATS_KEY", "CheckedBatch", "Stamp", "TopkChecked", "check_records",
     "checked_batches", "read_stamp", "records_to_checked_table",
     "stamp_of", "stored_topk_columns", "topk_checked", "topk_digest", "topk_rows", "verified_stamp",

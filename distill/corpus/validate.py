@@ -4,7 +4,10 @@ problem named by shard (and record where it has one)."""
 from __future__ import annotations
 
 import itertools
+import multiprocessing
+import os
 from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,11 +57,28 @@ def check_shards(root: Path, subdir: str = "data") -> list[str]:
     return problems
 
 
-def validate(root: Path, subdir: str = "data", max_problems: int = 20) -> dict[str, int]:
+# Below this many records a checking process's start-up (its imports) costs more than it saves.
+PARALLEL_MIN_RECORDS = 10_000
+
+
+def validate(root: Path, subdir: str = "data", max_problems: int = 20, workers: int | None = None) -> dict[str, int]:
     """Check every invariant of docs/corpus-format.md on every byte (stamps are not trusted: this is
-    the check of everything); return the stats or raise `CorpusError` listing the problems."""
-    check_records(root, subdir, max_problems, trust_stamps=False)
-    stats = _expected_stats(read_manifest(root), subdir)  # what the shards hold: checked equal
+    the check of everything); return the stats or raise `CorpusError` listing the problems.
+    `workers`: processes checking shards in parallel (None: one per CPU from PARALLEL_MIN_RECORDS
+    records; 0: none). They are spawned: a script calling this needs the `if __name__ == "__main__":`
+    guard, as for any spawned process."""
+    manifest = read_manifest(root)
+    stats = _expected_stats(manifest, subdir)  # what the shards hold, once checked equal
+    if workers is None:
+        workers = (os.cpu_count() or 1) if stats.records >= PARALLEL_MIN_RECORDS else 0
+    if not workers:
+        check_records(root, subdir, max_problems, trust_stamps=False)
+    else:
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            check_records(root, subdir, max_problems, trust_stamps=False, map_shards=pool.map)
+        finally:  # after `max_problems`, the shards not yet checked are not
+            pool.shutdown(wait=True, cancel_futures=True)
     return {"records": stats.records, "response_tokens": stats.response_tokens}
 
 
