@@ -79,7 +79,7 @@ def validate(root: Path, subdir: str = "data", max_problems: int = 20, workers: 
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
         try:
             check_records(root, subdir, max_problems, trust_stamps=False, map_shards=pool.map)
-        finally:  # after `max_problems`, the shards not yet checked are not
+        finally:  # the shards not yet checked (after `max_problems`, or an error) are dropped
             pool.shutdown(wait=True, cancel_futures=True)
     return {"records": stats.records, "response_tokens": stats.response_tokens}
 
