@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from distill import disk_state
 from distill.corpus.codec import (
@@ -136,12 +138,15 @@ def check_records(root: Path, subdir: str = "data", max_problems: int = 20, trus
     totals = _Totals(manifest, subdir, max_problems)
     largest = 0
     repeat = itertools.repeat
-    for shard in map_shards(_shard_summary, shard_paths(root, subdir), repeat(root), repeat(manifest),
-                            repeat(batch_size), repeat(trust_stamps), repeat(max_problems)):
-        shard.problems += _repeated_ids(shard.where, shard.ids, seen)
-        largest = max(largest, shard.max_topk_id)
-        if not totals.add(shard):
-            break
+    paths = shard_paths(root, subdir)
+    with tqdm(total=len(paths), unit="shard", desc="check", file=sys.stderr, dynamic_ncols=True) as bar:
+        for shard in map_shards(_shard_summary, paths, repeat(root), repeat(manifest),
+                                repeat(batch_size), repeat(trust_stamps), repeat(max_problems)):
+            shard.problems += _repeated_ids(shard.where, shard.ids, seen)
+            largest = max(largest, shard.max_topk_id)
+            bar.update()
+            if not totals.add(shard):
+                break
     totals.raise_problems(root)
     return largest
 
