@@ -51,7 +51,9 @@ def test_inspect_check_runs_the_full_validation(tmp_path, capsys, tiny_models):
 def test_curate_refuses_before_writing(tmp_path, capsys):
     assert main(["curate", "--corpus", str(broken_corpus(tmp_path / "c")), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("distill curate: error: ") and RESPONSE_PROBLEM in err and "Traceback" not in err
+    bar, error = err.split("distill curate: error: ")  # the check's progress bar, then the problems
+    assert all(line.startswith("check:") for line in bar.splitlines() if line.strip()), err
+    assert RESPONSE_PROBLEM in error and "Traceback" not in err
     assert not (tmp_path / "o").exists()
 
 
