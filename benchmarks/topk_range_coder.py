@@ -353,8 +353,9 @@ def coded(fn, values: np.ndarray, tokens: np.ndarray, *extra) -> tuple[int, floa
 
 
 def generated_corpus(prompts: int, max_tokens: int, work: Path) -> Path:
-    """`storage.py`'s float32 corpus of the tiny teacher, generated in a child process: vLLM's CPU
-    workers import the main script again and fail on numba's objects among its globals."""
+    """`storage.py`'s float32 corpus of the tiny teacher, generated in a child process: vLLM 0.32's
+    CPU workers import the main script again, then scan every loaded module for Triton kernels and
+    fail on one of llvmlite's objects (numba's compiler): `'_lib_fn_wrapper' object has no attribute 'get'`."""
     code = (f"import sys, pathlib; sys.path.insert(0, {str(Path(__file__).parent)!r}); from storage import generate_corpus; "
             f"print(generate_corpus(None, {prompts}, {max_tokens}, 20, pathlib.Path({str(work)!r})))")
     done = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=True)
