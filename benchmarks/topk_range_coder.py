@@ -302,8 +302,8 @@ def code_codes(codes, data, offsets, tokens, encode):
 
 # --- the grids: the quantized encoding's, and coarser ones below a level ---
 def quantize(lps: np.ndarray, coarse_from: float, doubling: float, max_doublings: int) -> tuple[np.ndarray, np.ndarray]:
-    """The quantized encoding's codes of float32 rows, except that slot j's step doubles every
-    `doubling` nats the row's previous decoded level lies below `coarse_from` nats (at most
+    """The quantized encoding's codes of float32 rows, except that slot j's step doubles for every
+    `doubling` nats by which the row's previous decoded logprob lies below -`coarse_from` (at most
     `max_doublings` times; 0: the encoding's own grid). Closed loop, as a decoder would see it.
     Returns (codes [n, k+1], decoded -logprobs [n, k])."""
     from distill.corpus import codec
