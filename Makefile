@@ -28,10 +28,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c 'import vllm, transformers, trl, peft; print("vllm", vllm.__version__, "transformers", transformers.__version__)'
 	touch $(STAMP)
 
-# In one process: its vLLM engine fixture is per session, and the kill tests time their signals
-# against a run that two test processes would slow unevenly.
+# The fast tier in two processes (as `test-fast`), then the engine, slow and browser tests in one:
+# its vLLM engine fixture is per session, and the kill tests time their signals against a run that
+# two test processes would slow unevenly.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 -m "not engine and not slow and not browser"
+	$(BIN)/python -m pytest -q -m "engine or slow or browser"
 
 # No vLLM engine or server, no long training: losses, corpus, prompts, config, curation, CLI parsing.
 test-fast: install
