@@ -271,6 +271,37 @@ def test_a_texts_words_are_the_lowercased_word_regexs(text):
     assert words_of(text) == [w.encode() for w in WORD.findall(text.lower())]
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([3, 40, 5000]).flatmap(
+    lambda words: st.lists(st.lists(st.integers(0, words), max_size=40), min_size=1, max_size=12)),
+    st.integers(2, 10), st.data())
+def test_each_rows_most_repeated_ngram_is_counted_exactly(texts, n, data):
+    """`most_repeated` (only keys that share a hash bucket are sorted; exact keys for a few words,
+    hashed n-grams beyond) equals a count of each row's n-grams, for any subset of the rows."""
+    from collections import Counter
+
+    import numpy as np
+
+    from distill.curation.words import Words, most_repeated
+
+    words = Words.split([" ".join(f"w{i}" for i in text) for text in texts])
+    rows = sorted(data.draw(st.sets(st.integers(0, len(texts) - 1))))
+    expected = [max(Counter(tuple(texts[r][i:i + n]) for i in range(len(texts[r]) - n + 1)).values(), default=0)
+                for r in rows]
+    assert most_repeated(words, np.array(rows, dtype=np.int64), n).tolist() == expected
+
+
+@given(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 1000)), max_size=60))
+def test_row_max_is_each_rows_largest_value(pairs):
+    import numpy as np
+
+    from distill.curation.words import row_max
+
+    pairs.sort(key=lambda p: p[0])  # rows ascending, as every caller passes them
+    row, values = np.array([p[0] for p in pairs], dtype=np.int64), np.array([p[1] for p in pairs], dtype=np.int64)
+    assert row_max(row, values, 10).tolist() == [max((v for r, v in pairs if r == k), default=0) for k in range(10)]
+
+
 # -- personal data ---------------------------------------------------------------------------------
 
 # Digits (ASCII and Arabic-Indic), the separators of the digit kinds' patterns, and what borders
