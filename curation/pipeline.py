@@ -250,7 +250,8 @@ def filter_batch(batch: pa.RecordBatch, filters: list[Filter], masker, decode, r
         if not alive:
             break
         if judged is not None and n in judged.failed:
-            failed = {i: judged.failed[n][i] for i in alive if i in judged.failed[n]}
+            verdicts = judged.failed[n]
+            failed = {i: verdicts[i] for i in alive if i in verdicts} if verdicts else {}
         elif judged is not None and n in judged.prepared:
             failed = f.check_batch(batch, alive, judged.prepared[n])
         else:
@@ -263,7 +264,8 @@ def filter_batch(batch: pa.RecordBatch, filters: list[Filter], masker, decode, r
         for i, detail in failed.items():
             rejected_by[i] = n
             reasons[i] = f"{label(f)}: {detail}"
-        alive = [i for i in alive if i not in failed]
+        if failed:
+            alive = [i for i in alive if i not in failed]
     report.add(batch, rejected_by, reasons)
     return BatchVerdict(np.array([n is None for n in rejected_by], dtype=bool), reasons, masks)
 
