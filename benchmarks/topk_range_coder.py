@@ -311,9 +311,7 @@ def quantize(lps: np.ndarray, coarse_from: float, doubling: float, max_doublings
     n, k = lps.shape
     x = -lps.astype(np.float64)
     codes, level = np.zeros((n, k + 1), np.int64), np.zeros((n, k))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        tail = -np.expm1(codec._logsumexp(lps.astype(np.float64)))
-        codes[:, 0] = np.clip(np.where(tail > 0, np.round(-np.log(tail) / codec.TAIL_STEP), codec._CODE_MAX), 0, codec._CODE_MAX)
+    codes[:, 0] = codec.tail_codes(lps.astype(np.float64))
     previous = np.zeros(n)
     for j in range(k):
         doublings = 0 if j == 0 else np.minimum(max_doublings, np.floor(np.maximum(0.0, previous - coarse_from) / doubling))
@@ -328,12 +326,7 @@ def dequantize(codes: np.ndarray, level: np.ndarray) -> np.ndarray:
     """The reader's logprobs: the decoded grid, moved by at most half a fine step towards the stored tail."""
     from distill.corpus import codec
 
-    grid, tail = -level, np.exp(-codes[:, 0] * codec.TAIL_STEP)
-    empty = codes[:, 0] == codec._CODE_MAX
-    with np.errstate(divide="ignore"):
-        target = np.where(empty, 0.0, np.log1p(-np.minimum(tail, 0.5)))
-    shift = np.where(empty | (tail <= 0.5), target - codec._logsumexp(grid), 0.0)
-    return (grid + np.clip(shift, -0.499 * codec.QUANT_STEP, 0.499 * codec.QUANT_STEP)[:, None]).astype(np.float32)
+    return codec.logprobs_of_grid(-level, codes[:, 0], codec.QUANT_STEP, codec.TAIL_STEP)
 
 
 GRIDS = ((0.0, 1.0, 0), (1.0, 1.0, 1), (2.0, 2.0, 3), (1.0, 1.5, 4))  # (coarse_from, doubling, max_doublings)

@@ -217,11 +217,8 @@ def _pack_topk(table: pa.Table, k: int, layout: int) -> tuple[pa.Array, pa.Array
     refuse(np.diff(lps, axis=1) > 1e-3, "top-k logprobs not sorted best first")
     width = 2 if ids.size == 0 or ids.max() < 2**16 else 3
 
-    with np.errstate(divide="ignore", invalid="ignore"):
-        tail = -np.expm1(_logsumexp(lps))  # the mass outside the top-k
-        tail_code = np.where(tail > 0, np.round(-np.log(tail) / TAIL_STEP), _CODE_MAX)
     q = np.maximum.accumulate(np.clip(np.round(-lps / QUANT_STEP), 0, _CODE_MAX), axis=1)  # -inf -> _CODE_MAX
-    codes = np.concatenate([np.clip(tail_code, 0, _CODE_MAX)[:, None], np.diff(q, axis=1, prepend=0)], axis=1)
+    codes = np.concatenate([tail_codes(lps)[:, None], np.diff(q, axis=1, prepend=0)], axis=1)
     pack = _layout1 if layout == 1 else _layout2
     return pack(ids, codes.astype(np.int64), tokens, k, width)
 
@@ -363,17 +360,29 @@ def _unpack_topk(data: pa.Table | pa.RecordBatch, params: dict) -> tuple[pa.Arra
     unpack = _unlayout1 if layout == 1 else _unlayout2
     ids, codes, tokens = unpack(id_bytes, id_offsets, planes, code_offsets, k, names)
 
-    grid = -np.cumsum(codes[:, 1:], axis=1) * step
-    tail = np.exp(-codes[:, 0] * tail_step)  # the stored mass outside the top-k
-    empty = codes[:, 0] == _CODE_MAX
-    # Put the top-k mass back where the stored tail knows it better than the grid (tail <= 1/2),
-    # moving every logprob by less than half a step so each stays within QUANTIZED_MAX_ERROR.
+    logprobs = logprobs_of_grid(-np.cumsum(codes[:, 1:], axis=1) * step, codes[:, 0], step, tail_step)
+    return _nested(ids.reshape(-1).astype(np.int32), tokens, k, pa.int32()), _nested(logprobs.reshape(-1), tokens, k, pa.float32())
+
+
+def tail_codes(lps: np.ndarray) -> np.ndarray:
+    """Per row of logprobs [n, k]: the tail code round(-log(1 - sum_i p_i) / TAIL_STEP), in [0,
+    _CODE_MAX]; _CODE_MAX where the row holds all the mass."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tail = -np.expm1(_logsumexp(lps))  # the mass outside the top-k
+        return np.clip(np.where(tail > 0, np.round(-np.log(tail) / TAIL_STEP), _CODE_MAX), 0, _CODE_MAX)
+
+
+def logprobs_of_grid(grid: np.ndarray, tail_code: np.ndarray, step: float, tail_step: float) -> np.ndarray:
+    """The reader's float32 logprobs of rows decoded to grid points [n, k] with their tail codes:
+    the top-k mass is put back where the stored tail knows it better than the grid (tail <= 1/2),
+    every logprob moving by less than half of `step` (the grid's finest step), so each stays within
+    QUANTIZED_MAX_ERROR and re-encoding rounds back to the same grid point."""
+    tail = np.exp(-tail_code * tail_step)  # the stored mass outside the top-k
+    empty = tail_code == _CODE_MAX
     with np.errstate(divide="ignore"):
         target = np.where(empty, 0.0, np.log1p(-np.minimum(tail, 0.5)))
-    shift = np.where(empty | (tail <= 0.5), target - _logsumexp(grid), 0.0)
-    shift = np.clip(shift, -0.499 * step, 0.499 * step)  # re-encoding rounds back to the same grid point
-    logprobs = (grid + shift[:, None]).astype(np.float32)
-    return _nested(ids.reshape(-1).astype(np.int32), tokens, k, pa.int32()), _nested(logprobs.reshape(-1), tokens, k, pa.float32())
+    shift = np.clip(np.where(empty | (tail <= 0.5), target - _logsumexp(grid), 0.0), -0.499 * step, 0.499 * step)
+    return (grid + shift[:, None]).astype(np.float32)
 
 
 def _corrupted(names: list, record: int, id_len: np.ndarray, code_len: np.ndarray, why: str) -> CorpusError:
