@@ -39,7 +39,7 @@ class ExactDedupFilter(Filter):
         text = normalise(response_text(record))
         if self.key == "prompt_response":
             text = normalise(prompt_text(record)) + "\x00" + text
-        return _digest(text)
+        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
     def check(self, record):
         first = self._seen.first([self.digest(record)], [record["id"]])[0]
@@ -47,8 +47,6 @@ class ExactDedupFilter(Filter):
 
     def prepare(self, batch) -> list[str]:
         """Every row's digest."""
-        if self.key == "response":  # `digest` without a record dict per row
-            return [_digest(normalise(text or "")) for text in batch.column("response").to_pylist()]
         columns = {c: batch.column(c).to_pylist() for c in self.reads()}
         return [self.digest({c: columns[c][i] for c in columns}) for i in range(batch.num_rows)]
 
@@ -57,10 +55,6 @@ class ExactDedupFilter(Filter):
         ids = batch.column("id").to_pylist()
         firsts = self._seen.first([digests[i] for i in rows], [ids[i] for i in rows])
         return {i: f"duplicate of {first}" for i, first in zip(rows, firsts) if first is not None}
-
-
-def _digest(normalised: str) -> str:
-    return hashlib.blake2b(normalised.encode(), digest_size=16).hexdigest()
 
 
 class NearDedupFilter(Filter):
@@ -160,12 +154,10 @@ class NearDedupFilter(Filter):
         row_of: dict[int, int] = {}  # position in `rows` of a kept record -> its stored row
         base = self._signatures.count
         for j, i in enumerate(rows):
-            if j not in earlier and j not in in_batch:  # nothing shares a band with it: kept (most records)
-                row_of[j] = base + len(kept)
-                kept.append(j)
-                continue
-            candidates = [(self._ids, c, self._signatures[c]) for c in sorted(earlier.get(j, ()))]
-            candidates += [(None, q, sigs[q]) for q in sorted(in_batch.get(j, ())) if q in row_of]
+            candidates = []
+            if j in earlier or j in in_batch:  # most records share no band with anything: nothing to build
+                candidates = [(self._ids, c, self._signatures[c]) for c in sorted(earlier.get(j, ()))]
+                candidates += [(None, q, sigs[q]) for q in sorted(in_batch.get(j, ())) if q in row_of]
             for stored, c, sig in candidates:  # the first kept (oldest) similar enough, as one by one
                 similarity = float(np.mean(sig == sigs[j]))
                 if similarity >= self.threshold:
