@@ -28,11 +28,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c 'import vllm, transformers, trl, peft; print("vllm", vllm.__version__, "transformers", transformers.__version__)'
 	touch $(STAMP)
 
-# The fast tier in two processes (as `test-fast`), then the engine, slow and browser tests in one:
-# its vLLM engine fixture is per session, and the kill tests time their signals against a run that
-# two test processes would slow unevenly.
-test: install
-	$(BIN)/python -m pytest -q -n 2 -m "not engine and not slow and not browser"
+# `test-fast` (two processes), then the engine, slow and browser tests in one: its vLLM engine
+# fixture is per session, and the kill tests time their signals against a run that two test
+# processes would slow unevenly.
+test: test-fast
 	$(BIN)/python -m pytest -q -m "engine or slow or browser"
 
 # No vLLM engine or server, no long training: losses, corpus, prompts, config, curation, CLI parsing.
