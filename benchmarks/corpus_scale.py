@@ -10,9 +10,10 @@ near-dedup collapses the corpus), a top-20 row per response token whose first en
 response token, the rest drawn Zipf-like from the vocabulary, logprobs falling off like a
 teacher's, stored in the default quantized encoding in shards of 1,024 records (generate's
 `chunk_size`), each with the validation stamp generate writes. A base set of 1,024 records is
-encoded once; larger corpora repeat its stored top-k rows under new ids and new unique responses
-(the replicas are written at zstd level 1 to build them fast; `write` times `corpus.write_shard`
-itself on the base shard).
+encoded once; larger corpora repeat its stored top-k rows under new ids and new unique responses,
+written by `corpus.write_shard` as generate writes its shards (`write` times it on the base
+shard). `--before` runs the other checkout on this checkout's corpus: where the two stamp shards
+differently (stamp versions), the other one validates them in full.
 
 With `--before PYTHON`, the interpreter of another checkout (e.g. main's venv), every stage also
 runs on that code, on the same corpus, just before this checkout's run (a row "... (before)").
@@ -39,8 +40,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from common import ROOT, Headline, emit, parse_args, train_until_first_step
 
 DEMO = ROOT / "distill" / "demo"
@@ -108,14 +107,8 @@ def build(root: Path, n: int, base: pa.Table, max_topk_id: int, seed: int, sourc
                          else [unique_text(rng, WORDS) for _ in range(size)])
         table = table.set_column(table.schema.get_field_index("id"), "id", ids)
         table = table.set_column(table.schema.get_field_index("response"), "response", texts)
-        path = root / "data" / f"part-{index:05d}.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # the footer stats write_shard adds; level 1: building is not what is measured
-        tokens = int(pc.sum(pc.list_value_length(table["response_token_ids"])).as_py())
-        stats = json.dumps({"records": size, "response_tokens": tokens}).encode()
-        stamp = corpus.stamp_of(table, K, max_topk_id).to_json()
-        meta = {**(table.schema.metadata or {}), corpus.STATS_KEY: stats, corpus.STAMP_KEY: stamp}
-        pq.write_table(table.replace_schema_metadata(meta), path, compression="zstd", compression_level=1)
+        # as generate writes its shards (settings, footer stats, stamp)
+        corpus.write_shard(root, index, table, checked=corpus.TopkChecked(K, max_topk_id))
     write_manifest(root)
     return root
 

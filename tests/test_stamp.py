@@ -1,5 +1,6 @@
 """The validation stamp: written only over checked top-k, trusted only over the same bytes."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -19,12 +20,12 @@ def shard(root):
 
 
 def rewrite(root, change) -> None:
-    """Rewrite the shard with `change(table)` applied, its footer (stamp, encoding, stats) kept: an
-    edit in place that the stamp does not know of."""
+    """Rewrite the shard with `change(table)` applied, its footer (stamp, encoding, stats) kept and
+    written as `write_shard` writes: an edit in place that the stamp does not know of."""
     path = shard(root)
     table = pq.read_table(path)
-    pq.write_table(change(table).replace_schema_metadata(table.schema.metadata), path, compression="zstd",
-                   write_page_checksum=True)
+    pq.write_table(change(table).replace_schema_metadata(table.schema.metadata), path,
+                   **corpus.store.write_options(table.column_names))
 
 
 def set_topk_id(table: pa.Table, value: int) -> pa.Table:
@@ -42,22 +43,33 @@ def set_topk_id(table: pa.Table, value: int) -> pa.Table:
                             pa.array(rows, type=table.schema.field("topk_token_ids").type))
 
 
+def digest_of(path) -> str:
+    """The digest of a shard as a reader computes it: the stored top-k bytes, the response lengths."""
+    shard_file = pq.ParquetFile(path)
+    return corpus.file_digest(shard_file, path, corpus.stamp.response_rows(shard_file.read()))
+
+
 @pytest.mark.parametrize("encoding", corpus.LOGPROB_ENCODINGS)
 def test_a_stamp_binds_the_stored_top_k(tmp_path, encoding):
     recs = [record(i, n_tokens=2 + i) for i in range(5)]
     root = make_corpus(tmp_path / "c", recs, encoding=encoding, vocab_size=VOCAB, stamped=True)
     stamp = corpus.read_stamp(shard(root))
     largest = max(int(np.max(r["topk_token_ids"])) for r in recs)
-    assert stamp == corpus.Stamp(stamp.digest, K, largest)
+    assert stamp == corpus.Stamp(digest_of(shard(root)), K, largest)
     assert corpus.verified_stamp(shard(root)) == stamp
-    # the digest of any split of the rows is the same
-    stored = pq.read_table(shard(root))
-    digest = corpus.stamp.TopkDigest(corpus.shard_encoding(stored.schema))
-    for batch in stored.to_batches(max_chunksize=2):
-        digest.update(batch)
-    assert digest.hexdigest() == stamp.digest == corpus.topk_digest(stored)
+    # sealed in both copies of the footer's metadata: the Arrow schema's and Parquet's own
+    assert pq.ParquetFile(shard(root)).metadata.metadata[corpus.STAMP_KEY] == stamp.to_json()
     rewrite(root, lambda t: set_topk_id(t, 7))
     assert corpus.read_stamp(shard(root)) == stamp and corpus.verified_stamp(shard(root)) is None
+
+
+def test_stamps_of_other_versions_or_unsealed_are_not_trusted(tmp_path):
+    root = make_corpus(tmp_path / "c", [record(0)], vocab_size=VOCAB, stamped=True)
+    stamp = corpus.read_stamp(shard(root))
+    assert corpus.Stamp.from_json(stamp.to_json()) == stamp
+    assert corpus.Stamp.from_json(dataclasses.replace(stamp, version=1).to_json()) is None  # hashed decoded values
+    table = pq.read_table(shard(root))
+    assert corpus.Stamp.from_json(corpus.pending(table, corpus.TopkChecked(K, 3))) is None
 
 
 def test_records_that_fail_a_check_are_written_without_a_stamp():
@@ -71,7 +83,7 @@ def test_records_that_fail_a_check_are_written_without_a_stamp():
 def test_write_shard_stamps_the_top_k_it_writes_and_nothing_else(tmp_path):
     table, checked = corpus.records_to_checked_table([record(0)], K, "quantized", VOCAB)
     path = corpus.write_shard(tmp_path, 1, table, checked=checked)
-    assert corpus.read_stamp(path) == corpus.Stamp(corpus.topk_digest(table), K, checked.max_topk_id)
+    assert corpus.read_stamp(path) == corpus.Stamp(digest_of(path), K, checked.max_topk_id)
     assert corpus.verified_stamp(path) is not None
     # a table read from a stamped shard and written without `checked` keeps no stale stamp
     assert corpus.read_stamp(corpus.write_shard(tmp_path, 2, pq.read_table(path))) is None
@@ -98,8 +110,9 @@ def lying_stamp(root) -> None:
     table = set_topk_id(pq.read_table(path), VOCAB + 5)
     meta = dict(table.schema.metadata)
     old = corpus.Stamp.from_json(meta[corpus.STAMP_KEY])
-    meta[corpus.STAMP_KEY] = corpus.Stamp(corpus.topk_digest(table), old.top_k, old.max_topk_id).to_json()
+    meta[corpus.STAMP_KEY] = corpus.pending(table, corpus.TopkChecked(old.top_k, old.max_topk_id))
     pq.write_table(table.replace_schema_metadata(meta), path, compression="zstd", write_page_checksum=True)
+    corpus.seal(path, corpus.topk_rows(table, corpus.shard_encoding(table.schema)))
 
 
 @pytest.mark.parametrize("encoding", corpus.LOGPROB_ENCODINGS)
@@ -114,40 +127,59 @@ def test_a_reader_trusting_stamps_skips_the_top_k_checks_and_validate_never_does
         list(corpus.checked_batches(root))
 
 
+def checks(trusting: str):
+    """The two readers that trust stamps: train's (the records) and curate's (the verdict only, the
+    vouched top-k never read)."""
+    if trusting == "checked_batches":
+        return lambda root: list(corpus.checked_batches(root, trust_stamps=True))
+    return lambda root: corpus.check_records(root, trust_stamps=True)
+
+
+@pytest.mark.parametrize("trusting", ["checked_batches", "check_records"])
 @pytest.mark.parametrize("encoding", corpus.LOGPROB_ENCODINGS)
-def test_top_k_edited_under_a_kept_stamp_is_validated_in_full(tmp_path, encoding):
+def test_top_k_edited_under_a_kept_stamp_is_validated_in_full(tmp_path, encoding, trusting):
     root = make_corpus(tmp_path / "c", [record(i) for i in range(4)], encoding=encoding, vocab_size=VOCAB, stamped=True)
+    assert checks(trusting)(root)  # trusted
     rewrite(root, lambda t: set_topk_id(t, VOCAB + 5))
     with pytest.raises(corpus.CorpusError) as err:
-        list(corpus.checked_batches(root, trust_stamps=True))
+        checks(trusting)(root)
     assert str(err.value).splitlines()[1] == (
         f"  data/part-00000.parquet: `topk_token_ids` holds 1 id outside the teacher's vocabulary [0, {VOCAB}) "
         f"(first: record 'r0', response position 0: {VOCAB + 5})")
 
 
-def test_a_trusted_shard_still_gets_every_other_check(tmp_path):
-    """The stamp covers the top-k only: the response edited to another length, or a prompt id
-    outside the vocabulary, under a kept stamp are found without decoding the top-k."""
+@pytest.mark.parametrize("trusting", ["checked_batches", "check_records"])
+def test_a_trusted_shard_still_gets_every_other_check(tmp_path, trusting):
+    """The stamp covers the top-k only: a prompt id outside the vocabulary under a kept stamp is
+    found without decoding the top-k. A response edited to another length no longer matches the
+    top-k rows that the digest binds: the shard is validated in full, which names the length."""
     root = make_corpus(tmp_path / "c", [record(i) for i in range(3)], vocab_size=VOCAB, stamped=True)
+
+    def set_column(table, name, rows):
+        return table.set_column(table.schema.get_field_index(name), name, pa.array(rows, type=pa.list_(pa.int32())))
+
+    def prompt_outside(table):
+        prompts = table["prompt_token_ids"].to_pylist()
+        prompts[2][0] = VOCAB
+        return set_column(table, "prompt_token_ids", prompts)
 
     def longer(table):
         rows = table["response_token_ids"].to_pylist()
         rows[1].append(0)
-        prompts = table["prompt_token_ids"].to_pylist()
-        prompts[2][0] = VOCAB
-        table = table.set_column(table.schema.get_field_index("response_token_ids"), "response_token_ids",
-                                 pa.array(rows, type=pa.list_(pa.int32())))
-        return table.set_column(table.schema.get_field_index("prompt_token_ids"), "prompt_token_ids",
-                                pa.array(prompts, type=pa.list_(pa.int32())))
+        return set_column(table, "response_token_ids", rows)
 
-    rewrite(root, longer)
+    rewrite(root, prompt_outside)
     assert corpus.verified_stamp(shard(root)) is not None
     with pytest.raises(corpus.CorpusError) as err:
-        list(corpus.checked_batches(root, trust_stamps=True))
-    problems = str(err.value).splitlines()[1:]
-    assert "  data/part-00000.parquet: `topk_token_ids` length differs from `response_token_ids` (record ids ['r1'])" in problems
-    assert any(f"`prompt_token_ids` holds 1 id outside the teacher's vocabulary [0, {VOCAB}) (first: record 'r2'" in p
-               for p in problems)
+        checks(trusting)(root)
+    assert f"`prompt_token_ids` holds 1 id outside the teacher's vocabulary [0, {VOCAB}) (first: record 'r2'" \
+        in str(err.value)
+    rewrite(root, longer)
+    assert corpus.verified_stamp(shard(root)) is None
+    with pytest.raises(corpus.CorpusError) as err:
+        checks(trusting)(root)
+    assert "  data/part-00000.parquet: `topk_token_ids` length differs from `response_token_ids` (record ids ['r1'])" \
+        in str(err.value).splitlines()[1:]
 
 
 @pytest.mark.parametrize("manifest", [{"generation": {"top_k": K + 1}}, {"teacher": {"vocab_size": 400}}])

@@ -1,19 +1,29 @@
 """The validation stamp: a shard's footer saying "the validator's top-k checks passed on these
-top-k bytes", so that a reader trusting it can skip decoding the top-k (docs/corpus-format.md).
+top-k bytes", so that a reader trusting it can skip reading and checking the top-k
+(docs/corpus-format.md).
 
-The stamp binds a digest of the stored top-k (the shard's encoding, then per top-k column its
-stored type, the lengths at every list level and the value bytes: what decoding reads) and the
-largest top-k id. A reader that finds the digest equal to that of the bytes it read knows those
-bytes are the ones that were checked; any edit to them (the footer kept) makes the digest differ,
-and the shard is validated in full. Hashing reads the stored bytes once, without decoding them:
-SHA-256 (about 1.5 GB/s where the CPU has SHA instructions, twice BLAKE2b's speed there).
+The stamp binds a digest of the top-k as the file stores it: the shard's encoding, then per
+stored top-k column its Arrow type and the bytes of its column chunks (compressed pages with
+their headers: what decoding reads), and last the top-k rows of each record. A reader hashes the
+same chunk bytes straight from the file, without decompressing them, and the response length of
+each record in place of its top-k rows: the digest equal to the stamp's, the top-k bytes are the
+ones that were checked and every record has one top-k row per response token. Any edit to the
+top-k (the footer kept), or to a response's length, makes the digest differ, and the shard is
+validated in full. SHA-256: about 1.5 GB/s where the CPU has SHA instructions.
+
+A writer knows the digest only once the chunks are written: `pending` is the stamp written into
+the footer, with a placeholder digest of the same length, and `seal` writes the digest over it
+in place, in both copies of the footer's metadata (Parquet's key-value list and the Arrow
+schema that pyarrow stores beside it, base64-encoded).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +34,15 @@ import pyarrow.parquet as pq
 from distill.corpus.codec import LOGPROB_CODES, PACKED_IDS, _is_list, shard_encoding
 
 STAMP_KEY = b"distill.validated"
-# The version of the top-k rules a stamp vouches for (`validate._batch_problems`: widths, sorted
-# best first, finite, in the vocabulary). Bump it when they change: readers then trust only stamps
-# of the rules they would check.
-STAMP_VERSION = 1
+# The version of the stamp: of the top-k rules it vouches for (`validate._batch_problems`: widths,
+# sorted best first, finite, in the vocabulary) and of what its digest binds. Bump it when either
+# changes: readers then trust only stamps they would compute and check alike. Version 1 hashed the
+# decoded top-k values; its shards are validated in full.
+STAMP_VERSION = 2
 # The stored top-k columns, per encoding: the packed byte strings, or the nested lists.
 STORED_TOPK = {"quantized": (PACKED_IDS, LOGPROB_CODES)}
 LOGICAL_TOPK = ("topk_token_ids", "topk_logprobs")
+_PENDING = "?" * 64  # a digest's length: `seal` writes the digest over it
 
 
 def stored_topk_columns(encoding: dict) -> tuple[str, str]:
@@ -61,7 +73,7 @@ class Stamp:
                         max_topk_id=int(fields["max_topk_id"]), version=int(fields["version"]))
         except (ValueError, KeyError, TypeError):
             return None
-        return stamp if stamp.version == STAMP_VERSION else None
+        return stamp if stamp.version == STAMP_VERSION and stamp.digest != _PENDING else None
 
 
 @dataclass(frozen=True)
@@ -69,83 +81,86 @@ class TopkChecked:
     """What a writer knows of a table's top-k: it passed the validator's top-k checks for rows of
     `top_k` (checked by `validate.topk_checked`, or rows taken from validated shards, as curate
     takes them); `max_topk_id`: its largest id, or an upper bound of it. `store.write_shard`
-    stamps the shard with it, hashing the top-k it writes (`stamp_of`)."""
+    stamps the shard with it (`pending`, then `seal`)."""
 
     top_k: int
     max_topk_id: int
 
 
-class TopkDigest:
-    """The digest of a shard's stored top-k, fed batch after batch: the same for any split of the
-    rows into batches (each part is hashed as one stream of lengths and one of values). `None`
-    from `hexdigest` where a top-k value is null (such a shard is never stamped)."""
-
-    def __init__(self, encoding: dict):
-        self.encoding = encoding
-        self.columns = stored_topk_columns(encoding)
-        self.parts: dict[str, hashlib._Hash] = {}
-        self.has_nulls = False
-
-    def update(self, data: pa.Table | pa.RecordBatch) -> None:
-        for name in self.columns:
-            column = data[name]
-            chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-            for array in chunks:
-                self._array(name, array)
-
-    def _array(self, part: str, array: pa.Array) -> None:
-        level = 0
-        while _is_list(array.type) or pa.types.is_large_binary(array.type) or pa.types.is_binary(array.type):
-            self.has_nulls |= array.null_count > 0
-            lengths = pc.binary_length(array) if not _is_list(array.type) else pc.list_value_length(array)
-            self._hash(f"{part}/lengths{level}", lengths.to_numpy(zero_copy_only=False).astype("<i8"))
-            if not _is_list(array.type):  # binary: its bytes are the values
-                self._hash(f"{part}/values:binary", _binary_values(array))
-                return
-            array, level = array.flatten(), level + 1
-        self.has_nulls |= array.null_count > 0
-        # the leaf type (not the list types: Parquet renames their item fields)
-        self._hash(f"{part}/values:{array.type}", array.to_numpy(zero_copy_only=False))
-
-    def _hash(self, part: str, values: np.ndarray) -> None:
-        if part not in self.parts:
-            self.parts[part] = hashlib.sha256()
-        self.parts[part].update(np.ascontiguousarray(values).view(np.uint8))
-
-    def hexdigest(self) -> str | None:
-        if self.has_nulls:
-            return None
-        whole = hashlib.sha256(json.dumps(self.encoding, sort_keys=True).encode())
-        for part in sorted(self.parts):
-            whole.update(part.encode() + b"=" + self.parts[part].digest())
-        return whole.hexdigest()
-
-
-def _binary_values(array: pa.Array) -> np.ndarray:
-    """A binary array's value bytes: only those of its rows, wherever it was sliced."""
-    array = array.cast(pa.large_binary())
-    offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset:array.offset + len(array) + 1]
-    data = np.frombuffer(array.buffers()[2], dtype=np.uint8) if array.buffers()[2] else np.zeros(0, np.uint8)
-    return data[offsets[0]:offsets[-1]]
-
-
-def topk_digest(table: pa.Table | pa.RecordBatch, encoding: dict | None = None) -> str | None:
-    """The digest of a stored table's top-k (`encoding`: its shard's, when `table` lost its footer)."""
-    digest = TopkDigest(encoding or shard_encoding(table.schema))
-    digest.update(table)
-    return digest.hexdigest()
-
-
-def stamp_of(table: pa.Table, top_k: int, max_topk_id: int) -> Stamp:
-    """The stamp of a stored table whose top-k passed the validator's top-k checks for rows of
-    `top_k`: e.g. rows taken from validated (or stamped) shards, as curate writes them.
-    `max_topk_id`: the largest top-k id of the table, or an upper bound of it (the largest of the
-    source shards' stamps).
+def pending(table: pa.Table, checked: TopkChecked) -> bytes:
+    """The stamp to put in the footer of `table`'s shard before writing it; `seal` completes it.
     Raises ValueError for a table with null top-k values (it cannot be stamped)."""
-    digest = topk_digest(table)
-    if digest is None:
-        raise ValueError("a table with null top-k values cannot be stamped")
-    return Stamp(digest, int(top_k), int(max_topk_id))
+    for name in stored_topk_columns(shard_encoding(table.schema)):
+        if any(_has_nulls(chunk) for chunk in table[name].chunks):
+            raise ValueError("a table with null top-k values cannot be stamped")
+    return Stamp(_PENDING, int(checked.top_k), int(checked.max_topk_id)).to_json()
+
+
+def seal(path: Path, rows: np.ndarray) -> Stamp:
+    """Write the digest of a shard just written with a `pending` stamp over its placeholder;
+    `rows`: the top-k rows of each of its records (`codec.topk_rows` of the table written)."""
+    shard = pq.ParquetFile(path)
+    meta = shard.metadata.metadata
+    written = meta[STAMP_KEY]
+    stamp = replace(Stamp(**json.loads(written)), digest=file_digest(shard, path, rows))
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(size - 8)
+        length = int.from_bytes(f.read(4), "little")
+        f.seek(size - 8 - length)
+        footer = f.read(length)
+        footer = _swap(footer, written, stamp.to_json(), path)  # Parquet's key-value copy
+        arrow = meta.get(b"ARROW:schema")
+        if arrow is not None:  # the Arrow schema's copy, which pyarrow's readers take
+            inner = _swap(base64.b64decode(arrow), written, stamp.to_json(), path)
+            footer = _swap(footer, arrow, base64.b64encode(inner), path)
+        f.seek(size - 8 - length)
+        f.write(footer)
+    return stamp
+
+
+def _swap(data: bytes, old: bytes, new: bytes, path: Path) -> bytes:
+    if len(old) != len(new) or data.count(old) != 1:
+        raise RuntimeError(f"cannot seal the stamp of `{path}`: its footer does not hold the pending stamp once")
+    return data.replace(old, new)
+
+
+def file_digest(shard: pq.ParquetFile, path: Path, rows: np.ndarray) -> str:
+    """The digest of a shard's stored top-k as the file at `path` holds it (`shard`: that file
+    opened), and of `rows`, the top-k rows of each record. Raises KeyError for a missing top-k
+    column."""
+    encoding = shard_encoding(shard.schema_arrow)
+    metadata = shard.metadata
+    leaves: dict[str, list[int]] = {}  # column -> its Parquet leaf columns (one, or a nested list's)
+    for i in range(metadata.num_columns):
+        leaves.setdefault(metadata.schema.column(i).path.split(".")[0], []).append(i)
+    whole = hashlib.sha256(json.dumps(encoding, sort_keys=True).encode())
+    with open(path, "rb") as f:
+        for name in stored_topk_columns(encoding):
+            whole.update(f"{name}:{shard.schema_arrow.field(name).type}".encode())
+            for group in range(metadata.num_row_groups):
+                row_group = metadata.row_group(group)
+                whole.update(np.int64(row_group.num_rows).tobytes())
+                for i in leaves[name]:
+                    chunk = row_group.column(i)
+                    f.seek(chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset)
+                    whole.update(f.read(chunk.total_compressed_size))
+    whole.update(np.ascontiguousarray(rows, dtype="<i8").view(np.uint8))
+    return whole.hexdigest()
+
+
+def response_rows(data: pa.Table | pa.RecordBatch) -> np.ndarray:
+    """The response length of each record: the top-k rows a stamp's digest must bind."""
+    return pc.fill_null(pc.list_value_length(data["response_token_ids"]), 0).to_numpy(zero_copy_only=False)
+
+
+def _has_nulls(array: pa.Array) -> bool:
+    while True:
+        if array.null_count:
+            return True
+        if not _is_list(array.type):
+            return False
+        array = array.flatten()
 
 
 def read_stamp(path: Path) -> Stamp | None:
@@ -159,14 +174,16 @@ def stamp_in(schema: pa.Schema) -> Stamp | None:
 
 
 def verified_stamp(path: Path) -> Stamp | None:
-    """A shard's stamp where the top-k it holds is the one the stamp vouches for (its stored top-k
-    read and hashed, not decoded); None where the shard has no stamp, or another top-k."""
+    """A shard's stamp where the top-k it holds is the one the stamp vouches for, with one row per
+    response token (its stored top-k hashed, not read); None where the shard has no stamp, or
+    another top-k."""
     shard = pq.ParquetFile(path)
     stamp = stamp_in(shard.schema_arrow)
     if stamp is None:
         return None
-    encoding = shard_encoding(shard.schema_arrow)
-    digest = TopkDigest(encoding)
-    for batch in shard.iter_batches(columns=list(stored_topk_columns(encoding))):
-        digest.update(batch)
-    return stamp if digest.hexdigest() == stamp.digest else None
+    rows = np.concatenate([response_rows(b) for b in shard.iter_batches(columns=["response_token_ids"])] or
+                          [np.zeros(0, np.int64)])
+    try:
+        return stamp if file_digest(shard, path, rows) == stamp.digest else None
+    except KeyError:
+        return None

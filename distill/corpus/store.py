@@ -18,9 +18,10 @@ from distill.corpus.codec import (
     decode,
     logical_types,
     shard_encoding,
+    topk_rows,
 )
 from distill.corpus.manifest import CorpusStats
-from distill.corpus.stamp import STAMP_KEY, TopkChecked, stamp_of
+from distill.corpus.stamp import STAMP_KEY, TopkChecked, pending, seal
 from distill.files import DiskFull, atomic_path
 
 STATS_KEY = b"distill.stats"
@@ -58,28 +59,32 @@ def write_shard(root: Path, index: int, table: pa.Table, subdir: str = "data",
     meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != STAMP_KEY}  # a copied shard's stamp
     meta[STATS_KEY] = json.dumps({"records": table.num_rows, "response_tokens": tokens}).encode()
     if checked is not None:
-        meta[STAMP_KEY] = stamp_of(table, checked.top_k, checked.max_topk_id).to_json()
+        meta[STAMP_KEY] = pending(table, checked)
     table = table.replace_schema_metadata(meta)
     path = Path(root) / subdir / f"part-{index:05d}.parquet"
-    packed = [c for c in (PACKED_IDS, LOGPROB_CODES) if c in table.column_names]
     try:
         with atomic_path(path) as tmp:
-            # Page checksums: `validate` finds a flipped byte in the data instead of reading it.
-            # The packed top-k columns: TOPK_ZSTD_LEVEL; no min/max statistics (they would copy two
-            # whole byte strings per page into the file). No Parquet dictionary on any column: a
-            # record's values are its own (ids, texts, token lists; a prompt is asked once), so
-            # Parquet built one only to give up, and zstd finds what repeats. Without it, 10 shards
-            # of real ShareGPT answers and of realistic records rewrote in 0.85-0.89x the time in
-            # no more bytes (docs/results/scale.md); benchmarks/shard_io.py compares the settings.
-            others = [c for c in table.column_names if c not in packed]
-            pq.write_table(table, tmp, compression="zstd", write_page_checksum=True,
-                           compression_level={c: TOPK_ZSTD_LEVEL if c in packed else OTHER_ZSTD_LEVEL
-                                              for c in table.column_names},
-                           write_statistics=others, use_dictionary=False)
+            pq.write_table(table, tmp, **write_options(table.column_names))
+            if checked is not None:
+                seal(tmp, topk_rows(table, shard_encoding(table.schema)))
     except DiskFull:
         raise DiskFull(f"no space left on device writing shard {index} (`{path}`); the finished shards are "
                        "kept: free space and rerun") from None
     return path
+
+
+def write_options(columns: Sequence[str]) -> dict:
+    """The `pq.write_table` settings of a shard of these columns. Page checksums: `validate` finds a
+    flipped byte in the data instead of reading it. The packed top-k columns: TOPK_ZSTD_LEVEL; no
+    min/max statistics (they would copy two whole byte strings per page into the file). No Parquet
+    dictionary on any column: a record's values are its own (ids, texts, token lists; a prompt is
+    asked once), so Parquet built one only to give up, and zstd finds what repeats. Without it, 10
+    shards of real ShareGPT answers and of realistic records rewrote in 0.85-0.89x the time in no
+    more bytes (docs/results/scale.md); benchmarks/shard_io.py compares the settings."""
+    packed = [c for c in (PACKED_IDS, LOGPROB_CODES) if c in columns]
+    return {"compression": "zstd", "write_page_checksum": True, "use_dictionary": False,
+            "compression_level": {c: TOPK_ZSTD_LEVEL if c in packed else OTHER_ZSTD_LEVEL for c in columns},
+            "write_statistics": [c for c in columns if c not in packed]}
 
 
 def shard_paths(root: Path, subdir: str = "data") -> list[Path]:

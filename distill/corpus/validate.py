@@ -34,10 +34,9 @@ from distill.corpus.codec import (
     locate,
     logical_table,
     shard_encoding,
-    topk_rows,
 )
 from distill.corpus.manifest import SCHEMA, CorpusStats, Manifest, read_manifest
-from distill.corpus.stamp import Stamp, TopkChecked, TopkDigest, stamp_in, stored_topk_columns
+from distill.corpus.stamp import Stamp, TopkChecked, file_digest, response_rows, stamp_in, stored_topk_columns
 from distill.corpus.store import READ_ERRORS, shard_paths, unreadable
 
 
@@ -108,9 +107,9 @@ def checked_batches(root: Path, subdir: str = "data", max_problems: int = 20, ba
     found are raised as one `CorpusError`.
 
     `trust_stamps`: a shard whose stamp vouches for the top-k it holds (`stamp.py`: the digest of
-    its stored top-k equal, the rules' version, the manifest's k, below its `vocab_size`) is read
-    without decoding its top-k, whose own checks (widths, sorted, finite, in the vocabulary) are
-    skipped; every other check runs (the top-k's rows against the response length among them).
+    its stored top-k bytes and response lengths equal, the stamp's version, the manifest's k,
+    below its `vocab_size`) is read without decoding its top-k, whose own checks (widths, sorted,
+    finite, in the vocabulary, one row per response token) are skipped; every other check runs.
     Such a shard is read whole before its first batch is yielded (its digest is known only then);
     any other is validated in full, as without `trust_stamps`."""
     root = Path(root)
@@ -197,8 +196,8 @@ class _Totals:
 def _shard_summary(path: Path, root: Path, manifest: Manifest, batch_size: int, trust_stamps: bool,
                    max_problems: int) -> ShardCheck:
     """`check_records`'s work on one shard (in a worker process where it maps over a pool): the
-    shard's checks run to the end, its batches dropped."""
-    batches = _check_shard(path, root, manifest, batch_size, trust_stamps, None, max_problems)
+    shard's checks run to the end, its batches dropped (a top-k that its stamp vouches for unread)."""
+    batches = _check_shard(path, root, manifest, batch_size, trust_stamps, None, max_problems, read_topk=False)
     while True:
         try:
             next(batches)
@@ -207,10 +206,13 @@ def _shard_summary(path: Path, root: Path, manifest: Manifest, batch_size: int, 
 
 
 def _check_shard(path: Path, root: Path, manifest: Manifest, batch_size: int, trust_stamps: bool,
-                 seen: disk_state.SeenStrings | None, room: int) -> Generator[CheckedBatch, None, ShardCheck]:
+                 seen: disk_state.SeenStrings | None, room: int,
+                 read_topk: bool = True) -> Generator[CheckedBatch, None, ShardCheck]:
     """One shard's checks, batch by batch: yields its clean batches, returns what it found (up to
     `room` problems). `seen`: the ids read so far, checked for repeats batch by batch (None: the
-    shard's ids are returned for the caller to check)."""
+    shard's ids are returned for the caller to check). `read_topk`: False where the caller only
+    wants the verdict: a top-k that the shard's stamp vouches for is then not read at all (its
+    batches are yielded without it)."""
     k, encoding_named = manifest.generation.top_k, manifest.generation.logprob_encoding
     vocab_size = manifest.teacher.vocab_size
     where = f"{path.relative_to(root)}"
@@ -219,10 +221,12 @@ def _check_shard(path: Path, root: Path, manifest: Manifest, batch_size: int, tr
         shard = pq.ParquetFile(path, page_checksum_verification=True)
         shard.schema_arrow.names  # decoded lazily: a damaged name fails here
         encoding = shard_encoding(shard.schema_arrow)
-        stored = shard.iter_batches(batch_size=batch_size)
         stamp = stamp_in(shard.schema_arrow) if trust_stamps else None
+        stored = None
         if stamp is not None:
-            stored, stamp = _vouched(stored, stamp, encoding, k, vocab_size)
+            stored, stamp = _vouched(path, shard, stamp, encoding, k, vocab_size, batch_size, read_topk)
+        if stored is None:
+            stored = shard.iter_batches(batch_size=batch_size)
     except CorpusError as e:
         return ShardCheck(where, [f"{where}: {e}"], counted=False)
     except READ_ERRORS as e:
@@ -244,11 +248,10 @@ def _check_shard(path: Path, root: Path, manifest: Manifest, batch_size: int, tr
         try:  # decoding also casts the stored widths to the contract's, or names a type problem
             if stamp is None:
                 table = pa.Table.from_batches([decode(batch, encoding)])
-                topk_rows_ = None
             else:  # the top-k vouched for: only the other columns are decoded and checked
                 batch = conform(batch)
-                table = pa.Table.from_batches([batch]).drop_columns(list(stored_topk_columns(encoding)))
-                topk_rows_ = topk_rows(batch, encoding)
+                table = pa.Table.from_batches([batch])
+                table = table.drop_columns([c for c in stored_topk_columns(encoding) if c in table.column_names])
         except (CorpusError, pa.ArrowException, KeyError) as e:
             found.problems.append(f"{where}: {e}")
             found.counted = False
@@ -261,7 +264,7 @@ def _check_shard(path: Path, root: Path, manifest: Manifest, batch_size: int, tr
                 found.problems.append(f"{where}: missing columns {missing}")
                 found.counted = False
                 break
-        problems = _batch_problems(table, where, k, vocab_size, seen, topk_rows_)
+        problems = _batch_problems(table, where, k, vocab_size, seen)
         found.problems += problems
         if seen is None:
             found.ids += table["id"].to_pylist()
@@ -278,21 +281,25 @@ def _check_shard(path: Path, root: Path, manifest: Manifest, batch_size: int, tr
     return found
 
 
-def _vouched(batches: Iterator[pa.RecordBatch], stamp: Stamp, encoding: dict, k: int,
-             vocab_size: int | None) -> tuple[Iterator[pa.RecordBatch], Stamp | None]:
-    """A stamped shard's batches (read whole), and its stamp where it vouches for the top-k they hold
-    under this manifest: the digest of their stored top-k equal to the stamp's, rows of the
-    manifest's k, ids below its `vocab_size`. None: the shard is validated in full."""
-    batches = list(batches)
-    digest = TopkDigest(encoding)
+def _vouched(path: Path, shard: pq.ParquetFile, stamp: Stamp, encoding: dict, k: int, vocab_size: int | None,
+             batch_size: int, read_topk: bool) -> tuple[Iterator[pa.RecordBatch] | None, Stamp | None]:
+    """A stamped shard's batches (read whole; without its top-k unless `read_topk`), and its stamp
+    where it vouches for the top-k the file holds under this manifest: the digest of the stored
+    top-k and the response lengths equal to the stamp's, rows of the manifest's k, ids below its
+    `vocab_size`. No stamp: the shard is validated in full, from the batches returned, or where
+    they lack the top-k (None) from a fresh read."""
+    if stamp.top_k != k or (vocab_size is not None and stamp.max_topk_id >= vocab_size):
+        return None, None
+    topk = stored_topk_columns(encoding)
+    columns = None if read_topk else [c for c in shard.schema_arrow.names if c not in topk]
+    batches = list(shard.iter_batches(batch_size=batch_size, columns=columns))
     try:
-        for batch in batches:
-            digest.update(batch)
-    except KeyError:  # a top-k column missing: the full validation names it
-        return iter(batches), None
-    if digest.hexdigest() != stamp.digest or stamp.top_k != k or \
-            (vocab_size is not None and stamp.max_topk_id >= vocab_size):
-        return iter(batches), None
+        rows = np.concatenate([response_rows(b) for b in batches] or [np.zeros(0, np.int64)])
+        vouched = file_digest(shard, path, rows) == stamp.digest
+    except KeyError:  # a column missing: the full validation names it
+        vouched = False
+    if not vouched:
+        return (iter(batches) if read_topk else None), None
     return iter(batches), stamp
 
 
@@ -328,18 +335,15 @@ def _expected_stats(manifest: Manifest, subdir: str) -> CorpusStats:
     return manifest.stats if subdir == "data" else manifest.rejected_stats or CorpusStats()
 
 
-def _batch_problems(table: pa.Table, where: str, k: int, vocab_size: int | None, seen: disk_state.SeenStrings | None,
-                    topk_rows: np.ndarray | None = None) -> list[str]:
+def _batch_problems(table: pa.Table, where: str, k: int, vocab_size: int | None,
+                    seen: disk_state.SeenStrings | None) -> list[str]:
     """What is wrong in these records of a shard with the right columns; `seen`: the ids read so far.
-    `topk_rows`: where the top-k was vouched for by the shard's stamp and is not in `table`, its
-    rows per record (`codec.topk_rows`), checked against the response length; its own checks are
-    left out (each check below looks only at the columns `table` holds). None `seen`: the ids are
-    not checked for repeats."""
+    Each check looks only at the columns `table` holds: where the shard's stamp vouched for its
+    top-k, `table` lacks it (its rows per record were bound to the response lengths by the stamp's
+    digest). None `seen`: the ids are not checked for repeats."""
     problems = []
     n_tokens = pc.list_value_length(table["response_token_ids"])
     lengths = {col: pc.list_value_length(table[col]) for col in TOKEN_COLUMNS if col in table.column_names}
-    if topk_rows is not None:
-        lengths["topk_token_ids"] = pa.array(topk_rows, type=n_tokens.type)
     for col, length in lengths.items():
         problems += _rows(table, pc.not_equal(length, n_tokens), f"{where}: `{col}` length differs from `response_token_ids`")
     for col in ("topk_token_ids", "topk_logprobs"):
