@@ -3,8 +3,9 @@ top-k bytes", so that a reader trusting it can skip reading and checking the top
 (docs/corpus-format.md).
 
 The stamp binds a digest of the top-k as the file stores it: the shard's encoding, then per
-stored top-k column its Arrow type and the bytes of its column chunks (compressed pages with
-their headers: what decoding reads), and last the top-k rows of each record. A reader hashes the
+stored top-k column its Arrow type and its column chunks (their bytes, compressed pages with their
+headers, and how the footer says to read them: what decoding reads), and last the top-k rows of
+each record. A reader hashes the
 same chunk bytes straight from the file, without decompressing them, and the response length of
 each record in place of its top-k rows: the digest equal to the stamp's, the top-k bytes are the
 ones that were checked and every record has one top-k row per response token. Any edit to the
@@ -143,6 +144,8 @@ def file_digest(shard: pq.ParquetFile, path: Path, rows: np.ndarray) -> str:
                 whole.update(np.int64(row_group.num_rows).tobytes())
                 for i in leaves[name]:
                     chunk = row_group.column(i)
+                    # how the footer says to read the bytes, and the bytes
+                    whole.update(f"{chunk.physical_type}:{chunk.compression}:{chunk.encodings}:{chunk.num_values}".encode())
                     f.seek(chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset)
                     whole.update(f.read(chunk.total_compressed_size))
     whole.update(np.ascontiguousarray(rows, dtype="<i8").view(np.uint8))
