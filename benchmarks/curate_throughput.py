@@ -19,7 +19,7 @@ import numpy as np
 from common import Headline, emit, parse_args
 
 from distill import corpus
-from distill.curation.pipeline import build_filters, columns_read, curate_shard
+from distill.curation.pipeline import build_filters, columns_read, judge_shard
 from distill.curation.report import Report
 from distill.tiny import WORDS
 
@@ -67,8 +67,7 @@ def run_pipeline(root: Path, names: list[str]) -> tuple[float, int]:
     t = time.perf_counter()
     kept = 0
     for path in corpus.shard_paths(root):  # as `curate` filters a shard, less the writing
-        k, _ = curate_shard(path, filters, None, None, report, columns_read(filters), batch_size=1024)
-        kept += k.num_rows
+        kept += int(judge_shard(path, filters, None, None, report, columns_read(filters), batch_size=1024).keep.sum())
     return time.perf_counter() - t, kept
 
 

@@ -1,9 +1,9 @@
 """`curate()`: a corpus in, a corpus of kept records out, plus every rejected record with its
 reason. Streams shard by shard, batch by batch, reading only the columns the filters read (each
 declares them: `Filter.reads`); kept and rejected rows are then taken from the stored shard with
-Arrow and written on a writer thread while the next shard is filtered. Each filter sees only the
-records that every filter before it kept, so a record failing several filters is charged to the
-first."""
+Arrow and written by the worker processes (or a writer thread) while the next shard is filtered.
+Each filter sees only the records that every filter before it kept, so a record failing several
+filters is charged to the first."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import itertools
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,21 +156,15 @@ def _curate_checked(cfg: CurateConfig, out: Path, filters: list[Filter], manifes
     report = Report([label(f) for f in filters])
     columns = columns_read(filters)
     paths = corpus.shard_paths(cfg.corpus)
-    # closed on an error too: the error then starts on its own line. One writer thread: a shard
-    # is compressed and written (pyarrow lets go of the GIL) while the next one is filtered.
+    # closed on an error too: the error then starts on its own line. The shards are written
+    # (`write_curated`) in the workers, else on one thread, while the next shards are filtered.
     with tqdm(total=manifest.stats.records, unit="rec", desc="curate", file=sys.stderr, dynamic_ncols=True) as bar, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="curate-writer") as writer:
-        pending = None
+            workers.Writes(ahead) as writes:
         judged = ahead.shards(paths) if ahead else itertools.repeat(None)
         for path, verdicts in zip(paths, judged):
-            kept, rejected = curate_shard(path, filters, masker, decode, report, columns, cfg.batch_size,
-                                          bar.update, verdicts)
-            if pending is not None:
-                pending.result()  # one shard in flight at a time: memory stays at two shards
-            pending = writer.submit(_write_outputs, out, corpus.shard_index(path), kept, rejected,
-                                    manifest.generation.top_k, max_topk_id)
-        if pending is not None:
-            pending.result()
+            verdict = judge_shard(path, filters, masker, decode, report, columns, cfg.batch_size, bar.update, verdicts)
+            writes.submit(write_curated, path, out, verdict, masker is not None, manifest.generation.top_k,
+                          max_topk_id)
     summary = report.summary()
     result = CurateResult(out, kept=summary["kept"]["records"], rejected=summary["rejected"]["records"],
                           rejected_by_filter={f["name"]: f["rejected"] for f in summary["filters"]})
@@ -201,31 +194,49 @@ def columns_read(filters: list[Filter]) -> list[str] | None:
     return [c for c in (*corpus.COLUMNS, "loss_mask") if c in wanted]
 
 
-def curate_shard(path: Path, filters: list[Filter], masker, decode, report: Report, columns: list[str] | None,
-                 batch_size: int, progress=lambda n: None,
-                 judged: list[workers.BatchVerdicts] | None = None) -> tuple[pa.Table, pa.Table]:
-    """One shard, read once as stored, through the filters batch by batch (decoding only `columns`);
-    then its kept and rejected rows (the latter with `reject_reason`) taken from the stored shard with Arrow, so a
-    quantized corpus stays quantized without being decoded or encoded again. `judged`: the
-    verdicts of the filters that judge records alone, per batch, from the workers."""
+@dataclass(frozen=True)
+class ShardVerdict:
+    """The filters' decisions on one shard's rows."""
+    keep: np.ndarray  # bool per row
+    reasons: list[str]  # the `reject_reason` of each rejected row, in row order
+    masks: dict[int, list[bool]]  # shard row -> loss mask, for the records the PII masker masked
+
+
+def judge_shard(path: Path, filters: list[Filter], masker, decode, report: Report, columns: list[str] | None,
+                batch_size: int, progress=lambda n: None,
+                judged: list[workers.BatchVerdicts] | None = None) -> ShardVerdict:
+    """One shard through the filters batch by batch, reading and decoding only `columns`.
+    `judged`: the verdicts of the filters that judge records alone, per batch, from the workers."""
     keep: list[np.ndarray] = []
     reasons: list[str] = []
-    masks: dict[int, list[bool]] = {}  # shard row -> loss mask of a PII-masked record
+    masks: dict[int, list[bool]] = {}
     offset = 0
-    table = corpus.read_stored(path)  # once: the filters' columns, then the rows kept and rejected, as stored
-    for n, batch in enumerate(corpus.stored_batches(path, table, columns, batch_size)):
+    for n, batch in enumerate(corpus.stored_batches(path, corpus.read_stored(path, columns), columns, batch_size)):
         verdict = filter_batch(batch, filters, masker, decode, report, judged[n] if judged is not None else None)
         keep.append(verdict.keep)
         reasons += [r for r in verdict.reasons if r is not None]
         masks.update({offset + i: m for i, m in verdict.masks.items()})
         offset += batch.num_rows
         progress(batch.num_rows)
-    keep_all = np.concatenate(keep) if keep else np.zeros(0, dtype=bool)
-    if masker is not None or "loss_mask" in table.column_names:  # every shard gets the same schema
-        table = _set_loss_mask(table, masks)
-    kept = table.take(np.flatnonzero(keep_all))
-    rejected = table.take(np.flatnonzero(~keep_all))
-    return kept, rejected.append_column("reject_reason", pa.array(reasons, pa.string()))
+    return ShardVerdict(np.concatenate(keep) if keep else np.zeros(0, dtype=bool), reasons, masks)
+
+
+def write_curated(path: Path, out: Path, verdict: ShardVerdict, masking: bool, k: int, max_topk_id: int) -> None:
+    """A judged shard's kept rows and its rejected ones (with `reject_reason`), taken from the
+    stored shard with Arrow, so a quantized corpus stays quantized without being decoded or encoded
+    again; each part stamped: its rows come from validated shards, so its top-k passed the checks,
+    and the largest top-k id of the whole source is its stamp's bound. `masking`: the PII masker
+    runs (every shard then gets a `loss_mask`, for one schema)."""
+    table = corpus.read_stored(path)
+    if masking or "loss_mask" in table.column_names:
+        table = _set_loss_mask(table, verdict.masks)
+    rejected = table.take(np.flatnonzero(~verdict.keep))
+    parts = {"data": table.take(np.flatnonzero(verdict.keep)),
+             "rejected": rejected.append_column("reject_reason", pa.array(verdict.reasons, pa.string()))}
+    index = corpus.shard_index(path)
+    for subdir, part in parts.items():
+        if part.num_rows:
+            _write_shard(out, index, part, subdir, corpus.TopkChecked(k, max_topk_id))
 
 
 @dataclass(frozen=True)
@@ -274,14 +285,6 @@ def _interrupted_curation(out: Path) -> bool:
     """`out` as a killed curate leaves it: shards but no manifest (written last)."""
     return not (out / corpus.MANIFEST).exists() and all(
         p.name in ("data", "rejected", corpus.TOKENIZER_DIR, files.LOCK_NAME) or p.match(files.PARTIAL_GLOB) for p in out.iterdir())
-
-
-def _write_outputs(out: Path, index: int, kept: pa.Table, rejected: pa.Table, k: int, max_topk_id: int) -> None:
-    """Both parts of a curated shard, each stamped: its rows come from validated shards, so its top-k
-    passed the checks; the largest top-k id of the whole source is its stamp's bound."""
-    for subdir, table in (("data", kept), ("rejected", rejected)):
-        if table.num_rows:
-            _write_shard(out, index, table, subdir, corpus.TopkChecked(k, max_topk_id))
 
 
 def _write_shard(out: Path, index: int, table: pa.Table, subdir: str, checked: corpus.TopkChecked) -> None:

@@ -7,7 +7,9 @@ verdicts up. They judge every row of a batch (not only the rows that earlier fil
 gives the same verdict on the rows that count: a record is still charged to the first filter, in
 the configured order, that rejects it. Of a remembering filter only what it computes from each
 record alone (`Filter.prepare`: MinHash signatures, digests) is computed here; its matching
-against the records before stays in the curating process, in corpus order.
+against the records before stays in the curating process, in corpus order. The workers also
+write the curated shards (`Writes`): the curating process keeps only what needs corpus order, so
+that it does not bound curate's speed however many workers there are.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import multiprocessing
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,14 +59,14 @@ def default_workers(records: int, cpus: int | None) -> int:
 
 class Ahead:
     """Submits shards to the worker pool, at most `2 * workers` ahead of the one being read; `for
-    verdicts in ahead.shards(paths)` yields each shard's batch verdicts in order. `map` lends the
-    pool to other work (the corpus's checks before curating)."""
+    verdicts in ahead.shards(paths)` yields each shard's batch verdicts in order. `map` and
+    `submit` lend the pool to other work (the corpus's checks before curating, the writing)."""
 
     def __init__(self, filters: list[Filter], masker: Filter | None, root: Path, batch_size: int, workers: int):
         self._indices = offloaded(filters)
         self._masker = filters.index(masker) if masker is not None else None
         self._columns = sorted({c for n in self._indices for c in filters[n].reads()})
-        self._batch_size, self._workers = batch_size, workers
+        self._batch_size, self.workers = batch_size, workers
         specs = [filters[n].settings() for n in self._indices]
         # spawn: the curating process holds threads (the writer, tqdm's) that a fork would copy mid-state
         self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
@@ -74,24 +76,63 @@ class Ahead:
         """`fn` over the iterables in the worker processes, results in order (`Executor.map`)."""
         return self._pool.map(fn, *iterables)
 
+    def submit(self, fn: Callable, *args) -> Future:
+        """`fn(*args)` in a worker process (`Executor.submit`)."""
+        return self._pool.submit(fn, *args)
+
     def shards(self, paths: list[Path]) -> Iterator[list[BatchVerdicts]]:
         pending: deque[Future] = deque()
         upcoming = iter(paths)
         for _ in paths:
-            while len(pending) < 2 * self._workers:
+            while len(pending) < 2 * self.workers:
                 path = next(upcoming, None)
                 if path is None:
                     break
                 pending.append(self._pool.submit(_judge, path, self._columns, self._batch_size))
-            try:
-                yield pending.popleft().result()
-            except BrokenProcessPool as e:
-                raise RuntimeError("curate's worker processes died (a script that calls `curate()` needs an "
-                                   "`if __name__ == \"__main__\":` guard, as for any spawned process; or set "
-                                   "`workers: 0`)") from e
+            yield result(pending.popleft())
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Writes:
+    """The curated shards' writing, in order of submission: in the worker processes where there
+    are workers (`ahead`), else on one thread of the curating process. At most two shards per
+    worker (one on a thread) are in flight: `submit` waits for the oldest, and raises its error."""
+
+    def __init__(self, ahead: Ahead | None):
+        self._thread = None if ahead else ThreadPoolExecutor(1, thread_name_prefix="curate-writer")
+        self._executor: Ahead | Executor = ahead or self._thread
+        self._depth = 2 * ahead.workers if ahead else 1
+        self._pending: deque[Future] = deque()
+
+    def submit(self, fn: Callable, *args) -> None:
+        while len(self._pending) >= self._depth:
+            result(self._pending.popleft())
+        self._pending.append(self._executor.submit(fn, *args))
+
+    def __enter__(self) -> Writes:
+        return self
+
+    def __exit__(self, error_type, *_) -> None:
+        try:
+            while self._pending and error_type is None:
+                result(self._pending.popleft())
+        finally:
+            for future in self._pending:
+                future.cancel()
+            if self._thread is not None:
+                self._thread.shutdown(wait=True)
+
+
+def result(future: Future) -> Any:
+    """A worker's result; its pool broken, what to do about it."""
+    try:
+        return future.result()
+    except BrokenProcessPool as e:
+        raise RuntimeError("curate's worker processes died (a script that calls `curate()` needs an "
+                           "`if __name__ == \"__main__\":` guard, as for any spawned process; or set "
+                           "`workers: 0`)") from e
 
 
 # In each worker process: the independent filters, built once from their settings.
