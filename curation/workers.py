@@ -68,7 +68,7 @@ class Ahead:
         self._columns = sorted({c for n in self._indices for c in filters[n].reads()})
         self._batch_size, self.workers = batch_size, workers
         specs = [filters[n].settings() for n in self._indices]
-        # spawn: the curating process holds threads (the writer, tqdm's) that a fork would copy mid-state
+        # spawn: the curating process holds threads (tqdm's, the pool's own) that a fork would copy mid-state
         self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_start, initargs=(specs, self._indices, self._masker, str(root)))
 
