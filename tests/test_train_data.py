@@ -153,13 +153,15 @@ def test_the_pre_pass_reads_the_corpus_once_keeping_what_can_train_and_counting_
     assert sorted(opened) == corpus.shard_paths(root)
     kept = [r for r in records if len(r["prompt_token_ids"]) < 5]
     assert (data.records, data.skipped, data.max_token_id) == (3000, 3000 - len(kept), 9000)
-    # the file keeps the top-k as stored; the rows read come decoded
+    # the file keeps the top-k as stored; the rows read come decoded, a record's top-k one [T, k] array
     assert data.dataset.column_names == [c for c in TRAINING_COLUMNS if c not in ("topk_token_ids", "topk_logprobs", "loss_mask")]
     assert data.dataset["id"] == [r["id"] for r in kept]
     stored = {r["id"]: r for r in corpus.iter_records(root)}
     for row in (data.dataset[0], data.dataset[len(kept) - 1]):
         assert set(row) == {"id", "prompt_token_ids", "response_token_ids", "topk_token_ids", "topk_logprobs"}
-        assert row == {c: stored[row["id"]][c] for c in row}
+        topk = ("topk_token_ids", "topk_logprobs")
+        assert all(row[c].shape == (len(row["response_token_ids"]), K) for c in topk)
+        assert {c: row[c].tolist() if c in topk else row[c] for c in row} == {c: stored[row["id"]][c] for c in row}
 
 
 def test_the_pre_pass_refuses_an_invalid_corpus_as_validate_does(tmp_path):
@@ -275,7 +277,8 @@ def test_training_batches_are_those_of_the_decoded_corpus(tmp_path, kind):
     # the top-k kept as stored where the shards share one quantized encoding, else decoded before step 1
     assert (corpus.PACKED_IDS in data.dataset.column_names) == (kind == "stamped")
     assert 0 < len(reference) < data.records and data.skipped == data.records - len(reference)
-    assert data.dataset.__getitems__(list(range(len(data.dataset)))) == reference
+    read = data.dataset.__getitems__(list(range(len(data.dataset))))  # a stored top-k comes as arrays
+    assert [{c: v.tolist() if isinstance(v, np.ndarray) else v for c, v in r.items()} for r in read] == reference
     largest = max(max(max(r["topk_token_ids"], key=max, default=[0]), default=0) for r in reference)
     assert data.max_token_id >= largest
     collator = DistillCollator(pad_token_id=0, max_length=max_length, top_k=4)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -74,8 +75,12 @@ class DecodedTopk:
             return rows
         table = pa.table({"id": rows["id"], **{c: pa.array(rows.pop(c), pa.large_binary()) for c in stored}})
         decoded = corpus.decode(table, self.encoding)
-        return {**rows, "topk_token_ids": decoded["topk_token_ids"].to_pylist(),
-                "topk_logprobs": decoded["topk_logprobs"].to_pylist()}
+        # Each record's rows as one [T, k] array (writable, for torch): nested Python lists were a
+        # float object per entry, most of a batch's cost (benchmarks/train_batches.py).
+        ends = np.cumsum(pc.list_value_length(decoded["topk_token_ids"]).to_numpy(zero_copy_only=False))[:-1]
+        k = self.encoding["k"]
+        return {**rows, **{c: np.split(corpus.leaves(decoded[c]).to_numpy().reshape(-1, k).copy(), ends)
+                           for c in ("topk_token_ids", "topk_logprobs")}}
 
 
 def kept_topk_encoding(roots: Sequence[Path]) -> dict | None:
@@ -215,13 +220,13 @@ class DistillCollator:
             target[i, rows] = keep
             if n == 0 or k == 0:  # k 0: no stored top-k (a chat dataset: the online teacher gives the targets)
                 continue
-            ids = torch.tensor(r["topk_token_ids"][:n], dtype=torch.long).reshape(n, *per_row[:-1], -1)
+            ids = torch.as_tensor(np.asarray(r["topk_token_ids"][:n], dtype=np.int64)).reshape(n, *per_row[:-1], -1)
             width = ids.shape[-1]
             if width > k:
                 raise ValueError(f"record {r['id']!r}: {width} top-k ids per position, more than the {k} of the corpora")
             topk_lps[i, rows] = PAD_LOGPROB  # the slots beyond this record's k
             topk_ids[i, rows, ..., :width] = ids
-            topk_lps[i, rows, ..., :width] = torch.tensor(r["topk_logprobs"][:n], dtype=torch.float32).reshape(ids.shape)
+            topk_lps[i, rows, ..., :width] = torch.as_tensor(np.asarray(r["topk_logprobs"][:n], dtype=np.float32)).reshape(ids.shape)
         labels[~target] = -100
         batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "target_mask": target,
                  "topk_ids": topk_ids, "topk_logprobs": topk_lps,
