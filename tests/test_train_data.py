@@ -228,6 +228,40 @@ def test_an_epoch_whose_last_batch_holds_one_record_trains(tmp_path, tiny_models
     assert [m["step"] for m in logs] == [1, 2] and all(m["ce"] > 0 for m in logs)
 
 
+def test_dataloader_workers_collate_the_same_batches(tmp_path, tiny_models, monkeypatch):
+    """Two worker processes read and collate the batches (the collator runs in them), and training
+    logs the same losses as with none."""
+    import json
+    import os
+
+    from distill.config import TrainConfig
+    from distill.train import data
+    from distill.train.trainer import train
+    from tests.helpers import make_corpus, record
+
+    source = make_corpus(tmp_path / "c", [record(i) for i in range(12)], teacher=str(tiny_models["llama-teacher"]))
+    collated_in = tmp_path / "pids"
+    collate = data.DistillCollator.__call__
+
+    def recording(self, records):
+        with collated_in.open("a") as f:  # appended by whichever process collates
+            f.write(f"{os.getpid()}\n")
+        return collate(self, records)
+
+    monkeypatch.setattr(data.DistillCollator, "__call__", recording)
+    logged = {}
+    for workers in (0, 2):
+        collated_in.write_text("")
+        out = train(TrainConfig(corpus=source, student=str(tiny_models["llama-student"]), out=tmp_path / f"w{workers}",
+                                lora=False, max_steps=3, batch_size=4, logging_steps=1, eval_fraction=0,
+                                dataloader_workers=workers)).path
+        pids = set(collated_in.read_text().split())
+        assert (pids == {str(os.getpid())}) == (workers == 0), pids
+        metrics = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        logged[workers] = [(m["step"], m["kd"], m["ce"]) for m in metrics if "kd" in m]
+    assert len(logged[0]) == 3 and logged[2] == logged[0]
+
+
 def mixed_corpus(root, kind: str):
     """Several shards as corpora hold them: `stamped` (generate's stamped shards, one written
     without a stamp, curated `loss_mask` and a student view), `layouts` (a corpus resumed by a newer

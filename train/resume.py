@@ -30,9 +30,10 @@ CHECKPOINT_DONE = "distill-checkpoint-complete"
 # The decoded training records, one folder per process (train/data.py): working files, not a
 # result. Under torchrun another rank may be writing its own while this one checks `out`.
 TRAINING_DATA = ".training-data"
-# Not part of a run's identity: what to do with `out`, and where the teacher answers (its key is a secret).
+# Not part of a run's identity: what to do with `out`, where the teacher answers (its key is a secret), and
+# how many processes collate the same batches.
 NOT_SETTINGS = {"out", "resume", "overwrite", "allow_incomplete", "teacher_endpoint", "teacher_endpoints", "teacher_api_key",
-                *TRACKING_FIELDS}
+                "dataloader_workers", *TRACKING_FIELDS}
 MULTI_TEACHER_FIELDS = ("mix", "ensemble", "teacher_weights")
 
 

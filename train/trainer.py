@@ -334,6 +334,7 @@ def _fit(cfg: TrainConfig, manifests: list[corpus.Manifest], data: TrainingData,
 
         peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                  target_modules="all-linear", task_type="CAUSAL_LM")
+    workers = cfg.dataloader_workers if cfg.dataloader_workers is not None else 2 if gpu else 0
     args = SFTConfig(
         output_dir=str(out / "checkpoints"), per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
@@ -344,6 +345,8 @@ def _fit(cfg: TrainConfig, manifests: list[corpus.Manifest], data: TrainingData,
         eval_steps=cfg.save_steps, seed=cfg.seed, bf16=gpu, use_cpu=not gpu,
         ddp_backend="gloo" if not gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        # a step waits for its batch where the training process collates it (benchmarks/train_batches.py)
+        dataloader_num_workers=workers, dataloader_persistent_workers=workers > 0,
         # the online teacher's hidden-state projections run outside the model's forward: DDP's search for
         # unused parameters would mark them unused there and then see their gradients (every weight is used)
         ddp_find_unused_parameters=False if online is not None and online.projection else None,
