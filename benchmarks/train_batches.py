@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from common import Headline, emit, parse_args
-from corpus_scale import K, SHARD, base_records
+from corpus_scale import SHARD, K, base_records
 
 from distill import corpus
 from distill.train.data import DecodedTopk, DistillCollator, write_training_data

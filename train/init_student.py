@@ -21,7 +21,6 @@ from distill import corpus, files
 from distill.config import InitStudentConfig
 from distill.engine import check_model
 
-
 LAYER_MAP_KEY = "distill_layer_map"  # in the student's config.json: the teacher layer each student layer was
 
 
