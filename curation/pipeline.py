@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import ValidationError
 from tqdm import tqdm
 
@@ -304,14 +305,19 @@ def pii_masks(batch, rows, masker: pii.PIIFilter, decode) -> dict[int, list[bool
 
 
 def _set_loss_mask(table: pa.Table, masks: dict[int, list[bool]]) -> pa.Table:
-    lengths = [len(x) for x in table.column("response_token_ids").to_pylist()]
-    old = table.column("loss_mask").to_pylist() if "loss_mask" in table.column_names else [None] * table.num_rows
-    merged = []
-    for i, n in enumerate(lengths):
-        base = old[i] if old[i] is not None else [True] * n
-        new = masks.get(i)
-        merged.append([a and b for a, b in zip(base, new)] if new is not None else base)
-    column = pa.array(merged, pa.list_(pa.bool_()))
+    """`loss_mask` on every row: the stored one (all True where absent or null), and False where
+    `masks` (row -> a mask of its response tokens) says so. On Arrow and numpy: a Python bool per
+    token was 5 us per realistic record."""
+    lengths = pc.list_value_length(table.column("response_token_ids")).to_numpy(zero_copy_only=False).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    flat = np.ones(int(starts[-1]), dtype=bool)
+    if "loss_mask" in table.column_names:
+        stored = table.column("loss_mask").combine_chunks()
+        present = stored.is_valid().to_numpy(zero_copy_only=False)
+        flat[np.repeat(present, lengths)] = stored.flatten().to_numpy(zero_copy_only=False)
+    for row, mask in masks.items():
+        flat[starts[row]:starts[row + 1]] &= np.asarray(mask, dtype=bool)
+    column = pa.ListArray.from_arrays(pa.array(starts, pa.int32()), pa.array(flat))
     if "loss_mask" in table.column_names:
         return table.set_column(table.column_names.index("loss_mask"), "loss_mask", column)
     return table.append_column("loss_mask", column)

@@ -138,6 +138,23 @@ def test_pii_mask_keeps_the_record_and_masks_only_its_tokens(tmp_path, planted, 
     assert corpus.validate(out)["records"] == len(CLEAN) + 1
 
 
+def test_a_pii_mask_joins_the_stored_loss_mask():
+    """The masked tokens are taken out of the stored mask (a null mask: every token trains);
+    without a stored mask, every row gets one."""
+    import pyarrow as pa
+
+    from distill.curation.pipeline import _set_loss_mask
+
+    T, F = True, False
+    ids = pa.array([[1, 2, 3], [4, 5], [6, 7, 8, 9]])
+    stored = pa.table({"response_token_ids": ids, "loss_mask": pa.array([[T, F, T], None, [T, T, T, F]])})
+    joined = _set_loss_mask(stored, {1: [F, T], 2: [F, T, T, T]})
+    assert joined.column("loss_mask").to_pylist() == [[T, F, T], [F, T], [F, T, T, F]]
+    fresh = _set_loss_mask(pa.table({"response_token_ids": ids}), {0: [T, T, F]})
+    assert fresh.column("loss_mask").to_pylist() == [[T, T, F], [T, T], [T, T, T, T]]
+    assert fresh.schema.field("loss_mask").type == pa.list_(pa.bool_())
+
+
 def test_plugin_filter_from_yaml(tmp_path, planted, monkeypatch):
     (tmp_path / "myfilters.py").write_text(
         "def no_france(record, word):\n    return f'mentions {word}' if word in record['response'] else None\n")
