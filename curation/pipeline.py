@@ -230,7 +230,7 @@ def write_curated(path: Path, out: Path, verdict: ShardVerdict, masking: bool, k
     runs (every shard then gets a `loss_mask`, for one schema)."""
     table = corpus.read_stored(path)
     if masking or "loss_mask" in table.column_names:
-        table = _set_loss_mask(table, verdict.masks)
+        table = with_loss_mask(table, verdict.masks)
     rejected = table.take(np.flatnonzero(~verdict.keep))
     parts = {"data": table.take(np.flatnonzero(verdict.keep)),
              "rejected": rejected.append_column("reject_reason", pa.array(verdict.reasons, pa.string()))}
@@ -304,7 +304,7 @@ def pii_masks(batch, rows, masker: pii.PIIFilter, decode) -> dict[int, list[bool
             for i in rows}
 
 
-def _set_loss_mask(table: pa.Table, masks: dict[int, list[bool]]) -> pa.Table:
+def with_loss_mask(table: pa.Table, masks: dict[int, list[bool]]) -> pa.Table:
     """`loss_mask` on every row: the stored one (all True where absent or null), and False where
     `masks` (row -> a mask of its response tokens) says so. On Arrow and numpy: a Python bool per
     token was 5 us per realistic record."""

@@ -200,6 +200,27 @@ def _corpus(root, teacher, n=8):
     return root
 
 
+def test_the_training_file_holds_the_records_of_the_in_memory_alignment(tmp_path, tokenizers, monkeypatch):
+    """`cross_training_data` streams the corpus into its file a few records at a time (top-k as
+    arrays): the same records and coverage as `cross_records` over the whole corpus as lists, less
+    those whose prompt fills max_length."""
+    from distill.train import data
+    from distill.train.cross_tokenizer import CROSS_COLUMNS, cross_records, cross_training_data
+
+    teacher, student = tokenizers
+    root = _corpus(tmp_path / "c", teacher, n=9)
+    plan = CrossTokenizer("span", teacher, student, Vocabularies.of(teacher, student))
+    whole, coverage = cross_records(corpus.iter_records(root, columns=[c for c in CROSS_COLUMNS if c != "loss_mask"]), plan)
+    prompts = sorted(len(r["input_ids"]) - r["response_length"] for r in whole)
+    max_length = prompts[len(prompts) // 2] + 1  # about half the prompts fit
+    write = data.write_records
+    monkeypatch.setattr("distill.train.cross_tokenizer.write_records", lambda *a, **kw: write(*a, **kw, batch=2))
+    dataset, streamed = cross_training_data(root, plan, max_length, tmp_path / "scratch")
+    fits = [r for r in whole if len(r["input_ids"]) - r["response_length"] < max_length]
+    assert 0 < len(fits) < len(whole) and streamed == coverage
+    assert dataset.to_list() == fits
+
+
 def test_nll_per_byte_is_nats_over_the_utf8_bytes_of_the_texts():
     from distill.evaluation.cross_tokenizer import TeacherScored, nll_per_byte
 

@@ -143,14 +143,14 @@ def test_a_pii_mask_joins_the_stored_loss_mask():
     without a stored mask, every row gets one."""
     import pyarrow as pa
 
-    from distill.curation.pipeline import _set_loss_mask
+    from distill.curation.pipeline import with_loss_mask
 
     T, F = True, False
     ids = pa.array([[1, 2, 3], [4, 5], [6, 7, 8, 9]])
     stored = pa.table({"response_token_ids": ids, "loss_mask": pa.array([[T, F, T], None, [T, T, T, F]])})
-    joined = _set_loss_mask(stored, {1: [F, T], 2: [F, T, T, T]})
+    joined = with_loss_mask(stored, {1: [F, T], 2: [F, T, T, T]})
     assert joined.column("loss_mask").to_pylist() == [[T, F, T], [F, T], [F, T, T, F]]
-    fresh = _set_loss_mask(pa.table({"response_token_ids": ids}), {0: [T, T, F]})
+    fresh = with_loss_mask(pa.table({"response_token_ids": ids}), {0: [T, T, F]})
     assert fresh.column("loss_mask").to_pylist() == [[T, T, F], [T, T], [T, T, T, T]]
     assert fresh.schema.field("loss_mask").type == pa.list_(pa.bool_())
 

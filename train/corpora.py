@@ -15,17 +15,15 @@ All corpora must share one tokenizer (the student reads every record's token ids
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from distill import corpus
 from distill.config import TrainConfig
 from distill.train.chat_data import chat_manifest, chat_training_data, check_chat_datasets, is_chat_dataset
-from distill.train.data import TrainingData, prepare_training_data
+from distill.train.data import TrainingData, prepare_training_data, write_records
 from distill.train.ensemble import mixture_rows, stacked_rows
 
 
@@ -114,8 +112,6 @@ def _resampled(parts: list, weights: list[float], seed: int) -> list:
 def _ensemble(cfg: TrainConfig, parts: list, scratch: Path):
     """One record per response with the teachers' rows combined (`ensemble.mixture_rows` or
     `stacked_rows`). Raises ValueError naming the first record the corpora disagree on."""
-    import datasets
-
     names, weights = cfg.corpora, cfg.normalised_teacher_weights()
     first = parts[0]
     for path, part in zip(names[1:], parts[1:]):
@@ -137,17 +133,4 @@ def _ensemble(cfg: TrainConfig, parts: list, scratch: Path):
             yield {**{k: v for k, v in rows[0].items() if k not in ("topk_token_ids", "topk_logprobs")},
                    "topk_token_ids": top_ids.tolist(), "topk_logprobs": top_lps.astype(np.float32).tolist(), "teacher": 0}
 
-    # written once as an Arrow file the dataset memory-maps, as `prepare_training_data` does
-    path, writer, schema = scratch / "ensemble.arrow", None, None
-    try:
-        rows = records()
-        while batch := list(itertools.islice(rows, 512)):
-            table = pa.Table.from_pylist(batch, schema=schema)
-            if writer is None:
-                schema = table.schema
-                writer = pa.ipc.new_stream(path, schema)
-            writer.write_table(table)
-    finally:
-        if writer is not None:
-            writer.close()
-    return datasets.Dataset.from_file(str(path))
+    return write_records(records(), scratch / "ensemble.arrow")

@@ -20,15 +20,17 @@ the other way round: the teacher scores its own tokens of the student's answer t
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from distill import corpus
 from distill.config import CrossLossKind, TrainConfig
+from distill.train.data import write_records
 
 # `auto` treats a student as the teacher's tokenizer at or above this share of the teacher's ids
 # naming the same token string in both (one renamed special token is not another tokenizer).
@@ -284,39 +286,66 @@ def aligned_record(record_id: str, prompt_ids: Sequence[int], teacher_prompt_ids
 # What `cross_record` reads of a corpus record.
 CROSS_COLUMNS = ("id", "messages", "prompt_token_ids", "response_token_ids", "response_logprobs", "topk_token_ids",
                  "topk_logprobs", "loss_mask")
+# The student's training records as the training file stores them (`aligned_record`'s keys).
+_ints, _floats, _bools = pa.list_(pa.int64()), pa.list_(pa.float64()), pa.list_(pa.bool_())
+CROSS_SCHEMA = pa.schema([
+    ("id", pa.string()), ("input_ids", _ints), ("teacher_prompt_ids", _ints), ("response_length", pa.int64()),
+    ("ce_mask", _bools), ("span_start", _ints), ("span_end", _ints), ("span_one_to_one", _bools),
+    ("span_teacher_logprob", _floats), ("span_topk_ids", _ints), ("span_topk_logprobs", _floats),
+    ("span_teacher_top1", _ints), ("span_topk_first_byte", _ints)])
 
 
-def cross_records(records: Iterable[dict], plan: CrossTokenizer) -> tuple[list[dict], Coverage]:
-    out, tokens, aligned, spans, one_to_one, mapped, topk_mass = [], 0, 0, 0, 0, 0.0, 0.0
-    for record in records:
-        r = cross_record(record, plan)
-        out.append(r)
-        tokens += r["response_length"]
-        aligned += sum(e - s for s, e in zip(r["span_start"], r["span_end"]))
-        spans += len(r["span_start"])
+class CoverageTally:
+    """`Coverage` added up over the student's records as `cross_record` makes them."""
+
+    def __init__(self):
+        self.records = self.tokens = self.aligned = self.spans = self.one_to_one = 0
+        self.mapped = self.topk_mass = 0.0
+
+    def add(self, r: dict) -> dict:
+        self.records += 1
+        self.tokens += r["response_length"]
+        self.aligned += sum(e - s for s, e in zip(r["span_start"], r["span_end"]))
+        self.spans += len(r["span_start"])
         k = len(r["span_topk_ids"]) // max(len(r["span_start"]), 1)
         ids = np.asarray(r["span_topk_ids"]).reshape(-1, k) if k else np.zeros((0, 0))
         probs = np.exp(np.asarray(r["span_topk_logprobs"], dtype=np.float64)).reshape(-1, k) if k else np.zeros((0, 0))
         rows = np.asarray(r["span_one_to_one"], dtype=bool)
-        one_to_one += int(rows.sum())
-        mapped += float((probs[rows] * (ids[rows] >= 0)).sum())
-        topk_mass += float(probs[rows].sum())
-    coverage = Coverage(len(out), tokens, aligned / max(tokens, 1), one_to_one / max(spans, 1),
-                        mapped / topk_mass if topk_mass else 0.0)
-    return out, coverage
+        self.one_to_one += int(rows.sum())
+        self.mapped += float((probs[rows] * (ids[rows] >= 0)).sum())
+        self.topk_mass += float(probs[rows].sum())
+        return r
+
+    def coverage(self) -> Coverage:
+        return Coverage(self.records, self.tokens, self.aligned / max(self.tokens, 1), self.one_to_one / max(self.spans, 1),
+                        self.mapped / self.topk_mass if self.topk_mass else 0.0)
 
 
-def cross_training_data(root: Path, plan: CrossTokenizer, max_length: int):
-    """The corpus as the student's training records (a `datasets.Dataset`), and their `Coverage`.
-    Records whose student prompt fills `max_length` are left out, as `prepare_training_data` does."""
-    import datasets
+def cross_records(records: Iterable[dict], plan: CrossTokenizer) -> tuple[list[dict], Coverage]:
+    tally = CoverageTally()
+    out = [tally.add(cross_record(record, plan)) for record in records]
+    return out, tally.coverage()
 
+
+def cross_training_data(root: Path, plan: CrossTokenizer, max_length: int, scratch: Path):
+    """The corpus as the student's training records (a `datasets.Dataset` memory-mapped from an
+    Arrow file in `scratch`, written a batch at a time: memory does not grow with the corpus),
+    and their `Coverage`. Records whose student prompt fills `max_length` are left out, as
+    `prepare_training_data` does."""
     columns = [c for c in CROSS_COLUMNS if c != "loss_mask" or c in _column_names(root)]
-    records, coverage = cross_records(corpus.iter_records(root, columns=columns), plan)
-    kept = [r for r in records if len(r["input_ids"]) - r["response_length"] < max_length]
-    if not kept:
+    tally = CoverageTally()
+
+    def trainable() -> Iterator[dict]:
+        for record in corpus.iter_records(root, columns=columns, topk_as_arrays=True):
+            r = tally.add(cross_record(record, plan))
+            if len(r["input_ids"]) - r["response_length"] < max_length:
+                yield r
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    dataset = write_records(trainable(), scratch / "cross.arrow", CROSS_SCHEMA)
+    if dataset is None:
         raise ValueError(f"`{root}` holds no record to train on: every student prompt fills max_length {max_length}")
-    return datasets.Dataset.from_list(kept), coverage
+    return dataset, tally.coverage()
 
 
 def _column_names(root: Path) -> set[str]:

@@ -22,6 +22,7 @@ curation removes positions from every loss.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,13 +75,9 @@ class DecodedTopk:
         if not all(c in rows for c in stored):  # a query of other columns
             return rows
         table = pa.table({"id": rows["id"], **{c: pa.array(rows.pop(c), pa.large_binary()) for c in stored}})
-        decoded = corpus.decode(table, self.encoding)
-        # Each record's rows as one [T, k] array (writable, for torch): nested Python lists were a
-        # float object per entry, most of a batch's cost (benchmarks/train_batches.py).
-        ends = np.cumsum(pc.list_value_length(decoded["topk_token_ids"]).to_numpy(zero_copy_only=False))[:-1]
-        k = self.encoding["k"]
-        return {**rows, **{c: np.split(corpus.leaves(decoded[c]).to_numpy().reshape(-1, k).copy(), ends)
-                           for c in ("topk_token_ids", "topk_logprobs")}}
+        # each record's rows as one [T, k] array: nested Python lists were a float object per
+        # entry, most of a batch's cost (benchmarks/train_batches.py)
+        return {**rows, **corpus.topk_arrays(corpus.decode(table, self.encoding))}
 
 
 def kept_topk_encoding(roots: Sequence[Path]) -> dict | None:
@@ -154,6 +151,26 @@ def write_training_data(batches: Iterable[tuple[pa.RecordBatch | pa.Table, int]]
         raise ValueError(f"`{source}` holds no record to train on: " + (
             f"the prompts of all {records:,} fill max_length {max_length}" if records else "it is empty"))
     return TrainingData(datasets.Dataset.from_file(str(path)), records, records - kept, max_token_id)
+
+
+def write_records(records: Iterable[dict], path: Path, schema: pa.Schema | None = None, batch: int = 512):
+    """Training records (dicts) -> a `datasets.Dataset` memory-mapped from the Arrow file `path`,
+    written `batch` records at a time: memory stays at one batch, whatever the corpus's size.
+    `schema`: the file's (else the first batch's). None when there is no record."""
+    import datasets
+
+    writer, records = None, iter(records)
+    try:
+        while rows := list(itertools.islice(records, batch)):
+            table = pa.Table.from_pylist(rows, schema=schema)
+            if writer is None:
+                schema = table.schema
+                writer = pa.ipc.new_stream(path, schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+    return datasets.Dataset.from_file(str(path)) if writer is not None else None
 
 
 def check_vocabulary(manifest: corpus.Manifest, student_tokenizer, embedding_rows: int, max_teacher_id: int) -> None:

@@ -287,7 +287,7 @@ def _train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]) -> TrainResul
         data = corpora.prepare(cfg, manifests, scratch)
         if data.skipped:
             print(f"skipped {data.skipped} records whose prompt fills max_length {cfg.max_length}")
-        return _fit(cfg, manifests, data, resume, start, callbacks,
+        return _fit(cfg, manifests, data, resume, start, scratch, callbacks,
                     continues_run=resume is not None and continues_run, online=online)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -296,11 +296,12 @@ def _train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]) -> TrainResul
 
 
 def _fit(cfg: TrainConfig, manifests: list[corpus.Manifest], data: TrainingData, resume: Path | None,
-         start: float, callbacks: Sequence[TrainerCallback] = (), continues_run: bool = False,
+         start: float, scratch: Path, callbacks: Sequence[TrainerCallback] = (), continues_run: bool = False,
          online=None) -> TrainResult:
     """Train on the prepared records, from `resume` (a checkpoint) or from step 0; `continues_run`:
     in the tracked run the checkpoint's run logged to; `manifests`: one per corpus, in `cfg.corpora`
-    order; `online`: the checked `online.OnlinePlan` when `cfg.teacher` runs in this process."""
+    order; `online`: the checked `online.OnlinePlan` when `cfg.teacher` runs in this process;
+    `scratch`: this process's folder for training files, removed after training."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     manifest = manifests[0]  # all share its tokenizer (`corpora.read_manifests`)
@@ -315,7 +316,7 @@ def _fit(cfg: TrainConfig, manifests: list[corpus.Manifest], data: TrainingData,
     if cross is None:
         check_vocabulary(manifest, tokenizer, model.get_output_embeddings().weight.shape[0], data.max_token_id)
     else:  # the student's own tokens of the teacher's texts replace the stored ids (train/cross_tokenizer.py)
-        dataset, coverage = cross_training_data(cfg.corpora[0], cross, cfg.max_length)
+        dataset, coverage = cross_training_data(cfg.corpora[0], cross, cfg.max_length, scratch)
         data = TrainingData(dataset, data.records, data.records - len(dataset), data.max_token_id)
         print(f"cross-tokenizer ({cross.kind}): {coverage.aligned_share:.1%} of the student's "
               f"{coverage.student_tokens:,} response tokens aligned; {coverage.one_to_one_share:.1%} of the spans 1:1, "

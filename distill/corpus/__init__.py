@@ -38,6 +38,7 @@ from distill.corpus.codec import (
     logprob_tolerance,
     records_to_table,
     shard_encoding,
+    topk_arrays,
     topk_rows,
 )
 from distill.corpus.manifest import (
@@ -107,7 +108,7 @@ __all__ = [
     "MANIFEST", "PACKED_IDS", "PARALLEL_MIN_RECORDS", "QUANTIZED_MAX_ERROR", "QUANT_STEP", "READ_ERRORS", "SCHEMA", "STAMP_KEY",
     "STAMP_VERSION", "STATS_KEY", "CheckedBatch", "Stamp", "TopkChecked", "check_records",
     "checked_batches", "read_stamp", "records_to_checked_table",
-    "file_digest", "pending", "seal", "stored_topk_columns", "topk_checked", "topk_rows", "verified_stamp",
+    "file_digest", "pending", "seal", "stored_topk_columns", "topk_arrays", "topk_checked", "topk_rows", "verified_stamp",
     "STUDENT_MESSAGES", "STUDENT_PROMPT_IDS", "STUDENT_VIEW_COLUMNS", "TAIL_STEP", "TOKENIZER_DIR", "TOKEN_COLUMNS",
     "TOKEN_ID_COLUMNS", "TOPK_LAYOUT", "TOPK_LAYOUTS", "TOPK_ZSTD_LEVEL", "Corpus", "CorpusError", "CorpusStats", "GenerationInfo", "Manifest",
     "TeacherInfo", "arrow_schema", "as_student_view", "check_complete", "check_shards", "copy_tokenizer",

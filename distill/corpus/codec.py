@@ -623,6 +623,18 @@ def leaves(column: pa.ChunkedArray | pa.Array) -> pa.Array:
     return array
 
 
+def topk_arrays(data: pa.Table | pa.RecordBatch) -> dict[str, list[np.ndarray]]:
+    """The logical top-k columns as one writable [T, k] array per record (views of one copy of
+    each column): what training reads, without a Python object per entry."""
+    rows = pc.list_value_length(data["topk_token_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
+    total, ends = int(rows.sum()), np.cumsum(rows)[:-1]
+    out = {}
+    for name in ("topk_token_ids", "topk_logprobs"):
+        values = leaves(data[name]).to_numpy(zero_copy_only=False)
+        out[name] = np.split(values.reshape(total, len(values) // total if total else 0).copy(), ends)
+    return out
+
+
 def locate(column: pa.ChunkedArray | pa.Array, leaf: int) -> tuple[int, int]:
     """Value `leaf` of `leaves(column)` -> (its record, its position in the record: the index in
     a list of values, the response position in a list of top-k rows)."""

@@ -18,6 +18,7 @@ from distill.corpus.codec import (
     decode,
     logical_types,
     shard_encoding,
+    topk_arrays,
     topk_rows,
 )
 from distill.corpus.manifest import CorpusStats
@@ -145,10 +146,17 @@ def shard_batches(path: Path, columns: Sequence[str] | None = None, batch_size: 
         yield _select(_decoded(path, batch, encoding), columns)
 
 
-def iter_records(root: Path, subdir: str = "data", columns: Sequence[str] | None = None) -> Iterator[dict]:
-    """Records as plain Python dicts, shard by shard (memory stays at one batch)."""
+def iter_records(root: Path, subdir: str = "data", columns: Sequence[str] | None = None,
+                 topk_as_arrays: bool = False) -> Iterator[dict]:
+    """Records as plain Python dicts, shard by shard (memory stays at one batch). `topk_as_arrays`:
+    each record's top-k as [T, k] numpy arrays (`topk_arrays`) instead of nested lists."""
     for batch in iter_batches(root, subdir, columns):
-        yield from batch.to_pylist()
+        if not (topk_as_arrays and "topk_token_ids" in batch.schema.names):
+            yield from batch.to_pylist()
+            continue
+        topk = topk_arrays(batch)
+        for i, record in enumerate(batch.drop_columns(list(topk)).to_pylist()):
+            yield {**record, **{name: arrays[i] for name, arrays in topk.items()}}
 
 
 def read_shard(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
