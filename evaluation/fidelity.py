@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from distill import corpus
@@ -34,8 +36,14 @@ def scoring_inputs(corpus_dir: Path, tokenizer, model, prompt_ids: set[str] | No
     holds a student view, the student reads the teacher's answer after its own view of the prompt,
     as it was trained and will be asked."""
     manifest = corpus.read_manifest(corpus_dir)
-    records = [r for batch in corpus.iter_batches(corpus_dir) for r in corpus.as_student_view(batch).to_pylist()
-               if prompt_ids is None or r["prompt_id"] in prompt_ids]
+    # a batch at a time, the other prompts' rows dropped before any becomes Python objects (the
+    # corpus may be a whole training corpus), the top-k as arrays
+    wanted = None if prompt_ids is None else pa.array(sorted(prompt_ids), pa.string())
+    records = []
+    for batch in corpus.iter_batches(corpus_dir):
+        if wanted is not None:
+            batch = batch.filter(pc.is_in(batch["prompt_id"], value_set=wanted))
+        records += corpus.records_of(corpus.as_student_view(batch), topk_as_arrays=True)
     if not records:
         raise ValueError(f"`{corpus_dir}` holds no teacher responses to the evaluation prompts")
     max_id = max(int(np.max(np.asarray(r["topk_token_ids"]))) for r in records)

@@ -262,6 +262,30 @@ def test_dataloader_workers_collate_the_same_batches(tmp_path, tiny_models, monk
     assert len(logged[0]) == 3 and logged[2] == logged[0]
 
 
+def test_scoring_reads_only_the_asked_prompts_with_the_topk_as_arrays(tmp_path, tiny_models):
+    """What eval and the sweep score a student along: the records of the asked prompts (the
+    corpus may be a whole training corpus, read a batch at a time), each top-k a [T, k] array."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill import corpus
+    from distill.evaluation.fidelity import scoring_inputs
+    from tests.helpers import make_corpus, record
+
+    root = make_corpus(tmp_path / "c", [record(i, n_tokens=2 + i % 3) for i in range(7)],
+                       teacher=str(tiny_models["llama-teacher"]))
+    k = corpus.read_manifest(root).generation.top_k
+    student = tiny_models["llama-student"]
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(student), AutoTokenizer.from_pretrained(student)
+    records, _ = scoring_inputs(root, tokenizer, model, {"p1", "p4", "p6"})
+    stored = {r["id"]: r for r in corpus.iter_records(root)}
+    assert [r["id"] for r in records] == ["r1", "r4", "r6"]
+    for r in records:
+        assert r["topk_token_ids"].shape == (len(r["response_token_ids"]), k) == r["topk_logprobs"].shape
+        assert r["topk_token_ids"].tolist() == stored[r["id"]]["topk_token_ids"]
+        assert r["topk_logprobs"].tolist() == stored[r["id"]]["topk_logprobs"]
+    assert len(scoring_inputs(root, tokenizer, model)[0]) == 7
+
+
 def mixed_corpus(root, kind: str):
     """Several shards as corpora hold them: `stamped` (generate's stamped shards, one written
     without a stamp, curated `loss_mask` and a student view), `layouts` (a corpus resumed by a newer

@@ -78,6 +78,7 @@ from distill.corpus.store import (
     read_shard,
     read_stored,
     read_table,
+    records_of,
     shard_batches,
     shard_index,
     shard_paths,
@@ -113,7 +114,7 @@ __all__ = [
     "TOKEN_ID_COLUMNS", "TOPK_LAYOUT", "TOPK_LAYOUTS", "TOPK_ZSTD_LEVEL", "Corpus", "CorpusError", "CorpusStats", "GenerationInfo", "Manifest",
     "TeacherInfo", "arrow_schema", "as_student_view", "check_complete", "check_shards", "copy_tokenizer",
     "corpus_stats", "decode", "encode", "history_entry", "iter_batches", "iter_records", "leaves", "load_dataset",
-    "logprob_tolerance", "read_manifest", "read_shard", "read_stored", "read_table", "records_to_table", "shard_batches", "stored_batches",
+    "logprob_tolerance", "read_manifest", "read_shard", "read_stored", "read_table", "records_of", "records_to_table", "shard_batches", "stored_batches",
     "shard_encoding", "shard_index", "shard_paths", "shard_stats", "store_tokenizer", "teacher_tokenizer",
     "tokenizer_fingerprint", "unreadable", "validate", "write_manifest", "write_shard",
 ]

@@ -148,15 +148,19 @@ def shard_batches(path: Path, columns: Sequence[str] | None = None, batch_size: 
 
 def iter_records(root: Path, subdir: str = "data", columns: Sequence[str] | None = None,
                  topk_as_arrays: bool = False) -> Iterator[dict]:
-    """Records as plain Python dicts, shard by shard (memory stays at one batch). `topk_as_arrays`:
-    each record's top-k as [T, k] numpy arrays (`topk_arrays`) instead of nested lists."""
+    """Records as plain Python dicts (`records_of`), shard by shard (memory stays at one batch)."""
     for batch in iter_batches(root, subdir, columns):
-        if not (topk_as_arrays and "topk_token_ids" in batch.schema.names):
-            yield from batch.to_pylist()
-            continue
-        topk = topk_arrays(batch)
-        for i, record in enumerate(batch.drop_columns(list(topk)).to_pylist()):
-            yield {**record, **{name: arrays[i] for name, arrays in topk.items()}}
+        yield from records_of(batch, topk_as_arrays)
+
+
+def records_of(batch: pa.RecordBatch | pa.Table, topk_as_arrays: bool = False) -> list[dict]:
+    """A batch of logical columns as plain Python dicts. `topk_as_arrays`: each record's top-k as
+    [T, k] numpy arrays (`topk_arrays`) instead of nested lists (a Python object per entry)."""
+    if not (topk_as_arrays and "topk_token_ids" in batch.schema.names):
+        return batch.to_pylist()
+    topk = topk_arrays(batch)
+    return [{**record, **{name: arrays[i] for name, arrays in topk.items()}}
+            for i, record in enumerate(batch.drop_columns(list(topk)).to_pylist())]
 
 
 def read_shard(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
