@@ -221,6 +221,25 @@ def test_the_training_file_holds_the_records_of_the_in_memory_alignment(tmp_path
     assert dataset.to_list() == fits
 
 
+def test_worker_processes_align_the_shards_into_the_same_training_records(tmp_path, tokenizers):
+    from distill.train.cross_tokenizer import cross_training_data
+
+    teacher, student = tokenizers
+    root = _corpus(tmp_path / "c", teacher, n=9)
+    table = corpus.read_stored(corpus.shard_paths(root)[0])
+    for shard, start in enumerate(range(0, 9, 4)):  # three shards: 4, 4 and 1 records
+        corpus.write_shard(root, shard, table.slice(start, 4))
+    manifest = corpus.read_manifest(root)
+    manifest.stats = corpus.corpus_stats(root)
+    corpus.write_manifest(root, manifest)
+    plan = CrossTokenizer("span", teacher, student, Vocabularies.of(teacher, student))
+    alone, coverage = cross_training_data(root, plan, 128, tmp_path / "alone", workers=0)
+    parallel, covered = cross_training_data(root, plan, 128, tmp_path / "parallel", workers=2)
+    assert len(alone) == 9 and parallel.to_list() == alone.to_list()
+    assert covered.as_dict() == pytest.approx(coverage.as_dict())
+    assert sorted(p.name for p in (tmp_path / "parallel").iterdir()) == [f"cross-{i:05d}.arrow" for i in range(3)]
+
+
 def test_nll_per_byte_is_nats_over_the_utf8_bytes_of_the_texts():
     from distill.evaluation.cross_tokenizer import TeacherScored, nll_per_byte
 

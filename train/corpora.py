@@ -112,6 +112,8 @@ def _resampled(parts: list, weights: list[float], seed: int) -> list:
 def _ensemble(cfg: TrainConfig, parts: list, scratch: Path):
     """One record per response with the teachers' rows combined (`ensemble.mixture_rows` or
     `stacked_rows`). Raises ValueError naming the first record the corpora disagree on."""
+    import datasets
+
     names, weights = cfg.corpora, cfg.normalised_teacher_weights()
     first = parts[0]
     for path, part in zip(names[1:], parts[1:]):
@@ -133,4 +135,6 @@ def _ensemble(cfg: TrainConfig, parts: list, scratch: Path):
             yield {**{k: v for k, v in rows[0].items() if k not in ("topk_token_ids", "topk_logprobs")},
                    "topk_token_ids": top_ids.tolist(), "topk_logprobs": top_lps.astype(np.float32).tolist(), "teacher": 0}
 
-    return write_records(records(), scratch / "ensemble.arrow")
+    path = scratch / "ensemble.arrow"
+    write_records(records(), path)
+    return datasets.Dataset.from_file(str(path))

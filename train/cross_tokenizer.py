@@ -19,8 +19,12 @@ the other way round: the teacher scores its own tokens of the student's answer t
 
 from __future__ import annotations
 
+import itertools
+import multiprocessing
+import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -301,10 +305,11 @@ CROSS_SCHEMA = pa.schema([
 
 
 class CoverageTally:
-    """`Coverage` added up over the student's records as `cross_record` makes them."""
+    """`Coverage` added up over the student's records as `cross_record` makes them; `kept`: those
+    that went into training."""
 
     def __init__(self):
-        self.records = self.tokens = self.aligned = self.spans = self.one_to_one = 0
+        self.records = self.tokens = self.aligned = self.spans = self.one_to_one = self.kept = 0
         self.mapped = self.topk_mass = 0.0
 
     def add(self, r: dict) -> dict:
@@ -321,6 +326,11 @@ class CoverageTally:
         self.topk_mass += float(probs[rows].sum())
         return r
 
+    def __iadd__(self, other: CoverageTally) -> CoverageTally:
+        for name, value in vars(other).items():
+            setattr(self, name, getattr(self, name) + value)
+        return self
+
     def coverage(self) -> Coverage:
         return Coverage(self.records, self.tokens, self.aligned / max(self.tokens, 1), self.one_to_one / max(self.spans, 1),
                         self.mapped / self.topk_mass if self.topk_mass else 0.0)
@@ -332,25 +342,51 @@ def cross_records(records: Iterable[dict], plan: CrossTokenizer) -> tuple[list[d
     return out, tally.coverage()
 
 
-def cross_training_data(root: Path, plan: CrossTokenizer, max_length: int, scratch: Path):
-    """The corpus as the student's training records (a `datasets.Dataset` memory-mapped from an
-    Arrow file in `scratch`, written a batch at a time: memory does not grow with the corpus),
-    and their `Coverage`. Records whose student prompt fills `max_length` are left out, as
-    `prepare_training_data` does."""
+def cross_training_data(root: Path, plan: CrossTokenizer, max_length: int, scratch: Path, workers: int | None = None):
+    """The corpus as the student's training records (a `datasets.Dataset` memory-mapped from Arrow
+    files in `scratch`, each written a batch at a time: memory does not grow with the corpus), and
+    their `Coverage`. Records whose student prompt fills `max_length` are left out, as
+    `prepare_training_data` does. The shards are aligned by `workers` processes in parallel (the
+    alignment is Python per record); None: one per CPU of this training process from
+    `corpus.PARALLEL_MIN_RECORDS` records, else none."""
+    import datasets
+
     columns = [c for c in CROSS_COLUMNS if c != "loss_mask" or c in _column_names(root)]
+    paths = corpus.shard_paths(root)
+    parts = [scratch / f"cross-{corpus.shard_index(path):05d}.arrow" for path in paths]
+    scratch.mkdir(parents=True, exist_ok=True)
+    if workers is None:
+        cpus = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: each rank aligns
+        workers = cpus if cpus > 1 and corpus.read_manifest(root).stats.records >= corpus.PARALLEL_MIN_RECORDS else 0
+    jobs = (paths, parts, itertools.repeat(plan), itertools.repeat(columns), itertools.repeat(max_length))
+    if workers:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            tallies = list(pool.map(_align_shard, *jobs))
+    else:
+        tallies = list(map(_align_shard, *jobs))
+    tally = CoverageTally()
+    for t in tallies:
+        tally += t
+    if not tally.kept:
+        raise ValueError(f"`{root}` holds no record to train on: every student prompt fills max_length {max_length}")
+    kept = [datasets.Dataset.from_file(str(part)) for part, t in zip(parts, tallies) if t.kept]
+    return datasets.concatenate_datasets(kept), tally.coverage()
+
+
+def _align_shard(path: Path, out: Path, plan: CrossTokenizer, columns: list[str], max_length: int) -> CoverageTally:
+    """One shard's student records into the Arrow file `out` (none if no record fits)."""
     tally = CoverageTally()
 
     def trainable() -> Iterator[dict]:
-        for record in corpus.iter_records(root, columns=columns, topk_as_arrays=True):
-            r = tally.add(cross_record(record, plan))
-            if len(r["input_ids"]) - r["response_length"] < max_length:
-                yield r
+        for batch in corpus.shard_batches(path, columns):
+            for record in corpus.records_of(batch, topk_as_arrays=True):
+                r = tally.add(cross_record(record, plan))
+                if len(r["input_ids"]) - r["response_length"] < max_length:
+                    tally.kept += 1
+                    yield r
 
-    scratch.mkdir(parents=True, exist_ok=True)
-    dataset = write_records(trainable(), scratch / "cross.arrow", CROSS_SCHEMA)
-    if dataset is None:
-        raise ValueError(f"`{root}` holds no record to train on: every student prompt fills max_length {max_length}")
-    return dataset, tally.coverage()
+    write_records(trainable(), out, CROSS_SCHEMA)
+    return tally
 
 
 def _column_names(root: Path) -> set[str]:

@@ -153,13 +153,12 @@ def write_training_data(batches: Iterable[tuple[pa.RecordBatch | pa.Table, int]]
     return TrainingData(datasets.Dataset.from_file(str(path)), records, records - kept, max_token_id)
 
 
-def write_records(records: Iterable[dict], path: Path, schema: pa.Schema | None = None, batch: int = 512):
-    """Training records (dicts) -> a `datasets.Dataset` memory-mapped from the Arrow file `path`,
-    written `batch` records at a time: memory stays at one batch, whatever the corpus's size.
-    `schema`: the file's (else the first batch's). None when there is no record."""
-    import datasets
-
-    writer, records = None, iter(records)
+def write_records(records: Iterable[dict], path: Path, schema: pa.Schema | None = None, batch: int = 512) -> int:
+    """Training records (dicts) -> the Arrow file `path` (for `datasets.Dataset.from_file`, which
+    memory-maps it), written `batch` records at a time: memory stays at one batch, whatever the
+    corpus's size. `schema`: the file's (else the first batch's). Returns the records written; no
+    file when there is none."""
+    writer, records, written = None, iter(records), 0
     try:
         while rows := list(itertools.islice(records, batch)):
             table = pa.Table.from_pylist(rows, schema=schema)
@@ -167,10 +166,11 @@ def write_records(records: Iterable[dict], path: Path, schema: pa.Schema | None 
                 schema = table.schema
                 writer = pa.ipc.new_stream(path, schema)
             writer.write_table(table)
+            written += len(rows)
     finally:
         if writer is not None:
             writer.close()
-    return datasets.Dataset.from_file(str(path)) if writer is not None else None
+    return written
 
 
 def check_vocabulary(manifest: corpus.Manifest, student_tokenizer, embedding_rows: int, max_teacher_id: int) -> None:
