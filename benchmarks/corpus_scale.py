@@ -82,6 +82,18 @@ def base_records(n: int, seed: int = 0, response_tokens: int | None = None) -> l
     return records
 
 
+def stored_shards(corpus_dir: Path | None, shards: int) -> list[pa.Table]:
+    """The first `shards` shards of `corpus_dir` as stored, else one shard of `base_records`
+    stored as generate stores it (what the shard-level benchmarks read)."""
+    import pyarrow.parquet as pq
+
+    from distill import corpus
+
+    if corpus_dir:
+        return [pq.read_table(p) for p in corpus.shard_paths(corpus_dir)[:shards]]
+    return [corpus.records_to_table(base_records(SHARD), K)]
+
+
 def unique_text(rng: np.random.Generator, words: list[str]) -> str:
     """80-140 random words: no two share most of their 5-word shingles."""
     return " ".join(words[j] for j in rng.integers(0, len(words), size=int(rng.integers(80, 141))))

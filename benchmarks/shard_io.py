@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 from common import Headline, emit, parse_args
-from corpus_scale import SHARD, K, base_records
+from corpus_scale import stored_shards
 
 from distill import corpus
 from distill.corpus import store
@@ -55,10 +55,7 @@ def main(argv: list[str] | None = None) -> list[Headline]:
     ap.add_argument("--shards", type=int, default=4, help="shards of `--corpus` to use")
     ap.add_argument("--repeat", type=int, default=5)
     args = parse_args(ap, argv, quick={"repeat": 2})
-    if args.corpus:
-        tables = [pq.read_table(p) for p in corpus.shard_paths(args.corpus)[:args.shards]]
-    else:
-        tables = [corpus.records_to_table(base_records(SHARD), K)]
+    tables = stored_shards(args.corpus, args.shards)
     records = sum(t.num_rows for t in tables)
     print(f"{args.corpus or 'synthetic'}: {len(tables)} shard(s), {records:,} records; median of {args.repeat}")
     print(f"{'dictionary tried on':>26}{'write us/rec':>14}{'read us/rec':>13}{'read top-k us/rec':>19}{'B/rec':>9}")

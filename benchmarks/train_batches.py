@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from common import Headline, emit, parse_args
-from corpus_scale import SHARD, K, base_records
+from corpus_scale import stored_shards
 
 from distill import corpus
 from distill.train.data import DecodedTopk, DistillCollator, write_training_data
@@ -60,10 +59,7 @@ def main(argv: list[str] | None = None) -> list[Headline]:
     ap.add_argument("--batches", type=int, default=200, help="batches timed per batch size and path")
     ap.add_argument("--max-length", type=int, default=4096)
     args = parse_args(ap, argv, quick={"batches": 20})
-    if args.corpus:
-        tables = [pq.read_table(p) for p in corpus.shard_paths(args.corpus)[:args.shards]]
-    else:
-        tables = [corpus.records_to_table(base_records(SHARD), K)]
+    tables = stored_shards(args.corpus, args.shards)
     encoding = corpus.shard_encoding(tables[0].schema)
     if encoding["encoding"] != "quantized":
         raise SystemExit(f"{args.corpus}: a {encoding['encoding']} corpus; training keeps only a quantized top-k stored")
