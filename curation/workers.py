@@ -50,13 +50,6 @@ def offloaded(filters: list[Filter]) -> list[int]:
     return independent(filters) + preparing(filters)
 
 
-def default_workers(records: int, cpus: int | None) -> int:
-    """One per CPU (the curating process's share, matching and writing, is the lighter one: on 2
-    CPUs, 2 workers curated 1M records in 189 s, 1 worker in 252 s), none for a small corpus (their
-    start-up would cost more than they save)."""
-    return (cpus or 1) if records >= corpus.PARALLEL_MIN_RECORDS else 0
-
-
 class Ahead:
     """Submits shards to the worker pool, at most `2 * workers` ahead of the one being read; `for
     verdicts in ahead.shards(paths)` yields each shard's batch verdicts in order. `map` and

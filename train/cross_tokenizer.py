@@ -347,8 +347,8 @@ def cross_training_data(root: Path, plan: CrossTokenizer, max_length: int, scrat
     files in `scratch`, each written a batch at a time: memory does not grow with the corpus), and
     their `Coverage`. Records whose student prompt fills `max_length` are left out, as
     `prepare_training_data` does. The shards are aligned by `workers` processes in parallel (the
-    alignment is Python per record); None: one per CPU of this training process from
-    `corpus.PARALLEL_MIN_RECORDS` records, else none."""
+    alignment is Python per record); None: `corpus.default_workers` over the CPUs of this training
+    process, none on one."""
     import datasets
 
     columns = [c for c in CROSS_COLUMNS if c != "loss_mask" or c in _column_names(root)]
@@ -357,7 +357,8 @@ def cross_training_data(root: Path, plan: CrossTokenizer, max_length: int, scrat
     scratch.mkdir(parents=True, exist_ok=True)
     if workers is None:
         cpus = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: each rank aligns
-        workers = cpus if cpus > 1 and corpus.read_manifest(root).stats.records >= corpus.PARALLEL_MIN_RECORDS else 0
+        # one worker would only add its start-up: the training process waits for the alignment
+        workers = corpus.default_workers(corpus.read_manifest(root).stats.records, cpus) if cpus > 1 else 0
     jobs = (paths, parts, itertools.repeat(plan), itertools.repeat(columns), itertools.repeat(max_length))
     if workers:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -58,8 +58,15 @@ def check_shards(root: Path, subdir: str = "data") -> list[str]:
     return problems
 
 
-# Below this many records a checking process's start-up (its imports) costs more than it saves.
+# Below this many records a worker process's start-up (its imports) costs more than it saves.
 PARALLEL_MIN_RECORDS = 10_000
+
+
+def default_workers(records: int, cpus: int | None) -> int:
+    """Worker processes for a pass over `records` records on `cpus` CPUs (None: unknown, one):
+    one per CPU from PARALLEL_MIN_RECORDS, else none. Validation, curation and the cross-tokenizer
+    alignment share it."""
+    return (cpus or 1) if records >= PARALLEL_MIN_RECORDS else 0
 
 
 def validate(root: Path, subdir: str = "data", max_problems: int = 20, workers: int | None = None) -> dict[str, int]:
@@ -71,7 +78,7 @@ def validate(root: Path, subdir: str = "data", max_problems: int = 20, workers: 
     manifest = read_manifest(root)
     stats = _expected_stats(manifest, subdir)  # what the shards hold, once checked equal
     if workers is None:
-        workers = (os.cpu_count() or 1) if stats.records >= PARALLEL_MIN_RECORDS else 0
+        workers = default_workers(stats.records, os.cpu_count())
     if not workers:
         check_records(root, subdir, max_problems, trust_stamps=False)
     else:
