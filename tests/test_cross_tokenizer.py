@@ -8,6 +8,7 @@ import math
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -215,10 +216,10 @@ def test_the_training_file_holds_the_records_of_the_in_memory_alignment(tmp_path
     max_length = prompts[len(prompts) // 2] + 1  # about half the prompts fit
     write = data.write_records
     monkeypatch.setattr("distill.train.cross_tokenizer.write_records", lambda *a, **kw: write(*a, **kw, batch=2))
-    dataset, streamed = cross_training_data(root, plan, max_length, tmp_path / "scratch")
+    data, streamed = cross_training_data(root, plan, max_length, tmp_path / "scratch")
     fits = [r for r in whole if len(r["input_ids"]) - r["response_length"] < max_length]
     assert 0 < len(fits) < len(whole) and streamed == coverage
-    assert dataset.to_list() == fits
+    assert data.dataset.to_list() == fits and (data.records, data.skipped) == (len(whole), len(whole) - len(fits))
 
 
 def test_worker_processes_align_the_shards_into_the_same_training_records(tmp_path, tokenizers):
@@ -235,9 +236,31 @@ def test_worker_processes_align_the_shards_into_the_same_training_records(tmp_pa
     plan = CrossTokenizer("span", teacher, student, Vocabularies.of(teacher, student))
     alone, coverage = cross_training_data(root, plan, 128, tmp_path / "alone", workers=0)
     parallel, covered = cross_training_data(root, plan, 128, tmp_path / "parallel", workers=2)
-    assert len(alone) == 9 and parallel.to_list() == alone.to_list()
+    assert len(alone.dataset) == 9 and parallel.dataset.to_list() == alone.dataset.to_list()
     assert covered.as_dict() == pytest.approx(coverage.as_dict())
     assert sorted(p.name for p in (tmp_path / "parallel").iterdir()) == [f"cross-{i:05d}.arrow" for i in range(3)]
+
+
+def test_the_alignment_validates_the_corpus_and_refuses_several_corpora(tmp_path, tokenizers):
+    """A cross-tokenizer run reads the corpus only through `cross_training_data` (no pre-pass of
+    the teacher's ids): it refuses an invalid corpus as that pre-pass does, and a second corpus,
+    which its one alignment would leave out."""
+    from distill.train.cross_tokenizer import cross_training_data
+
+    teacher, student = tokenizers
+    root = _corpus(tmp_path / "c", teacher)
+    plan = CrossTokenizer("span", teacher, student, Vocabularies.of(teacher, student))
+    table = corpus.read_stored(corpus.shard_paths(root)[0])
+    corpus.write_shard(root, 0, pa.concat_tables([table, table.slice(0, 1)]))  # the first record twice
+    manifest = corpus.read_manifest(root)
+    manifest.stats = corpus.corpus_stats(root)
+    corpus.write_manifest(root, manifest)
+    with pytest.raises(corpus.CorpusError, match="duplicate id"):
+        cross_training_data(root, plan, 128, tmp_path / "scratch", workers=0)
+    first, second = _corpus(tmp_path / "a", teacher), _corpus(tmp_path / "b", teacher)
+    cfg = TrainConfig(corpus=[first, second], student=str(tmp_path / "student"), out=tmp_path / "s")
+    with pytest.raises(ValueError, match="trains on one corpus, got 2"):
+        detect(cfg, corpus.read_manifest(first), student)
 
 
 def test_nll_per_byte_is_nats_over_the_utf8_bytes_of_the_texts():
@@ -275,10 +298,16 @@ def test_an_old_corpus_or_a_changed_tokenizer_file_is_one_line(tmp_path, tokeniz
 
 
 @pytest.mark.parametrize("kind", ["span", "uld"])
-def test_a_student_of_another_tokenizer_trains_end_to_end(tmp_path, tokenizers, kind):
+def test_a_student_of_another_tokenizer_trains_end_to_end(tmp_path, tokenizers, kind, monkeypatch):
     from distill.evaluation.cross_tokenizer import cross_fidelity
+    from distill.train import corpora
     from distill.train.card import StudentCard
     from distill.train.trainer import train
+
+    def teacher_ids_prepared(*args):  # a file of the teacher's ids that such a run never reads
+        raise AssertionError("a cross-tokenizer run prepared the standard training data")
+
+    monkeypatch.setattr(corpora, "prepare", teacher_ids_prepared)
 
     teacher, _ = tokenizers
     root = _corpus(tmp_path / "c", teacher, n=16)

@@ -19,6 +19,7 @@ the other way round: the teacher scores its own tokens of the student's answer t
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing
 import os
@@ -35,7 +36,7 @@ import torch
 
 from distill import corpus
 from distill.config import CrossLossKind, TrainConfig
-from distill.train.data import write_records
+from distill.train.data import TrainingData, write_records
 
 # `auto` treats a student as the teacher's tokenizer at or above this share of the teacher's ids
 # naming the same token string in both (one renamed special token is not another tokenizer).
@@ -175,12 +176,17 @@ class CrossTokenizer:
 
 def detect(cfg: TrainConfig, manifest: corpus.Manifest, student_tokenizer) -> CrossTokenizer | None:
     """The plan of `cfg.cross_tokenizer` for this student: None when `off` (then `check_vocabulary`
-    refuses another tokenizer) or when `auto` finds the teacher's tokenizer (`cross_plan`)."""
+    refuses another tokenizer) or when `auto` finds the teacher's tokenizer (`cross_plan`). Raises
+    ValueError for a plan over several corpora: the alignment reads one."""
     mode = cfg.cross_tokenizer
     if mode == "off":
         return None
-    return cross_plan(cfg.corpora[0], manifest, student_tokenizer, "span" if mode == "auto" else mode,
+    plan = cross_plan(cfg.corpora[0], manifest, student_tokenizer, "span" if mode == "auto" else mode,
                       cfg.teacher_tokenizer, force=mode != "auto")
+    if plan is not None and len(cfg.corpora) > 1:
+        raise ValueError(f"`{cfg.student}` has another tokenizer than the teacher's: a cross-tokenizer student trains "
+                         f"on one corpus, got {len(cfg.corpora)} (`--corpus`)")
+    return plan
 
 
 def cross_plan(root: Path, manifest: corpus.Manifest, student_tokenizer, kind: CrossLossKind = "span",
@@ -342,13 +348,15 @@ def cross_records(records: Iterable[dict], plan: CrossTokenizer) -> tuple[list[d
     return out, tally.coverage()
 
 
-def cross_training_data(root: Path, plan: CrossTokenizer, max_length: int, scratch: Path, workers: int | None = None):
-    """The corpus as the student's training records (a `datasets.Dataset` memory-mapped from Arrow
-    files in `scratch`, each written a batch at a time: memory does not grow with the corpus), and
-    their `Coverage`. Records whose student prompt fills `max_length` are left out, as
-    `prepare_training_data` does. The shards are aligned by `workers` processes in parallel (the
-    alignment is Python per record); None: `corpus.default_workers` over the CPUs of this training
-    process, none on one."""
+def cross_training_data(root: Path, plan: CrossTokenizer, max_length: int, scratch: Path,
+                        workers: int | None = None) -> tuple[TrainingData, Coverage]:
+    """The corpus, validated, as the student's training records (memory-mapped from Arrow files in
+    `scratch`, each written a batch at a time: memory does not grow with the corpus), and their
+    `Coverage`. It replaces `prepare_training_data` (whose file of the teacher's ids such a run
+    would never read): records whose student prompt fills `max_length` are left out and counted.
+    The shards are checked and aligned by `workers` processes in parallel (the alignment is Python
+    per record); None: `corpus.default_workers` over the CPUs of this training process, none on
+    one. Raises `CorpusError` if the corpus is invalid."""
     import datasets
 
     columns = [c for c in CROSS_COLUMNS if c != "loss_mask" or c in _column_names(root)]
@@ -360,18 +368,20 @@ def cross_training_data(root: Path, plan: CrossTokenizer, max_length: int, scrat
         # one worker would only add its start-up: the training process waits for the alignment
         workers = corpus.default_workers(corpus.read_manifest(root).stats.records, cpus) if cpus > 1 else 0
     jobs = (paths, parts, itertools.repeat(plan), itertools.repeat(columns), itertools.repeat(max_length))
-    if workers:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            tallies = list(pool.map(_align_shard, *jobs))
-    else:
-        tallies = list(map(_align_shard, *jobs))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers \
+            else contextlib.nullcontext() as pool:
+        map_shards = pool.map if pool else map
+        corpus.check_records(root, trust_stamps=True, map_shards=map_shards)
+        tallies = list(map_shards(_align_shard, *jobs))
     tally = CoverageTally()
     for t in tallies:
         tally += t
     if not tally.kept:
         raise ValueError(f"`{root}` holds no record to train on: every student prompt fills max_length {max_length}")
-    kept = [datasets.Dataset.from_file(str(part)) for part, t in zip(parts, tallies) if t.kept]
-    return datasets.concatenate_datasets(kept), tally.coverage()
+    dataset = datasets.concatenate_datasets([datasets.Dataset.from_file(str(part))
+                                             for part, t in zip(parts, tallies) if t.kept])
+    # no vocabulary check: the student's tokenizer wrote every id
+    return TrainingData(dataset, tally.records, tally.records - tally.kept, None), tally.coverage()
 
 
 def _align_shard(path: Path, out: Path, plan: CrossTokenizer, columns: list[str], max_length: int) -> CoverageTally:

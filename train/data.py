@@ -58,7 +58,9 @@ class TrainingData:
     dataset: Any  # `datasets.Dataset` of the kept records' TRAINING_COLUMNS (top-k decoded as rows are read), memory-mapped
     records: int  # in the corpus
     skipped: int  # records whose prompt fills `max_length` (not in `dataset`)
-    max_token_id: int  # the largest token id in the corpus (prompts, responses, top-k), or an upper bound (`check_vocabulary`)
+    # the largest token id in the corpus (prompts, responses, top-k), or an upper bound, for
+    # `check_vocabulary`; None: the student's own tokenizer wrote every id (a cross-tokenizer run)
+    max_token_id: int | None
 
 
 @dataclass(frozen=True)

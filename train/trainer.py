@@ -33,7 +33,7 @@ from distill.engine import check_model
 from distill.launcher import EndpointError
 from distill.train import corpora
 from distill.train.card import StudentCard, TrainResult, write_student_files
-from distill.train.cross_tokenizer import CrossCollator, cross_training_data, detect
+from distill.train.cross_tokenizer import Coverage, CrossCollator, CrossTokenizer, cross_training_data, detect
 from distill.train.data import (
     TEACHER_COLUMN,
     DistillCollator,
@@ -279,15 +279,27 @@ def _train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]) -> TrainResul
     # A run resumed with the same settings continues its tracked run; with others (`--resume`) it opens a new one.
     continues_run = not changed_settings(cfg, Path(cfg.out))
     resume = start_from(cfg, Path(cfg.out))  # refuses another run's `out` before the corpus is read
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.student)
+    # a student of another tokenizer trains on its own tokens of the texts, not the stored ids
+    cross = detect(cfg, manifests[0], tokenizer)  # all corpora share the first one's tokenizer
     # The decoded training records, one file per process, removed when training ends (and at the
     # start of the next run, if a kill left it).
     scratch = Path(cfg.out) / TRAINING_DATA / f"rank-{os.environ.get('RANK', '0')}"
     shutil.rmtree(scratch, ignore_errors=True)
     try:
-        data = corpora.prepare(cfg, manifests, scratch)
+        coverage = None
+        if cross is None:
+            data = corpora.prepare(cfg, manifests, scratch)
+        else:  # the student's own tokens of the teacher's texts replace the stored ids (train/cross_tokenizer.py)
+            data, coverage = cross_training_data(cfg.corpora[0], cross, cfg.max_length, scratch)
+            print(f"cross-tokenizer ({cross.kind}): {coverage.aligned_share:.1%} of the student's "
+                  f"{coverage.student_tokens:,} response tokens aligned; {coverage.one_to_one_share:.1%} of the spans "
+                  f"1:1, {coverage.mapped_topk_mass:.1%} of their teacher top-k mass on tokens the student has")
         if data.skipped:
             print(f"skipped {data.skipped} records whose prompt fills max_length {cfg.max_length}")
-        return _fit(cfg, manifests, data, resume, start, scratch, callbacks,
+        return _fit(cfg, manifests, data, tokenizer, cross, coverage, resume, start, callbacks,
                     continues_run=resume is not None and continues_run, online=online)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -295,32 +307,25 @@ def _train(cfg: TrainConfig, callbacks: Sequence[TrainerCallback]) -> TrainResul
             scratch.parent.rmdir()
 
 
-def _fit(cfg: TrainConfig, manifests: list[corpus.Manifest], data: TrainingData, resume: Path | None,
-         start: float, scratch: Path, callbacks: Sequence[TrainerCallback] = (), continues_run: bool = False,
-         online=None) -> TrainResult:
-    """Train on the prepared records, from `resume` (a checkpoint) or from step 0; `continues_run`:
-    in the tracked run the checkpoint's run logged to; `manifests`: one per corpus, in `cfg.corpora`
-    order; `online`: the checked `online.OnlinePlan` when `cfg.teacher` runs in this process;
-    `scratch`: this process's folder for training files, removed after training."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _fit(cfg: TrainConfig, manifests: list[corpus.Manifest], data: TrainingData, tokenizer,
+         cross: CrossTokenizer | None, coverage: Coverage | None, resume: Path | None, start: float,
+         callbacks: Sequence[TrainerCallback] = (), continues_run: bool = False, online=None) -> TrainResult:
+    """Train on the prepared records, from `resume` (a checkpoint) or from step 0; `cross`: the plan
+    of a student of another tokenizer, and `coverage` its records' (`cross_training_data`);
+    `continues_run`: in the tracked run the checkpoint's run logged to; `manifests`: one per corpus,
+    in `cfg.corpora` order; `online`: the checked `online.OnlinePlan` when `cfg.teacher` runs in
+    this process."""
+    from transformers import AutoModelForCausalLM
 
     manifest = manifests[0]  # all share its tokenizer (`corpora.read_manifests`)
     # a subclass of this module's trainer, so imported here
     from distill.train.cross_trainer import CrossTokenizerTrainer
 
     out = Path(cfg.out)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.student)
     gpu = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.bfloat16 if gpu else torch.float32)
-    cross = detect(cfg, manifest, tokenizer)
     if cross is None:
         check_vocabulary(manifest, tokenizer, model.get_output_embeddings().weight.shape[0], data.max_token_id)
-    else:  # the student's own tokens of the teacher's texts replace the stored ids (train/cross_tokenizer.py)
-        dataset, coverage = cross_training_data(cfg.corpora[0], cross, cfg.max_length, scratch)
-        data = TrainingData(dataset, data.records, data.records - len(dataset), data.max_token_id)
-        print(f"cross-tokenizer ({cross.kind}): {coverage.aligned_share:.1%} of the student's "
-              f"{coverage.student_tokens:,} response tokens aligned; {coverage.one_to_one_share:.1%} of the spans 1:1, "
-              f"{coverage.mapped_topk_mass:.1%} of their teacher top-k mass on tokens the student has")
     teacher = None
     if cfg.on_policy:  # the served teacher reads its own tokens: across tokenizers, the teacher's
         teacher = routed_teachers(cfg, tokenizer) if cross is None else routed_teachers(cfg, cross.teacher, "teacher")
