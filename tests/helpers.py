@@ -79,6 +79,19 @@ def write_jsonl(path: Path, records: list) -> Path:
     return path
 
 
+def run_in_child(config: Path, out: Path, *options: str) -> dict[str, dict]:
+    """`distill run CONFIG OPTIONS` in a child process -> the stages of its `out/run.json` (what
+    `pipeline.run` returns). The child's vLLM engines run in that process (child_site/sitecustomize.py),
+    not in processes of their own as in pytest's: a two-teacher run took 46 s so, 170 s in-process."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "distill.cli", "run", str(config), *options], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "run.json").read_text())["stages"]
+
+
 def logged_steps(out: Path) -> list[int]:
     """The steps of the training-loss lines in a student's `metrics.jsonl`, in file order."""
     return [m["step"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]

@@ -16,7 +16,7 @@ from distill import pipeline
 from distill.cli import main
 from distill.demo import skills
 from distill.train.trainer import CHECKPOINT_DONE
-from tests.helpers import ROOT, logged_steps
+from tests.helpers import ROOT, logged_steps, run_in_child
 
 DEMO = ROOT / "distill" / "demo" / "demo.yaml"
 
@@ -34,7 +34,7 @@ def reduced(tmp_path_factory):
 @pytest.fixture(scope="module")
 def first_run(reduced):
     out, overrides = reduced
-    return pipeline.run(pipeline.load_config(DEMO, overrides))
+    return run_in_child(DEMO, out, *(f"--set={o}" for o in overrides))
 
 
 def statuses(stages: dict) -> dict[str, str]:

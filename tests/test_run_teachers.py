@@ -10,7 +10,7 @@ import yaml
 
 from distill import corpus, pipeline
 from distill.cli import main
-from tests.helpers import MAX_MODEL_LEN, ROOT, one_line_error, write_jsonl
+from tests.helpers import MAX_MODEL_LEN, ROOT, one_line_error, run_in_child, write_jsonl
 
 
 def domain_prompts(tmp_path, name: str, train: list[str], held_out: list[str]) -> dict[str, str]:
@@ -160,7 +160,7 @@ def test_run_with_two_teachers_routes_trains_one_student_and_evaluates_it_per_do
     cfg = pipeline.load_config(config)
     out = tmp_path / "run"
     names = ["generate[big]", "generate[small]", "curate[big]", "curate[small]", "train", "eval[big]", "eval[small]"]
-    first = pipeline.run(cfg)
+    first = run_in_child(config, out)
     assert {name: s["status"] for name, s in first.items()} == dict.fromkeys(names, "ran")
 
     for name, teacher in (("big", "llama-teacher"), ("small", "llama-student")):

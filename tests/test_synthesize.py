@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import yaml
 from transformers import AutoTokenizer
 
 from distill import pipeline
@@ -24,7 +25,7 @@ from distill.generate.synthesize import (
     without_lead_in,
 )
 from distill.synthesize import synthesize
-from tests.helpers import write_jsonl
+from tests.helpers import run_in_child, write_jsonl
 
 LLAMA3_TEMPLATE = (  # Llama 3's own template, shortened to what renders the turns
     "{{ bos_token }}{% for message in messages %}"
@@ -213,20 +214,22 @@ def test_distill_run_synthesizes_seed_prompts_that_generate_then_answers(tiny_mo
     seeds = write_jsonl(tmp_path / "seeds.jsonl", [{"prompt": f"add {a} and {b}"} for a, b in ((1, 2), (3, 4), (5, 6))])
     held_out = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "reverse the word hello"}])
     model = str(tiny_models["llama-teacher"])
-    cfg = pipeline.RunConfig(out=str(tmp_path / "run"), teacher={"model": model, "max_model_len": 512},
-                             student={"model": str(tiny_models["llama-student"])}, prompts={"eval": str(held_out)},
-                             synthesize={"method": "seeds", "seeds": str(seeds), "n": 8, "max_tokens": 8,
-                                         "filters": []},
-                             generate={"max_tokens": 4, "top_k": 4})
-    stages = pipeline.run(cfg, only="synthesize")
+    out = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "out": str(out), "teacher": {"model": model, "max_model_len": 512},
+        "student": {"model": str(tiny_models["llama-student"])}, "prompts": {"eval": str(held_out)},
+        "synthesize": {"method": "seeds", "seeds": str(seeds), "n": 8, "max_tokens": 8, "filters": []},
+        "generate": {"max_tokens": 4, "top_k": 4}}))
+    stages = run_in_child(config, out, "--only", "synthesize")
     assert stages["synthesize"]["status"] == "ran"
-    synthesized = tmp_path / "run" / "synthesize"
+    synthesized = out / "synthesize"
     manifest = json.loads((synthesized / "manifest.json").read_text())
     assert manifest["synthesis"]["method"] == "seeds" and manifest["counts"]["written"] == 8
     assert [f["name"] for f in manifest["filters"]] == ["held_out"]  # prompts.eval guards the run: always there
     kept = manifest["counts"]["kept"]
     assert kept == 8 - manifest["counts"]["rejected_by_filter"].get("empty", 0) > 0
-    stages = pipeline.run(cfg, only="generate")  # answers the synthesised file
+    stages = run_in_child(config, out, "--only", "generate")  # answers the synthesised file
     assert stages["generate"]["result"].startswith(f"{kept:,} responses")
 
 
