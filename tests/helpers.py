@@ -82,7 +82,7 @@ def write_jsonl(path: Path, records: list) -> Path:
 def run_in_child(config: Path, out: Path, *options: str) -> dict[str, dict]:
     """`distill run CONFIG OPTIONS` in a child process -> the stages of its `out/run.json` (what
     `pipeline.run` returns). The child's vLLM engines run in that process (child_site/sitecustomize.py),
-    not in processes of their own as in pytest's: a two-teacher run took 46 s so, 170 s in-process."""
+    not in processes of their own as in pytest's: a two-teacher run took 43 s so, 158-170 s in pytest's."""
     import subprocess
     import sys
 
@@ -90,6 +90,16 @@ def run_in_child(config: Path, out: Path, *options: str) -> dict[str, dict]:
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "run.json").read_text())["stages"]
+
+
+def in_child(fn, *args):
+    """`fn(*args)` (a module-level function) in a fresh Python process, whose vLLM engines start in
+    that process as `run_in_child`'s do; its result comes back pickled."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def logged_steps(out: Path) -> list[int]:

@@ -8,7 +8,7 @@ from distill.config import GenerateConfig, TrainConfig
 from distill.generate import generate
 from distill.train.card import StudentCard
 from distill.train.trainer import CHECKPOINT_DONE, train
-from tests.helpers import logged_steps, write_jsonl
+from tests.helpers import in_child, logged_steps, write_jsonl
 
 pytestmark = pytest.mark.engine  # the corpus comes from the vLLM teacher
 
@@ -180,34 +180,42 @@ def test_two_processes_give_the_single_process_loss_curve_and_model(tmp_path, ti
 
 @pytest.mark.slow
 def test_lora_adapter_and_merged_model_generate_the_same_in_vllm(tiny_models, lora_student):
+    from distill import corpus
+
+    prompts = [r["prompt_token_ids"] for r in list(corpus.iter_records(lora_student.card.corpus))[:4]]
+    adapted, untouched, from_merged = in_child(greedy_in_vllm, prompts, str(tiny_models["llama-student"]),
+                                               str(lora_student.path))
+    assert adapted == from_merged  # the merged weights are the adapter applied
+    assert adapted != untouched  # and the adapter did change the student
+
+
+def greedy_in_vllm(prompts: list[list[int]], base_model: str, student: str) -> tuple[list, list, list]:
+    """Greedy answers of the base model with the student's adapter and without, and of the merged
+    student (in a child process: `in_child`)."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
 
-    from distill import corpus
-
-    prompts = [TokensPrompt(prompt_token_ids=r["prompt_token_ids"])
-               for r in list(corpus.iter_records(lora_student.card.corpus))[:4]]
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     greedy = SamplingParams(max_tokens=12, temperature=0.0)
     settings = dict(dtype="float32", max_model_len=512, enable_chunked_prefill=False)
 
     def tokens(outputs):
-        return [o.outputs[0].token_ids for o in outputs]
+        return [list(o.outputs[0].token_ids) for o in outputs]
 
-    base = LLM(model=str(tiny_models["llama-student"]), enable_lora=True, max_lora_rank=8, **settings)
+    base = LLM(model=base_model, enable_lora=True, max_lora_rank=8, **settings)
     try:
         adapted = tokens(base.generate(prompts, greedy, use_tqdm=False,
-                                       lora_request=LoRARequest("student", 1, str(lora_student.path / "adapter"))))
+                                       lora_request=LoRARequest("student", 1, f"{student}/adapter")))
         untouched = tokens(base.generate(prompts, greedy, use_tqdm=False))
     finally:
         base.llm_engine.engine_core.shutdown()
-    merged = LLM(model=str(lora_student.path), **settings)
+    merged = LLM(model=student, **settings)
     try:
         from_merged = tokens(merged.generate(prompts, greedy, use_tqdm=False))
     finally:
         merged.llm_engine.engine_core.shutdown()
-    assert adapted == from_merged  # the merged weights are the adapter applied
-    assert adapted != untouched  # and the adapter did change the student
+    return adapted, untouched, from_merged
 
 
 @pytest.mark.slow
