@@ -11,6 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from distill import corpus
 from distill.config import TrainConfig
@@ -30,6 +32,7 @@ from distill.train.cross_tokenizer import (
     Span,
     Vocabularies,
     align,
+    aligned_record,
     cross_record,
     detect,
     same_vocabulary_share,
@@ -72,6 +75,67 @@ def test_align_multibyte_unicode_and_whitespace_merging():
 def test_align_stops_where_the_texts_differ():
     assert align([b"ab", b"c", b"d"], [b"ab", b"x", b"d"]) == [Span((0, 1), (0, 1))]
     assert align([b"a", b"b"], []) == []
+
+
+def walked_spans(teacher: list[bytes], student: list[bytes]) -> list[Span]:
+    """`align`'s rule, walked token by token (its first implementation): the oracle of the numpy one."""
+    t_text, s_text = b"".join(teacher), b"".join(student)
+    common = next((i for i, (a, b) in enumerate(zip(t_text, s_text)) if a != b), min(len(t_text), len(s_text)))
+    t_ends, s_ends = list(itertools.accumulate(map(len, teacher))), list(itertools.accumulate(map(len, student)))
+    spans, i, j, t0, s0, done = [], 0, 0, 0, 0, 0
+    while i < len(teacher) and j < len(student):
+        if t_ends[i] == s_ends[j]:
+            if t_ends[i] > common:
+                break
+            if t_ends[i] > done:  # a span spells at least one byte
+                spans.append(Span((t0, i + 1), (s0, j + 1)))
+                t0, s0, done = i + 1, j + 1, t_ends[i]
+            i, j = i + 1, j + 1
+        elif t_ends[i] < s_ends[j]:
+            i += 1
+        else:
+            j += 1
+    return spans
+
+
+@given(st.data())
+@settings(max_examples=300, deadline=None)
+def test_align_equals_the_token_by_token_walk(data):
+    """Two tokenisations of one text (tokens of no bytes anywhere, as special tokens), the second
+    sometimes changed from some byte on: the spans are those of the walk."""
+    text = data.draw(st.binary(max_size=40))
+
+    def tokens() -> list[bytes]:
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=12)))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        return [p for piece in pieces for p in data.draw(st.sampled_from([[piece], [b"", piece], [piece, b""]]))]
+
+    teacher, student = tokens(), tokens()
+    if student and data.draw(st.booleans()):  # the texts differ from some token on
+        at = data.draw(st.integers(0, len(student) - 1))
+        student = student[:at] + [data.draw(st.binary(max_size=4))] + student[at + 1:]
+    assert align(teacher, student) == walked_spans(teacher, student)
+
+
+def test_a_span_with_a_masked_teacher_token_is_left_out_and_its_student_tokens_get_no_ce():
+    """Curation's `loss_mask` (per teacher token) on an answer of two tokenizers: "25" "3 " "ok"
+    against "2" "5" "3" " " "o" "k", each closed by its end of turn."""
+    vocabularies = Vocabularies(teacher_bytes=[b"2", b"5", b"3", b" ", b"o", b"k", b""],
+                                student_bytes=[b"25", b"3 ", b"ok", b""], to_student=np.array([-1] * 6 + [3]),
+                                same_share=0.0)
+    plan = CrossTokenizer("span", None, None, vocabularies)
+    t_ids, s_ids = list(range(7)), list(range(4))
+    logprobs = -np.arange(1.0, 8.0)
+    topk = np.array(t_ids).reshape(-1, 1)
+    keep = [True, True, True, False, True, True, True]  # the teacher's " "
+    r = aligned_record("x", [9], [9], t_ids, s_ids, logprobs, topk, logprobs.reshape(-1, 1), plan, keep)
+    assert r["ce_mask"].tolist() == [True, False, True, True]  # "3 " holds the masked " "
+    assert (r["span_start"].tolist(), r["span_end"].tolist()) == ([0, 2, 3], [1, 3, 4])
+    assert r["span_one_to_one"].tolist() == [False, False, True]  # "25", "ok", the ends of turn
+    assert r["span_teacher_logprob"].tolist() == [-3.0, -11.0, -7.0]
+    assert r["span_topk_ids"].tolist() == [-1, -1, 3] and r["span_teacher_top1"].tolist() == [0, 4, 6]
+    unmasked = aligned_record("x", [9], [9], t_ids, s_ids, logprobs, topk, logprobs.reshape(-1, 1), plan)
+    assert unmasked["ce_mask"].all() and unmasked["span_start"].tolist() == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("text", ["Reverse 2530 → 0352, naïve café 😀", "  two  spaces\tand\nlines 12345"])
@@ -201,6 +265,11 @@ def _corpus(root, teacher, n=8):
     return root
 
 
+def as_lists(record: dict) -> dict:
+    """A student record with its arrays as lists, as the training file gives them back."""
+    return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in record.items()}
+
+
 def test_the_training_file_holds_the_records_of_the_in_memory_alignment(tmp_path, tokenizers, monkeypatch):
     """`cross_training_data` streams the corpus into its file a few records at a time (top-k as
     arrays): the same records and coverage as `cross_records` over the whole corpus as lists, less
@@ -219,7 +288,8 @@ def test_the_training_file_holds_the_records_of_the_in_memory_alignment(tmp_path
     data, streamed = cross_training_data(root, plan, max_length, tmp_path / "scratch")
     fits = [r for r in whole if len(r["input_ids"]) - r["response_length"] < max_length]
     assert 0 < len(fits) < len(whole) and streamed == coverage
-    assert data.dataset.to_list() == fits and (data.records, data.skipped) == (len(whole), len(whole) - len(fits))
+    assert data.dataset.to_list() == [as_lists(r) for r in fits]
+    assert (data.records, data.skipped) == (len(whole), len(whole) - len(fits))
 
 
 def test_worker_processes_align_the_shards_into_the_same_training_records(tmp_path, tokenizers):

@@ -50,7 +50,7 @@ def test_the_teacher_reads_the_students_text_and_the_spans_cover_it(plan):
     logprobs = np.full(len(t_ids), -0.5)
     r = aligned_record("x", [7, 8], [3, 4, 5], t_ids, s_ids, logprobs, topk, np.tile([-0.5, -1.0, -2.0, -3.0], (len(t_ids), 1)),
                        plan)
-    assert r["input_ids"] == [7, 8, *s_ids] and r["teacher_prompt_ids"] == [3, 4, 5]
+    assert r["input_ids"].tolist() == [7, 8, *s_ids] and r["teacher_prompt_ids"].tolist() == [3, 4, 5]
     # every student token is inside a span, the spans in order, the two ends of turn paired last
     assert r["span_start"][0] == 0 and r["span_end"][-1] == len(s_ids)
     assert all(e == s for e, s in zip(r["span_end"], r["span_start"][1:]))
