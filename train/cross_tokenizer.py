@@ -287,20 +287,20 @@ def aligned_record(record_id: str, prompt_ids: Sequence[int], teacher_prompt_ids
     # so that an end at the last token is a valid index)
     sums = np.add.reduceat(np.r_[logprobs, 0.0], np.stack([t0, t1]).T.reshape(-1))[::2] if len(t0) \
         else np.zeros(0, dtype=np.float64)
-    return {
+    return {  # in CROSS_SCHEMA's types
         "id": record_id,
-        "input_ids": np.concatenate([np.asarray(prompt_ids, dtype=np.int64), np.asarray(s_ids, dtype=np.int64)]),
-        "teacher_prompt_ids": np.asarray(teacher_prompt_ids, dtype=np.int64),
+        "input_ids": np.concatenate([np.asarray(prompt_ids, dtype=np.int32), np.asarray(s_ids, dtype=np.int32)]),
+        "teacher_prompt_ids": np.asarray(teacher_prompt_ids, dtype=np.int32),
         "response_length": len(s_ids),
         "ce_mask": ce_mask,
-        "span_start": s0,
-        "span_end": s1,
+        "span_start": s0.astype(np.int32),
+        "span_end": s1.astype(np.int32),
         "span_one_to_one": (t1 - t0 == 1) & (s1 - s0 == 1),
         "span_teacher_logprob": sums,
-        "span_topk_ids": vocab.to_student[topk_ids[t0]].reshape(-1),
-        "span_topk_logprobs": topk_lps[t0].reshape(-1).astype(np.float64),
-        "span_teacher_top1": topk_ids[t0, 0],  # the teacher's own id (eval's agreement)
-        "span_topk_first_byte": vocab.teacher_first_byte[topk_ids[t0]].reshape(-1),
+        "span_topk_ids": vocab.to_student[topk_ids[t0]].reshape(-1).astype(np.int32),
+        "span_topk_logprobs": topk_lps[t0].reshape(-1),
+        "span_teacher_top1": topk_ids[t0, 0].astype(np.int32),  # the teacher's own id (eval's agreement)
+        "span_topk_first_byte": vocab.teacher_first_byte[topk_ids[t0]].reshape(-1).astype(np.int16),
     }
 
 
@@ -308,12 +308,16 @@ def aligned_record(record_id: str, prompt_ids: Sequence[int], teacher_prompt_ids
 CROSS_COLUMNS = ("id", "messages", "prompt_token_ids", "response_token_ids", "response_logprobs", "topk_token_ids",
                  "topk_logprobs", "loss_mask")
 # The student's training records as the training file stores them (`aligned_record`'s keys).
-_ints, _floats, _bools = pa.list_(pa.int64()), pa.list_(pa.float64()), pa.list_(pa.bool_())
+# Token ids and positions fit int32, a first byte (256: none) int16, and the top-k log-probabilities
+# are the corpus's float32: the span top-k columns are most of a record (k per span), so their widths
+# set the file's size (~49 KB per corpus_scale.py record at int64 / float64, ~20 KB so).
+_ids, _bools = pa.list_(pa.int32()), pa.list_(pa.bool_())
 CROSS_SCHEMA = pa.schema([
-    ("id", pa.string()), ("input_ids", _ints), ("teacher_prompt_ids", _ints), ("response_length", pa.int64()),
-    ("ce_mask", _bools), ("span_start", _ints), ("span_end", _ints), ("span_one_to_one", _bools),
-    ("span_teacher_logprob", _floats), ("span_topk_ids", _ints), ("span_topk_logprobs", _floats),
-    ("span_teacher_top1", _ints), ("span_topk_first_byte", _ints)])
+    ("id", pa.string()), ("input_ids", _ids), ("teacher_prompt_ids", _ids), ("response_length", pa.int64()),
+    ("ce_mask", _bools), ("span_start", _ids), ("span_end", _ids), ("span_one_to_one", _bools),
+    ("span_teacher_logprob", pa.list_(pa.float64())), ("span_topk_ids", _ids),
+    ("span_topk_logprobs", pa.list_(pa.float32())), ("span_teacher_top1", _ids),
+    ("span_topk_first_byte", pa.list_(pa.int16()))])
 
 
 class CoverageTally:
