@@ -443,7 +443,8 @@ class CrossCollator:
         labels = torch.full((b, length), -100, dtype=torch.long)
         span_index = torch.full((b, length), -1, dtype=torch.long)
         span_of = torch.full((b, length), -1, dtype=torch.long)
-        one_to_one, teacher_lp, topk_ids, topk_lps, top1, first_byte = [], [], [], [], [], []
+        one_to_one, teacher_lp, topk_ids, topk_lps, top1, first_byte = [], [], [], [], [], []  # per record
+        spans = 0  # of the batch so far
         prompt_lengths = [len(r["input_ids"]) - r["response_length"] for r in records]
         teacher_prompt_lengths = [len(r["teacher_prompt_ids"]) for r in records]
         teacher_prompts = torch.full((b, max(teacher_prompt_lengths)), -1, dtype=torch.long)
@@ -452,35 +453,31 @@ class CrossCollator:
             seq = list(r["input_ids"])[:length]
             p = prompt_lengths[i]
             n = len(seq) - p  # student response tokens kept after truncation
-            input_ids[i, :len(seq)] = torch.tensor(seq)
+            input_ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
             attention[i, :len(seq)] = 1
             ce = torch.tensor(list(r["ce_mask"])[:n], dtype=torch.bool)
             row = labels[i, p - 1:p - 1 + n]
-            row[ce] = torch.tensor(seq[p:])[ce]
-            ids = np.asarray(r["span_topk_ids"]).reshape(-1, self.top_k)
-            lps = np.asarray(r["span_topk_logprobs"], dtype=np.float32).reshape(-1, self.top_k)
-            firsts = np.asarray(r["span_topk_first_byte"]).reshape(-1, self.top_k)
-            for j, (start, end) in enumerate(zip(r["span_start"], r["span_end"])):
-                if end > n:  # cut by truncation
-                    break
-                s = len(one_to_one)
-                span_index[i, p - 1 + start] = s
-                span_of[i, p - 1 + start:p - 1 + end] = s
-                one_to_one.append(bool(r["span_one_to_one"][j]))
-                teacher_lp.append(float(r["span_teacher_logprob"][j]))
-                topk_ids.append(ids[j])
-                topk_lps.append(lps[j])
-                top1.append(int(r["span_teacher_top1"][j]))
-                first_byte.append(firsts[j])
-        k = self.top_k
+            row[ce] = torch.tensor(seq[p:], dtype=torch.long)[ce]
+            start, end = np.asarray(r["span_start"], dtype=np.int64), np.asarray(r["span_end"], dtype=np.int64)
+            kept = int(np.searchsorted(end, n, side="right"))  # the spans in order: those after are cut by truncation
+            start, end, first = start[:kept], end[:kept], spans
+            spans += kept
+            index = np.arange(first, spans)
+            span_index[i, p - 1 + start] = torch.from_numpy(index)
+            width = end - start  # each span's positions, p - 1 + start .. p - 1 + end
+            span_of[i, np.repeat(p - 1 + start - np.cumsum(width) + width, width) + np.arange(width.sum())] = \
+                torch.from_numpy(np.repeat(index, width))
+            one_to_one.append(np.asarray(r["span_one_to_one"][:kept], dtype=bool))
+            teacher_lp.append(np.asarray(r["span_teacher_logprob"][:kept], dtype=np.float32))
+            topk_ids.append(np.asarray(r["span_topk_ids"], dtype=np.int64).reshape(-1, self.top_k)[:kept])
+            topk_lps.append(np.asarray(r["span_topk_logprobs"], dtype=np.float32).reshape(-1, self.top_k)[:kept])
+            top1.append(np.asarray(r["span_teacher_top1"][:kept], dtype=np.int64))
+            first_byte.append(np.asarray(r["span_topk_first_byte"], dtype=np.int64).reshape(-1, self.top_k)[:kept])
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "target_mask": labels >= 0,
                 "span_index": span_index, "span_of": span_of,
-                "span_one_to_one": torch.tensor(one_to_one, dtype=torch.bool),
-                "span_teacher_logprob": torch.tensor(teacher_lp, dtype=torch.float32),
-                "span_topk_ids": torch.tensor(np.array(topk_ids).reshape(-1, k), dtype=torch.long),
-                "span_topk_logprobs": torch.tensor(np.array(topk_lps).reshape(-1, k), dtype=torch.float32),
-                "span_teacher_top1": torch.tensor(top1, dtype=torch.long),
-                "span_topk_first_byte": torch.tensor(np.array(first_byte).reshape(-1, k), dtype=torch.long),
+                **{name: torch.from_numpy(np.concatenate(parts)) for name, parts in (
+                    ("span_one_to_one", one_to_one), ("span_teacher_logprob", teacher_lp), ("span_topk_ids", topk_ids),
+                    ("span_topk_logprobs", topk_lps), ("span_teacher_top1", top1), ("span_topk_first_byte", first_byte))},
                 "student_first_byte": torch.as_tensor(self.student_first_byte, dtype=torch.long),
                 "prompt_lengths": torch.tensor(prompt_lengths, dtype=torch.long),
                 "teacher_prompt_ids": teacher_prompts,
