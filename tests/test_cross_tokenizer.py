@@ -117,25 +117,39 @@ def test_align_equals_the_token_by_token_walk(data):
     assert align(teacher, student) == walked_spans(teacher, student)
 
 
-def test_a_span_with_a_masked_teacher_token_is_left_out_and_its_student_tokens_get_no_ce():
-    """Curation's `loss_mask` (per teacher token) on an answer of two tokenizers: "25" "3 " "ok"
-    against "2" "5" "3" " " "o" "k", each closed by its end of turn."""
+def toy_record(keep=None) -> tuple[dict, CrossTokenizer]:
+    """"25" "3 " "ok" against "2" "5" "3" " " "o" "k", each closed by its end of turn, after a
+    one-token prompt: the student record, with curation's `keep` per teacher token."""
     vocabularies = Vocabularies(teacher_bytes=[b"2", b"5", b"3", b" ", b"o", b"k", b""],
                                 student_bytes=[b"25", b"3 ", b"ok", b""], to_student=np.array([-1] * 6 + [3]),
                                 same_share=0.0)
     plan = CrossTokenizer("span", None, None, vocabularies)
-    t_ids, s_ids = list(range(7)), list(range(4))
     logprobs = -np.arange(1.0, 8.0)
-    topk = np.array(t_ids).reshape(-1, 1)
-    keep = [True, True, True, False, True, True, True]  # the teacher's " "
-    r = aligned_record("x", [9], [9], t_ids, s_ids, logprobs, topk, logprobs.reshape(-1, 1), plan, keep)
+    return aligned_record("x", [9], [9], list(range(7)), list(range(4)), logprobs, np.arange(7).reshape(-1, 1),
+                          logprobs.reshape(-1, 1), plan, keep), plan
+
+
+def test_a_span_with_a_masked_teacher_token_is_left_out_and_its_student_tokens_get_no_ce():
+    r, _ = toy_record(keep=[True, True, True, False, True, True, True])  # the teacher's " " masked
     assert r["ce_mask"].tolist() == [True, False, True, True]  # "3 " holds the masked " "
     assert (r["span_start"].tolist(), r["span_end"].tolist()) == ([0, 2, 3], [1, 3, 4])
     assert r["span_one_to_one"].tolist() == [False, False, True]  # "25", "ok", the ends of turn
     assert r["span_teacher_logprob"].tolist() == [-3.0, -11.0, -7.0]
     assert r["span_topk_ids"].tolist() == [-1, -1, 3] and r["span_teacher_top1"].tolist() == [0, 4, 6]
-    unmasked = aligned_record("x", [9], [9], t_ids, s_ids, logprobs, topk, logprobs.reshape(-1, 1), plan)
+    unmasked, _ = toy_record()
     assert unmasked["ce_mask"].all() and unmasked["span_start"].tolist() == [0, 1, 2, 3]
+
+
+def test_the_collator_keeps_the_spans_that_truncation_leaves_whole():
+    r, plan = toy_record()
+    cut = CrossCollator(pad_token_id=0, max_length=3, top_k=1, student_first_byte=np.zeros(4, dtype=np.int64))([r])
+    # the prompt and "25" "3 ": the first two spans, at the positions predicting their first token
+    assert cut["input_ids"].tolist() == [[9, 0, 1]] and cut["labels"].tolist() == [[0, 1, -100]]
+    assert cut["span_index"].tolist() == cut["span_of"].tolist() == [[0, 1, -1]]
+    assert cut["span_teacher_logprob"].tolist() == [-3.0, -7.0] and cut["span_topk_ids"].tolist() == [[-1], [-1]]
+    whole = CrossCollator(pad_token_id=0, max_length=8, top_k=1, student_first_byte=np.zeros(4, dtype=np.int64))([r, r])
+    assert whole["span_index"].tolist() == [[0, 1, 2, 3, -1], [4, 5, 6, 7, -1]]
+    assert whole["span_one_to_one"].tolist() == [False, False, False, True] * 2
 
 
 @pytest.mark.parametrize("text", ["Reverse 2530 → 0352, naïve café 😀", "  two  spaces\tand\nlines 12345"])
