@@ -5,6 +5,7 @@ is built from the demo teacher's tokenizer with planted top-k)."""
 import itertools
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -284,7 +285,7 @@ def as_lists(record: dict) -> dict:
     return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in record.items()}
 
 
-def test_the_training_file_holds_the_records_of_the_in_memory_alignment(tmp_path, tokenizers, monkeypatch):
+def test_the_training_file_holds_the_records_of_the_in_memory_alignment(tmp_path, tokenizers, monkeypatch, capsys):
     """`cross_training_data` streams the corpus into its file a few records at a time (top-k as
     arrays): the same records and coverage as `cross_records` over the whole corpus as lists, less
     those whose prompt fills max_length."""
@@ -303,6 +304,7 @@ def test_the_training_file_holds_the_records_of_the_in_memory_alignment(tmp_path
     fits = [r for r in whole if len(r["input_ids"]) - r["response_length"] < max_length]
     assert 0 < len(fits) < len(whole) and streamed == coverage
     assert data.dataset.to_list() == [as_lists(r) for r in fits]
+    assert re.search(r"align: 100%.* 9/9 ", capsys.readouterr().err)  # the pass's progress, in records
     assert (data.records, data.skipped) == (len(whole), len(whole) - len(fits))
 
 

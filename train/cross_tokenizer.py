@@ -24,6 +24,7 @@ import itertools
 import multiprocessing
 import os
 import re
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+from tqdm import tqdm
 
 from distill import corpus
 from distill.config import CrossLossKind, TrainConfig
@@ -373,16 +375,22 @@ def cross_training_data(root: Path, plan: CrossTokenizer, max_length: int, scrat
     paths = corpus.shard_paths(root)
     parts = [scratch / f"cross-{corpus.shard_index(path):05d}.arrow" for path in paths]
     scratch.mkdir(parents=True, exist_ok=True)
+    records = corpus.read_manifest(root).stats.records
     if workers is None:
         cpus = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: each rank aligns
         # one worker would only add its start-up: the training process waits for the alignment
-        workers = corpus.default_workers(corpus.read_manifest(root).stats.records, cpus) if cpus > 1 else 0
+        workers = corpus.default_workers(records, cpus) if cpus > 1 else 0
     jobs = (paths, parts, itertools.repeat(plan), itertools.repeat(columns), itertools.repeat(max_length))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers \
             else contextlib.nullcontext() as pool:
         map_shards = pool.map if pool else map
         corpus.check_records(root, trust_stamps=True, map_shards=map_shards)
-        tallies = list(map_shards(_align_shard, *jobs))
+        tallies = []
+        # minutes at a million records: a bar with the rate, a shard at a time
+        with tqdm(total=records, unit="rec", desc="align", file=sys.stderr, dynamic_ncols=True) as bar:
+            for shard in map_shards(_align_shard, *jobs):
+                tallies.append(shard)
+                bar.update(shard.records)
     tally = CoverageTally()
     for t in tallies:
         tally += t
