@@ -7,6 +7,7 @@ import json
 import math
 import re
 import shutil
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +31,6 @@ from distill.train.cross_tokenizer import (
     SAME_VOCABULARY,
     CrossCollator,
     CrossTokenizer,
-    Span,
     Vocabularies,
     align,
     aligned_record,
@@ -53,6 +53,23 @@ def tokenizers(tmp_path_factory):
     return AutoTokenizer.from_pretrained(SHIPPED), student
 
 
+@dataclass(frozen=True)
+class Span:
+    """One of `align`'s spans: teacher tokens `teacher[0]:teacher[1]`, student tokens
+    `student[0]:student[1]`."""
+
+    teacher: tuple[int, int]
+    student: tuple[int, int]
+
+    @property
+    def one_to_one(self) -> bool:
+        return self.teacher[1] - self.teacher[0] == 1 and self.student[1] - self.student[0] == 1
+
+
+def spans_of(teacher: list[bytes], student: list[bytes]) -> list[Span]:
+    return [Span((t0, t1), (s0, s1)) for t0, t1, s0, s1 in align(teacher, student).T.tolist()]
+
+
 def spelled(spans, teacher, student):
     return [(b"".join(teacher[slice(*s.teacher)]), b"".join(student[slice(*s.student)])) for s in spans]
 
@@ -60,7 +77,7 @@ def spelled(spans, teacher, student):
 def test_align_groups_tokens_until_both_tokenisations_end_together():
     teacher = [b"2", b"5", b"3", b" ", b"o", b"k"]
     student = [b"25", b"3 ", b"ok"]
-    spans = align(teacher, student)
+    spans = spans_of(teacher, student)
     assert spans == [Span((0, 2), (0, 1)), Span((2, 4), (1, 2)), Span((4, 6), (2, 3))]
     assert all(a == b for a, b in spelled(spans, teacher, student))
 
@@ -69,13 +86,13 @@ def test_align_multibyte_unicode_and_whitespace_merging():
     # "é" is two bytes: the teacher splits it, the student does not; " 4" merges the space for the student
     teacher = [b"\xc3", b"\xa9", b" ", b"4", b"!"]
     student = [b"\xc3\xa9", b" 4", b"!"]
-    assert align(teacher, student) == [Span((0, 2), (0, 1)), Span((2, 4), (1, 2)), Span((4, 5), (2, 3))]
-    assert [s.one_to_one for s in align(teacher, student)] == [False, False, True]
+    assert spans_of(teacher, student) == [Span((0, 2), (0, 1)), Span((2, 4), (1, 2)), Span((4, 5), (2, 3))]
+    assert [s.one_to_one for s in spans_of(teacher, student)] == [False, False, True]
 
 
 def test_align_stops_where_the_texts_differ():
-    assert align([b"ab", b"c", b"d"], [b"ab", b"x", b"d"]) == [Span((0, 1), (0, 1))]
-    assert align([b"a", b"b"], []) == []
+    assert spans_of([b"ab", b"c", b"d"], [b"ab", b"x", b"d"]) == [Span((0, 1), (0, 1))]
+    assert spans_of([b"a", b"b"], []) == []
 
 
 def walked_spans(teacher: list[bytes], student: list[bytes]) -> list[Span]:
@@ -115,7 +132,7 @@ def test_align_equals_the_token_by_token_walk(data):
     if student and data.draw(st.booleans()):  # the texts differ from some token on
         at = data.draw(st.integers(0, len(student) - 1))
         student = student[:at] + [data.draw(st.binary(max_size=4))] + student[at + 1:]
-    assert align(teacher, student) == walked_spans(teacher, student)
+    assert spans_of(teacher, student) == walked_spans(teacher, student)
 
 
 def toy_record(keep=None) -> tuple[dict, CrossTokenizer]:
@@ -160,7 +177,7 @@ def test_spans_cover_the_text_exactly_with_real_tokenizers(tokenizers, text):
     t = [t_bytes[i] for i in teacher(text, add_special_tokens=False)["input_ids"]]
     s = [s_bytes[i] for i in student(text, add_special_tokens=False)["input_ids"]]
     assert b"".join(t) == b"".join(s) == text.encode()
-    spans = align(t, s)
+    spans = spans_of(t, s)
     assert all(a == b for a, b in spelled(spans, t, s))
     # contiguous and covering: every token of both sides in exactly one span
     assert spans[0].teacher[0] == spans[0].student[0] == 0

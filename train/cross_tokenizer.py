@@ -89,30 +89,13 @@ def same_vocabulary_share(teacher, student) -> float:
     return sum(a == b for a, b in zip(theirs, ours)) / max(len(ids), 1)
 
 
-@dataclass(frozen=True)
-class Span:
-    """Teacher tokens `teacher[0]:teacher[1]` and student tokens `student[0]:student[1]` (indices
-    into the two responses) that spell exactly the same bytes."""
-
-    teacher: tuple[int, int]
-    student: tuple[int, int]
-
-    @property
-    def one_to_one(self) -> bool:
-        return self.teacher[1] - self.teacher[0] == 1 and self.student[1] - self.student[0] == 1
-
-
-def align(teacher: Sequence[bytes], student: Sequence[bytes]) -> list[Span]:
-    """The spans of two tokenisations, given the bytes of each token, in order. Only text both
-    spell is aligned: past the first byte where they differ (a tokenizer that normalises the text,
-    a response cut inside a character) the rest of both stays unaligned. Tokens of no bytes
-    (special tokens) join the span that follows them."""
-    return [Span((t0, t1), (s0, s1)) for t0, t1, s0, s1 in span_bounds(teacher, student).T.tolist()]
-
-
-def span_bounds(teacher: Sequence[bytes], student: Sequence[bytes]) -> np.ndarray:
-    """`align`'s spans as int64 [4, S]: teacher start and end, student start and end (numpy: the
-    alignment of every record before training is a pass over the corpus)."""
+def align(teacher: Sequence[bytes], student: Sequence[bytes]) -> np.ndarray:
+    """The spans of two tokenisations, given the bytes of each token, in order, as int64 [4, S]:
+    teacher start and end, student start and end (indices into the two responses: tokens that
+    spell exactly the same bytes). Only text both spell is aligned: past the first byte where they
+    differ (a tokenizer that normalises the text, a response cut inside a character) the rest of
+    both stays unaligned. Tokens of no bytes (special tokens) join the span that follows them.
+    numpy: the alignment of every record before training is a pass over the corpus."""
     t_ends = np.cumsum([len(b) for b in teacher], dtype=np.int64)
     s_ends = np.cumsum([len(b) for b in student], dtype=np.int64)
     t_text, s_text = b"".join(teacher), b"".join(student)
@@ -267,7 +250,7 @@ def aligned_record(record_id: str, prompt_ids: Sequence[int], teacher_prompt_ids
     vocab = plan.vocabularies
     t_bytes = [vocab.teacher_bytes[i] for i in t_ids]
     s_bytes = [vocab.student_bytes[i] for i in s_ids]
-    t0, t1, s0, s1 = span_bounds(t_bytes, s_bytes)
+    t0, t1, s0, s1 = align(t_bytes, s_bytes)
     if t_ids and s_ids and not t_bytes[-1] and not s_bytes[-1] and (not len(s1) or s1[-1] < len(s_ids)):
         # the two ends of turn, aligned with each other: both follow the whole text
         if (t1[-1] if len(t1) else 0) == len(t_ids) - 1 and (s1[-1] if len(s1) else 0) == len(s_ids) - 1:
