@@ -261,14 +261,21 @@ def test_every_top_k_layout_decodes_to_the_same_values(built):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(st.text(), st.text(alphabet=st.characters(max_codepoint=127))))
-def test_a_texts_words_are_the_lowercased_word_regexs(text):
-    """`words_of` (bytes.translate for ASCII text) gives what the `\\w+` regex finds in the
-    lower-cased text, on any text and on ASCII text (controls, digits, `_` included)."""
-    from distill.curation.base import WORD
-    from distill.curation.words import words_of
+@given(st.lists(st.one_of(st.none(), st.text(), st.text(alphabet=st.characters(max_codepoint=127))), max_size=8),
+       st.integers(0, 2))
+def test_a_batchs_words_are_the_lowercased_word_regexs(texts, skip):
+    """`Words.split` (ASCII texts translated and split in Arrow, the others through the regex) gives
+    each text what the `\\w+` regex finds in it lower-cased, on any texts and on ASCII ones (controls,
+    digits, `_`, spaces at either end included), nulls and a sliced array too."""
+    import pyarrow as pa
 
-    assert words_of(text) == [w.encode() for w in WORD.findall(text.lower())]
+    from distill.curation.base import WORD
+    from distill.curation.words import Words
+
+    words = Words.split(pa.array([None] * skip + texts, pa.string())[skip:])
+    assert [[words.vocabulary[i] for i in words.ids[a:b]] for a, b in zip(words.offsets, words.offsets[1:])] == \
+        [[w.encode() for w in WORD.findall((t or "").lower())] for t in texts]
+    assert len(set(words.vocabulary)) == len(words.vocabulary)
 
 
 @settings(max_examples=300, deadline=None)
