@@ -1,7 +1,8 @@
 """State that grows with the corpus, on disk: what curation's dedup filters remember of every
 kept record (10M records at the defaults: 14.3 GB, measured) and the ids the validator has read live in
 memory-mapped files under a temporary folder. Their pages are file-backed, which the OS reclaims
-under pressure, and the process's heap (RssAnon) stays flat however many records pass.
+under pressure, and the process's heap (RssAnon) stays flat however many records pass. The one
+exception is a hash index of at most `IN_MEMORY_BYTES`: it lives on the heap (below).
 
 `HashIndex` is a multimap from 64-bit keys to row numbers (open addressing, linear probing,
 vectorised over many keys at once); `Rows` an append-only table of fixed-width rows; `Strings`
@@ -23,6 +24,12 @@ _GROW_STEP = 1 << 20  # entries re-inserted at once when a hash index doubles
 # `reserve` sizes for at most this many entries (32 GB of sparse files): the count it is given comes
 # from a manifest, which is read before it is checked; beyond it the index grows as it fills.
 _MAX_RESERVED = 1 << 30
+# A hash index's two arrays up to this size (a 1M-record corpus's near-dedup bands: 512 MiB) are
+# anonymous memory, beyond it memory-mapped files. Every insert writes a random page, and each page
+# the kernel's writeback has cleaned faults again at its next write: at 1M records the file-backed
+# bands cost the curating process 8-13 s more system CPU (11.2-16.2 s against 3.0-3.2 s; two runs
+# each, docs/results/scale.md). Appended rows and strings are written once and stay on disk.
+IN_MEMORY_BYTES = 1 << 30
 
 
 class Folder:
@@ -96,8 +103,9 @@ class Strings:
 
 
 class HashIndex:
-    """Multimap uint64 key -> row number (int64), in two memory-mapped arrays: open addressing
-    with linear probing, doubled (every entry re-inserted) when more than half full."""
+    """Multimap uint64 key -> row number (int64), in two arrays (memory-mapped files beyond
+    `IN_MEMORY_BYTES`): open addressing with linear probing, doubled (every entry re-inserted) when
+    more than half full."""
 
     def __init__(self, folder: Folder, name: str, capacity: int = 1 << 16):
         self._folder, self._name, self._generation = folder, name, 0
@@ -107,8 +115,13 @@ class HashIndex:
     def _allocate(self, capacity: int) -> None:
         self._generation += 1
         old = [self._folder.file(f"{self._name}-{part}-{self._generation - 1}.npy") for part in ("keys", "rows")]
-        self._keys = _mapped(self._folder.file(f"{self._name}-keys-{self._generation}.npy"), np.uint64, (capacity,))
-        self._rows = _mapped(self._folder.file(f"{self._name}-rows-{self._generation}.npy"), np.int64, (capacity,))
+        on_disk = 16 * capacity > IN_MEMORY_BYTES
+
+        def zeros(part: str, dtype) -> np.ndarray:
+            path = self._folder.file(f"{self._name}-{part}-{self._generation}.npy")
+            return _mapped(path, dtype, (capacity,)) if on_disk else np.zeros(capacity, dtype)
+
+        self._keys, self._rows = zeros("keys", np.uint64), zeros("rows", np.int64)
         self._mask = np.uint64(capacity - 1)
         for path in old:
             path.unlink(missing_ok=True)

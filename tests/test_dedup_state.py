@@ -15,10 +15,14 @@ from distill.tiny import WORDS
 
 
 @pytest.mark.parametrize("reserved", [0, 6000])  # 6000: sized for every entry after the first batch
-def test_hash_index_finds_every_row_of_a_key_through_growth(monkeypatch, reserved):
+# on the heap, on disk, or moving from the heap to disk as it grows past 1,024 slots
+@pytest.mark.parametrize("in_memory", [1 << 30, 0, 16 * 1024])
+def test_hash_index_finds_every_row_of_a_key_through_growth(monkeypatch, reserved, in_memory):
     monkeypatch.setattr(disk_state, "_GROW_STEP", 7)  # re-inserted a few slots at a time
+    monkeypatch.setattr(disk_state, "IN_MEMORY_BYTES", in_memory)
     rng = np.random.default_rng(0)
-    index = disk_state.HashIndex(disk_state.Folder("test"), "keys", capacity=16)
+    folder = disk_state.Folder("test")
+    index = disk_state.HashIndex(folder, "keys", capacity=16)
     expected: dict[int, set[int]] = {}
     row = 0
     for batch in range(30):  # grows from 16 slots to several thousand
@@ -40,6 +44,9 @@ def test_hash_index_finds_every_row_of_a_key_through_growth(monkeypatch, reserve
         assert got.get(k, set()) == expected.get(k, set()), k
     assert got[0] == got[1] == expected[0] | expected[1]
     assert index.count == row
+    files = sorted(p.name for p in folder.path.iterdir())  # the current table's, the older ones removed
+    assert files == ([] if len(index._keys) * 16 <= in_memory else [f"keys-{part}-{index._generation}.npy"
+                                                                    for part in ("keys", "rows")])
 
 
 def test_rows_and_strings_read_back_across_files():
