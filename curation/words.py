@@ -18,10 +18,40 @@ import pyarrow.compute as pc
 from distill.curation.base import WORD
 
 # An ASCII text's `WORD.findall(text.lower())`, as bytes, is one `bytes.translate` (upper case to
-# lower, every other byte outside `\w` to a space) and a split on the spaces. The translation keeps
-# every byte's place, so a batch's texts are translated as one buffer under their own offsets.
+# lower, every other byte outside `\w` to a space) and a split on the spaces.
 _ASCII_WORDS = bytes(c + 32 if 65 <= c <= 90 else c if WORD.fullmatch(chr(c)) else 32 for c in range(128)) \
     + bytes(range(128, 256))
+
+
+@dataclass(frozen=True)
+class Translated:
+    """A batch's texts through a byte table (`translated`): what Arrow and numpy then treat in bulk
+    holds for the ASCII texts; the others (`other`) are worked out in Python and put back in
+    place (`restore`)."""
+    texts: pa.LargeStringArray  # every text translated (a non-ASCII one too, and to no use)
+    other: np.ndarray  # rows (ascending) of the texts that are not ASCII
+    originals: list[str]  # those texts as they were
+
+    def restore(self, bulk: pa.Array, done: list) -> pa.Array:
+        """`bulk` (a value per text) with the `other` rows' values replaced by `done`, in order."""
+        if not len(self.other):
+            return bulk
+        ascii = np.ones(len(bulk), dtype=bool)
+        ascii[self.other] = False
+        return pa.concat_arrays([bulk.filter(pa.array(ascii)), pa.array(done, bulk.type)]).take(
+            np.argsort(np.r_[np.flatnonzero(ascii), self.other]))
+
+
+def translated(texts: pa.Array, table: bytes) -> Translated:
+    """`texts` (a null one: "") with every byte mapped by `table` (`bytes.translate`) as one buffer:
+    a byte keeps its place, so each text keeps its offsets."""
+    texts = pc.fill_null(texts.cast(pa.large_string()), "")
+    starts = np.frombuffer(texts.buffers()[1], np.int64)[texts.offset:texts.offset + len(texts) + 1]
+    data = texts.buffers()[2]
+    spelled = data.slice(starts[0], starts[-1] - starts[0]).to_pybytes().translate(table) if data else b""
+    other = np.flatnonzero(~pc.string_is_ascii(texts).to_numpy(zero_copy_only=False))
+    return Translated(pa.LargeStringArray.from_buffers(len(texts), pa.py_buffer(starts - starts[0]), pa.py_buffer(spelled)),
+                      other, texts.take(other).to_pylist())
 
 
 @dataclass(frozen=True)
@@ -36,25 +66,15 @@ class Words:
         """Each text's `WORD.findall(text.lower())` (a null text has no words). ASCII texts go
         through Arrow: translated (`_ASCII_WORDS`), split on spaces and dictionary-encoded, ~3x faster
         than in Python per realistic answer (docs/results/scale.md); the others through the regex."""
-        texts = pc.fill_null(pa.array(texts, pa.large_string()) if isinstance(texts, list) else
-                             texts.cast(pa.large_string()), "")
-        starts = np.frombuffer(texts.buffers()[1], np.int64)[texts.offset:texts.offset + len(texts) + 1]
-        data = texts.buffers()[2]
-        spelled = data.slice(starts[0], starts[-1] - starts[0]).to_pybytes().translate(_ASCII_WORDS) if data else b""
-        words = pc.ascii_split_whitespace(pa.LargeStringArray.from_buffers(
-            len(texts), pa.py_buffer(starts - starts[0]), pa.py_buffer(spelled)))
-        ascii = pc.string_is_ascii(texts).to_numpy(zero_copy_only=False)
-        if not ascii.all():
-            other = np.flatnonzero(~ascii)
-            found = pa.array([WORD.findall(t.lower()) for t in texts.take(other).to_pylist()], words.type)
-            words = pa.concat_arrays([words.filter(pa.array(ascii)), found]).take(
-                np.argsort(np.r_[np.flatnonzero(ascii), other]))
+        batch = translated(pa.array(texts, pa.large_string()) if isinstance(texts, list) else texts, _ASCII_WORDS)
+        split = pc.ascii_split_whitespace(batch.texts)
+        words = batch.restore(split, [WORD.findall(t.lower()) for t in batch.originals])
         flat = words.flatten()
-        row = np.repeat(np.arange(len(texts)), pc.list_value_length(words).to_numpy(zero_copy_only=False))
+        row = np.repeat(np.arange(len(words)), pc.list_value_length(words).to_numpy(zero_copy_only=False))
         word = pc.greater(pc.binary_length(flat), 0)  # Arrow keeps an empty string before and after spaces
         encoded = pc.dictionary_encode(flat.filter(word))
-        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
-        np.cumsum(np.bincount(row[word.to_numpy(zero_copy_only=False)], minlength=len(texts)), out=offsets[1:])
+        offsets = np.zeros(len(words) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(row[word.to_numpy(zero_copy_only=False)], minlength=len(words)), out=offsets[1:])
         return cls(encoded.dictionary.cast(pa.large_binary()).to_pylist(),
                    encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), offsets)
 

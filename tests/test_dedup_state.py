@@ -115,6 +115,16 @@ def test_exact_dedup_names_the_first_record_across_batches():
     assert f.check({"id": "f", "response": "new"}) == "duplicate of e"
 
 
+def test_exact_dedup_on_prompt_and_response():
+    f = ExactDedupFilter(key="prompt_response")
+    asked = [[{"role": "user", "content": "Hi  there"}], [{"role": "user", "content": "Other"}],
+             [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "hi there"}], [{"role": "user", "content": "hi THERE "}]]
+    batch = pa.record_batch({"id": ["a", "b", "c", "d"], "messages": asked, "response": ["Same", "same", "same", "same"]})
+    assert f.check_batch(batch, [0, 1, 2, 3]) == {3: "duplicate of a"}  # the same prompt and answer, normalised
+    assert f.check({"id": "e", "messages": asked[1], "response": " SAME"}) == "duplicate of b"
+    assert f.check({"id": "f", "messages": asked[1], "response": "same again"}) is None
+
+
 def test_seen_strings_is_a_set():
     seen = disk_state.SeenStrings("test")
     assert seen.add(["a", "b", "a", "ü"]) == [False, False, True, False]

@@ -279,6 +279,26 @@ def test_a_batchs_words_are_the_lowercased_word_regexs(texts, skip):
 
 
 @settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.text(), st.text(alphabet=st.characters(max_codepoint=127)),
+                          st.text(alphabet=" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1fAb_.")), max_size=8),
+       st.integers(0, 2))
+def test_a_batchs_normalised_texts_are_normalise(texts, skip):
+    """`dedup.normalised` (ASCII texts translated, trimmed and their space runs dropped in Arrow and
+    numpy) is `normalise` of each text, for whitespace runs at either end and inside (`str.split`'s
+    ASCII whitespace, `\\x1c`-`\\x1f` included), empty texts, nulls, non-ASCII texts and a slice;
+    `digests` hashes what it gives as `ExactDedupFilter` always has."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from distill.curation.dedup import digests, normalise, normalised
+
+    got = normalised(pa.array([None] * skip + texts, pa.string())[skip:])
+    assert got.to_pylist() == [normalise(t or "") for t in texts]
+    assert digests(got) == [hashlib.blake2b(normalise(t or "").encode(), digest_size=16).hexdigest() for t in texts]
+
+
+@settings(max_examples=300, deadline=None)
 @given(st.sampled_from([3, 40, 5000]).flatmap(
     lambda words: st.lists(st.lists(st.integers(0, words), max_size=40), min_size=1, max_size=12)),
     st.integers(2, 10), st.data())

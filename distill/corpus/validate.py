@@ -326,8 +326,8 @@ def topk_checked(logical: pa.Table, k: int, vocab_size: int | None) -> TopkCheck
 
 
 def _ids_seen(manifest: Manifest, subdir: str) -> disk_state.SeenStrings:
-    """The set of the ids read, sized for the records the manifest counts (on disk: ~100 B per id
-    would be 1 GB of heap at 10M records)."""
+    """The set of the ids read, sized for the records the manifest counts (the ids on disk: ~100 B
+    per id would be 1 GB of heap at 10M records; its hash index, 512 MiB at 10M, on the heap)."""
     seen = disk_state.SeenStrings("ids")
     seen.reserve(_expected_stats(manifest, subdir).records)
     return seen
