@@ -72,9 +72,10 @@ class ExactDedupFilter(Filter):
         self._seen.reserve(records)
 
     def check(self, record):
-        batch = pa.RecordBatch.from_pydict({"response": [response_text(record)],
-                                            "messages": [[dict(m) for m in record.get("messages") or []]]})
-        first = self._seen.first(self.prepare(batch), [record["id"]])[0]
+        columns = {"response": [response_text(record)]}
+        if self.key == "prompt_response":
+            columns["messages"] = [record.get("messages") or []]
+        first = self._seen.first(self.prepare(pa.RecordBatch.from_pydict(columns)), [record["id"]])[0]
         return None if first is None else f"duplicate of {first}"
 
     def prepare(self, batch) -> list[str]:
