@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from distill import disk_state
+from distill import corpus, disk_state
 from distill.curation.base import Filter, prompt_text, response_text
 from distill.curation.words import Words, response_words, translated
 
@@ -32,15 +32,14 @@ def normalised(texts: pa.Array) -> pa.LargeStringArray:
     than `normalise` per answer (docs/results/scale.md); the others go through `normalise`."""
     batch = translated(texts, _ASCII_NORMAL)
     trimmed = pc.ascii_trim(batch.texts, " ")
-    starts = np.frombuffer(trimmed.buffers()[1], np.int64)[trimmed.offset:trimmed.offset + len(trimmed) + 1]
-    spelled = np.frombuffer(trimmed.buffers()[2] or b"", np.uint8)[starts[0]:starts[-1]]
+    spelled, starts = corpus.binary_values(trimmed)
     # each text now starts and ends with a word: of a run of spaces, keep the first
     keep = spelled != 32
     keep[1:] |= spelled[:-1] != 32
     lengths = np.zeros(len(trimmed), dtype=np.int64)
     filled = starts[:-1] < starts[1:]
     if filled.any():
-        lengths[filled] = np.add.reduceat(keep, starts[:-1][filled] - starts[0], dtype=np.int64)
+        lengths[filled] = np.add.reduceat(keep, starts[:-1][filled], dtype=np.int64)
     bulk = pa.LargeStringArray.from_buffers(len(trimmed), pa.py_buffer(np.r_[0, np.cumsum(lengths)]),
                                             pa.py_buffer(spelled[keep].tobytes()))
     return batch.restore(bulk, [normalise(t) for t in batch.originals])
@@ -48,9 +47,8 @@ def normalised(texts: pa.Array) -> pa.LargeStringArray:
 
 def digests(texts: pa.Array) -> list[str]:
     """The 16-byte BLAKE2b digest of each text's UTF-8 bytes, in hex."""
-    texts = texts.cast(pa.large_string())
-    offsets = np.frombuffer(texts.buffers()[1], np.int64)[texts.offset:texts.offset + len(texts) + 1].tolist()
-    data = memoryview(texts.buffers()[2] or b"")
+    data, offsets = corpus.binary_values(texts)
+    data, offsets = memoryview(data), offsets.tolist()
     return [hashlib.blake2b(data[a:b], digest_size=16).hexdigest() for a, b in zip(offsets, offsets[1:])]
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from distill import corpus
 from distill.curation.base import WORD
 
 # An ASCII text's `WORD.findall(text.lower())`, as bytes, is one `bytes.translate` (upper case to
@@ -46,11 +47,10 @@ def translated(texts: pa.Array, table: bytes) -> Translated:
     """`texts` (a null one: "") with every byte mapped by `table` (`bytes.translate`) as one buffer:
     a byte keeps its place, so each text keeps its offsets."""
     texts = pc.fill_null(texts.cast(pa.large_string()), "")
-    starts = np.frombuffer(texts.buffers()[1], np.int64)[texts.offset:texts.offset + len(texts) + 1]
-    data = texts.buffers()[2]
-    spelled = data.slice(starts[0], starts[-1] - starts[0]).to_pybytes().translate(table) if data else b""
+    data, starts = corpus.binary_values(texts)
     other = np.flatnonzero(~pc.string_is_ascii(texts).to_numpy(zero_copy_only=False))
-    return Translated(pa.LargeStringArray.from_buffers(len(texts), pa.py_buffer(starts - starts[0]), pa.py_buffer(spelled)),
+    return Translated(pa.LargeStringArray.from_buffers(len(texts), pa.py_buffer(starts),
+                                                       pa.py_buffer(data.tobytes().translate(table))),
                       other, texts.take(other).to_pylist())
 
 

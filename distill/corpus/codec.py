@@ -329,15 +329,21 @@ def _binary(data: np.ndarray, offsets: np.ndarray) -> pa.Array:
                                             [None, pa.py_buffer(offsets.astype(np.int64)), pa.py_buffer(data)])
 
 
-def _blobs(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """A binary column -> (its bytes, per-record offsets into them)."""
+def binary_values(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A binary or string column -> (its bytes as uint8, per-value offsets into them from 0; a null
+    value is empty). Zero-copy where the column is one large array."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     array = array.cast(pa.large_binary())
-    if array.null_count:
-        raise CorpusError(f"{array.null_count} records have no top-k data (null)")
     offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset:array.offset + len(array) + 1]
     data = np.frombuffer(array.buffers()[2], dtype=np.uint8) if array.buffers()[2] else np.zeros(0, np.uint8)
     return data[offsets[0]:offsets[-1]], offsets - offsets[0]
+
+
+def _blobs(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A top-k binary column -> (its bytes, per-record offsets into them); no record may lack it."""
+    if column.null_count:
+        raise CorpusError(f"{column.null_count} records have no top-k data (null)")
+    return binary_values(column)
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
