@@ -35,9 +35,10 @@ class NestedLists(DecodedTopk):
 
     def __call__(self, rows: dict[str, list]) -> dict[str, list]:
         stored = corpus.stored_topk_columns(self.encoding)
-        if not all(c in rows for c in stored):
+        if not all(c in rows for c in corpus.decode_inputs(self.encoding)):
             return rows
-        table = pa.table({"id": rows["id"], **{c: pa.array(rows.pop(c), pa.large_binary()) for c in stored}})
+        table = pa.table({"id": rows["id"], **{c: pa.array(rows.pop(c), pa.large_binary()) for c in stored},
+                          **{c: rows[c] for c in corpus.decode_inputs(self.encoding) if c not in stored}})
         decoded = corpus.decode(table, self.encoding)
         return {**rows, **{c: decoded[c].to_pylist() for c in TOPK}}
 

@@ -74,9 +74,10 @@ class DecodedTopk:
 
     def __call__(self, rows: dict[str, list]) -> dict[str, list]:
         stored = corpus.stored_topk_columns(self.encoding)
-        if not all(c in rows for c in stored):  # a query of other columns
+        if not all(c in rows for c in corpus.decode_inputs(self.encoding)):  # a query of other columns
             return rows
-        table = pa.table({"id": rows["id"], **{c: pa.array(rows.pop(c), pa.large_binary()) for c in stored}})
+        table = pa.table({"id": rows["id"], **{c: pa.array(rows.pop(c), pa.large_binary()) for c in stored},
+                          **{c: rows[c] for c in corpus.decode_inputs(self.encoding) if c not in stored}})
         # each record's rows as one [T, k] array: nested Python lists were a float object per
         # entry, most of a batch's cost (benchmarks/train_batches.py)
         return {**rows, **corpus.topk_arrays(corpus.decode(table, self.encoding))}

@@ -12,6 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from distill.corpus import topk_coder
+
 COLUMNS = (
     "id", "prompt_id", "messages", "response", "prompt_token_ids", "response_token_ids",
     "response_logprobs", "topk_token_ids", "topk_logprobs", "finish_reason",
@@ -30,7 +32,7 @@ STUDENT_VIEW_COLUMNS = (STUDENT_MESSAGES, STUDENT_PROMPT_IDS)
 # `generation.logprob_encoding` names it, and each shard's footer too). Readers decode every
 # encoding to the logical columns of docs/corpus-format.md, so consumers never see the difference.
 # - quantized (default): the top-k data packed per record (see `_pack_topk`): ids exact, a
-#   top-k logprob within QUANTIZED_MAX_ERROR (1/64 nat) of the float32 value, the mass outside
+#   top-k logprob within QUANTIZED_MAX_ERROR (3/128 nat) of the float32 value, the mass outside
 #   the top-k (the KD loss's tail bin) within 0.8 % relative. `response_logprobs` stay float16.
 # - float16: `response_logprobs` and `topk_logprobs` as float16, 11 significant bits: a stored
 #   logprob x is within |x| * 2**-11 of the float32 value (0.005 nats at x = -10).
@@ -44,9 +46,17 @@ ENCODING_KEY = b"distill.encoding"
 PACKED_IDS, LOGPROB_CODES = "topk_token_ids_packed", "topk_logprob_codes"
 QUANT_STEP = 2.0**-6  # grid of the top-k logprobs, nats
 TAIL_STEP = 2.0**-6  # grid of log(mass outside the top-k), nats
-# half a grid step, plus the mass correction (clipped to half a step); benchmarks/storage.py
-# measured what coarser / finer grids cost in bytes and KD-loss error
-QUANTIZED_MAX_ERROR = QUANT_STEP
+# Layout 3's grid below the top of the row, in QUANT_STEPs (`_grid_codes`): (from, every, at most):
+# a slot's step doubles for every `every` steps by which the slot above lies below `from`, at most
+# `at most` times. (64, 64, 1): 1/32 nat below -1 nat, where a logprob's error weighs by its small
+# probability: benchmarks/storage.py measured 0.11 B per entry less, and the KD loss's relative
+# error of students at 0.03 nats of KL 4.2e-4 against float32 (1.5-2.1e-4 on the fine grid).
+# Layouts 1 and 2: every step the fine one.
+LAYOUT3_GRID = (64, 64, 1)
+FINE_GRID = (0, 1, 0)
+# half of the coarsest step (layout 3's; layouts 1 and 2: half of QUANT_STEP), plus the mass
+# correction (clipped to half a fine step)
+QUANTIZED_MAX_ERROR = QUANT_STEP * (2 ** LAYOUT3_GRID[2] + 1) / 2
 _CODE_MAX = 2**16 - 1  # codes are uint16: logprobs below -1023.98 nats (65535 steps; -inf) store as that
 # The byte layout of the two quantized columns (the footer's `layout`; absent: 1). Both hold the
 # same values (ids exact, the same logprob codes); readers decode either. `encode` writes
@@ -55,8 +65,11 @@ _CODE_MAX = 2**16 - 1  # codes are uint16: logprobs below -1023.98 nats (65535 s
 # - 2: ids as references to the same id in the previous rows or literals; codes as bytes
 #   (`_layout2`). On real SmolLM2 rows 3-4 % fewer top-k bytes at the same zstd level, for
 #   1.35-2.1x layout 1's encode + write time and 1.5-2x its read + decode time.
-TOPK_LAYOUTS = (1, 2)
-TOPK_LAYOUT = 2
+# - 3: both range-coded per record (`_layout3`, `topk_coder.py`), the codes on LAYOUT3_GRID; the
+#   ids given the record's `response_token_ids`, which its reader needs too (`decode_inputs`).
+#   On real SmolLM2 rows ~18 % fewer top-k bytes than layout 2 (benchmarks/storage.py).
+TOPK_LAYOUTS = (1, 2, 3)
+TOPK_LAYOUT = 3
 
 
 class CorpusError(ValueError):
@@ -175,7 +188,7 @@ def encode(table: pa.Table, k: int, encoding: str, layout: int = TOPK_LAYOUT) ->
         columns[name] = table[name]
     # layout 1 shards were written before the key existed: leaving it out keeps them byte-identical
     quantized = {"encoding": encoding, "k": k, "step": QUANT_STEP, "tail_step": TAIL_STEP} | \
-        ({} if layout == 1 else {"layout": layout})
+        ({} if layout == 1 else {"layout": layout}) | ({"grid": list(LAYOUT3_GRID)} if layout == 3 else {})
     meta = {ENCODING_KEY: json.dumps(quantized if encoding == "quantized" else {"encoding": encoding}).encode()}
     return pa.table([columns[n] for n in schema.names], schema=schema.with_metadata(meta))
 
@@ -184,10 +197,11 @@ def _pack_topk(table: pa.Table, k: int, layout: int) -> tuple[pa.Array, pa.Array
     """The quantized encoding: per record, two byte strings (`topk_token_ids_packed`,
     `topk_logprob_codes`) in byte `layout`.
 
-    The values: the T*k ids, exact; and per response token k+1 uint16 codes: first the tail code
-    round(-log(1 - sum_i p_i) / TAIL_STEP) (_CODE_MAX when the top-k hold all the mass), then q_0,
-    q_1 - q_0, ..., q_{k-1} - q_{k-2} with q_i = round(-logprob_i / QUANT_STEP); rows are best
-    first, so the differences are small non-negative ints (~5 bits of entropy)."""
+    The values: the T*k ids, exact; and per response token k+1 codes: first the tail code
+    round(-log(1 - sum_i p_i) / TAIL_STEP) (_CODE_MAX when the top-k hold all the mass), then the
+    row's grid codes (`_grid_codes`): on the fine grid q_0, q_1 - q_0, ..., q_{k-1} - q_{k-2} with
+    q_i = round(-logprob_i / QUANT_STEP); rows are best first, so the differences are small
+    non-negative ints (~5 bits of entropy)."""
     if layout not in TOPK_LAYOUTS:
         raise ValueError(f"top-k layout must be one of {TOPK_LAYOUTS}, got {layout!r}")
     names = table["id"].to_pylist()
@@ -215,12 +229,50 @@ def _pack_topk(table: pa.Table, k: int, layout: int) -> tuple[pa.Array, pa.Array
     refuse((ids < 0) | (ids >= 2**24), "a top-k token id outside [0, 2^24)")
     refuse(np.isnan(lps) | (lps > 1e-3), "a NaN or positive top-k logprob")
     refuse(np.diff(lps, axis=1) > 1e-3, "top-k logprobs not sorted best first")
+    grid = LAYOUT3_GRID if layout == 3 else FINE_GRID
+    codes = np.concatenate([tail_codes(lps)[:, None].astype(np.int64), _grid_codes(lps, grid)], axis=1)
+    if layout == 3:
+        response = pc.list_flatten(table["response_token_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
+        if len(response) != len(ids):
+            record = int(np.argmax(pc.list_value_length(table["response_token_ids"]).to_numpy(zero_copy_only=False) != tokens))
+            raise CorpusError(f"record {names[record]!r}: `topk_token_ids` and `response_token_ids` differ in length")
+        return _layout3(ids, codes, tokens, response)
     width = 2 if ids.size == 0 or ids.max() < 2**16 else 3
+    return (_layout1 if layout == 1 else _layout2)(ids, codes, tokens, k, width)
 
-    q = np.maximum.accumulate(np.clip(np.round(-lps / QUANT_STEP), 0, _CODE_MAX), axis=1)  # -inf -> _CODE_MAX
-    codes = np.concatenate([tail_codes(lps)[:, None], np.diff(q, axis=1, prepend=0)], axis=1)
-    pack = _layout1 if layout == 1 else _layout2
-    return pack(ids, codes.astype(np.int64), tokens, k, width)
+
+def _doublings(level: np.ndarray, grid: Sequence[int]) -> np.ndarray:
+    """How many times the step of the slot below a slot at `level` (in QUANT_STEPs) doubles."""
+    start, every, most = grid
+    return np.minimum(most, np.maximum(level - start, 0) // every)
+
+
+def _grid_codes(lps: np.ndarray, grid: Sequence[int]) -> np.ndarray:
+    """Rows of logprobs [n, k] (best first) -> their codes [n, k] on `grid` (LAYOUT3_GRID,
+    FINE_GRID): slot 0's level in QUANT_STEPs, then each slot's steps down from the level decoded
+    for the slot above (closed loop: the reader rebuilds the same levels, `_grid_levels`). On the
+    fine grid these are the differences of q = round(-logprob / QUANT_STEP) (made non-increasing)."""
+    x = np.clip(-lps / QUANT_STEP, 0, _CODE_MAX)  # -inf -> _CODE_MAX
+    codes = np.empty(x.shape, dtype=np.int64)
+    level = np.zeros(len(x), dtype=np.int64)
+    for j in range(x.shape[1]):
+        shift = _doublings(level, grid) if j else np.zeros_like(level)
+        code = np.where(shift == 0, np.round(x[:, j]) - level, np.round((x[:, j] - level) / (1 << shift)))
+        codes[:, j] = np.maximum(code, 0)
+        level += codes[:, j] << shift
+    return codes
+
+
+def _grid_levels(codes: np.ndarray, grid: Sequence[int]) -> np.ndarray:
+    """`_grid_codes`'s inverse: the levels [n, k] in QUANT_STEPs."""
+    if grid[2] == 0:
+        return np.cumsum(codes, axis=1)
+    levels = np.empty(codes.shape, dtype=np.int64)
+    level = np.zeros(len(codes), dtype=np.int64)
+    for j in range(codes.shape[1]):
+        level = level + (codes[:, j] << (_doublings(level, grid) if j else 0))
+        levels[:, j] = level
+    return levels
 
 
 def _layout1(ids: np.ndarray, codes: np.ndarray, tokens: np.ndarray, k: int, width: int) -> tuple[pa.Array, pa.Array]:
@@ -307,6 +359,21 @@ def _layout2(ids: np.ndarray, codes: np.ndarray, tokens: np.ndarray, k: int, wid
     return _binary(id_bytes, np.concatenate([[0], np.cumsum(id_len)])), _binary(out, np.concatenate([[0], np.cumsum(code_len)]))
 
 
+def _layout3(ids: np.ndarray, codes: np.ndarray, tokens: np.ndarray, response: np.ndarray) -> tuple[pa.Array, pa.Array]:
+    """Layout 3: each record's ids and codes range-coded alone (`topk_coder`; the codes on
+    LAYOUT3_GRID, the ids given `response`, the sampled token of each row). The codes' string
+    starts with T as uint32 LE, as layout 2's does (`topk_rows` reads it without decoding).
+    Written at zstd level 1 like the others, which finds nothing left to take."""
+    id_bytes, id_ends, code_bytes, code_ends = topk_coder.encode(tokens, ids, response, codes, np.asarray(LAYOUT3_GRID))
+    starts = np.concatenate([[0], code_ends[:-1]])
+    code_len = code_ends - starts + 4
+    offsets = np.concatenate([[0], np.cumsum(code_len)])
+    out = np.empty(int(offsets[-1]), dtype=np.uint8)
+    out[_spread(offsets[:-1], np.full(len(tokens), 4))] = tokens.astype("<u4").view(np.uint8)
+    out[_spread(offsets[:-1] + 4, code_len - 4)] = code_bytes
+    return _binary(id_bytes, np.concatenate([[0], id_ends])), _binary(out, offsets)
+
+
 def _entropy(data: np.ndarray) -> float:
     """The order-0 entropy of a byte array, in bytes: about what zstd's entropy stage makes of it."""
     counts = np.bincount(data, minlength=256)
@@ -363,10 +430,14 @@ def _unpack_topk(data: pa.Table | pa.RecordBatch, params: dict) -> tuple[pa.Arra
     names = data["id"].to_pylist() if "id" in data.column_names else list(range(data.num_rows))
     planes, code_offsets = _blobs(data[LOGPROB_CODES])
     id_bytes, id_offsets = _blobs(data[PACKED_IDS])
-    unpack = _unlayout1 if layout == 1 else _unlayout2
-    ids, codes, tokens = unpack(id_bytes, id_offsets, planes, code_offsets, k, names)
+    if layout == 3:
+        ids, codes, tokens = _unlayout3(id_bytes, id_offsets, planes, code_offsets, k, names, data)
+    else:
+        unpack = _unlayout1 if layout == 1 else _unlayout2
+        ids, codes, tokens = unpack(id_bytes, id_offsets, planes, code_offsets, k, names)
 
-    logprobs = logprobs_of_grid(-np.cumsum(codes[:, 1:], axis=1) * step, codes[:, 0], step, tail_step)
+    levels = _grid_levels(codes[:, 1:], params.get("grid", FINE_GRID))
+    logprobs = logprobs_of_grid(-levels * step, codes[:, 0], step, tail_step)
     return _nested(ids.reshape(-1).astype(np.int32), tokens, k, pa.int32()), _nested(logprobs.reshape(-1), tokens, k, pa.float32())
 
 
@@ -491,10 +562,41 @@ def _unlayout2(id_bytes, id_offsets, out, code_offsets, k, names) -> tuple[np.nd
     return ids[source].reshape(n, k), codes, tokens
 
 
+def _unlayout3(id_bytes, id_offsets, out, code_offsets, k, names, data) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Layout 3's byte strings (see `_layout3`) and the records' `response_token_ids` -> (ids [n, k],
+    codes [n, k+1], tokens per record)."""
+    if "response_token_ids" not in data.column_names:
+        raise CorpusError("top-k layout 3 decodes with `response_token_ids`: read that column too (`decode_inputs`)")
+    code_len, id_len = np.diff(code_offsets), np.diff(id_offsets)
+    short = code_len < 4
+    if short.any():
+        raise _corrupted(names, int(np.argmax(short)), id_len, code_len, "are too short to hold a length")
+    tokens = out[_spread(code_offsets[:-1], np.full(len(code_len), 4))].reshape(-1, 4).copy().view("<u4")
+    tokens = tokens.reshape(-1).astype(np.int64)
+    responses = data["response_token_ids"]
+    lengths = pc.list_value_length(responses).to_numpy(zero_copy_only=False)
+    if (lengths != tokens).any():
+        raise _corrupted(names, int(np.argmax(lengths != tokens)), id_len, code_len,
+                         "hold another number of rows than `response_token_ids` has tokens")
+    response = pc.list_flatten(responses).to_numpy(zero_copy_only=False).astype(np.int64)
+    ids, codes, bad = topk_coder.decode(tokens, k, id_bytes, id_offsets, out, code_offsets[:-1] + 4, code_offsets[1:],
+                                        response, np.asarray(LAYOUT3_GRID), _CODE_MAX)
+    if bad >= 0:
+        raise _corrupted(names, bad, id_len, code_len, "do not decode to rows of top-k ids and logprob codes")
+    return ids.astype(np.int64), codes, tokens
+
+
+def decode_inputs(params: dict) -> tuple[str, ...]:
+    """The stored columns `decode` reads to rebuild the top-k of shards of encoding `params`."""
+    if params["encoding"] != "quantized":
+        return ("topk_token_ids", "topk_logprobs")
+    return (PACKED_IDS, LOGPROB_CODES) + (("response_token_ids",) if params.get("layout") == 3 else ())
+
+
 def topk_rows(data: pa.Table | pa.RecordBatch, params: dict) -> np.ndarray:
     """The top-k rows of each record (its response positions), read off the stored columns without
     decoding them: the nested lists' lengths, or the quantized byte strings' (layout 1: their
-    length; layout 2: the count they start with). Byte strings too short to hold one count 0."""
+    length; layouts 2 and 3: the count they start with). Byte strings too short to hold one count 0."""
     if params["encoding"] != "quantized":
         return pc.list_value_length(data["topk_token_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
     codes, offsets = _blobs(data[LOGPROB_CODES])

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from distill.corpus.codec import (
     LOGPROB_CODES,
     PACKED_IDS,
+    decode_inputs,
     CorpusError,
     decode,
     logical_types,
@@ -36,13 +37,13 @@ TOPK_ZSTD_LEVEL = 1
 OTHER_ZSTD_LEVEL = 3
 
 
-def _stored_columns(schema: pa.Schema, columns: Sequence[str] | None) -> list[str] | None:
-    """The stored columns to read for these logical ones."""
+def _stored_columns(path: Path, schema: pa.Schema, columns: Sequence[str] | None) -> list[str] | None:
+    """The stored columns to read for these logical ones, of the shard at `path`."""
     if columns is None or PACKED_IDS not in schema.names:
         return None if columns is None else list(columns)
     out = [c for c in columns if c not in ("topk_token_ids", "topk_logprobs")]
     if len(out) < len(columns):
-        out += [PACKED_IDS, LOGPROB_CODES]
+        out += [c for c in decode_inputs(_encoding(path, schema)) if c not in out]
     return out
 
 
@@ -142,7 +143,7 @@ def shard_batches(path: Path, columns: Sequence[str] | None = None, batch_size: 
     # The footer's Arrow schema is where validate and read_shard find the encoding; a batch's own
     # metadata comes from the Parquet key-value copy, which a damaged byte can make differ.
     encoding = _encoding(path, shard.schema_arrow)
-    for batch in shard.iter_batches(batch_size=batch_size, columns=_stored_columns(shard.schema_arrow, columns)):
+    for batch in shard.iter_batches(batch_size=batch_size, columns=_stored_columns(path, shard.schema_arrow, columns)):
         yield _select(_decoded(path, batch, encoding), columns)
 
 
@@ -171,7 +172,7 @@ def read_shard(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
 
 def read_stored(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
     """One shard as stored (not decoded): the stored columns that hold the logical `columns` (None: all)."""
-    return pq.read_table(path, columns=_stored_columns(pq.read_schema(path), columns))
+    return pq.read_table(path, columns=_stored_columns(path, pq.read_schema(path), columns))
 
 
 def stored_batches(path: Path, table: pa.Table, columns: Sequence[str] | None = None,
@@ -180,7 +181,7 @@ def stored_batches(path: Path, table: pa.Table, columns: Sequence[str] | None = 
     `table`, the shard at `path` as `read_stored` gave it: one read of a shard serves both its
     filtering and the copying of its rows (curate)."""
     encoding = _encoding(path, table.schema)
-    stored = table.select(_stored_columns(table.schema, columns) or table.column_names).combine_chunks()
+    stored = table.select(_stored_columns(path, table.schema, columns) or table.column_names).combine_chunks()
     for batch in stored.to_batches(max_chunksize=batch_size):
         yield _select(_decoded(path, batch, encoding), columns)
 
