@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 from common import Headline, emit, parse_args, tiny_models
 
 LOSSES = (("forward_kl", 1.0), ("reverse_kl", 1.0), ("jsd", 1.0), ("forward_kl", 2.0))
-SIGMAS = (0.1, 0.3, 1.0)
+SIGMAS = (0.1, 0.3, 0.35, 1.0)  # 0.35: ~0.03 nats of forward KL on SmolLM2, where the issue's bound starts
 SHARD_RECORDS = 1024  # `distill generate --chunk-size` default
 
 
@@ -101,7 +101,8 @@ def rewrite(source: Path, encoding: str, out: Path) -> dict[str, int]:
 def compare_layouts(source: Path, work: Path, repeat: int) -> dict[int, dict[str, float]]:
     """Per quantized top-k layout: B per entry of the ids and of the codes (`source` rewritten in
     shards of SHARD_RECORDS), seconds to encode + write and to read + decode it all (median of
-    `repeat`); every layout must decode to the same ids and logprobs."""
+    `repeat`); every layout must decode to the same ids, layouts 1 and 2 to the same logprobs, and
+    layout 3 within QUANTIZED_MAX_ERROR of them (its grid is coarser below -1 nat)."""
     from distill import corpus
 
     k = corpus.read_manifest(source).generation.top_k
@@ -121,7 +122,15 @@ def compare_layouts(source: Path, work: Path, repeat: int) -> dict[int, dict[str
             times[layout]["read"].append(time.perf_counter() - started)
             sizes = [column_bytes(p) for p in paths]
             decoded[layout] = [(t["topk_token_ids"].to_pylist(), t["topk_logprobs"].to_pylist()) for t in back]
-            assert decoded[layout] == decoded[corpus.TOPK_LAYOUTS[0]], f"layout {layout} decodes to other values"
+            first = decoded[corpus.TOPK_LAYOUTS[0]]
+            assert [ids for ids, _ in decoded[layout]] == [ids for ids, _ in first], f"layout {layout}: other ids"
+            if layout < 3:
+                assert decoded[layout] == first, f"layout {layout} decodes to other values"
+            else:
+                got, want = (np.array([x for _, lps in d for r in lps for row in r for x in row], dtype=np.float64)
+                             for d in (decoded[layout], first))
+                held = want > -1000
+                assert np.abs(got - want)[held].max(initial=0) <= 2 * corpus.QUANTIZED_MAX_ERROR, f"layout {layout}: off the grid"
             ids, codes = (sum(s[c] for s in sizes) / entries for c in (corpus.PACKED_IDS, corpus.LOGPROB_CODES))
             out[layout] = {"ids": ids, "codes": codes, "top-k": ids + codes,
                            **{name: statistics.median(t) for name, t in times[layout].items()}}
@@ -293,7 +302,8 @@ def main(argv: list[str] | None = None) -> list[Headline]:
     whole = per_token["whole corpus"]
     return [Headline(f"top-k data, quantized layout {max(layouts)}, B per entry", f"{new['top-k']:.2f} B",
                      f"{new['top-k'] / old['top-k']:.3f} of layout {min(layouts)} ({old['top-k']:.2f} B), "
-                     f"write time {new['write'] / old['write']:.2f}x; the issue's target: <= 2.0 B on SmolLM2")] + [Headline(f"whole corpus, {encoding}, bytes per response token", f"{whole[encoding]:.1f} B",
+                     f"write time {new['write'] / old['write']:.2f}x; the issue's target: <= 2.0 B on SmolLM2",
+                     met=new["top-k"] <= 2.0)] + [Headline(f"whole corpus, {encoding}, bytes per response token", f"{whole[encoding]:.1f} B",
                      f"{whole[encoding] / whole['float32']:.2f} of float32; KD loss error <= "
                      f"{worst_loss_error[encoding]:.1e}") for encoding in ("float16", "quantized")]
 

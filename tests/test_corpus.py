@@ -97,11 +97,21 @@ def test_layout1_shards_still_read_identically(width):
     back = corpus.read_shard(path)
     assert back["topk_token_ids"].to_pylist() == expected["topk_token_ids"]
     assert back["topk_logprobs"].to_pylist() == expected["topk_logprobs"]
-    encoded = corpus.encode(back, params["k"], "quantized")
-    assert corpus.shard_encoding(encoded.schema)["layout"] == corpus.TOPK_LAYOUT == 2
+    encoded = corpus.encode(back, params["k"], "quantized", layout=2)
+    assert corpus.shard_encoding(encoded.schema)["layout"] == 2
     again = corpus.decode(encoded)
     assert again["topk_token_ids"].to_pylist() == expected["topk_token_ids"]
     assert again["topk_logprobs"].to_pylist() == expected["topk_logprobs"]
+    # the default layout's grid is coarser below -1 nat: the same ids, values within its bound
+    encoded = corpus.encode(back, params["k"], "quantized")
+    assert corpus.shard_encoding(encoded.schema)["layout"] == corpus.TOPK_LAYOUT == 3
+    again = corpus.decode(encoded)
+    assert again["topk_token_ids"].to_pylist() == expected["topk_token_ids"]
+    got, sent = (np.array([x for r in t for row in r for x in row], dtype=np.float64)
+                 for t in (again["topk_logprobs"].to_pylist(), expected["topk_logprobs"]))
+    finite = np.isfinite(sent)
+    assert (np.isinf(got) == ~finite).all() or (got[~finite] < -1000).all()
+    assert np.abs(got - sent)[finite].max() <= corpus.QUANTIZED_MAX_ERROR
 
 
 def test_a_corpus_of_both_layouts_reads_in_every_reader(tmp_path):
@@ -169,13 +179,13 @@ def test_layout2_stores_plain_ids_where_references_do_not_pay():
     p = 1 / np.arange(1, 403) ** 1.1
     recs = [record(i, k=20, topk_ids=np.stack([rng.choice(402, size=20, replace=False, p=p / p.sum()) for _ in range(60)]))
             for i in range(5)]
-    table = corpus.records_to_table(recs, 20)
+    table = corpus.encode(corpus.records_to_table(recs, 20, "float32"), 20, "quantized", layout=2)
     assert not any(any(blob[:60 * 20]) for blob in table[corpus.PACKED_IDS].to_pylist())
     assert corpus.decode(table)["topk_token_ids"].to_pylist() == [r["topk_token_ids"].tolist() for r in recs]
 
 def test_layout2_names_the_record_of_corrupted_bytes():
     recs = [record(0, n_tokens=3), record(1, n_tokens=3)]
-    table = corpus.records_to_table(recs, K)
+    table = corpus.encode(corpus.records_to_table(recs, K, "float32"), K, "quantized", layout=2)
     ids, codes = table[corpus.PACKED_IDS].to_pylist(), table[corpus.LOGPROB_CODES].to_pylist()
 
     def broken(column: str, values: list) -> pa.Table:
@@ -194,9 +204,36 @@ def test_layout2_names_the_record_of_corrupted_bytes():
         with pytest.raises(corpus.CorpusError, match=message):
             corpus.decode(broken(column, values))
     newer = table.replace_schema_metadata({corpus.ENCODING_KEY: json.dumps(
-        {**corpus.shard_encoding(table.schema), "layout": 3}).encode()})
-    with pytest.raises(corpus.CorpusError, match=r"top-k layout 3 is unknown .* newer distill"):
+        {**corpus.shard_encoding(table.schema), "layout": 4}).encode()})
+    with pytest.raises(corpus.CorpusError, match=r"top-k layout 4 is unknown .* newer distill"):
         corpus.decode(newer)
+
+
+def test_layout3_names_the_record_of_corrupted_bytes():
+    """A record's range-coded strings decode to exactly their bytes: cut short, grown or changed,
+    the decoder names the record; and it needs the response tokens the ids were coded with."""
+    recs = [record(0, n_tokens=3), record(1, n_tokens=3)]
+    table = corpus.records_to_table(recs, K)
+    assert corpus.shard_encoding(table.schema)["layout"] == 3
+    ids, codes = table[corpus.PACKED_IDS].to_pylist(), table[corpus.LOGPROB_CODES].to_pylist()
+
+    def broken(column: str, values: list) -> pa.Table:
+        return table.set_column(table.column_names.index(column), column, pa.array(values, pa.large_binary()))
+
+    cases = [
+        (corpus.LOGPROB_CODES, [codes[0], codes[1][:-1]]),
+        (corpus.LOGPROB_CODES, [codes[0], codes[1] + b"\0"]),
+        (corpus.PACKED_IDS, [ids[0], ids[1][:-1]]),
+        (corpus.PACKED_IDS, [ids[0], ids[1] + b"\0"]),
+    ]
+    for column, values in cases:
+        with pytest.raises(corpus.CorpusError, match=r"record 'r1': top-k byte strings .* do not decode .* corrupted"):
+            corpus.decode(broken(column, values))
+    with pytest.raises(corpus.CorpusError, match=r"record 'r1': .* too short to hold a length"):
+        corpus.decode(broken(corpus.LOGPROB_CODES, [codes[0], codes[1][:2]]))
+    with pytest.raises(corpus.CorpusError, match=r"layout 3 decodes with `response_token_ids`"):
+        corpus.decode(table.drop_columns(["response_token_ids"]))
+    assert corpus.decode(table)["topk_token_ids"].to_pylist() == [r["topk_token_ids"].tolist() for r in recs]
 
 
 def test_quantized_writer_refuses_what_it_cannot_store():

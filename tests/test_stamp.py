@@ -178,7 +178,8 @@ def test_a_trusted_shard_still_gets_every_other_check(tmp_path, trusting):
     assert corpus.verified_stamp(shard(root)) is None
     with pytest.raises(corpus.CorpusError) as err:
         checks(trusting)(root)
-    assert "  data/part-00000.parquet: `topk_token_ids` length differs from `response_token_ids` (record ids ['r1'])" \
+    # layout 3 decodes the top-k given the response tokens: its decoder names the lengths first
+    assert "  data/part-00000.parquet: record 'r1': its top-k holds 3 rows but `response_token_ids` 4 tokens" \
         in str(err.value).splitlines()[1:]
 
 

@@ -377,7 +377,9 @@ int64_t topk_encode(int64_t records, const int64_t *tokens, int k, const int32_t
 }
 
 /* The inverse: fills ids [n, k] and codes [n, k + 1] from each record's byte ranges. Returns -1,
- * or the index of the first record whose bytes do not decode (-2: out of memory). */
+ * or the index of the first record whose bytes do not decode (-2: out of memory). A record's
+ * decoder reads exactly its bytes (5 at the start and one per byte the encoder shifted out, which
+ * with its 5 flushing shifts is what it wrote), so a string cut short or grown is refused. */
 int64_t topk_decode(int64_t records, const int64_t *tokens, int k, const uint8_t *id_data, const int64_t *id_starts,
                     const int64_t *id_ends, const uint8_t *code_data, const int64_t *code_starts,
                     const int64_t *code_ends, const int64_t *response, const int64_t *grid, int64_t code_max, int32_t *ids,
@@ -391,11 +393,11 @@ int64_t topk_decode(int64_t records, const int64_t *tokens, int k, const uint8_t
     for (int64_t i = 0; i < records && bad < 0; i++) {
         models_reset(m);
         start(&ci, id_starts[i], id_ends[i]);
-        if (code_record_ids(&ci, m, &r, ids + row * k, response + row, tokens[i], k) || ci.pos > ci.end + 5)
+        if (code_record_ids(&ci, m, &r, ids + row * k, response + row, tokens[i], k) || ci.pos != ci.end)
             bad = i;
         models_reset(m);
         start(&cc, code_starts[i], code_ends[i]);
-        if (code_record_codes(&cc, m, codes + row * (k + 1), tokens[i], k, grid, code_max) || cc.pos > cc.end + 5)
+        if (code_record_codes(&cc, m, codes + row * (k + 1), tokens[i], k, grid, code_max) || cc.pos != cc.end)
             bad = i;
         row += tokens[i];
     }

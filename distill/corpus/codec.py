@@ -576,8 +576,9 @@ def _unlayout3(id_bytes, id_offsets, out, code_offsets, k, names, data) -> tuple
     responses = data["response_token_ids"]
     lengths = pc.list_value_length(responses).to_numpy(zero_copy_only=False)
     if (lengths != tokens).any():
-        raise _corrupted(names, int(np.argmax(lengths != tokens)), id_len, code_len,
-                         "hold another number of rows than `response_token_ids` has tokens")
+        record = int(np.argmax(lengths != tokens))
+        raise CorpusError(f"record {names[record]!r}: its top-k holds {tokens[record]} rows but `response_token_ids` "
+                          f"{lengths[record]} tokens")
     response = pc.list_flatten(responses).to_numpy(zero_copy_only=False).astype(np.int64)
     ids, codes, bad = topk_coder.decode(tokens, k, id_bytes, id_offsets, out, code_offsets[:-1] + 4, code_offsets[1:],
                                         response, np.asarray(LAYOUT3_GRID), _CODE_MAX)

@@ -63,13 +63,14 @@ def decode(tokens: np.ndarray, k: int, id_bytes: np.ndarray, id_offsets: np.ndar
     tokens = np.ascontiguousarray(tokens, dtype=np.int64)
     n = int(tokens.sum())
     ids, codes = np.zeros((n, k), np.int32), np.zeros((n, k + 1), np.int64)
-    id_offsets = np.ascontiguousarray(id_offsets, dtype=np.int64)
-    starts, ends = np.ascontiguousarray(code_starts, dtype=np.int64), np.ascontiguousarray(code_ends, dtype=np.int64)
+    # every array handed over by address is held by a name until the call returns
+    id_starts, id_ends = (np.ascontiguousarray(a, dtype=np.int64) for a in (id_offsets[:-1], id_offsets[1:]))
+    starts, ends = (np.ascontiguousarray(a, dtype=np.int64) for a in (code_starts, code_ends))
     response = np.ascontiguousarray(response, dtype=np.int64)
     grid = np.ascontiguousarray(grid, dtype=np.int64)
     id_bytes, code_bytes = np.ascontiguousarray(id_bytes), np.ascontiguousarray(code_bytes)
-    bad = _library().topk_decode(len(tokens), _ptr(tokens), k, _ptr(id_bytes), _ptr(id_offsets[:-1]),
-                                 _ptr(id_offsets[1:].copy()), _ptr(code_bytes), _ptr(starts), _ptr(ends),
+    bad = _library().topk_decode(len(tokens), _ptr(tokens), k, _ptr(id_bytes), _ptr(id_starts), _ptr(id_ends),
+                                 _ptr(code_bytes), _ptr(starts), _ptr(ends),
                                  _ptr(response), _ptr(grid), code_max, _ptr(ids), _ptr(codes))
     if bad == -2:
         raise MemoryError("the top-k range coder could not allocate its tables")

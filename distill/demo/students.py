@@ -89,9 +89,10 @@ def subset(source: Path, out: Path, select, description: str) -> Path:
     encodings = [corpus.shard_encoding(pq.read_schema(path)) for path in paths]
     if all(e == encodings[0] for e in encodings):
         kept = select(pa.concat_tables([pq.read_table(path) for path in paths], promote_options="permissive"))
-    else:  # shards of several layouts (a corpus resumed by a newer distill): one footer cannot name both
+    else:  # shards of several layouts (a corpus resumed by a newer distill): one footer cannot name both;
+        # layout 2's fine grid holds every grid point of layouts 1-3 exactly (layout 3's would coarsen 1 and 2)
         kept = corpus.encode(select(corpus.read_table(source)), manifest.generation.top_k,
-                             manifest.generation.logprob_encoding)
+                             manifest.generation.logprob_encoding, layout=2)
     corpus.write_shard(out, 0, kept)
     manifest.stats = corpus.corpus_stats(out)
     manifest.stats.complete = True
