@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 from distill.corpus.codec import (
     LOGPROB_CODES,
     PACKED_IDS,
-    decode_inputs,
     CorpusError,
     decode,
+    decode_inputs,
     logical_types,
     shard_encoding,
     topk_arrays,
