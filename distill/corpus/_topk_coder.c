@@ -163,7 +163,8 @@ typedef struct {
     int64_t mask;
     int32_t *tree, *count, *id_of;
     uint8_t *in_row;
-    int64_t size; /* the tree's length: a power of two above the record's distinct ids */
+    int32_t *row_ids; /* per slot of the row being coded: its id's index, or -1 */
+    int64_t size;     /* the tree's length: a power of two above the record's distinct ids */
 } Record;
 
 static int32_t local_of(Record *r, int32_t id) {
@@ -198,21 +199,21 @@ static int64_t fenwick_find(Record *r, int64_t target) {
     return pos;
 }
 
-static int record_alloc(Record *r, int64_t entries) {
+static int record_alloc(Record *r, int64_t entries, int k) {
     int64_t cap = 64, size = 2;
     while (cap < 2 * entries) cap *= 2;
     while (size <= entries) size *= 2;
     r->mask = cap - 1, r->size = size;
     r->key = malloc(cap * sizeof(int32_t)), r->val = malloc(cap * sizeof(int32_t));
     r->tree = calloc(size, sizeof(int32_t)), r->count = calloc(size, sizeof(int32_t));
-    r->id_of = calloc(size, sizeof(int32_t)), r->in_row = calloc(size, 1);
-    if (!r->key || !r->val || !r->tree || !r->count || !r->id_of || !r->in_row) return -1;
+    r->id_of = calloc(size, sizeof(int32_t)), r->in_row = calloc(size, 1), r->row_ids = calloc(k, sizeof(int32_t));
+    if (!r->key || !r->val || !r->tree || !r->count || !r->id_of || !r->in_row || !r->row_ids) return -1;
     memset(r->key, 0xFF, cap * sizeof(int32_t));
     return 0;
 }
 
 static void record_free(Record *r) {
-    free(r->key), free(r->val), free(r->tree), free(r->count), free(r->id_of), free(r->in_row);
+    free(r->key), free(r->val), free(r->tree), free(r->count), free(r->id_of), free(r->in_row), free(r->row_ids);
 }
 
 /* One record's ids [rows, k] (encode: given; decode: filled). Returns 0, or -1 if the bytes are
@@ -220,7 +221,7 @@ static void record_free(Record *r) {
 static int code_record_ids(Coder *c, Models *m, Record *r, int32_t *ids, const int64_t *response, int64_t rows,
                            int k) {
     int64_t distinct = 0, total = 0;
-    int32_t row_ids[256];
+    int32_t *row_ids = r->row_ids;
     const int sampled_model = INT_MODEL, seen_model = 2 * INT_MODEL;
     for (int64_t t = 0; t < rows; t++) {
         int32_t *row = ids + t * k;
@@ -352,10 +353,13 @@ static int64_t largest(const int64_t *tokens, int64_t records) {
 int64_t topk_encode(int64_t records, const int64_t *tokens, int k, const int32_t *ids, const int64_t *response,
                     int64_t *codes, const int64_t *grid, uint8_t *id_out, int64_t id_cap, int64_t *id_ends, uint8_t *code_out,
                     int64_t code_cap, int64_t *code_ends) {
-    Record r;
+    Record r = {0};
     Models *m = malloc(sizeof(Models));
     init_recip();
-    if (k > 256 || !m || record_alloc(&r, largest(tokens, records) * k)) return -2;
+    if (!m || record_alloc(&r, largest(tokens, records) * k, k)) {
+        free(m), record_free(&r);
+        return -2;
+    }
     Coder ci = {.out = id_out, .cap = id_cap, .encode = 1}, cc = {.out = code_out, .cap = code_cap, .encode = 1};
     int64_t row = 0;
     for (int64_t i = 0; i < records; i++) {
@@ -384,10 +388,13 @@ int64_t topk_decode(int64_t records, const int64_t *tokens, int k, const uint8_t
                     const int64_t *id_ends, const uint8_t *code_data, const int64_t *code_starts,
                     const int64_t *code_ends, const int64_t *response, const int64_t *grid, int64_t code_max, int32_t *ids,
                     int64_t *codes) {
-    Record r;
+    Record r = {0};
     Models *m = malloc(sizeof(Models));
     init_recip();
-    if (k > 256 || !m || record_alloc(&r, largest(tokens, records) * k)) return -2;
+    if (!m || record_alloc(&r, largest(tokens, records) * k, k)) {
+        free(m), record_free(&r);
+        return -2;
+    }
     Coder ci = {.in = id_data, .encode = 0}, cc = {.in = code_data, .encode = 0};
     int64_t row = 0, bad = -1;
     for (int64_t i = 0; i < records && bad < 0; i++) {

@@ -431,7 +431,7 @@ def _unpack_topk(data: pa.Table | pa.RecordBatch, params: dict) -> tuple[pa.Arra
     planes, code_offsets = _blobs(data[LOGPROB_CODES])
     id_bytes, id_offsets = _blobs(data[PACKED_IDS])
     if layout == 3:
-        ids, codes, tokens = _unlayout3(id_bytes, id_offsets, planes, code_offsets, k, names, data)
+        ids, codes, tokens = _unlayout3(id_bytes, id_offsets, planes, code_offsets, k, names, data, params["grid"])
     else:
         unpack = _unlayout1 if layout == 1 else _unlayout2
         ids, codes, tokens = unpack(id_bytes, id_offsets, planes, code_offsets, k, names)
@@ -562,9 +562,9 @@ def _unlayout2(id_bytes, id_offsets, out, code_offsets, k, names) -> tuple[np.nd
     return ids[source].reshape(n, k), codes, tokens
 
 
-def _unlayout3(id_bytes, id_offsets, out, code_offsets, k, names, data) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Layout 3's byte strings (see `_layout3`) and the records' `response_token_ids` -> (ids [n, k],
-    codes [n, k+1], tokens per record)."""
+def _unlayout3(id_bytes, id_offsets, out, code_offsets, k, names, data, grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Layout 3's byte strings (see `_layout3`, on `grid`) and the records' `response_token_ids` ->
+    (ids [n, k], codes [n, k+1], tokens per record)."""
     if "response_token_ids" not in data.column_names:
         raise CorpusError("top-k layout 3 decodes with `response_token_ids`: read that column too (`decode_inputs`)")
     code_len, id_len = np.diff(code_offsets), np.diff(id_offsets)
@@ -581,7 +581,7 @@ def _unlayout3(id_bytes, id_offsets, out, code_offsets, k, names, data) -> tuple
                           f"{lengths[record]} tokens")
     response = pc.list_flatten(responses).to_numpy(zero_copy_only=False).astype(np.int64)
     ids, codes, bad = topk_coder.decode(tokens, k, id_bytes, id_offsets, out, code_offsets[:-1] + 4, code_offsets[1:],
-                                        response, np.asarray(LAYOUT3_GRID), _CODE_MAX)
+                                        response, np.asarray(grid), _CODE_MAX)
     if bad >= 0:
         raise _corrupted(names, bad, id_len, code_len, "do not decode to rows of top-k ids and logprob codes")
     return ids.astype(np.int64), codes, tokens

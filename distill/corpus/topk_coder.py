@@ -17,8 +17,11 @@ _PTR = ctypes.c_void_p
 
 @cache
 def _library() -> ctypes.CDLL:
-    from distill.corpus import _topk_coder  # the compiled module: its file is the library
-
+    try:
+        from distill.corpus import _topk_coder  # the compiled module: its file is the library
+    except ImportError:
+        raise ImportError("distill's compiled top-k coder (distill/corpus/_topk_coder.c) is not built: install "
+                          "distill with pip (`pip install -e .` in a checkout; it needs a C compiler)") from None
     lib = ctypes.CDLL(_topk_coder.__file__)
     lib.topk_encode.restype = lib.topk_decode.restype = _I64
     lib.topk_encode.argtypes = [_I64, _PTR, ctypes.c_int, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR]

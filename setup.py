@@ -1,0 +1,6 @@
+"""The one compiled part of distill: layout 3's range coder (distill/corpus/_topk_coder.c, loaded by
+distill/corpus/topk_coder.py through ctypes). Everything else is declared in pyproject.toml."""
+
+from setuptools import Extension, setup
+
+setup(ext_modules=[Extension("distill.corpus._topk_coder", ["distill/corpus/_topk_coder.c"], extra_compile_args=["-O2"])])
