@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 from common import Headline, emit, parse_args
 from corpus_scale import stored_shards
 
@@ -34,11 +33,9 @@ class NestedLists(DecodedTopk):
     """Before: the decoded top-k as nested Python lists."""
 
     def __call__(self, rows: dict[str, list]) -> dict[str, list]:
-        stored = corpus.stored_topk_columns(self.encoding)
-        if not all(c in rows for c in corpus.decode_inputs(self.encoding)):
+        table = self.stored(rows)
+        if table is None:
             return rows
-        table = pa.table({"id": rows["id"], **{c: pa.array(rows.pop(c), pa.large_binary()) for c in stored},
-                          **{c: rows[c] for c in corpus.decode_inputs(self.encoding) if c not in stored}})
         decoded = corpus.decode(table, self.encoding)
         return {**rows, **{c: decoded[c].to_pylist() for c in TOPK}}
 

@@ -184,8 +184,8 @@ class CorpusJobConfig(TeacherJobConfig):
     skip_bad: bool = Field(False, description="Skip bad input records (reasons recorded in the manifest) instead of failing.")
     overwrite: bool = Field(False, description="Discard an existing corpus in `out` made with other settings.")
     logprob_encoding: Literal["quantized", "float16", "float32"] = Field(
-        "quantized", description="How the top-k ids and logprobs are stored: `quantized` (~47 B per response token "
-        "at k=20 with a 49k vocabulary; ids exact, top-k logprobs within 1/64 nat), `float16` (~75 B; within "
+        "quantized", description="How the top-k ids and logprobs are stored: `quantized` (~40 B per response token "
+        "at k=20 with a 49k vocabulary; ids exact, top-k logprobs within 3/128 nat), `float16` (~75 B; within "
         "|x|/2048), `float32` (exact, ~150 B). Readers decode every one to the same columns.")
 
 

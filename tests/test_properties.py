@@ -9,6 +9,7 @@ import math
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from hypothesis import HealthCheck, assume, given, settings
@@ -257,12 +258,29 @@ def test_every_top_k_layout_decodes_to_the_same_values(built):
         assert decoded["topk_token_ids"].to_pylist() == logical["topk_token_ids"].to_pylist()
     assert second["topk_logprobs"].to_pylist() == first["topk_logprobs"].to_pylist()
     # layout 3: within its coarser grid's bound
-    import numpy as np
-
     got, sent = (np.array(corpus.leaves(t["topk_logprobs"]), dtype=np.float64) for t in (third, logical))
     held = sent > -1000  # below -1023.98 (and -inf) is stored as -1023.98
     assert np.all(np.abs(got - sent)[held] <= corpus.logprob_tolerance("quantized", sent[held]) + 1e-6)
 
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([corpus.PACKED_IDS, corpus.LOGPROB_CODES]), st.binary(max_size=80))
+def test_layout3_decodes_any_bytes_of_a_record_or_names_it(column, garbage):
+    """Any bytes in place of a record's range-coded string (the codes keeping their row count):
+    the C decoder never reads or writes outside its buffers; it names the record, or decodes rows
+    of ids in [0, 2^24)."""
+    table = corpus.records_to_table([record(0, n_tokens=3), record(1, n_tokens=3)], 4)
+    values = table[column].to_pylist()
+    values[1] = (values[1][:4] if column == corpus.LOGPROB_CODES else b"") + garbage
+    broken = table.set_column(table.column_names.index(column), column, pa.array(values, pa.large_binary()))
+    try:
+        decoded = corpus.decode(broken)
+    except corpus.CorpusError as e:
+        assert "record 'r1'" in str(e)
+        return
+    ids = np.array(decoded["topk_token_ids"].to_pylist()[1])
+    assert ids.shape == (3, 4) and ((ids >= 0) & (ids < 2**24)).all()
 
 
 # -- the words curation counts ----------------------------------------------------------------------

@@ -73,14 +73,22 @@ class DecodedTopk:
     encoding: dict
 
     def __call__(self, rows: dict[str, list]) -> dict[str, list]:
-        stored = corpus.stored_topk_columns(self.encoding)
-        if not all(c in rows for c in corpus.decode_inputs(self.encoding)):  # a query of other columns
+        table = self.stored(rows)
+        if table is None:  # a query of other columns
             return rows
-        table = pa.table({"id": rows["id"], **{c: pa.array(rows.pop(c), pa.large_binary()) for c in stored},
-                          **{c: rows[c] for c in corpus.decode_inputs(self.encoding) if c not in stored}})
         # each record's rows as one [T, k] array: nested Python lists were a float object per
         # entry, most of a batch's cost (benchmarks/train_batches.py)
         return {**rows, **corpus.topk_arrays(corpus.decode(table, self.encoding))}
+
+    def stored(self, rows: dict[str, list]) -> pa.Table | None:
+        """The batch's stored top-k (taken out of `rows`) with the columns its decoding reads (layout
+        3: the response tokens), as a table for `corpus.decode`; None where `rows` lack them."""
+        inputs = corpus.decode_inputs(self.encoding)
+        if not all(c in rows for c in inputs):
+            return None
+        stored = corpus.stored_topk_columns(self.encoding)
+        return pa.table({"id": rows["id"], **{c: pa.array(rows.pop(c), pa.large_binary()) for c in stored},
+                         **{c: rows[c] for c in inputs if c not in stored}})
 
 
 def kept_topk_encoding(roots: Sequence[Path]) -> dict | None:

@@ -28,16 +28,12 @@
 #define INT_MODEL (32 + 32 * 16) /* an int's model: bit-length tree, 16 top-bit nodes per length */
 #define MAX_TOTAL (1 << 16)      /* counts halve beyond this (the coder divides its range by it) */
 #define MAX_ID (1 << 24)         /* the quantized encoding's id limit (codec.py checks it) */
-#define SLOT_GROUPS 5
 #define CODE_GROUPS 6
 
 static const int ID_GROUP[] = {0, 1, 2, 2, 3, 3, 3, 3}; /* slot -> seen-bit model; later slots: 4 */
 static const int CODE_GROUP[] = {1, 2, 3, 3, 4, 4, 4, 4}; /* code j -> model; later codes: 5; tail: 0 */
-static int RECIP[RATE_LIMIT + 1];
-
-static void init_recip(void) {
-    for (int n = 0; n <= RATE_LIMIT; n++) RECIP[n] = (int)(65536 / (n + 1.6));
-}
+static const int RECIP[RATE_LIMIT + 1] = { /* 65536 / (n + 1.6) */
+    40960, 25206, 18204, 14246, 11702, 9929, 8623, 7620, 6826, 6182, 5649, 5201, 4818, 4488, 4201, 3947, 3723, 3523, 3343, 3181, 3034, 2899, 2776, 2664, 2560, 2463, 2374, 2291, 2214, 2141, 2073};
 
 typedef struct {
     uint64_t low;
@@ -355,7 +351,6 @@ int64_t topk_encode(int64_t records, const int64_t *tokens, int k, const int32_t
                     int64_t code_cap, int64_t *code_ends) {
     Record r = {0};
     Models *m = malloc(sizeof(Models));
-    init_recip();
     if (!m || record_alloc(&r, largest(tokens, records) * k, k)) {
         free(m), record_free(&r);
         return -2;
@@ -390,7 +385,6 @@ int64_t topk_decode(int64_t records, const int64_t *tokens, int k, const uint8_t
                     int64_t *codes) {
     Record r = {0};
     Models *m = malloc(sizeof(Models));
-    init_recip();
     if (!m || record_alloc(&r, largest(tokens, records) * k, k)) {
         free(m), record_free(&r);
         return -2;

@@ -49,8 +49,8 @@ TAIL_STEP = 2.0**-6  # grid of log(mass outside the top-k), nats
 # Layout 3's grid below the top of the row, in QUANT_STEPs (`_grid_codes`): (from, every, at most):
 # a slot's step doubles for every `every` steps by which the slot above lies below `from`, at most
 # `at most` times. (64, 64, 1): 1/32 nat below -1 nat, where a logprob's error weighs by its small
-# probability: benchmarks/storage.py measured 0.11 B per entry less, and the KD loss's relative
-# error of students at 0.03 nats of KL 4.2e-4 against float32 (1.5-2.1e-4 on the fine grid).
+# probability: 0.10 B per entry less in layout 3's coder, and at most 4.6e-4 relative KD-loss error
+# against float32 for students at 0.03 nats of KL (2.1e-4 on the fine grid; docs/results/scale.md).
 # Layouts 1 and 2: every step the fine one.
 LAYOUT3_GRID = (64, 64, 1)
 FINE_GRID = (0, 1, 0)
@@ -58,9 +58,10 @@ FINE_GRID = (0, 1, 0)
 # correction (clipped to half a fine step)
 QUANTIZED_MAX_ERROR = QUANT_STEP * (2 ** LAYOUT3_GRID[2] + 1) / 2
 _CODE_MAX = 2**16 - 1  # codes are uint16: logprobs below -1023.98 nats (65535 steps; -inf) store as that
-# The byte layout of the two quantized columns (the footer's `layout`; absent: 1). Both hold the
-# same values (ids exact, the same logprob codes); readers decode either. `encode` writes
-# TOPK_LAYOUT; layout 1 stays writable for benchmarks/storage.py's old-vs-new comparison.
+# The byte layout of the two quantized columns (the footer's `layout`; absent: 1). Layouts 1 and 2
+# hold the same values (ids exact, the same logprob codes), layout 3 the same ids and its grid's
+# codes; readers decode each. `encode` writes TOPK_LAYOUT; layouts 1 and 2 stay writable, for
+# benchmarks/storage.py's comparison and for re-encoding without coarsening (distill.demo's subsets).
 # - 1: ids as fixed-width ints; codes as two uint16 byte planes (`_layout1`).
 # - 2: ids as references to the same id in the previous rows or literals; codes as bytes
 #   (`_layout2`). On real SmolLM2 rows 3-4 % fewer top-k bytes at the same zstd level, for
@@ -438,7 +439,7 @@ def _unpack_topk(data: pa.Table | pa.RecordBatch, params: dict) -> tuple[pa.Arra
 
     levels = _grid_levels(codes[:, 1:], params.get("grid", FINE_GRID))
     logprobs = logprobs_of_grid(-levels * step, codes[:, 0], step, tail_step)
-    return _nested(ids.reshape(-1).astype(np.int32), tokens, k, pa.int32()), _nested(logprobs.reshape(-1), tokens, k, pa.float32())
+    return _nested(ids.reshape(-1).astype(np.int32, copy=False), tokens, k, pa.int32()), _nested(logprobs.reshape(-1), tokens, k, pa.float32())
 
 
 def tail_codes(lps: np.ndarray) -> np.ndarray:
@@ -584,7 +585,7 @@ def _unlayout3(id_bytes, id_offsets, out, code_offsets, k, names, data, grid) ->
                                         response, np.asarray(grid), _CODE_MAX)
     if bad >= 0:
         raise _corrupted(names, bad, id_len, code_len, "do not decode to rows of top-k ids and logprob codes")
-    return ids.astype(np.int64), codes, tokens
+    return ids, codes, tokens
 
 
 def decode_inputs(params: dict) -> tuple[str, ...]:
