@@ -20,6 +20,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* every step of the coder inlined into topk_encode and topk_decode, where `encode` is a constant */
+#define INLINE static inline __attribute__((always_inline))
 #define TOP (1u << 24)
 #define PROB_BITS 16
 #define ONE (1 << PROB_BITS)
@@ -50,12 +52,12 @@ typedef struct {
     uint8_t n[INT_MODEL * 8];
 } Models;
 
-static void put(Coder *c, uint8_t b) {
+INLINE void put(Coder *c, uint8_t b) {
     if (c->pos < c->cap) c->out[c->pos] = b;
     c->pos++;
 }
 
-static void shift_low(Coder *c) {
+INLINE void shift_low(Coder *c) {
     if (c->low < 0xFF000000ull || c->low >= (1ull << 32)) {
         uint8_t carry = (uint8_t)(c->low >> 32), byte = c->cache;
         do {
@@ -68,12 +70,12 @@ static void shift_low(Coder *c) {
     c->low = (c->low & 0x00FFFFFFull) << 8;
 }
 
-static uint8_t next_byte(Coder *c) {
+INLINE uint8_t next_byte(Coder *c) {
     int64_t i = c->pos++;
     return i < c->end ? c->in[i] : 0;
 }
 
-static void normalize(Coder *c) {
+INLINE void normalize(Coder *c) {
     while (c->range < TOP) {
         c->range <<= 8;
         if (c->encode)
@@ -83,7 +85,7 @@ static void normalize(Coder *c) {
     }
 }
 
-static void start(Coder *c, int64_t from, int64_t to) {
+INLINE void start(Coder *c, int64_t from, int64_t to) {
     c->low = 0, c->range = 0xFFFFFFFFu, c->cache = 0, c->pending = 1, c->code = 0;
     if (!c->encode) {
         c->pos = from, c->end = to;
@@ -91,11 +93,11 @@ static void start(Coder *c, int64_t from, int64_t to) {
     }
 }
 
-static void finish(Coder *c) {
+INLINE void finish(Coder *c) {
     for (int i = 0; i < 5; i++) shift_low(c);
 }
 
-static int bit(Coder *c, Models *m, int i, int b) {
+INLINE int bit(Coder *c, Models *m, int i, int b) {
     uint32_t bound = (c->range >> PROB_BITS) * m->p[i];
     if (!c->encode) {
         b = c->code >= bound;
@@ -116,7 +118,7 @@ static int bit(Coder *c, Models *m, int i, int b) {
     return b;
 }
 
-static uint32_t raw_bits(Coder *c, uint32_t v, int bits) {
+INLINE uint32_t raw_bits(Coder *c, uint32_t v, int bits) {
     uint32_t got = 0;
     for (int b = bits - 1; b >= 0; b--) {
         c->range >>= 1;
@@ -134,7 +136,7 @@ static uint32_t raw_bits(Coder *c, uint32_t v, int bits) {
 }
 
 /* An unsigned int below 2^31 with the model at `base`: its bit length, top bits, the rest raw. */
-static uint32_t uint_(Coder *c, Models *m, int base, uint32_t v) {
+INLINE uint32_t uint_(Coder *c, Models *m, int base, uint32_t v) {
     int length = 0;
     if (c->encode)
         while (length < 31 && (v >> length) > 0) length++;
@@ -149,7 +151,7 @@ static uint32_t uint_(Coder *c, Models *m, int base, uint32_t v) {
     return ((uint32_t)node << low_bits) | raw_bits(c, v & ((1u << low_bits) - 1), (int)low_bits);
 }
 
-static void models_reset(Models *m) {
+INLINE void models_reset(Models *m) {
     for (size_t i = 0; i < sizeof(m->p) / sizeof(m->p[0]); i++) m->p[i] = ONE / 2, m->n[i] = 0;
 }
 
@@ -163,7 +165,7 @@ typedef struct {
     int64_t size;     /* the tree's length: a power of two above the record's distinct ids */
 } Record;
 
-static int32_t local_of(Record *r, int32_t id) {
+INLINE int32_t local_of(Record *r, int32_t id) {
     int64_t h = ((uint64_t)(uint32_t)id * 0x9E3779B1u) & r->mask;
     while (r->key[h] != -1) {
         if (r->key[h] == id) return r->val[h];
@@ -172,23 +174,23 @@ static int32_t local_of(Record *r, int32_t id) {
     return -1;
 }
 
-static void add_local(Record *r, int32_t id, int32_t li) {
+INLINE void add_local(Record *r, int32_t id, int32_t li) {
     int64_t h = ((uint64_t)(uint32_t)id * 0x9E3779B1u) & r->mask;
     while (r->key[h] != -1) h = (h + 1) & r->mask;
     r->key[h] = id, r->val[h] = li;
 }
 
-static void fenwick_add(Record *r, int64_t i, int32_t d) {
+INLINE void fenwick_add(Record *r, int64_t i, int32_t d) {
     for (i++; i < r->size; i += i & (-i)) r->tree[i] += d;
 }
 
-static int64_t fenwick_below(Record *r, int64_t i) {
+INLINE int64_t fenwick_below(Record *r, int64_t i) {
     int64_t s = 0;
     for (; i > 0; i -= i & (-i)) s += r->tree[i];
     return s;
 }
 
-static int64_t fenwick_find(Record *r, int64_t target) {
+INLINE int64_t fenwick_find(Record *r, int64_t target) {
     int64_t pos = 0, step = r->size / 2;
     for (; step > 0; step /= 2)
         if (pos + step < r->size && r->tree[pos + step] <= target) pos += step, target -= r->tree[pos];
@@ -214,7 +216,7 @@ static void record_free(Record *r) {
 
 /* One record's ids [rows, k] (encode: given; decode: filled). Returns 0, or -1 if the bytes are
  * not a record's ids (decode only). */
-static int code_record_ids(Coder *c, Models *m, Record *r, int32_t *ids, const int64_t *response, int64_t rows,
+INLINE int code_record_ids(Coder *c, Models *m, Record *r, int32_t *ids, const int64_t *response, int64_t rows,
                            int k) {
     int64_t distinct = 0, total = 0;
     int32_t *row_ids = r->row_ids;
@@ -310,13 +312,13 @@ static int code_record_ids(Coder *c, Models *m, Record *r, int32_t *ids, const i
 /* The grid (codec.py's `_grid_codes`): slot 0 on the fine grid; slot j's step is the fine one
  * doubled once for every `grid[1]` fine steps by which slot j-1 lies below `grid[0]` of them, at
  * most `grid[2]` times. */
-static int doublings(const int64_t *grid, int64_t level) {
+INLINE int doublings(const int64_t *grid, int64_t level) {
     int64_t d = level > grid[0] ? (level - grid[0]) / grid[1] : 0;
     return (int)(d < grid[2] ? d : grid[2]);
 }
 
 /* One record's codes [rows, k + 1]: per row the tail code, then the k grid codes. */
-static int code_record_codes(Coder *c, Models *m, int64_t *codes, int64_t rows, int k, const int64_t *grid,
+INLINE int code_record_codes(Coder *c, Models *m, int64_t *codes, int64_t rows, int k, const int64_t *grid,
                              int64_t code_max) {
     for (int64_t t = 0; t < rows; t++) {
         int64_t *row = codes + t * (k + 1), level = 0;
