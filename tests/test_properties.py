@@ -236,7 +236,8 @@ def test_wrong_lengths_non_finite_values_and_bad_counts_are_always_detected(buil
 @st.composite
 def topk_records(draw) -> tuple[list[dict], int]:
     """Records whose top-k ids are drawn from a few values (so they repeat within rows, across
-    neighbouring rows and far up) or from the whole 3-byte range, with any sorted logprobs."""
+    neighbouring rows and far up) or from the whole 3-byte range, with any sorted logprobs; each
+    response token one of its row's ids (as a sampled token mostly is) or any id."""
     k = draw(st.integers(1, 8))
     pool = draw(st.lists(st.integers(0, 2**24 - 1), min_size=1, max_size=12))
     ids = st.sampled_from(pool) | st.integers(0, 2**24 - 1)
@@ -244,13 +245,14 @@ def topk_records(draw) -> tuple[list[dict], int]:
     for i, n in enumerate(draw(st.lists(st.integers(0, 40), min_size=1, max_size=3))):
         rows = [draw(st.lists(ids, min_size=k, max_size=k)) for _ in range(n)]
         logprobs = [sorted(draw(st.lists(st.floats(-2000, 0), min_size=k, max_size=k)), reverse=True) for _ in range(n)]
-        out.append(record(i, k=k, topk_ids=rows, topk_logprobs=logprobs))
+        response = [draw(st.sampled_from(row) | ids) for row in rows]
+        out.append(record(i, k=k, topk_ids=rows, topk_logprobs=logprobs, response_ids=response))
     return out, k
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(topk_records())
-def test_every_top_k_layout_decodes_to_the_same_values(built):
+def test_every_top_k_layout_keeps_the_ids_and_its_grids_bound(built):
     recs, k = built
     logical = corpus.records_to_table(recs, k, "float32")
     first, second, third = (corpus.decode(corpus.encode(logical, k, "quantized", layout)) for layout in corpus.TOPK_LAYOUTS)
@@ -261,7 +263,6 @@ def test_every_top_k_layout_decodes_to_the_same_values(built):
     got, sent = (np.array(corpus.leaves(t["topk_logprobs"]), dtype=np.float64) for t in (third, logical))
     held = sent > -1000  # below -1023.98 (and -inf) is stored as -1023.98
     assert np.all(np.abs(got - sent)[held] <= corpus.logprob_tolerance("quantized", sent[held]) + 1e-6)
-
 
 
 @settings(max_examples=300, deadline=None)
