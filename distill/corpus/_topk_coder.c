@@ -13,7 +13,7 @@
  * Codes. Per row the k codes of the logprob grid (slot 0's level, then the steps down from the
  * slot before), each an unsigned int with the model of its slot group, then the tail code as the
  * signed difference from the row's last level.
- * benchmarks/topk_range_coder.py measured the models and their parameters. */
+ * docs/results/scale.md ("Layout 3") has the measurements behind the models and their parameters. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
@@ -35,7 +35,8 @@
 static const int ID_GROUP[] = {0, 1, 2, 2, 3, 3, 3, 3}; /* slot -> seen-bit model; later slots: 4 */
 static const int CODE_GROUP[] = {1, 2, 3, 3, 4, 4, 4, 4}; /* code j -> model; later codes: 5; tail: 0 */
 static const int RECIP[RATE_LIMIT + 1] = { /* 65536 / (n + 1.6) */
-    40960, 25206, 18204, 14246, 11702, 9929, 8623, 7620, 6826, 6182, 5649, 5201, 4818, 4488, 4201, 3947, 3723, 3523, 3343, 3181, 3034, 2899, 2776, 2664, 2560, 2463, 2374, 2291, 2214, 2141, 2073};
+    40960, 25206, 18204, 14246, 11702, 9929, 8623, 7620, 6826, 6182, 5649, 5201, 4818, 4488, 4201, 3947,
+    3723,  3523,  3343,  3181,  3034,  2899, 2776, 2664, 2560, 2463, 2374, 2291, 2214, 2141, 2073};
 
 typedef struct {
     uint64_t low;
