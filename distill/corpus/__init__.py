@@ -40,6 +40,7 @@ from distill.corpus.codec import (
     logprob_tolerance,
     records_to_table,
     shard_encoding,
+    stored_topk_columns,
     topk_arrays,
     topk_rows,
 )
@@ -66,7 +67,6 @@ from distill.corpus.stamp import (
     pending,
     read_stamp,
     seal,
-    stored_topk_columns,
     verified_stamp,
 )
 from distill.corpus.store import (

@@ -366,8 +366,7 @@ def _layout3(ids: np.ndarray, codes: np.ndarray, tokens: np.ndarray, response: n
     starts with T as uint32 LE, as layout 2's does (`topk_rows` reads it without decoding).
     Written at zstd level 1 like the others, which finds nothing left to take."""
     id_bytes, id_ends, code_bytes, code_ends = topk_coder.encode(tokens, ids, response, codes, np.asarray(LAYOUT3_GRID))
-    starts = np.concatenate([[0], code_ends[:-1]])
-    code_len = code_ends - starts + 4
+    code_len = np.diff(code_ends, prepend=0) + 4
     offsets = np.concatenate([[0], np.cumsum(code_len)])
     out = np.empty(int(offsets[-1]), dtype=np.uint8)
     out[_spread(offsets[:-1], np.full(len(tokens), 4))] = tokens.astype("<u4").view(np.uint8)
@@ -503,8 +502,7 @@ def _unlayout2(id_bytes, id_offsets, out, code_offsets, k, names) -> tuple[np.nd
     short = code_len < 4
     if short.any():
         raise _corrupted(names, int(np.argmax(short)), id_len, code_len, "are too short to hold a length")
-    tokens = _spread(code_offsets[:-1], np.full(records, 4))
-    tokens = out[tokens].reshape(records, 4).copy().view("<u4").reshape(-1).astype(np.int64)
+    tokens = _row_counts(out, code_offsets[:-1])
     fits = (code_len >= 4 + (k + 3) * tokens) & (id_len >= tokens * k)
     if not fits.all():
         raise _corrupted(names, int(np.argmax(~fits)), id_len, code_len, f"are too short for their rows of k={k}")
@@ -572,8 +570,7 @@ def _unlayout3(id_bytes, id_offsets, out, code_offsets, k, names, data, grid) ->
     short = code_len < 4
     if short.any():
         raise _corrupted(names, int(np.argmax(short)), id_len, code_len, "are too short to hold a length")
-    tokens = out[_spread(code_offsets[:-1], np.full(len(code_len), 4))].reshape(-1, 4).copy().view("<u4")
-    tokens = tokens.reshape(-1).astype(np.int64)
+    tokens = _row_counts(out, code_offsets[:-1])
     responses = data["response_token_ids"]
     lengths = pc.list_value_length(responses).to_numpy(zero_copy_only=False)
     if (lengths != tokens).any():
@@ -588,11 +585,20 @@ def _unlayout3(id_bytes, id_offsets, out, code_offsets, k, names, data, grid) ->
     return ids, codes, tokens
 
 
+# The stored top-k columns, per encoding: the packed byte strings, or the nested lists.
+STORED_TOPK = {"quantized": (PACKED_IDS, LOGPROB_CODES)}
+LOGICAL_TOPK = ("topk_token_ids", "topk_logprobs")
+
+
+def stored_topk_columns(encoding: dict) -> tuple[str, str]:
+    """The columns holding a shard's top-k as stored, for its `encoding` (`shard_encoding`)."""
+    return STORED_TOPK.get(encoding["encoding"], LOGICAL_TOPK)
+
+
 def decode_inputs(params: dict) -> tuple[str, ...]:
-    """The stored columns `decode` reads to rebuild the top-k of shards of encoding `params`."""
-    if params["encoding"] != "quantized":
-        return ("topk_token_ids", "topk_logprobs")
-    return (PACKED_IDS, LOGPROB_CODES) + (("response_token_ids",) if params.get("layout") == 3 else ())
+    """The stored columns `decode` reads to rebuild the top-k of shards of encoding `params`: the
+    stored top-k, and for layout 3 the response tokens its ids were coded with."""
+    return stored_topk_columns(params) + (("response_token_ids",) if params.get("layout") == 3 else ())
 
 
 def topk_rows(data: pa.Table | pa.RecordBatch, params: dict) -> np.ndarray:
@@ -607,9 +613,13 @@ def topk_rows(data: pa.Table | pa.RecordBatch, params: dict) -> np.ndarray:
         return lengths // (2 * (params["k"] + 1))
     rows = np.zeros(len(lengths), dtype=np.int64)
     whole = lengths >= 4
-    counts = codes[_spread(offsets[:-1][whole], np.full(int(whole.sum()), 4))].reshape(-1, 4).copy()
-    rows[whole] = counts.view("<u4").reshape(-1)
+    rows[whole] = _row_counts(codes, offsets[:-1][whole])
     return rows
+
+
+def _row_counts(data: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Layouts 2 and 3: the row count T, a little-endian uint32, at each of `starts` in `data`."""
+    return data[_spread(starts, np.full(len(starts), 4))].reshape(-1, 4).copy().view("<u4").reshape(-1).astype(np.int64)
 
 
 def shard_encoding(schema: pa.Schema) -> dict:

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from distill.corpus.codec import LOGPROB_CODES, PACKED_IDS, _is_list, shard_encoding
+from distill.corpus.codec import _is_list, shard_encoding, stored_topk_columns
 
 STAMP_KEY = b"distill.validated"
 # The version of the stamp: of the top-k rules it vouches for (`validate._batch_problems`: widths,
@@ -41,15 +41,7 @@ STAMP_KEY = b"distill.validated"
 # changes: readers then trust only stamps they would compute and check alike. Version 1 hashed the
 # decoded top-k values; its shards are validated in full.
 STAMP_VERSION = 2
-# The stored top-k columns, per encoding: the packed byte strings, or the nested lists.
-STORED_TOPK = {"quantized": (PACKED_IDS, LOGPROB_CODES)}
-LOGICAL_TOPK = ("topk_token_ids", "topk_logprobs")
 _PENDING = "?" * 64  # a digest's length: `seal` writes the digest over it
-
-
-def stored_topk_columns(encoding: dict) -> tuple[str, str]:
-    """The columns holding a shard's top-k as stored, for its `encoding` (`shard_encoding`)."""
-    return STORED_TOPK.get(encoding["encoding"], LOGICAL_TOPK)
 
 
 @dataclass(frozen=True)

@@ -34,9 +34,10 @@ from distill.corpus.codec import (
     locate,
     logical_table,
     shard_encoding,
+    stored_topk_columns,
 )
 from distill.corpus.manifest import SCHEMA, CorpusStats, Manifest, read_manifest
-from distill.corpus.stamp import Stamp, TopkChecked, stamp_in, stored_topk_columns, vouches
+from distill.corpus.stamp import Stamp, TopkChecked, stamp_in, vouches
 from distill.corpus.store import READ_ERRORS, shard_paths, unreadable
 
 
