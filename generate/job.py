@@ -114,6 +114,7 @@ class CorpusJob:
         self.chat = ChatTokenizer(tokenizer, stop_token_ids(cfg, tokenizer))
         self.fingerprint = corpus.tokenizer_fingerprint(tokenizer)
         self.vocab_size = vocab_size(cfg, tokenizer)
+        self.dictionary: str | None = None  # the corpus's top-k dictionary (`_run` reads it from the shards written)
         self.identity = self._identity()
         self._check_resume()
         if cfg.backend == "ray":  # an unreachable cluster: one line in seconds, before anything is written
@@ -230,6 +231,9 @@ class CorpusJob:
             self._update_stats(complete=False)
         except corpus.CorpusError as e:  # a shard kept from the earlier run is damaged
             raise corpus.CorpusError(f"{e}: delete it and rerun to regenerate its records") from None
+        # every shard codes its top-k with the dictionary the first one learnt (layout 4), so the
+        # corpus's shards share one encoding (train keeps their top-k stored)
+        self.dictionary = corpus.corpus_dictionary(self.out)
         todo = [c for c in range(n_chunks) if c not in done]
         done_requests = sum(min(cfg.chunk_size, total - c * cfg.chunk_size) for c in done if c < n_chunks)
         generated = (0, 0.0)
@@ -314,8 +318,9 @@ class CorpusJob:
         records = [self._record(req, c, text) for (req, c), text in zip(done, texts)]
         # stamped where the records pass the validator's checks, so readers need not decode the top-k again
         table, checked = corpus.records_to_checked_table(records, self.cfg.top_k, self.cfg.logprob_encoding,
-                                                         self.vocab_size)
+                                                         self.vocab_size, self.dictionary)
         path = corpus.write_shard(self.out, chunk, table, checked=checked)
+        self.dictionary = corpus.shard_encoding(table.schema).get("dictionary")
         stats = self.manifest.stats
         stats.records += table.num_rows
         stats.response_tokens += corpus.shard_stats(path)["response_tokens"]

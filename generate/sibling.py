@@ -74,9 +74,10 @@ def _score(cfg: ScoreConfig, teacher: Teacher | None) -> corpus.Corpus:
     if todo:
         started = None if teacher is not None else start_teacher(cfg, max_logprobs=cfg.top_k,
                                                                    max_model_len=model_max_len(cfg))
+        dictionary = corpus.corpus_dictionary(out)  # the first scored shard's, for every shard (as generate)
         try:
             for path in todo:
-                _score_shard(teacher or started, cfg, path, out, manifest.teacher.vocab_size)
+                dictionary = _score_shard(teacher or started, cfg, path, out, manifest.teacher.vocab_size, dictionary)
                 print(f"score: {path.name} of `{src}` scored", file=sys.stderr, flush=True)
         finally:
             if started is not None:
@@ -88,7 +89,10 @@ def _score(cfg: ScoreConfig, teacher: Teacher | None) -> corpus.Corpus:
     return corpus.Corpus(out, manifest)
 
 
-def _score_shard(teacher: Teacher, cfg: ScoreConfig, path: Path, out: Path, teacher_vocab_size: int | None) -> None:
+def _score_shard(teacher: Teacher, cfg: ScoreConfig, path: Path, out: Path, teacher_vocab_size: int | None,
+                 dictionary: str | None) -> str | None:
+    """Score one shard of the source into `out`, its top-k coded with the corpus's `dictionary` (None:
+    learnt from this shard) -> the dictionary the shard was written with."""
     table = corpus.read_shard(path)
     columns = [*COPIED, *(["loss_mask"] if "loss_mask" in table.column_names else [])]
     records = table.select(columns).to_pylist()
@@ -99,5 +103,7 @@ def _score_shard(teacher: Teacher, cfg: ScoreConfig, path: Path, out: Path, teac
     teacher.score(iter(requests), cfg.top_k, lambda req, c: scored.__setitem__(req.index, c), window=2 * cfg.chunk_size)
     rows = [{**r, "response_logprobs": scored[i].response_logprobs, "topk_token_ids": scored[i].topk_token_ids,
              "topk_logprobs": scored[i].topk_logprobs} for i, r in enumerate(records)]
-    table, checked = corpus.records_to_checked_table(rows, cfg.top_k, cfg.logprob_encoding, teacher_vocab_size)
+    table, checked = corpus.records_to_checked_table(rows, cfg.top_k, cfg.logprob_encoding, teacher_vocab_size,
+                                                     dictionary)
     corpus.write_shard(out, corpus.shard_index(path), table, checked=checked)
+    return corpus.shard_encoding(table.schema).get("dictionary")

@@ -104,7 +104,7 @@ def test_layout1_shards_still_read_identically(width):
     assert again["topk_logprobs"].to_pylist() == expected["topk_logprobs"]
     # the default layout's grid is coarser below -1 nat: the same ids, values within its bound
     encoded = corpus.encode(back, params["k"], "quantized")
-    assert corpus.shard_encoding(encoded.schema)["layout"] == corpus.TOPK_LAYOUT == 3
+    assert corpus.shard_encoding(encoded.schema)["layout"] == corpus.TOPK_LAYOUT == 4
     again = corpus.decode(encoded)
     assert again["topk_token_ids"].to_pylist() == expected["topk_token_ids"]
     got, sent = (np.array([x for r in t for row in r for x in row], dtype=np.float64)
@@ -203,17 +203,18 @@ def test_layout2_names_the_record_of_corrupted_bytes():
         with pytest.raises(corpus.CorpusError, match=message):
             corpus.decode(broken(column, values))
     newer = table.replace_schema_metadata({corpus.ENCODING_KEY: json.dumps(
-        {**corpus.shard_encoding(table.schema), "layout": 4}).encode()})
-    with pytest.raises(corpus.CorpusError, match=r"top-k layout 4 is unknown .* newer distill"):
+        {**corpus.shard_encoding(table.schema), "layout": max(corpus.TOPK_LAYOUTS) + 1}).encode()})
+    with pytest.raises(corpus.CorpusError, match=r"top-k layout 5 is unknown .* newer distill"):
         corpus.decode(newer)
 
 
-def test_layout3_names_the_record_of_corrupted_bytes():
+@pytest.mark.parametrize("layout", [3, 4])
+def test_range_coded_layouts_name_the_record_of_corrupted_bytes(layout):
     """A record's range-coded strings decode to exactly their bytes: cut short, grown or changed,
     the decoder names the record; and it needs the response tokens the ids were coded with."""
     recs = [record(0, n_tokens=3), record(1, n_tokens=3)]
-    table = corpus.records_to_table(recs, K)
-    assert corpus.shard_encoding(table.schema)["layout"] == 3
+    table = corpus.encode(corpus.records_to_table(recs, K, "float32"), K, "quantized", layout)
+    assert corpus.shard_encoding(table.schema)["layout"] == layout
     ids, codes = table[corpus.PACKED_IDS].to_pylist(), table[corpus.LOGPROB_CODES].to_pylist()
 
     def broken(column: str, values: list) -> pa.Table:
@@ -230,7 +231,7 @@ def test_layout3_names_the_record_of_corrupted_bytes():
             corpus.decode(broken(column, values))
     with pytest.raises(corpus.CorpusError, match=r"record 'r1': .* too short to hold a length"):
         corpus.decode(broken(corpus.LOGPROB_CODES, [codes[0], codes[1][:2]]))
-    with pytest.raises(corpus.CorpusError, match=r"layout 3 decodes with `response_token_ids`"):
+    with pytest.raises(corpus.CorpusError, match=r"layouts 3 and 4 decode with `response_token_ids`"):
         corpus.decode(table.drop_columns(["response_token_ids"]))
     assert corpus.decode(table)["topk_token_ids"].to_pylist() == [r["topk_token_ids"].tolist() for r in recs]
 

@@ -255,11 +255,13 @@ def topk_records(draw) -> tuple[list[dict], int]:
 def test_every_top_k_layout_keeps_the_ids_and_its_grids_bound(built):
     recs, k = built
     logical = corpus.records_to_table(recs, k, "float32")
-    first, second, third = (corpus.decode(corpus.encode(logical, k, "quantized", layout)) for layout in corpus.TOPK_LAYOUTS)
-    for decoded in (second, third):
+    first, second, third, fourth = (corpus.decode(corpus.encode(logical, k, "quantized", layout))
+                                    for layout in corpus.TOPK_LAYOUTS)
+    for decoded in (second, third, fourth):
         assert decoded["topk_token_ids"].to_pylist() == logical["topk_token_ids"].to_pylist()
     assert second["topk_logprobs"].to_pylist() == first["topk_logprobs"].to_pylist()
-    # layout 3: within its coarser grid's bound
+    assert fourth["topk_logprobs"].to_pylist() == third["topk_logprobs"].to_pylist()
+    # layouts 3 and 4: within their coarser grid's bound
     got, sent = (np.array(corpus.leaves(t["topk_logprobs"]), dtype=np.float64) for t in (third, logical))
     held = sent > -1000  # below -1023.98 (and -inf) is stored as -1023.98
     assert np.all(np.abs(got - sent)[held] <= corpus.logprob_tolerance("quantized", sent[held]) + 1e-6)

@@ -34,7 +34,8 @@ def set_topk_id(table: pa.Table, value: int) -> pa.Table:
         logical = corpus.decode(table).to_pylist()
         logical[0]["topk_token_ids"][0][0] = value
         encoding = corpus.shard_encoding(table.schema)
-        stored = corpus.encode(pa.Table.from_pylist(logical), encoding["k"], "quantized")
+        stored = corpus.encode(pa.Table.from_pylist(logical), encoding["k"], "quantized", encoding["layout"],
+                               encoding.get("dictionary"))
         return table.set_column(table.schema.get_field_index(corpus.PACKED_IDS), corpus.PACKED_IDS,
                                 stored[corpus.PACKED_IDS])
     rows = table["topk_token_ids"].to_pylist()

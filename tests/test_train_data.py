@@ -141,7 +141,9 @@ def test_the_pre_pass_reads_the_corpus_once_keeping_what_can_train_and_counting_
     records[1234]["prompt_token_ids"] = [5, 9000, 7]  # the largest id: in a prompt, not in the top-k
     root = tmp_path / "c"
     for shard, start in enumerate(range(0, len(records), 1500)):
-        corpus.write_shard(root, shard, corpus.records_to_table(records[start:start + 1500], K))
+        table, _ = corpus.records_to_checked_table(records[start:start + 1500], K, "quantized", None,
+                                                   corpus.corpus_dictionary(root))
+        corpus.write_shard(root, shard, table)
     corpus.write_manifest(root, corpus.Manifest(teacher={"model": "t"}, generation={"top_k": K},
                                                 stats=corpus.corpus_stats(root)))
     opened = []
@@ -306,7 +308,9 @@ def mixed_corpus(root, kind: str):
 
     encoding = "float16" if kind == "float16" else "quantized"
     for shard in range(3):
-        table, checked = corpus.records_to_checked_table([rec(10 * shard + i) for i in range(10)], K, encoding, 512)
+        # each shard with the top-k dictionary of the first, as generate writes them
+        table, checked = corpus.records_to_checked_table([rec(10 * shard + i) for i in range(10)], K, encoding, 512,
+                                                         corpus.corpus_dictionary(root))
         corpus.write_shard(root, shard, table, checked=checked if shard != 1 else None)
     if kind == "layouts":
         shutil.copy(ROOT / "tests" / "data" / "quantized-layout1-w2.parquet", root / "data" / "part-00003.parquet")

@@ -13,7 +13,12 @@
  * Codes. Per row the k codes of the logprob grid (slot 0's level, then the steps down from the
  * slot before), each an unsigned int with the model of its slot group, then the tail code as the
  * signed difference from the row's last level.
- * docs/results/scale.md ("Layout 3") has the measurements behind the models and their parameters. */
+ * Layout 4 adds a dictionary, learnt from a corpus's first shard and kept in every shard's footer
+ * (topk_coder.Dictionary): literals are coded by a class of ids (ids the first shard's records
+ * used about equally often) and their index in it, and every model starts from the probabilities
+ * it had after coding that shard. The escape class codes a literal as layout 3 does.
+ * docs/results/scale.md ("Layout 3", "Layout 4") has the measurements behind the models and their
+ * parameters. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
@@ -31,6 +36,8 @@
 #define MAX_TOTAL (1 << 16)      /* counts halve beyond this (the coder divides its range by it) */
 #define MAX_ID (1 << 24)         /* the quantized encoding's id limit (codec.py checks it) */
 #define CODE_GROUPS 6
+#define MODELS (INT_MODEL * 8)
+#define DICTIONARY_RATE 16 /* a model started from the dictionary adapts at 1/(16 + 1.6), then as any other */
 
 static const int ID_GROUP[] = {0, 1, 2, 2, 3, 3, 3, 3}; /* slot -> seen-bit model; later slots: 4 */
 static const int CODE_GROUP[] = {1, 2, 3, 3, 4, 4, 4, 4}; /* code j -> model; later codes: 5; tail: 0 */
@@ -49,9 +56,21 @@ typedef struct {
 } Coder;
 
 typedef struct {
-    uint16_t p[INT_MODEL * 8];
-    uint8_t n[INT_MODEL * 8];
+    uint16_t p[MODELS];
+    uint8_t n[MODELS];
 } Models;
+
+/* Layout 4's dictionary (classes 0: layout 3). `cum`: the classes' cumulative frequencies, the
+ * escape last; `start`: where each class's ids (ascending) begin in `ids`; `init`: each model's
+ * starting probability, ids' models then codes' (0: untouched, starts at 1/2). */
+typedef struct {
+    int classes;
+    const int32_t *ids, *start;
+    const uint32_t *cum;
+    const uint16_t *init;
+    int32_t *key, *val; /* encode: id -> its class << 24 | its index in the class (open addressing) */
+    int64_t mask;
+} Dictionary;
 
 INLINE void put(Coder *c, uint8_t b) {
     if (c->pos < c->cap) c->out[c->pos] = b;
@@ -152,8 +171,24 @@ INLINE uint32_t uint_(Coder *c, Models *m, int base, uint32_t v) {
     return ((uint32_t)node << low_bits) | raw_bits(c, v & ((1u << low_bits) - 1), (int)low_bits);
 }
 
-INLINE void models_reset(Models *m) {
-    for (size_t i = 0; i < sizeof(m->p) / sizeof(m->p[0]); i++) m->p[i] = ONE / 2, m->n[i] = 0;
+INLINE void models_reset(Models *m, const uint16_t *init) {
+    for (int i = 0; i < MODELS; i++) {
+        int learnt = init && init[i];
+        m->p[i] = learnt ? init[i] : ONE / 2, m->n[i] = learnt ? DICTIONARY_RATE : 0;
+    }
+}
+
+/* A symbol of frequency `freq` at cumulative `below` out of `total` (the decoder first reads
+ * where the code lies: `at`). */
+INLINE uint32_t freq_at(Coder *c, uint32_t total) {
+    return c->code / (c->range / total);
+}
+
+INLINE void freq_code(Coder *c, uint32_t below, uint32_t freq, uint32_t total) {
+    uint32_t unit = c->range / total;
+    if (c->encode) c->low += (uint64_t)below * unit; else c->code -= below * unit;
+    c->range = freq * unit;
+    normalize(c);
 }
 
 /* --- ids: a record's distinct ids in a hash map (id -> index), their counts in a Fenwick tree --- */
@@ -166,19 +201,28 @@ typedef struct {
     int64_t size;     /* the tree's length: a power of two above the record's distinct ids */
 } Record;
 
-INLINE int32_t local_of(Record *r, int32_t id) {
-    int64_t h = ((uint64_t)(uint32_t)id * 0x9E3779B1u) & r->mask;
-    while (r->key[h] != -1) {
-        if (r->key[h] == id) return r->val[h];
-        h = (h + 1) & r->mask;
+/* open addressing over int32 keys (-1: empty) */
+INLINE int32_t map_get(const int32_t *key, const int32_t *val, int64_t mask, int32_t id) {
+    int64_t h = ((uint64_t)(uint32_t)id * 0x9E3779B1u) & mask;
+    while (key[h] != -1) {
+        if (key[h] == id) return val[h];
+        h = (h + 1) & mask;
     }
     return -1;
 }
 
+INLINE void map_put(int32_t *key, int32_t *val, int64_t mask, int32_t id, int32_t v) {
+    int64_t h = ((uint64_t)(uint32_t)id * 0x9E3779B1u) & mask;
+    while (key[h] != -1) h = (h + 1) & mask;
+    key[h] = id, val[h] = v;
+}
+
+INLINE int32_t local_of(Record *r, int32_t id) {
+    return map_get(r->key, r->val, r->mask, id);
+}
+
 INLINE void add_local(Record *r, int32_t id, int32_t li) {
-    int64_t h = ((uint64_t)(uint32_t)id * 0x9E3779B1u) & r->mask;
-    while (r->key[h] != -1) h = (h + 1) & r->mask;
-    r->key[h] = id, r->val[h] = li;
+    map_put(r->key, r->val, r->mask, id, li);
 }
 
 INLINE void fenwick_add(Record *r, int64_t i, int32_t d) {
@@ -215,10 +259,51 @@ static void record_free(Record *r) {
     free(r->key), free(r->val), free(r->tree), free(r->count), free(r->id_of), free(r->in_row), free(r->row_ids);
 }
 
+/* The encoder's map from a dictionary id to its class and index. */
+static int dictionary_index(Dictionary *d) {
+    int64_t n = d->classes ? d->start[d->classes] : 0, cap = 64;
+    while (cap < 2 * n) cap *= 2;
+    d->mask = cap - 1;
+    d->key = malloc(cap * sizeof(int32_t)), d->val = malloc(cap * sizeof(int32_t));
+    if (!d->key || !d->val) return -1;
+    memset(d->key, 0xFF, cap * sizeof(int32_t));
+    for (int cls = 0; cls < d->classes; cls++)
+        for (int32_t i = d->start[cls]; i < d->start[cls + 1]; i++)
+            map_put(d->key, d->val, d->mask, d->ids[i], cls << 24 | (i - d->start[cls]));
+    return 0;
+}
+
+/* A literal id (one new to its record): its class and index in the dictionary, or the escape
+ * class and then its bit length, top 4 bits adaptively and the rest as they are (BPE
+ * vocabularies number frequent tokens first). Returns the id, or -1 if the bytes are not one. */
+INLINE int64_t literal(Coder *c, Models *m, const Dictionary *d, int32_t id) {
+    int cls = d->classes;
+    if (d->classes) {
+        uint32_t total = d->cum[d->classes + 1];
+        int32_t at = c->encode ? map_get(d->key, d->val, d->mask, id) : -1;
+        if (c->encode) {
+            cls = at >= 0 ? at >> 24 : d->classes;
+        } else {
+            uint32_t where = freq_at(c, total);
+            if (where >= total) return -1;
+            for (cls = 0; d->cum[cls + 1] <= where;) cls++;
+        }
+        freq_code(c, d->cum[cls], d->cum[cls + 1] - d->cum[cls], total);
+        if (cls < d->classes) {
+            uint32_t size = (uint32_t)(d->start[cls + 1] - d->start[cls]), index = at & 0xFFFFFF;
+            if (!c->encode && (size == 0 || (index = freq_at(c, size)) >= size)) return -1;
+            freq_code(c, index, 1, size);
+            return d->ids[d->start[cls] + index];
+        }
+    }
+    uint32_t v = uint_(c, m, 0, c->encode ? (uint32_t)id : 0);
+    return v < MAX_ID ? (int64_t)v : -1;
+}
+
 /* One record's ids [rows, k] (encode: given; decode: filled). Returns 0, or -1 if the bytes are
  * not a record's ids (decode only). */
-INLINE int code_record_ids(Coder *c, Models *m, Record *r, int32_t *ids, const int64_t *response, int64_t rows,
-                           int k) {
+INLINE int code_record_ids(Coder *c, Models *m, Record *r, const Dictionary *d, int32_t *ids, const int64_t *response,
+                           int64_t rows, int k) {
     int64_t distinct = 0, total = 0;
     int32_t *row_ids = r->row_ids;
     const int sampled_model = INT_MODEL, seen_model = 2 * INT_MODEL;
@@ -267,9 +352,9 @@ INLINE int code_record_ids(Coder *c, Models *m, Record *r, int32_t *ids, const i
                     c->range = (uint32_t)r->count[li] * unit;
                     normalize(c);
                 } else {
-                    uint32_t v = uint_(c, m, 0, c->encode ? (uint32_t)s : 0);
+                    int64_t v = literal(c, m, d, s);
                     if (!c->encode) {
-                        if (v >= MAX_ID) return -1;
+                        if (v < 0) return -1;
                         s = (int32_t)v;
                         li = local_of(r, s);
                     }
@@ -344,37 +429,55 @@ static int64_t largest(const int64_t *tokens, int64_t records) {
     return most;
 }
 
+/* The dictionary of the arguments (classes 0: none, layout 3). */
+static Dictionary dictionary(int classes, const int32_t *ids, const int32_t *start, const uint32_t *cum,
+                             const uint16_t *init) {
+    Dictionary d = {.classes = classes, .ids = ids, .start = start, .cum = cum, .init = init};
+    return d;
+}
+
+static void dictionary_free(Dictionary *d) {
+    free(d->key), free(d->val);
+}
+
 /* Encode `records` records of tokens[i] rows each: ids [n, k] (int32), the sampled response
- * tokens [n], codes [n, k + 1] (int64: tail, then the k grid codes). Writes each record's bytes
- * after the last into id_out / code_out and their ends into id_ends / code_ends (relative to the
- * buffers). Returns 0, or -1 when a buffer is too small (the ends then say how much was needed),
- * -2 when out of memory. */
+ * tokens [n], codes [n, k + 1] (int64: tail, then the k grid codes), with the dictionary
+ * (`classes` 0: none). Writes each record's bytes after the last into id_out / code_out and their
+ * ends into id_ends / code_ends (relative to the buffers). `learnt` (or NULL): the models carry
+ * over from record to record instead, and their final probabilities go there (0: untouched; the
+ * ids' models, then the codes'), for a dictionary. Returns 0, or -1 when a buffer is too small
+ * (the ends then say how much was needed), -2 when out of memory. */
 int64_t topk_encode(int64_t records, const int64_t *tokens, int k, const int32_t *ids, const int64_t *response,
-                    int64_t *codes, const int64_t *grid, uint8_t *id_out, int64_t id_cap, int64_t *id_ends, uint8_t *code_out,
-                    int64_t code_cap, int64_t *code_ends) {
+                    int64_t *codes, const int64_t *grid, int classes, const int32_t *dict_ids, const int32_t *dict_start,
+                    const uint32_t *dict_cum, const uint16_t *dict_init, uint16_t *learnt, uint8_t *id_out,
+                    int64_t id_cap, int64_t *id_ends, uint8_t *code_out, int64_t code_cap, int64_t *code_ends) {
     Record r = {0};
-    Models *m = malloc(sizeof(Models));
-    if (!m || record_alloc(&r, largest(tokens, records) * k, k)) {
-        free(m), record_free(&r);
+    Dictionary d = dictionary(classes, dict_ids, dict_start, dict_cum, dict_init);
+    Models *mi = malloc(sizeof(Models)), *mc = malloc(sizeof(Models));
+    if (!mi || !mc || record_alloc(&r, largest(tokens, records) * k, k) || dictionary_index(&d)) {
+        free(mi), free(mc), record_free(&r), dictionary_free(&d);
         return -2;
     }
     Coder ci = {.out = id_out, .cap = id_cap, .encode = 1}, cc = {.out = code_out, .cap = code_cap, .encode = 1};
     int64_t row = 0;
     for (int64_t i = 0; i < records; i++) {
-        models_reset(m);
+        if (!learnt || i == 0) models_reset(mi, d.init), models_reset(mc, d.init ? d.init + MODELS : NULL);
         start(&ci, 0, 0);
-        code_record_ids(&ci, m, &r, (int32_t *)ids + row * k, response + row, tokens[i], k);
+        code_record_ids(&ci, mi, &r, &d, (int32_t *)ids + row * k, response + row, tokens[i], k);
         finish(&ci);
         id_ends[i] = ci.pos;
-        models_reset(m);
         start(&cc, 0, 0);
-        code_record_codes(&cc, m, codes + row * (k + 1), tokens[i], k, grid, INT64_MAX);
+        code_record_codes(&cc, mc, codes + row * (k + 1), tokens[i], k, grid, INT64_MAX);
         finish(&cc);
         code_ends[i] = cc.pos;
         row += tokens[i];
     }
-    record_free(&r);
-    free(m);
+    for (int i = 0; learnt && i < MODELS; i++) {
+        learnt[i] = mi->n[i] ? mi->p[i] : 0;
+        learnt[MODELS + i] = mc->n[i] ? mc->p[i] : 0;
+    }
+    record_free(&r), dictionary_free(&d);
+    free(mi), free(mc);
     return ci.pos > id_cap || cc.pos > code_cap ? -1 : 0;
 }
 
@@ -384,29 +487,30 @@ int64_t topk_encode(int64_t records, const int64_t *tokens, int k, const int32_t
  * with its 5 flushing shifts is what it wrote), so a string cut short or grown is refused. */
 int64_t topk_decode(int64_t records, const int64_t *tokens, int k, const uint8_t *id_data, const int64_t *id_starts,
                     const int64_t *id_ends, const uint8_t *code_data, const int64_t *code_starts,
-                    const int64_t *code_ends, const int64_t *response, const int64_t *grid, int64_t code_max, int32_t *ids,
-                    int64_t *codes) {
+                    const int64_t *code_ends, const int64_t *response, const int64_t *grid, int64_t code_max,
+                    int classes, const int32_t *dict_ids, const int32_t *dict_start, const uint32_t *dict_cum,
+                    const uint16_t *dict_init, int32_t *ids, int64_t *codes) {
     Record r = {0};
-    Models *m = malloc(sizeof(Models));
-    if (!m || record_alloc(&r, largest(tokens, records) * k, k)) {
-        free(m), record_free(&r);
+    Dictionary d = dictionary(classes, dict_ids, dict_start, dict_cum, dict_init);
+    Models *mi = malloc(sizeof(Models)), *mc = malloc(sizeof(Models));
+    if (!mi || !mc || record_alloc(&r, largest(tokens, records) * k, k)) {
+        free(mi), free(mc), record_free(&r);
         return -2;
     }
     Coder ci = {.in = id_data, .encode = 0}, cc = {.in = code_data, .encode = 0};
     int64_t row = 0, bad = -1;
     for (int64_t i = 0; i < records && bad < 0; i++) {
-        models_reset(m);
+        models_reset(mi, d.init), models_reset(mc, d.init ? d.init + MODELS : NULL);
         start(&ci, id_starts[i], id_ends[i]);
-        if (code_record_ids(&ci, m, &r, ids + row * k, response + row, tokens[i], k) || ci.pos != ci.end)
+        if (code_record_ids(&ci, mi, &r, &d, ids + row * k, response + row, tokens[i], k) || ci.pos != ci.end)
             bad = i;
-        models_reset(m);
         start(&cc, code_starts[i], code_ends[i]);
-        if (code_record_codes(&cc, m, codes + row * (k + 1), tokens[i], k, grid, code_max) || cc.pos != cc.end)
+        if (code_record_codes(&cc, mc, codes + row * (k + 1), tokens[i], k, grid, code_max) || cc.pos != cc.end)
             bad = i;
         row += tokens[i];
     }
     record_free(&r);
-    free(m);
+    free(mi), free(mc);
     return bad;
 }
 

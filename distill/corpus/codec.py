@@ -51,7 +51,7 @@ TAIL_STEP = 2.0**-6  # grid of log(mass outside the top-k), nats
 # `at most` times. (64, 64, 1): 1/32 nat below -1 nat, where a logprob's error weighs by its small
 # probability: 0.10 B per entry less in layout 3's coder, and at most 4.6e-4 relative KD-loss error
 # against float32 for students at 0.03 nats of KL (2.1e-4 on the fine grid; docs/results/scale.md).
-# Layouts 1 and 2: every step the fine one.
+# Layouts 1 and 2: every step the fine one; layout 4: layout 3's.
 LAYOUT3_GRID = (64, 64, 1)
 FINE_GRID = (0, 1, 0)
 # half of the coarsest step (layout 3's; layouts 1 and 2: half of QUANT_STEP), plus the mass
@@ -69,8 +69,13 @@ _CODE_MAX = 2**16 - 1  # codes are uint16: logprobs below -1023.98 nats (65535 s
 # - 3: both range-coded per record (`_layout3`, `topk_coder.py`), the codes on LAYOUT3_GRID; the
 #   ids given the record's `response_token_ids`, which its reader needs too (`decode_inputs`).
 #   On real SmolLM2 rows ~18 % fewer top-k bytes than layout 2 (benchmarks/storage.py).
-TOPK_LAYOUTS = (1, 2, 3)
-TOPK_LAYOUT = 3
+# - 4: layout 3 with a dictionary (`topk_coder.Dictionary`: classes of frequent literal ids and
+#   the models' starting probabilities), learnt from the first shard a corpus writes and kept in
+#   every shard's footer (`dictionary`); a writer of later shards passes it on (`corpus_dictionary`).
+#   On 64-token SmolLM2 answers 4-6 % fewer top-k bytes than layout 3.
+TOPK_LAYOUTS = (1, 2, 3, 4)
+TOPK_LAYOUT = 4
+RANGE_CODED = (3, 4)  # the layouts of `topk_coder`, decoded with the response tokens
 
 
 class CorpusError(ValueError):
@@ -168,11 +173,12 @@ def logical_table(records: Sequence[dict[str, Any]], k: int) -> pa.Table:
     return pa.table(columns, schema=schema)
 
 
-def encode(table: pa.Table, k: int, encoding: str, layout: int = TOPK_LAYOUT) -> pa.Table:
+def encode(table: pa.Table, k: int, encoding: str, layout: int = TOPK_LAYOUT, dictionary: str | None = None) -> pa.Table:
     """A logical table (as readers return it) -> the stored form of `encoding` (`quantized`: in
     byte `layout`). A decoded `quantized` table encodes back to the same grid points, so its values
     stay within the bound of the original float32 ones (copy stored shards as they are where you
-    can, as curation does)."""
+    can, as curation does). `dictionary`: layout 4's, as the corpus's earlier shards keep it
+    (`corpus_dictionary`); None: learnt from this table."""
     if encoding not in LOGPROB_ENCODINGS:
         raise ValueError(f"logprob encoding must be one of {LOGPROB_ENCODINGS}, got {encoding!r}")
     schema = arrow_schema(encoding, loss_mask="loss_mask" in table.column_names,
@@ -180,7 +186,7 @@ def encode(table: pa.Table, k: int, encoding: str, layout: int = TOPK_LAYOUT) ->
     extra = [n for n in table.column_names if n not in schema.names and n not in ("topk_token_ids", "topk_logprobs")]
     columns = {}
     if encoding == "quantized":
-        columns[PACKED_IDS], columns[LOGPROB_CODES] = _pack_topk(table, k, layout)
+        columns[PACKED_IDS], columns[LOGPROB_CODES], dictionary = _pack_topk(table, k, layout, dictionary)
     for name in schema.names:
         if name not in columns:
             columns[name] = table[name].cast(schema.field(name).type)
@@ -189,14 +195,15 @@ def encode(table: pa.Table, k: int, encoding: str, layout: int = TOPK_LAYOUT) ->
         columns[name] = table[name]
     # layout 1 shards were written before the key existed: leaving it out keeps them byte-identical
     quantized = {"encoding": encoding, "k": k, "step": QUANT_STEP, "tail_step": TAIL_STEP} | \
-        ({} if layout == 1 else {"layout": layout}) | ({"grid": list(LAYOUT3_GRID)} if layout == 3 else {})
+        ({} if layout == 1 else {"layout": layout}) | ({"grid": list(LAYOUT3_GRID)} if layout in RANGE_CODED else {}) | \
+        ({"dictionary": dictionary} if layout == 4 else {})
     meta = {ENCODING_KEY: json.dumps(quantized if encoding == "quantized" else {"encoding": encoding}).encode()}
     return pa.table([columns[n] for n in schema.names], schema=schema.with_metadata(meta))
 
 
-def _pack_topk(table: pa.Table, k: int, layout: int) -> tuple[pa.Array, pa.Array]:
+def _pack_topk(table: pa.Table, k: int, layout: int, dictionary: str | None) -> tuple[pa.Array, pa.Array, str | None]:
     """The quantized encoding: per record, two byte strings (`topk_token_ids_packed`,
-    `topk_logprob_codes`) in byte `layout`.
+    `topk_logprob_codes`) in byte `layout`, and layout 4's dictionary (`dictionary`, or learnt).
 
     The values: the T*k ids, exact; and per response token k+1 codes: first the tail code
     round(-log(1 - sum_i p_i) / TAIL_STEP) (_CODE_MAX when the top-k hold all the mass), then the
@@ -230,16 +237,20 @@ def _pack_topk(table: pa.Table, k: int, layout: int) -> tuple[pa.Array, pa.Array
     refuse((ids < 0) | (ids >= 2**24), "a top-k token id outside [0, 2^24)")
     refuse(np.isnan(lps) | (lps > 1e-3), "a NaN or positive top-k logprob")
     refuse(np.diff(lps, axis=1) > 1e-3, "top-k logprobs not sorted best first")
-    grid = LAYOUT3_GRID if layout == 3 else FINE_GRID
+    grid = LAYOUT3_GRID if layout in RANGE_CODED else FINE_GRID
     codes = np.concatenate([tail_codes(lps)[:, None].astype(np.int64), _grid_codes(lps, grid)], axis=1)
-    if layout == 3:
+    if layout in RANGE_CODED:
         response = pc.list_flatten(table["response_token_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
         if len(response) != len(ids):
             record = int(np.argmax(pc.list_value_length(table["response_token_ids"]).to_numpy(zero_copy_only=False) != tokens))
             raise CorpusError(f"record {names[record]!r}: `topk_token_ids` and `response_token_ids` differ in length")
-        return _layout3(ids, codes, tokens, response)
+        learnt = None
+        if layout == 4:
+            learnt = topk_coder.learn(tokens, ids, response, codes, np.asarray(grid)) if dictionary is None \
+                else _dictionary(dictionary)
+        return *_layout3(ids, codes, tokens, response, learnt), None if learnt is None else learnt.text
     width = 2 if ids.size == 0 or ids.max() < 2**16 else 3
-    return (_layout1 if layout == 1 else _layout2)(ids, codes, tokens, k, width)
+    return *(_layout1 if layout == 1 else _layout2)(ids, codes, tokens, k, width), None
 
 
 def _doublings(level: np.ndarray, grid: Sequence[int]) -> np.ndarray:
@@ -360,12 +371,14 @@ def _layout2(ids: np.ndarray, codes: np.ndarray, tokens: np.ndarray, k: int, wid
     return _binary(id_bytes, np.concatenate([[0], np.cumsum(id_len)])), _binary(out, np.concatenate([[0], np.cumsum(code_len)]))
 
 
-def _layout3(ids: np.ndarray, codes: np.ndarray, tokens: np.ndarray, response: np.ndarray) -> tuple[pa.Array, pa.Array]:
-    """Layout 3: each record's ids and codes range-coded alone (`topk_coder`; the codes on
-    LAYOUT3_GRID, the ids given `response`, the sampled token of each row). The codes' string
-    starts with T as uint32 LE, as layout 2's does (`topk_rows` reads it without decoding).
-    Written at zstd level 1 like the others, which finds nothing left to take."""
-    id_bytes, id_ends, code_bytes, code_ends = topk_coder.encode(tokens, ids, response, codes, np.asarray(LAYOUT3_GRID))
+def _layout3(ids: np.ndarray, codes: np.ndarray, tokens: np.ndarray, response: np.ndarray,
+             dictionary: topk_coder.Dictionary | None) -> tuple[pa.Array, pa.Array]:
+    """Layouts 3 and 4 (with `dictionary`): each record's ids and codes range-coded alone
+    (`topk_coder`; the codes on LAYOUT3_GRID, the ids given `response`, the sampled token of each
+    row). The codes' string starts with T as uint32 LE, as layout 2's does (`topk_rows` reads it
+    without decoding). Written at zstd level 1 like the others, which finds nothing left to take."""
+    id_bytes, id_ends, code_bytes, code_ends = topk_coder.encode(tokens, ids, response, codes, np.asarray(LAYOUT3_GRID),
+                                                                 dictionary)
     code_len = np.diff(code_ends, prepend=0) + 4
     offsets = np.concatenate([[0], np.cumsum(code_len)])
     out = np.empty(int(offsets[-1]), dtype=np.uint8)
@@ -430,8 +443,10 @@ def _unpack_topk(data: pa.Table | pa.RecordBatch, params: dict) -> tuple[pa.Arra
     names = data["id"].to_pylist() if "id" in data.column_names else list(range(data.num_rows))
     planes, code_offsets = _blobs(data[LOGPROB_CODES])
     id_bytes, id_offsets = _blobs(data[PACKED_IDS])
-    if layout == 3:
-        ids, codes, tokens = _unlayout3(id_bytes, id_offsets, planes, code_offsets, k, names, data, params["grid"])
+    if layout in RANGE_CODED:
+        dictionary = _dictionary(params["dictionary"]) if layout == 4 else None
+        ids, codes, tokens = _unlayout3(id_bytes, id_offsets, planes, code_offsets, k, names, data, params["grid"],
+                                        dictionary)
     else:
         unpack = _unlayout1 if layout == 1 else _unlayout2
         ids, codes, tokens = unpack(id_bytes, id_offsets, planes, code_offsets, k, names)
@@ -561,11 +576,13 @@ def _unlayout2(id_bytes, id_offsets, out, code_offsets, k, names) -> tuple[np.nd
     return ids[source].reshape(n, k), codes, tokens
 
 
-def _unlayout3(id_bytes, id_offsets, out, code_offsets, k, names, data, grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Layout 3's byte strings (see `_layout3`, on `grid`) and the records' `response_token_ids` ->
-    (ids [n, k], codes [n, k+1], tokens per record)."""
+def _unlayout3(id_bytes, id_offsets, out, code_offsets, k, names, data, grid,
+               dictionary: topk_coder.Dictionary | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Layout 3 or 4's byte strings (see `_layout3`, on `grid`, with `dictionary`) and the records'
+    `response_token_ids` -> (ids [n, k], codes [n, k+1], tokens per record)."""
     if "response_token_ids" not in data.column_names:
-        raise CorpusError("top-k layout 3 decodes with `response_token_ids`: read that column too (`decode_inputs`)")
+        raise CorpusError("top-k layouts 3 and 4 decode with `response_token_ids`: read that column too "
+                          "(`decode_inputs`)")
     code_len, id_len = np.diff(code_offsets), np.diff(id_offsets)
     short = code_len < 4
     if short.any():
@@ -579,7 +596,7 @@ def _unlayout3(id_bytes, id_offsets, out, code_offsets, k, names, data, grid) ->
                           f"{lengths[record]} tokens")
     response = pc.list_flatten(responses).to_numpy(zero_copy_only=False).astype(np.int64)
     ids, codes, bad = topk_coder.decode(tokens, k, id_bytes, id_offsets, out, code_offsets[:-1] + 4, code_offsets[1:],
-                                        response, np.asarray(grid), _CODE_MAX)
+                                        response, np.asarray(grid), _CODE_MAX, dictionary)
     if bad >= 0:
         raise _corrupted(names, bad, id_len, code_len, "do not decode to rows of top-k ids and logprob codes")
     return ids, codes, tokens
@@ -597,8 +614,18 @@ def stored_topk_columns(encoding: dict) -> tuple[str, str]:
 
 def decode_inputs(params: dict) -> tuple[str, ...]:
     """The stored columns `decode` reads to rebuild the top-k of shards of encoding `params`: the
-    stored top-k, and for layout 3 the response tokens its ids were coded with."""
-    return stored_topk_columns(params) + (("response_token_ids",) if params.get("layout") == 3 else ())
+    stored top-k, and for layouts 3 and 4 the response tokens its ids were coded with."""
+    return stored_topk_columns(params) + (("response_token_ids",) if params.get("layout") in RANGE_CODED else ())
+
+
+def _dictionary(text) -> topk_coder.Dictionary:
+    """A footer's layout-4 dictionary, or CorpusError."""
+    if not isinstance(text, str):
+        raise CorpusError("its top-k dictionary (the encoding footer's `dictionary`) is missing")
+    try:
+        return topk_coder.dictionary_of(text)
+    except ValueError as e:
+        raise CorpusError(str(e)) from None
 
 
 def topk_rows(data: pa.Table | pa.RecordBatch, params: dict) -> np.ndarray:

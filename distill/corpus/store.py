@@ -202,6 +202,17 @@ def _decoded(path: Path, data: pa.Table | pa.RecordBatch, encoding: dict) -> pa.
         raise CorpusError(f"`{path}`: {e}") from None
 
 
+def corpus_dictionary(root: Path, subdir: str = "data") -> str | None:
+    """The top-k dictionary of the corpus's shards (layout 4: learnt from the first shard it wrote,
+    kept in every shard's footer), which a writer of more shards passes to `encode`; None where no
+    shard has one."""
+    for path in shard_paths(root, subdir):
+        dictionary = _encoding(path, pq.read_schema(path)).get("dictionary")
+        if dictionary is not None:
+            return dictionary
+    return None
+
+
 def read_table(root: Path, subdir: str = "data", columns: Sequence[str] | None = None) -> pa.Table:
     paths = shard_paths(root, subdir)
     if not paths:

@@ -306,12 +306,13 @@ def _vouched(path: Path, shard: pq.ParquetFile, stamp: Stamp, encoding: dict, k:
     return iter(batches), stamp
 
 
-def records_to_checked_table(records: Sequence[dict[str, Any]], k: int, encoding: str,
-                             vocab_size: int | None) -> tuple[pa.Table, TopkChecked | None]:
-    """`codec.records_to_table`, and what its checks found (`topk_checked`): what the stages that
-    have the decoded top-k in hand write with `store.write_shard(..., checked=)`."""
+def records_to_checked_table(records: Sequence[dict[str, Any]], k: int, encoding: str, vocab_size: int | None,
+                             dictionary: str | None = None) -> tuple[pa.Table, TopkChecked | None]:
+    """`codec.records_to_table` (with the corpus's top-k `dictionary`: `store.corpus_dictionary`),
+    and what its checks found (`topk_checked`): what the stages that have the decoded top-k in hand
+    write with `store.write_shard(..., checked=)`."""
     logical = logical_table(records, k)
-    return encode(logical, k, encoding), topk_checked(logical, k, vocab_size)
+    return encode(logical, k, encoding, dictionary=dictionary), topk_checked(logical, k, vocab_size)
 
 
 def topk_checked(logical: pa.Table, k: int, vocab_size: int | None) -> TopkChecked | None:
