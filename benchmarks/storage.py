@@ -17,10 +17,13 @@ a real model's distribution at the same positions (transformers, teacher forcing
 `prompt_token_ids + response_token_ids`).
 
 First, the quantized encoding's byte layouts (`corpus.TOPK_LAYOUTS`) side by side on the same
-rows: B per top-k entry of the ids and of the logprob codes, and the seconds to encode + write
-and to read + decode the corpus (median of `--repeat`), new / old as ratios.
+rows: B per top-k entry of the ids and of the logprob codes, and of layout 4's dictionary (in the
+footer of every shard, as generate writes them: learnt from the first, passed on), and the seconds
+to encode + write and to read + decode the corpus (median of `--repeat`), new / old as ratios.
+`--dictionary-from CORPUS`: layout 4 codes this corpus with the dictionary learnt from the first
+shard of another (as the later shards of one generate run are coded), also shown.
 
-    python benchmarks/storage.py --corpus DIR [--student DIR]
+    python benchmarks/storage.py --corpus DIR [--student DIR] [--dictionary-from DIR]
     python benchmarks/storage.py [--teacher DIR] [--prompts N] [--max-tokens N] [--quick]   # generates one first
 
 Without `--corpus` a float32 corpus is generated first: from `--teacher` (default: the tiny test
@@ -78,16 +81,34 @@ def column_bytes(path: Path) -> dict[str, int]:
     return out
 
 
+def write_shards(logical, k: int, encoding: str, out: Path, layout: int | None = None,
+                 dictionary: str | None = None) -> list[Path]:
+    """`logical` written to `out` in shards of the generator's default size, each shard's top-k
+    coded with the dictionary of the first (or `dictionary`), as generate writes them."""
+    from distill import corpus
+
+    paths = []
+    for index, start in enumerate(range(0, logical.num_rows, SHARD_RECORDS)):
+        table = corpus.encode(logical.slice(start, SHARD_RECORDS), k, encoding, layout or corpus.TOPK_LAYOUT, dictionary)
+        dictionary = corpus.shard_encoding(table.schema).get("dictionary")
+        paths.append(corpus.write_shard(out, index, table))
+    return paths
+
+
+def dictionary_bytes(paths: list[Path]) -> int:
+    """The bytes of the layout-4 dictionaries in these shards' footers."""
+    from distill import corpus
+
+    return sum(len(corpus.shard_encoding(pq.read_schema(p)).get("dictionary", "")) for p in paths)
+
+
 def rewrite(source: Path, encoding: str, out: Path) -> dict[str, int]:
-    """`source` stored again in `encoding`, in shards of the generator's default size; bytes per column."""
+    """`source` stored again in `encoding` (`write_shards`); bytes per column."""
     from distill import corpus
 
     manifest = corpus.read_manifest(source)
     sizes: dict[str, int] = {}
-    logical = corpus.read_table(source)
-    for index, start in enumerate(range(0, logical.num_rows, SHARD_RECORDS)):
-        table = corpus.encode(logical.slice(start, SHARD_RECORDS), manifest.generation.top_k, encoding)
-        written = corpus.write_shard(out, index, table)
+    for written in write_shards(corpus.read_table(source), manifest.generation.top_k, encoding, out):
         for name, size in column_bytes(written).items():
             sizes[name] = sizes.get(name, 0) + size
     manifest.generation.logprob_encoding = encoding
@@ -98,52 +119,57 @@ def rewrite(source: Path, encoding: str, out: Path) -> dict[str, int]:
     return sizes
 
 
-def compare_layouts(source: Path, work: Path, repeat: int) -> dict[int, dict[str, float]]:
-    """Per quantized top-k layout: B per entry of the ids and of the codes (`source` rewritten in
-    shards of SHARD_RECORDS), seconds to encode + write and to read + decode it all (median of
-    `repeat`); every layout must decode to the same ids, layouts 1 and 2 to the same logprobs, and
-    layout 3 within QUANTIZED_MAX_ERROR of them (its grid is coarser below -1 nat)."""
+def compare_layouts(source: Path, work: Path, repeat: int, dictionary_from: Path | None) -> dict[str, dict[str, float]]:
+    """Per quantized top-k layout: B per entry of the ids, the codes and layout 4's dictionaries
+    (`source` rewritten by `write_shards`), seconds to encode + write and to read + decode it all
+    (median of `repeat`); every layout must decode to the same ids, layouts 1 and 2 to the same
+    logprobs, and layouts 3 and 4 within QUANTIZED_MAX_ERROR of them (their grid is coarser below
+    -1 nat). `dictionary_from`: also layout 4 with the dictionary of that corpus's first shard."""
     from distill import corpus
 
     k = corpus.read_manifest(source).generation.top_k
     logical = corpus.read_table(source)
     entries = corpus.corpus_stats(source).response_tokens * k
-    times: dict[int, dict[str, list[float]]] = {layout: {"write": [], "read": []} for layout in corpus.TOPK_LAYOUTS}
+    runs = {f"layout {layout}": (layout, None) for layout in corpus.TOPK_LAYOUTS}
+    if dictionary_from is not None:
+        first = write_shards(corpus.read_table(dictionary_from).slice(0, SHARD_RECORDS), k, "quantized", work / "learn")
+        runs[f"4, {dictionary_from.name}'s"] = (4, corpus.shard_encoding(pq.read_schema(first[0]))["dictionary"])
+    times: dict[str, dict[str, list[float]]] = {run: {"write": [], "read": []} for run in runs}
     out, decoded = {}, {}
     for _ in range(repeat):  # the layouts take turns: a change in the machine's load hits both
-        for layout in corpus.TOPK_LAYOUTS:
-            root = work / f"layout-{layout}"
+        for run, (layout, dictionary) in runs.items():
+            root = work / run.replace(" ", "-").replace(",", "").replace("'", "")
             started = time.perf_counter()
-            paths = [corpus.write_shard(root, index, corpus.encode(logical.slice(start, SHARD_RECORDS), k, "quantized", layout))
-                     for index, start in enumerate(range(0, logical.num_rows, SHARD_RECORDS))]
-            times[layout]["write"].append(time.perf_counter() - started)
+            paths = write_shards(logical, k, "quantized", root, layout, dictionary)
+            times[run]["write"].append(time.perf_counter() - started)
             started = time.perf_counter()
             back = [corpus.read_shard(p, ["topk_token_ids", "topk_logprobs"]) for p in paths]
-            times[layout]["read"].append(time.perf_counter() - started)
+            times[run]["read"].append(time.perf_counter() - started)
             sizes = [column_bytes(p) for p in paths]
-            decoded[layout] = [(t["topk_token_ids"].to_pylist(), t["topk_logprobs"].to_pylist()) for t in back]
-            first = decoded[corpus.TOPK_LAYOUTS[0]]
-            assert [ids for ids, _ in decoded[layout]] == [ids for ids, _ in first], f"layout {layout}: other ids"
+            decoded[run] = [(t["topk_token_ids"].to_pylist(), t["topk_logprobs"].to_pylist()) for t in back]
+            first = decoded["layout 1"]
+            assert [ids for ids, _ in decoded[run]] == [ids for ids, _ in first], f"{run}: other ids"
             if layout < 3:
-                assert decoded[layout] == first, f"layout {layout} decodes to other values"
+                assert decoded[run] == first, f"{run} decodes to other values"
             else:
                 got, want = (np.array([x for _, lps in d for r in lps for row in r for x in row], dtype=np.float64)
-                             for d in (decoded[layout], first))
+                             for d in (decoded[run], first))
                 held = want > -1000
-                assert np.abs(got - want)[held].max(initial=0) <= 2 * corpus.QUANTIZED_MAX_ERROR, f"layout {layout}: off the grid"
+                assert np.abs(got - want)[held].max(initial=0) <= 2 * corpus.QUANTIZED_MAX_ERROR, f"{run}: off the grid"
             ids, codes = (sum(s[c] for s in sizes) / entries for c in (corpus.PACKED_IDS, corpus.LOGPROB_CODES))
-            out[layout] = {"ids": ids, "codes": codes, "top-k": ids + codes,
-                           **{name: statistics.median(t) for name, t in times[layout].items()}}
-    old, new = out[min(out)], out[max(out)]
+            footer = dictionary_bytes(paths) / entries
+            out[run] = {"ids": ids, "codes": codes, "dictionary": footer, "top-k": ids + codes + footer,
+                        **{name: statistics.median(t) for name, t in times[run].items()}}
+    old, new = out["layout 1"], out[f"layout {corpus.TOPK_LAYOUT}"]
     print(f"\nquantized top-k layouts, {entries // k} response tokens x k={k} "
           f"(zstd level {corpus.TOPK_ZSTD_LEVEL}, shards of {SHARD_RECORDS} records)")
-    print(f"{'':<26}" + "".join(f"{f'layout {n}':>12}" for n in out) + f"{'new / old':>12}")
-    labels = {"ids": "ids (B/entry)", "codes": "logprob codes (B/entry)", "top-k": "top-k data (B/entry)",
-              "write": "encode + write (s)", "read": "read + decode (s)"}
+    print(f"{'':<26}" + "".join(f"{run:>14}" for run in out) + f"{'new / old':>12}")
+    labels = {"ids": "ids (B/entry)", "codes": "logprob codes (B/entry)", "dictionary": "dictionary (B/entry)",
+              "top-k": "top-k data (B/entry)", "write": "encode + write (s)", "read": "read + decode (s)"}
     for name, label in labels.items():
-        print(f"{label:<26}" + "".join(f"{row[name]:>12.3f}" for row in out.values())
-              + f"{new[name] / old[name]:>12.3f}")
-    print(f"{'written tokens/s':<26}" + "".join(f"{entries / k / row['write']:>12,.0f}" for row in out.values()))
+        print(f"{label:<26}" + "".join(f"{row[name]:>14.3f}" for row in out.values())
+              + (f"{new[name] / old[name]:>12.3f}" if old[name] else ""))
+    print(f"{'written tokens/s':<26}" + "".join(f"{entries / k / row['write']:>14,.0f}" for row in out.values()))
     return out
 
 
@@ -236,6 +262,7 @@ def main(argv: list[str] | None = None) -> list[Headline]:
     ap.add_argument("--student", type=Path, help="also measure the loss against this model's distribution")
     ap.add_argument("--vocab-size", type=int, help="for DistillKit's id width (default: the teacher's config)")
     ap.add_argument("--repeat", type=int, default=3, help="the layout comparison's timings: median of this many")
+    ap.add_argument("--dictionary-from", type=Path, help="also layout 4 with the dictionary of this corpus's first shard")
     args = parse_args(ap, argv, quick={"prompts": 16, "max_tokens": 64, "repeat": 1})
 
     from distill import corpus
@@ -256,8 +283,8 @@ def main(argv: list[str] | None = None) -> list[Headline]:
     print(f"corpus {source}: {stats.records} records, {tokens} response tokens, k={k}, vocab {vocab}, "
           f"teacher {manifest.teacher.model}")
 
-    layouts = compare_layouts(source, work, args.repeat)
-    old, new = layouts[min(layouts)], layouts[max(layouts)]
+    layouts = compare_layouts(source, work, args.repeat, args.dictionary_from)
+    old, new = layouts["layout 1"], layouts[f"layout {corpus.TOPK_LAYOUT}"]
 
     top_cols = {"topk_token_ids", "topk_logprobs", corpus.PACKED_IDS, corpus.LOGPROB_CODES}
     decoded, sizes = {}, {}
@@ -300,8 +327,8 @@ def main(argv: list[str] | None = None) -> list[Headline]:
             worst_loss_error[name] = max(worst_loss_error[name], *rel)
             print(f"{name:<26}" + "".join(f"{r:>12.1e}" for r in rel))
     whole = per_token["whole corpus"]
-    return [Headline(f"top-k data, quantized layout {max(layouts)}, B per entry", f"{new['top-k']:.2f} B",
-                     f"{new['top-k'] / old['top-k']:.3f} of layout {min(layouts)} ({old['top-k']:.2f} B), "
+    return [Headline(f"top-k data, quantized layout {corpus.TOPK_LAYOUT}, B per entry", f"{new['top-k']:.2f} B",
+                     f"{new['top-k'] / old['top-k']:.3f} of layout 1 ({old['top-k']:.2f} B), "
                      f"write time {new['write'] / old['write']:.2f}x; the issue's target: <= 2.0 B on SmolLM2",
                      met=new["top-k"] <= 2.0)] + [Headline(f"whole corpus, {encoding}, bytes per response token", f"{whole[encoding]:.1f} B",
                      f"{whole[encoding] / whole['float32']:.2f} of float32; KD loss error <= "

@@ -8,8 +8,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from distill import corpus, files
+from distill.corpus import topk_coder
 from tests.helpers import K, make_corpus, record
 
 
@@ -234,6 +237,53 @@ def test_range_coded_layouts_name_the_record_of_corrupted_bytes(layout):
     with pytest.raises(corpus.CorpusError, match=r"layouts 3 and 4 decode with `response_token_ids`"):
         corpus.decode(table.drop_columns(["response_token_ids"]))
     assert corpus.decode(table)["topk_token_ids"].to_pylist() == [r["topk_token_ids"].tolist() for r in recs]
+
+
+def test_layout4_codes_later_shards_with_the_first_shards_dictionary_and_names_a_damaged_one(tmp_path):
+    """Layout 4's dictionary, learnt from one shard, codes others: ids it never saw escape to
+    layout 3's literal code, and the values are the ones layout 3 stores. A footer whose
+    dictionary is damaged or missing is named with the shard."""
+    first = corpus.records_to_table([record(i, n_tokens=6) for i in range(30)], K)
+    dictionary = corpus.shard_encoding(first.schema)["dictionary"]
+    learnt = topk_coder.dictionary_of(dictionary)
+    assert learnt.classes >= 1 and len(learnt.ids) > 0 and learnt.init.any()
+    later = [record(100 + i, n_tokens=5) for i in range(4)]
+    later[0]["topk_token_ids"][0] = np.arange(20_000, 20_000 + K)  # ids no record of the first shard holds
+    logical = corpus.records_to_table(later, K, "float32")
+    stored = corpus.encode(logical, K, "quantized", 4, dictionary)
+    assert corpus.shard_encoding(stored.schema)["dictionary"] == dictionary
+    by_layout3 = corpus.decode(corpus.encode(logical, K, "quantized", 3))
+    assert corpus.decode(stored).to_pylist() == by_layout3.to_pylist()
+
+    path = corpus.write_shard(tmp_path / "c", 0, stored)
+    params = corpus.shard_encoding(stored.schema)
+    for damaged, message in [({**params, "dictionary": "bm90IGEgZGljdGlvbmFyeQ=="}, "the top-k dictionary is damaged"),
+                             ({k: v for k, v in params.items() if k != "dictionary"}, "its top-k dictionary .* is missing")]:
+        pq.write_table(stored.replace_schema_metadata({corpus.ENCODING_KEY: json.dumps(damaged).encode()}), path)
+        with pytest.raises(corpus.CorpusError, match=rf"part-00000.parquet`: {message}"):
+            corpus.read_shard(path)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_a_layout4_dictionary_of_any_bytes_is_refused_or_decodes_without_crashing(data):
+    """Any deflated bytes as a footer's dictionary: refused as damaged, or a dictionary the C
+    decoder reads within its bounds (naming the record whose bytes it cannot decode)."""
+    import base64
+    import zlib
+
+    table = corpus.records_to_table([record(0, n_tokens=3), record(1, n_tokens=3)], 4)
+    params = corpus.shard_encoding(table.schema)
+    garbage = base64.b64encode(zlib.compress(data)).decode()
+    for text in (garbage, base64.b64encode(zlib.compress(bytes([1]) + data)).decode()):  # version 1 headers too
+        damaged = table.replace_schema_metadata({corpus.ENCODING_KEY: json.dumps({**params, "dictionary": text}).encode()})
+        try:
+            decoded = corpus.decode(damaged)
+        except corpus.CorpusError as e:
+            assert "dictionary is damaged" in str(e) or "record 'r" in str(e)
+            continue
+        ids = np.array(decoded["topk_token_ids"].to_pylist()[0])
+        assert ids.shape == (3, 4) and ((ids >= 0) & (ids < 2**24)).all()
 
 
 def test_quantized_writer_refuses_what_it_cannot_store():

@@ -9,6 +9,7 @@ the corpus's logprob encoding (`corpus.logprob_tolerance`), so `atol=2e-3` plus 
 import functools
 import json
 
+import pyarrow.parquet as pq
 import pytest
 
 from distill import corpus
@@ -34,6 +35,9 @@ def test_generated_corpus_validates_and_matches_transformers(tmp_path, tiny_mode
     manifest = corpus.read_manifest(out)
     assert manifest == out.manifest  # what generate returns is what it wrote
     assert manifest.stats.complete and manifest.stats.shards == 3  # 12 requests / chunk 5
+    # every shard coded with the top-k dictionary of the first written: one encoding, so train keeps it stored
+    encodings = [corpus.shard_encoding(pq.read_schema(path)) for path in corpus.shard_paths(out)]
+    assert encodings[0]["layout"] == 4 and all(e == encodings[0] for e in encodings)
     assert manifest.generation.samples_per_prompt == 2 and manifest.source["format"] == "messages"
     assert manifest.teacher.tokenizer_sha256 and manifest.history[-1]["stage"] == "generate"
     assert manifest.teacher.vocab_size == hf_model(str(tiny_models["llama-teacher"])).config.vocab_size

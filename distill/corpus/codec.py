@@ -444,7 +444,7 @@ def _unpack_topk(data: pa.Table | pa.RecordBatch, params: dict) -> tuple[pa.Arra
     planes, code_offsets = _blobs(data[LOGPROB_CODES])
     id_bytes, id_offsets = _blobs(data[PACKED_IDS])
     if layout in RANGE_CODED:
-        dictionary = _dictionary(params["dictionary"]) if layout == 4 else None
+        dictionary = _dictionary(params.get("dictionary")) if layout == 4 else None
         ids, codes, tokens = _unlayout3(id_bytes, id_offsets, planes, code_offsets, k, names, data, params["grid"],
                                         dictionary)
     else:

@@ -129,6 +129,8 @@ def _varints(values) -> bytes:
 
 
 def _read_varints(data: bytes, count: int, at: int = 0) -> tuple[list[int], int]:
+    if count > len(data) - at:  # a varint takes a byte at least
+        raise ValueError("its numbers end early")
     values = []
     for _ in range(count):
         v = shift = 0
