@@ -40,14 +40,16 @@ MODELS = (32 + 32 * 16) * 8  # the C file's MODELS: adaptive probabilities per m
 MAX_ID = 1 << 24
 # Layout 4's literal classes: ids that at least DICTIONARY_MIN_RECORDS records of the learning
 # shard hold, at most DICTIONARY_IDS of them (the most frequent), in classes of document frequency
-# within a factor of 2. 4,096 ids cost ~5 KB of footer per shard; on the 64-token SmolLM2 corpora a
-# table of 2,048 to 16,000 ids coded the held-out literals equally well (docs/results/scale.md).
+# within a factor of 2. With the models' probabilities that is ~5 KB of footer per shard: ~0.004 B
+# per entry of a 1,024-record shard of 64-token answers; 256 or 1,024 ids code worse there and
+# cost less footer (docs/results/scale.md, "Layout 4").
 DICTIONARY_MIN_RECORDS = 2
 DICTIONARY_IDS = 4096
 # the escape class's least share of the literals: ids missing from the learning shard are more
 # frequent in the shards that follow it
 ESCAPE_SHARE = 1 / 32
 _FREQ_TOTAL = 1 << 15  # the classes' frequencies sum to about this (the coder divides its range by them)
+_MAX_DICTIONARY_BYTES = 1 << 22  # a footer's dictionary inflates to no more (4,096 ids: ~10 KB)
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,7 +87,10 @@ def _text(ids: np.ndarray, start: np.ndarray, cum: np.ndarray, init: np.ndarray)
 def dictionary_of(text: str) -> Dictionary:
     """`Dictionary.text` -> the dictionary; ValueError where the text is not one."""
     try:
-        data = zlib.decompress(base64.b64decode(text, validate=True))
+        inflate = zlib.decompressobj()
+        data = inflate.decompress(base64.b64decode(text, validate=True), _MAX_DICTIONARY_BYTES)
+        if inflate.unconsumed_tail:
+            raise ValueError(f"it inflates beyond {_MAX_DICTIONARY_BYTES} bytes")
         values, end = _read_varints(data, 2)
         version, classes = values
         if version != 1 or not 0 < classes <= 64:
