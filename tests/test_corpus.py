@@ -264,6 +264,34 @@ def test_layout4_codes_later_shards_with_the_first_shards_dictionary_and_names_a
             corpus.read_shard(path)
 
 
+def test_layout4_keeps_literal_classes_only_where_they_code_the_literals_in_fewer_bytes():
+    """Ids drawn from a skewed distribution over a large vocabulary, numbered at random (so an id's
+    size says nothing): the dictionary's classes take the literals below layout 3's bytes. A
+    few hundred ids numbered by frequency and drawn with replacement (as benchmarks/corpus_scale.py
+    draws its synthetic rows: a row may repeat an id, and each repeat is a literal), the frequent
+    ones in every record: layout 3's literal code (an id's bit length first) is cheaper, and the
+    dictionary keeps no classes, so layout 4 stores no more than layout 3."""
+    rng = np.random.default_rng(0)
+    popular = rng.permutation(40_000)
+
+    def records(vocabulary: np.ndarray, p: np.ndarray, rows_per_record: int, repeats: bool) -> pa.Table:
+        recs = []
+        for i in range(60):
+            rows = np.array([rng.choice(vocabulary, size=K, replace=repeats, p=p) for _ in range(rows_per_record)])
+            recs.append(record(i, topk_ids=rows.tolist(), response_ids=rows[:, 0].tolist()))
+        return corpus.records_to_table(recs, K, "float32")
+
+    zipf = 1 / np.arange(1, 40_001) ** 1.1
+    few = 1 / np.arange(1, 401)
+    for table, classes in ((records(popular, zipf / zipf.sum(), 12, False), True),
+                           (records(np.arange(400), few / few.sum(), 120, True), False)):
+        layout3, layout4 = (corpus.encode(table, K, "quantized", layout) for layout in (3, 4))
+        id_bytes = [pa.compute.sum(pa.compute.binary_length(t[corpus.PACKED_IDS])).as_py() for t in (layout3, layout4)]
+        learnt = topk_coder.dictionary_of(corpus.shard_encoding(layout4.schema)["dictionary"])
+        assert (learnt.classes > 0) == classes
+        assert id_bytes[1] < 0.95 * id_bytes[0] if classes else id_bytes[1] <= id_bytes[0]
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=200))
 def test_a_layout4_dictionary_of_any_bytes_is_refused_or_decodes_without_crashing(data):

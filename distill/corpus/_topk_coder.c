@@ -60,7 +60,7 @@ typedef struct {
     uint8_t n[MODELS];
 } Models;
 
-/* Layout 4's dictionary (classes 0: layout 3). `cum`: the classes' cumulative frequencies, the
+/* Layout 4's dictionary (classes 0: no literal classes, layout 3's literals). `cum`: the classes' cumulative frequencies, the
  * escape last; `start`: where each class's ids (ascending) begin in `ids`; `init`: each model's
  * starting probability, ids' models then codes' (0: untouched, starts at 1/2). */
 typedef struct {
@@ -429,7 +429,7 @@ static int64_t largest(const int64_t *tokens, int64_t records) {
     return most;
 }
 
-/* The dictionary of the arguments (classes 0: none, layout 3). */
+/* The dictionary of the arguments (classes 0: no literal classes; init NULL: none). */
 static Dictionary dictionary(int classes, const int32_t *ids, const int32_t *start, const uint32_t *cum,
                              const uint16_t *init) {
     Dictionary d = {.classes = classes, .ids = ids, .start = start, .cum = cum, .init = init};

@@ -93,7 +93,7 @@ def dictionary_of(text: str) -> Dictionary:
             raise ValueError(f"it inflates beyond {_MAX_DICTIONARY_BYTES} bytes")
         values, end = _read_varints(data, 2)
         version, classes = values
-        if version != 1 or not 0 < classes <= 64:
+        if version != 1 or not 0 <= classes <= 64:
             raise ValueError(f"version {version}, {classes} classes")
         sizes, end = _read_varints(data, classes, end)
         gaps, end = _read_varints(data, sum(sizes), end)
@@ -155,7 +155,9 @@ def _read_varints(data: bytes, count: int, at: int = 0) -> tuple[list[int], int]
 def learn(tokens: np.ndarray, ids: np.ndarray, response: np.ndarray, codes: np.ndarray, grid: np.ndarray) -> Dictionary:
     """A dictionary from these records (arguments as `encode`'s): the literal classes from how many
     records hold each id, then the models' probabilities after coding the records one after the
-    other with those classes."""
+    other with those classes. Where the records' literals code in fewer bytes without the classes
+    (a vocabulary of a few hundred ids, which every record holds: the synthetic rows of
+    benchmarks/corpus_scale.py), the dictionary has none, only the probabilities."""
     tokens = np.asarray(tokens, dtype=np.int64)
     record = np.repeat(np.arange(len(tokens)), tokens * ids.shape[1])
     held = np.unique(record << 24 | ids.reshape(-1).astype(np.int64)) & (MAX_ID - 1)  # (record, id) pairs
@@ -163,24 +165,24 @@ def learn(tokens: np.ndarray, ids: np.ndarray, response: np.ndarray, codes: np.n
     kept = np.flatnonzero(counts >= DICTIONARY_MIN_RECORDS)
     kept = kept[np.argsort(-counts[kept], kind="stable")[:DICTIONARY_IDS]]
     escape = int(counts.sum() - counts[kept].sum())
-    if len(kept):
-        floor = int(counts[kept].min())
-        cls = np.log2(counts[kept] / floor).astype(np.int64)
-    else:
-        cls = np.zeros(0, np.int64)
-    classes = int(cls.max()) + 1 if len(cls) else 1
+    cls = np.log2(counts[kept] / (counts[kept].min() if len(kept) else 1)).astype(np.int64)
     order = np.lexsort((kept, cls))
-    members = [kept[order][cls[order] == c] for c in range(classes)]
+    members = [kept[order][cls[order] == c] for c in range(int(cls.max(initial=0)) + 1)]
     freqs = np.array([counts[m].sum() for m in members] + [escape], np.float64)
     freqs[-1] = max(freqs[-1], ESCAPE_SHARE * freqs.sum(), 1)
     freqs = np.where(freqs > 0, np.maximum(np.round(freqs / freqs.sum() * _FREQ_TOTAL), 1), 0).astype(np.int64)
-    start = np.concatenate([[0], np.cumsum([len(m) for m in members])]).astype(np.int32)
-    members = np.concatenate(members).astype(np.int32) if members else np.zeros(0, np.int32)
-    cum = np.concatenate([[0], np.cumsum(freqs)]).astype(np.uint32)
-    learnt = np.zeros(2 * MODELS, np.uint16)
-    untrained = Dictionary(members, start, cum, np.zeros(2 * MODELS, np.uint16), "")
-    _encode(tokens, ids, response, codes, grid, untrained, learnt)
-    return dictionary_of(_text(members, start, cum, learnt))  # with the footer's rounding
+    with_classes = (np.concatenate(members).astype(np.int32), np.concatenate([[0], np.cumsum([len(m) for m in members])]),
+                    np.concatenate([[0], np.cumsum(freqs)]))
+    without = (np.zeros(0, np.int32), np.zeros(1), np.array([0, 1]))
+    best = None
+    for members, start, cum in (with_classes, without):
+        start, cum = start.astype(np.int32), cum.astype(np.uint32)
+        learnt = np.zeros(2 * MODELS, np.uint16)
+        id_bytes = _encode(tokens, ids, response, codes, grid,
+                           Dictionary(members, start, cum, np.zeros(2 * MODELS, np.uint16), ""), learnt)[0]
+        if best is None or len(id_bytes) < best[0]:
+            best = len(id_bytes), members, start, cum, learnt
+    return dictionary_of(_text(*best[1:]))  # with the footer's rounding
 
 
 def _ptr(array: np.ndarray) -> int:
