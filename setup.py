@@ -1,5 +1,6 @@
-"""The one compiled part of distill: layout 3's range coder (distill/corpus/_topk_coder.c, loaded by
-distill/corpus/topk_coder.py through ctypes). Everything else is declared in pyproject.toml."""
+"""The one compiled part of distill: the top-k range coder of layouts 3 and 4
+(distill/corpus/_topk_coder.c, loaded by distill/corpus/topk_coder.py through ctypes). Everything
+else is declared in pyproject.toml."""
 
 from setuptools import Extension, setup
 

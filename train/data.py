@@ -81,8 +81,8 @@ class DecodedTopk:
         return {**rows, **corpus.topk_arrays(corpus.decode(table, self.encoding))}
 
     def stored(self, rows: dict[str, list]) -> pa.Table | None:
-        """The batch's stored top-k (taken out of `rows`) with the columns its decoding reads (layout
-        3: the response tokens), as a table for `corpus.decode`; None where `rows` lack them."""
+        """The batch's stored top-k (taken out of `rows`) with the columns its decoding reads (layouts
+        3 and 4: the response tokens), as a table for `corpus.decode`; None where `rows` lack them."""
         inputs = corpus.decode_inputs(self.encoding)
         if not all(c in rows for c in inputs):
             return None

@@ -60,9 +60,10 @@ typedef struct {
     uint8_t n[MODELS];
 } Models;
 
-/* Layout 4's dictionary (classes 0: no literal classes, layout 3's literals). `cum`: the classes' cumulative frequencies, the
- * escape last; `start`: where each class's ids (ascending) begin in `ids`; `init`: each model's
- * starting probability, ids' models then codes' (0: untouched, starts at 1/2). */
+/* Layout 4's dictionary (classes 0: no literal classes, layout 3's literals). `cum`: the classes'
+ * cumulative frequencies, the escape last; `start`: where each class's ids (ascending) begin in
+ * `ids`; `init`: each model's starting probability, ids' models then codes' (0: untouched, starts
+ * at 1/2; NULL: every one at 1/2). */
 typedef struct {
     int classes;
     const int32_t *ids, *start;
@@ -176,6 +177,11 @@ INLINE void models_reset(Models *m, const uint16_t *init) {
         int learnt = init && init[i];
         m->p[i] = learnt ? init[i] : ONE / 2, m->n[i] = learnt ? DICTIONARY_RATE : 0;
     }
+}
+
+/* A record's start: the ids' models and the codes' from the dictionary's probabilities (or 1/2). */
+INLINE void record_start(Models *ids, Models *codes, const uint16_t *init) {
+    models_reset(ids, init), models_reset(codes, init ? init + MODELS : NULL);
 }
 
 /* A symbol of frequency `freq` at cumulative `below` out of `total` (the decoder first reads
@@ -461,7 +467,7 @@ int64_t topk_encode(int64_t records, const int64_t *tokens, int k, const int32_t
     Coder ci = {.out = id_out, .cap = id_cap, .encode = 1}, cc = {.out = code_out, .cap = code_cap, .encode = 1};
     int64_t row = 0;
     for (int64_t i = 0; i < records; i++) {
-        if (!learnt || i == 0) models_reset(mi, d.init), models_reset(mc, d.init ? d.init + MODELS : NULL);
+        if (!learnt || i == 0) record_start(mi, mc, d.init);
         start(&ci, 0, 0);
         code_record_ids(&ci, mi, &r, &d, (int32_t *)ids + row * k, response + row, tokens[i], k);
         finish(&ci);
@@ -500,7 +506,7 @@ int64_t topk_decode(int64_t records, const int64_t *tokens, int k, const uint8_t
     Coder ci = {.in = id_data, .encode = 0}, cc = {.in = code_data, .encode = 0};
     int64_t row = 0, bad = -1;
     for (int64_t i = 0; i < records && bad < 0; i++) {
-        models_reset(mi, d.init), models_reset(mc, d.init ? d.init + MODELS : NULL);
+        record_start(mi, mc, d.init);
         start(&ci, id_starts[i], id_ends[i]);
         if (code_record_ids(&ci, mi, &r, &d, ids + row * k, response + row, tokens[i], k) || ci.pos != ci.end)
             bad = i;
